@@ -1,0 +1,193 @@
+"""Key tables: the one mechanism that maps a PyTorch checkpoint onto a Flax parameter tree.
+
+A table is a list of `Rule`s, written once per checkpoint layout (BFL single file, diffusers
+folder, ...). A rule names one Flax leaf, the PyTorch key(s) that fill it and how to turn them
+around. `load_params` applies a table strictly: every key of the checkpoint is used, every leaf
+of the model is filled, every shape is checked, and a violation raises `CheckpointError`
+naming the file, the key and the shape that was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+from convert.safetensors_io import CheckpointError, TensorSource
+
+LAYER = "{i}"  # stands for the block index in a source key; its rule fills a stacked leaf
+
+# How a PyTorch tensor becomes a Flax leaf, and the inverse on shapes (to name the expected one).
+TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[tuple], tuple]]] = {
+    "copy": (lambda w: w, lambda s: s),
+    # nn.Linear weight [out, in] -> Dense kernel [in, out]
+    "linear": (lambda w: w.T, lambda s: s[::-1]),
+    # nn.Conv2d weight [O, I, kh, kw] -> Conv kernel [kh, kw, I, O]
+    "conv": (lambda w: w.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1])),
+    # a 1x1 Conv2d [O, I, 1, 1] used as a Dense kernel [I, O]
+    "conv1x1": (lambda w: w[:, :, 0, 0].T, lambda s: (s[1], s[0], 1, 1)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One Flax leaf and the PyTorch tensor(s) that fill it.
+
+    target:      "/"-joined Flax path, e.g. "double_blocks/img_attn/qkv/kernel".
+    sources:     PyTorch keys, concatenated along PyTorch dim 0 (output rows) in this order.
+                 A key holding "{i}" is expanded over `layers` blocks, and the target then has
+                 a leading layers axis (nn.scan's stacked layout).
+    transform:   a name in TRANSFORMS, applied after concatenation.
+    rows:        the dim-0 size of each source when there are several (checks each one).
+    layers:      how many blocks "{i}" runs over (0 = not stacked).
+    swap_halves: exchange the two halves of dim 0 first (diffusers' norm_out order).
+    """
+
+    target: str
+    sources: tuple[str, ...]
+    transform: str = "copy"
+    rows: tuple[int, ...] = ()
+    layers: int = 0
+    swap_halves: bool = False
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"rule for {self.target}: unknown transform {self.transform!r}")
+        stacked = [LAYER in s for s in self.sources]
+        if any(stacked) != bool(self.layers) or (any(stacked) and not all(stacked)):
+            raise ValueError(f"rule for {self.target}: '{{i}}' in sources and layers={self.layers} disagree")
+        if len(self.sources) > 1 and len(self.rows) != len(self.sources):
+            raise ValueError(f"rule for {self.target}: {len(self.sources)} sources need as many rows")
+
+    def keys(self, layer: int | None = None) -> list[str]:
+        if layer is None:
+            return list(self.sources)
+        return [s.replace(LAYER, str(layer)) for s in self.sources]
+
+    def all_keys(self) -> list[str]:
+        if not self.layers:
+            return self.keys()
+        return [k for i in range(self.layers) for k in self.keys(i)]
+
+
+def linear(target: str, source: str, layers: int = 0, bias: bool = True) -> list[Rule]:
+    """The kernel and bias rules of one nn.Linear -> nn.Dense."""
+    rules = [Rule(f"{target}/kernel", (f"{source}.weight",), "linear", layers=layers)]
+    if bias:
+        rules.append(Rule(f"{target}/bias", (f"{source}.bias",), "copy", layers=layers))
+    return rules
+
+
+def fused_linear(target: str, sources: Sequence[str], rows: Sequence[int], layers: int = 0) -> list[Rule]:
+    """One Dense filled from several nn.Linear whose output rows are concatenated."""
+    rows = tuple(rows)
+    return [
+        Rule(f"{target}/kernel", tuple(f"{s}.weight" for s in sources), "linear", rows, layers),
+        Rule(f"{target}/bias", tuple(f"{s}.bias" for s in sources), "copy", rows, layers),
+    ]
+
+
+def table_keys(rules: Iterable[Rule]) -> list[str]:
+    """Every PyTorch key a table reads, in table order."""
+    return [k for r in rules for k in r.all_keys()]
+
+
+def _strip_prefix(keys: list[str], prefixes: Sequence[str]) -> str:
+    for p in prefixes:
+        if keys and all(k.startswith(p) for k in keys):
+            return p
+    return ""
+
+
+def load_params(
+    source: TensorSource | str,
+    rules: Sequence[Rule],
+    shapes: Mapping,
+    dtype=None,
+    strip_prefixes: Sequence[str] = (),
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict:
+    """Fill a Flax parameter tree from a checkpoint through a key table.
+
+    source:  a TensorSource or a path to one.
+    rules:   the layout's key table.
+    shapes:  the model's parameter tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape`).
+    dtype:   the dtype of every leaf (None: each leaf's dtype in `shapes`).
+    strip_prefixes: key prefixes some redistributions add to every key (dropped if all keys have one).
+    Returns the nested dict of NumPy arrays, same structure as `shapes`.
+    """
+    if not isinstance(source, TensorSource):
+        source = TensorSource(source)
+    flat_shapes = traverse_util.flatten_dict(_unbox(shapes), sep="/")
+    targets = [r.target for r in rules]
+    if sorted(targets) != sorted(flat_shapes) or len(set(targets)) != len(targets):
+        # A table that does not match its own model is a bug in fluxjax, not in the user's file.
+        raise AssertionError(
+            f"key table and model disagree: no rule for {sorted(set(flat_shapes) - set(targets))}, "
+            f"no parameter for {sorted(set(targets) - set(flat_shapes))}"
+        )
+
+    file_keys = source.keys()
+    prefix = _strip_prefix(file_keys, strip_prefixes)
+    expected = table_keys(rules)
+    unexpected = sorted(set(k[len(prefix):] for k in file_keys) - set(expected))
+    missing = [k for k in expected if prefix + k not in source]
+    if unexpected:
+        raise CheckpointError(
+            f"{source.path}: {len(unexpected)} key(s) this model does not have, e.g. {unexpected[:5]}; "
+            "is it a checkpoint of another model or config?"
+        )
+    if missing:
+        rule = next(r for r in rules if any(prefix + k in missing or k in missing for k in r.all_keys()))
+        raise CheckpointError(
+            f"{source.path}: {len(missing)} key(s) missing, e.g. {missing[:5]} "
+            f"(for parameter {rule.target}, shape {flat_shapes[rule.target].shape})"
+        )
+
+    out = {}
+    iterator = progress(rules) if progress else rules
+    for rule in iterator:
+        leaf = flat_shapes[rule.target]
+        leaf_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
+        arr = np.empty(leaf.shape, leaf_dtype)
+        for layer in range(rule.layers) if rule.layers else [None]:
+            block_shape = leaf.shape[1:] if rule.layers else leaf.shape
+            value = _read_rule(source, prefix, rule, layer, block_shape)
+            if rule.layers:
+                arr[layer] = value
+            else:
+                arr[...] = value
+        out[rule.target] = arr
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _read_rule(source: TensorSource, prefix: str, rule: Rule, layer, block_shape: tuple) -> np.ndarray:
+    forward, inverse = TRANSFORMS[rule.transform]
+    torch_shape = tuple(inverse(tuple(block_shape)))
+    rows = rule.rows or (torch_shape[0],)
+    parts = []
+    for key, n in zip(rule.keys(layer), rows):
+        want = (n,) + torch_shape[1:]
+        got = source.shape(prefix + key)
+        if got != want:
+            raise CheckpointError(
+                f"{source.where(prefix + key)}: tensor {prefix + key!r} has shape {list(got)}, "
+                f"expected {list(want)} (for parameter {rule.target})"
+            )
+        parts.append(source.read(prefix + key))
+    if sum(rows) != torch_shape[0]:
+        raise AssertionError(f"rule for {rule.target}: rows {rows} do not add up to {torch_shape[0]}")
+    value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    if rule.swap_halves:
+        half = value.shape[0] // 2
+        value = np.concatenate([value[half:], value[:half]], axis=0)
+    return forward(value)
+
+
+def _unbox(tree):
+    """Strip flax.linen metadata boxes (nn.Partitioned) so leaves are plain shapes/arrays."""
+    from flax.core import meta
+
+    return meta.unbox(tree)

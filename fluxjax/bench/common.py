@@ -1,0 +1,29 @@
+"""Timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds; `fn` must block until its result is ready."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name: str, fluxjax_s: float, reference_s: float, reference: str = "PyTorch") -> str:
+    """One line: both times and the speed-up of fluxjax over the reference."""
+    line = (
+        f"{name}: fluxjax {fluxjax_s * 1e3:.1f} ms, {reference} {reference_s * 1e3:.1f} ms, "
+        f"speed-up {reference_s / fluxjax_s:.2f}x"
+    )
+    print(line, flush=True)
+    return line

@@ -1,0 +1,207 @@
+"""Building blocks of the FLUX transformer (FLUX_REFERENCE.md section 2), and the shared
+parameter helpers every fluxjax model uses.
+
+Logical axis names (the vocabulary a sharding strategy in configs/sharding maps to mesh axes):
+  layers       the stacked block axis that nn.scan adds
+  embed        the model width (3072 in FLUX, d_model in T5, width in CLIP)
+  mlp          MLP hidden features
+  qkv          fused q/k/v (and q/k/v+mlp) output features
+  heads        attention features entering the output projection (heads x head_dim)
+  modulation   adaLN modulation outputs (shift/scale/gate chunks)
+  head_dim     per-head vectors (QK-norm scales)
+  in_features  inputs of the embedders (packed latents, T5 features, CLIP vector, sinusoids)
+  out_features final projection outputs
+  vocab        token embedding rows
+  conv_height, conv_width, conv_in, conv_out   convolution kernels (VAE)
+  norm         norm scales/biases over channels
+Activations: activation_batch, activation_length, activation_embed.
+
+Numerics follow the reference: norms, RoPE and softmax statistics in float32, GELU tanh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True):
+    """nn.Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+        name=name,
+    )
+
+
+def constrain(x: jax.Array) -> jax.Array:
+    """Pin a (batch, length, embed) activation to the strategy's layout (a no-op without a mesh)."""
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Non-affine LayerNorm over the last axis, statistics in float32 (two-pass, like PyTorch)."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> jax.Array:
+    """Sinusoidal embedding [cos | sin] of `time_factor * t`.
+
+    t: (B,) in any float dtype. The product with 1000 is taken in t's own dtype (bf16 in the
+    reference's bf16 runs: guidance 3.5 becomes 3504), then the rest in float32.
+    Returns (B, dim) float32.
+    """
+    t = (t * time_factor).astype(jnp.float32)
+    half = dim // 2
+    freqs = jnp.asarray(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half), jnp.float32)
+    args = t[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """out_layer(SiLU(in_layer(x))): (B, in_dim) -> (B, hidden_dim)."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = dense(self.hidden_dim, ("in_features", "embed"), "in_layer", self.dtype, self.param_dtype)(x)
+        return dense(self.hidden_dim, ("embed", "embed"), "out_layer", self.dtype, self.param_dtype)(nn.silu(x))
+
+
+def _split_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (float64) as hi + lo in float32, hi keeping 12 significant bits.
+
+    hi times an integer position below 4096 is exact in float32, so the angle p*omega keeps
+    the accuracy of the float64 tables the reference builds.
+    """
+    hi = x.astype(np.float32)
+    hi = (hi.view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
+    return hi, (x - hi.astype(np.float64)).astype(np.float32)
+
+
+def rope(ids: jax.Array, axes_dim: Sequence[int], theta: float) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables for position ids.
+
+    ids: (B, L, n_axes) positions (index, row, col), any float or int dtype.
+    Returns (cos, sin), each (B, L, sum(axes_dim)/2) float32: for each axis a with n_a dims,
+    angles p_a * theta^(-2k/n_a), k < n_a/2, concatenated over axes.
+    """
+    omegas = np.concatenate([theta ** (-np.arange(0, n, 2, dtype=np.float64) / n) for n in axes_dim])
+    axis_of = np.concatenate([np.full(n // 2, a) for a, n in enumerate(axes_dim)])
+    hi, lo = _split_float32(omegas)
+    pos = ids.astype(jnp.float32)[..., axis_of]  # (B, L, sum/2)
+    a_hi, a_lo = pos * hi, pos * lo
+    cos_hi, sin_hi, cos_lo, sin_lo = jnp.cos(a_hi), jnp.sin(a_hi), jnp.cos(a_lo), jnp.sin(a_lo)
+    return cos_hi * cos_lo - sin_hi * sin_lo, sin_hi * cos_lo + cos_hi * sin_lo
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate adjacent pairs (x_2m, x_2m+1) by angle m, in float32.
+
+    x: (B, L, H, d); cos, sin: (B, L, d/2). Returns x's shape and dtype.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([c * x0 - s * x1, s * x0 + c * x1], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + 1e-6) in float32, cast back, times a learned `scale` (head_dim,)."""
+
+    eps: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)), (x.shape[-1],), self.param_dtype
+        )
+        xf = x.astype(jnp.float32)
+        normed = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)).astype(x.dtype)
+        return normed * scale.astype(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of q and k over the head dim, separate scales; both cast to v's dtype."""
+
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q, k, dtype):
+        q = RMSNorm(param_dtype=self.param_dtype, name="query_norm")(q)
+        k = RMSNorm(param_dtype=self.param_dtype, name="key_norm")(k)
+        return q.astype(dtype), k.astype(dtype)
+
+
+class Modulation(nn.Module):
+    """Linear(SiLU(vec)) split into 6 (double) or 3 (single) chunks of `dim`, each (B, 1, dim).
+
+    Chunk order is (shift, scale, gate) [x 2 for double: attention set, then MLP set].
+    """
+
+    dim: int
+    double: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, vec):
+        n = 6 if self.double else 3
+        out = dense(n * self.dim, ("embed", "modulation"), "lin", self.dtype, self.param_dtype)(nn.silu(vec))
+        return jnp.split(out[:, None, :], n, axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """(1 + scale) * LN(x) + shift, LN non-affine with eps 1e-6."""
+    return (1 + scale) * layer_norm(x) + shift
+
+
+def split_heads(x: jax.Array, num_heads: int, parts: int) -> list[jax.Array]:
+    """(B, L, parts*H*d) with layout (parts, H, d) -> `parts` arrays of (B, L, H, d)."""
+    b, l, f = x.shape
+    x = x.reshape(b, l, parts, num_heads, f // (parts * num_heads))
+    return [x[:, :, i] for i in range(parts)]
+
+
+def attention(q, k, v, cos, sin, implementation: str = "xla") -> jax.Array:
+    """Joint attention with RoPE on q and k: softmax(q k^T / sqrt(d)) v, no mask.
+
+    q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.
+    implementation: "xla" (any backend; float32 logits and softmax) or "cudnn" (flash
+    attention on NVIDIA GPUs).
+    """
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    b, l, h, d = q.shape
+    if implementation == "xla":
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    elif implementation == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    else:
+        raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
+    return out.reshape(b, l, h * d)
