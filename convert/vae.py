@@ -1,0 +1,156 @@
+"""Key tables for the FLUX VAE, and `load_vae`.
+
+Two checkpoint layouts (FLUX_REFERENCE.md 6.3):
+  BFL       `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `encoder.mid.attn_1.q` (1x1 conv
+            [C, C, 1, 1]), `decoder.up.{i}...` with `up.i` = level i, `nin_shortcut`, `norm_out`.
+  diffusers `vae/` folder of `AutoencoderKL`: `encoder.down_blocks.{i}.resnets.{j}`,
+            `mid_block.attentions.0.to_q` (Linear [C, C]), `decoder.up_blocks.{n-1-i}` (index
+            reversed), `conv_shortcut`, `group_norm`, `conv_norm_out`.
+
+Both tables come from one walk over the model's modules (`_modules`), so they cannot disagree
+on the model's structure; each layout only names the modules and says how a tensor turns around.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from convert.safetensors_io import CheckpointError, TensorSource
+from convert.table import Rule, load_params
+from fluxjax.config import AutoEncoderConfig
+
+# Prefixes some redistributions put before every VAE key (SD-style single files, ComfyUI).
+STRIP_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def _modules(cfg: AutoEncoderConfig) -> Iterator[tuple[str, str, str, str]]:
+    """Every parameterised module: (flax path, kind, BFL module name, diffusers module name).
+
+    kind: "conv" (kernel/bias), "norm" (scale/bias) or "attn" (an attention projection: a Dense
+    kernel/bias in fluxjax, a 1x1 conv in BFL, a Linear in diffusers).
+    """
+    n = len(cfg.ch_mult)
+
+    def resnet(f, b, d, c_in, c_out):
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            yield f"{f}/{name}", name[:-1] if name.startswith("norm") else "conv", f"{b}.{name}", f"{d}.{name}"
+        if c_in != c_out:
+            yield f"{f}/nin_shortcut", "conv", f"{b}.nin_shortcut", f"{d}.conv_shortcut"
+
+    def mid(f, b, d, c):
+        yield from resnet(f"{f}/block_1", f"{b}.block_1", f"{d}.resnets.0", c, c)
+        yield f"{f}/attn_1/norm", "norm", f"{b}.attn_1.norm", f"{d}.attentions.0.group_norm"
+        for bn, dn in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            yield f"{f}/attn_1/{bn}", "attn", f"{b}.attn_1.{bn}", f"{d}.attentions.0.{dn}"
+        yield from resnet(f"{f}/block_2", f"{b}.block_2", f"{d}.resnets.1", c, c)
+
+    # encoder
+    yield "encoder/conv_in", "conv", "encoder.conv_in", "encoder.conv_in"
+    c_in = cfg.ch
+    for i, mult in enumerate(cfg.ch_mult):
+        c_out = cfg.ch * mult
+        for j in range(cfg.num_res_blocks):
+            yield from resnet(
+                f"encoder/down_{i}/block_{j}", f"encoder.down.{i}.block.{j}",
+                f"encoder.down_blocks.{i}.resnets.{j}", c_in, c_out,
+            )
+            c_in = c_out
+        if i != n - 1:
+            yield (f"encoder/down_{i}/downsample/conv", "conv", f"encoder.down.{i}.downsample.conv",
+                   f"encoder.down_blocks.{i}.downsamplers.0.conv")
+    yield from mid("encoder/mid", "encoder.mid", "encoder.mid_block", c_in)
+    yield "encoder/norm_out", "norm", "encoder.norm_out", "encoder.conv_norm_out"
+    yield "encoder/conv_out", "conv", "encoder.conv_out", "encoder.conv_out"
+
+    # decoder: BFL stores level i as up.i; diffusers runs up_blocks in execution order (n-1-i).
+    c_in = cfg.ch * cfg.ch_mult[-1]
+    yield "decoder/conv_in", "conv", "decoder.conv_in", "decoder.conv_in"
+    yield from mid("decoder/mid", "decoder.mid", "decoder.mid_block", c_in)
+    for i in reversed(range(n)):
+        c_out = cfg.ch * cfg.ch_mult[i]
+        for j in range(cfg.num_res_blocks + 1):
+            yield from resnet(
+                f"decoder/up_{i}/block_{j}", f"decoder.up.{i}.block.{j}",
+                f"decoder.up_blocks.{n - 1 - i}.resnets.{j}", c_in, c_out,
+            )
+            c_in = c_out
+        if i != 0:
+            yield (f"decoder/up_{i}/upsample/conv", "conv", f"decoder.up.{i}.upsample.conv",
+                   f"decoder.up_blocks.{n - 1 - i}.upsamplers.0.conv")
+    yield "decoder/norm_out", "norm", "decoder.norm_out", "decoder.conv_norm_out"
+    yield "decoder/conv_out", "conv", "decoder.conv_out", "decoder.conv_out"
+
+
+def _rules(cfg: AutoEncoderConfig, layout: str) -> list[Rule]:
+    attn_transform = {"bfl": "conv1x1", "diffusers": "linear"}[layout]
+    rules = []
+    for flax_path, kind, bfl, diffusers in _modules(cfg):
+        src = bfl if layout == "bfl" else diffusers
+        if kind == "norm":
+            rules.append(Rule(f"{flax_path}/scale", (f"{src}.weight",), "copy"))
+        else:
+            rules.append(Rule(f"{flax_path}/kernel", (f"{src}.weight",), "conv" if kind == "conv" else attn_transform))
+        rules.append(Rule(f"{flax_path}/bias", (f"{src}.bias",), "copy"))
+    return rules
+
+
+def bfl_vae_rules(cfg: AutoEncoderConfig) -> list[Rule]:
+    """Key table for BFL's `ae.safetensors` layout (244 tensors for the FLUX VAE)."""
+    return _rules(cfg, "bfl")
+
+
+def diffusers_vae_rules(cfg: AutoEncoderConfig) -> list[Rule]:
+    """Key table for a diffusers `AutoencoderKL` (use_quant_conv / use_post_quant_conv false)."""
+    return _rules(cfg, "diffusers")
+
+
+def _is_diffusers_layout(keys: list[str]) -> bool:
+    return any(".down_blocks." in k or ".mid_block." in k or ".up_blocks." in k for k in keys)
+
+
+def _resolve_folder(path: str) -> str:
+    """A diffusers vae folder, or the vae/ subfolder of a pipeline folder."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
+        return os.path.join(path, "vae")
+    return path
+
+
+def load_vae(source: str | os.PathLike, dtype="float32", config: AutoEncoderConfig | None = None):
+    """Load the FLUX VAE from a checkpoint, strictly (every key used, every parameter filled).
+
+    source: a diffusers `AutoencoderKL` folder (config.json + one safetensors file, or sharded
+            with an index; a pipeline folder holding vae/ also works), or a single .safetensors
+            file in BFL (`ae.safetensors`) or diffusers layout, told apart by its keys.
+    dtype:  parameter and compute dtype ("float32" or "bfloat16", or a NumPy/JAX dtype).
+    config: the AutoEncoderConfig; default: the folder's config.json, for a single file the
+            "flux" preset.
+    Returns (model, params): an `AutoEncoder` and its parameter tree of jax arrays, read
+    straight from the file into shapes from `jax.eval_shape` (nothing is randomly initialised).
+    Raises CheckpointError naming the file and key on a missing or extra key or a wrong shape.
+    """
+    from fluxjax.models.autoencoder import AutoEncoder, param_shapes
+
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = _resolve_folder(path)
+        if config is None:
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise CheckpointError(f"{path}: no config.json (expected a diffusers AutoencoderKL folder)")
+            config = AutoEncoderConfig.from_hf_config(path)
+    elif not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if config is None:
+        config = AutoEncoderConfig.preset("flux")
+
+    tensors = TensorSource(path)
+    layout = "diffusers" if _is_diffusers_layout(tensors.keys()) else "bfl"
+    rules = diffusers_vae_rules(config) if layout == "diffusers" else bfl_vae_rules(config)
+    dt = jnp.dtype(dtype)
+    model = AutoEncoder(config, dtype=dt, param_dtype=dt)
+    shapes = param_shapes(model)
+    params = load_params(tensors, rules, shapes, dtype=dt, strip_prefixes=STRIP_PREFIXES)
+    return model, jax.tree_util.tree_map(jnp.asarray, params)

@@ -1,0 +1,324 @@
+"""The FLUX VAE (FLUX_REFERENCE.md section 3): a KL autoencoder with 16 latent channels.
+
+Module names mirror BFL's `modules/autoencoder.py`, so the BFL key table is nearly the
+identity (convert/vae.py): BFL `encoder.down.{i}.block.{j}.conv1` is the Flax path
+`encoder/down_{i}/block_{j}/conv1`, `encoder.mid.attn_1.q` is `encoder/mid/attn_1/q`,
+`decoder.up.{i}.upsample.conv` is `decoder/up_{i}/upsample/conv`.
+
+Layout: NHWC everywhere inside (images (B, H, W, 3), latents (B, H/8, W/8, 16)); PyTorch
+references are NCHW, so transpose at the boundary when comparing with them.
+
+Numerics: GroupNorm statistics (two-pass mean and variance) and its affine part in float32,
+attention logits and softmax in float32; convolutions and the attention matmuls in `dtype`.
+
+Choice: the attention q/k/v/proj_out are `nn.Dense` over the flattened (B, H*W, C) token
+sequence rather than 1x1 `nn.Conv`. They are the same matmul; the Dense kernel (C, C) is the
+diffusers layout (a `Linear`, which is how the hub's vae/ folder stores them) and the layout of
+every other attention projection in fluxjax, so sharding rules and tooling see plain 2-D
+kernels. BFL's [C, C, 1, 1] conv weights are squeezed by the `conv1x1` transform when loading.
+The ResNet `nin_shortcut` stays a 1x1 Conv: both checkpoint layouts store it as a conv.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fluxjax.config import AutoEncoderConfig
+
+Dtype = Any
+
+CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
+# Attention projections act on channels: the same logical axes as a 1x1 conv's (in, out).
+ATTN_AXES = ("conv_in", "conv_out")
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # diffusers' DiagonalGaussianDistribution clamp
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1, padding="SAME_1"):
+    """nn.Conv with logically named kernel (kh, kw, in, out) and bias (out,).
+
+    padding "SAME_1": kernel//2 zeros on every side (PyTorch `padding=kernel//2`); or any
+    nn.Conv padding ("VALID", explicit pairs).
+    """
+    if padding == "SAME_1":
+        p = kernel // 2
+        padding = ((p, p), (p, p))
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the channel (last) axis, contiguous channel groups like PyTorch.
+
+    x: (B, H, W, C) any float dtype. Mean and (two-pass) variance over (H, W, C/groups) in
+    float32, normalised and scaled by `scale` (C,), shifted by `bias` (C,), all in float32,
+    then cast to `dtype`. Parameters carry the logical axis ("norm",).
+    """
+
+    num_groups: int
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # spatial axes and the within-group axis
+        mean = xf.mean(axes, keepdims=True)
+        var = jnp.square(xf - mean).mean(axes, keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv2(swish(norm2(conv1(swish(norm1(x)))))), x through a 1x1 `nin_shortcut` if the
+    width changes. (B, H, W, C_in) -> (B, H, W, out_channels) in `dtype`."""
+
+    out_channels: int
+    num_groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.swish(GroupNorm(self.num_groups, name="norm1", **kw)(x))
+        h = conv(self.out_channels, 3, "conv1", **kw)(h)
+        h = nn.swish(GroupNorm(self.num_groups, name="norm2", **kw)(h))
+        h = conv(self.out_channels, 3, "conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "nin_shortcut", **kw)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection.
+
+    x: (B, H, W, C) -> (B, H, W, C) in `dtype`. q, k, v, proj_out are Dense (C, C) (see the
+    module docstring); logits scaled by 1/sqrt(C), softmax in float32.
+    """
+
+    num_groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        b, hh, ww, c = x.shape
+
+        def dense(name):
+            return nn.Dense(
+                c,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ATTN_AXES),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ATTN_AXES[1:]),
+                name=name,
+            )
+
+        h = GroupNorm(self.num_groups, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        h = h.reshape(b, hh * ww, c)
+        q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bqk,bkc->bqc", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
+        out = dense("proj_out")(out)
+        return x + out.reshape(b, hh, ww, c)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right and bottom by one, then a 3x3 stride-2 VALID conv: (B, H, W, C) -> (B, H/2, W/2, C)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype, stride=2, padding="VALID")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 (each pixel to a 2x2 block), then a 3x3 conv: (B, H, W, C) -> (B, 2H, 2W, C)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
+
+
+class Level(nn.Module):
+    """One resolution level: `block_0..block_{n-1}` ResnetBlocks, then an optional resampler
+    named `downsample` (encoder) or `upsample` (decoder), as BFL's `down[i]` / `up[i]`."""
+
+    out_channels: int
+    num_blocks: int
+    num_groups: int
+    resample: str | None  # None, "downsample" or "upsample"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j in range(self.num_blocks):
+            x = ResnetBlock(self.out_channels, self.num_groups, name=f"block_{j}", **kw)(x)
+        if self.resample == "downsample":
+            x = Downsample(name="downsample", **kw)(x)
+        elif self.resample == "upsample":
+            x = Upsample(name="upsample", **kw)(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """block_1 (ResnetBlock), attn_1 (AttnBlock), block_2 (ResnetBlock), width unchanged."""
+
+    num_groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = x.shape[-1]
+        x = ResnetBlock(c, self.num_groups, name="block_1", **kw)(x)
+        x = AttnBlock(self.num_groups, name="attn_1", **kw)(x)
+        return ResnetBlock(c, self.num_groups, name="block_2", **kw)(x)
+
+
+class Encoder(nn.Module):
+    """Image (B, H, W, in_channels) -> moments (B, H/f, W/f, 2*z_channels) in `dtype`,
+    f = 2**(len(ch_mult)-1); channels [0:z] are the mean, [z:2z] the log-variance.
+
+    conv_in, down_0..down_{n-1} (num_res_blocks ResnetBlocks each, a Downsample on all but the
+    last), mid, norm_out, swish, conv_out.
+    """
+
+    config: AutoEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        g = cfg.norm_num_groups
+        h = conv(cfg.ch, 3, "conv_in", **kw)(x.astype(self.dtype))
+        n = len(cfg.ch_mult)
+        for i, mult in enumerate(cfg.ch_mult):
+            resample = "downsample" if i != n - 1 else None
+            h = Level(cfg.ch * mult, cfg.num_res_blocks, g, resample, name=f"down_{i}", **kw)(h)
+        h = MidBlock(g, name="mid", **kw)(h)
+        h = nn.swish(GroupNorm(g, name="norm_out", **kw)(h))
+        return conv(2 * cfg.z_channels, 3, "conv_out", **kw)(h)
+
+
+class Decoder(nn.Module):
+    """Latent (B, h, w, z_channels) (un-normalised) -> image (B, h*f, w*f, out_ch) in `dtype`.
+
+    conv_in, mid, then levels up_{n-1} .. up_0 (num_res_blocks+1 ResnetBlocks each, an Upsample
+    on all but up_0; `up_i` has width ch*ch_mult[i], as BFL stores them), norm_out, swish,
+    conv_out.
+    """
+
+    config: AutoEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        g = cfg.norm_num_groups
+        h = conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", **kw)(z.astype(self.dtype))
+        h = MidBlock(g, name="mid", **kw)(h)
+        for i in reversed(range(len(cfg.ch_mult))):
+            resample = "upsample" if i != 0 else None
+            h = Level(cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, g, resample, name=f"up_{i}", **kw)(h)
+        h = nn.swish(GroupNorm(g, name="norm_out", **kw)(h))
+        return conv(cfg.out_ch, 3, "conv_out", **kw)(h)
+
+
+class AutoEncoder(nn.Module):
+    """The FLUX VAE: `encoder` and `decoder`, with the latent normalisation of the reference.
+
+    config:      AutoEncoderConfig (preset "flux" for the real model).
+    dtype:       compute dtype of convolutions and attention matmuls (float32 or bfloat16).
+    param_dtype: dtype of the parameters.
+
+    Use `model.apply({"params": p}, x, method="encode")` and `..., z, method="decode")`;
+    `__call__(x)` is decode(encode(x)), used by `init` to create every parameter.
+    """
+
+    config: AutoEncoderConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.encoder = Encoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.decoder = Decoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def encode(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Images to normalised latents.
+
+        x:   (B, H, W, in_channels) **NHWC**, pixel values in [-1, 1] (u8 / 127.5 - 1), any float
+             dtype; H and W multiples of 2**(len(ch_mult)-1) (8 for FLUX).
+        key: None for the posterior mean (BFL's default, diffusers' `latent_dist.mode()`); a
+             PRNG key to sample `mean + exp(0.5*logvar) * eps` instead (diffusers'
+             `latent_dist.sample()`), logvar clamped to [-30, 20] as diffusers does, with
+             eps = jax.random.normal(key, mean.shape, float32) drawn in this NHWC layout.
+        Returns (B, H/8, W/8, z_channels) float32: `scale_factor * (z - shift_factor)`.
+        """
+        moments = self.encoder(x).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        z = mean
+        if key is not None:
+            logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+        return self.config.scale_factor * (z - self.config.shift_factor)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Normalised latents to pixels.
+
+        z: (B, h, w, z_channels) NHWC normalised latents (what `encode` returns and the flow
+           model samples), any float dtype. `z / scale_factor + shift_factor` is applied first
+           (in float32), before the decoder's conv_in, as in BFL's `AutoEncoder.decode` and the
+           diffusers Flux pipelines.
+        Returns (B, h*8, w*8, out_ch) float32 pixels, nominally in [-1, 1] but **not clamped**
+        (clip to [-1, 1] before converting to u8, as the reference does).
+        """
+        z = z.astype(jnp.float32) / self.config.scale_factor + self.config.shift_factor
+        return self.decoder(z).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """decode(encode(x, key)): (B, H, W, in_channels) -> (B, H, W, out_ch) float32."""
+        return self.decode(self.encode(x, key))
+
+
+def param_shapes(model: AutoEncoder) -> dict:
+    """The model's parameter tree of jax.ShapeDtypeStruct (boxed with logical axis names), without
+    allocating or initialising anything: `jax.eval_shape` of `init` on the smallest valid image."""
+    f = model.config.downsample_factor
+    x = jax.ShapeDtypeStruct((1, f, f, model.config.in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
