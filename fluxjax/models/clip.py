@@ -1,0 +1,240 @@
+"""The CLIP text transformer (CLIP-L/14 text tower), as FLUX uses it for the pooled vector `y`.
+
+Same math as transformers' `CLIPTextModel` (FLUX_REFERENCE.md 1.3):
+
+    h = token_embedding[ids] + position_embedding[:L]
+    for each layer:  h = h + out_proj(causal_attention(layer_norm1(h)))
+                     h = h + fc2(act(fc1(layer_norm2(h))))
+    last_hidden_state = final_layer_norm(h)
+    pooler_output     = last_hidden_state[b, eos_position(ids[b])]
+
+with pre-LN layers, a causal mask and no padding mask (FLUX passes no attention_mask), attention
+scale 1/sqrt(head_dim), act = quick_gelu x*sigmoid(1.702x) (or exact gelu), LayerNorm eps from
+the config. The pooled position follows transformers exactly: with the legacy config value
+`eos_token_id == 2` (the FLUX checkpoint) it is argmax(ids), the first occurrence of the largest
+id, i.e. the first <|endoftext|> (49407); otherwise the first position equal to `eos_token_id`.
+It is `pooler_output`, not the `text_projection` of CLIPTextModelWithProjection.
+
+Parameter names mirror the transformers module names (token_embedding, layers/self_attn/q_proj,
+layer_norm1, mlp/fc1, final_layer_norm, ...), so the key table in convert/clip.py is nearly the
+identity. The layers are stacked with nn.scan: every leaf under `layers` has a leading axis of
+length num_layers (logical axis "layers").
+
+Numerics: parameters and matmuls in `dtype`/`param_dtype`; LayerNorm statistics and affine in
+float32 (cast back once, like PyTorch's fused LayerNorm), attention logits and softmax in
+float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fluxjax.config import CLIPConfig
+from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS, constrain, dense
+
+Dtype = Any
+
+LEGACY_EOS_TOKEN_ID = 2
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x), CLIP's activation, op by op in x's dtype (as transformers does)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _activation(name: str):
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":  # transformers' "gelu": the exact erf form, one fused op (float32 inside)
+        return lambda x: jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+    raise ValueError(f"CLIP hidden_act {name!r} is not supported (quick_gelu or gelu)")
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm over the last axis (PyTorch nn.LayerNorm semantics).
+
+    x: (..., D) any float dtype -> same shape, `dtype`. Mean, variance (two-pass), scale and
+    bias applied in float32, one rounding at the end. Params: scale (D,), bias (D,), axis "norm".
+    """
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (d,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
+    """softmax(q k^T / sqrt(d) + causal mask) v.
+
+    q, k, v: (B, L, H, d) in the compute dtype. Returns (B, L, H*d) in v's dtype.
+    "xla": float32 logits and softmax, probabilities cast to v's dtype for the second matmul
+    (as transformers does); "cudnn": jax.nn.dot_product_attention's fused kernel (NVIDIA GPUs,
+    bf16/fp16).
+    """
+    b, l, h, d = q.shape
+    if implementation == "xla":
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
+        causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    elif implementation == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    else:
+        raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
+    return out.reshape(b, l, h * d)
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention.
+
+    x: (B, L, D) in `dtype` -> (B, L, D) in `dtype`. Params: {q,k,v}_proj kernel (D, D) axes
+    (embed, heads), bias (D,); out_proj kernel (D, D) axes (heads, embed), bias (D,).
+    Head h owns features [h*head_dim, (h+1)*head_dim) of q, k and v, as in PyTorch's view.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, x):
+        b, l, d = x.shape
+        heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)  # noqa: E731
+        q = heads(dense(d, ("embed", "heads"), "q_proj", self.dtype, self.param_dtype)(x))
+        k = heads(dense(d, ("embed", "heads"), "k_proj", self.dtype, self.param_dtype)(x))
+        v = heads(dense(d, ("embed", "heads"), "v_proj", self.dtype, self.param_dtype)(x))
+        out = causal_attention(q, k, v, self.implementation)
+        return dense(d, ("heads", "embed"), "out_proj", self.dtype, self.param_dtype)(out)
+
+
+class CLIPMLP(nn.Module):
+    """fc2(act(fc1(x))): (B, L, D) -> (B, L, D) in `dtype`; fc1 axes (embed, mlp), fc2 (mlp, embed)."""
+
+    intermediate_size: int
+    hidden_act: str = "quick_gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x = dense(self.intermediate_size, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+        x = _activation(self.hidden_act)(x)
+        return dense(d, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """One pre-LN transformer layer, written as a scan body: (h, None) -> (h, None).
+
+    h: (B, L, D) in `dtype`. Params: layer_norm1, self_attn (CLIPAttention), layer_norm2,
+    mlp (CLIPMLP); under nn.scan each gets a leading (num_layers,) axis named "layers".
+    """
+
+    config: CLIPConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, h, _):
+        cfg = self.config
+        x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm1")(h)
+        x = CLIPAttention(cfg.num_heads, self.dtype, self.param_dtype, self.attention_implementation, name="self_attn")(x)
+        h = constrain(h + x)
+        x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm2")(h)
+        x = CLIPMLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, self.param_dtype, name="mlp")(x)
+        h = constrain(h + x)
+        return h, None
+
+
+def pooled_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """The position transformers' CLIPTextModel pools at, per sequence: (B, L) int -> (B,) int32.
+
+    eos_token_id == 2 (legacy configs, FLUX's): argmax of the ids, first occurrence of the
+    largest id. Otherwise: the first position whose id equals eos_token_id (0 if none does,
+    as torch's argmax of an all-zero row).
+    """
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
+        return jnp.argmax(input_ids, axis=-1).astype(jnp.int32)
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1).astype(jnp.int32)
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP text transformer: token ids -> (last_hidden_state, pooler_output).
+
+    config: CLIPConfig (fluxjax.config). dtype: compute dtype (activations, matmul inputs);
+    param_dtype: dtype of the parameters. attention_implementation: "xla" or "cudnn".
+
+    __call__(input_ids):
+      input_ids: (B, L) integer token ids, L <= config.max_position_embeddings (77 for CLIP-L;
+        FLUX always passes exactly 77, padded with <|endoftext|>). No attention mask.
+      Returns (last_hidden_state (B, L, D), pooler_output (B, D)), both in `dtype`;
+      D = config.hidden_size (768 for CLIP-L). FLUX's `y`/`vec` is pooler_output.
+
+    Parameters (logical axes): token_embedding/embedding (vocab, embed),
+    position_embedding (max_positions, D) (None, embed), layers/... (stacked, see
+    CLIPEncoderLayer), final_layer_norm/{scale,bias} (norm,).
+    """
+
+    config: CLIPConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: str = "xla"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        b, l = input_ids.shape
+        if l > cfg.max_position_embeddings:
+            raise ValueError(
+                f"CLIP input has {l} tokens, more than max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        token_embedding = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="token_embedding",
+        )
+        position_embedding = self.param(
+            "position_embedding",
+            # 77 rows: never worth sharding, so the row axis is left replicated (None).
+            nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+            (cfg.max_position_embeddings, cfg.hidden_size),
+            self.param_dtype,
+        )
+        h = token_embedding(input_ids) + position_embedding[:l].astype(self.dtype)[None]
+        h = constrain(h.astype(self.dtype))
+
+        layers = nn.scan(
+            CLIPEncoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        h, _ = layers(cfg, self.dtype, self.param_dtype, self.attention_implementation, name="layers")(h, None)
+
+        last_hidden_state = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="final_layer_norm")(h)
+        pos = pooled_positions(input_ids, cfg.eos_token_id)
+        pooled = jnp.take_along_axis(last_hidden_state, pos[:, None, None], axis=1)[:, 0]
+        return last_hidden_state, pooled
