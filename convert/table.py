@@ -10,7 +10,7 @@ naming the file, the key and the shape that was expected.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -94,7 +94,8 @@ def table_keys(rules: Iterable[Rule]) -> list[str]:
     return [k for r in rules for k in r.all_keys()]
 
 
-def _strip_prefix(keys: list[str], prefixes: Sequence[str]) -> str:
+def strip_prefix(keys: list[str], prefixes: Sequence[str]) -> str:
+    """The first of `prefixes` that every key starts with, or ""."""
     for p in prefixes:
         if keys and all(k.startswith(p) for k in keys):
             return p
@@ -130,7 +131,7 @@ def load_params(
         )
 
     file_keys = source.keys()
-    prefix = _strip_prefix(file_keys, strip_prefixes)
+    prefix = strip_prefix(file_keys, strip_prefixes)
     expected = table_keys(rules)
     unexpected = sorted(set(k[len(prefix):] for k in file_keys) - set(expected))
     missing = [k for k in expected if prefix + k not in source]
@@ -140,11 +141,20 @@ def load_params(
             "is it a checkpoint of another model or config?"
         )
     if missing:
-        rule = next(r for r in rules if any(prefix + k in missing or k in missing for k in r.all_keys()))
+        rule = next(r for r in rules if missing[0] in r.all_keys())
         raise CheckpointError(
             f"{source.path}: {len(missing)} key(s) missing, e.g. {missing[:5]} "
             f"(for parameter {rule.target}, shape {flat_shapes[rule.target].shape})"
         )
+
+    # Every shape is checked before the first tensor is read: a wrong file fails at once.
+    for key, want, target in _key_targets(rules, flat_shapes):
+        got = source.shape(prefix + key)
+        if got != want:
+            raise CheckpointError(
+                f"{source.where(prefix + key)}: tensor {prefix + key!r} has shape {list(got)}, "
+                f"expected {list(want)} (for parameter {target})"
+            )
 
     out = {}
     iterator = progress(rules) if progress else rules
@@ -153,8 +163,7 @@ def load_params(
         leaf_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
         arr = np.empty(leaf.shape, leaf_dtype)
         for layer in range(rule.layers) if rule.layers else [None]:
-            block_shape = leaf.shape[1:] if rule.layers else leaf.shape
-            value = _read_rule(source, prefix, rule, layer, block_shape)
+            value = _read_rule(source, prefix, rule, layer)
             if rule.layers:
                 arr[layer] = value
             else:
@@ -163,27 +172,38 @@ def load_params(
     return traverse_util.unflatten_dict(out, sep="/")
 
 
-def _read_rule(source: TensorSource, prefix: str, rule: Rule, layer, block_shape: tuple) -> np.ndarray:
-    forward, inverse = TRANSFORMS[rule.transform]
-    torch_shape = tuple(inverse(tuple(block_shape)))
+def source_shapes(rule: Rule, leaf_shape: tuple) -> list[tuple[int, ...]]:
+    """The PyTorch shape each of `rule.sources` must have to fill a leaf of `leaf_shape`."""
+    block_shape = tuple(leaf_shape[1:] if rule.layers else leaf_shape)
+    torch_shape = tuple(TRANSFORMS[rule.transform][1](block_shape))
     rows = rule.rows or (torch_shape[0],)
-    parts = []
-    for key, n in zip(rule.keys(layer), rows):
-        want = (n,) + torch_shape[1:]
-        got = source.shape(prefix + key)
-        if got != want:
-            raise CheckpointError(
-                f"{source.where(prefix + key)}: tensor {prefix + key!r} has shape {list(got)}, "
-                f"expected {list(want)} (for parameter {rule.target})"
-            )
-        parts.append(source.read(prefix + key))
     if sum(rows) != torch_shape[0]:
         raise AssertionError(f"rule for {rule.target}: rows {rows} do not add up to {torch_shape[0]}")
+    return [(n,) + torch_shape[1:] for n in rows]
+
+
+def _key_targets(rules: Sequence[Rule], flat_shapes: Mapping) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(PyTorch key, the shape it must have, the Flax leaf it fills) for every key of a table."""
+    for rule in rules:
+        wanted = source_shapes(rule, flat_shapes[rule.target].shape)
+        for layer in range(rule.layers) if rule.layers else [None]:
+            for key, shape in zip(rule.keys(layer), wanted):
+                yield key, shape, rule.target
+
+
+def key_shapes(rules: Sequence[Rule], shapes: Mapping) -> dict[str, tuple[int, ...]]:
+    """Every PyTorch key of a table with the shape it must have, for a model's `shapes` tree."""
+    flat = traverse_util.flatten_dict(_unbox(shapes), sep="/")
+    return {key: shape for key, shape, _ in _key_targets(rules, flat)}
+
+
+def _read_rule(source: TensorSource, prefix: str, rule: Rule, layer) -> np.ndarray:
+    parts = [source.read(prefix + key) for key in rule.keys(layer)]
     value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     if rule.swap_halves:
         half = value.shape[0] // 2
         value = np.concatenate([value[half:], value[:half]], axis=0)
-    return forward(value)
+    return TRANSFORMS[rule.transform][0](value)
 
 
 def _unbox(tree):

@@ -69,7 +69,11 @@ def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.
     """
     t = (t * time_factor).astype(jnp.float32)
     half = dim // 2
-    freqs = jnp.asarray(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half), jnp.float32)
+    # The reference rounds the exponent to float32, then takes exp in float32. With t*1000 in
+    # the thousands one ulp of a frequency moves the argument by 1e-4, so the frequencies are
+    # exp of that float32 exponent, correctly rounded (float64 on the host).
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = t[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:

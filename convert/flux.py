@@ -1,0 +1,187 @@
+"""Key tables of the FLUX transformer: BFL single files and diffusers folders.
+
+Flax paths are BFL's module names with '/' (FLUX_REFERENCE.md 6.1), so the BFL table is
+the identity on names; the diffusers table is the correspondence of FLUX_REFERENCE.md 6.2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from convert.safetensors_io import CheckpointError, TensorSource
+from convert.table import LAYER, Rule, fused_linear, linear, load_params, strip_prefix
+from fluxjax.config import FluxConfig
+from fluxjax.models.flux import Flux
+
+BFL_PREFIXES = ("model.diffusion_model.",)  # added by some redistributions (ComfyUI)
+
+# Linear layers outside the blocks: BFL module name (also the Flax path, '.' -> '/').
+_TOP_LINEARS = (
+    "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
+    "vector_in.in_layer", "vector_in.out_layer", "final_layer.linear", "final_layer.adaLN_modulation.1",
+)
+_GUIDANCE_LINEARS = ("guidance_in.in_layer", "guidance_in.out_layer")
+_DOUBLE_LINEARS = tuple(f"{s}_{m}" for s in ("img", "txt") for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
+_DOUBLE_NORMS = tuple(f"{s}_attn.norm.{n}_norm" for s in ("img", "txt") for n in ("query", "key"))
+_SINGLE_LINEARS = ("linear1", "linear2", "modulation.lin")
+_SINGLE_NORMS = ("norm.query_norm", "norm.key_norm")
+
+
+def _path(bfl_name: str) -> str:
+    return bfl_name.replace(".", "/")
+
+
+def bfl_rules(cfg: FluxConfig) -> list[Rule]:
+    """The table of a BFL single file (flux1-dev.safetensors and friends)."""
+    rules: list[Rule] = []
+    for name in _TOP_LINEARS + (_GUIDANCE_LINEARS if cfg.guidance_embed else ()):
+        rules += linear(_path(name), name)
+    for block, layers, linears, norms in (
+        ("double_blocks", cfg.depth, _DOUBLE_LINEARS, _DOUBLE_NORMS),
+        ("single_blocks", cfg.depth_single_blocks, _SINGLE_LINEARS, _SINGLE_NORMS),
+    ):
+        for name in linears:
+            bias = cfg.qkv_bias or not name.endswith(("qkv", "linear1"))
+            rules += linear(f"{block}/{_path(name)}", f"{block}.{LAYER}.{name}", layers, bias)
+        for name in norms:
+            rules.append(Rule(f"{block}/{_path(name)}/scale", (f"{block}.{LAYER}.{name}.scale",), layers=layers))
+    return rules
+
+
+# (Flax path, diffusers module) for plain copies of a Linear.
+_DIFFUSERS_TOP = (
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    ("time_in/in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in/out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in/in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in/out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("final_layer/linear", "proj_out"),
+)
+_DIFFUSERS_GUIDANCE = (
+    ("guidance_in/in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in/out_layer", "time_text_embed.guidance_embedder.linear_2"),
+)
+_DIFFUSERS_DOUBLE = (
+    ("img_mod/lin", "norm1.linear"),
+    ("txt_mod/lin", "norm1_context.linear"),
+    ("img_attn/proj", "attn.to_out.0"),
+    ("txt_attn/proj", "attn.to_add_out"),
+    ("img_mlp/0", "ff.net.0.proj"),
+    ("img_mlp/2", "ff.net.2"),
+    ("txt_mlp/0", "ff_context.net.0.proj"),
+    ("txt_mlp/2", "ff_context.net.2"),
+)
+_DIFFUSERS_DOUBLE_NORMS = (
+    ("img_attn/norm/query_norm", "attn.norm_q"),
+    ("img_attn/norm/key_norm", "attn.norm_k"),
+    ("txt_attn/norm/query_norm", "attn.norm_added_q"),
+    ("txt_attn/norm/key_norm", "attn.norm_added_k"),
+)
+_DIFFUSERS_SINGLE = (("linear2", "proj_out"), ("modulation/lin", "norm.linear"))
+_DIFFUSERS_SINGLE_NORMS = (("norm/query_norm", "attn.norm_q"), ("norm/key_norm", "attn.norm_k"))
+
+
+def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
+    """The table of a diffusers `FluxTransformer2DModel` folder (transformer/)."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    rules: list[Rule] = []
+    for target, module in _DIFFUSERS_TOP + (_DIFFUSERS_GUIDANCE if cfg.guidance_embed else ()):
+        rules += linear(target, module)
+    # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
+    for leaf, transform in (("kernel", "linear"), ("bias", "copy")):
+        key = "norm_out.linear." + ("weight" if leaf == "kernel" else "bias")
+        rules.append(Rule(f"final_layer/adaLN_modulation/1/{leaf}", (key,), transform, swap_halves=True))
+
+    blocks = (
+        ("double_blocks", "transformer_blocks", cfg.depth, _DIFFUSERS_DOUBLE, _DIFFUSERS_DOUBLE_NORMS),
+        ("single_blocks", "single_transformer_blocks", cfg.depth_single_blocks, _DIFFUSERS_SINGLE, _DIFFUSERS_SINGLE_NORMS),
+    )
+    for block, theirs, layers, linears, norms in blocks:
+        src = f"{theirs}.{LAYER}."
+        for target, module in linears:
+            rules += linear(f"{block}/{target}", src + module, layers)
+        for target, module in norms:
+            rules.append(Rule(f"{block}/{target}/scale", (src + module + ".weight",), layers=layers))
+    attn = lambda names: [f"transformer_blocks.{LAYER}.attn.{n}" for n in names]  # noqa: E731
+    rules += fused_linear("double_blocks/img_attn/qkv", attn(("to_q", "to_k", "to_v")), (d, d, d), cfg.depth)
+    rules += fused_linear("double_blocks/txt_attn/qkv", attn(("add_q_proj", "add_k_proj", "add_v_proj")), (d, d, d), cfg.depth)
+    single = [f"single_transformer_blocks.{LAYER}.{x}" for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    rules += fused_linear("single_blocks/linear1", single, (d, d, d, m), cfg.depth_single_blocks)
+    return rules
+
+
+def param_shapes(model: Flux):
+    """The parameter tree of `model` as jax.ShapeDtypeStruct, without allocating anything."""
+    c = model.config
+    b, l_img, l_txt = 1, 4, 4
+    args = (
+        jnp.zeros((b, l_img, c.in_channels)), jnp.zeros((b, l_img, 3)),
+        jnp.zeros((b, l_txt, c.context_in_dim)), jnp.zeros((b, l_txt, 3)),
+        jnp.zeros((b,)), jnp.zeros((b, c.vec_in_dim)), jnp.zeros((b,)),
+    )
+    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+
+
+def config_from_bfl(source: TensorSource) -> FluxConfig:
+    """Infer the FluxConfig of a BFL single file from its tensor shapes."""
+    prefix = strip_prefix(source.keys(), BFL_PREFIXES)
+    keys = {k[len(prefix):]: k for k in source.keys()}
+    try:
+        shape = lambda name: source.shape(keys[name])  # noqa: E731
+        hidden, in_channels = shape("img_in.weight")
+        head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+        count = lambda prefix: len({int(m.group(1)) for k in keys if (m := re.match(rf"{prefix}\.(\d+)\.", k))})  # noqa: E731
+        axes = (16, 56, 56) if head_dim == 128 else None
+        if axes is None:
+            raise CheckpointError(
+                f"{source.path}: head dim {head_dim} is not FLUX's 128; pass config= with its axes_dim"
+            )
+        return FluxConfig(
+            in_channels=in_channels,
+            out_channels=shape("final_layer.linear.weight")[0],
+            vec_in_dim=shape("vector_in.in_layer.weight")[1],
+            context_in_dim=shape("txt_in.weight")[1],
+            hidden_size=hidden,
+            mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+            num_heads=hidden // head_dim,
+            depth=count("double_blocks"),
+            depth_single_blocks=count("single_blocks"),
+            axes_dim=axes,
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in keys,
+            guidance_embed="guidance_in.in_layer.weight" in keys,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source.path}: not a BFL FLUX transformer file (no key {e.args[0]!r})") from None
+
+
+def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None, attention_impl: str = "xla"):
+    """Load a FLUX transformer checkpoint into `(model, params)`.
+
+    source: a diffusers transformer folder (config.json + safetensors, sharded or not) or a BFL
+            single .safetensors file (config inferred from its shapes unless `config` is given).
+    dtype:  parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
+    Returns the linen `Flux` module and its params (nested dict of jax arrays, stacked blocks).
+    """
+    path = os.fspath(source)
+    dtype = jnp.dtype(dtype)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"{path}: a transformer folder needs config.json (diffusers layout)")
+        cfg = config or FluxConfig.from_hf_config(path)
+        tensors, rules, prefixes = TensorSource(path), diffusers_rules(cfg), ()
+    elif os.path.isfile(path):
+        tensors = TensorSource(path)
+        cfg = config or config_from_bfl(tensors)
+        rules, prefixes = bfl_rules(cfg), BFL_PREFIXES
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    model = Flux(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+    progress = lambda it: tqdm(it, desc=f"loading {os.path.basename(path)}", unit="tensor", disable=None)  # noqa: E731
+    params = load_params(tensors, rules, param_shapes(model), dtype, prefixes, progress)
+    return model, jax.tree_util.tree_map(jnp.asarray, params)
