@@ -1,0 +1,123 @@
+"""`fluxjax bench transformer`: one forward of fluxjax (jitted) against diffusers (eager), same
+weights, same machine, same run; and the compile time of the full-size dev forward.
+
+Needs the test extra (torch, diffusers) for the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax.bench.common import median_time, report
+from fluxjax.config import FluxConfig
+
+
+def _small(argv_args) -> None:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from convert.flux import load_transformer
+
+    torch.set_num_threads(argv_args.threads)
+    cfg = dict(
+        in_channels=64, num_layers=argv_args.double, num_single_layers=argv_args.single,
+        attention_head_dim=argv_args.hidden // argv_args.heads, num_attention_heads=argv_args.heads,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=_axes(argv_args.hidden // argv_args.heads),
+    )
+    reference = FluxTransformer2DModel(**cfg).eval()
+    side = int(argv_args.img_tokens**0.5)
+    l_img, l_txt = side * side, argv_args.txt_tokens
+    gen = torch.Generator().manual_seed(0)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None]
+    inputs = dict(
+        hidden_states=torch.randn(1, l_img, 64, generator=gen),
+        encoder_hidden_states=torch.randn(1, l_txt, 4096, generator=gen),
+        pooled_projections=torch.randn(1, 768, generator=gen),
+        timestep=torch.tensor([0.5]), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(l_txt, 3),
+        guidance=torch.tensor([3.5]),
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        model, params = load_transformer(folder)
+
+    j = lambda t: jnp.asarray(t.numpy())  # noqa: E731
+    args = (
+        j(inputs["hidden_states"]), j(inputs["img_ids"])[None], j(inputs["encoder_hidden_states"]),
+        j(inputs["txt_ids"])[None], j(inputs["timestep"]), j(inputs["pooled_projections"]), j(inputs["guidance"]),
+    )
+    forward = jax.jit(model.apply)
+    start = time.perf_counter()
+    compiled = forward.lower({"params": params}, *args).compile()
+    print(f"small config: hidden {argv_args.hidden}, {argv_args.heads} heads, {argv_args.double} double + "
+          f"{argv_args.single} single blocks, {l_img} image + {l_txt} text tokens, fp32, "
+          f"{argv_args.threads} torch threads; fluxjax compile {time.perf_counter() - start:.2f} s")
+
+    def run_reference():
+        with torch.no_grad():
+            return reference(**inputs).sample
+
+    ours = np.asarray(compiled({"params": params}, *args))
+    theirs = run_reference().numpy()
+    print(f"  max |fluxjax - diffusers| / max |diffusers| = {np.abs(ours - theirs).max() / np.abs(theirs).max():.2e}")
+    t_ours = median_time(lambda: compiled({"params": params}, *args).block_until_ready(), argv_args.repeat)
+    t_ref = median_time(run_reference, argv_args.repeat)
+    report("  forward", t_ours, t_ref, "diffusers eager")
+
+
+def _axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX's (16, 56, 56) split scaled to another head dim (all even)."""
+    first = 2 * max(1, round(head_dim * 16 / 128 / 2))
+    col = (head_dim - first) // 4 * 2
+    return first, head_dim - first - col, col
+
+
+def _full_size_compile(resolution: int, name: str) -> None:
+    from convert.flux import param_shapes
+    from fluxjax.models.flux import Flux
+
+    cfg = FluxConfig.preset(name)
+    model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    l_img, l_txt = (resolution // 16) ** 2, 512 if name == "dev" else 256
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    params = param_shapes(model)
+    args = (spec(1, l_img, 64), spec(1, l_img, 3, dtype=jnp.float32), spec(1, l_txt, 4096),
+            spec(1, l_txt, 3, dtype=jnp.float32), spec(1), spec(1, 768), spec(1) if cfg.guidance_embed else None)
+    start = time.perf_counter()
+    lowered = jax.jit(model.apply).lower({"params": params}, *args)
+    lowered_s = time.perf_counter() - start
+    lowered.compile()
+    total = time.perf_counter() - start
+    print(f"full-size {name} forward at {resolution}x{resolution}, bf16, from abstract shapes: "
+          f"lower {lowered_s:.1f} s, lower+compile {total:.1f} s (target < 20 s) on {jax.devices()[0].platform}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="fluxjax bench transformer", description=__doc__)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--double", type=int, default=2)
+    p.add_argument("--single", type=int, default=4)
+    p.add_argument("--img-tokens", type=int, default=1024, help="a square number (token grid side^2)")
+    p.add_argument("--txt-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    p.add_argument("--resolution", type=int, default=1024, help="full-size compile check resolution")
+    p.add_argument("--skip-full-size", action="store_true")
+    args = p.parse_args(argv)
+    _small(args)
+    if not args.skip_full_size:
+        _full_size_compile(args.resolution, "dev")
+
+
+if __name__ == "__main__":
+    main()
