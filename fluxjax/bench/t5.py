@@ -31,6 +31,10 @@ def main(argv=None) -> str:
     parser.add_argument("--length", type=int, default=256, help="tokens (FLUX: 256 schnell, 512 dev)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--attn", default="eager,sdpa",
+        help="transformers attention implementations to time (on CPU its default 'sdpa' is the slower)",
+    )
     args = parser.parse_args(argv)
 
     import jax
@@ -79,8 +83,12 @@ def main(argv=None) -> str:
         flush=True,
     )
     t_jax = median_time(run_jax, repeat=args.repeat)
-    t_torch = median_time(run_torch, repeat=args.repeat)
-    return report("t5 encode", t_jax, t_torch, reference="transformers (eager)")
+    lines = []
+    for attn in args.attn.split(","):
+        reference.set_attn_implementation(attn)
+        t_torch = median_time(run_torch, repeat=args.repeat)
+        lines.append(report("t5 encode", t_jax, t_torch, reference=f"transformers (eager mode, {attn} attention)"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
