@@ -4,14 +4,28 @@ Loaders return `(model, params)`: a linen module and its parameters read straigh
 PyTorch checkpoint (diffusers/transformers folders or BFL single files), strictly checked.
 """
 
-from convert.clip import load_clip
-from convert.flux import load_transformer
+import importlib
+
 from convert.safetensors_io import CheckpointError
-from convert.t5 import load_t5
-from convert.vae import load_vae
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, ConfigError, FluxConfig, T5Config
+
+# The loaders live in convert/, which imports fluxjax's models: resolved on first use, so that
+# importing either package first works.
+_LOADERS = {
+    "load_transformer": "convert.flux",
+    "load_t5": "convert.t5",
+    "load_clip": "convert.clip",
+    "load_vae": "convert.vae",
+}
+
+
+def __getattr__(name):
+    if name in _LOADERS:
+        return getattr(importlib.import_module(_LOADERS[name]), name)
+    raise AttributeError(f"module 'fluxjax' has no attribute {name!r}")
+
 
 __all__ = [
     "FluxConfig", "AutoEncoderConfig", "T5Config", "CLIPConfig", "ConfigError", "CheckpointError",
-    "load_transformer", "load_t5", "load_clip", "load_vae",
+    *_LOADERS,
 ]
