@@ -61,42 +61,9 @@ def clip_rules(cfg: CLIPConfig) -> list[Rule]:
     return rules
 
 
-class _Without(TensorSource):
-    """A view of a TensorSource with some keys removed (keys already checked and not needed)."""
-
-    def __init__(self, inner: TensorSource, drop: set[str]):  # no super().__init__: a view
-        self._inner = inner
-        self._drop = set(drop)
-        self.path = inner.path
-
-    def keys(self) -> list[str]:
-        return [k for k in self._inner.keys() if k not in self._drop]
-
-    def __contains__(self, key: str) -> bool:
-        return key not in self._drop and key in self._inner
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def where(self, key: str) -> str:
-        return self._inner.where(key)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._inner.shape(key)
-
-    def read(self, key: str) -> np.ndarray:
-        return self._inner.read(key)
-
-    def metadata(self) -> dict[str, str]:
-        return self._inner.metadata()
-
-
-def _checked_source(source: TensorSource, cfg: CLIPConfig) -> TensorSource:
-    """Check and drop the legacy `position_ids` buffer, if the file has one."""
-    drop = set()
+def _position_ids(source: TensorSource, cfg: CLIPConfig) -> set[str]:
+    """The legacy `position_ids` buffer(s) of the file, checked to be arange: keys to ignore."""
+    found = set()
     for key in (POSITION_IDS, PREFIX + POSITION_IDS):
         if key not in source:
             continue
@@ -107,8 +74,8 @@ def _checked_source(source: TensorSource, cfg: CLIPConfig) -> TensorSource:
                 f"{source.where(key)}: buffer {key!r} (shape {list(got.shape)}) is not "
                 f"arange({cfg.max_position_embeddings}) of shape {list(want.shape)}; fluxjax uses positions 0..L-1"
             )
-        drop.add(key)
-    return _Without(source, drop) if drop else source
+        found.add(key.removeprefix(PREFIX))
+    return found
 
 
 def param_shapes(model: CLIPTextEncoder, seq_len: int | None = None) -> Any:
@@ -121,21 +88,24 @@ def param_shapes(model: CLIPTextEncoder, seq_len: int | None = None) -> Any:
 def load_clip(
     source: str | os.PathLike,
     dtype: Any = "float32",
-    attention_implementation: str = "xla",
+    attention_impl: str = "xla",
 ) -> tuple[CLIPTextEncoder, dict]:
     """Load a transformers CLIPTextModel folder (the hub's `text_encoder/`).
 
     source: a folder with config.json and model.safetensors (or a sharded index); dtype: the
     dtype of the parameters and of the computation ("float32" or "bfloat16").
     Returns (model, params): `model.apply({"params": params}, ids)` gives
-    (last_hidden_state (B, L, D), pooler_output (B, D)). Params are NumPy arrays of `dtype`,
+    (last_hidden_state (B, L, D), pooler_output (B, D)). Params are jax arrays of `dtype`,
     read straight from the file into the shapes `jax.eval_shape` gives (never initialised).
     """
     source = os.fspath(source)
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     cfg = CLIPConfig.from_hf_config(folder)
     dt = jnp.dtype(dtype)
-    model = CLIPTextEncoder(cfg, dtype=dt, param_dtype=dt, attention_implementation=attention_implementation)
-    tensors = _checked_source(TensorSource(source), cfg)
-    params = load_params(tensors, clip_rules(cfg), param_shapes(model), dtype=dt, strip_prefixes=(PREFIX,))
+    model = CLIPTextEncoder(cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl)
+    tensors = TensorSource(source)
+    params = load_params(
+        tensors, clip_rules(cfg), param_shapes(model), dtype=dt, strip_prefixes=(PREFIX,),
+        ignore=_position_ids(tensors, cfg),
+    )
     return model, params

@@ -11,7 +11,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
 from convert.safetensors_io import CheckpointError, TensorSource
 from convert.table import LAYER, Rule, fused_linear, linear, load_params, strip_prefix
@@ -182,6 +181,4 @@ def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxCon
     else:
         raise CheckpointError(f"{path}: no such file or folder")
     model = Flux(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-    progress = lambda it: tqdm(it, desc=f"loading {os.path.basename(path)}", unit="tensor", disable=None)  # noqa: E731
-    params = load_params(tensors, rules, param_shapes(model), dtype, prefixes, progress)
-    return model, jax.tree_util.tree_map(jnp.asarray, params)
+    return model, load_params(tensors, rules, param_shapes(model), dtype, prefixes)

@@ -9,12 +9,10 @@ one is stored; where both are, they must be identical (a file where they differ 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from convert.safetensors_io import CheckpointError, TensorSource
 from convert.table import LAYER, Rule, linear, load_params
@@ -29,7 +27,7 @@ def t5_rules(cfg: T5Config, embed_key: str = EMBED_KEY) -> list[Rule]:
     """The key table of transformers' T5EncoderModel for `cfg`.
 
     embed_key: the name the token embedding is stored under, EMBED_KEY or EMBED_ALIAS
-    (`t5_source(path).embed_key` tells which).
+    (`tied_embedding(source)` tells which).
     """
     n = cfg.num_layers
     blk = f"encoder.block.{LAYER}.layer"
@@ -48,55 +46,23 @@ def t5_rules(cfg: T5Config, embed_key: str = EMBED_KEY) -> list[Rule]:
     return rules
 
 
-class _TiedSource(TensorSource):
-    """A TensorSource that holds a tied pair of keys at most once.
+def tied_embedding(source: TensorSource) -> tuple[str, set[str]]:
+    """Which name of the tied embedding pair to read, and the set of keys to ignore.
 
-    Where both `name` and `alias` are stored they must be the same tensor (shape, dtype and
-    values), and `alias` is hidden. `embed_key` is the one of the pair the table should read:
-    `name` unless only `alias` is stored (if neither is, the table reports `name` missing).
+    Where both names are stored they must be the same tensor (shape, dtype and values): the
+    alias is then ignored. Where only the alias is stored, it is read. Where neither is, the
+    table reports `shared.weight` missing.
     """
-
-    def __init__(self, path: str | os.PathLike, name: str, alias: str):
-        super().__init__(path)
-        self._hidden: str | None = None
-        stored = super().keys()
-        if name in stored and alias in stored:
-            self._check_same(name, alias)
-            self._hidden = alias
-        self.embed_key = alias if alias in stored and name not in stored else name
-
-    def _check_same(self, name: str, alias: str) -> None:
-        a_where, b_where = self.where(name), self.where(alias)
-        a_shape, b_shape = self.shape(name), self.shape(alias)
-        if a_shape != b_shape:
+    if EMBED_KEY in source and EMBED_ALIAS in source:
+        a, b = source.read(EMBED_KEY), source.read(EMBED_ALIAS)
+        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
             raise CheckpointError(
-                f"{b_where}: tensor {alias!r} has shape {list(b_shape)} but its tied twin {name!r} "
-                f"in {a_where} has {list(a_shape)}; they must be the same tensor"
-            )
-        a, b = self.read(name), self.read(alias)
-        if a.dtype != b.dtype or not np.array_equal(a, b):
-            raise CheckpointError(
-                f"{b_where}: tensor {alias!r} differs from its tied twin {name!r} in {a_where}; "
+                f"{source.where(EMBED_ALIAS)}: tensor {EMBED_ALIAS!r} (shape {list(b.shape)}) differs from its "
+                f"tied twin {EMBED_KEY!r} in {source.where(EMBED_KEY)} (shape {list(a.shape)}); "
                 "they must be the same tensor"
             )
-
-    def keys(self) -> list[str]:
-        return [k for k in super().keys() if k != self._hidden]
-
-    def __contains__(self, key: str) -> bool:
-        return key != self._hidden and super().__contains__(key)
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-
-def t5_source(path: str | os.PathLike) -> _TiedSource:
-    """The tensors of a T5 encoder checkpoint (file or folder), a duplicate tied embedding
-    checked and hidden; its `embed_key` is the name to give `t5_rules`."""
-    return _TiedSource(path, EMBED_KEY, EMBED_ALIAS)
+        return EMBED_KEY, {EMBED_ALIAS}
+    return (EMBED_ALIAS if EMBED_ALIAS in source else EMBED_KEY), set()
 
 
 def t5_param_shapes(model: T5Encoder) -> dict:
@@ -108,7 +74,7 @@ def t5_param_shapes(model: T5Encoder) -> dict:
 def load_t5(
     source: str | os.PathLike,
     dtype="float32",
-    progress: Callable[[Iterable], Iterable] | None = None,
+    attention_impl: str = "xla",
 ) -> tuple[T5Encoder, dict]:
     """A T5Encoder and its parameters from a transformers folder (config.json + safetensors,
     single or sharded with its index json, e.g. the hub's text_encoder_2/).
@@ -122,11 +88,8 @@ def load_t5(
         raise CheckpointError(f"{source}: expected a transformers T5 folder (config.json + safetensors)")
     cfg = T5Config.from_hf_config(source)
     dtype = jnp.dtype(dtype)
-    model = T5Encoder(cfg, dtype=dtype, param_dtype=dtype)
-    tensors = t5_source(source)
-    rules = t5_rules(cfg, tensors.embed_key)
-    flat = traverse_util.flatten_dict(load_params(tensors, rules, t5_param_shapes(model), dtype=dtype, progress=progress))
-    # Leaf by leaf, dropping each NumPy array once moved: on a CPU backend the host then holds
-    # every tensor once (plus one in flight), not twice.
-    params = {k: jax.device_put(flat.pop(k)) for k in list(flat)}
-    return model, traverse_util.unflatten_dict(params)
+    model = T5Encoder(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+    tensors = TensorSource(source)
+    embed_key, ignore = tied_embedding(tensors)
+    rules = t5_rules(cfg, embed_key)
+    return model, load_params(tensors, rules, t5_param_shapes(model), dtype=dtype, ignore=ignore)

@@ -10,10 +10,13 @@ naming the file, the key and the shape that was expected.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 from flax import traverse_util
+from tqdm.auto import tqdm
 
 from convert.safetensors_io import CheckpointError, TensorSource
 
@@ -108,7 +111,7 @@ def load_params(
     shapes: Mapping,
     dtype=None,
     strip_prefixes: Sequence[str] = (),
-    progress: Callable[[Iterable], Iterable] | None = None,
+    ignore: Iterable[str] = (),
 ) -> dict:
     """Fill a Flax parameter tree from a checkpoint through a key table.
 
@@ -117,7 +120,10 @@ def load_params(
     shapes:  the model's parameter tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape`).
     dtype:   the dtype of every leaf (None: each leaf's dtype in `shapes`).
     strip_prefixes: key prefixes some redistributions add to every key (dropped if all keys have one).
-    Returns the nested dict of NumPy arrays, same structure as `shapes`.
+    ignore:  keys (without the prefix) the caller has checked and leaves unused on purpose: a tied
+             twin, a constant buffer. Any other key the table does not read is an error.
+    Returns the nested dict of jax arrays, same structure as `shapes`. Each leaf goes to the
+    device as soon as it is filled, so the host holds one leaf at a time.
     """
     if not isinstance(source, TensorSource):
         source = TensorSource(source)
@@ -133,7 +139,7 @@ def load_params(
     file_keys = source.keys()
     prefix = strip_prefix(file_keys, strip_prefixes)
     expected = table_keys(rules)
-    unexpected = sorted(set(k[len(prefix):] for k in file_keys) - set(expected))
+    unexpected = sorted(set(k[len(prefix):] for k in file_keys) - set(expected) - set(ignore))
     missing = [k for k in expected if prefix + k not in source]
     if unexpected:
         raise CheckpointError(
@@ -157,8 +163,9 @@ def load_params(
             )
 
     out = {}
-    iterator = progress(rules) if progress else rules
-    for rule in iterator:
+    # A bar on a terminal only (disable=None): tests and logs stay quiet.
+    name = os.path.basename(os.path.normpath(source.path))
+    for rule in tqdm(rules, desc=f"loading {name}", unit="param", disable=None, leave=False):
         leaf = flat_shapes[rule.target]
         leaf_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
         arr = np.empty(leaf.shape, leaf_dtype)
@@ -168,7 +175,7 @@ def load_params(
                 arr[layer] = value
             else:
                 arr[...] = value
-        out[rule.target] = arr
+        out[rule.target] = jax.device_put(arr)
     return traverse_util.unflatten_dict(out, sep="/")
 
 

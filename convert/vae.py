@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import jax
 import jax.numpy as jnp
 
 from convert.safetensors_io import CheckpointError, TensorSource
@@ -152,5 +151,4 @@ def load_vae(source: str | os.PathLike, dtype="float32", config: AutoEncoderConf
     dt = jnp.dtype(dtype)
     model = AutoEncoder(config, dtype=dt, param_dtype=dt)
     shapes = param_shapes(model)
-    params = load_params(tensors, rules, shapes, dtype=dt, strip_prefixes=STRIP_PREFIXES)
-    return model, jax.tree_util.tree_map(jnp.asarray, params)
+    return model, load_params(tensors, rules, shapes, dtype=dt, strip_prefixes=STRIP_PREFIXES)

@@ -7,7 +7,6 @@ transformers model built on the meta device).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 

@@ -21,9 +21,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-# The package first: fluxjax/__init__ imports the converters, and each converter imports
-# fluxjax.config, so entering through convert.t5 would meet convert.t5 half-initialised.
-import fluxjax  # noqa: E402, F401
 from convert.safetensors_io import CheckpointError  # noqa: E402
 from convert.t5 import EMBED_ALIAS, EMBED_KEY, load_t5, t5_param_shapes, t5_rules  # noqa: E402
 from convert.table import TRANSFORMS, table_keys  # noqa: E402

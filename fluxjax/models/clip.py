@@ -27,7 +27,6 @@ float32.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import CLIPConfig
-from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS, constrain, dense
+from fluxjax.models.layers import constrain, dense, dot_product_attention
 
 Dtype = Any
 
@@ -79,28 +78,6 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
-    """softmax(q k^T / sqrt(d) + causal mask) v.
-
-    q, k, v: (B, L, H, d) in the compute dtype. Returns (B, L, H*d) in v's dtype.
-    "xla": float32 logits and softmax, probabilities cast to v's dtype for the second matmul
-    (as transformers does); "cudnn": jax.nn.dot_product_attention's fused kernel (NVIDIA GPUs,
-    bf16/fp16).
-    """
-    b, l, h, d = q.shape
-    if implementation == "xla":
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
-        causal = jnp.tril(jnp.ones((l, l), dtype=bool))
-        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
-    elif implementation == "cudnn":
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    else:
-        raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
-    return out.reshape(b, l, h * d)
-
-
 class CLIPAttention(nn.Module):
     """Causal multi-head self-attention.
 
@@ -112,7 +89,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    implementation: str = "xla"
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -121,7 +98,7 @@ class CLIPAttention(nn.Module):
         q = heads(dense(d, ("embed", "heads"), "q_proj", self.dtype, self.param_dtype)(x))
         k = heads(dense(d, ("embed", "heads"), "k_proj", self.dtype, self.param_dtype)(x))
         v = heads(dense(d, ("embed", "heads"), "v_proj", self.dtype, self.param_dtype)(x))
-        out = causal_attention(q, k, v, self.implementation)
+        out = dot_product_attention(q, k, v, causal=True, implementation=self.attention_impl)
         return dense(d, ("heads", "embed"), "out_proj", self.dtype, self.param_dtype)(out)
 
 
@@ -151,13 +128,13 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "xla"
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, h, _):
         cfg = self.config
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm1")(h)
-        x = CLIPAttention(cfg.num_heads, self.dtype, self.param_dtype, self.attention_implementation, name="self_attn")(x)
+        x = CLIPAttention(cfg.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(x)
         h = constrain(h + x)
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm2")(h)
         x = CLIPMLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, self.param_dtype, name="mlp")(x)
@@ -181,7 +158,7 @@ class CLIPTextEncoder(nn.Module):
     """CLIP text transformer: token ids -> (last_hidden_state, pooler_output).
 
     config: CLIPConfig (fluxjax.config). dtype: compute dtype (activations, matmul inputs);
-    param_dtype: dtype of the parameters. attention_implementation: "xla" or "cudnn".
+    param_dtype: dtype of the parameters. attention_impl: "xla" or "cudnn".
 
     __call__(input_ids):
       input_ids: (B, L) integer token ids, L <= config.max_position_embeddings (77 for CLIP-L;
@@ -197,7 +174,7 @@ class CLIPTextEncoder(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "xla"
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -232,7 +209,7 @@ class CLIPTextEncoder(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        h, _ = layers(cfg, self.dtype, self.param_dtype, self.attention_implementation, name="layers")(h, None)
+        h, _ = layers(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")(h, None)
 
         last_hidden_state = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="final_layer_norm")(h)
         pos = pooled_positions(input_ids, cfg.eos_token_id)

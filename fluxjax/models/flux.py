@@ -7,7 +7,6 @@ Module names are the BFL checkpoint keys: `double_blocks/img_attn/qkv/kernel` is
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from fluxjax.config import FluxConfig
@@ -19,7 +18,6 @@ from fluxjax.models.layers import (
     attention,
     constrain,
     dense,
-    layer_norm,
     modulate,
     rope,
     split_heads,

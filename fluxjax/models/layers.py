@@ -191,21 +191,38 @@ def split_heads(x: jax.Array, num_heads: int, parts: int) -> list[jax.Array]:
     return [x[:, :, i] for i in range(parts)]
 
 
-def attention(q, k, v, cos, sin, implementation: str = "xla") -> jax.Array:
-    """Joint attention with RoPE on q and k: softmax(q k^T / sqrt(d)) v, no mask.
+def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: float | None = None,
+                          implementation: str = "xla") -> jax.Array:
+    """softmax(scale * q k^T + bias [+ causal mask]) v: the one attention kernel of every model.
 
-    q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.
-    implementation: "xla" (any backend; float32 logits and softmax) or "cudnn" (flash
-    attention on NVIDIA GPUs).
+    q, k, v: (B, L, H, d); bias: (H, L, L) float32 or None; scale: default 1/sqrt(d) (T5 uses 1).
+    Returns (B, L, H*d) in v's dtype.
+    implementation: "xla" (any backend; float32 logits and softmax, probabilities cast to v's
+    dtype for the second matmul, as the references do) or "cudnn" (fused flash attention on
+    NVIDIA GPUs, bf16/fp16).
     """
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     b, l, h, d = q.shape
+    scale = 1 / math.sqrt(d) if scale is None else scale
     if implementation == "xla":
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            logits = logits + bias[None]
+        if causal:
+            logits = jnp.where(jnp.tril(jnp.ones((l, l), dtype=bool)), logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     elif implementation == "cudnn":
-        out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        bias = None if bias is None else bias[None].astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal, implementation="cudnn")
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
+
+
+def attention(q, k, v, cos, sin, implementation: str = "xla") -> jax.Array:
+    """FLUX joint attention: RoPE on q and k, then full (non-causal, unmasked) attention.
+
+    q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.
+    """
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return dot_product_attention(q, k, v, implementation=implementation)

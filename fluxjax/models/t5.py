@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import T5Config
-from fluxjax.models.layers import constrain, dense
+from fluxjax.models.layers import constrain, dense, dot_product_attention
 
 Dtype = Any
 
@@ -94,6 +94,7 @@ class T5Attention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
@@ -106,12 +107,8 @@ class T5Attention(nn.Module):
             return y.reshape(b, l, cfg.num_heads, cfg.d_kv)
 
         q, k, v = proj("q"), proj("k"), proj("v")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits + position_bias[None], axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
-        return dense(cfg.d_model, ("heads", "embed"), "o", self.dtype, self.param_dtype, use_bias=False)(
-            out.reshape(b, l, inner)
-        )
+        out = dot_product_attention(q, k, v, bias=position_bias, scale=1.0, implementation=self.attention_impl)
+        return dense(cfg.d_model, ("heads", "embed"), "o", self.dtype, self.param_dtype, use_bias=False)(out)
 
 
 class T5DenseGatedGelu(nn.Module):
@@ -137,11 +134,13 @@ class T5LayerSelfAttention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
         h = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
-        return x + T5Attention(self.config, self.dtype, self.param_dtype, name="SelfAttention")(h, position_bias)
+        attn = T5Attention(self.config, self.dtype, self.param_dtype, self.attention_impl, name="SelfAttention")
+        return x + attn(h, position_bias)
 
 
 class T5LayerFF(nn.Module):
@@ -167,10 +166,11 @@ class T5Block(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array):
-        x = T5LayerSelfAttention(self.config, self.dtype, self.param_dtype, name="layer_0")(x, position_bias)
+        x = T5LayerSelfAttention(self.config, self.dtype, self.param_dtype, self.attention_impl, name="layer_0")(x, position_bias)
         x = T5LayerFF(self.config, self.dtype, self.param_dtype, name="layer_1")(constrain(x))
         return constrain(x), None
 
@@ -185,6 +185,7 @@ class T5Encoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
@@ -223,5 +224,5 @@ class T5Encoder(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = blocks(cfg, self.dtype, self.param_dtype, name="block")(x, position_bias)
+        x, _ = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="block")(x, position_bias)
         return T5LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="final_layer_norm")(x)
