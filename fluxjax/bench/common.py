@@ -6,6 +6,8 @@ import statistics
 import time
 from typing import Callable
 
+import numpy as np
+
 
 def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of `fn()` in seconds; `fn` must block until its result is ready."""
@@ -27,3 +29,9 @@ def report(name: str, fluxjax_s: float, reference_s: float, reference: str = "Py
     )
     print(line, flush=True)
     return line
+
+
+def max_rel_error(ours, reference) -> float:
+    """max |ours - reference| / max |reference|: the agreement a benchmark prints beside its times."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())

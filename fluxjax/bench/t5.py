@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fluxjax.bench.common import median_time, report
+from fluxjax.bench.common import max_rel_error, median_time, report
 
 
 def main(argv=None) -> str:
@@ -75,7 +75,7 @@ def main(argv=None) -> str:
         return reference(input_ids=ids_torch).last_hidden_state
 
     ours, ref = np.asarray(run_jax()), run_torch().numpy()
-    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    err = max_rel_error(ours, ref)
     print(
         f"T5 encode, d_model {args.d_model}, {args.heads} heads x {d_kv}, {args.layers} layers, d_ff {args.d_ff}, "
         f"batch {args.batch} x {args.length} tokens, fp32 on {jax.devices()[0].platform}: "

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.bench.common import median_time, report
+from fluxjax.bench.common import max_rel_error, median_time, report
 from fluxjax.config import FluxConfig
 
 
@@ -68,7 +68,7 @@ def _small(argv_args) -> None:
 
     ours = np.asarray(compiled({"params": params}, *args))
     theirs = run_reference().numpy()
-    print(f"  max |fluxjax - diffusers| / max |diffusers| = {np.abs(ours - theirs).max() / np.abs(theirs).max():.2e}")
+    print(f"  max |fluxjax - diffusers| / max |diffusers| = {max_rel_error(ours, theirs):.2e}")
     t_ours = median_time(lambda: compiled({"params": params}, *args).block_until_ready(), argv_args.repeat)
     t_ref = median_time(run_reference, argv_args.repeat)
     report("  forward", t_ours, t_ref, "diffusers eager")

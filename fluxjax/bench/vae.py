@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from fluxjax.bench.common import median_time, report
+from fluxjax.bench.common import max_rel_error, median_time, report
 
 
 def main(argv=None) -> str:
@@ -67,7 +67,7 @@ def main(argv=None) -> str:
         return vae.decode(z / scale + shift).sample
 
     ours, ref = np.asarray(run_jax()), run_torch().permute(0, 2, 3, 1).numpy()
-    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    err = max_rel_error(ours, ref)
     side = 8 * args.latent
     print(
         f"VAE decode, widths {list(widths)}, batch {args.batch}, latent {args.latent}x{args.latent} -> "
