@@ -446,3 +446,17 @@ def test_bfl_file_confirmed_by_diffusers_single_file(tmp_path):
 
     flux, params = load_transformer(path)
     assert rel_err(flux.apply({"params": params}, *flux_args(inputs)), expected) <= FP32_TOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_kernel_in_query_blocks(causal):
+    """At 300 tokens the CPU path runs in query blocks (with a padded last block): same result."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 300, 3, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(3, 300, 300, generator=gen, dtype=torch.float64)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.3 + bias
+    if causal:
+        logits = logits.masked_fill(~torch.ones(300, 300, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v).reshape(2, 300, 48).numpy()
+    out = layers.dot_product_attention(j(q), j(k), j(v), bias=j(bias), causal=causal, scale=0.3)
+    assert rel_err(out, ref) <= 1e-6
