@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import CLIPConfig
-from fluxjax.models.layers import constrain, dense, dot_product_attention
+from fluxjax.models.layers import constrain, dense, dot_product_attention, scan_layers
 
 Dtype = Any
 
@@ -131,7 +131,7 @@ class CLIPEncoderLayer(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, h, _):
+    def __call__(self, h):
         cfg = self.config
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm1")(h)
         x = CLIPAttention(cfg.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(x)
@@ -202,14 +202,8 @@ class CLIPTextEncoder(nn.Module):
         h = token_embedding(input_ids) + position_embedding[:l].astype(self.dtype)[None]
         h = constrain(h.astype(self.dtype))
 
-        layers = nn.scan(
-            CLIPEncoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        h, _ = layers(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")(h, None)
+        layers = scan_layers(CLIPEncoderLayer, cfg.num_layers, 0)
+        h, _ = layers(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")(h)
 
         last_hidden_state = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="final_layer_norm")(h)
         pos = pooled_positions(input_ids, cfg.eos_token_id)

@@ -20,6 +20,7 @@ from fluxjax.models.layers import (
     dense,
     modulate,
     rope,
+    scan_layers,
     split_heads,
     timestep_embedding,
 )
@@ -145,18 +146,6 @@ class LastLayer(nn.Module):
         return dense(c.out_channels, ("embed", "out_features"), "linear", self.dtype, self.param_dtype)(x)
 
 
-def _stack(block: type[nn.Module], length: int):
-    """nn.scan over `length` copies of `block`: one compiled body, params on a leading axis."""
-    return nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-        length=length,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-
-
 class Flux(nn.Module):
     """FLUX.1 transformer; `apply` takes BFL `Flux.forward`'s arguments.
 
@@ -191,9 +180,9 @@ class Flux(nn.Module):
 
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         block_kw = dict(config=c, attention_impl=self.attention_impl, **kw)
-        (img, txt), _ = _stack(DoubleStreamBlock, c.depth)(name="double_blocks", **block_kw)(
+        (img, txt), _ = scan_layers(DoubleStreamBlock, c.depth, 3)(name="double_blocks", **block_kw)(
             (constrain(img), constrain(txt)), vec, cos, sin
         )
         x = jnp.concatenate([txt, img], axis=1)
-        x, _ = _stack(SingleStreamBlock, c.depth_single_blocks)(name="single_blocks", **block_kw)(x, vec, cos, sin)
+        x, _ = scan_layers(SingleStreamBlock, c.depth_single_blocks, 3)(name="single_blocks", **block_kw)(x, vec, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)

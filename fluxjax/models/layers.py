@@ -47,6 +47,22 @@ def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_d
     )
 
 
+def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
+    """nn.scan over `length` copies of `block`: one compiled body, whatever the depth.
+
+    Parameters get a leading (length,) axis named "layers". The block is called as
+    block(carry, *broadcast) -> (carry, None), the `num_broadcast` inputs shared by every layer.
+    """
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * num_broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
 def constrain(x: jax.Array) -> jax.Array:
     """Pin a (batch, length, embed) activation to the strategy's layout (a no-op without a mesh)."""
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))

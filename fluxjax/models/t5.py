@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import T5Config
-from fluxjax.models.layers import constrain, dense, dot_product_attention
+from fluxjax.models.layers import constrain, dense, dot_product_attention, scan_layers
 
 Dtype = Any
 
@@ -216,13 +216,6 @@ class T5Encoder(nn.Module):
         )(jnp.asarray(buckets))
         position_bias = jnp.transpose(bias, (2, 0, 1))  # (H, L, L)
 
-        blocks = nn.scan(
-            T5Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
+        blocks = scan_layers(T5Block, cfg.num_layers, 1)
         x, _ = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="block")(x, position_bias)
         return T5LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="final_layer_norm")(x)
