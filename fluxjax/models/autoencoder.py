@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import AutoEncoderConfig
+from fluxjax.models.layers import affine_params, standardize
 
 Dtype = Any
 
@@ -76,13 +77,10 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
-        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        scale, bias = affine_params(self, c, self.param_dtype)
+        grouped = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # spatial axes and the within-group axis
-        mean = xf.mean(axes, keepdims=True)
-        var = jnp.square(xf - mean).mean(axes, keepdims=True)
-        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = standardize(grouped, axes, self.eps).reshape(x.shape)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 

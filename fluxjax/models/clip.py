@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import CLIPConfig
-from fluxjax.models.layers import constrain, dense, dot_product_attention, scan_layers
+from fluxjax.models.layers import affine_params, constrain, dense, dot_product_attention, embedding, scan_layers, standardize
 
 Dtype = Any
 
@@ -67,14 +67,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (d,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        scale, bias = affine_params(self, x.shape[-1], self.param_dtype)
+        y = standardize(x, (-1,), self.eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -184,13 +178,8 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(
                 f"CLIP input has {l} tokens, more than max_position_embeddings={cfg.max_position_embeddings}"
             )
-        token_embedding = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            name="token_embedding",
+        token_embedding = embedding(
+            cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), "token_embedding", self.dtype, self.param_dtype, 0.02
         )
         position_embedding = self.param(
             "position_embedding",

@@ -68,12 +68,32 @@ def constrain(x: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
+def standardize(x: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) over `axes`, in float32 with a two-pass variance (as PyTorch)."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(axes, keepdims=True)
+    var = jnp.square(xf - mean).mean(axes, keepdims=True)
+    return (xf - mean) * jax.lax.rsqrt(var + eps)
+
+
+def affine_params(module: nn.Module, features: int, param_dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """A norm's `scale` (ones) and `bias` (zeros), each (features,) with logical axis "norm"."""
+    scale = module.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (features,), param_dtype)
+    bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (features,), param_dtype)
+    return scale, bias
+
+
+def embedding(num: int, features: int, axes: tuple, name: str, dtype: Dtype, param_dtype: Dtype, stddev: float):
+    """nn.Embed whose table (num, features) carries logical axis names."""
+    return nn.Embed(
+        num, features, dtype=dtype, param_dtype=param_dtype, name=name,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes),
+    )
+
+
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Non-affine LayerNorm over the last axis, statistics in float32 (two-pass, like PyTorch)."""
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return standardize(x, (-1,), eps).astype(x.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> jax.Array:
@@ -150,15 +170,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + 1e-6) in float32, cast back, times a learned `scale` (head_dim,)."""
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, times a learned `scale`.
+
+    No mean, no bias: FLUX's QK-norm (axis "head_dim") and T5's layer norm (axis "norm").
+    """
 
     eps: float = 1e-6
     param_dtype: Dtype = jnp.float32
+    axis: str = "head_dim"
 
     @nn.compact
     def __call__(self, x):
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("head_dim",)), (x.shape[-1],), self.param_dtype
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis,)), (x.shape[-1],), self.param_dtype
         )
         xf = x.astype(jnp.float32)
         normed = (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)).astype(x.dtype)

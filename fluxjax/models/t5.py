@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import T5Config
-from fluxjax.models.layers import constrain, dense, dot_product_attention, scan_layers
+from fluxjax.models.layers import RMSNorm, constrain, dense, dot_product_attention, embedding, scan_layers
 
 Dtype = Any
 
@@ -60,27 +60,6 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
     ).astype(np.int64)
     large = np.minimum(large, half - 1)
     return (buckets + np.where(is_small, dist, large)).astype(np.int32)
-
-
-class T5LayerNorm(nn.Module):
-    """T5's RMS norm: x * rsqrt(mean(x^2) + eps) * scale, no mean subtraction, no bias.
-
-    x: (..., d_model) in any float dtype; statistics in float32. Returns `dtype`.
-    """
-
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],), self.param_dtype
-        )
-        xf = x.astype(jnp.float32)
-        normed = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        # The reference rounds the normalised value to the weight's dtype before scaling.
-        return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
 class T5Attention(nn.Module):
@@ -138,7 +117,7 @@ class T5LayerSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
-        h = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
+        h = RMSNorm(self.config.layer_norm_epsilon, self.param_dtype, "norm", name="layer_norm")(x)
         attn = T5Attention(self.config, self.dtype, self.param_dtype, self.attention_impl, name="SelfAttention")
         return x + attn(h, position_bias)
 
@@ -152,7 +131,7 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, self.param_dtype, name="layer_norm")(x)
+        h = RMSNorm(self.config.layer_norm_epsilon, self.param_dtype, "norm", name="layer_norm")(x)
         return x + T5DenseGatedGelu(self.config, self.dtype, self.param_dtype, name="DenseReluDense")(h)
 
 
@@ -191,14 +170,7 @@ class T5Encoder(nn.Module):
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         cfg = self.config
         length = input_ids.shape[1]
-        x = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-            name="shared",
-        )(input_ids)
+        x = embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), "shared", self.dtype, self.param_dtype, 1.0)(input_ids)
         x = constrain(x)
 
         # One table lookup for all layers: transformers computes the bias in block 0 and
@@ -206,16 +178,12 @@ class T5Encoder(nn.Module):
         buckets = relative_position_buckets(
             length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
         )
-        bias = nn.Embed(
-            cfg.relative_attention_num_buckets,
-            cfg.num_heads,
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads")),
-            name="relative_attention_bias",
+        bias = embedding(
+            cfg.relative_attention_num_buckets, cfg.num_heads, (None, "heads"), "relative_attention_bias",
+            jnp.float32, self.param_dtype, 1.0,
         )(jnp.asarray(buckets))
         position_bias = jnp.transpose(bias, (2, 0, 1))  # (H, L, L)
 
         blocks = scan_layers(T5Block, cfg.num_layers, 1)
         x, _ = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="block")(x, position_bias)
-        return T5LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name="final_layer_norm")(x)
+        return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, "norm", name="final_layer_norm")(x)
