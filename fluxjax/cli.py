@@ -1,36 +1,50 @@
-"""The `fluxjax` command line. Exit 0 on success; on bad input, non-zero with a one-line reason."""
+"""The `fluxjax` command line. Exit 0 on success; on bad input, non-zero with a one-line reason.
+
+Each command lives in its own module of fluxjax/commands/ with `HELP`, `add_arguments(parser)`
+and `run(args) -> int`; modules are imported only when their command runs, so `fluxjax --help`
+stays fast and a command's heavy imports never slow another.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-BENCHMARKS = ("transformer", "t5", "vae")
+from fluxjax.errors import UsageError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "bench": ("fluxjax.commands.bench", "time fluxjax against the PyTorch reference in the same run"),
+}
+
+DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = COMMANDS
     parser = argparse.ArgumentParser(prog="fluxjax", description="FLUX.1 in JAX/Flax.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser(
-        "bench", help="time fluxjax against the PyTorch reference in the same run (needs the test extra)",
-        description="Run a benchmark; `fluxjax bench NAME --help` lists its options.",
-    )
-    bench.add_argument("name", choices=BENCHMARKS + ("all",))
-    bench.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
-    args = parser.parse_args(argv)
-
-    if args.command == "bench":
-        names = BENCHMARKS if args.name == "all" else (args.name,)
-        for name in names:
-            try:
-                module = importlib.import_module(f"fluxjax.bench.{name}")
-            except ImportError as e:
-                print(f"fluxjax bench {name}: {e.name} is not installed; install the test extra: "
-                      "pip install 'fluxjax[test]'", file=sys.stderr)
-                return 2
-            module.main(args.options)
-    return 0
+    parser.add_argument("command", choices=sorted(commands), help="; ".join(f"{n}: {h}" for n, (_, h) in commands.items()))
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        parser.parse_args(argv[:1])  # prints help or the "invalid choice" error and exits
+    name = argv[0]
+    module = importlib.import_module(commands[name][0])
+    sub = argparse.ArgumentParser(prog=f"fluxjax {name}", description=commands[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fluxjax {name}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fluxjax {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""One module per `fluxjax` command: `HELP`, `add_arguments(parser)`, `run(args) -> int`."""

@@ -1,0 +1,5 @@
+"""Errors meant for people: each names the file, key or argument at fault and what was expected."""
+
+
+class UsageError(ValueError):
+    """Bad input from the user (an argument, a size, a missing folder); the CLI prints it in one line."""
