@@ -1,6 +1,6 @@
 """Prompt tokenization: fluxjax's ids are the ids diffusers' FluxPipeline feeds its encoders.
 
-The tokenizers are built locally by tests/tokenizer_fixtures.py. The reference is a real
+The tokenizers are built locally by fluxjax/tiny_tokenizers.py. The reference is a real
 diffusers FluxPipeline loaded from the same folders; its text encoders are replaced by stubs
 that record the ids `encode_prompt` passes them, so the reference is the pipeline's own
 tokenizer calls, not a copy of them.
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fluxjax.text import PromptTokenizer, PromptTruncatedWarning, encode_prompts, encode_prompts_jit
-from tokenizer_fixtures import make_tokenizers  # tests/ is on sys.path (pytest rootdir-less test dir)
+from fluxjax.tiny_tokenizers import make_tokenizers
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

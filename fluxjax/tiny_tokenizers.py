@@ -1,4 +1,4 @@
-"""Small tokenizers in the hub's FLUX layout, built locally (nothing is downloaded).
+"""Small tokenizers in the hub's FLUX layout, trained locally: the `tiny` preset's and the tests'.
 
 `make_tokenizers(root)` writes
   root/tokenizer/    CLIP byte-level BPE: vocab.json, merges.txt, tokenizer_config.json,

@@ -1,0 +1,371 @@
+"""FluxPipeline: prompt -> T5 + CLIP -> jitted Euler loop over the transformer -> VAE -> images.
+
+Three compiled functions, each compiled once per shape and reused: text encoding (per batch
+size and T5 length), denoising (per batch, size and number of steps; latents, text, schedule
+and guidance are arguments), decoding (per batch and size). A new seed, prompt or guidance of
+a known shape runs without compiling; JAX's persistent cache (fluxjax.cache) keeps the
+executables across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax import sampling
+from fluxjax.cache import enable_compilation_cache
+from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.errors import UsageError
+from fluxjax.models.autoencoder import AutoEncoder
+from fluxjax.models.clip import CLIPTextEncoder
+from fluxjax.models.flux import Flux
+from fluxjax.models.t5 import T5Encoder
+from fluxjax.text import PromptTokenizer, encode_prompts_jit
+
+HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What `pipe(...)` uses for an argument left at None."""
+
+    num_steps: int
+    guidance: float | None
+    max_sequence_length: int
+    height: int = 1024
+    width: int = 1024
+
+
+# dev vs schnell is read from the checkpoint: a guidance embedding means a guidance-distilled
+# (dev-like) model. The tiny preset is sized for a CPU smoke test.
+DEFAULTS = {
+    "dev": Defaults(num_steps=28, guidance=3.5, max_sequence_length=512),
+    "schnell": Defaults(num_steps=4, guidance=None, max_sequence_length=256),
+    "tiny": Defaults(num_steps=4, guidance=3.5, max_sequence_length=64, height=256, width=256),
+}
+
+
+@dataclass
+class Component:
+    """A linen module with its parameters."""
+
+    model: Any
+    params: Any
+
+
+class FluxPipeline:
+    """Text to image with FLUX.1. Build with `FluxPipeline.from_pretrained(...)`, call with a prompt.
+
+    Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
+    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), defaults (Defaults), name (str),
+    timings (seconds of each stage of the last call: encode, denoise, decode).
+    """
+
+    def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
+                 tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str):
+        _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config)
+        self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
+        self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
+        self.defaults = DEFAULTS[kind]
+        self.timings: dict[str, float] = {}
+
+    # --- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = "tiny", dtype="bfloat16", sharding=None,
+                        transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
+                        attention_impl: str = "xla") -> "FluxPipeline":
+        """Load a pipeline.
+
+        source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
+            text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, scheduler/), as
+            `huggingface_hub.snapshot_download` leaves it; a hub repo id (downloaded with
+            huggingface_hub when the network allows); or "tiny" (random weights, no files).
+        dtype: parameters and compute of every model ("bfloat16" or "float32").
+        sharding: must be None (one device) until sharding strategies land.
+        transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
+            those components of `source`.
+        attention_impl: "xla" or "cudnn" (GPU flash attention).
+        """
+        if sharding is not None:
+            raise UsageError(f"sharding={sharding!r}: sharding strategies are not available yet; use sharding=None")
+        enable_compilation_cache()
+        dtype = jnp.dtype(dtype)
+        if os.fspath(source) == "tiny":
+            if transformer is not None or vae is not None:
+                raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
+            return cls._tiny(dtype, attention_impl)
+        root = _resolve_source(os.fspath(source))
+        return cls._from_folder(root, dtype, transformer, vae, attention_impl)
+
+    @classmethod
+    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl) -> "FluxPipeline":
+        from convert.clip import load_clip
+        from convert.flux import load_transformer
+        from convert.t5 import load_t5
+        from convert.vae import load_vae
+
+        needed = [f for f in HUB_FOLDERS if not (f == "transformer" and transformer_file) and not (f == "vae" and vae_file)]
+        missing = [f for f in needed if not os.path.isdir(os.path.join(root, f))]
+        if missing:
+            raise UsageError(f"{root}: not a FLUX pipeline folder, missing {', '.join(m + '/' for m in missing)} "
+                             "(expected the hub's diffusers layout)")
+        for label, path in (("transformer", transformer_file), ("vae", vae_file)):
+            if path is not None and not os.path.isfile(path):
+                raise UsageError(f"{label}={os.fspath(path)!r}: no such file (expected a BFL .safetensors file)")
+        t = Component(*load_transformer(transformer_file or os.path.join(root, "transformer"), dtype, attention_impl=attention_impl))
+        kind = "dev" if t.model.config.guidance_embed else "schnell"
+        scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
+        schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
+        return cls(
+            transformer=t,
+            t5=Component(*load_t5(os.path.join(root, "text_encoder_2"), dtype, attention_impl=attention_impl)),
+            clip=Component(*load_clip(os.path.join(root, "text_encoder"), dtype, attention_impl=attention_impl)),
+            vae=Component(*load_vae(vae_file or os.path.join(root, "vae"), dtype)),
+            tokenizer=PromptTokenizer.from_folder(root),
+            schedule=schedule,
+            kind=kind,
+            name=os.path.basename(os.path.normpath(transformer_file or root)),
+        )
+
+    @classmethod
+    def _tiny(cls, dtype, attention_impl) -> "FluxPipeline":
+        """Small random models and locally trained tokenizers: for demos and tests, not images."""
+        from fluxjax.tiny_tokenizers import make_tokenizers
+
+        with tempfile.TemporaryDirectory() as folder:
+            make_tokenizers(folder)
+            tokenizer = PromptTokenizer.from_folder(folder)
+        kw = dict(dtype=dtype, param_dtype=dtype)
+        models = {
+            "transformer": Flux(FluxConfig.preset("tiny"), attention_impl=attention_impl, **kw),
+            "t5": T5Encoder(T5Config.preset("tiny"), attention_impl=attention_impl, **kw),
+            "clip": CLIPTextEncoder(CLIPConfig.preset("tiny"), attention_impl=attention_impl, **kw),
+            "vae": AutoEncoder(AutoEncoderConfig.preset("tiny"), **kw),
+        }
+        params = _init_tiny(models)
+        components = {k: Component(models[k], params[k]) for k in models}
+        return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny")
+
+    # --- generation ------------------------------------------------------------------------
+
+    def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
+                 num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
+                 latents=None, max_sequence_length: int | None = None, output: str = "pil",
+                 progress: bool = False):
+        """Generate one image per prompt.
+
+        prompt: a string or a list of B strings (with `latents` of batch B, one string is used B times).
+        height, width: pixels, multiples of 16 (default: the model's, 1024x1024; from `latents`
+            when those are given).
+        num_steps, guidance, max_sequence_length: default to the model's (schnell: 4, no
+            guidance, T5 length 256; dev: 28, 3.5, 512). Guidance is refused by models without
+            a guidance embedding.
+        seed: an int s (image i uses seed s + i) or a list of B ints; image i's noise depends on
+            its own seed only.
+        latents: initial noise (B, 16, H/8, W/8) (NCHW, as `torch.randn` gives it) instead of seeds.
+        output: "np" -> float32 array (B, H, W, 3) in [0, 1]; "pil" -> list of PIL images.
+        progress: show a progress bar over the stages and steps (on a terminal).
+        """
+        if output not in ("np", "pil"):
+            raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
+        d = self.defaults
+        prompts, noise, height, width = self._inputs(prompt, height, width, seed, latents)
+        num_steps = d.num_steps if num_steps is None else num_steps
+        guidance = self._guidance(guidance)
+        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        batch = len(prompts)
+        sigmas = self.schedule.sigmas(num_steps, (height // 16) * (width // 16))
+
+        from tqdm.auto import tqdm
+
+        with tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
+            start = time.perf_counter()
+            t5_ids, clip_ids = self.tokenizer(prompts, max_sequence_length)
+            txt, vec = self.encode(t5_ids, clip_ids)
+            txt.block_until_ready()
+            self.timings = {"encode": time.perf_counter() - start}
+            bar.update(1)
+
+            bar.set_description(f"denoising ({num_steps} steps)")
+            start = time.perf_counter()
+            img = sampling.pack(noise)
+            with sampling.step_callback(lambda i: bar.update(1)):
+                latents_out = sampling.denoise(
+                    self.transformer.model, self.transformer.params, img,
+                    sampling.image_ids(batch, height, width), txt, sampling.text_ids(batch, txt.shape[1]), vec,
+                    sigmas, None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
+                    report_steps=bool(progress),
+                )
+                latents_out.block_until_ready()
+            self.timings["denoise"] = time.perf_counter() - start
+            if not progress:
+                bar.update(num_steps)
+
+            bar.set_description("decoding")
+            start = time.perf_counter()
+            images = np.asarray(self.decode(latents_out, height, width))
+            self.timings["decode"] = time.perf_counter() - start
+            bar.update(1)
+        if output == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray(u8) for u8 in to_uint8(images)]
+
+    def encode(self, t5_ids, clip_ids):
+        """Token ids (B, L) and (B, 77) -> txt (B, L, context_dim), vec (B, vec_dim) in the transformer's dtype."""
+        return encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params,
+                                  t5_ids, clip_ids, self.transformer.model.dtype)
+
+    def decode(self, packed: jax.Array, height: int, width: int) -> jax.Array:
+        """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1]."""
+        return _decode(self.vae.model, self.vae.params, packed, height, width)
+
+    def _inputs(self, prompt, height, width, seed, latents):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise UsageError("no prompt given")
+        if latents is not None:
+            latents = np.asarray(latents, np.float32) if not isinstance(latents, jax.Array) else latents
+            if latents.ndim != 4 or latents.shape[1] != sampling.LATENT_CHANNELS:
+                raise UsageError(f"latents must have shape (B, 16, H/8, W/8), got {tuple(latents.shape)}")
+            size = (latents.shape[2] * 8, latents.shape[3] * 8)
+            if (height, width) != (None, None) and (height or size[0], width or size[1]) != size:
+                raise UsageError(f"latents of shape {tuple(latents.shape)} are for {size[0]}x{size[1]} images, "
+                                 f"not height={height}, width={width}")
+            height, width = size
+            if isinstance(prompt, str):
+                prompts = prompts * latents.shape[0]
+            if len(prompts) != latents.shape[0]:
+                raise UsageError(f"{len(prompts)} prompts but latents for {latents.shape[0]} images")
+        height = self.defaults.height if height is None else height
+        width = self.defaults.width if width is None else width
+        sampling.check_size(height, width)
+        if latents is None:
+            seeds = _seeds(seed, len(prompts))
+            latents = sampling.noise(seeds, height, width)
+        return prompts, jnp.asarray(latents, jnp.float32), height, width
+
+    def _guidance(self, guidance):
+        if not self.transformer.model.config.guidance_embed:
+            if guidance is not None:
+                raise UsageError(f"{self.name} ({self.kind}) has no guidance embedding: leave guidance unset")
+            return None
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)):
+            raise UsageError(f"guidance must be a number, got {guidance!r}")
+        return float(guidance)
+
+
+@partial(jax.jit, static_argnames=("model", "height", "width"))
+def _decode(model: AutoEncoder, params, packed, height: int, width: int):
+    latents = sampling.unpack(packed, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    pixels = model.apply({"params": params}, latents, method="decode")
+    return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) float in [0, 1] -> uint8, rounded to nearest as diffusers' numpy_to_pil does."""
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _seeds(seed, batch: int) -> list[int]:
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [int(seed) + i for i in range(batch)]
+    seeds = list(seed)
+    if len(seeds) != batch or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+        raise UsageError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
+    return [int(s) for s in seeds]
+
+
+def _default_schedule(kind: str) -> sampling.Schedule:
+    return sampling.Schedule.schnell() if kind == "schnell" else sampling.Schedule.dev()
+
+
+def _resolve_source(source: str) -> str:
+    """A local folder as is; otherwise a hub repo id through huggingface_hub."""
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source):
+        raise UsageError(f"{source}: expected a pipeline folder (the hub's diffusers layout), not a file; "
+                         "pass a BFL transformer file as transformer=")
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise UsageError(f"{source}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError(f"{source}: no such folder (and huggingface_hub is not installed to download it)") from None
+    try:
+        return snapshot_download(source)
+    except Exception as e:  # network, auth, unknown repo: all are the user's to fix
+        raise UsageError(f"{source}: no such folder, and downloading it from the hub failed: {e}") from None
+
+
+def local_schnell() -> str | None:
+    """The FLUX.1-schnell snapshot in the local hub cache, or None (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(SCHNELL_REPO, local_files_only=True)
+    except Exception:  # not cached, or huggingface_hub missing: the caller falls back to tiny
+        return None
+
+
+def _init_tiny(models: dict) -> dict:
+    """Random parameters for the tiny models, drawn with NumPy from fixed seeds (the same on every
+    machine): kernels N(0, 1/fan_in), norm scales 1, biases 0. Shapes come from `jax.eval_shape`;
+    compiling the models' `init` instead would take longer than a tiny image."""
+    t = models["transformer"].config
+    f = jnp.float32
+    dummy = {
+        "transformer": (jnp.zeros((1, 4, t.in_channels), f), jnp.zeros((1, 4, 3), f), jnp.zeros((1, 2, t.context_in_dim), f),
+                        jnp.zeros((1, 2, 3), f), jnp.zeros((1,), f), jnp.zeros((1, t.vec_in_dim), f), jnp.zeros((1,), f)),
+        "t5": (jnp.zeros((1, 2), jnp.int32),),
+        "clip": (jnp.zeros((1, 2), jnp.int32),),
+        "vae": (jnp.zeros((1, 8, 8, 3), f),),
+    }
+    out = {}
+    for seed, (name, model) in enumerate(models.items()):
+        rng = np.random.default_rng(seed)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), *dummy[name])["params"]
+
+        def draw(path, leaf):
+            names = getattr(leaf, "names", None) or ()
+            leaf = nn.meta.unbox(leaf)
+            kind = path[-1].key
+            if kind == "scale":
+                value = np.ones(leaf.shape, np.float32)
+            elif kind == "bias" or leaf.ndim < 2:
+                value = np.zeros(leaf.shape, np.float32)
+            else:
+                fan_in = int(np.prod([d for d, n in zip(leaf.shape[:-1], names) if n != "layers"]))
+                value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+            return jnp.asarray(value, leaf.dtype)
+
+        out[name] = jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return out
+
+
+def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig) -> None:
+    problems = []
+    if t.context_in_dim != t5.d_model:
+        problems.append(f"transformer context_in_dim {t.context_in_dim} != T5 d_model {t5.d_model}")
+    if t.vec_in_dim != clip.hidden_size:
+        problems.append(f"transformer vec_in_dim {t.vec_in_dim} != CLIP hidden_size {clip.hidden_size}")
+    if t.in_channels != vae.z_channels * 4:
+        problems.append(f"transformer in_channels {t.in_channels} != 4 x VAE z_channels {vae.z_channels}")
+    if vae.downsample_factor != 8:
+        problems.append(f"VAE downsamples by {vae.downsample_factor}, FLUX needs 8")
+    if problems:
+        raise UsageError("components do not fit together: " + "; ".join(problems))

@@ -1,0 +1,234 @@
+"""Rectified-flow sampling for FLUX (FLUX_REFERENCE.md section 4): noise, 2x2 packing, position
+ids, the timestep schedule and the jitted Euler loop.
+
+Flow convention: x_t = (1 - t) x_0 + t eps; the transformer predicts v = eps - x_0, and the loop
+integrates from t = 1 (noise) to t = 0 (image): x <- x + (t_prev - t_curr) v.
+
+Sizes: images are H x W pixels, multiples of 16; latents are (B, 16, H/8, W/8) (NCHW, as
+`torch.randn` gives them, so noise can be exchanged with other implementations); packed
+latents are (B, (H/16)(W/16), 64), token index row-major, feature index c*4 + ph*2 + pw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax.errors import UsageError
+
+LATENT_CHANNELS = 16
+PATCH = 2  # latents are packed in 2x2 patches
+PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2
+
+
+def check_size(height: int, width: int) -> None:
+    """Raise UsageError unless height and width are positive multiples of 16.
+
+    fluxjax refuses other sizes instead of rounding them down as BFL does (or up, as diffusers'
+    latent shape does): a silently different size would break a batch or a comparison.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < PIXELS_PER_TOKEN:
+            raise UsageError(f"{name} must be an integer >= {PIXELS_PER_TOKEN}, got {value!r}")
+        if value % PIXELS_PER_TOKEN:
+            lower = value // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+            raise UsageError(
+                f"{name} {value} is not a multiple of {PIXELS_PER_TOKEN}; use {lower} or {lower + PIXELS_PER_TOKEN}"
+            )
+
+
+def latent_shape(batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(B, 16, H/8, W/8): the shape of the initial noise for an H x W image."""
+    check_size(height, width)
+    return (batch, LATENT_CHANNELS, height // 8, width // 8)
+
+
+def noise(seeds, height: int, width: int) -> jax.Array:
+    """Initial latents (B, 16, H/8, W/8) float32, one standard normal draw per seed.
+
+    seeds: a sequence of B ints. Image i depends only on seeds[i], so an image comes out the same
+    whether it is generated alone or in any batch.
+    """
+    _, c, h, w = latent_shape(1, height, width)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
+    return jax.vmap(lambda k: jax.random.normal(jax.random.wrap_key_data(k), (c, h, w), jnp.float32))(keys)
+
+
+def pack(latents: jax.Array) -> jax.Array:
+    """(B, C, h, w) -> (B, (h/2)(w/2), C*4): 2x2 patches, feature index c*4 + ph*2 + pw."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH)
+    x = x.transpose(0, 2, 4, 1, 3, 5)  # b, row, col, c, ph, pw
+    return x.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
+
+
+def unpack(x: jax.Array, height: int, width: int) -> jax.Array:
+    """(B, (H/16)(W/16), C*4) -> (B, C, H/8, W/8), the inverse of `pack` for an H x W image."""
+    b, _, f = x.shape
+    rows, cols, c = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN, f // (PATCH * PATCH)
+    x = x.reshape(b, rows, cols, c, PATCH, PATCH).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, rows * PATCH, cols * PATCH)
+
+
+def image_ids(batch: int, height: int, width: int) -> np.ndarray:
+    """(B, (H/16)(W/16), 3) float32 position ids (index 0, row, col) of the packed image tokens."""
+    rows, cols = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+    ids = np.zeros((rows, cols, 3), np.float32)
+    ids[..., 1] = np.arange(rows)[:, None]
+    ids[..., 2] = np.arange(cols)[None, :]
+    return np.broadcast_to(ids.reshape(1, rows * cols, 3), (batch, rows * cols, 3))
+
+
+def text_ids(batch: int, length: int) -> np.ndarray:
+    """(B, L_txt, 3) float32 zeros: text tokens carry no position in FLUX's RoPE."""
+    return np.zeros((batch, length, 3), np.float32)
+
+
+# --- schedule ---------------------------------------------------------------------------------
+
+# Options of diffusers' FlowMatchEulerDiscreteScheduler that change the schedule in ways FLUX's
+# checkpoints never use; a config that sets one is refused rather than silently ignored.
+_UNSUPPORTED_SCHEDULER_OPTIONS = (
+    "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "stochastic_sampling",
+)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the timesteps are shifted; the fields of the hub's scheduler/scheduler_config.json.
+
+    use_dynamic_shifting: resolution-dependent shift (dev): mu on the line through
+        (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), then
+        t <- e^mu / (e^mu + (1/t - 1)) ("exponential") or mu / (mu + (1/t - 1)) ("linear").
+    Otherwise the static shift t <- shift t / (1 + (shift - 1) t) (schnell: shift 1, identity).
+    """
+
+    use_dynamic_shifting: bool = True
+    shift: float = 1.0
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+
+    def __post_init__(self):
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise UsageError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+
+    @classmethod
+    def dev(cls) -> "Schedule":
+        """BFL's shifted schedule (every FLUX.1 model except schnell)."""
+        return cls(use_dynamic_shifting=True)
+
+    @classmethod
+    def schnell(cls) -> "Schedule":
+        """No shift: linspace(1, 0, steps + 1)."""
+        return cls(use_dynamic_shifting=False, shift=1.0)
+
+    @classmethod
+    def from_config(cls, source: str | os.PathLike | Mapping[str, Any]) -> "Schedule":
+        """From a FlowMatchEulerDiscreteScheduler config: a dict, a scheduler_config.json, or its folder."""
+        if isinstance(source, Mapping):
+            cfg, where = dict(source), "scheduler config"
+        else:
+            where = os.fspath(source)
+            if os.path.isdir(where):
+                where = os.path.join(where, "scheduler_config.json")
+            with open(where) as f:
+                cfg = json.load(f)
+        cls_name = cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if cls_name != "FlowMatchEulerDiscreteScheduler":
+            raise UsageError(f"{where}: scheduler {cls_name!r} is not supported (FLUX uses FlowMatchEulerDiscreteScheduler)")
+        for key in _UNSUPPORTED_SCHEDULER_OPTIONS:
+            if cfg.get(key):
+                raise UsageError(f"{where}: scheduler option {key}={cfg[key]!r} is not supported by fluxjax")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in cfg.items() if k in names and v is not None}
+        return cls(**values)
+
+    def mu(self, image_seq_len: int) -> float:
+        """The dynamic shift for `image_seq_len` packed image tokens (extrapolated past the ends)."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * m + (self.base_shift - m * self.base_image_seq_len)
+
+    def sigmas(self, num_steps: int, image_seq_len: int) -> np.ndarray:
+        """(num_steps + 1,) float32 timesteps from 1 down to 0 (the final 0 included).
+
+        Computed in float64 and rounded once, so they are the exact values of BFL's formula.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise UsageError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        t = np.linspace(1.0, 0.0, num_steps + 1)
+        inner = t[1:-1]  # t = 1 and t = 0 are fixed points of every shift
+        if self.use_dynamic_shifting:
+            mu = self.mu(image_seq_len)
+            a = math.exp(mu) if self.time_shift_type == "exponential" else mu
+            inner = a / (a + (1.0 / inner - 1.0))
+        else:
+            inner = self.shift * inner / (1.0 + (self.shift - 1.0) * inner)
+        t[1:-1] = inner
+        return t.astype(np.float32)
+
+
+# --- the denoising loop -----------------------------------------------------------------------
+
+# Host function called after each step of a `report_steps=True` loop. A module global, not a
+# context variable: XLA runs host callbacks on its own threads.
+_STEP_CALLBACK: list[Callable[[int], None] | None] = [None]
+
+
+def _report_step(i) -> None:
+    callback = _STEP_CALLBACK[0]
+    if callback is not None:
+        callback(int(i))
+
+
+@contextlib.contextmanager
+def step_callback(callback: Callable[[int], None]):
+    """Within this context, `callback(step_index)` runs on the host after each step of a
+    `denoise(..., report_steps=True)` call (e.g. to advance a progress bar)."""
+    previous, _STEP_CALLBACK[0] = _STEP_CALLBACK[0], callback
+    try:
+        yield
+    finally:
+        _STEP_CALLBACK[0] = previous
+
+
+def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False):
+    """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps, as one `lax.fori_loop`.
+
+    model:    a `fluxjax.models.flux.Flux` (static); params its parameters.
+    img:      (B, L_img, 64) packed initial latents; kept in float32 across steps (both
+              references round them to bf16 after each step in bf16 runs; float32 is more exact).
+    img_ids (B, L_img, 3), txt (B, L_txt, context_dim), txt_ids (B, L_txt, 3), vec (B, vec_dim).
+    sigmas:   (N + 1,) float32 schedule; N = number of steps (a shape, so static under jit).
+    guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
+    report_steps: call the host step callback after each step (see `step_callback`).
+    Returns (B, L_img, 64) float32 final latents.
+    """
+    batch = img.shape[0]
+
+    def step(i, x):
+        t_curr, t_prev = sigmas[i], sigmas[i + 1]
+        t_vec = jnp.full((batch,), t_curr, jnp.float32)
+        pred = model.apply({"params": params}, x, img_ids, txt, txt_ids, t_vec, vec, guidance)
+        x = x + (t_prev - t_curr) * pred.astype(jnp.float32)
+        if report_steps:
+            jax.debug.callback(_report_step, i)
+        return x
+
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img.astype(jnp.float32))
+
+
+denoise = jax.jit(euler_loop, static_argnames=("model", "report_steps"))
+"""`euler_loop` compiled once per model and shape: latents, text, vectors, sigmas and guidance are
+arguments, so a new seed, prompt, guidance or schedule of the same length reuses the executable."""
