@@ -16,6 +16,7 @@ from fluxjax.errors import UsageError
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "generate": ("fluxjax.commands.generate", "generate an image from a prompt"),
     "bench": ("fluxjax.commands.bench", "time fluxjax against the PyTorch reference in the same run"),
 }
 

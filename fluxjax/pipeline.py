@@ -293,15 +293,22 @@ def _default_schedule(kind: str) -> sampling.Schedule:
     return sampling.Schedule.schnell() if kind == "schnell" else sampling.Schedule.dev()
 
 
-def _resolve_source(source: str) -> str:
-    """A local folder as is; otherwise a hub repo id through huggingface_hub."""
-    if os.path.isdir(source):
-        return source
+def check_source(source: str) -> None:
+    """Raise UsageError unless `source` is "tiny", a folder, or shaped like a hub repo id ("org/name")."""
+    if source == "tiny" or os.path.isdir(source):
+        return
     if os.path.exists(source):
         raise UsageError(f"{source}: expected a pipeline folder (the hub's diffusers layout), not a file; "
                          "pass a BFL transformer file as transformer=")
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise UsageError(f"{source}: no such folder")
+
+
+def _resolve_source(source: str) -> str:
+    """A local folder as is; otherwise a hub repo id through huggingface_hub."""
+    check_source(source)
+    if os.path.isdir(source):
+        return source
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

@@ -35,14 +35,17 @@ def check_size(height: int, width: int) -> None:
     fluxjax refuses other sizes instead of rounding them down as BFL does (or up, as diffusers'
     latent shape does): a silently different size would break a batch or a comparison.
     """
-    for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < PIXELS_PER_TOKEN:
-            raise UsageError(f"{name} must be an integer >= {PIXELS_PER_TOKEN}, got {value!r}")
-        if value % PIXELS_PER_TOKEN:
-            lower = value // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
-            raise UsageError(
-                f"{name} {value} is not a multiple of {PIXELS_PER_TOKEN}; use {lower} or {lower + PIXELS_PER_TOKEN}"
-            )
+    check_dimension("height", height)
+    check_dimension("width", width)
+
+
+def check_dimension(name: str, value: int) -> None:
+    """Raise UsageError naming `name` unless `value` is a positive multiple of 16."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < PIXELS_PER_TOKEN:
+        raise UsageError(f"{name} must be an integer >= {PIXELS_PER_TOKEN}, got {value!r}")
+    if value % PIXELS_PER_TOKEN:
+        lower = value // PIXELS_PER_TOKEN * PIXELS_PER_TOKEN
+        raise UsageError(f"{name} {value} is not a multiple of {PIXELS_PER_TOKEN}; use {lower} or {lower + PIXELS_PER_TOKEN}")
 
 
 def latent_shape(batch: int, height: int, width: int) -> tuple[int, int, int, int]:

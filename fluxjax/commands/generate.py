@@ -1,0 +1,112 @@
+"""`fluxjax generate PROMPT [--model SRC] [--out FILE] [...]`: one image (or a few) from a prompt.
+
+The PNG carries its recipe in text chunks (prompt, seed, steps, guidance, size, model), and is
+written under a temporary name and renamed, so FILE is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from fluxjax.errors import UsageError
+from fluxjax.sampling import check_dimension
+
+TINY_NOTICE = (
+    "using the tiny preset: a small model with RANDOM weights, so the image is noise. For real images, "
+    "download FLUX.1-schnell on a machine with network (huggingface_hub.snapshot_download("
+    "'black-forest-labs/FLUX.1-schnell')) and pass --model PATH (or leave it in the hub cache)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--model", default=None,
+                        help="a hub-layout folder, a hub repo id, or 'tiny' (default: FLUX.1-schnell from the local "
+                             "hub cache when present, else tiny)")
+    parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors) replacing the model's")
+    parser.add_argument("--vae", default=None, help="a BFL autoencoder file (ae.safetensors) replacing the model's")
+    parser.add_argument("--out", default="flux.png", help="the PNG to write (default: flux.png)")
+    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="attention kernel")
+
+
+def _check(args) -> None:
+    """Everything that can be checked before minutes of loading."""
+    from fluxjax.pipeline import check_source
+
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check_dimension(f"--{name}", getattr(args, name))
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out {args.out}: the output is a PNG, give a name ending in .png")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {args.out}: folder {folder} does not exist")
+    if args.model is not None:
+        check_source(args.model)
+    for name in ("transformer", "vae"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{name} {path}: no such file")
+
+
+def run(args) -> int:
+    from fluxjax.pipeline import FluxPipeline, local_schnell
+
+    _check(args)
+    model = args.model
+    if model is None:
+        model = local_schnell() or "tiny"
+    if model == "tiny":
+        print(f"fluxjax generate: {TINY_NOTICE}", file=sys.stderr)
+
+    start = time.perf_counter()
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, transformer=args.transformer, vae=args.vae,
+                                        attention_impl=args.attention)
+    timings = {"load": time.perf_counter() - start}
+    (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
+                    seed=args.seed, output="pil", progress=True)
+    timings.update(pipe.timings)
+
+    start = time.perf_counter()
+    steps = args.steps or pipe.defaults.num_steps
+    guidance = None if not pipe.transformer.model.config.guidance_embed else (
+        pipe.defaults.guidance if args.guidance is None else args.guidance)
+    save_png(image, args.out, {
+        "prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
+        "guidance": "none" if guidance is None else f"{guidance:g}",
+        "size": f"{image.width}x{image.height}", "model": pipe.name, "software": "fluxjax",
+    })
+    timings["save"] = time.perf_counter() - start
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) in "
+          f"{sum(timings.values()):.1f} s: {stages}", file=sys.stderr)
+    return 0
+
+
+def save_png(image, path: str, text: dict[str, str]) -> None:
+    """Write `image` (PIL) to `path` with `text` as PNG text chunks, atomically (temp name, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
