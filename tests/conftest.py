@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile small shapes; keep them out of the user's persistent cache (tested on its own).
+os.environ.setdefault("FLUXJAX_COMPILATION_CACHE", "off")
 
 import numpy as np
 import pytest

@@ -1,0 +1,76 @@
+"""A whole FLUX pipeline in the hub's diffusers layout, small and random, made by diffusers itself.
+
+`make_hub_pipeline(root, kind)` builds diffusers' FluxPipeline from small random components
+(transformer, VAE, CLIP, T5, locally trained tokenizers, the hub's scheduler config for dev or
+schnell), saves it with `save_pretrained(root)` and returns it, so tests compare fluxjax with the
+reference on exactly the files fluxjax loads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers
+from conftest import randomize_
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from fluxjax.tiny_tokenizers import make_tokenizers
+
+TEXT_WIDTH = 32  # T5 d_model = transformer joint_attention_dim; CLIP width = pooled_projection_dim
+VOCAB = 1000  # above both tokenizers' vocabularies
+
+# The hub's scheduler_config.json of each model (FLUX_REFERENCE.md 4.2).
+SCHEDULERS = {
+    "dev": dict(use_dynamic_shifting=True, shift=3.0, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(use_dynamic_shifting=False, shift=1.0, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096),
+}
+TRANSFORMERS = {
+    "dev": dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=3,
+                axes_dims_rope=(4, 6, 6), guidance_embeds=True),
+    "schnell": dict(num_layers=1, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
+                    axes_dims_rope=(4, 6, 6), guidance_embeds=False),
+}
+
+
+def make_hub_pipeline(root: str | os.PathLike, kind: str, seed: int = 0) -> FluxPipeline:
+    """Save a small random FLUX pipeline of `kind` ("dev" or "schnell") under root; return it (fp32, eval)."""
+    root = os.fspath(root)
+    make_tokenizers(root)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+        **TRANSFORMERS[kind],
+    )
+    randomize_(transformer, seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    # Default init: keeps the decoded pixels mostly inside [-1, 1], so the comparison is not
+    # hidden by the final clamp.
+    torch.manual_seed(seed)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, eos_token_id=2, bos_token_id=0, pad_token_id=1,
+    ))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=VOCAB, d_model=TEXT_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    ))
+    randomize_(clip, seed + 1)
+    randomize_(t5, seed + 2)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[kind]),
+        vae=vae.eval(),
+        text_encoder=clip.eval(),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(os.path.join(root, "tokenizer")),
+        text_encoder_2=t5.eval(),
+        tokenizer_2=transformers.T5TokenizerFast.from_pretrained(os.path.join(root, "tokenizer_2")),
+        transformer=transformer.eval(),
+    )
+    pipe.save_pretrained(root)
+    return pipe
