@@ -14,13 +14,15 @@ from diffusers import FluxTransformer2DModel
 from flax.core import meta
 from safetensors.torch import save_file
 
-from conftest import randomize_, rel_err
+from conftest import rel_err
+
 from convert.flux import bfl_rules, diffusers_rules, load_transformer, param_shapes
 from convert.safetensors_io import CheckpointError
 from convert.table import key_shapes, table_keys
 from fluxjax.config import ConfigError, FluxConfig
 from fluxjax.models import layers
 from fluxjax.models.flux import DoubleStreamBlock, Flux, LastLayer, SingleStreamBlock
+from fluxjax.reference import randomize_
 
 FP32_TOL = 1e-5  # x max|reference|: what the issue asks; diffusers itself is within 5e-7 of float64
 

@@ -1,5 +1,7 @@
-"""A whole FLUX pipeline in the hub's diffusers layout, small and random, made by diffusers itself.
+"""PyTorch reference models with random weights, for the tests and the benchmarks (needs the
+`test` extra: torch, diffusers).
 
+`randomize_(module)` gives a module weights of the scale trained ones have.
 `make_hub_pipeline(root, kind)` builds diffusers' FluxPipeline from small random components
 (transformer, VAE, CLIP, T5, locally trained tokenizers, the hub's scheduler config for dev or
 schnell), saves it with `save_pretrained(root)` and returns it, so tests compare fluxjax with the
@@ -10,9 +12,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import transformers
-from conftest import randomize_
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from fluxjax.tiny_tokenizers import make_tokenizers
@@ -35,13 +37,38 @@ TRANSFORMERS = {
 }
 
 
-def make_hub_pipeline(root: str | os.PathLike, kind: str, seed: int = 0) -> FluxPipeline:
-    """Save a small random FLUX pipeline of `kind` ("dev" or "schnell") under root; return it (fp32, eval)."""
+def randomize_(module, seed: int = 0) -> None:
+    """Give a PyTorch module random weights of the scale trained weights have.
+
+    Matrices and kernels: N(0, 1/fan_in) (variance-preserving, as FLUX's trained weights are);
+    norm scales: 1 + N(0, 0.3^2); every other vector (biases, norm shifts): N(0, 0.3^2).
+    Zero or identity init would hide layout bugs (a swapped half of zeros is still zeros).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim >= 2:
+                fan_in = int(np.prod(p.shape[1:]))
+                value = noise / fan_in**0.5
+            elif name.endswith(("weight", "scale")):  # a vector weight is a norm's scale
+                value = 1 + 0.3 * noise
+            else:
+                value = 0.3 * noise
+            p.copy_(value.to(p.dtype))
+
+
+def make_hub_pipeline(root: str | os.PathLike, kind: str, seed: int = 0, **transformer) -> FluxPipeline:
+    """Save a small random FLUX pipeline of `kind` ("dev" or "schnell") under root; return it (fp32, eval).
+
+    transformer: FluxTransformer2DModel arguments replacing the kind's small defaults (e.g. a
+    wider model for a benchmark).
+    """
     root = os.fspath(root)
     make_tokenizers(root)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
-        **TRANSFORMERS[kind],
+        **{**TRANSFORMERS[kind], **transformer},
     )
     randomize_(transformer, seed)
     vae = AutoencoderKL(
