@@ -1,0 +1,99 @@
+"""`fluxjax bench pipeline`: a denoising step of fluxjax's FluxPipeline against diffusers'
+FluxPipeline on the same small random hub folder, size and noise, in the same run; and the
+end-to-end time of one tiny-model image from a fresh process, compilation included.
+
+A step's time is the difference between runs of two step counts, divided by the difference,
+so text encoding and decoding cancel out. Needs the test extra (torch, diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from fluxjax.bench.common import median_time
+
+FEW, MANY = 2, 6  # step counts whose difference gives the time of a step
+
+
+def _per_step(run, repeat: int) -> float:
+    """Seconds per denoising step of `run(num_steps)` (which must block until done)."""
+    few = median_time(lambda: run(FEW), repeat=repeat)
+    many = median_time(lambda: run(MANY), repeat=repeat)
+    return (many - few) / (MANY - FEW)
+
+
+def _steps(args) -> None:
+    import torch
+    from diffusers import FluxPipeline as DiffusersFluxPipeline
+
+    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.reference import make_hub_pipeline
+
+    torch.set_num_threads(args.threads)
+    head_dim = args.hidden // args.heads
+    rope = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)  # FLUX's 16/56/56 split of 128
+    h = w = args.size
+    prompts = ["a photo of a cat sitting on a red sofa"] * args.batch
+    with tempfile.TemporaryDirectory() as root:
+        reference = make_hub_pipeline(root, "dev", num_layers=args.double, num_single_layers=args.single,
+                                      attention_head_dim=head_dim, num_attention_heads=args.heads, axes_dims_rope=rope)
+        ours = FluxPipeline.from_pretrained(root, dtype="float32")
+    noise = torch.randn(args.batch, 16, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
+    packed = DiffusersFluxPipeline._pack_latents(noise, args.batch, 16, h // 8, w // 8)
+    common = dict(max_sequence_length=args.t5_length)
+
+    def run_reference(steps):
+        with torch.no_grad():
+            return reference(prompt=prompts, height=h, width=w, num_inference_steps=steps, latents=packed,
+                             guidance_scale=3.5, output_type="np", **common).images
+
+    def run_fluxjax(steps):
+        return ours(prompts, num_steps=steps, guidance=3.5, latents=noise.numpy(), output="np", **common)
+
+    reference.set_progress_bar_config(disable=True)
+    error = float(np.abs(run_fluxjax(MANY) - run_reference(MANY)).max())
+    tokens = (h // 16) * (w // 16)
+    print(f"pipeline step: hidden {args.hidden} ({args.heads} heads), {args.double}+{args.single} blocks, "
+          f"{h}x{w} ({tokens} image + {args.t5_length} text tokens), batch {args.batch}, float32, "
+          f"{args.threads} threads; max pixel difference {error:.1e}", flush=True)
+    theirs_s = _per_step(run_reference, args.repeat)
+    ours_s = _per_step(run_fluxjax, args.repeat)
+    print(f"  per denoising step: fluxjax {ours_s * 1e3:.1f} ms (jit, one fori_loop), diffusers FluxPipeline "
+          f"{theirs_s * 1e3:.1f} ms (eager); fluxjax faster by {theirs_s / ours_s:.2f}x (target >= 1.3x)", flush=True)
+
+
+def _end_to_end(args) -> None:
+    """One tiny image from a fresh process, compile included (persistent cache off)."""
+    env = {**os.environ, "FLUXJAX_COMPILATION_CACHE": "off", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "generate", "a photo of a cat", "--model", "tiny",
+                              "--out", os.path.join(folder, "tiny.png")], capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+    if run.returncode:
+        raise RuntimeError(f"fluxjax generate failed:\n{run.stderr}")
+    stages = run.stderr.strip().splitlines()[-1]
+    print(f"tiny image end to end (fresh process, compile included, 256x256, 4 steps): {wall:.1f} s\n  {stages}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="fluxjax bench pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--double", type=int, default=2)
+    parser.add_argument("--single", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--t5-length", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="PyTorch threads")
+    args = parser.parse_args(argv)
+    _steps(args)
+    _end_to_end(args)
