@@ -9,13 +9,14 @@ import importlib
 from convert.safetensors_io import CheckpointError
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, ConfigError, FluxConfig, T5Config
 
-# The loaders live in convert/, which imports fluxjax's models: resolved on first use, so that
-# importing either package first works.
+# The loaders live in convert/, which imports fluxjax's models, and the pipeline imports them all:
+# resolved on first use, so that importing either package first works and `import fluxjax` is light.
 _LOADERS = {
     "load_transformer": "convert.flux",
     "load_t5": "convert.t5",
     "load_clip": "convert.clip",
     "load_vae": "convert.vae",
+    "FluxPipeline": "fluxjax.pipeline",
 }
 
 
