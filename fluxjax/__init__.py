@@ -11,7 +11,7 @@ from fluxjax.config import AutoEncoderConfig, CLIPConfig, ConfigError, FluxConfi
 
 # The loaders live in convert/, which imports fluxjax's models, and the pipeline imports them all:
 # resolved on first use, so that importing either package first works and `import fluxjax` is light.
-_LOADERS = {
+_LAZY = {
     "load_transformer": "convert.flux",
     "load_t5": "convert.t5",
     "load_clip": "convert.clip",
@@ -21,12 +21,12 @@ _LOADERS = {
 
 
 def __getattr__(name):
-    if name in _LOADERS:
-        return getattr(importlib.import_module(_LOADERS[name]), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fluxjax' has no attribute {name!r}")
 
 
 __all__ = [
     "FluxConfig", "AutoEncoderConfig", "T5Config", "CLIPConfig", "ConfigError", "CheckpointError",
-    *_LOADERS,
+    *_LAZY,
 ]
