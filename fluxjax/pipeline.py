@@ -187,7 +187,7 @@ class FluxPipeline:
         batch = len(prompts)
         sigmas = self.schedule.sigmas(num_steps, (height // 16) * (width // 16))
 
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         with tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
             start = time.perf_counter()
