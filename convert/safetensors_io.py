@@ -64,6 +64,13 @@ class _File:
             raise CheckpointError(
                 f"{path}: truncated: the header describes {self.data_start + end} bytes, the file has {size}"
             )
+        for key, e in header.items():
+            begin, stop = e["data_offsets"]
+            if e["dtype"] in DTYPES and stop - begin != int(np.prod(e["shape"])) * DTYPES[e["dtype"]].itemsize:
+                raise CheckpointError(
+                    f"{path}: corrupt: tensor {key!r} ({e['dtype']} {e['shape']}) spans {stop - begin} bytes, "
+                    f"expected {int(np.prod(e['shape'])) * DTYPES[e['dtype']].itemsize}"
+                )
         self._mmap = None
 
     def read(self, key: str) -> np.ndarray:
@@ -135,6 +142,14 @@ class TensorSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._files[self._key_file[key]].entries[key]["shape"])
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype name as safetensors spells it ("BF16", "F32", ...)."""
+        return self._files[self._key_file[key]].entries[key]["dtype"]
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self._files[self._key_file[key]].entries[key]["data_offsets"]
+        return end - begin
 
     def read(self, key: str) -> np.ndarray:
         return self._files[self._key_file[key]].read(key)
