@@ -27,7 +27,7 @@ from convert.clip import load_clip
 from convert.flux import load_transformer
 from convert.t5 import load_t5
 from convert.vae import load_vae
-from fluxjax.checkpoint import flat
+from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.cli import main
 from fluxjax.config import AutoEncoderConfig
 from test_t5 import CONFIG_A, hf_config
@@ -163,6 +163,17 @@ def test_bfl_file_and_ae_file(hub, tmp_path, monkeypatch):
     assert_bit_identical(load_vae(tmp_path / "ae", dtype="bfloat16")[1], load_vae(files / "ae.safetensors", dtype="bfloat16")[1])
 
 
+def test_params_in_memory_saved_as_a_component(hub, tmp_path):
+    """checkpoint.save_params + write_marker: what a fine-tuning run writes; the loader reads it back."""
+    root, _ = hub
+    model, params = load_clip(root / "text_encoder", dtype="bfloat16")
+    save_params(tmp_path / PARAMS, params)
+    write_marker(str(tmp_path), "clip", model.config, "bfloat16")
+    assert_bit_identical(load_clip(tmp_path, dtype="bfloat16")[1], params)
+    with pytest.raises(ValueError, match=r"fluxjax.json: holds a 'clip' component, expected 't5'"):
+        load_t5(tmp_path)
+
+
 def _edited(src, dst, edit):
     tensors = np_load_file(str(src))
     edit(tensors)
@@ -281,7 +292,7 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 import flax.linen as nn
-from fluxjax.checkpoint import flat
+from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
 from convert.flux import load_transformer, param_shapes
 from convert.t5 import load_t5, t5_param_shapes
 
