@@ -52,13 +52,13 @@ STAGING = ".converting-"  # DST + STAGING + pid: where a conversion writes befor
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", overwrite: bool = False,
-            progress: bool | None = None) -> list[str]:
+            progress: bool | None = None) -> dict[str, str]:
     """Convert `src` (see the module docstring) into Orbax component folders at `dst`.
 
     dtype:     the stored dtype of every parameter ("bfloat16" or "float32").
     overwrite: replace an existing `dst` (only once the new one is complete).
     progress:  show a byte progress bar (None: only on a terminal).
-    Returns the component subfolders written ("." for a single component).
+    Returns {subfolder of dst written ("." for a single component): the model kind it holds}.
     Raises CheckpointError / ConfigError (ValueError) naming the file and key, FileExistsError
     if `dst` exists without `overwrite`; on any failure `dst` is untouched.
     """
@@ -74,7 +74,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
         for rel in copies:
             source, target = os.path.join(src, rel), os.path.join(tmp, rel)
             (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
-    return [rel for rel, _ in jobs]
+    return {rel: plan.kind for rel, plan in jobs}
 
 
 def inventory(src: str, dtype) -> tuple[list[tuple[str, Plan]], list[str]]:

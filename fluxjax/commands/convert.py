@@ -28,5 +28,5 @@ def run(args) -> int:
         raise
     except (ValueError, OSError) as e:
         raise ValueError(f"{e} ({left})") from e
-    print(f"wrote {args.dst}: {', '.join(written)}")
+    print(f"wrote {args.dst}: " + ", ".join(f"{rel} ({kind})" for rel, kind in written.items()))
     return 0
