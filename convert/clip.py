@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import Rule, linear, load_params
+from convert.table import Plan, Rule, linear
+from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import CLIPConfig
 from fluxjax.models.clip import CLIPTextEncoder
 
@@ -85,27 +86,42 @@ def param_shapes(model: CLIPTextEncoder, seq_len: int | None = None) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
+def clip_plan(source: str | os.PathLike, dtype: Any = "float32", attention_impl: str = "xla") -> Plan:
+    """The conversion plan of a transformers CLIPTextModel folder (or its safetensors file)."""
+    source = os.fspath(source)
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
+    cfg = CLIPConfig.from_hf_config(folder)
+    model, shapes = _build(cfg, dtype, attention_impl)
+    tensors = TensorSource(source)
+    ignore = frozenset(_position_ids(tensors, cfg))
+    return Plan("clip", model, cfg, tensors, clip_rules(cfg), shapes, (PREFIX,), ignore)
+
+
+def _build(cfg: CLIPConfig, dtype, attention_impl: str):
+    dt = jnp.dtype(dtype)
+    model = CLIPTextEncoder(cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl)
+    return model, param_shapes(model)
+
+
 def load_clip(
     source: str | os.PathLike,
     dtype: Any = "float32",
     attention_impl: str = "xla",
+    sharding: ShardingFn | None = None,
 ) -> tuple[CLIPTextEncoder, dict]:
-    """Load a transformers CLIPTextModel folder (the hub's `text_encoder/`).
+    """Load a transformers CLIPTextModel folder (the hub's `text_encoder/`), or the text_encoder/
+    component folder `fluxjax convert` wrote.
 
     source: a folder with config.json and model.safetensors (or a sharded index); dtype: the
     dtype of the parameters and of the computation ("float32" or "bfloat16").
+    sharding: a callable from the boxed abstract params to a matching tree of Shardings
+    (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
     Returns (model, params): `model.apply({"params": params}, ids)` gives
     (last_hidden_state (B, L, D), pooler_output (B, D)). Params are jax arrays of `dtype`,
     read straight from the file into the shapes `jax.eval_shape` gives (never initialised).
     """
-    source = os.fspath(source)
-    folder = source if os.path.isdir(source) else os.path.dirname(source)
-    cfg = CLIPConfig.from_hf_config(folder)
-    dt = jnp.dtype(dtype)
-    model = CLIPTextEncoder(cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl)
-    tensors = TensorSource(source)
-    params = load_params(
-        tensors, clip_rules(cfg), param_shapes(model), dtype=dt, strip_prefixes=(PREFIX,),
-        ignore=_position_ids(tensors, cfg),
-    )
-    return model, params
+    if is_component(source):
+        build = lambda cfg: _build(cfg, dtype, attention_impl)  # noqa: E731
+        return restore_component(source, "clip", CLIPConfig, build, jnp.dtype(dtype), sharding)
+    plan = clip_plan(source, dtype, attention_impl)
+    return plan.model, plan.load(jnp.dtype(dtype), sharding)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import LAYER, Rule, fused_linear, linear, load_params, strip_prefix
+from convert.table import LAYER, Plan, Rule, fused_linear, linear, strip_prefix
+from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import FluxConfig
 from fluxjax.models.flux import Flux
 
@@ -159,16 +160,9 @@ def config_from_bfl(source: TensorSource) -> FluxConfig:
         raise CheckpointError(f"{source.path}: not a BFL FLUX transformer file (no key {e.args[0]!r})") from None
 
 
-def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None, attention_impl: str = "xla"):
-    """Load a FLUX transformer checkpoint into `(model, params)`.
-
-    source: a diffusers transformer folder (config.json + safetensors, sharded or not) or a BFL
-            single .safetensors file (config inferred from its shapes unless `config` is given).
-    dtype:  parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
-    Returns the linen `Flux` module and its params (nested dict of jax arrays, stacked blocks).
-    """
+def transformer_plan(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None, attention_impl: str = "xla") -> Plan:
+    """The conversion plan of a diffusers transformer folder or a BFL single .safetensors file."""
     path = os.fspath(source)
-    dtype = jnp.dtype(dtype)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path}: a transformer folder needs config.json (diffusers layout)")
@@ -180,5 +174,39 @@ def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxCon
         rules, prefixes = bfl_rules(cfg), BFL_PREFIXES
     else:
         raise CheckpointError(f"{path}: no such file or folder")
+    model, shapes = _build(cfg, dtype, attention_impl)
+    return Plan("flux", model, cfg, tensors, rules, shapes, prefixes)
+
+
+def _build(cfg: FluxConfig, dtype, attention_impl: str):
+    dtype = jnp.dtype(dtype)
     model = Flux(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-    return model, load_params(tensors, rules, param_shapes(model), dtype, prefixes)
+    return model, param_shapes(model)
+
+
+def load_transformer(
+    source: str | os.PathLike,
+    dtype="float32",
+    config: FluxConfig | None = None,
+    attention_impl: str = "xla",
+    sharding: ShardingFn | None = None,
+):
+    """Load a FLUX transformer checkpoint into `(model, params)`.
+
+    source:   a diffusers transformer folder (config.json + safetensors, sharded or not), a BFL
+              single .safetensors file (config inferred from its shapes unless `config` is given),
+              or what `fluxjax convert` wrote: a transformer component folder, or the converted
+              hub folder holding one in transformer/.
+    dtype:    parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
+    sharding: a callable from the boxed abstract params to a matching tree of Shardings
+              (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+    Returns the linen `Flux` module and its params (nested dict of jax arrays, stacked blocks).
+    """
+    path = os.fspath(source)
+    if not is_component(path) and is_component(os.path.join(path, "transformer")):
+        path = os.path.join(path, "transformer")
+    if is_component(path):
+        build = lambda cfg: _build(config or cfg, dtype, attention_impl)  # noqa: E731
+        return restore_component(path, "flux", FluxConfig, build, jnp.dtype(dtype), sharding)
+    plan = transformer_plan(path, dtype, config, attention_impl)
+    return plan.model, plan.load(jnp.dtype(dtype), sharding)

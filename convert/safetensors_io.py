@@ -1,8 +1,9 @@
 """Read safetensors checkpoints one tensor at a time, without torch.
 
 A `TensorSource` covers one `.safetensors` file, a folder holding one, or a sharded folder with
-its `*.safetensors.index.json`. Tensors are memory-mapped and copied out one at a time, so the
-host never holds more than the tensor being converted. bf16 (and fp8) come back as the
+its `*.safetensors.index.json`. Tensors are read one at a time with plain reads (a memory map
+would keep every page it touched resident, so the process would grow to the file's size), so
+the host never holds more than the tensor being converted. bf16 (and fp8) come back as the
 ml_dtypes NumPy types, which safetensors' own NumPy loader cannot produce.
 """
 
@@ -64,17 +65,26 @@ class _File:
             raise CheckpointError(
                 f"{path}: truncated: the header describes {self.data_start + end} bytes, the file has {size}"
             )
-        self._mmap = None
+        for key, e in header.items():
+            begin, stop = e["data_offsets"]
+            if e["dtype"] in DTYPES and stop - begin != int(np.prod(e["shape"])) * DTYPES[e["dtype"]].itemsize:
+                raise CheckpointError(
+                    f"{path}: corrupt: tensor {key!r} ({e['dtype']} {e['shape']}) spans {stop - begin} bytes, "
+                    f"expected {int(np.prod(e['shape'])) * DTYPES[e['dtype']].itemsize}"
+                )
 
     def read(self, key: str) -> np.ndarray:
         entry = self.entries[key]
         if entry["dtype"] not in DTYPES:
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = entry["data_offsets"]
-        raw = self._mmap[self.data_start + begin : self.data_start + end]
-        return np.array(raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"]))  # a copy: the map can close
+        out = np.empty(entry["shape"], DTYPES[entry["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            got = f.readinto(out.reshape(-1).view(np.uint8))
+        if got != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {key!r} ends after {got} of {end - begin} bytes: the file shrank")
+        return out
 
 
 class TensorSource:
@@ -135,6 +145,14 @@ class TensorSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._files[self._key_file[key]].entries[key]["shape"])
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype name as safetensors spells it ("BF16", "F32", ...)."""
+        return self._files[self._key_file[key]].entries[key]["dtype"]
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self._files[self._key_file[key]].entries[key]["data_offsets"]
+        return end - begin
 
     def read(self, key: str) -> np.ndarray:
         return self._files[self._key_file[key]].read(key)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import LAYER, Rule, linear, load_params
+from convert.table import LAYER, Plan, Rule, linear
+from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import T5Config
 from fluxjax.models.t5 import T5Encoder
 
@@ -71,25 +72,42 @@ def t5_param_shapes(model: T5Encoder) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def load_t5(
-    source: str | os.PathLike,
-    dtype="float32",
-    attention_impl: str = "xla",
-) -> tuple[T5Encoder, dict]:
-    """A T5Encoder and its parameters from a transformers folder (config.json + safetensors,
-    single or sharded with its index json, e.g. the hub's text_encoder_2/).
-
-    dtype: parameters and activations ("float32", "bfloat16", ...). The parameters are read
-    straight from the file into the shapes `jax.eval_shape` gives, never initialised first.
-    Returns (model, params), params a nested dict of jax arrays for `model.apply({"params": params}, ids)`.
-    """
+def t5_plan(source: str | os.PathLike, dtype="float32", attention_impl: str = "xla") -> Plan:
+    """The conversion plan of a transformers T5 folder (config.json + safetensors, e.g. text_encoder_2/)."""
     source = os.fspath(source)
     if not os.path.isdir(source):
         raise CheckpointError(f"{source}: expected a transformers T5 folder (config.json + safetensors)")
     cfg = T5Config.from_hf_config(source)
-    dtype = jnp.dtype(dtype)
-    model = T5Encoder(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+    model, shapes = _build(cfg, dtype, attention_impl)
     tensors = TensorSource(source)
     embed_key, ignore = tied_embedding(tensors)
-    rules = t5_rules(cfg, embed_key)
-    return model, load_params(tensors, rules, t5_param_shapes(model), dtype=dtype, ignore=ignore)
+    return Plan("t5", model, cfg, tensors, t5_rules(cfg, embed_key), shapes, ignore=frozenset(ignore))
+
+
+def _build(cfg: T5Config, dtype, attention_impl: str):
+    dtype = jnp.dtype(dtype)
+    model = T5Encoder(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+    return model, t5_param_shapes(model)
+
+
+def load_t5(
+    source: str | os.PathLike,
+    dtype="float32",
+    attention_impl: str = "xla",
+    sharding: ShardingFn | None = None,
+) -> tuple[T5Encoder, dict]:
+    """A T5Encoder and its parameters from a transformers folder (config.json + safetensors,
+    single or sharded with its index json, e.g. the hub's text_encoder_2/), or from the
+    text_encoder_2/ component folder `fluxjax convert` wrote.
+
+    dtype: parameters and activations ("float32", "bfloat16", ...). The parameters are read
+    straight from the file into the shapes `jax.eval_shape` gives, never initialised first.
+    sharding: a callable from the boxed abstract params to a matching tree of Shardings
+    (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+    Returns (model, params), params a nested dict of jax arrays for `model.apply({"params": params}, ids)`.
+    """
+    if is_component(source):
+        build = lambda cfg: _build(cfg, dtype, attention_impl)  # noqa: E731
+        return restore_component(source, "t5", T5Config, build, jnp.dtype(dtype), sharding)
+    plan = t5_plan(source, dtype, attention_impl)
+    return plan.model, plan.load(jnp.dtype(dtype), sharding)

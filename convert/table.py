@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
@@ -75,6 +74,38 @@ class Rule:
         return [k for i in range(self.layers) for k in self.keys(i)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything needed to fill one model's parameters from one checkpoint, checked or not yet read.
+
+    kind:   "flux", "vae", "t5" or "clip" (the component an Orbax folder records).
+    model:  the linen module; config: its config dataclass; shapes: its boxed abstract params.
+    The rest are `load_params`' arguments.
+    """
+
+    kind: str
+    model: Any
+    config: Any
+    source: TensorSource
+    rules: Sequence[Rule]
+    shapes: Mapping
+    strip_prefixes: Sequence[str] = ()
+    ignore: frozenset = frozenset()
+
+    def load(self, dtype=None, sharding=None) -> dict:
+        """The parameter tree of jax arrays (see `load_params`)."""
+        return load_params(self.source, self.rules, self.shapes, dtype, self.strip_prefixes, self.ignore, sharding)
+
+    def leaves(self, dtype=None, progress=None) -> Iterator[tuple[str, np.ndarray]]:
+        """(Flax path, host array) one at a time (see `iter_leaves`)."""
+        return iter_leaves(self.source, self.rules, self.shapes, dtype, self.strip_prefixes, self.ignore, progress)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the table reads (the prefix already resolved)."""
+        prefix = strip_prefix(self.source.keys(), self.strip_prefixes)
+        return sum(self.source.nbytes(prefix + k) for k in table_keys(self.rules) if prefix + k in self.source)
+
+
 def linear(target: str, source: str, layers: int = 0, bias: bool = True) -> list[Rule]:
     """The kernel and bias rules of one nn.Linear -> nn.Dense."""
     rules = [Rule(f"{target}/kernel", (f"{source}.weight",), "linear", layers=layers)]
@@ -105,6 +136,9 @@ def strip_prefix(keys: list[str], prefixes: Sequence[str]) -> str:
     return ""
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be stored as (fp8 needs scales)
+
+
 def load_params(
     source: TensorSource | str,
     rules: Sequence[Rule],
@@ -112,6 +146,7 @@ def load_params(
     dtype=None,
     strip_prefixes: Sequence[str] = (),
     ignore: Iterable[str] = (),
+    sharding=None,
 ) -> dict:
     """Fill a Flax parameter tree from a checkpoint through a key table.
 
@@ -122,12 +157,71 @@ def load_params(
     strip_prefixes: key prefixes some redistributions add to every key (dropped if all keys have one).
     ignore:  keys (without the prefix) the caller has checked and leaves unused on purpose: a tied
              twin, a constant buffer. Any other key the table does not read is an error.
+    sharding: a callable from the boxed `shapes` tree to a matching tree of jax.sharding.Sharding
+             (fluxjax.checkpoint.ShardingFn); each device is sent only its slice. None: one device.
     Returns the nested dict of jax arrays, same structure as `shapes`. Each leaf goes to the
     device as soon as it is filled, so the host holds one leaf at a time.
+    """
+    from fluxjax.checkpoint import leaf_shardings, place
+
+    shardings = leaf_shardings(shapes, sharding)
+    out = {
+        target: place(value, shardings[target])
+        for target, value in iter_leaves(source, rules, shapes, dtype, strip_prefixes, ignore)
+    }
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def iter_leaves(
+    source: TensorSource | str,
+    rules: Sequence[Rule],
+    shapes: Mapping,
+    dtype=None,
+    strip_prefixes: Sequence[str] = (),
+    ignore: Iterable[str] = (),
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(Flax path, host array) for every leaf of the table, one at a time; arguments as `load_params`.
+
+    Every check (keys, shapes, dtypes) runs before the first tensor is read. A stacked leaf is
+    filled block by block into one array of its final shape, never through a second copy.
+    progress: called with the bytes of each tensor once it is read.
     """
     if not isinstance(source, TensorSource):
         source = TensorSource(source)
     flat_shapes = traverse_util.flatten_dict(_unbox(shapes), sep="/")
+    prefix = check_source(source, rules, flat_shapes, strip_prefixes, ignore)
+    # A bar on a terminal only (disable=None): tests and logs stay quiet. The converter has its own.
+    name = os.path.basename(os.path.normpath(source.path))
+    bar = tqdm(rules, desc=f"loading {name}", unit="param", disable=True if progress else None, leave=False)
+    for rule in bar:
+        leaf = flat_shapes[rule.target]
+        arr = np.empty(leaf.shape, np.dtype(dtype if dtype is not None else leaf.dtype))
+        for layer in range(rule.layers) if rule.layers else [None]:
+            value = _read_rule(source, prefix, rule, layer)
+            if rule.layers:
+                arr[layer] = value
+            else:
+                arr[...] = value
+            if progress:
+                progress(sum(source.nbytes(prefix + k) for k in rule.keys(layer)))
+            del value
+        yield rule.target, arr
+        del arr
+
+
+def check_source(
+    source: TensorSource,
+    rules: Sequence[Rule],
+    flat_shapes: Mapping,
+    strip_prefixes: Sequence[str] = (),
+    ignore: Iterable[str] = (),
+) -> str:
+    """Check a checkpoint against a table without reading a tensor; return the prefix to strip.
+
+    Raises CheckpointError on an unexpected or missing key, a wrong shape or a non-float dtype,
+    naming the file, the key and what was expected.
+    """
     targets = [r.target for r in rules]
     if sorted(targets) != sorted(flat_shapes) or len(set(targets)) != len(targets):
         # A table that does not match its own model is a bug in fluxjax, not in the user's file.
@@ -161,22 +255,13 @@ def load_params(
                 f"{source.where(prefix + key)}: tensor {prefix + key!r} has shape {list(got)}, "
                 f"expected {list(want)} (for parameter {target})"
             )
-
-    out = {}
-    # A bar on a terminal only (disable=None): tests and logs stay quiet.
-    name = os.path.basename(os.path.normpath(source.path))
-    for rule in tqdm(rules, desc=f"loading {name}", unit="param", disable=None, leave=False):
-        leaf = flat_shapes[rule.target]
-        leaf_dtype = np.dtype(dtype if dtype is not None else leaf.dtype)
-        arr = np.empty(leaf.shape, leaf_dtype)
-        for layer in range(rule.layers) if rule.layers else [None]:
-            value = _read_rule(source, prefix, rule, layer)
-            if rule.layers:
-                arr[layer] = value
-            else:
-                arr[...] = value
-        out[rule.target] = jax.device_put(arr)
-    return traverse_util.unflatten_dict(out, sep="/")
+        stored = source.dtype(prefix + key)
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{source.where(prefix + key)}: tensor {prefix + key!r} has dtype {stored}, "
+                f"expected one of {', '.join(FLOAT_DTYPES)} (for parameter {target})"
+            )
+    return prefix
 
 
 def source_shapes(rule: Rule, leaf_shape: tuple) -> list[tuple[int, ...]]:

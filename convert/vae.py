@@ -19,7 +19,8 @@ from typing import Iterator
 import jax.numpy as jnp
 
 from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import Rule, load_params
+from convert.table import Plan, Rule
+from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import AutoEncoderConfig
 
 # Prefixes some redistributions put before every VAE key (SD-style single files, ComfyUI).
@@ -118,21 +119,8 @@ def _resolve_folder(path: str) -> str:
     return path
 
 
-def load_vae(source: str | os.PathLike, dtype="float32", config: AutoEncoderConfig | None = None):
-    """Load the FLUX VAE from a checkpoint, strictly (every key used, every parameter filled).
-
-    source: a diffusers `AutoencoderKL` folder (config.json + one safetensors file, or sharded
-            with an index; a pipeline folder holding vae/ also works), or a single .safetensors
-            file in BFL (`ae.safetensors`) or diffusers layout, told apart by its keys.
-    dtype:  parameter and compute dtype ("float32" or "bfloat16", or a NumPy/JAX dtype).
-    config: the AutoEncoderConfig; default: the folder's config.json, for a single file the
-            "flux" preset.
-    Returns (model, params): an `AutoEncoder` and its parameter tree of jax arrays, read
-    straight from the file into shapes from `jax.eval_shape` (nothing is randomly initialised).
-    Raises CheckpointError naming the file and key on a missing or extra key or a wrong shape.
-    """
-    from fluxjax.models.autoencoder import AutoEncoder, param_shapes
-
+def vae_plan(source: str | os.PathLike, dtype="float32", config: AutoEncoderConfig | None = None) -> Plan:
+    """The conversion plan of a diffusers AutoencoderKL folder or a single VAE .safetensors file."""
     path = os.fspath(source)
     if os.path.isdir(path):
         path = _resolve_folder(path)
@@ -148,7 +136,44 @@ def load_vae(source: str | os.PathLike, dtype="float32", config: AutoEncoderConf
     tensors = TensorSource(path)
     layout = "diffusers" if _is_diffusers_layout(tensors.keys()) else "bfl"
     rules = diffusers_vae_rules(config) if layout == "diffusers" else bfl_vae_rules(config)
+    model, shapes = _build(config, dtype)
+    return Plan("vae", model, config, tensors, rules, shapes, STRIP_PREFIXES)
+
+
+def _build(cfg: AutoEncoderConfig, dtype):
+    from fluxjax.models.autoencoder import AutoEncoder, param_shapes
+
     dt = jnp.dtype(dtype)
-    model = AutoEncoder(config, dtype=dt, param_dtype=dt)
-    shapes = param_shapes(model)
-    return model, load_params(tensors, rules, shapes, dtype=dt, strip_prefixes=STRIP_PREFIXES)
+    model = AutoEncoder(cfg, dtype=dt, param_dtype=dt)
+    return model, param_shapes(model)
+
+
+def load_vae(
+    source: str | os.PathLike,
+    dtype="float32",
+    config: AutoEncoderConfig | None = None,
+    sharding: ShardingFn | None = None,
+):
+    """Load the FLUX VAE from a checkpoint, strictly (every key used, every parameter filled).
+
+    source: a diffusers `AutoencoderKL` folder (config.json + one safetensors file, or sharded
+            with an index; a pipeline folder holding vae/ also works), a single .safetensors
+            file in BFL (`ae.safetensors`) or diffusers layout, told apart by its keys, or the
+            vae component folder `fluxjax convert` wrote (or the converted hub folder holding it).
+    dtype:  parameter and compute dtype ("float32" or "bfloat16", or a NumPy/JAX dtype).
+    config: the AutoEncoderConfig; default: the folder's config.json, for a single file the
+            "flux" preset.
+    sharding: a callable from the boxed abstract params to a matching tree of Shardings
+            (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+    Returns (model, params): an `AutoEncoder` and its parameter tree of jax arrays, read
+    straight from the file into shapes from `jax.eval_shape` (nothing is randomly initialised).
+    Raises CheckpointError naming the file and key on a missing or extra key or a wrong shape.
+    """
+    path = os.fspath(source)
+    if not is_component(path) and is_component(os.path.join(path, "vae")):
+        path = os.path.join(path, "vae")
+    if is_component(path):
+        build = lambda cfg: _build(config or cfg, dtype)  # noqa: E731
+        return restore_component(path, "vae", AutoEncoderConfig, build, jnp.dtype(dtype), sharding)
+    plan = vae_plan(path, dtype, config)
+    return plan.model, plan.load(jnp.dtype(dtype), sharding)

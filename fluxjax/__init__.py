@@ -1,7 +1,9 @@
 """fluxjax: FLUX.1 in JAX/Flax.
 
 Loaders return `(model, params)`: a linen module and its parameters read straight from a
-PyTorch checkpoint (diffusers/transformers folders or BFL single files), strictly checked.
+PyTorch checkpoint (diffusers/transformers folders or BFL single files), strictly checked, or
+restored from the Orbax folders `fluxjax convert` writes; `sharding=` places every leaf
+straight into its sharding.
 """
 
 import importlib

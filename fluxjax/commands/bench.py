@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("transformer", "t5", "vae", "pipeline")
+BENCHMARKS = ("transformer", "t5", "vae", "pipeline", "convert")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

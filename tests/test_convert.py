@@ -1,0 +1,342 @@
+"""`fluxjax convert`: hub folders and BFL single files to Orbax, strict, atomic, restored into shardings.
+
+A small hub-layout folder is built here (random diffusers/transformers models saved with
+save_pretrained, real small tokenizers, a scheduler config); conversions go through the CLI.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+from safetensors.torch import save_file as torch_save_file
+
+from convert.clip import load_clip
+from convert.flux import load_transformer
+from convert.t5 import load_t5
+from convert.vae import load_vae
+from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
+from fluxjax.cli import main
+from fluxjax.config import AutoEncoderConfig
+from fluxjax.reference import randomize_
+from fluxjax.tiny_tokenizers import make_tokenizers
+from test_t5 import CONFIG_A, hf_config
+from test_transformer import CONFIGS, to_bfl
+from test_vae import SMALL, bfl_state_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADERS = {  # hub subfolder -> loader
+    "transformer": load_transformer,
+    "vae": load_vae,
+    "text_encoder": load_clip,
+    "text_encoder_2": load_t5,
+}
+# dev-like with FLUX's head dim 128 (what a BFL file's config is inferred with), 1 head
+TRANSFORMER = dict(CONFIGS["dev_like"], attention_head_dim=128, num_attention_heads=1, axes_dims_rope=(16, 56, 56))
+MODEL_INDEX = {
+    "_class_name": "FluxPipeline",
+    "_diffusers_version": "0.32.0",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A hub-layout folder of small random models, plus BFL single files of the same weights."""
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    cfg = TRANSFORMER
+    transformer = FluxTransformer2DModel(**cfg).eval()
+    randomize_(transformer, seed=1)
+    transformer.save_pretrained(root / "transformer", max_shard_size="200KB")  # sharded, with an index
+    vae = AutoencoderKL(**SMALL).eval()
+    randomize_(vae, seed=2)
+    vae.save_pretrained(root / "vae")
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77,
+    )).eval()
+    randomize_(clip, seed=3)
+    clip.save_pretrained(root / "text_encoder")
+    t5 = transformers.T5EncoderModel(hf_config(**CONFIG_A)).eval()
+    randomize_(t5, seed=4)
+    t5.save_pretrained(root / "text_encoder_2")
+    make_tokenizers(root)
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(MODEL_INDEX))
+    files = root.parent / f"{root.name}_files"
+    files.mkdir()
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    bfl = to_bfl(transformer.state_dict(), cfg["num_layers"], cfg["num_single_layers"], d)
+    torch_save_file({k: v.contiguous() for k, v in bfl.items()}, str(files / "flux1-test.safetensors"))
+    torch_save_file(bfl_state_dict(vae.state_dict(), len(SMALL["block_out_channels"])), str(files / "ae.safetensors"))
+    return root, files
+
+
+def convert_cli(src, dst, *extra, capsys=None):
+    """Run `fluxjax convert` in this process: (exit code, stderr)."""
+    code = main(["convert", str(src), str(dst), *extra])
+    return code, capsys.readouterr().err if capsys else ""
+
+
+def assert_bit_identical(a, b):
+    fa, fb = flat(a), flat(b)
+    assert sorted(fa) == sorted(fb)
+    for path in fa:
+        x, y = np.asarray(fa[path]), np.asarray(fb[path])
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{path} differs"
+
+
+def no_leftovers(dst):
+    return not glob.glob(glob.escape(str(dst)) + ".*")
+
+
+@pytest.fixture(scope="module")
+def converted(hub, tmp_path_factory):
+    root, _ = hub
+    dst = tmp_path_factory.mktemp("out") / "flux-orbax"
+    assert main(["convert", str(root), str(dst)]) == 0  # bfloat16, the default
+    return dst
+
+
+@pytest.mark.parametrize("sub", list(LOADERS))
+def test_hub_conversion_is_bit_identical_to_safetensors(hub, converted, sub):
+    root, _ = hub
+    loader = LOADERS[sub]
+    model_st, direct = loader(root / sub, dtype="bfloat16")
+    model_ob, restored = loader(converted / sub, dtype="bfloat16")
+    assert model_ob.config == model_st.config
+    assert_bit_identical(restored, direct)
+    assert all(x.dtype == np.dtype("bfloat16") for x in flat(restored).values())
+
+
+def test_hub_layout_is_mirrored_and_self_contained(hub, converted):
+    root, _ = hub
+    assert sorted(os.listdir(converted)) == sorted(os.listdir(root))
+    for sub in LOADERS:
+        assert {"fluxjax.json", "params", "config.json"} <= set(os.listdir(converted / sub))
+        assert not glob.glob(str(converted / sub / "*.safetensors*"))
+    for copied in ("tokenizer", "tokenizer_2", "scheduler"):
+        for name in os.listdir(root / copied):
+            assert (converted / copied / name).read_bytes() == (root / copied / name).read_bytes()
+    assert json.loads((converted / "model_index.json").read_text()) == MODEL_INDEX
+    # the converted root stands for its transformer and vae, as the hub folder does for the vae
+    _, via_root = load_transformer(converted, dtype="bfloat16")
+    _, via_sub = load_transformer(converted / "transformer", dtype="bfloat16")
+    assert_bit_identical(via_root, via_sub)
+    assert no_leftovers(converted)
+
+
+def test_bfl_file_and_ae_file(hub, tmp_path, monkeypatch):
+    root, files = hub
+    # A lone ae.safetensors is read with the "flux" preset; here that preset is the small fixture
+    # VAE's config, so the file path is exercised without a full-size VAE.
+    small = AutoEncoderConfig.from_hf_config(root / "vae")
+    monkeypatch.setattr(AutoEncoderConfig, "presets", staticmethod(lambda: {"flux": small}))
+    for name, loader in (("flux1-test.safetensors", load_transformer), ("ae.safetensors", load_vae)):
+        dst = tmp_path / name.split(".")[0]
+        assert main(["convert", str(files / name), str(dst), "--dtype", "float32"]) == 0
+        model_st, direct = loader(files / name)
+        model_ob, restored = loader(dst)
+        assert model_ob.config == model_st.config
+        assert_bit_identical(restored, direct)
+        assert json.loads((dst / "fluxjax.json").read_text())["dtype"] == "float32"
+    # a float32 checkpoint restored as bfloat16 rounds as loading the file as bfloat16 does
+    assert_bit_identical(load_vae(tmp_path / "ae", dtype="bfloat16")[1], load_vae(files / "ae.safetensors", dtype="bfloat16")[1])
+
+
+def test_params_in_memory_saved_as_a_component(hub, tmp_path):
+    """checkpoint.save_params + write_marker: what a fine-tuning run writes; the loader reads it back."""
+    root, _ = hub
+    model, params = load_clip(root / "text_encoder", dtype="bfloat16")
+    save_params(tmp_path / PARAMS, params)
+    write_marker(str(tmp_path), "clip", model.config, "bfloat16")
+    assert_bit_identical(load_clip(tmp_path, dtype="bfloat16")[1], params)
+    with pytest.raises(ValueError, match=r"fluxjax.json: holds a 'clip' component, expected 't5'"):
+        load_t5(tmp_path)
+
+
+def _edited(src, dst, edit):
+    tensors = np_load_file(str(src))
+    edit(tensors)
+    np_save_file(tensors, str(dst))
+    return dst
+
+
+def _truncated(src, dst):
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) - 100])
+    return dst
+
+
+BFL = "flux1-test.safetensors"
+BAD_FILES = {  # name -> (make(hub root, files folder, tmp) -> SRC, what the one-line error says)
+    "truncated": (lambda r, f, t: _truncated(f / BFL, t / BFL), r"flux1-test.safetensors: truncated"),
+    "missing_key": (
+        lambda r, f, t: _edited(f / BFL, t / BFL, lambda d: d.pop("final_layer.linear.bias")),
+        r"flux1-test.safetensors: 1 key\(s\) missing.*final_layer.linear.bias",
+    ),
+    "wrong_shape": (
+        lambda r, f, t: _edited(f / BFL, t / BFL, lambda d: d.__setitem__(
+            "double_blocks.1.txt_mlp.2.weight", np.ascontiguousarray(d["double_blocks.1.txt_mlp.2.weight"].T))),
+        r"flux1-test.safetensors: tensor 'double_blocks.1.txt_mlp.2.weight' has shape \[512, 128\], expected \[128, 512\]",
+    ),
+    "wrong_dtype": (
+        lambda r, f, t: _edited(f / BFL, t / BFL, lambda d: d.__setitem__(
+            "time_in.in_layer.bias", d["time_in.in_layer.bias"].astype(np.int32))),
+        r"flux1-test.safetensors: tensor 'time_in.in_layer.bias' has dtype I32, expected one of F16, BF16, F32, F64",
+    ),
+    "diffusers_folder_as_bfl_file": (
+        lambda r, f, t: shutil.copytree(r / "transformer", t / "flux1-dev.safetensors"),
+        r"flux1-dev.safetensors: is a folder, expected a single .safetensors file",
+    ),
+    "diffusers_file_as_bfl_file": (
+        lambda r, f, t: shutil.copy(sorted(glob.glob(str(r / "transformer" / "*.safetensors")))[0], t / "flux1-dev.safetensors"),
+        r"flux1-dev.safetensors: diffusers-layout transformer weights",
+    ),
+    "not_safetensors": (lambda r, f, t: shutil.copy(f / BFL, t / "flux1-test.ckpt"), r"flux1-test.ckpt: not a .safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_input_fails_in_one_line_and_writes_nothing(hub, tmp_path, capsys, case):
+    make, pattern = BAD_FILES[case]
+    src = make(*hub, tmp_path)
+    dst = tmp_path / "out"
+    code, err = convert_cli(src, dst, capsys=capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxjax convert: error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert f"{dst} not created" in lines[0]
+    assert not dst.exists() and no_leftovers(dst)
+
+
+def test_existing_dst_refused_unless_overwrite(hub, tmp_path, capsys):
+    _, files = hub
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    code, err = convert_cli(files / BFL, dst, capsys=capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    assert os.listdir(dst) == ["keep.txt"]
+    # a failing conversion with --overwrite leaves the old DST as it was
+    code, err = convert_cli(_truncated(files / BFL, tmp_path / BFL), dst, "--overwrite", capsys=capsys)
+    assert code == 2 and f"{dst} left as it was" in err
+    assert os.listdir(dst) == ["keep.txt"]
+    assert convert_cli(files / BFL, dst, "--overwrite", capsys=capsys)[0] == 0
+    assert "keep.txt" not in os.listdir(dst) and no_leftovers(dst)
+    assert_bit_identical(load_transformer(dst, dtype="bfloat16")[1], load_transformer(files / BFL, dtype="bfloat16")[1])
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import fluxjax.checkpoint as checkpoint
+from fluxjax.cli import main
+from fluxjax.config import AutoEncoderConfig
+from fluxjax.reference import randomize_
+from fluxjax.tiny_tokenizers import make_tokenizers
+
+add, seen = checkpoint.ParamsWriter.add, []
+def add_then_die(self, path, value):
+    seen.append(path)
+    if len(seen) == 12:  # mid-write: some leaves saved, the rest not
+        os.kill(os.getpid(), signal.{signal})
+    add(self, path, value)
+checkpoint.ParamsWriter.add = add_then_die
+sys.exit(main(["convert", {src!r}, {dst!r}]))
+"""
+
+
+def _run_killed(src, dst, sig):
+    script = textwrap.dedent(KILL_SCRIPT).format(signal=sig, src=str(src), dst=str(dst))
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_conversion_leaves_no_dst(hub, tmp_path):
+    root, _ = hub
+    dst = tmp_path / "out"
+    term = _run_killed(root, dst, "SIGTERM")
+    assert term.returncode == 130, term.stderr
+    assert f"fluxjax convert: interrupted; {dst} not created" in term.stderr
+    assert not dst.exists() and no_leftovers(dst)
+
+    kill = _run_killed(root, dst, "SIGKILL")
+    assert kill.returncode == -9
+    assert not dst.exists()
+    assert glob.glob(str(dst) + ".converting-*")  # what SIGKILL leaves: the staging folder, never DST
+    # the next conversion to the same DST clears the dead one's staging folder
+    assert main(["convert", str(root / "vae"), str(dst)]) == 0
+    assert no_leftovers(dst)
+
+
+SHARDED_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+import flax.linen as nn
+from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
+from convert.flux import load_transformer, param_shapes
+from convert.t5 import load_t5, t5_param_shapes
+
+HUB, DST = sys.argv[1:]
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))
+RULES = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "qkv": "tensor", "modulation": "tensor"}
+
+def spec(names):
+    # a mesh axis shards at most one dimension: a repeated logical name (embed, embed) is replicated
+    axes = [RULES.get(n) for n in names]
+    return jax.sharding.PartitionSpec(*(a if a not in axes[:i] else None for i, a in enumerate(axes)))
+
+def sharding(boxed):
+    return jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, spec(x.names)), boxed,
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+qkv = None
+for loader, shapes_of, src in ((load_transformer, param_shapes, HUB + "/transformer"),
+                               (load_transformer, param_shapes, DST),
+                               (load_t5, t5_param_shapes, HUB + "/text_encoder_2"),
+                               (load_t5, t5_param_shapes, DST + "/text_encoder_2")):
+    _, one = loader(src, dtype="bfloat16")
+    model, many = loader(src, dtype="bfloat16", sharding=sharding)
+    expected = flat(sharding(shapes_of(model)))
+    one, many = flat(one), flat(many)
+    assert sorted(one) == sorted(many) == sorted(expected)
+    for path, arr in many.items():
+        assert arr.sharding == expected[path], (path, arr.sharding, expected[path])
+        shard = expected[path].shard_shape(arr.shape)
+        assert len(arr.addressable_shards) == 8, path
+        assert all(s.data.shape == shard for s in arr.addressable_shards), path
+        assert np.array_equal(np.asarray(arr).view(np.uint8), np.asarray(one[path]).view(np.uint8)), path
+    if "double_blocks/img_attn/qkv/kernel" in many:
+        qkv = many["double_blocks/img_attn/qkv/kernel"]
+        print("qkv", qkv.shape, tuple(qkv.sharding.spec), qkv.addressable_shards[0].data.shape)
+"""
+
+
+def test_restore_into_shardings_on_8_devices(hub, converted):
+    root, _ = hub
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(root), str(converted)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # (layers, embed, qkv) -> (None, fsdp, tensor): each device holds a quarter of embed, half of qkv
+    assert "qkv (2, 128, 384) (None, 'fsdp', 'tensor') (2, 32, 192)" in out.stdout, out.stdout
