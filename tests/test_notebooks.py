@@ -1,6 +1,5 @@
 """The notebooks run top to bottom on this CPU with the tiny model, and are stored without outputs."""
 
-import os
 import pathlib
 
 import pytest

@@ -178,3 +178,15 @@ def test_noise_shape_and_seed_independence():
     assert both.shape == (2, 16, 4, 8) and both.dtype == np.float32
     np.testing.assert_array_equal(both[1], np.asarray(sampling.noise([4], 32, 64))[0])
     assert not np.allclose(both[0], both[1])
+
+
+def test_orbax_checkpoint_gives_the_same_image(hub, tmp_path):
+    """`fluxjax convert` of the hub folder, then the pipeline on the Orbax folder: the same pixels."""
+    from fluxjax.cli import main
+
+    dst = tmp_path / "orbax"
+    assert main(["convert", str(hub.root), str(dst), "--dtype", "float32"]) == 0
+    converted = FluxPipeline.from_pretrained(dst, dtype="float32")
+    assert converted.kind == hub.pipe.kind and converted.schedule == hub.pipe.schedule
+    kw = dict(num_steps=2, guidance=hub.guidance, latents=hub.noise, max_sequence_length=T5_LENGTH, output="np")
+    np.testing.assert_array_equal(converted(PROMPTS, **kw), hub.pipe(PROMPTS, **kw))
