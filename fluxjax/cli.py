@@ -17,6 +17,7 @@ from fluxjax.errors import UsageError
 # name -> (module, one-line help)
 COMMANDS = {
     "bench": ("fluxjax.commands.bench", "time fluxjax against the PyTorch reference in the same run"),
+    "plan": ("fluxjax.commands.plan", "per-device memory of a sharding strategy, from shapes only"),
 }
 
 DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
