@@ -4,7 +4,8 @@ Three figures, each labelled with how it was obtained:
   parameters   exact: every leaf of `jax.eval_shape(model.init)` divided as the strategy's
                table divides it on the mesh (transformer, T5-XXL, CLIP-L, VAE; all resident).
   activations  of one denoise step, two sources:
-    analytic   the tensors live at the peak of a transformer block (see `step_activations`);
+    analytic   the tensors live at the peak of a transformer block (see `step_activations`),
+               plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
     xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan_xla.py,
                a child process). The CPU backend computes bf16 matmuls in float32 and so holds
                float32 copies the accelerator never makes; the step is therefore compiled in
@@ -137,6 +138,24 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     return x + linear1 + max(qkv + logits, projection) + inputs + layer_norm
 
 
+def gathered_block_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> int:
+    """Bytes of the largest transformer block's weights as a device holds them while using them.
+
+    Weights split over the batch axes (fsdp) are all-gathered one block at a time before use;
+    splits over other axes (tp) stay. So: one layer of the stack, with the batch axes dropped
+    from the table.
+    """
+    batch_axes = set(strategy.mesh_axes(BATCH_AXIS))
+    table = tuple((logical, axes) for logical, axes in strategy.table if not batch_axes & set(axes))
+    gathering = dataclasses.replace(strategy, table=table)
+    per_layer = []
+    for stack in ("double_blocks", "single_blocks"):
+        tree = abstract_flux[stack]
+        depth = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "names"))[0].value.shape[0]
+        per_layer.append(param_memory(tree, gathering, mesh_shape).device_bytes // depth)
+    return max(per_layer)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything `fluxjax plan` prints; bytes are per device unless named total."""
@@ -151,7 +170,8 @@ class Plan:
     padded_batch: int
     dtype: str
     params: dict[str, ParamMemory]
-    analytic_bytes: int
+    analytic_bytes: int  # step_activations + gathered_block_bytes
+    gathered_bytes: int
     xla: dict[str, Any] | None  # temp bytes and compile seconds from plan_xla, or None
     hbm: int | None
 
@@ -190,17 +210,19 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     padded = -(-batch // data) * data
     preset = MODEL_PRESETS[model]
     cfg = FluxConfig.preset(preset["flux"])
-    params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract_params(model, dt).items()}
+    abstract = abstract_params(model, dt)
+    params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
+    gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
     heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
     l_img, l_txt = (height // PATCH) * (width // PATCH), preset["t5_length"]
-    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize)
+    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize) + gathered
     measured = None
     if xla:
         measured = xla_step_memory(model, strategy, devices, padded, l_img, l_txt)
-        ratio = analytic / step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4)
+        ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4) + gathered * 4 // dt.itemsize)
         measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
     return Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
-                analytic, measured, hbm)
+                analytic, gathered, measured, hbm)
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
@@ -238,7 +260,8 @@ def format_plan(plan: Plan) -> str:
                      f"{p.count:,} parameters  [exact: shapes / table]")
         lines += [f"      replicated: {n}" for n in p.notes]
     lines.append(f"  params total      {_gb(plan.param_bytes)}  [exact]")
-    lines.append(f"  step activations  {_gb(plan.analytic_bytes)}  [analytic: peak of a single-stream block, XLA attention]")
+    lines.append(f"  step activations  {_gb(plan.analytic_bytes)}  [analytic: peak of a single-stream block, XLA attention, "
+                 f"+ {plan.gathered_bytes / 1e9:.3f} GB: one block's weights as the scan slices them, all-gathered under fsdp]")
     if plan.xla:
         x = plan.xla
         lines.append(f"  step activations  {_gb(x['corrected_temp_bytes'])}  [xla: CPU AOT compile in float32, "
