@@ -15,12 +15,14 @@ Logical axes not in [rules] are replicated. The global mesh shape is ici * dcn, 
 
 Use (the pipeline and the loaders need nothing else):
 
+    initialize_distributed()                               # first thing in a multi-host run
     strategy = Strategy.load("fsdp")                       # or a path to a .toml
     mesh = strategy.make_mesh()                            # all devices of all processes
     shardings = strategy.param_shardings(mesh)(abstract)   # abstract: boxed eval_shape params
+    batch, n = strategy.put_batch(batch, mesh)             # padded to the data size, on the mesh
     with strategy.activate(mesh):                          # mesh + logical rules, so the models'
-        out = jitted(...)                                  # activation constraints apply
-    x, n = pad_batch(x, strategy.data_size(mesh)); ...; y = y[:n]
+        out = jitted(params, *batch)                       # activation constraints apply
+    images = out[:n]
 
 A parameter dimension that a mesh axis does not divide (a 4-head table on an 8-way axis) is
 replicated along that axis instead of failing: `param_specs` returns a note for each such case,
@@ -239,6 +241,41 @@ class Strategy:
         axes = self.mesh_axes(BATCH_AXIS)
         batch = None if not axes else axes[0] if len(axes) == 1 else axes
         return NamedSharding(mesh, PartitionSpec(batch, *([None] * (ndim - 1))))
+
+    def put_batch(self, tree: Any, mesh: Mesh) -> tuple[Any, int]:
+        """Pad a host batch (pytree of (B, ...) arrays) to the data size and place it on `mesh`.
+
+        Every process passes the same global batch (all hosts read the same prompts and seeds);
+        each keeps only the rows its devices hold, so this works on one host and on many.
+        Returns (tree of global jax.Array, B); results are cut back with `out[:B]`.
+        """
+        tree, n = pad_batch(jax.tree.map(np.asarray, tree), self.data_size(mesh))
+
+        def put(x):
+            return jax.make_array_from_callback(x.shape, self.batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+        return jax.tree.map(put, tree), n
+
+
+def initialize_distributed() -> bool:
+    """Join the other processes of a multi-host run, before any other JAX call; True if joined.
+
+    On TPU pods (and SLURM, Open MPI), JAX finds the coordinator itself. Elsewhere set
+    FLUXJAX_COORDINATOR (host:port of process 0), FLUXJAX_NUM_PROCESSES and FLUXJAX_PROCESS_ID.
+    Without any of these, and not on a multi-host TPU, this is a single-process run: nothing happens.
+    """
+    coordinator = os.environ.get("FLUXJAX_COORDINATOR")
+    if coordinator:
+        try:
+            num, pid = int(os.environ["FLUXJAX_NUM_PROCESSES"]), int(os.environ["FLUXJAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise UsageError("FLUXJAX_COORDINATOR is set: set FLUXJAX_NUM_PROCESSES and FLUXJAX_PROCESS_ID too (integers)") from None
+        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+        return True
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") or "SLURM_JOB_ID" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        jax.distributed.initialize()
+        return True
+    return False
 
 
 def _resolve(shape: Sequence[int], total: int, where: str, what: str) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ from fluxjax.models.clip import CLIPTextEncoder  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.models.layers import dot_product_attention  # noqa: E402
 from fluxjax.models.t5 import T5Encoder  # noqa: E402
-from fluxjax.sharding import Strategy, pad_batch  # noqa: E402
+from fluxjax.sharding import Strategy  # noqa: E402
 
 # (strategy, ici shape, whether the text encoders and VAE run too: they are checked once per
 # strategy to keep the test fast; the transformer on every mesh)
@@ -141,8 +141,7 @@ def main() -> None:
                 continue
             shardings = strategy.param_shardings(mesh)(boxed)
             sharded = jax.device_put(params, shardings)
-            padded, n = pad_batch(inputs, strategy.data_size(mesh))
-            padded = [jax.device_put(x, strategy.batch_sharding(mesh, x.ndim)) for x in padded]
+            padded, n = strategy.put_batch(inputs, mesh)
             with strategy.activate(mesh):
                 y = jax.jit(fn)(sharded, *padded)
             case["errors"][name] = float(np.abs(np.asarray(y)[:n] - reference[name]).max())
