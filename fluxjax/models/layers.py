@@ -14,7 +14,8 @@ Logical axis names (the vocabulary a sharding strategy in configs/sharding maps 
   vocab        token embedding rows
   conv_height, conv_width, conv_in, conv_out   convolution kernels (VAE)
   norm         norm scales/biases over channels
-Activations: activation_batch, activation_length, activation_embed.
+Activations: activation_batch, activation_length, activation_embed, activation_heads (the head
+axis of q, k, v inside attention).
 
 Numerics follow the reference: norms, RoPE and softmax statistics in float32, GELU tanh.
 """
@@ -243,6 +244,8 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     """
     b, l, h, d = q.shape
     scale = 1 / math.sqrt(d) if scale is None else scale
+    # Pins the head split of tensor parallelism: each device attends with its own heads.
+    q, k, v = (nn.with_logical_constraint(t, ("activation_batch", "activation_length", "activation_heads", None)) for t in (q, k, v))
     if implementation == "xla":
         if causal:
             causal_mask = jnp.tril(jnp.ones((l, l), dtype=bool))

@@ -1,0 +1,273 @@
+"""Per-device memory of a sharding strategy, from abstract shapes only (no weights, no accelerator).
+
+Three figures, each labelled with how it was obtained:
+  parameters   exact: every leaf of `jax.eval_shape(model.init)` divided as the strategy's
+               table divides it on the mesh (transformer, T5-XXL, CLIP-L, VAE; all resident).
+  activations  of one denoise step, two sources:
+    analytic   the tensors live at the peak of a transformer block (see `step_activations`),
+               plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
+    xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan_xla.py,
+               a child process). The CPU backend computes bf16 matmuls in float32 and so holds
+               float32 copies the accelerator never makes; the step is therefore compiled in
+               float32 (where nothing is upcast) and scaled by the analytic bf16/float32 ratio.
+The verdict uses parameters + the larger activation figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.errors import UsageError
+from fluxjax.sharding import BATCH_AXIS, Strategy
+
+# Preset names of the four components for each --model.
+MODEL_PRESETS = {
+    "dev": dict(flux="dev", t5="xxl", clip="large", vae="flux", t5_length=512),
+    "schnell": dict(flux="schnell", t5="xxl", clip="large", vae="flux", t5_length=256),
+    "tiny": dict(flux="tiny", t5="tiny", clip="tiny", vae="tiny", t5_length=16),
+}
+GIB = 1 << 30
+PATCH = 16  # pixels per side of one packed image token (VAE factor 8 x 2x2 packing)
+
+
+def parse_bytes(text: str) -> int:
+    """'16GiB', '16GB', '80G', '512MiB', or a plain number of bytes -> bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "b": 1, "": 1}
+    s = text.strip().lower().replace(" ", "")
+    number = s.rstrip("kmgtib")
+    try:
+        return int(float(number) * units[s[len(number):]])
+    except (ValueError, KeyError):
+        raise UsageError(f"--hbm {text!r}: expected a size such as 16GiB, 80GB or 512MiB") from None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' (width x height) -> (height, width), both multiples of 16."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if w <= 0 or h <= 0 or w % PATCH or h % PATCH:
+        raise UsageError(f"--size {text!r}: width and height must be positive multiples of {PATCH}")
+    return h, w
+
+
+def abstract_params(model: str, dtype: Any) -> dict[str, Any]:
+    """Boxed abstract parameter trees of the four components, parameters in `dtype`."""
+    from convert.clip import param_shapes as clip_shapes
+    from convert.flux import param_shapes as flux_shapes
+    from convert.t5 import t5_param_shapes
+    from fluxjax.models.autoencoder import AutoEncoder
+    from fluxjax.models.autoencoder import param_shapes as vae_shapes
+    from fluxjax.models.clip import CLIPTextEncoder
+    from fluxjax.models.flux import Flux
+    from fluxjax.models.t5 import T5Encoder
+
+    p = MODEL_PRESETS[model]
+    kw = dict(dtype=dtype, param_dtype=dtype)
+    return {
+        "transformer": flux_shapes(Flux(FluxConfig.preset(p["flux"]), **kw)),
+        "t5": t5_param_shapes(T5Encoder(T5Config.preset(p["t5"]), **kw)),
+        "clip": clip_shapes(CLIPTextEncoder(CLIPConfig.preset(p["clip"]), **kw)),
+        "vae": vae_shapes(AutoEncoder(AutoEncoderConfig.preset(p["vae"]), **kw)),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMemory:
+    """One component's parameters: count, bytes in all, bytes on each device, replicated dims."""
+
+    count: int
+    total_bytes: int
+    device_bytes: int
+    notes: tuple[str, ...]
+
+
+def param_memory(abstract: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> ParamMemory:
+    """Exact parameter bytes per device: each leaf's bytes over the product of its split factors.
+
+    Every split divides its dim (sharding.Strategy.spec replicates a dim otherwise), so every
+    device holds the same number of bytes.
+    """
+    mesh = types.SimpleNamespace(shape=mesh_shape)
+    specs, notes = strategy.param_specs(abstract, mesh)
+    boxes = jax.tree.leaves(abstract, is_leaf=lambda x: hasattr(x, "names"))
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    count = total = device = 0
+    for box, spec in zip(boxes, flat_specs):
+        value = getattr(box, "value", box)
+        n, size = math.prod(value.shape), jnp.dtype(value.dtype).itemsize
+        split = math.prod(mesh_shape[a] for dim in spec if dim for a in ((dim,) if isinstance(dim, str) else dim))
+        count, total, device = count + n, total + n * size, device + n * size // split
+    return ParamMemory(count, total, device, tuple(notes))
+
+
+def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_split: int, act_bytes: int) -> int:
+    """Analytic peak bytes of one transformer step on one device (inference, no gradients).
+
+    batch: images on this device; heads_split: ways the heads and MLP features are split (tp).
+    The peak is inside a single-stream block on L = l_txt + l_img tokens, one of two moments:
+      attention:  x (B,L,D) + linear1 output (B,L,3D+M)/t + q,k,v (3 B,L,D/t) + logits
+                  (B,H/t,L,L) float32 + probabilities (B,H/t,L,L)   [XLA attention, not flash]
+      projection: x + linear1 output + attention out (B,L,D/t) + GELU (B,L,M/t) + their concat
+    plus the step's inputs that stay live (latents, T5 features, RoPE tables in float32) and one
+    float32 LayerNorm temporary (B,L,D). A double-stream block holds less (its MLP is narrower
+    than linear1). Activations in `act_bytes` per element; t = heads_split.
+    """
+    d, m, h, t, s = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes
+    b, seq = batch, l_img + l_txt
+    x = b * seq * d * s
+    linear1 = b * seq * (3 * d + m) * s // t
+    qkv = 3 * b * seq * d * s // t
+    logits = b * -(-h // t) * seq * seq * (4 + s)
+    projection = b * seq * (d + m) * s * 2 // t
+    inputs = b * (l_img * cfg.in_channels + l_txt * cfg.context_in_dim) * s + 2 * b * seq * (d // h // 2) * 4
+    layer_norm = b * seq * d * 4
+    return x + linear1 + max(qkv + logits, projection) + inputs + layer_norm
+
+
+def gathered_block_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> int:
+    """Bytes of the largest transformer block's weights as a device holds them while using them.
+
+    Weights split over the batch axes (fsdp) are all-gathered one block at a time before use;
+    splits over other axes (tp) stay. So: one layer of the stack, with the batch axes dropped
+    from the table.
+    """
+    batch_axes = set(strategy.mesh_axes(BATCH_AXIS))
+    table = tuple((logical, axes) for logical, axes in strategy.table if not batch_axes & set(axes))
+    gathering = dataclasses.replace(strategy, table=table)
+    per_layer = []
+    for stack in ("double_blocks", "single_blocks"):
+        tree = abstract_flux[stack]
+        depth = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "names"))[0].value.shape[0]
+        per_layer.append(param_memory(tree, gathering, mesh_shape).device_bytes // depth)
+    return max(per_layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything `fluxjax plan` prints; bytes are per device unless named total."""
+
+    model: str
+    strategy: str
+    mesh_shape: dict[str, int]
+    devices: int
+    height: int
+    width: int
+    batch: int
+    padded_batch: int
+    dtype: str
+    params: dict[str, ParamMemory]
+    analytic_bytes: int  # step_activations + gathered_block_bytes
+    gathered_bytes: int
+    xla: dict[str, Any] | None  # temp bytes and compile seconds from plan_xla, or None
+    hbm: int | None
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.device_bytes for p in self.params.values())
+
+    @property
+    def activation_bytes(self) -> int:
+        return max(self.analytic_bytes, self.xla["corrected_temp_bytes"] if self.xla else 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.activation_bytes
+
+
+def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
+              batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True) -> Plan:
+    """The memory plan of `model` ("dev", "schnell", "tiny") under `strategy` on `devices` devices.
+
+    batch: images per step (default: the data size, one image per data shard). xla: also
+    AOT-compile the step on `devices` simulated CPU devices in a child process (seconds for dev).
+    """
+    if model not in MODEL_PRESETS:
+        raise UsageError(f"--model {model!r}: choose from {', '.join(MODEL_PRESETS)}")
+    dt = jnp.dtype(dtype)
+    if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
+        raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
+    if height % PATCH or width % PATCH:
+        raise UsageError(f"size {width}x{height}: width and height must be multiples of {PATCH}")
+    mesh_shape = strategy.mesh_shape(devices)
+    data = math.prod(mesh_shape[a] for a in strategy.mesh_axes(BATCH_AXIS))
+    batch = data if batch is None else batch
+    if batch < 1:
+        raise UsageError(f"--batch {batch}: must be at least 1")
+    padded = -(-batch // data) * data
+    preset = MODEL_PRESETS[model]
+    cfg = FluxConfig.preset(preset["flux"])
+    abstract = abstract_params(model, dt)
+    params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
+    gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
+    heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
+    l_img, l_txt = (height // PATCH) * (width // PATCH), preset["t5_length"]
+    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize) + gathered
+    measured = None
+    if xla:
+        measured = xla_step_memory(model, strategy, devices, padded, l_img, l_txt)
+        ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4) + gathered * 4 // dt.itemsize)
+        measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
+    return Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
+                analytic, gathered, measured, hbm)
+
+
+def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
+    """Run fluxjax/plan_xla.py in a child process with `devices` simulated CPU devices.
+
+    Returns its JSON: temp_bytes, argument_bytes (float32 compile), compile_s.
+    """
+    spec = dict(model=MODEL_PRESETS[model]["flux"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "fluxjax.plan_xla", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"AOT compile of the step failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:8.3f} GB ({n / GIB:7.3f} GiB)"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the lines `fluxjax plan` prints."""
+    mesh = " x ".join(f"{a}={n}" for a, n in plan.mesh_shape.items())
+    lines = [
+        f"model {plan.model}, {plan.dtype}, {plan.width}x{plan.height}, batch {plan.batch}"
+        + (f" (padded to {plan.padded_batch})" if plan.padded_batch != plan.batch else "")
+        + f"; strategy {plan.strategy} on {plan.devices} devices: mesh {mesh}",
+        "per device:",
+    ]
+    for name, p in plan.params.items():
+        lines.append(f"  params {name:<12}{_gb(p.device_bytes)}  of {p.total_bytes / 1e9:.3f} GB, "
+                     f"{p.count:,} parameters  [exact: shapes / table]")
+        lines += [f"      replicated: {n}" for n in p.notes]
+    lines.append(f"  params total      {_gb(plan.param_bytes)}  [exact]")
+    lines.append(f"  step activations  {_gb(plan.analytic_bytes)}  [analytic: peak of a single-stream block, XLA attention, "
+                 f"+ {plan.gathered_bytes / 1e9:.3f} GB: one block's weights as the scan slices them, all-gathered under fsdp]")
+    if plan.xla:
+        x = plan.xla
+        lines.append(f"  step activations  {_gb(x['corrected_temp_bytes'])}  [xla: CPU AOT compile in float32, "
+                     f"temp {x['temp_bytes'] / 1e9:.3f} GB x analytic {plan.dtype}/float32; compiled in {x['compile_s']:.1f} s]")
+    lines.append(f"  total             {_gb(plan.total_bytes)}  [params + larger activation figure]")
+    if plan.hbm:
+        verdict = "fits" if plan.total_bytes <= plan.hbm else "does NOT fit"
+        lines.append(f"{verdict} in {plan.hbm / GIB:.1f} GiB per device ({plan.total_bytes / plan.hbm:.0%} used)")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""AOT-compile one denoise step for a strategy's mesh on simulated CPU devices; print its memory.
+
+Run by fluxjax/plan.py as a child process with XLA_FLAGS=--xla_force_host_platform_device_count=N
+already set: `python -m fluxjax.plan_xla '{"model": "dev", "strategy": "fsdp", ...}'`.
+Nothing is allocated: parameters and inputs are ShapeDtypeStructs carrying their shardings.
+
+The step is compiled in float32 (the CPU backend upcasts bf16 matmuls to float32, so a bf16
+compile would count float32 copies an accelerator never makes), and with attention traced as
+on an accelerator: the CPU-only query blocking of layers._xla_attention is switched off, else
+the (B, H, L, L) logits an accelerator holds would be missing from the count.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from convert.flux import param_shapes
+from fluxjax.config import FluxConfig
+from fluxjax.models import layers
+from fluxjax.models.flux import Flux
+from fluxjax.sharding import Strategy
+
+
+def step_memory(model: str, strategy: Strategy, batch: int, l_img: int, l_txt: int) -> dict:
+    """Compile x <- x + dt * v(x) for the whole batch on the strategy's mesh; report bytes per device."""
+    layers.CPU_QUERY_BLOCK = 1 << 40  # trace attention unblocked, as on an accelerator
+    cfg = FluxConfig.preset(model)
+    flux = Flux(cfg)
+    mesh = strategy.make_mesh()
+    boxed = param_shapes(flux)
+    shardings = strategy.param_shardings(mesh)(boxed)
+    params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s), boxed, shardings,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+    def arg(*shape):
+        return jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=strategy.batch_sharding(mesh, 1 + len(shape)))
+
+    inputs = (arg(l_img, cfg.in_channels), arg(l_img, 3), arg(l_txt, cfg.context_in_dim), arg(l_txt, 3), arg(), arg(cfg.vec_in_dim), arg())
+
+    def step(p, img, img_ids, txt, txt_ids, t, y, guidance):
+        v = flux.apply({"params": p}, img, img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None)
+        return img - 0.1 * v
+
+    start = time.perf_counter()
+    with strategy.activate(mesh):
+        compiled = jax.jit(step, donate_argnums=1).lower(params, *inputs).compile()
+    stats = compiled.memory_analysis()
+    return dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes),
+                compile_s=time.perf_counter() - start)
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    fields = spec["strategy"]  # the parent's Strategy, as dataclasses.asdict made it
+    strategy = Strategy(fields["name"], fields["description"], tuple(fields["axes"]), tuple(fields["ici"]),
+                        tuple(fields["dcn"]), tuple((logical, tuple(axes)) for logical, axes in fields["table"]))
+    print(json.dumps(step_memory(spec["model"], strategy, spec["batch"], spec["l_img"], spec["l_txt"])))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

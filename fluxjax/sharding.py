@@ -1,0 +1,311 @@
+"""Sharding strategies: a device mesh plus a table from logical axes to mesh axes.
+
+A strategy is a TOML file in configs/sharding/ (or anywhere, by path):
+
+    description = "when to choose it, what it costs"
+    [mesh]
+    axes = ["fsdp", "tensor"]   # mesh axis names
+    ici  = [-1, 2]              # devices per axis inside one slice (a TPU slice, or one host elsewhere)
+    dcn  = [-1, 1]              # slices (hosts) per axis; -1 on one axis: "all the rest"
+    [rules]                     # logical axis (fluxjax/models/layers.py) -> mesh axis or list of axes
+    embed = "fsdp"
+    activation_batch = "fsdp"
+
+Logical axes not in [rules] are replicated. The global mesh shape is ici * dcn, axis by axis.
+
+Use (the pipeline and the loaders need nothing else):
+
+    initialize_distributed()                               # first thing in a multi-host run
+    strategy = Strategy.load("fsdp")                       # or a path to a .toml
+    mesh = strategy.make_mesh()                            # all devices of all processes
+    shardings = strategy.param_shardings(mesh)(abstract)   # abstract: boxed eval_shape params
+    batch, n = strategy.put_batch(batch, mesh)             # padded to the data size, on the mesh
+    with strategy.activate(mesh):                          # mesh + logical rules, so the models'
+        out = jitted(params, *batch)                       # activation constraints apply
+    images = out[:n]
+
+A parameter dimension that a mesh axis does not divide (a 4-head table on an 8-way axis) is
+replicated along that axis instead of failing: `param_specs` returns a note for each such case,
+and `param_shardings` logs them. Activations may be sharded unevenly (XLA pads them); the batch
+axis never is, because the pipeline pads batches with `pad_batch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from fluxjax.errors import UsageError
+
+STRATEGY_DIR = Path(__file__).resolve().parent.parent / "configs" / "sharding"
+BATCH_AXIS = "activation_batch"
+
+log = logging.getLogger(__name__)
+
+MeshAxes = tuple[str, ...]  # the mesh axes one logical axis maps to; () = replicated
+
+
+def available() -> list[str]:
+    """Names of the strategies shipped in configs/sharding."""
+    return sorted(p.stem for p in STRATEGY_DIR.glob("*.toml"))
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One sharding strategy. Build with `Strategy.load`; see the module docstring for the file."""
+
+    name: str
+    description: str
+    axes: tuple[str, ...]
+    ici: tuple[int, ...]
+    dcn: tuple[int, ...]
+    table: tuple[tuple[str, MeshAxes], ...]  # (logical axis, mesh axes), in file order
+
+    def __post_init__(self):
+        where = f"sharding strategy {self.name!r}"
+        if len(set(self.axes)) != len(self.axes) or not self.axes:
+            raise UsageError(f"{where}: mesh.axes {list(self.axes)} must be distinct names, at least one")
+        for key in ("ici", "dcn"):
+            shape = getattr(self, key)
+            if len(shape) != len(self.axes):
+                raise UsageError(f"{where}: mesh.{key} {list(shape)} needs one entry per axis {list(self.axes)}")
+            if sum(s == -1 for s in shape) > 1 or any(s < 1 and s != -1 for s in shape):
+                raise UsageError(f"{where}: mesh.{key} {list(shape)}: positive sizes, at most one -1")
+        for logical, mesh_axes in self.table:
+            unknown = [a for a in mesh_axes if a not in self.axes]
+            if unknown:
+                raise UsageError(f"{where}: rule {logical} -> {unknown}: no such mesh axis (axes: {list(self.axes)})")
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike) -> "Strategy":
+        """A strategy by name (a file of configs/sharding) or by path to a .toml file."""
+        path = Path(name_or_path)
+        if path.suffix != ".toml":
+            path = STRATEGY_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise UsageError(f"unknown sharding strategy {os.fspath(name_or_path)!r}: not a file; known: {', '.join(available())}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{path}: not valid TOML ({e})") from None
+        unknown = set(data) - {"description", "mesh", "rules"}
+        if unknown or "mesh" not in data:
+            raise UsageError(f"{path}: expected keys description, mesh, rules; got {sorted(data)}")
+        mesh = data["mesh"]
+        if set(mesh) != {"axes", "ici", "dcn"}:
+            raise UsageError(f"{path}: [mesh] needs exactly axes, ici, dcn; got {sorted(mesh)}")
+        table = tuple(
+            (logical, (target,) if isinstance(target, str) else tuple(target))
+            for logical, target in data.get("rules", {}).items()
+        )
+        return cls(path.stem, data.get("description", "").strip(), tuple(mesh["axes"]),
+                   tuple(mesh["ici"]), tuple(mesh["dcn"]), table)
+
+    def with_ici(self, *ici: int) -> "Strategy":
+        """The same strategy on another per-slice mesh shape, e.g. with_ici(2, 4)."""
+        return dataclasses.replace(self, ici=tuple(ici))
+
+    @property
+    def rules(self) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+        """The table as Flax logical axis rules, for `nn.logical_axis_rules(...)`."""
+        return tuple((logical, axes[0] if len(axes) == 1 else (axes or None)) for logical, axes in self.table)
+
+    def mesh_axes(self, logical: str) -> MeshAxes:
+        """The mesh axes a logical axis maps to; () when it is replicated."""
+        return dict(self.table).get(logical, ())
+
+    # -- mesh ------------------------------------------------------------------------------
+
+    def factors(self, num_devices: int, num_slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(ici, dcn) with the -1s resolved for this many devices in all and slices (hosts)."""
+        if num_devices % num_slices:
+            raise UsageError(f"{num_devices} devices do not split evenly over {num_slices} slices (hosts)")
+        dcn = _resolve(self.dcn, num_slices, f"{self.name}: mesh.dcn", "slices (hosts)")
+        ici = _resolve(self.ici, num_devices // num_slices, f"{self.name}: mesh.ici", "devices per slice")
+        return ici, dcn
+
+    def mesh_shape(self, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+        """{axis: size} of the global mesh (ici * dcn per axis), without touching any device."""
+        ici, dcn = self.factors(num_devices, num_slices)
+        return {a: i * d for a, i, d in zip(self.axes, ici, dcn)}
+
+    def make_mesh(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        """The strategy's mesh over `devices` (default: every device of every process).
+
+        Slices are TPU slices (devices carry `slice_index`) or, elsewhere, processes: the dcn
+        factors lay mesh axes across them, the ici factors within them. Every process builds
+        the same global mesh. Axes are `Auto`, so the models' sharding constraints apply.
+        """
+        devices = list(jax.devices() if devices is None else devices)
+        tpu_slices = {getattr(d, "slice_index", None) for d in devices} - {None}
+        slices = len(tpu_slices) if tpu_slices else len({d.process_index for d in devices})
+        ici, dcn = self.factors(len(devices), slices)
+        if slices == 1:
+            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        else:
+            grid = mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, process_is_granule=not tpu_slices, allow_split_physical_axes=True
+            )
+        return Mesh(grid, self.axes, axis_types=(AxisType.Auto,) * len(self.axes))
+
+    @contextlib.contextmanager
+    def activate(self, mesh: Mesh) -> Iterator[Mesh]:
+        """Context for tracing and running jitted code on `mesh`: sets the mesh and the rules."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
+            yield mesh
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def spec(self, names: Sequence[str | None], shape: Sequence[int], mesh: Any) -> tuple[PartitionSpec, list[str]]:
+        """PartitionSpec of an array with logical axis `names` and `shape` on `mesh`.
+
+        mesh: a Mesh, or anything with its `.shape` mapping {axis: size} (the planner passes
+        `SimpleNamespace(shape=strategy.mesh_shape(n))` to plan without devices).
+        Rules are taken in table order (a mesh axis serves at most one dim of an array; a name
+        repeated in `names`, like (embed, embed), is sharded at its first occurrence). A dim the
+        mesh axes do not divide is replicated; the returned notes say which.
+        """
+        used: set[str] = set()
+        out: list[MeshAxes | None] = [None] * len(names)
+        notes = []
+        for logical, axes in self.table:
+            if logical not in names or not axes or used & set(axes):
+                continue
+            dim = list(names).index(logical)
+            if out[dim] is not None:
+                continue
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape[dim] % size:
+                notes.append(f"{logical}={shape[dim]} not divisible by {'x'.join(axes)}={size}: replicated")
+                continue
+            out[dim] = axes
+            used |= set(axes)
+        return PartitionSpec(*(None if a is None else a[0] if len(a) == 1 else a for a in out)), notes
+
+    def param_specs(self, abstract: Any, mesh: Any) -> tuple[Any, list[str]]:
+        """(tree of PartitionSpec, notes) for a boxed param tree; notes name replicated dims.
+
+        abstract: what `jax.eval_shape(model.init, ...)["params"]` returns (leaves
+        nn.LogicallyPartitioned around ShapeDtypeStruct); unboxed leaves are replicated.
+        """
+        notes: list[str] = []
+
+        def one(path, leaf):
+            if not _is_box(leaf):
+                return PartitionSpec()
+            spec, why = self.spec(leaf.names, leaf.value.shape, mesh)
+            notes.extend(f"{jax.tree_util.keystr(path, simple=True, separator='/')}: {w}" for w in why)
+            return spec
+
+        return jax.tree_util.tree_map_with_path(one, abstract, is_leaf=_is_box), notes
+
+    def param_shardings(self, mesh: Mesh) -> Callable[[Any], Any]:
+        """A callable: boxed abstract params -> matching tree of NamedSharding (unboxed structure).
+
+        This is the `sharding=` argument of the loaders: weights are read straight into it.
+        """
+
+        def shardings(abstract):
+            specs, notes = self.param_specs(abstract, mesh)
+            for note in notes:
+                log.info("sharding %s: %s", self.name, note)
+            return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+        return shardings
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def data_size(self, mesh: Any) -> int:
+        """How many ways the batch is split: batches are padded to a multiple of this."""
+        return math.prod(mesh.shape[a] for a in self.mesh_axes(BATCH_AXIS))
+
+    def batch_sharding(self, mesh: Mesh, ndim: int) -> NamedSharding:
+        """Sharding of a (B, ...) input with `ndim` dims: B split along the data axes, rest replicated."""
+        axes = self.mesh_axes(BATCH_AXIS)
+        batch = None if not axes else axes[0] if len(axes) == 1 else axes
+        return NamedSharding(mesh, PartitionSpec(batch, *([None] * (ndim - 1))))
+
+    def put_batch(self, tree: Any, mesh: Mesh) -> tuple[Any, int]:
+        """Pad a host batch (pytree of (B, ...) arrays) to the data size and place it on `mesh`.
+
+        Every process passes the same global batch (all hosts read the same prompts and seeds);
+        each keeps only the rows its devices hold, so this works on one host and on many.
+        Returns (tree of global jax.Array, B); results are cut back with `out[:B]`.
+        """
+        tree, n = pad_batch(jax.tree.map(np.asarray, tree), self.data_size(mesh))
+
+        def put(x):
+            return jax.make_array_from_callback(x.shape, self.batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+        return jax.tree.map(put, tree), n
+
+
+def initialize_distributed() -> bool:
+    """Join the other processes of a multi-host run, before any other JAX call; True if joined.
+
+    On TPU pods (and SLURM, Open MPI), JAX finds the coordinator itself. Elsewhere set
+    FLUXJAX_COORDINATOR (host:port of process 0), FLUXJAX_NUM_PROCESSES and FLUXJAX_PROCESS_ID.
+    Without any of these, and not on a multi-host TPU, this is a single-process run: nothing happens.
+    """
+    coordinator = os.environ.get("FLUXJAX_COORDINATOR")
+    if coordinator:
+        try:
+            num, pid = int(os.environ["FLUXJAX_NUM_PROCESSES"]), int(os.environ["FLUXJAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise UsageError("FLUXJAX_COORDINATOR is set: set FLUXJAX_NUM_PROCESSES and FLUXJAX_PROCESS_ID too (integers)") from None
+        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+        return True
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") or "SLURM_JOB_ID" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def _resolve(shape: Sequence[int], total: int, where: str, what: str) -> tuple[int, ...]:
+    """Replace the -1 of `shape` so that its product is `total`, or explain why it cannot be."""
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if total % known:
+            raise UsageError(f"{where} {list(shape)}: {total} {what} are not a multiple of {known}")
+        shape = tuple(total // known if s == -1 else s for s in shape)
+    if math.prod(shape) != total:
+        raise UsageError(f"{where} {list(shape)} needs {math.prod(shape)} {what}, there are {total}")
+    return tuple(shape)
+
+
+def pad_batch(tree: Any, multiple: int) -> tuple[Any, int]:
+    """Pad every array of `tree` along axis 0 to a multiple of `multiple`; return (tree, n).
+
+    The padding repeats the last row, so padded rows are valid inputs (token ids, noise) whose
+    results are simply dropped: `out[:n]`. All leaves must share the leading size n.
+    """
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(tree)}
+    if len(sizes) != 1:
+        raise ValueError(f"pad_batch: arrays disagree on the batch size: {sorted(sizes)}")
+    n = sizes.pop()
+    pad = -n % multiple
+    if not pad:
+        return tree, n
+
+    def one(x):
+        xp = jnp if isinstance(x, jax.Array) else np
+        return xp.concatenate([x, xp.repeat(x[-1:], pad, axis=0)], axis=0)
+
+    return jax.tree.map(one, tree), n

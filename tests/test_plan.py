@@ -1,0 +1,75 @@
+"""fluxjax plan: exact parameter bytes per device for full-size dev, and the command's behaviour."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fluxjax.cli import main
+from fluxjax.plan import abstract_params, param_memory, parse_bytes, parse_size
+from fluxjax.sharding import Strategy
+
+DEV_PARAMS = 11_901_408_320  # FLUX_REFERENCE.md 1.1
+# Leaves fsdp leaves whole, having no axis it splits: the QK-norm scales (128,) (head_dim; 2 norms
+# in each of 2 streams of 19 double blocks, 2 in each of 38 single blocks) and the final
+# layer's bias (64,) (out_features).
+DEV_UNSPLIT_PARAMS = 128 * (19 * 2 * 2 + 38 * 2) + 64
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return abstract_params("dev", "bfloat16")
+
+
+def test_dev_params_replicated_under_dp(dev):
+    p = param_memory(dev["transformer"], Strategy.load("dp"), {"data": 8})
+    assert p.count == DEV_PARAMS
+    assert p.device_bytes == p.total_bytes == 2 * DEV_PARAMS
+
+
+def test_dev_params_an_eighth_under_fsdp(dev):
+    p = param_memory(dev["transformer"], Strategy.load("fsdp"), {"fsdp": 8})
+    assert p.device_bytes == 2 * ((DEV_PARAMS - DEV_UNSPLIT_PARAMS) // 8 + DEV_UNSPLIT_PARAMS)
+    assert abs(p.device_bytes - p.total_bytes / 8) < 1e5 and not p.notes  # "about 23.8 GB / 8"
+
+
+def test_fsdp_tp_splits_as_much_as_fsdp_on_the_same_devices(dev):
+    fsdp = param_memory(dev["transformer"], Strategy.load("fsdp"), {"fsdp": 8})
+    both = param_memory(dev["transformer"], Strategy.load("fsdp_tp"), {"fsdp": 4, "tensor": 2})
+    # Only 1-D leaves (biases) differ: fsdp_tp splits a qkv bias on `tensor` alone.
+    assert fsdp.device_bytes <= both.device_bytes < fsdp.device_bytes * 1.01
+
+
+def test_parsers():
+    assert parse_bytes("16GiB") == 16 << 30 and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20
+    assert parse_size("1024x768") == (768, 1024)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        parse_size("1000x1000")
+    with pytest.raises(ValueError, match="--hbm"):
+        parse_bytes("lots")
+
+
+def test_plan_command_prints_and_fits(capsys):
+    assert main(["plan", "--model", "dev", "--sharding", "fsdp", "--devices", "8", "--hbm", "16GiB", "--no-xla"]) == 0
+    out = capsys.readouterr().out
+    assert "params transformer    2.975 GB" in out and "[analytic" in out
+    assert "fits in 16.0 GiB" in out
+
+
+def test_plan_command_with_xla_compile():
+    """The XLA figure comes from a child process with 8 simulated devices (tiny model: fast)."""
+    proc = subprocess.run([sys.executable, "-m", "fluxjax.cli", "plan", "--model", "tiny", "--sharding", "fsdp_tp",
+                           "--devices", "8", "--size", "64x64", "--hbm", "1GiB"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[xla: CPU AOT compile in float32" in proc.stdout and "mesh fsdp=4 x tensor=2" in proc.stdout
+
+
+def test_plan_command_unknown_strategy(capsys):
+    assert main(["plan", "--sharding", "nope", "--devices", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown sharding strategy 'nope'" in err and "fsdp_tp" in err
+
+
+def test_plan_command_rejects_an_indivisible_device_count(capsys):
+    assert main(["plan", "--sharding", "fsdp_tp", "--devices", "3", "--no-xla"]) == 2
+    assert "not a multiple of 2" in capsys.readouterr().err

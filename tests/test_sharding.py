@@ -1,0 +1,205 @@
+"""Sharding strategies: the files, the API, and on 8 simulated CPU devices (tests/sharding_worker.py
+in a subprocess) the single-device result and the layouts each strategy's table promises."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from convert.flux import param_shapes
+from fluxjax.config import FluxConfig
+from fluxjax.errors import UsageError
+from fluxjax.models.flux import Flux
+from fluxjax.sharding import Strategy, available, pad_batch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = ("dp", "fsdp", "tp", "fsdp_tp")
+FP32_ABS_TOL = 1e-5  # what the issue asks of a sharded run against one device
+
+
+# -- files and API, no devices needed -----------------------------------------------------------
+
+
+def test_shipped_strategies_load_with_a_description():
+    assert set(SHIPPED) <= set(available())
+    for name in SHIPPED:
+        s = Strategy.load(name)
+        assert len(s.description.split()) > 40, f"{name}: the paragraph on when to choose it is missing"
+        assert s.mesh_axes("activation_batch"), f"{name}: the batch must be split"
+
+
+def test_unknown_strategy_names_the_known_ones():
+    with pytest.raises(UsageError, match="unknown sharding strategy 'nope'.*dp, fsdp, fsdp_tp, tp"):
+        Strategy.load("nope")
+
+
+def test_strategy_by_path_and_bad_file(tmp_path):
+    good = tmp_path / "mine.toml"
+    good.write_text('[mesh]\naxes = ["x"]\nici = [-1]\ndcn = [-1]\n[rules]\nactivation_batch = "x"\n')
+    assert Strategy.load(good).mesh_shape(4) == {"x": 4}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mesh]\naxes = ["x"]\nici = [-1]\ndcn = [-1]\n[rules]\nembed = "y"\n')
+    with pytest.raises(UsageError, match="no such mesh axis"):
+        Strategy.load(bad)
+
+
+def test_mesh_shape_resolves_the_rest_and_rejects_bad_counts():
+    s = Strategy.load("fsdp_tp")
+    assert s.mesh_shape(8) == {"fsdp": 4, "tensor": 2}
+    assert s.mesh_shape(16, num_slices=2) == {"fsdp": 8, "tensor": 2}  # dcn -1 takes the hosts
+    assert s.with_ici(2, 4).mesh_shape(8) == {"fsdp": 2, "tensor": 4}
+    with pytest.raises(UsageError, match="not a multiple of 2"):
+        s.mesh_shape(3)
+    with pytest.raises(UsageError, match="needs 8"):
+        s.with_ici(4, 2).mesh_shape(4)
+
+
+def test_repeated_and_indivisible_dims():
+    mesh = types.SimpleNamespace(shape={"fsdp": 8})
+    s = Strategy.load("fsdp")
+    spec, notes = s.spec(("embed", "embed"), (64, 64), mesh)  # MLPEmbedder.out_layer
+    assert tuple(spec) == ("fsdp", None) and not notes
+    spec, notes = s.spec(("embed", "qkv"), (12, 24), mesh)  # embed 12 does not split 8 ways: qkv does
+    assert tuple(spec) == (None, "fsdp") and "embed=12" in notes[0]
+    spec, notes = s.spec((None, "heads"), (32, 4), mesh)  # T5's bucket table with 4 heads
+    assert tuple(spec) == (None, None) and "replicated" in notes[0]
+
+
+def test_pad_batch_repeats_the_last_row():
+    x, ids = np.arange(6.0).reshape(3, 2), np.array([[1], [2], [3]])
+    (xp, idp), n = pad_batch((x, ids), 4)
+    assert n == 3 and xp.shape == (4, 2) and (xp[3] == x[2]).all() and (idp[:, 0] == [1, 2, 3, 3]).all()
+    assert pad_batch(x, 3)[0] is x
+    with pytest.raises(ValueError, match="disagree"):
+        pad_batch((x, np.zeros((2, 1))), 4)
+
+
+def test_full_size_dev_fsdp_shards_every_kernel_eight_ways():
+    """From abstract shapes only: under fsdp on 8 devices every dev kernel is split 8 ways."""
+    abstract = param_shapes(Flux(FluxConfig.preset("dev")))
+    specs, notes = Strategy.load("fsdp").param_specs(abstract, types.SimpleNamespace(shape={"fsdp": 8}))
+    assert not notes
+    leaves = jax.tree_util.tree_leaves_with_path(abstract, is_leaf=lambda x: hasattr(x, "names"))
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    for (path, box), spec in zip(leaves, flat_specs):
+        if box.value.ndim >= 2 and "kernel" in str(path[-1]):
+            assert "fsdp" in tuple(spec), f"{jax.tree_util.keystr(path)} {box.names} not sharded"
+
+
+# -- 8 simulated devices --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py")], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def _cases(worker, strategy):
+    cases = [c for c in worker["cases"] if c["strategy"] == strategy]
+    assert cases
+    return cases
+
+
+@pytest.mark.parametrize("strategy", SHIPPED)
+def test_every_mesh_gives_the_single_device_result(worker, strategy):
+    for model, scale in worker["reference_max_abs"].items():
+        assert scale > 0.1, f"{model}: the reference output is too small to test anything"
+    for case in _cases(worker, strategy):
+        assert set(case["errors"]) >= {"flux"}
+        for model, err in case["errors"].items():
+            assert err <= FP32_ABS_TOL, f"{strategy} {case['ici']} {model}: max abs error {err}"
+
+
+@pytest.mark.parametrize("strategy", SHIPPED)
+def test_outputs_split_along_the_data_axes(worker, strategy):
+    """Batch 3 is padded to the data size and each device holds its rows of the result."""
+    for case in _cases(worker, strategy):
+        data = case["data_size"]
+        assert data == math.prod(case["mesh"][a] for a in Strategy.load(strategy).mesh_axes("activation_batch"))
+        for model, out in case["outputs"].items():
+            assert out["shape"][0] == -(-3 // data) * data, (model, out)
+            assert out["shard"][0] == out["shape"][0] // data, (strategy, case["ici"], model, out)
+
+
+def _param(case, model, path):
+    return case[f"{model}_params"][path]
+
+
+def test_dp_replicates_every_weight(worker):
+    (case,) = _cases(worker, "dp")
+    for model in ("flux", "t5"):
+        for path, p in case[f"{model}_params"].items():
+            assert p["shard"] == p["shape"], path
+
+
+def test_fsdp_each_device_holds_an_eighth_of_every_kernel(worker):
+    (case,) = _cases(worker, "fsdp")
+    for model in ("flux", "t5"):
+        kernels = {k: p for k, p in case[f"{model}_params"].items() if k.endswith(("kernel", "shared/embedding"))}
+        assert len(kernels) >= 8
+        for path, p in kernels.items():
+            assert 8 * math.prod(p["shard"]) == math.prod(p["shape"]), (path, p)
+
+
+def _tensor_split(case, model, path):
+    """Which dims of a parameter are split, and by how much."""
+    p = _param(case, model, path)
+    return [s // d for s, d in zip(p["shape"], p["shard"])]
+
+
+@pytest.mark.parametrize("model,column,row", [
+    ("flux", "double_blocks/img_attn/qkv/kernel", "double_blocks/img_attn/proj/kernel"),
+    ("flux", "double_blocks/img_mlp/0/kernel", "double_blocks/img_mlp/2/kernel"),
+    ("flux", "single_blocks/linear1/kernel", "single_blocks/linear2/kernel"),
+    ("t5", "block/layer_0/SelfAttention/q/kernel", "block/layer_0/SelfAttention/o/kernel"),
+    ("t5", "block/layer_1/DenseReluDense/wi_0/kernel", "block/layer_1/DenseReluDense/wo/kernel"),
+])
+def test_tp_is_megatron(worker, model, column, row):
+    """Column-parallel in (split output features), row-parallel out (split input features)."""
+    for case in _cases(worker, "tp"):
+        if f"{model}_params" not in case:
+            continue
+        t = case["mesh"]["tensor"]
+        assert _tensor_split(case, model, column) == [1, 1, t], (case["ici"], column)
+        assert _tensor_split(case, model, row) == [1, t, 1], (case["ici"], row)
+    case = _cases(worker, "tp")[-1]
+    assert _tensor_split(case, "flux", "img_in/kernel") == [1, 1]  # embedders stay whole
+
+
+def test_fsdp_tp_splits_kernels_on_both_axes(worker):
+    for case in _cases(worker, "fsdp_tp"):
+        f, t = case["mesh"]["fsdp"], case["mesh"]["tensor"]
+        assert _tensor_split(case, "flux", "double_blocks/img_attn/qkv/kernel") == [1, f, t]
+        assert _tensor_split(case, "flux", "double_blocks/img_attn/proj/kernel") == [1, t, f]
+        assert _tensor_split(case, "flux", "double_blocks/img_mod/lin/kernel") == [1, f, t]
+
+
+@pytest.mark.parametrize("strategy", SHIPPED)
+def test_attention_heads_constrained_as_the_table_says(worker, strategy):
+    """q, k, v (B, L, H, d) carry the batch axes on B and the heads axis (tp) on H."""
+    s = Strategy.load(strategy)
+    batch = s.mesh_axes("activation_batch")[0]
+    heads = s.mesh_axes("activation_heads")
+    expected = f'[{{"{batch}"}}, {{}}, {{{chr(34) + heads[0] + chr(34) if heads else ""}}}, {{}}]'
+    for case in _cases(worker, strategy):
+        assert expected in case["heads_constraint"], case["heads_constraint"]
+
+
+def test_initialize_distributed_is_a_no_op_alone_and_explains_missing_settings(monkeypatch):
+    from fluxjax.sharding import initialize_distributed
+
+    for var in ("FLUXJAX_COORDINATOR", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed() is False
+    monkeypatch.setenv("FLUXJAX_COORDINATOR", "localhost:1234")
+    with pytest.raises(UsageError, match="FLUXJAX_NUM_PROCESSES"):
+        initialize_distributed()
