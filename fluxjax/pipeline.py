@@ -9,6 +9,7 @@ executables across processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from fluxjax import sampling
 from fluxjax.cache import enable_compilation_cache
@@ -29,6 +31,7 @@ from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.clip import CLIPTextEncoder
 from fluxjax.models.flux import Flux
 from fluxjax.models.t5 import T5Encoder
+from fluxjax.sharding import Strategy
 from fluxjax.text import PromptTokenizer, encode_prompts_jit
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -72,10 +75,12 @@ class FluxPipeline:
     """
 
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
-                 tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str):
+                 tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str,
+                 strategy: Strategy | None = None, mesh: Mesh | None = None):
         _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config)
         self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
         self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
+        self.strategy, self.mesh = strategy, mesh
         self.defaults = DEFAULTS[kind]
         self.timings: dict[str, float] = {}
 
@@ -92,24 +97,30 @@ class FluxPipeline:
             `huggingface_hub.snapshot_download` leaves it; a hub repo id (downloaded with
             huggingface_hub when the network allows); or "tiny" (random weights, no files).
         dtype: parameters and compute of every model ("bfloat16" or "float32").
-        sharding: must be None (one device) until sharding strategies land.
+        sharding: None (one device), or a strategy of configs/sharding ("dp", "fsdp", "tp",
+            "fsdp_tp"), a path to a strategy file, or a `fluxjax.sharding.Strategy`: the mesh spans every device of every
+            process, each weight is read straight into its shard, and batches are split along
+            the strategy's data axes (padded when they do not divide, the padding dropped).
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
             those components of `source`.
         attention_impl: "xla" or "cudnn" (GPU flash attention).
         """
-        if sharding is not None:
-            raise UsageError(f"sharding={sharding!r}: sharding strategies are not available yet; use sharding=None")
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)
+        strategy = mesh = None
+        if sharding is not None:
+            strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
+            mesh = strategy.make_mesh()
+        placement = dict(strategy=strategy, mesh=mesh)
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:
                 raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
-            return cls._tiny(dtype, attention_impl)
+            return cls._tiny(dtype, attention_impl, **placement)
         root = _resolve_source(os.fspath(source))
-        return cls._from_folder(root, dtype, transformer, vae, attention_impl)
+        return cls._from_folder(root, dtype, transformer, vae, attention_impl, **placement)
 
     @classmethod
-    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl) -> "FluxPipeline":
+    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, strategy, mesh) -> "FluxPipeline":
         from convert.clip import load_clip
         from convert.flux import load_transformer
         from convert.t5 import load_t5
@@ -123,23 +134,27 @@ class FluxPipeline:
         for label, path in (("transformer", transformer_file), ("vae", vae_file)):
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"{label}={os.fspath(path)!r}: no such file (expected a BFL .safetensors file)")
-        t = Component(*load_transformer(transformer_file or os.path.join(root, "transformer"), dtype, attention_impl=attention_impl))
+        place = dict(sharding=strategy.param_shardings(mesh)) if strategy else {}
+        t = Component(*load_transformer(transformer_file or os.path.join(root, "transformer"), dtype,
+                                        attention_impl=attention_impl, **place))
         kind = "dev" if t.model.config.guidance_embed else "schnell"
         scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
         return cls(
             transformer=t,
-            t5=Component(*load_t5(os.path.join(root, "text_encoder_2"), dtype, attention_impl=attention_impl)),
-            clip=Component(*load_clip(os.path.join(root, "text_encoder"), dtype, attention_impl=attention_impl)),
-            vae=Component(*load_vae(vae_file or os.path.join(root, "vae"), dtype)),
+            t5=Component(*load_t5(os.path.join(root, "text_encoder_2"), dtype, attention_impl=attention_impl, **place)),
+            clip=Component(*load_clip(os.path.join(root, "text_encoder"), dtype, attention_impl=attention_impl, **place)),
+            vae=Component(*load_vae(vae_file or os.path.join(root, "vae"), dtype, **place)),
             tokenizer=PromptTokenizer.from_folder(root),
             schedule=schedule,
             kind=kind,
             name=os.path.basename(os.path.normpath(transformer_file or root)),
+            strategy=strategy,
+            mesh=mesh,
         )
 
     @classmethod
-    def _tiny(cls, dtype, attention_impl) -> "FluxPipeline":
+    def _tiny(cls, dtype, attention_impl, strategy, mesh) -> "FluxPipeline":
         """Small random models and locally trained tokenizers: for demos and tests, not images."""
         from fluxjax.tiny_tokenizers import make_tokenizers
 
@@ -153,9 +168,10 @@ class FluxPipeline:
             "clip": CLIPTextEncoder(CLIPConfig.preset("tiny"), attention_impl=attention_impl, **kw),
             "vae": AutoEncoder(AutoEncoderConfig.preset("tiny"), **kw),
         }
-        params = _init_tiny(models)
+        params = _init_tiny(models, strategy.param_shardings(mesh) if strategy else None)
         components = {k: Component(models[k], params[k]) for k in models}
-        return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny")
+        return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
+                   strategy=strategy, mesh=mesh)
 
     # --- generation ------------------------------------------------------------------------
 
@@ -189,23 +205,30 @@ class FluxPipeline:
 
         from tqdm import tqdm
 
-        with tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
+        t5_ids, clip_ids = self.tokenizer(prompts, max_sequence_length)
+        inputs = dict(
+            t5_ids=t5_ids, clip_ids=clip_ids, img=sampling.pack(noise), img_ids=sampling.image_ids(batch, height, width),
+            txt_ids=sampling.text_ids(batch, t5_ids.shape[1]),
+            guidance=None if guidance is None else np.full((batch,), guidance, np.float32),
+        )
+        if self.strategy is not None:  # split along the data axes, padded to divide them
+            inputs, _ = self.strategy.put_batch(inputs, self.mesh)
+        rules = self.strategy.rules if self.strategy is not None else ()
+        context = self.strategy.activate(self.mesh) if self.strategy is not None else contextlib.nullcontext()
+
+        with context, tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
             start = time.perf_counter()
-            t5_ids, clip_ids = self.tokenizer(prompts, max_sequence_length)
-            txt, vec = self.encode(t5_ids, clip_ids)
+            txt, vec = self.encode(inputs["t5_ids"], inputs["clip_ids"], rules)
             txt.block_until_ready()
             self.timings = {"encode": time.perf_counter() - start}
             bar.update(1)
 
             bar.set_description(f"denoising ({num_steps} steps)")
             start = time.perf_counter()
-            img = sampling.pack(noise)
             with sampling.step_callback(lambda i: bar.update(1)):
                 latents_out = sampling.denoise(
-                    self.transformer.model, self.transformer.params, img,
-                    sampling.image_ids(batch, height, width), txt, sampling.text_ids(batch, txt.shape[1]), vec,
-                    sigmas, None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
-                    report_steps=bool(progress),
+                    self.transformer.model, self.transformer.params, inputs["img"], inputs["img_ids"], txt,
+                    inputs["txt_ids"], vec, sigmas, inputs["guidance"], report_steps=bool(progress), rules=rules,
                 )
                 latents_out.block_until_ready()
             self.timings["denoise"] = time.perf_counter() - start
@@ -214,7 +237,7 @@ class FluxPipeline:
 
             bar.set_description("decoding")
             start = time.perf_counter()
-            images = np.asarray(self.decode(latents_out, height, width))
+            images = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width, rules))[:batch]
             self.timings["decode"] = time.perf_counter() - start
             bar.update(1)
         if output == "np":
@@ -223,14 +246,10 @@ class FluxPipeline:
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
-    def encode(self, t5_ids, clip_ids):
+    def encode(self, t5_ids, clip_ids, rules=()):
         """Token ids (B, L) and (B, 77) -> txt (B, L, context_dim), vec (B, vec_dim) in the transformer's dtype."""
         return encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params,
-                                  t5_ids, clip_ids, self.transformer.model.dtype)
-
-    def decode(self, packed: jax.Array, height: int, width: int) -> jax.Array:
-        """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1]."""
-        return _decode(self.vae.model, self.vae.params, packed, height, width)
+                                  t5_ids, clip_ids, self.transformer.model.dtype, rules)
 
     def _inputs(self, prompt, height, width, seed, latents):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -268,11 +287,22 @@ class FluxPipeline:
         return float(guidance)
 
 
-@partial(jax.jit, static_argnames=("model", "height", "width"))
-def _decode(model: AutoEncoder, params, packed, height: int, width: int):
+@partial(jax.jit, static_argnames=("model", "height", "width", "rules"))
+def _decode(model: AutoEncoder, params, packed, height: int, width: int, rules=()):
+    """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1]."""
     latents = sampling.unpack(packed, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    pixels = model.apply({"params": params}, latents, method="decode")
+    with nn.logical_axis_rules(rules):
+        pixels = model.apply({"params": params}, latents, method="decode")
     return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host) global array as one host NumPy array, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -329,10 +359,11 @@ def local_schnell() -> str | None:
         return None
 
 
-def _init_tiny(models: dict) -> dict:
+def _init_tiny(models: dict, sharding=None) -> dict:
     """Random parameters for the tiny models, drawn with NumPy from fixed seeds (the same on every
     machine): kernels N(0, 1/fan_in), norm scales 1, biases 0. Shapes come from `jax.eval_shape`;
-    compiling the models' `init` instead would take longer than a tiny image."""
+    compiling the models' `init` instead would take longer than a tiny image. `sharding`: the
+    loaders' callable (boxed shapes -> shardings) to place each tree, or None for one device."""
     t = models["transformer"].config
     f = jnp.float32
     dummy = {
@@ -358,9 +389,10 @@ def _init_tiny(models: dict) -> dict:
             else:
                 fan_in = int(np.prod([d for d, n in zip(leaf.shape[:-1], names) if n != "layers"]))
                 value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
-            return jnp.asarray(value, leaf.dtype)
+            return np.asarray(value, leaf.dtype)
 
-        out[name] = jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        params = jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        out[name] = jax.device_put(params, sharding(shapes) if sharding is not None else None)
     return out
 
 
