@@ -38,6 +38,7 @@ def test_generate_tiny_writes_png_with_metadata(tmp_path):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--model", "/no/such/folder"], "/no/such/folder: no such folder"),
     (["--transformer", "/no/flux1-dev.safetensors", "--model", "tiny"], "--transformer /no/flux1-dev.safetensors: no such file"),
+    (["--sharding", "zigzag"], "zigzag"),
 ])
 def test_generate_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "x.png"

@@ -36,11 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="attention kernel")
+    parser.add_argument("--sharding", default=None,
+                        help="a strategy of configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
 
 
 def _check(args) -> None:
     """Everything that can be checked before minutes of loading."""
     from fluxjax.pipeline import check_source
+    from fluxjax.sharding import Strategy
 
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
@@ -54,6 +57,8 @@ def _check(args) -> None:
         raise UsageError(f"--out {args.out}: folder {folder} does not exist")
     if args.model is not None:
         check_source(args.model)
+    if args.sharding is not None:
+        Strategy.load(args.sharding)
     for name in ("transformer", "vae"):
         path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
@@ -72,8 +77,8 @@ def run(args) -> int:
 
     start = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, transformer=args.transformer, vae=args.vae,
-                                        attention_impl=args.attention)
+    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
+                                        vae=args.vae, attention_impl=args.attention)
     timings = {"load": time.perf_counter() - start}
     (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                     seed=args.seed, output="pil", progress=True)
