@@ -21,13 +21,24 @@ def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+# Every figure a benchmark reports in this process, for `fluxjax bench`'s table and JSON.
+RESULTS: list[dict] = []
+
+
+def record(name: str, fluxjax: float, reference: float | None = None, unit: str = "ms", against: str = "") -> None:
+    """Keep one figure (and the reference's, when there is one) for the summary table."""
+    RESULTS.append(dict(name=name.strip(), fluxjax=fluxjax, reference=reference, unit=unit, against=against,
+                        ratio=None if reference is None else reference / fluxjax))
+
+
 def report(name: str, fluxjax_s: float, reference_s: float, reference: str = "PyTorch") -> str:
-    """One line: both times and the speed-up of fluxjax over the reference."""
+    """One line: both times and the speed-up of fluxjax over the reference (also recorded)."""
     line = (
         f"{name}: fluxjax {fluxjax_s * 1e3:.1f} ms, {reference} {reference_s * 1e3:.1f} ms, "
         f"speed-up {reference_s / fluxjax_s:.2f}x"
     )
     print(line, flush=True)
+    record(name, fluxjax_s * 1e3, reference_s * 1e3, "ms", reference)
     return line
 
 

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from fluxjax.bench.common import record
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GB = 1 << 30
 
@@ -119,6 +121,10 @@ def main(argv=None) -> str:
             f"restore Orbax: {float(orbax_out.split()[-1]):.1f} s (process {orbax_s_wall:.1f} s), peak RSS {orbax_rss / GB:.2f} GiB",
             f"load safetensors directly: {float(st_out.split()[-1]):.1f} s (process {st_s_wall:.1f} s), peak RSS {st_rss / GB:.2f} GiB",
         ]
+        record("convert peak RSS / checkpoint size", conv_rss / size, unit="x")
+        record("convert throughput", size / conv_s / 2**20, unit="MB/s")
+        record("restore Orbax (vs load safetensors)", float(orbax_out.split()[-1]), float(st_out.split()[-1]), "s",
+               "safetensors direct")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = "\n".join(lines)

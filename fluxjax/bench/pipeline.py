@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from fluxjax.bench.common import median_time
+from fluxjax.bench.common import median_time, record, report
 
 FEW, MANY = 2, 6  # step counts whose difference gives the time of a step
 
@@ -65,8 +65,7 @@ def _steps(args) -> None:
           f"{args.threads} threads; max pixel difference {error:.1e}", flush=True)
     theirs_s = _per_step(run_reference, args.repeat)
     ours_s = _per_step(run_fluxjax, args.repeat)
-    print(f"  per denoising step: fluxjax {ours_s * 1e3:.1f} ms (jit, one fori_loop), diffusers FluxPipeline "
-          f"{theirs_s * 1e3:.1f} ms (eager); fluxjax faster by {theirs_s / ours_s:.2f}x (target >= 1.3x)", flush=True)
+    report("  per denoising step (target >= 1.3x)", ours_s, theirs_s, "diffusers FluxPipeline (eager)")
 
 
 def _end_to_end(args) -> None:
@@ -81,6 +80,7 @@ def _end_to_end(args) -> None:
         raise RuntimeError(f"fluxjax generate failed:\n{run.stderr}")
     stages = run.stderr.strip().splitlines()[-1]
     print(f"tiny image end to end (fresh process, compile included, 256x256, 4 steps): {wall:.1f} s\n  {stages}", flush=True)
+    record("tiny image end to end, compile included", wall, unit="s")
 
 
 def main(argv=None) -> None:
