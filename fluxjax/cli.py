@@ -19,6 +19,7 @@ COMMANDS = {
     "generate": ("fluxjax.commands.generate", "generate an image from a prompt"),
     "bench": ("fluxjax.commands.bench", "time fluxjax against the PyTorch reference in the same run"),
     "convert": ("fluxjax.commands.convert", "convert a hub folder or a BFL single file to Orbax checkpoints"),
+    "batch": ("fluxjax.commands.batch", "generate a PNG for every prompt of a file, over hosts, resumable"),
 }
 
 DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
