@@ -23,6 +23,9 @@ overwritten). A PNG present but not recorded (the process died between the renam
 manifest line) is generated again and replaced: the PNG alone cannot prove which run or model
 made it, and regeneration gives the same pixels, so the outcome does not depend on when the
 kill came.
+
+Two runs on one DIR must not overlap in time unless they are the hosts of one run: a job's
+single writer is its host under the current process count.
 """
 
 from __future__ import annotations
@@ -252,13 +255,16 @@ class Summary:
 
 
 def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0, hosts: int = 1,
-             log=sys.stderr) -> Summary:
+             log=None) -> Summary:
     """Make this host's share of `jobs` (resolved) in out_dir, skipping those already recorded.
 
-    pipe: a FluxPipeline. A batch that fails (e.g. out of memory) is reported on `log` and counted
-    in Summary.failed; the run goes on with the next batch, and a later run retries it.
+    pipe: a FluxPipeline. A batch that fails (e.g. out of memory) is reported on `log` (default
+    sys.stderr) and counted in Summary.failed; the run goes on with the next batch, and a later
+    run retries it.
     """
     from tqdm import tqdm
+
+    log = log or sys.stderr
 
     start = time.perf_counter()
     done = read_manifests(out_dir)

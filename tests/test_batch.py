@@ -162,6 +162,27 @@ def test_interrupted_run_resumes_to_the_uninterrupted_images(tmp_path, calls, mo
     assert all(np.array_equal(got[n], reference[n]) for n in reference)
 
 
+def test_failed_batch_is_counted_and_retried(tmp_path, calls, monkeypatch, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:4])
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2"]
+    original = batch.save_png
+
+    def save(image, path, text):
+        if path.endswith("000000.png"):
+            raise OSError(28, "No space left on device")
+        original(image, path, text)
+
+    monkeypatch.setattr(batch, "save_png", save)
+    assert cli.main(args) == 1  # the run goes on after a failed batch, and says so in its exit code
+    err = capsys.readouterr().err
+    assert "2 images failed (000000.png ...): OSError" in err and "2 done, 0 skipped as already done, 2 failed" in err
+    assert [r["name"] for _, r in records(out)] == ["000002.png", "000003.png"]
+    monkeypatch.setattr(batch, "save_png", original)
+    assert cli.main(args) == 0
+    assert "2 done, 2 skipped as already done, 0 failed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, lines, message", [
     ("p.jsonl", ['{"prompt": "a"}', '{"prompt": "b",}'], "p.jsonl:2: not valid JSON"),
     ("p.jsonl", ['{"prompt": "a"}', "", '{"seed": 3}'], "p.jsonl:3: missing \"prompt\""),
