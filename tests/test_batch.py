@@ -236,3 +236,20 @@ def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, ca
     assert sorted(os.listdir(out)) == sorted(reference) + ["manifest-00000.jsonl", "manifest-00001.jsonl"]
     got = pixels(out, reference)
     assert all(np.array_equal(got[n], reference[n]) for n in reference)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FLUXJAX_PROCESS_ID": "0"}, "FLUXJAX_COORDINATOR is set, so FLUXJAX_NUM_PROCESSES must be set too"),
+    ({"FLUXJAX_NUM_PROCESSES": "two", "FLUXJAX_PROCESS_ID": "0"}, "FLUXJAX_NUM_PROCESSES='two' is not an integer"),
+    ({"FLUXJAX_NUM_PROCESSES": "2", "FLUXJAX_PROCESS_ID": "2"}, "FLUXJAX_PROCESS_ID=2 must be below FLUXJAX_NUM_PROCESSES=2"),
+])
+def test_distributed_settings_are_checked(monkeypatch, env, message):
+    from fluxjax import distributed
+
+    for name in ("FLUXJAX_NUM_PROCESSES", "FLUXJAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLUXJAX_COORDINATOR", "localhost:1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        distributed.initialize()
