@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("fluxjax.commands.bench", "time fluxjax against the PyTorch reference in the same run"),
     "convert": ("fluxjax.commands.convert", "convert a hub folder or a BFL single file to Orbax checkpoints"),
     "plan": ("fluxjax.commands.plan", "per-device memory of a sharding strategy, from shapes only"),
+    "batch": ("fluxjax.commands.batch", "generate a PNG for every prompt of a file, over hosts, resumable"),
 }
 
 DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors

@@ -15,7 +15,7 @@ Logical axes not in [rules] are replicated. The global mesh shape is ici * dcn, 
 
 Use (the pipeline and the loaders need nothing else):
 
-    initialize_distributed()                               # first thing in a multi-host run
+    fluxjax.distributed.initialize()                       # first thing in a multi-host run
     strategy = Strategy.load("fsdp")                       # or a path to a .toml
     mesh = strategy.make_mesh()                            # all devices of all processes
     shardings = strategy.param_shardings(mesh)(abstract)   # abstract: boxed eval_shape params
@@ -255,27 +255,6 @@ class Strategy:
             return jax.make_array_from_callback(x.shape, self.batch_sharding(mesh, x.ndim), lambda index: x[index])
 
         return jax.tree.map(put, tree), n
-
-
-def initialize_distributed() -> bool:
-    """Join the other processes of a multi-host run, before any other JAX call; True if joined.
-
-    On TPU pods (and SLURM, Open MPI), JAX finds the coordinator itself. Elsewhere set
-    FLUXJAX_COORDINATOR (host:port of process 0), FLUXJAX_NUM_PROCESSES and FLUXJAX_PROCESS_ID.
-    Without any of these, and not on a multi-host TPU, this is a single-process run: nothing happens.
-    """
-    coordinator = os.environ.get("FLUXJAX_COORDINATOR")
-    if coordinator:
-        try:
-            num, pid = int(os.environ["FLUXJAX_NUM_PROCESSES"]), int(os.environ["FLUXJAX_PROCESS_ID"])
-        except (KeyError, ValueError):
-            raise UsageError("FLUXJAX_COORDINATOR is set: set FLUXJAX_NUM_PROCESSES and FLUXJAX_PROCESS_ID too (integers)") from None
-        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
-        return True
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") or "SLURM_JOB_ID" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
-        jax.distributed.initialize()
-        return True
-    return False
 
 
 def _resolve(shape: Sequence[int], total: int, where: str, what: str) -> tuple[int, ...]:

@@ -192,14 +192,3 @@ def test_attention_heads_constrained_as_the_table_says(worker, strategy):
     expected = f'[{{"{batch}"}}, {{}}, {{{chr(34) + heads[0] + chr(34) if heads else ""}}}, {{}}]'
     for case in _cases(worker, strategy):
         assert expected in case["heads_constraint"], case["heads_constraint"]
-
-
-def test_initialize_distributed_is_a_no_op_alone_and_explains_missing_settings(monkeypatch):
-    from fluxjax.sharding import initialize_distributed
-
-    for var in ("FLUXJAX_COORDINATOR", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    assert initialize_distributed() is False
-    monkeypatch.setenv("FLUXJAX_COORDINATOR", "localhost:1234")
-    with pytest.raises(UsageError, match="FLUXJAX_NUM_PROCESSES"):
-        initialize_distributed()

@@ -66,13 +66,15 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
+    from fluxjax import distributed
     from fluxjax.pipeline import FluxPipeline, local_schnell
 
     _check(args)
+    host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
     model = args.model
     if model is None:
         model = local_schnell() or "tiny"
-    if model == "tiny":
+    if model == "tiny" and host == 0:
         print(f"fluxjax generate: {TINY_NOTICE}", file=sys.stderr)
 
     start = time.perf_counter()
@@ -84,6 +86,8 @@ def run(args) -> int:
                     seed=args.seed, output="pil", progress=True)
     timings.update(pipe.timings)
 
+    if host != 0:
+        return 0
     start = time.perf_counter()
     steps = args.steps or pipe.defaults.num_steps
     guidance = None if not pipe.transformer.model.config.guidance_embed else (

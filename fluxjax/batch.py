@@ -1,0 +1,332 @@
+"""Batch generation: many prompts to PNGs in a folder, split over hosts, resumable.
+
+Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object a line with
+"prompt" and optional "seed", "height", "width", "steps", "guidance", "name"); blank lines are
+skipped. Job k (the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
+`seed + k` unless it gives its own: an image depends on its job only, never on batching or on
+the number of hosts (sampling.noise draws each image's noise from its own seed).
+
+Hosts. Job k belongs to host k % process_count; each host generates its own jobs on its local
+devices, independently of the others. Round robin keeps every shape group balanced over hosts.
+
+Batches. A host groups its jobs by shape (height, width, steps, guidance) and runs them
+batch_size at a time. The last batch of a group is padded to batch_size by repeating its last
+job and the extra images are dropped: a new batch size would cost a compile (seconds on CPU,
+a minute at full size on a TPU), more than the padding's wasted compute.
+
+Manifest. Host h appends one JSON line per finished image to `DIR/manifest-{h:05d}.jsonl`,
+fsynced after the PNG itself (written under a temporary name, renamed, fsynced): a line means
+the image is complete on disk. Each host writes only its own file, so several hosts can share
+DIR without locks. A restart reads every host's manifest and skips the jobs recorded there (for
+the same recipe; a recorded image of another recipe under the same name is an error, never
+overwritten). A PNG present but not recorded (the process died between the rename and the
+manifest line) is generated again and replaced: the PNG alone cannot prove which run or model
+made it, and regeneration gives the same pixels, so the outcome does not depend on when the
+kill came.
+
+Two runs on one DIR must not overlap in time unless they are the hosts of one run: a job's
+single writer is its host under the current process count.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from itertools import groupby
+
+from fluxjax.commands.generate import save_png
+from fluxjax.errors import UsageError
+from fluxjax.sampling import check_dimension
+
+JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name"}
+RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model")  # PNG text chunks that define an image
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make. `where` is "FILE:LINE" of its prompt, for error messages.
+
+    height, width, steps, guidance are None until `resolve` fills in the model's defaults;
+    guidance stays None for models without a guidance embedding.
+    """
+
+    index: int
+    where: str
+    name: str
+    prompt: str
+    seed: int
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+    @property
+    def shape(self) -> tuple:
+        """What a compiled batch depends on: jobs of one shape can share a batch."""
+        return (self.height, self.width, self.steps, self.guidance)
+
+    def text(self, model: str) -> dict[str, str]:
+        """The PNG text chunks, as `fluxjax generate` writes them."""
+        return {"prompt": self.prompt, "seed": str(self.seed), "steps": str(self.steps),
+                "guidance": "none" if self.guidance is None else f"{self.guidance:g}",
+                "size": f"{self.width}x{self.height}", "model": model, "software": "fluxjax"}
+
+
+def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | None = None,
+              steps: int | None = None, guidance: float | None = None) -> list[Job]:
+    """Parse and check a prompts file (text, or JSONL when it ends in .jsonl) into jobs.
+
+    The keyword arguments are the defaults for what a line does not give (None: the model's).
+    Raises UsageError "FILE:LINE: what is wrong" at the first bad line, before anything is written.
+    """
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such prompts file")
+    jsonl = path.lower().endswith(".jsonl")
+    jobs: list[Job] = []
+    names: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
+            k = len(jobs)
+            job = Job(index=k, where=where, name=_png_name(fields.get("name", f"{k:06d}"), where),
+                      prompt=fields["prompt"], seed=fields.get("seed", seed + k), height=fields.get("height", height),
+                      width=fields.get("width", width), steps=fields.get("steps", steps),
+                      guidance=fields.get("guidance", guidance))
+            if job.name in names:
+                raise UsageError(f"{where}: name {job.name} is already used by {names[job.name]}")
+            names[job.name] = where
+            jobs.append(job)
+    if not jobs:
+        raise UsageError(f"{path}: no prompts in the file")
+    return jobs
+
+
+def _jsonl_fields(line: str, where: str) -> dict:
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"{where}: expected a JSON object with a \"prompt\", got {type(fields).__name__}")
+    unknown = sorted(set(fields) - JSONL_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(JSONL_KEYS))})")
+    if not isinstance(fields.get("prompt"), str) or not fields["prompt"].strip():
+        raise UsageError(f"{where}: missing \"prompt\" (a non-empty string)")
+    for key in ("seed", "steps"):
+        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], int)):
+            raise UsageError(f"{where}: {key} must be an integer, got {fields[key]!r}")
+    if fields.get("steps", 1) < 1:
+        raise UsageError(f"{where}: steps must be at least 1, got {fields['steps']}")
+    for key in ("height", "width"):
+        if key in fields:
+            check_dimension(f"{where}: {key}", fields[key])
+    if "guidance" in fields and (isinstance(fields["guidance"], bool) or not isinstance(fields["guidance"], (int, float))):
+        raise UsageError(f"{where}: guidance must be a number, got {fields['guidance']!r}")
+    if "guidance" in fields:
+        fields["guidance"] = float(fields["guidance"])
+    return fields
+
+
+def _png_name(name, where: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise UsageError(f"{where}: name must be a plain file name (no folders, not starting with '.'), got {name!r}")
+    if name.startswith("manifest-"):
+        raise UsageError(f"{where}: name {name!r}: names starting with 'manifest-' are kept for the manifests")
+    return name if name.lower().endswith(".png") else name + ".png"
+
+
+def resolve(jobs: list[Job], defaults, guidance_embed: bool) -> list[Job]:
+    """Fill in the model's defaults (a pipeline's `defaults`); refuse guidance for models without it."""
+    out = []
+    for job in jobs:
+        if not guidance_embed and job.guidance is not None:
+            raise UsageError(f"{job.where}: guidance {job.guidance:g} given, but the model has no guidance embedding")
+        out.append(replace(
+            job, height=job.height or defaults.height, width=job.width or defaults.width,
+            steps=job.steps or defaults.num_steps,
+            guidance=(defaults.guidance if job.guidance is None else job.guidance) if guidance_embed else None))
+    return out
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Jobs grouped by shape (groups in order of first appearance), cut into runs of batch_size."""
+    order = {}
+    for job in jobs:
+        order.setdefault(job.shape, len(order))
+    ordered = sorted(jobs, key=lambda j: (order[j.shape], j.index))
+    out = []
+    for _, group in groupby(ordered, key=lambda j: j.shape):
+        group = list(group)
+        out += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    return out
+
+
+# --- manifests -----------------------------------------------------------------------------
+
+def manifest_path(out_dir: str, host: int) -> str:
+    return os.path.join(out_dir, f"manifest-{host:05d}.jsonl")
+
+
+def read_manifests(out_dir: str) -> dict[str, dict]:
+    """name -> record from every host's manifest in out_dir. A last line without its newline (a
+    process killed while appending it) is not a record: its image counts as not done."""
+    done: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "manifest-*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                record = json.loads(line)
+                done.setdefault(record["name"], record)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"{path}:{number}: not a manifest record (a JSON object with a \"name\")") from None
+    return done
+
+
+class Manifest:
+    """This host's manifest: one JSON object a line, each appended and fsynced on its own."""
+
+    def __init__(self, path: str):
+        _drop_unfinished_line(path)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _drop_unfinished_line(path: str) -> None:
+    """Cut a line left half-written by a killed process, so the next record starts on its own line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def check_recipes(jobs: list[Job], done: dict[str, dict], model: str) -> None:
+    """Refuse to run when an image recorded under a job's name was made from another recipe."""
+    for job in jobs:
+        record = done.get(job.name)
+        if record is None:
+            continue
+        wanted = job.text(model)
+        differ = [k for k in RECIPE_KEYS if record.get(k) != wanted[k]]
+        if differ:
+            raise UsageError(f"{job.where}: {job.name} is already recorded in the output folder with another "
+                             f"{differ[0]} ({record.get(differ[0])!r}, now {wanted[differ[0]]!r}); "
+                             "use a new --out-dir or remove that image's manifest line")
+
+
+# --- the run -------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    """What one host did. `redone`: images found on disk but not recorded, generated again."""
+
+    host: int
+    hosts: int
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    redone: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.done / self.seconds if self.seconds else 0.0
+        who = f"host {self.host} of {self.hosts}: " if self.hosts > 1 else ""
+        redone = f" ({self.redone} found unrecorded and made again)" if self.redone else ""
+        return (f"{who}{self.done} done{redone}, {self.skipped} skipped as already done, {self.failed} failed, "
+                f"in {self.seconds:.1f} s, {rate:.2f} images/s")
+
+
+def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0, hosts: int = 1,
+             log=None) -> Summary:
+    """Make this host's share of `jobs` (resolved) in out_dir, skipping those already recorded.
+
+    pipe: a FluxPipeline. A batch that fails (e.g. out of memory) is reported on `log` (default
+    sys.stderr) and counted in Summary.failed; the run goes on with the next batch, and a later
+    run retries it.
+    """
+    from tqdm import tqdm
+
+    log = log or sys.stderr
+
+    start = time.perf_counter()
+    done = read_manifests(out_dir)
+    check_recipes(jobs, done, pipe.name)
+    mine = [job for job in jobs if job.index % hosts == host]
+    todo = [job for job in mine if job.name not in done]
+    summary = Summary(host=host, hosts=hosts, skipped=len(mine) - len(todo))
+    summary.redone = sum(os.path.exists(os.path.join(out_dir, job.name)) for job in todo)
+    _remove_temporaries(out_dir, todo)
+
+    manifest = Manifest(manifest_path(out_dir, host))
+    tty = getattr(log, "isatty", lambda: False)()
+    bar = tqdm(total=len(todo), unit="img", desc=f"host {host}/{hosts}" if hosts > 1 else "images", file=log,
+               mininterval=0.5 if tty else 30.0, dynamic_ncols=True)
+    try:
+        for batch in batches(todo, batch_size):
+            padded = batch + [batch[-1]] * (batch_size - len(batch))
+            first = batch[0]
+            try:
+                images = pipe([j.prompt for j in padded], height=first.height, width=first.width, num_steps=first.steps,
+                              guidance=first.guidance, seed=[j.seed for j in padded], output="pil")
+                records = [_save(image, job, out_dir, pipe.name, host) for job, image in zip(batch, images)]
+                _fsync_dir(out_dir)  # the renames are durable before the manifest says so
+                for record in records:
+                    manifest.append(record)
+                summary.done += len(batch)
+            except UsageError:
+                raise
+            except Exception as e:  # one bad batch (out of memory, disk full) should not end a day-long run
+                summary.failed += len(batch)
+                message = " ".join(str(e).split())[:300]
+                print(f"fluxjax batch: {len(batch)} images failed ({first.name} ...): {type(e).__name__}: {message}",
+                      file=log, flush=True)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        manifest.close()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _save(image, job: Job, out_dir: str, model: str, host: int) -> dict:
+    """Write one PNG atomically and durably; return its manifest record."""
+    path = os.path.join(out_dir, job.name)
+    text = job.text(model)
+    save_png(image, path, text)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+        os.fsync(f.fileno())
+    return {"name": job.name, "index": job.index, **text, "sha256": digest, "host": host, "time": time.time()}
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_temporaries(out_dir: str, jobs: list[Job]) -> None:
+    """Temporary files of save_png (".NAME.PID.tmp") left by a killed run, for jobs only this host writes."""
+    for job in jobs:
+        for path in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(f".{job.name}.") + "*.tmp")):
+            os.remove(path)

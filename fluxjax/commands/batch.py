@@ -1,0 +1,71 @@
+"""`fluxjax batch PROMPTS --out-dir DIR [...]`: every prompt of a file to a PNG, resumable, over hosts.
+
+The file is checked in full before anything is loaded or written. Run the same command on every
+host (with jax.distributed set up: see fluxjax.distributed); each makes its share. Run it again
+after a crash or a kill and it makes only what is missing. The format, the split over hosts and
+the manifest are described in fluxjax/batch.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from fluxjax.errors import UsageError
+from fluxjax.sampling import check_dimension
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line: "
+                                        "prompt, and optional seed, height, width, steps, guidance, name)")
+    parser.add_argument("--out-dir", required=True, help="the folder of the PNGs and the manifests (created if missing)")
+    parser.add_argument("--model", default=None,
+                        help="a hub-layout folder, an Orbax folder from fluxjax convert, a hub repo id, or 'tiny' "
+                             "(default: FLUX.1-schnell from the local hub cache when present, else tiny)")
+    parser.add_argument("--sharding", default=None, help="a sharding strategy name or file (default: one device)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per compiled batch (default 1)")
+    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
+    parser.add_argument("--seed", type=int, default=0, help="the k-th prompt (from 0) uses seed + k unless it gives one")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+
+
+def run(args) -> int:
+    from fluxjax import batch, distributed
+    from fluxjax.commands.generate import TINY_NOTICE
+    from fluxjax.pipeline import FluxPipeline, check_source, local_schnell
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check_dimension(f"--{name}", getattr(args, name))
+    if args.model is not None:
+        check_source(args.model)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a folder")
+    jobs = batch.read_jobs(args.prompts, seed=args.seed, height=args.height, width=args.width, steps=args.steps,
+                           guidance=args.guidance)
+
+    host, hosts = distributed.initialize()
+    model = args.model or local_schnell() or "tiny"
+    if model == "tiny" and host == 0:
+        print(f"fluxjax batch: {TINY_NOTICE}", file=sys.stderr)
+    start = time.perf_counter()
+    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding)
+    guidance_embed = pipe.transformer.model.config.guidance_embed
+    if args.guidance is not None and not guidance_embed:
+        raise UsageError(f"--guidance: {pipe.name} ({pipe.kind}) has no guidance embedding: leave it unset")
+    jobs = batch.resolve(jobs, pipe.defaults, guidance_embed)
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(f"fluxjax batch: {len(jobs)} prompts, model {pipe.name} loaded in {time.perf_counter() - start:.1f} s"
+          + (f", host {host} of {hosts}" if hosts > 1 else ""), file=sys.stderr, flush=True)
+    summary = batch.generate(pipe, jobs, args.out_dir, args.batch_size, host=host, hosts=hosts)
+    print(f"fluxjax batch: {summary}", file=sys.stderr, flush=True)
+    return 1 if summary.failed else 0

@@ -1,0 +1,255 @@
+"""`fluxjax batch`: files and metadata, batching, restart, interruption, bad input, two processes.
+
+In-process runs share one tiny pipeline (FluxPipeline.from_pretrained is patched to return it), so
+each batch shape compiles once for the whole file. All images are 32x32, 1 step.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxjax import batch, cli
+from fluxjax.pipeline import FluxPipeline
+
+SIZE = ["--model", "tiny", "--height", "32", "--width", "32", "--steps", "1"]
+PROMPTS = [f"prompt number {k}" for k in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return FluxPipeline.from_pretrained("tiny")
+
+
+@pytest.fixture
+def calls(tiny, monkeypatch):
+    """The pipeline every in-process run gets; returns the list of (batch size, height, width, steps) of its calls."""
+    log = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tiny, name)
+
+        def __call__(self, prompts, **kw):
+            log.append((len(prompts), kw["height"], kw["width"], kw["num_steps"]))
+            return tiny(prompts, **kw)
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda cls, *a, **kw: Spy()))
+    return log
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def pixels(folder, names):
+    return {n: np.asarray(Image.open(os.path.join(folder, n))) for n in names}
+
+
+def records(folder):
+    """All manifest lines of all hosts: [(host file, record)]."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("manifest-"):
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                out += [(name, json.loads(line)) for line in f]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """PROMPTS as a single uninterrupted run makes them (batch size 1): name -> uint8 pixels."""
+    folder = tmp_path_factory.mktemp("reference")
+    jobs = batch.resolve(batch.read_jobs(write(folder / "p.txt", PROMPTS), height=32, width=32, steps=1),
+                         tiny.defaults, True)
+    out = folder / "out"
+    out.mkdir()
+    summary = batch.generate(tiny, jobs, str(out), batch_size=1)
+    assert summary.done == 10 and summary.failed == 0
+    return pixels(out, [f"{k:06d}.png" for k in range(10)])
+
+
+def test_text_file_batched_with_padding(tmp_path, calls, capsys, tiny, reference):
+    prompts = write(tmp_path / "p.txt", ["a red cube", "", "  a blue sphere ", "a green cone"])
+    out = tmp_path / "out"
+    assert cli.main(["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2", "--seed", "7"]) == 0
+    assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png", "manifest-00000.jsonl"]
+    assert calls == [(2, 32, 32, 1), (2, 32, 32, 1)]  # the last batch padded to 2: one compiled shape
+    for k, prompt in enumerate(["a red cube", "a blue sphere", "a green cone"]):
+        image = Image.open(out / f"{k:06d}.png")
+        assert image.size == (32, 32)
+        assert image.text == {"prompt": prompt, "seed": str(7 + k), "steps": "1", "guidance": "3.5", "size": "32x32",
+                              "model": "tiny", "software": "fluxjax"}
+    # the image of job 2 (alone in its padded batch) is the one a direct call gives for its seed
+    (direct,) = tiny("a green cone", height=32, width=32, num_steps=1, seed=9, output="pil")
+    assert np.array_equal(np.asarray(Image.open(out / "000002.png")), np.asarray(direct))
+    assert [r["name"] for _, r in records(out)] == ["000000.png", "000001.png", "000002.png"]
+    assert "3 done, 0 skipped as already done, 0 failed" in capsys.readouterr().err
+
+
+def test_jsonl_names_seeds_and_shapes(tmp_path, calls):
+    lines = [{"prompt": "a", "name": "first"}, {"prompt": "b", "seed": 123, "height": 48},
+             {"prompt": "c", "steps": 2, "guidance": 5}, {"prompt": "d", "name": "last.png"}]
+    prompts = write(tmp_path / "p.jsonl", [json.dumps(x) for x in lines])
+    out = tmp_path / "out"
+    assert cli.main(["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2", "--seed", "100"]) == 0
+    texts = {n: Image.open(out / n).text for n in ("first.png", "000001.png", "000002.png", "last.png")}
+    assert [(t["seed"], t["size"], t["steps"], t["guidance"]) for t in texts.values()] == [
+        ("100", "32x32", "1", "3.5"), ("123", "32x48", "1", "3.5"), ("102", "32x32", "2", "5"), ("103", "32x32", "1", "3.5")]
+    assert Image.open(out / "000001.png").size == (32, 48)
+    # grouped by shape: "a" and "d" share a batch; the others are alone in theirs
+    assert sorted(calls) == [(2, 32, 32, 1), (2, 32, 32, 2), (2, 48, 32, 1)]
+
+
+def test_restart_skips_done_images_and_writes_nothing(tmp_path, calls, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:3])
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2"]
+    assert cli.main(args) == 0
+    before = {n: os.stat(out / n) for n in os.listdir(out)}
+    calls.clear()
+    assert cli.main(args) == 0
+    assert calls == []
+    after = {n: os.stat(out / n) for n in os.listdir(out)}
+    assert {n: (s.st_ino, s.st_mtime_ns, s.st_size) for n, s in after.items()} == \
+           {n: (s.st_ino, s.st_mtime_ns, s.st_size) for n, s in before.items()}
+    assert "0 done, 3 skipped as already done, 0 failed" in capsys.readouterr().err
+    # another recipe under the same names is refused, not overwritten
+    assert cli.main([*args, "--seed", "1"]) == 2
+    assert "p.txt:1: 000000.png is already recorded in the output folder with another seed" in capsys.readouterr().err
+
+
+def run_interrupted(monkeypatch, args, k):
+    """Run `fluxjax batch` with save_png raising KeyboardInterrupt (as a kill would stop it) on its (k+1)-th call."""
+    saved = []
+    original = batch.save_png
+
+    def save(image, path, text):
+        if len(saved) == k:
+            raise KeyboardInterrupt
+        original(image, path, text)
+        saved.append(path)
+
+    monkeypatch.setattr(batch, "save_png", save)
+    assert cli.main(args) == 130
+    monkeypatch.setattr(batch, "save_png", original)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_images(tmp_path, calls, monkeypatch, capsys, reference):
+    prompts = write(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2"]
+    run_interrupted(monkeypatch, args, 5)
+    # images 0-3 recorded; 4 renamed into place but stopped before its manifest line
+    assert sorted(os.listdir(out)) == [f"{k:06d}.png" for k in range(5)] + ["manifest-00000.jsonl"]
+    assert [r["name"] for _, r in records(out)] == [f"{k:06d}.png" for k in range(4)]
+    with open(out / "manifest-00000.jsonl", "a") as f:
+        f.write('{"name": "000004.png", "ind')  # and a line cut short by the kill
+    calls.clear()
+    assert cli.main(args) == 0
+    assert sum(n for n, *_ in calls) == 6  # images 4-9, in 3 batches of 2
+    assert "6 done (1 found unrecorded and made again), 4 skipped as already done, 0 failed" in capsys.readouterr().err
+    names = [r["name"] for _, r in records(out)]
+    assert sorted(names) == sorted(reference) and len(names) == 10
+    assert sorted(os.listdir(out)) == sorted(reference) + ["manifest-00000.jsonl"]
+    got = pixels(out, reference)
+    assert all(np.array_equal(got[n], reference[n]) for n in reference)
+
+
+def test_failed_batch_is_counted_and_retried(tmp_path, calls, monkeypatch, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:4])
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2"]
+    original = batch.save_png
+
+    def save(image, path, text):
+        if path.endswith("000000.png"):
+            raise OSError(28, "No space left on device")
+        original(image, path, text)
+
+    monkeypatch.setattr(batch, "save_png", save)
+    assert cli.main(args) == 1  # the run goes on after a failed batch, and says so in its exit code
+    err = capsys.readouterr().err
+    assert "2 images failed (000000.png ...): OSError" in err and "2 done, 0 skipped as already done, 2 failed" in err
+    assert [r["name"] for _, r in records(out)] == ["000002.png", "000003.png"]
+    monkeypatch.setattr(batch, "save_png", original)
+    assert cli.main(args) == 0
+    assert "2 done, 2 skipped as already done, 0 failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, lines, message", [
+    ("p.jsonl", ['{"prompt": "a"}', '{"prompt": "b",}'], "p.jsonl:2: not valid JSON"),
+    ("p.jsonl", ['{"prompt": "a"}', "", '{"seed": 3}'], "p.jsonl:3: missing \"prompt\""),
+    ("p.jsonl", ['{"prompt": "a", "height": 40}'], "p.jsonl:1: height 40 is not a multiple of 16; use 32 or 48"),
+    ("p.jsonl", ['{"prompt": "a", "name": "x"}', '{"prompt": "b", "name": "x.png"}'],
+     "p.jsonl:2: name x.png is already used by"),
+    ("p.jsonl", ['{"prompt": "a"}', '{"prompt": "b", "name": "000000"}'], "p.jsonl:2: name 000000.png is already used by"),
+    ("p.jsonl", ['{"prompt": "a", "seeds": 3}'], "p.jsonl:1: unknown key 'seeds'"),
+    ("p.jsonl", ['{"prompt": "a", "name": "../x"}'], "p.jsonl:1: name must be a plain file name"),
+    ("p.jsonl", ['{"prompt": "a", "steps": 0}'], "p.jsonl:1: steps must be at least 1"),
+    ("p.txt", ["", "  "], "p.txt: no prompts in the file"),
+])
+def test_bad_prompts_file_exits_2_naming_file_and_line(tmp_path, capsys, name, lines, message):
+    prompts = write(tmp_path / name, lines)
+    out = tmp_path / "out"
+    assert cli.main(["batch", prompts, "--out-dir", str(out), *SIZE]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fluxjax batch: error: ") and message in err[0]
+    assert not out.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, calls, monkeypatch, reference):
+    prompts = write(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2"]
+    run_interrupted(monkeypatch, args, 3)  # a one-process run killed after 3 images: 0-1 recorded, 2 not
+    before = len(records(out))
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FLUXJAX_COMPILATION_CACHE": "off", "HF_HUB_OFFLINE": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "FLUXJAX_COORDINATOR": f"localhost:{free_port()}",
+           "FLUXJAX_NUM_PROCESSES": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "fluxjax.cli", *args], env={**env, "FLUXJAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    assert "host 0 of 2: 4 done (1 found unrecorded and made again), 1 skipped" in results[0][1]  # 2, 4, 6, 8
+    assert "host 1 of 2: 4 done, 1 skipped" in results[1][1]  # 3, 5, 7, 9
+
+    recs = records(out)
+    names = [r["name"] for _, r in recs]
+    assert len(names) == 10 and sorted(names) == sorted(reference)  # every image recorded exactly once
+    assert all(r["index"] % 2 == 1 and r["host"] == 1 for f, r in recs if f == "manifest-00001.jsonl")
+    assert all(r["index"] % 2 == 0 for f, r in recs[before:] if f == "manifest-00000.jsonl")
+    assert sorted(os.listdir(out)) == sorted(reference) + ["manifest-00000.jsonl", "manifest-00001.jsonl"]
+    got = pixels(out, reference)
+    assert all(np.array_equal(got[n], reference[n]) for n in reference)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FLUXJAX_PROCESS_ID": "0"}, "FLUXJAX_COORDINATOR is set, so FLUXJAX_NUM_PROCESSES must be set too"),
+    ({"FLUXJAX_NUM_PROCESSES": "two", "FLUXJAX_PROCESS_ID": "0"}, "FLUXJAX_NUM_PROCESSES='two' is not an integer"),
+    ({"FLUXJAX_NUM_PROCESSES": "2", "FLUXJAX_PROCESS_ID": "2"}, "FLUXJAX_PROCESS_ID=2 must be below FLUXJAX_NUM_PROCESSES=2"),
+])
+def test_distributed_settings_are_checked(monkeypatch, env, message):
+    from fluxjax import distributed
+
+    for name in ("FLUXJAX_NUM_PROCESSES", "FLUXJAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLUXJAX_COORDINATOR", "localhost:1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        distributed.initialize()
