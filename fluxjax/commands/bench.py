@@ -9,7 +9,7 @@ import json
 import platform
 import sys
 
-BENCHMARKS = ("transformer", "t5", "vae", "pipeline", "convert")
+BENCHMARKS = ("transformer", "t5", "vae", "pipeline", "convert", "fullsize")
 
 # Small configs for `--quick`: every section in a few minutes on a 2-core CPU.
 QUICK = {
@@ -19,6 +19,7 @@ QUICK = {
     "vae": ["--widths", "32,64,64,64", "--latent", "16", "--repeat", "2"],
     "pipeline": ["--hidden", "128", "--heads", "2", "--size", "128", "--t5-length", "64", "--repeat", "2"],
     "convert": ["--quick"],
+    "fullsize": ["--model", "tiny", "--sizes", "128", "--batches", "1,2", "--steps", "2", "--attention", "xla"],
 }
 
 

@@ -1,0 +1,26 @@
+"""The benchmark harness: the FLOP count MFU is based on, and the full-size section run on CPU."""
+
+import json
+
+import pytest
+
+from fluxjax import cli
+from fluxjax.bench import fullsize
+from fluxjax.config import FluxConfig
+
+
+def test_flops_of_a_dev_step_match_the_reference_count():
+    # FLUX_REFERENCE.md / ANCHORS.md: 74.4 TFLOP per dev step at 1024x1024 (4096 + 512 tokens).
+    flops = fullsize.step_flops(FluxConfig.preset("dev"), 1, 4096, 512)
+    assert flops == pytest.approx(74.4e12, rel=1e-3)
+    assert fullsize.step_flops(FluxConfig.preset("dev"), 4, 4096, 512) == pytest.approx(4 * flops)
+
+
+def test_fullsize_harness_runs_on_cpu_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(out), "fullsize"]) == 0
+    printed = capsys.readouterr().out
+    assert "ms/step" in printed and "compile" in printed
+    results = json.loads(out.read_text())["sections"]["fullsize"]
+    steps = [r for r in results if r["name"].endswith(": step")]
+    assert len(steps) == 2 and all(r["fluxjax"] > 0 and r["unit"] == "ms" for r in steps)
