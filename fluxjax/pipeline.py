@@ -89,7 +89,7 @@ class FluxPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = "tiny", dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                        attention_impl: str = "xla") -> "FluxPipeline":
+                        attention_impl: str = "xla", devices=None) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -104,13 +104,15 @@ class FluxPipeline:
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
             those components of `source`.
         attention_impl: "xla" or "cudnn" (GPU flash attention).
+        devices: the devices the strategy's mesh spans (default: every device of every process;
+            `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         """
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)
         strategy = mesh = None
         if sharding is not None:
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
-            mesh = strategy.make_mesh()
+            mesh = strategy.make_mesh(devices)
         placement = dict(strategy=strategy, mesh=mesh)
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:

@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+import jax
+
 from fluxjax.errors import UsageError
 from fluxjax.sampling import check_dimension
 
@@ -58,7 +60,8 @@ def run(args) -> int:
     if model == "tiny" and host == 0:
         print(f"fluxjax batch: {TINY_NOTICE}", file=sys.stderr)
     start = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding)
+    # Each host makes its own share of the images, so its mesh spans its own devices only.
+    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices())
     guidance_embed = pipe.transformer.model.config.guidance_embed
     if args.guidance is not None and not guidance_embed:
         raise UsageError(f"--guidance: {pipe.name} ({pipe.kind}) has no guidance embedding: leave it unset")
