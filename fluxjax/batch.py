@@ -144,16 +144,17 @@ def _png_name(name, where: str) -> str:
     return name if name.lower().endswith(".png") else name + ".png"
 
 
-def resolve(jobs: list[Job], defaults, guidance_embed: bool) -> list[Job]:
-    """Fill in the model's defaults (a pipeline's `defaults`); refuse guidance for models without it."""
+def resolve(jobs: list[Job], pipe) -> list[Job]:
+    """Fill in the model's defaults (`pipe.settings`, `pipe.defaults` for the size); refuse
+    guidance for models without it, naming the line."""
     out = []
     for job in jobs:
-        if not guidance_embed and job.guidance is not None:
-            raise UsageError(f"{job.where}: guidance {job.guidance:g} given, but the model has no guidance embedding")
-        out.append(replace(
-            job, height=job.height or defaults.height, width=job.width or defaults.width,
-            steps=job.steps or defaults.num_steps,
-            guidance=(defaults.guidance if job.guidance is None else job.guidance) if guidance_embed else None))
+        try:
+            steps, guidance, _ = pipe.settings(job.steps, job.guidance)
+        except UsageError as e:
+            raise UsageError(f"{job.where}: {e}") from None
+        out.append(replace(job, height=job.height or pipe.defaults.height, width=job.width or pipe.defaults.width,
+                           steps=steps, guidance=guidance))
     return out
 
 

@@ -197,11 +197,8 @@ class FluxPipeline:
         """
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
-        d = self.defaults
         prompts, noise, height, width = self._inputs(prompt, height, width, seed, latents)
-        num_steps = d.num_steps if num_steps is None else num_steps
-        guidance = self._guidance(guidance)
-        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        num_steps, guidance, max_sequence_length = self.settings(num_steps, guidance, max_sequence_length)
         batch = len(prompts)
         sigmas = self.schedule.sigmas(num_steps, (height // 16) * (width // 16))
 
@@ -278,15 +275,22 @@ class FluxPipeline:
             latents = sampling.noise(seeds, height, width)
         return prompts, jnp.asarray(latents, jnp.float32), height, width
 
-    def _guidance(self, guidance):
+    def settings(self, num_steps: int | None = None, guidance: float | None = None,
+                 max_sequence_length: int | None = None) -> tuple[int, float | None, int]:
+        """(num_steps, guidance, max_sequence_length) as a call with these arguments uses them:
+        None filled in from the model's defaults; guidance None for models without a guidance
+        embedding, which refuse one given (UsageError)."""
+        d = self.defaults
+        num_steps = d.num_steps if num_steps is None else num_steps
+        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
         if not self.transformer.model.config.guidance_embed:
             if guidance is not None:
                 raise UsageError(f"{self.name} ({self.kind}) has no guidance embedding: leave guidance unset")
-            return None
-        guidance = self.defaults.guidance if guidance is None else guidance
+            return num_steps, None, max_sequence_length
+        guidance = d.guidance if guidance is None else guidance
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)):
             raise UsageError(f"guidance must be a number, got {guidance!r}")
-        return float(guidance)
+        return num_steps, float(guidance), max_sequence_length
 
 
 @partial(jax.jit, static_argnames=("model", "height", "width", "rules"))

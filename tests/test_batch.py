@@ -66,8 +66,7 @@ def records(folder):
 def reference(tiny, tmp_path_factory):
     """PROMPTS as a single uninterrupted run makes them (batch size 1): name -> uint8 pixels."""
     folder = tmp_path_factory.mktemp("reference")
-    jobs = batch.resolve(batch.read_jobs(write(folder / "p.txt", PROMPTS), height=32, width=32, steps=1),
-                         tiny.defaults, True)
+    jobs = batch.resolve(batch.read_jobs(write(folder / "p.txt", PROMPTS), height=32, width=32, steps=1), tiny)
     out = folder / "out"
     out.mkdir()
     summary = batch.generate(tiny, jobs, str(out), batch_size=1)

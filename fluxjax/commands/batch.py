@@ -62,10 +62,12 @@ def run(args) -> int:
     start = time.perf_counter()
     # Each host makes its own share of the images, so its mesh spans its own devices only.
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices())
-    guidance_embed = pipe.transformer.model.config.guidance_embed
-    if args.guidance is not None and not guidance_embed:
-        raise UsageError(f"--guidance: {pipe.name} ({pipe.kind}) has no guidance embedding: leave it unset")
-    jobs = batch.resolve(jobs, pipe.defaults, guidance_embed)
+    if args.guidance is not None:
+        try:
+            pipe.settings(guidance=args.guidance)
+        except UsageError as e:
+            raise UsageError(f"--guidance: {e}") from None
+    jobs = batch.resolve(jobs, pipe)
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"fluxjax batch: {len(jobs)} prompts, model {pipe.name} loaded in {time.perf_counter() - start:.1f} s"
           + (f", host {host} of {hosts}" if hosts > 1 else ""), file=sys.stderr, flush=True)

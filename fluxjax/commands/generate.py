@@ -89,9 +89,7 @@ def run(args) -> int:
     if host != 0:
         return 0
     start = time.perf_counter()
-    steps = args.steps or pipe.defaults.num_steps
-    guidance = None if not pipe.transformer.model.config.guidance_embed else (
-        pipe.defaults.guidance if args.guidance is None else args.guidance)
+    steps, guidance, _ = pipe.settings(args.steps, args.guidance)
     save_png(image, args.out, {
         "prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
         "guidance": "none" if guidance is None else f"{guidance:g}",
