@@ -31,6 +31,7 @@ from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.clip import CLIPTextEncoder
 from fluxjax.models.flux import Flux
 from fluxjax.models.t5 import T5Encoder
+from fluxjax.random_weights import host_random_params
 from fluxjax.sharding import Strategy
 from fluxjax.text import PromptTokenizer, encode_prompts_jit
 
@@ -366,38 +367,19 @@ def local_schnell() -> str | None:
 
 
 def _init_tiny(models: dict, sharding=None) -> dict:
-    """Random parameters for the tiny models, drawn with NumPy from fixed seeds (the same on every
-    machine): kernels N(0, 1/fan_in), norm scales 1, biases 0. Shapes come from `jax.eval_shape`;
-    compiling the models' `init` instead would take longer than a tiny image. `sharding`: the
-    loaders' callable (boxed shapes -> shardings) to place each tree, or None for one device."""
-    t = models["transformer"].config
-    f = jnp.float32
-    dummy = {
-        "transformer": (jnp.zeros((1, 4, t.in_channels), f), jnp.zeros((1, 4, 3), f), jnp.zeros((1, 2, t.context_in_dim), f),
-                        jnp.zeros((1, 2, 3), f), jnp.zeros((1,), f), jnp.zeros((1, t.vec_in_dim), f), jnp.zeros((1,), f)),
-        "t5": (jnp.zeros((1, 2), jnp.int32),),
-        "clip": (jnp.zeros((1, 2), jnp.int32),),
-        "vae": (jnp.zeros((1, 8, 8, 3), f),),
-    }
+    """Random parameters for the tiny models (fluxjax.random_weights, fixed seeds: the same on every
+    machine), from the shapes each loader reads a checkpoint into. `sharding`: the loaders'
+    callable (boxed shapes -> shardings) to place each tree, or None for one device."""
+    from convert.clip import param_shapes as clip_shapes
+    from convert.flux import param_shapes as flux_shapes
+    from convert.t5 import t5_param_shapes
+    from fluxjax.models.autoencoder import param_shapes as vae_shapes
+
+    shapes_of = {"transformer": flux_shapes, "t5": t5_param_shapes, "clip": clip_shapes, "vae": vae_shapes}
     out = {}
     for seed, (name, model) in enumerate(models.items()):
-        rng = np.random.default_rng(seed)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), *dummy[name])["params"]
-
-        def draw(path, leaf):
-            names = getattr(leaf, "names", None) or ()
-            leaf = nn.meta.unbox(leaf)
-            kind = path[-1].key
-            if kind == "scale":
-                value = np.ones(leaf.shape, np.float32)
-            elif kind == "bias" or leaf.ndim < 2:
-                value = np.zeros(leaf.shape, np.float32)
-            else:
-                fan_in = int(np.prod([d for d, n in zip(leaf.shape[:-1], names) if n != "layers"]))
-                value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
-            return np.asarray(value, leaf.dtype)
-
-        params = jax.tree_util.tree_map_with_path(draw, shapes, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        shapes = shapes_of[name](model)
+        params = host_random_params(shapes, seed, neutral_vectors=True)
         out[name] = jax.device_put(params, sharding(shapes) if sharding is not None else None)
     return out
 

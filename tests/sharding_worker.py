@@ -17,7 +17,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,6 +27,7 @@ from fluxjax.models.clip import CLIPTextEncoder  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.models.layers import dot_product_attention  # noqa: E402
 from fluxjax.models.t5 import T5Encoder  # noqa: E402
+from fluxjax.random_weights import host_random_params  # noqa: E402
 from fluxjax.sharding import Strategy  # noqa: E402
 
 # (strategy, ici shape, whether the text encoders and VAE run too: they are checked once per
@@ -47,25 +47,10 @@ GRID, L_TXT = (4, 6), 5
 
 
 def init(model, *inputs):
-    """(boxed abstract params, random params) of `model`, drawn on the host from the shapes.
-
-    Nothing is compiled (an init under jit costs seconds per model). Kernels get
-    N(0, 1/fan_in), norm scales 1 + N(0, 0.3^2), biases and tables N(0, 0.3^2): nonzero
-    everywhere, so a misplaced shard would show in the result.
-    """
+    """(boxed abstract params, random params) of `model`: fluxjax.random_weights' rule, nonzero
+    everywhere, so a misplaced shard would show in the result."""
     boxed = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
-    rng = np.random.default_rng(1)
-
-    def one(path, leaf):
-        names, shape = leaf.names, leaf.value.shape
-        x = rng.standard_normal(shape).astype(np.float32)
-        last = str(path[-1])
-        if "kernel" in last:
-            fan_in = np.prod([n for n, a in zip(shape[:-1], names[:-1]) if a != "layers"])
-            return x / np.sqrt(fan_in)
-        return 1 + 0.3 * x if "scale" in last else 0.3 * x
-
-    return boxed, jax.tree_util.tree_map_with_path(one, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return boxed, host_random_params(boxed, seed=1)
 
 
 def models():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -50,22 +49,6 @@ def chip_peak() -> float | None:
     return next((peak for name, peak in BF16_PEAK.items() if name.lower() in kind.lower()), None)
 
 
-def random_params(model, args, seed: int = 0):
-    """bf16 parameters drawn on the device, leaf by leaf, N(0, 1/fan_in): never a host copy of 24 GB."""
-    import flax.linen as nn
-
-    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args)["params"])
-    leaves, tree = jax.tree.flatten(shapes)
-
-    @partial(jax.jit, static_argnums=(1, 2))  # one small program per distinct shape
-    def draw(key, shape, dtype):
-        fan_in = int(np.prod(shape[:-1])) if len(shape) >= 2 else 1
-        return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
-
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [draw(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
-
-
 def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
     from fluxjax import sampling
 
@@ -78,17 +61,17 @@ def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
 
 
 def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, attention: str, peak: float | None) -> None:
+    from convert.flux import param_shapes
     from fluxjax import sampling
     from fluxjax.models.flux import Flux
+    from fluxjax.random_weights import device_random_params
 
     model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention)
     l_txt = T5_LENGTH[model_name]
-    params = None
+    params = device_random_params(param_shapes(model))
     for size in sizes:
         for batch in batches:
             img, img_ids, txt, txt_ids, vec, guidance = _inputs(cfg, batch, size, l_txt)
-            if params is None:
-                params = random_params(model, (img, img_ids, txt, txt_ids, jnp.zeros(batch), vec, guidance))
             sigmas = sampling.Schedule.dev().sigmas(steps, img.shape[1])
             args = (params, img, img_ids, txt, txt_ids, vec, sigmas, guidance)
             start = time.perf_counter()
