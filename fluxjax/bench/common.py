@@ -31,7 +31,7 @@ def record(name: str, fluxjax: float, reference: float | None = None, unit: str 
                         ratio=None if reference is None else reference / fluxjax))
 
 
-def report(name: str, fluxjax_s: float, reference_s: float, reference: str = "PyTorch") -> str:
+def report(name: str, fluxjax_s: float, reference_s: float, reference: str = "PyTorch") -> None:
     """One line: both times and the speed-up of fluxjax over the reference (also recorded)."""
     line = (
         f"{name}: fluxjax {fluxjax_s * 1e3:.1f} ms, {reference} {reference_s * 1e3:.1f} ms, "
@@ -39,7 +39,6 @@ def report(name: str, fluxjax_s: float, reference_s: float, reference: str = "Py
     )
     print(line, flush=True)
     record(name, fluxjax_s * 1e3, reference_s * 1e3, "ms", reference)
-    return line
 
 
 def max_rel_error(ours, reference) -> float:

@@ -91,7 +91,7 @@ LOAD = (
 BASELINE = "import jax, orbax.checkpoint.experimental.v1, convert.flux, convert.to_orbax; print(0)"
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fluxjax bench convert", description=__doc__.splitlines()[0])
     parser.add_argument("--double", type=int, default=6, help="double-stream blocks (FLUX.1: 19)")
     parser.add_argument("--single", type=int, default=2, help="single-stream blocks (FLUX.1: 38)")
@@ -127,9 +127,7 @@ def main(argv=None) -> str:
                "safetensors direct")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = "\n".join(lines)
-    print(report, flush=True)
-    return report
+    print("\n".join(lines), flush=True)
 
 
 def _stacked_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:

@@ -19,7 +19,7 @@ import numpy as np
 from fluxjax.bench.common import max_rel_error, median_time, report
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fluxjax bench t5", description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=512, help="model width (XXL: 4096)")
     parser.add_argument("--heads", type=int, default=8, help="attention heads (XXL: 64)")
@@ -83,12 +83,10 @@ def main(argv=None) -> str:
         flush=True,
     )
     t_jax = median_time(run_jax, repeat=args.repeat)
-    lines = []
     for attn in args.attn.split(","):
         reference.set_attn_implementation(attn)
         t_torch = median_time(run_torch, repeat=args.repeat)
-        lines.append(report("t5 encode", t_jax, t_torch, reference=f"transformers (eager mode, {attn} attention)"))
-    return "\n".join(lines)
+        report("t5 encode", t_jax, t_torch, reference=f"transformers (eager mode, {attn} attention)")
 
 
 if __name__ == "__main__":

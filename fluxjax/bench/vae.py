@@ -18,7 +18,7 @@ import numpy as np
 from fluxjax.bench.common import max_rel_error, median_time, report
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fluxjax bench vae", description=__doc__.splitlines()[0])
     parser.add_argument("--widths", default="64,128,128,128", help="block_out_channels (FLUX: 128,256,512,512)")
     parser.add_argument("--groups", type=int, default=32, help="norm_num_groups")
@@ -77,7 +77,7 @@ def main(argv=None) -> str:
     )
     t_jax = median_time(run_jax, repeat=args.repeat)
     t_torch = median_time(run_torch, repeat=args.repeat)
-    return report("vae decode", t_jax, t_torch, reference="diffusers (eager)")
+    report("vae decode", t_jax, t_torch, reference="diffusers (eager)")
 
 
 if __name__ == "__main__":
