@@ -22,6 +22,19 @@ from fluxjax.tiny_tokenizers import make_tokenizers
 TEXT_WIDTH = 32  # T5 d_model = transformer joint_attention_dim; CLIP width = pooled_projection_dim
 VOCAB = 1000  # above both tokenizers' vocabularies
 
+# The hub's model_index.json of a FLUX pipeline: which class each subfolder holds.
+MODEL_INDEX = {
+    "_class_name": "FluxPipeline",
+    "_diffusers_version": "0.30.0",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 # The hub's scheduler_config.json of each model (FLUX_REFERENCE.md 4.2).
 SCHEDULERS = {
     "dev": dict(use_dynamic_shifting=True, shift=3.0, base_shift=0.5, max_shift=1.15,

@@ -29,7 +29,7 @@ from convert.vae import load_vae
 from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.cli import main
 from fluxjax.config import AutoEncoderConfig
-from fluxjax.reference import randomize_
+from fluxjax.reference import MODEL_INDEX, randomize_
 from fluxjax.tiny_tokenizers import make_tokenizers
 from test_t5 import CONFIG_A, hf_config
 from test_transformer import CONFIGS, to_bfl
@@ -44,17 +44,6 @@ LOADERS = {  # hub subfolder -> loader
 }
 # dev-like with FLUX's head dim 128 (what a BFL file's config is inferred with), 1 head
 TRANSFORMER = dict(CONFIGS["dev_like"], attention_head_dim=128, num_attention_heads=1, axes_dims_rope=(16, 56, 56))
-MODEL_INDEX = {
-    "_class_name": "FluxPipeline",
-    "_diffusers_version": "0.32.0",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "FluxTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +241,6 @@ import os, signal, sys
 import fluxjax.checkpoint as checkpoint
 from fluxjax.cli import main
 from fluxjax.config import AutoEncoderConfig
-from fluxjax.reference import randomize_
-from fluxjax.tiny_tokenizers import make_tokenizers
 
 add, seen = checkpoint.ParamsWriter.add, []
 def add_then_die(self, path, value):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from fluxjax.reference import MODEL_INDEX
 from fluxjax.text import PromptTokenizer, PromptTruncatedWarning, encode_prompts, encode_prompts_jit
 from fluxjax.tiny_tokenizers import make_tokenizers
 
@@ -27,17 +28,6 @@ transformers = pytest.importorskip("transformers")
 
 LONG = "a very long prompt about " + "a red fox and a small wooden cabin in the snowy forest, " * 12
 
-MODEL_INDEX = {
-    "_class_name": "FluxPipeline",
-    "_diffusers_version": "0.30.0",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "FluxTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 class _RecordingEncoder(torch.nn.Module):
