@@ -86,7 +86,7 @@ def param_shapes(model: CLIPTextEncoder, seq_len: int | None = None) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def clip_plan(source: str | os.PathLike, dtype: Any = "float32", attention_impl: str = "xla") -> Plan:
+def clip_plan(source: str | os.PathLike, dtype: Any = "float32", attention_impl: str = "auto") -> Plan:
     """The conversion plan of a transformers CLIPTextModel folder (or its safetensors file)."""
     source = os.fspath(source)
     folder = source if os.path.isdir(source) else os.path.dirname(source)
@@ -106,7 +106,7 @@ def _build(cfg: CLIPConfig, dtype, attention_impl: str):
 def load_clip(
     source: str | os.PathLike,
     dtype: Any = "float32",
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
     sharding: ShardingFn | None = None,
 ) -> tuple[CLIPTextEncoder, dict]:
     """Load a transformers CLIPTextModel folder (the hub's `text_encoder/`), or the text_encoder/

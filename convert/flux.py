@@ -160,7 +160,7 @@ def config_from_bfl(source: TensorSource) -> FluxConfig:
         raise CheckpointError(f"{source.path}: not a BFL FLUX transformer file (no key {e.args[0]!r})") from None
 
 
-def transformer_plan(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None, attention_impl: str = "xla") -> Plan:
+def transformer_plan(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None, attention_impl: str = "auto") -> Plan:
     """The conversion plan of a diffusers transformer folder or a BFL single .safetensors file."""
     path = os.fspath(source)
     if os.path.isdir(path):
@@ -188,7 +188,7 @@ def load_transformer(
     source: str | os.PathLike,
     dtype="float32",
     config: FluxConfig | None = None,
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
     sharding: ShardingFn | None = None,
 ):
     """Load a FLUX transformer checkpoint into `(model, params)`.

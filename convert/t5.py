@@ -72,7 +72,7 @@ def t5_param_shapes(model: T5Encoder) -> dict:
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def t5_plan(source: str | os.PathLike, dtype="float32", attention_impl: str = "xla") -> Plan:
+def t5_plan(source: str | os.PathLike, dtype="float32", attention_impl: str = "auto") -> Plan:
     """The conversion plan of a transformers T5 folder (config.json + safetensors, e.g. text_encoder_2/)."""
     source = os.fspath(source)
     if not os.path.isdir(source):
@@ -93,7 +93,7 @@ def _build(cfg: T5Config, dtype, attention_impl: str):
 def load_t5(
     source: str | os.PathLike,
     dtype="float32",
-    attention_impl: str = "xla",
+    attention_impl: str = "auto",
     sharding: ShardingFn | None = None,
 ) -> tuple[T5Encoder, dict]:
     """A T5Encoder and its parameters from a transformers folder (config.json + safetensors,

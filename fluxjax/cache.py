@@ -17,9 +17,14 @@ CACHE_ENV = "FLUXJAX_COMPILATION_CACHE"
 OFF = ("off", "0", "false", "no", "none")
 
 
-def default_cache_dir() -> str:
+def cache_root() -> str:
+    """`$XDG_CACHE_HOME/fluxjax` (default `~/.cache/fluxjax`): fluxjax's caches live under it."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fluxjax", "xla")
+    return os.path.join(base, "fluxjax")
+
+
+def default_cache_dir() -> str:
+    return os.path.join(cache_root(), "xla")
 
 
 def enable_compilation_cache() -> str | None:

@@ -90,7 +90,7 @@ class FluxPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = "tiny", dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                        attention_impl: str = "xla", devices=None) -> "FluxPipeline":
+                        attention_impl: str = "auto", devices=None) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -104,7 +104,8 @@ class FluxPipeline:
             the strategy's data axes (padded when they do not divide, the padding dropped).
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
             those components of `source`.
-        attention_impl: "xla" or "cudnn" (GPU flash attention).
+        attention_impl: "auto" (default: the CPU kernel on a CPU, XLA elsewhere), "xla", "cudnn"
+                        (GPU flash attention) or "cpu"; see layers.dot_product_attention.
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         """

@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="256" if on_cpu else "512,1024,2048", help="square image sizes in pixels")
     parser.add_argument("--batches", default="1,2" if on_cpu else "1,2,4")
     parser.add_argument("--steps", type=int, default=4, help="steps per timed loop")
-    parser.add_argument("--attention", default="xla" if on_cpu else "xla,cudnn", help="implementations to time")
+    parser.add_argument("--attention", default="xla,cpu" if on_cpu else "xla,cudnn", help="implementations to time")
     parser.add_argument("--compare-diffusers", action="store_true", help="diffusers' eager bf16 step on the same GPU")
     args = parser.parse_args(argv)
     cfg = FluxConfig.preset(args.model)

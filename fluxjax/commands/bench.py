@@ -19,7 +19,7 @@ QUICK = {
     "vae": ["--widths", "32,64,64,64", "--latent", "16", "--repeat", "2"],
     "pipeline": ["--hidden", "128", "--heads", "2", "--size", "128", "--t5-length", "64", "--repeat", "2"],
     "convert": ["--quick"],
-    "fullsize": ["--model", "tiny", "--sizes", "128", "--batches", "1,2", "--steps", "2", "--attention", "xla"],
+    "fullsize": ["--model", "tiny", "--sizes", "128", "--batches", "1,2", "--steps", "2", "--attention", "auto"],
 }
 
 

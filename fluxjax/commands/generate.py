@@ -12,6 +12,7 @@ import sys
 import time
 
 from fluxjax.errors import UsageError
+from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
 from fluxjax.sampling import check_dimension
 
 TINY_NOTICE = (
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="attention kernel")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
+                        help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
                         help="a strategy of configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
 

@@ -83,7 +83,7 @@ class CLIPAttention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -122,7 +122,7 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, h):
@@ -152,7 +152,7 @@ class CLIPTextEncoder(nn.Module):
     """CLIP text transformer: token ids -> (last_hidden_state, pooler_output).
 
     config: CLIPConfig (fluxjax.config). dtype: compute dtype (activations, matmul inputs);
-    param_dtype: dtype of the parameters. attention_impl: "xla" or "cudnn".
+    param_dtype: dtype of the parameters. attention_impl: "auto", "xla", "cudnn" or "cpu" (layers.dot_product_attention).
 
     __call__(input_ids):
       input_ids: (B, L) integer token ids, L <= config.max_position_embeddings (77 for CLIP-L;
@@ -168,7 +168,7 @@ class CLIPTextEncoder(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -69,7 +69,7 @@ class DoubleStreamBlock(nn.Module):
     config: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, carry, vec, cos, sin):
@@ -101,7 +101,7 @@ class SingleStreamBlock(nn.Module):
     config: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, vec, cos, sin):
@@ -150,13 +150,13 @@ class Flux(nn.Module):
     """FLUX.1 transformer; `apply` takes BFL `Flux.forward`'s arguments.
 
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
-    ("xla" or "cudnn").
+    ("auto", "xla", "cudnn" or "cpu": see layers.dot_product_attention).
     """
 
     config: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):

@@ -22,7 +22,9 @@ Numerics follow the reference: norms, RoPE and softmax statistics in float32, GE
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -30,9 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxjax.kernels import cpu_attention
+
 Dtype = Any
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
 
 
 def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True):
@@ -233,19 +237,26 @@ def split_heads(x: jax.Array, num_heads: int, parts: int) -> list[jax.Array]:
 
 
 def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: float | None = None,
-                          implementation: str = "xla") -> jax.Array:
+                          implementation: str = "auto") -> jax.Array:
     """softmax(scale * q k^T + bias [+ causal mask]) v: the one attention kernel of every model.
 
     q, k, v: (B, L, H, d); bias: (H, L, L) float32 or None; scale: default 1/sqrt(d) (T5 uses 1).
     Returns (B, L, H*d) in v's dtype.
-    implementation: "xla" (any backend; float32 logits and softmax, probabilities cast to v's
-    dtype for the second matmul, as the references do) or "cudnn" (fused flash attention on
-    NVIDIA GPUs, bf16/fp16).
+    implementation:
+      "xla"   any backend; float32 logits and softmax, probabilities cast to v's dtype for the
+              second matmul, as the references do;
+      "cudnn" fused flash attention on NVIDIA GPUs, bf16/fp16;
+      "cpu"   fluxjax's CPU kernel (fluxjax/kernels), float32, no bias or mask; about 2x XLA's
+              speed on a CPU;
+      "auto"  "cpu" for unmasked attention on a CPU without a multi-device mesh, else "xla".
+              When the CPU kernel cannot be built it warns once, saying why, and uses "xla".
     """
     b, l, h, d = q.shape
     scale = 1 / math.sqrt(d) if scale is None else scale
     # Pins the head split of tensor parallelism: each device attends with its own heads.
     q, k, v = (nn.with_logical_constraint(t, ("activation_batch", "activation_length", "activation_heads", None)) for t in (q, k, v))
+    if implementation == "auto":
+        implementation = "cpu" if bias is None and not causal and _cpu_kernel_suits() else "xla"
     if implementation == "xla":
         if causal:
             causal_mask = jnp.tril(jnp.ones((l, l), dtype=bool))
@@ -254,9 +265,30 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     elif implementation == "cudnn":
         bias = None if bias is None else bias[None].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal, implementation="cudnn")
+    elif implementation == "cpu":
+        if bias is not None or causal:
+            raise ValueError('attention implementation "cpu" has no bias or causal mask; use "xla" or "auto"')
+        out = cpu_attention.attention(q, k, v, scale)
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
+
+
+def _cpu_kernel_suits() -> bool:
+    """Whether "auto" takes the CPU kernel: tracing for a CPU, no mesh of several devices (the
+    SPMD partitioner cannot split the custom call), and the kernel builds (else warn once)."""
+    if jax.default_backend() != "cpu" or jax.sharding.get_abstract_mesh().size > 1:
+        return False
+    reason = cpu_attention.unavailable_reason()
+    if reason is not None:
+        _warn_no_cpu_kernel(reason)
+    return reason is None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_cpu_kernel(reason: str) -> None:
+    warnings.warn(f"fluxjax's CPU attention kernel is unavailable, so XLA's (about 2x slower) is used: {reason}. "
+                  "Pass attention_impl='xla' to choose it explicitly.", RuntimeWarning, stacklevel=3)
 
 
 CPU_QUERY_BLOCK = 128
@@ -295,7 +327,7 @@ def _xla_attention(q, k, v, bias, scale: float) -> jax.Array:
     return out.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, d)[:, :l]
 
 
-def attention(q, k, v, cos, sin, implementation: str = "xla") -> jax.Array:
+def attention(q, k, v, cos, sin, implementation: str = "auto") -> jax.Array:
     """FLUX joint attention: RoPE on q and k, then full (non-causal, unmasked) attention.
 
     q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.

@@ -73,7 +73,7 @@ class T5Attention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
@@ -113,7 +113,7 @@ class T5LayerSelfAttention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
@@ -145,7 +145,7 @@ class T5Block(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array):
@@ -164,7 +164,7 @@ class T5Encoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see layers.dot_product_attention
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
