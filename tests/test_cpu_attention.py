@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxjax.kernels import cpu_attention
+from fluxjax.kernels import build, cpu_attention
 from fluxjax.models import layers
 
 
@@ -80,7 +80,7 @@ def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
     script = textwrap.dedent("""
         import warnings
         import jax.numpy as jnp
-        from fluxjax.kernels import cpu_attention
+        from fluxjax.kernels import build, cpu_attention
         from fluxjax.models import layers
         q = jnp.ones((1, 8, 2, 16))
         with warnings.catch_warnings(record=True) as caught:
@@ -92,7 +92,7 @@ def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
         assert jnp.allclose(out, layers.dot_product_attention(q, q, q, implementation="xla"))
         try:
             layers.dot_product_attention(q, q, q, implementation="cpu")
-        except cpu_attention.KernelUnavailable as error:
+        except build.KernelUnavailable as error:
             print("raised:", str(error).splitlines()[0])
     """)
     cache = tmp_path / "kernels"
@@ -104,9 +104,9 @@ def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
 
 
 def test_build_is_cached_per_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv(cpu_attention.CACHE_ENV, str(tmp_path))
-    first = cpu_attention.build()
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path))
+    first = build.build("cpu_attention")
     stamp = first.stat().st_mtime_ns
     assert first.parent == tmp_path and first.suffix == ".so"
-    assert cpu_attention.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert build.build("cpu_attention") == first and first.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]

@@ -22,9 +22,7 @@ Numerics follow the reference: norms, RoPE and softmax statistics in float32, GE
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -256,7 +254,7 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     # Pins the head split of tensor parallelism: each device attends with its own heads.
     q, k, v = (nn.with_logical_constraint(t, ("activation_batch", "activation_length", "activation_heads", None)) for t in (q, k, v))
     if implementation == "auto":
-        implementation = "cpu" if bias is None and not causal and _cpu_kernel_suits() else "xla"
+        implementation = "cpu" if bias is None and not causal and cpu_attention.suits() else "xla"
     if implementation == "xla":
         if causal:
             causal_mask = jnp.tril(jnp.ones((l, l), dtype=bool))
@@ -272,23 +270,6 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
-
-
-def _cpu_kernel_suits() -> bool:
-    """Whether "auto" takes the CPU kernel: tracing for a CPU, no mesh of several devices (the
-    SPMD partitioner cannot split the custom call), and the kernel builds (else warn once)."""
-    if jax.default_backend() != "cpu" or jax.sharding.get_abstract_mesh().size > 1:
-        return False
-    reason = cpu_attention.unavailable_reason()
-    if reason is not None:
-        _warn_no_cpu_kernel(reason)
-    return reason is None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_no_cpu_kernel(reason: str) -> None:
-    warnings.warn(f"fluxjax's CPU attention kernel is unavailable, so XLA's (about 2x slower) is used: {reason}. "
-                  "Pass attention_impl='xla' to choose it explicitly.", RuntimeWarning, stacklevel=3)
 
 
 CPU_QUERY_BLOCK = 128
