@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,16 +18,27 @@ import time
 
 import numpy as np
 
-from fluxjax.bench.common import median_time, record, report
+from fluxjax.bench.common import record, report
 
 FEW, MANY = 2, 6  # step counts whose difference gives the time of a step
 
 
-def _per_step(run, repeat: int) -> float:
-    """Seconds per denoising step of `run(num_steps)` (which must block until done)."""
-    few = median_time(lambda: run(FEW), repeat=repeat)
-    many = median_time(lambda: run(MANY), repeat=repeat)
-    return (many - few) / (MANY - FEW)
+def _per_step(runs, repeat: int) -> list[float]:
+    """Seconds per denoising step of each `run(num_steps)` in `runs` (each must block until done).
+
+    The runs take turns within every repetition, so a slow spell of this shared machine falls on
+    all of them instead of on whichever happened to be timed then.
+    """
+    times = [{FEW: [], MANY: []} for _ in runs]
+    for run in runs:  # warm-up (and compilation)
+        run(FEW)
+    for _ in range(repeat):
+        for run, samples in zip(runs, times):
+            for steps in (FEW, MANY):
+                start = time.perf_counter()
+                run(steps)
+                samples[steps].append(time.perf_counter() - start)
+    return [(statistics.median(t[MANY]) - statistics.median(t[FEW])) / (MANY - FEW) for t in times]
 
 
 def _steps(args) -> None:
@@ -63,8 +75,7 @@ def _steps(args) -> None:
     print(f"pipeline step: hidden {args.hidden} ({args.heads} heads), {args.double}+{args.single} blocks, "
           f"{h}x{w} ({tokens} image + {args.t5_length} text tokens), batch {args.batch}, float32, "
           f"{args.threads} threads; max pixel difference {error:.1e}", flush=True)
-    theirs_s = _per_step(run_reference, args.repeat)
-    ours_s = _per_step(run_fluxjax, args.repeat)
+    theirs_s, ours_s = _per_step([run_reference, run_fluxjax], args.repeat)
     report("  per denoising step (target >= 1.3x)", ours_s, theirs_s, "diffusers FluxPipeline (eager)")
 
 
@@ -92,7 +103,7 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--t5-length", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="PyTorch threads")
     args = parser.parse_args(argv)
     _steps(args)
