@@ -2,6 +2,7 @@
 // extensions, compiled with -march=native) and a parallel loop on XLA's intra-op thread pool.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
