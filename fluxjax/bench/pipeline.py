@@ -30,8 +30,9 @@ def _per_step(runs, repeat: int) -> list[float]:
     all of them instead of on whichever happened to be timed then.
     """
     times = [{FEW: [], MANY: []} for _ in runs]
-    for run in runs:  # warm-up (and compilation)
-        run(FEW)
+    for run in runs:  # warm-up: each step count is its own compiled loop
+        for steps in (FEW, MANY):
+            run(steps)
     for _ in range(repeat):
         for run, samples in zip(runs, times):
             for steps in (FEW, MANY):
