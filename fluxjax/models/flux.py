@@ -1,7 +1,9 @@
 """The FLUX.1 flow transformer (BFL `Flux`, FLUX_REFERENCE.md section 2).
 
 Module names are the BFL checkpoint keys: `double_blocks/img_attn/qkv/kernel` is
-`double_blocks.{i}.img_attn.qkv.weight` transposed, stacked over blocks by nn.scan.
+`double_blocks.{i}.img_attn.qkv.weight` transposed, stacked over blocks by nn.scan (with
+layer_loop="unrolled", block i's parameters are `double_blocks_{i}/...` instead; see
+layers.unstack_layers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fluxjax.models.layers import (
     dense,
     modulate,
     rope,
-    scan_layers,
+    layer_stack,
     split_heads,
     timestep_embedding,
 )
@@ -146,17 +148,23 @@ class LastLayer(nn.Module):
         return dense(c.out_channels, ("embed", "out_features"), "linear", self.dtype, self.param_dtype)(x)
 
 
+BLOCK_STACKS = ("double_blocks", "single_blocks")  # the scanned entries of the parameters
+
+
 class Flux(nn.Module):
     """FLUX.1 transformer; `apply` takes BFL `Flux.forward`'s arguments.
 
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
-    ("auto", "xla", "cudnn" or "cpu": see layers.dot_product_attention).
+    ("auto", "xla", "cudnn" or "cpu": see layers.dot_product_attention), layer_loop ("scan":
+    block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
+    CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts).
     """
 
     config: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    layer_loop: str = "scan"
 
     @nn.compact
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
@@ -180,9 +188,8 @@ class Flux(nn.Module):
 
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         block_kw = dict(config=c, attention_impl=self.attention_impl, **kw)
-        (img, txt), _ = scan_layers(DoubleStreamBlock, c.depth, 3)(name="double_blocks", **block_kw)(
-            (constrain(img), constrain(txt)), vec, cos, sin
-        )
-        x = jnp.concatenate([txt, img], axis=1)
-        x, _ = scan_layers(SingleStreamBlock, c.depth_single_blocks, 3)(name="single_blocks", **block_kw)(x, vec, cos, sin)
+        double = layer_stack(DoubleStreamBlock, c.depth, 3, self.layer_loop, "double_blocks", **block_kw)
+        single = layer_stack(SingleStreamBlock, c.depth_single_blocks, 3, self.layer_loop, "single_blocks", **block_kw)
+        img, txt = double((constrain(img), constrain(txt)), vec, cos, sin)
+        x = single(jnp.concatenate([txt, img], axis=1), vec, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
