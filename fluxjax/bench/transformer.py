@@ -17,6 +17,8 @@ import numpy as np
 
 from fluxjax.bench.common import max_rel_error, median_time, report
 from fluxjax.config import FluxConfig
+from fluxjax.models.flux import BLOCK_STACKS
+from fluxjax.models.layers import unstack_layers
 
 
 def _small(argv_args) -> None:
@@ -55,23 +57,29 @@ def _small(argv_args) -> None:
         j(inputs["hidden_states"]), j(inputs["img_ids"])[None], j(inputs["encoder_hidden_states"]),
         j(inputs["txt_ids"])[None], j(inputs["timestep"]), j(inputs["pooled_projections"]), j(inputs["guidance"]),
     )
-    forward = jax.jit(model.apply)
-    start = time.perf_counter()
-    compiled = forward.lower({"params": params}, *args).compile()
+    # Both layer loops: "scan" (stacked weights, what load_transformer gives) and "unrolled"
+    # (per-block weights, what FluxPipeline runs on a CPU).
+    variants = {"scan": (model, params),
+                "unrolled": (model.clone(layer_loop="unrolled"), unstack_layers(params, BLOCK_STACKS))}
     print(f"small config: hidden {argv_args.hidden}, {argv_args.heads} heads, {argv_args.double} double + "
           f"{argv_args.single} single blocks, {l_img} image + {l_txt} text tokens, fp32, "
-          f"{argv_args.threads} torch threads; fluxjax compile {time.perf_counter() - start:.2f} s")
+          f"{argv_args.threads} torch threads")
 
     def run_reference():
         with torch.no_grad():
             return reference(**inputs).sample
 
-    ours = np.asarray(compiled({"params": params}, *args))
     theirs = run_reference().numpy()
-    print(f"  max |fluxjax - diffusers| / max |diffusers| = {max_rel_error(ours, theirs):.2e}")
-    t_ours = median_time(lambda: compiled({"params": params}, *args).block_until_ready(), argv_args.repeat)
     t_ref = median_time(run_reference, argv_args.repeat)
-    report("  forward", t_ours, t_ref, "diffusers eager")
+    for loop, (m, p) in variants.items():
+        start = time.perf_counter()
+        compiled = jax.jit(m.apply).lower({"params": p}, *args).compile()
+        compile_s = time.perf_counter() - start
+        ours = np.asarray(compiled({"params": p}, *args))
+        print(f"  layer_loop={loop}: compile {compile_s:.2f} s, "
+              f"max |fluxjax - diffusers| / max |diffusers| = {max_rel_error(ours, theirs):.2e}")
+        t_ours = median_time(lambda: compiled({"params": p}, *args).block_until_ready(), argv_args.repeat)
+        report(f"  forward, layer_loop={loop}", t_ours, t_ref, "diffusers eager")
 
 
 def _axes(head_dim: int) -> tuple[int, int, int]:
@@ -83,7 +91,7 @@ def _axes(head_dim: int) -> tuple[int, int, int]:
 
 def _full_size_compile(resolution: int, name: str) -> None:
     from convert.flux import param_shapes
-    from fluxjax.models.flux import Flux
+    from fluxjax.models.flux import Flux  # the scanned layers: what accelerators run
 
     cfg = FluxConfig.preset(name)
     model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
