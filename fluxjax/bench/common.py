@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 
 def median_time(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     """Median wall time of `fn()` in seconds; `fn` must block until its result is ready."""
+    return median_times([fn], repeat, warmup)[0]
+
+
+def median_times(fns: Sequence[Callable[[], object]], repeat: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall time in seconds of each of `fns` (each must block until its result is ready).
+
+    The functions take turns within every repetition, so a slow spell of a shared machine falls
+    on all of them instead of on whichever happened to be timed then.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 # Every figure a benchmark reports in this process, for `fluxjax bench`'s table and JSON.

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 
-from fluxjax.bench.common import record, report
+from fluxjax.bench.common import median_times, record, report
 
 FEW, MANY = 2, 6  # step counts whose difference gives the time of a step
 
@@ -26,20 +26,12 @@ FEW, MANY = 2, 6  # step counts whose difference gives the time of a step
 def _per_step(runs, repeat: int) -> list[float]:
     """Seconds per denoising step of each `run(num_steps)` in `runs` (each must block until done).
 
-    The runs take turns within every repetition, so a slow spell of this shared machine falls on
-    all of them instead of on whichever happened to be timed then.
+    All runs and step counts take turns within every repetition (see median_times); each step
+    count is its own compiled loop, warmed up first.
     """
-    times = [{FEW: [], MANY: []} for _ in runs]
-    for run in runs:  # warm-up: each step count is its own compiled loop
-        for steps in (FEW, MANY):
-            run(steps)
-    for _ in range(repeat):
-        for run, samples in zip(runs, times):
-            for steps in (FEW, MANY):
-                start = time.perf_counter()
-                run(steps)
-                samples[steps].append(time.perf_counter() - start)
-    return [(statistics.median(t[MANY]) - statistics.median(t[FEW])) / (MANY - FEW) for t in times]
+    timed = [partial(run, steps) for run in runs for steps in (FEW, MANY)]
+    medians = median_times(timed, repeat)
+    return [(many - few) / (MANY - FEW) for few, many in zip(medians[::2], medians[1::2])]
 
 
 def _steps(args) -> None:

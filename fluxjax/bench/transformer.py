@@ -10,12 +10,13 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.bench.common import max_rel_error, median_time, report
+from fluxjax.bench.common import max_rel_error, median_times, report
 from fluxjax.config import FluxConfig
 from fluxjax.models.flux import BLOCK_STACKS
 from fluxjax.models.layers import unstack_layers
@@ -70,7 +71,7 @@ def _small(argv_args) -> None:
             return reference(**inputs).sample
 
     theirs = run_reference().numpy()
-    t_ref = median_time(run_reference, argv_args.repeat)
+    runs = [run_reference]
     for loop, (m, p) in variants.items():
         start = time.perf_counter()
         compiled = jax.jit(m.apply).lower({"params": p}, *args).compile()
@@ -78,8 +79,10 @@ def _small(argv_args) -> None:
         ours = np.asarray(compiled({"params": p}, *args))
         print(f"  layer_loop={loop}: compile {compile_s:.2f} s, "
               f"max |fluxjax - diffusers| / max |diffusers| = {max_rel_error(ours, theirs):.2e}")
-        t_ours = median_time(lambda: compiled({"params": p}, *args).block_until_ready(), argv_args.repeat)
-        report(f"  forward, layer_loop={loop}", t_ours, t_ref, "diffusers eager")
+        runs.append(partial(lambda c, p: c({"params": p}, *args).block_until_ready(), compiled, p))
+    t_ref, *t_ours = median_times(runs, argv_args.repeat)
+    for loop, t in zip(variants, t_ours):
+        report(f"  forward, layer_loop={loop}", t, t_ref, "diffusers eager")
 
 
 def _axes(head_dim: int) -> tuple[int, int, int]:
