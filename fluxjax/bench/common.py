@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable, Sequence
@@ -30,6 +31,21 @@ def median_times(fns: Sequence[Callable[[], object]], repeat: int = 5, warmup: i
             fn()
             samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
+
+
+def add_model_size_arguments(parser: argparse.ArgumentParser, hidden: int, heads: int) -> None:
+    """--hidden, --heads, --double, --single: the size of a small random FLUX transformer."""
+    parser.add_argument("--hidden", type=int, default=hidden, help="model width (FLUX.1: 3072)")
+    parser.add_argument("--heads", type=int, default=heads, help="attention heads (FLUX.1: 24)")
+    parser.add_argument("--double", type=int, default=2, help="double-stream blocks (FLUX.1: 19)")
+    parser.add_argument("--single", type=int, default=4, help="single-stream blocks (FLUX.1: 38)")
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX's (16, 56, 56) RoPE split of a 128-wide head, scaled to `head_dim` (all even)."""
+    first = 2 * max(1, round(head_dim * 16 / 128 / 2))
+    col = (head_dim - first) // 4 * 2
+    return first, head_dim - first - col, col
 
 
 # Every figure a benchmark reports in this process, for `fluxjax bench`'s table and JSON.

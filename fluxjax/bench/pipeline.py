@@ -18,7 +18,7 @@ from functools import partial
 
 import numpy as np
 
-from fluxjax.bench.common import median_times, record, report
+from fluxjax.bench.common import add_model_size_arguments, median_times, record, report, rope_axes
 
 FEW, MANY = 2, 6  # step counts whose difference gives the time of a step
 
@@ -43,12 +43,11 @@ def _steps(args) -> None:
 
     torch.set_num_threads(args.threads)
     head_dim = args.hidden // args.heads
-    rope = (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16)  # FLUX's 16/56/56 split of 128
     h = w = args.size
     prompts = ["a photo of a cat sitting on a red sofa"] * args.batch
     with tempfile.TemporaryDirectory() as root:
         reference = make_hub_pipeline(root, "dev", num_layers=args.double, num_single_layers=args.single,
-                                      attention_head_dim=head_dim, num_attention_heads=args.heads, axes_dims_rope=rope)
+                                      attention_head_dim=head_dim, num_attention_heads=args.heads, axes_dims_rope=rope_axes(head_dim))
         ours = FluxPipeline.from_pretrained(root, dtype="float32")
     noise = torch.randn(args.batch, 16, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
     packed = DiffusersFluxPipeline._pack_latents(noise, args.batch, 16, h // 8, w // 8)
@@ -89,10 +88,7 @@ def _end_to_end(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="fluxjax bench pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--double", type=int, default=2)
-    parser.add_argument("--single", type=int, default=4)
+    add_model_size_arguments(parser, hidden=256, heads=4)
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--t5-length", type=int, default=128)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.bench.common import max_rel_error, median_times, report
+from fluxjax.bench.common import add_model_size_arguments, max_rel_error, median_times, report, rope_axes
 from fluxjax.config import FluxConfig
 from fluxjax.models.flux import BLOCK_STACKS
 from fluxjax.models.layers import unstack_layers
@@ -33,7 +33,7 @@ def _small(argv_args) -> None:
         in_channels=64, num_layers=argv_args.double, num_single_layers=argv_args.single,
         attention_head_dim=argv_args.hidden // argv_args.heads, num_attention_heads=argv_args.heads,
         joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=_axes(argv_args.hidden // argv_args.heads),
+        axes_dims_rope=rope_axes(argv_args.hidden // argv_args.heads),
     )
     reference = FluxTransformer2DModel(**cfg).eval()
     side = int(argv_args.img_tokens**0.5)
@@ -85,13 +85,6 @@ def _small(argv_args) -> None:
         report(f"  forward, layer_loop={loop}", t, t_ref, "diffusers eager")
 
 
-def _axes(head_dim: int) -> tuple[int, int, int]:
-    """FLUX's (16, 56, 56) split scaled to another head dim (all even)."""
-    first = 2 * max(1, round(head_dim * 16 / 128 / 2))
-    col = (head_dim - first) // 4 * 2
-    return first, head_dim - first - col, col
-
-
 def _full_size_compile(resolution: int, name: str) -> None:
     from convert.flux import param_shapes
     from fluxjax.models.flux import Flux  # the scanned layers: what accelerators run
@@ -114,10 +107,7 @@ def _full_size_compile(resolution: int, name: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="fluxjax bench transformer", description=__doc__)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--double", type=int, default=2)
-    p.add_argument("--single", type=int, default=4)
+    add_model_size_arguments(p, hidden=768, heads=12)
     p.add_argument("--img-tokens", type=int, default=1024, help="a square number (token grid side^2)")
     p.add_argument("--txt-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=5)

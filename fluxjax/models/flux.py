@@ -148,7 +148,7 @@ class LastLayer(nn.Module):
         return dense(c.out_channels, ("embed", "out_features"), "linear", self.dtype, self.param_dtype)(x)
 
 
-BLOCK_STACKS = ("double_blocks", "single_blocks")  # the scanned entries of the parameters
+BLOCK_STACKS = ("double_blocks", "single_blocks")  # the parameter entries of the two block stacks
 
 
 class Flux(nn.Module):
@@ -188,8 +188,9 @@ class Flux(nn.Module):
 
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         block_kw = dict(config=c, attention_impl=self.attention_impl, **kw)
-        double = layer_stack(DoubleStreamBlock, c.depth, 3, self.layer_loop, "double_blocks", **block_kw)
-        single = layer_stack(SingleStreamBlock, c.depth_single_blocks, 3, self.layer_loop, "single_blocks", **block_kw)
+        double_name, single_name = BLOCK_STACKS
+        double = layer_stack(DoubleStreamBlock, c.depth, 3, self.layer_loop, double_name, **block_kw)
+        single = layer_stack(SingleStreamBlock, c.depth_single_blocks, 3, self.layer_loop, single_name, **block_kw)
         img, txt = double((constrain(img), constrain(txt)), vec, cos, sin)
         x = single(jnp.concatenate([txt, img], axis=1), vec, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
