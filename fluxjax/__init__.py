@@ -8,16 +8,16 @@ straight into its sharding.
 
 import importlib
 
-from convert.safetensors_io import CheckpointError
+from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, ConfigError, FluxConfig, T5Config
 
 # The loaders live in convert/, which imports fluxjax's models, and the pipeline imports them all:
 # resolved on first use, so that importing either package first works and `import fluxjax` is light.
 _LAZY = {
-    "load_transformer": "convert.flux",
-    "load_t5": "convert.t5",
-    "load_clip": "convert.clip",
-    "load_vae": "convert.vae",
+    "load_transformer": "fluxjax.loading.flux",
+    "load_t5": "fluxjax.loading.t5",
+    "load_clip": "fluxjax.loading.clip",
+    "load_vae": "fluxjax.loading.vae",
     "FluxPipeline": "fluxjax.pipeline",
 }
 

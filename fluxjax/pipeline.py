@@ -109,7 +109,7 @@ class FluxPipeline:
             `huggingface_hub.snapshot_download` leaves it; a hub repo id (downloaded with
             huggingface_hub when the network allows); or "tiny" (random weights, no files).
         dtype: parameters and compute of every model ("bfloat16" or "float32").
-        sharding: None (one device), or a strategy of configs/sharding ("dp", "fsdp", "tp",
+        sharding: None (one device), or a strategy of fluxjax/configs/sharding ("dp", "fsdp", "tp",
             "fsdp_tp"), a path to a strategy file, or a `fluxjax.sharding.Strategy`: the mesh spans every device of every
             process, each weight is read straight into its shard, and batches are split along
             the strategy's data axes (padded when they do not divide, the padding dropped).
@@ -136,10 +136,10 @@ class FluxPipeline:
 
     @classmethod
     def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, strategy, mesh) -> "FluxPipeline":
-        from convert.clip import load_clip
-        from convert.flux import load_transformer
-        from convert.t5 import load_t5
-        from convert.vae import load_vae
+        from fluxjax.loading.clip import load_clip
+        from fluxjax.loading.flux import load_transformer
+        from fluxjax.loading.t5 import load_t5
+        from fluxjax.loading.vae import load_vae
 
         needed = [f for f in HUB_FOLDERS if not (f == "transformer" and transformer_file) and not (f == "vae" and vae_file)]
         missing = [f for f in needed if not os.path.isdir(os.path.join(root, f))]
@@ -382,9 +382,9 @@ def _init_tiny(models: dict, sharding=None) -> dict:
     """Random parameters for the tiny models (fluxjax.random_weights, fixed seeds: the same on every
     machine), from the shapes each loader reads a checkpoint into. `sharding`: the loaders'
     callable (boxed shapes -> shardings) to place each tree, or None for one device."""
-    from convert.clip import param_shapes as clip_shapes
-    from convert.flux import param_shapes as flux_shapes
-    from convert.t5 import t5_param_shapes
+    from fluxjax.loading.clip import param_shapes as clip_shapes
+    from fluxjax.loading.flux import param_shapes as flux_shapes
+    from fluxjax.loading.t5 import t5_param_shapes
     from fluxjax.models.autoencoder import param_shapes as vae_shapes
 
     shapes_of = {"transformer": flux_shapes, "t5": t5_param_shapes, "clip": clip_shapes, "vae": vae_shapes}

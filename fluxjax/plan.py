@@ -66,9 +66,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def abstract_params(model: str, dtype: Any) -> dict[str, Any]:
     """Boxed abstract parameter trees of the four components, parameters in `dtype`."""
-    from convert.clip import param_shapes as clip_shapes
-    from convert.flux import param_shapes as flux_shapes
-    from convert.t5 import t5_param_shapes
+    from fluxjax.loading.clip import param_shapes as clip_shapes
+    from fluxjax.loading.flux import param_shapes as flux_shapes
+    from fluxjax.loading.t5 import t5_param_shapes
     from fluxjax.models.autoencoder import AutoEncoder
     from fluxjax.models.autoencoder import param_shapes as vae_shapes
     from fluxjax.models.clip import CLIPTextEncoder

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from convert.flux import param_shapes
+from fluxjax.loading.flux import param_shapes
 from fluxjax.config import FluxConfig
 from fluxjax.models import layers
 from fluxjax.models.flux import Flux

@@ -1,6 +1,6 @@
 """Sharding strategies: a device mesh plus a table from logical axes to mesh axes.
 
-A strategy is a TOML file in configs/sharding/ (or anywhere, by path):
+A strategy is a TOML file in fluxjax/configs/sharding/ (or anywhere, by path):
 
     description = "when to choose it, what it costs"
     [mesh]
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.resources
 import logging
 import math
 import os
@@ -50,7 +51,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fluxjax.errors import UsageError
 
-STRATEGY_DIR = Path(__file__).resolve().parent.parent / "configs" / "sharding"
+# Package data (pyproject.toml), so a wheel install has the strategies too.
+STRATEGY_DIR = importlib.resources.files("fluxjax") / "configs" / "sharding"
 BATCH_AXIS = "activation_batch"
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,8 @@ MeshAxes = tuple[str, ...]  # the mesh axes one logical axis maps to; () = repli
 
 
 def available() -> list[str]:
-    """Names of the strategies shipped in configs/sharding."""
-    return sorted(p.stem for p in STRATEGY_DIR.glob("*.toml"))
+    """Names of the strategies shipped in fluxjax/configs/sharding."""
+    return sorted(p.name[: -len(".toml")] for p in STRATEGY_DIR.iterdir() if p.name.endswith(".toml"))
 
 
 def _is_box(x) -> bool:
@@ -95,10 +97,10 @@ class Strategy:
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> "Strategy":
-        """A strategy by name (a file of configs/sharding) or by path to a .toml file."""
+        """A strategy by name (a file of fluxjax/configs/sharding) or by path to a .toml file."""
         path = Path(name_or_path)
         if path.suffix != ".toml":
-            path = STRATEGY_DIR / f"{name_or_path}.toml"
+            path = Path(str(STRATEGY_DIR / f"{name_or_path}.toml"))
         if not path.is_file():
             raise UsageError(f"unknown sharding strategy {os.fspath(name_or_path)!r}: not a file; known: {', '.join(available())}")
         try:

@@ -1,6 +1,6 @@
 """CLIP text encoder: parity with transformers' CLIPTextModel, the key table, strict loading.
 
-Small random CLIPTextModels are saved with save_pretrained and loaded with convert.clip.load_clip;
+Small random CLIPTextModels are saved with save_pretrained and loaded with fluxjax.loading.clip.load_clip;
 outputs are compared on the same ids. Full size is checked without weights (eval_shape vs the
 transformers model built on the meta device).
 """
@@ -18,9 +18,9 @@ import torch
 from flax.core import meta
 from safetensors.numpy import load_file, save_file
 
-from convert.clip import clip_rules, load_clip, param_shapes
-from convert.safetensors_io import CheckpointError
-from convert.table import table_keys
+from fluxjax.loading.clip import clip_rules, load_clip, param_shapes
+from fluxjax.loading.safetensors_io import CheckpointError
+from fluxjax.loading.table import table_keys
 from fluxjax.config import CLIPConfig
 from fluxjax.models.clip import CLIPTextEncoder
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from convert.flux import param_shapes
+from fluxjax.loading.flux import param_shapes
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.models.flux import Flux

@@ -21,9 +21,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from convert.safetensors_io import CheckpointError  # noqa: E402
-from convert.t5 import EMBED_ALIAS, EMBED_KEY, load_t5, t5_param_shapes, t5_rules  # noqa: E402
-from convert.table import TRANSFORMS, table_keys  # noqa: E402
+from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
+from fluxjax.loading.t5 import EMBED_ALIAS, EMBED_KEY, load_t5, t5_param_shapes, t5_rules  # noqa: E402
+from fluxjax.loading.table import TRANSFORMS, table_keys  # noqa: E402
 from fluxjax.config import T5Config  # noqa: E402
 from fluxjax.models.t5 import T5Encoder, relative_position_buckets  # noqa: E402
 

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from conftest import rel_err
 
-from convert.flux import bfl_rules, diffusers_rules, load_transformer, param_shapes
-from convert.safetensors_io import CheckpointError
-from convert.table import key_shapes, table_keys
+from fluxjax.loading.flux import bfl_rules, diffusers_rules, load_transformer, param_shapes
+from fluxjax.loading.safetensors_io import CheckpointError
+from fluxjax.loading.table import key_shapes, table_keys
 from fluxjax.config import ConfigError, FluxConfig
 from fluxjax.models import layers
 from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SingleStreamBlock

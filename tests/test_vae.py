@@ -26,9 +26,9 @@ from safetensors.torch import save_file as torch_save_file
 import diffusers.models.autoencoders.vae as diffusers_vae_module
 from diffusers import AutoencoderKL
 
-from convert.safetensors_io import CheckpointError
-from convert.table import TRANSFORMS, table_keys
-from convert.vae import bfl_vae_rules, diffusers_vae_rules, load_vae
+from fluxjax.loading.safetensors_io import CheckpointError
+from fluxjax.loading.table import TRANSFORMS, table_keys
+from fluxjax.loading.vae import bfl_vae_rules, diffusers_vae_rules, load_vae
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.models.autoencoder import CONV_AXES, AutoEncoder, param_shapes
 

@@ -33,8 +33,8 @@ GB = 1 << 30
 
 def bfl_shapes(double: int, single: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.1-dev-width BFL file with `double`/`single` blocks: key -> shape."""
-    from convert.flux import bfl_rules, param_shapes
-    from convert.table import key_shapes
+    from fluxjax.loading.flux import bfl_rules, param_shapes
+    from fluxjax.loading.table import key_shapes
     from fluxjax.config import FluxConfig
     from fluxjax.models.flux import Flux
 
@@ -84,7 +84,7 @@ def run_child(args: list[str]) -> tuple[float, int, str]:
 
 
 LOAD = (
-    "import sys, time, jax; from convert.flux import load_transformer; t = time.perf_counter(); "
+    "import sys, time, jax; from fluxjax.loading.flux import load_transformer; t = time.perf_counter(); "
     "_, p = load_transformer(sys.argv[1], dtype='bfloat16'); jax.block_until_ready(p); "
     "print(time.perf_counter() - t)"
 )

@@ -1,7 +1,7 @@
 """T5 encode time: fluxjax (jitted) against transformers' T5EncoderModel (eager), same weights, fp32.
 
 A small T5 v1.1 encoder gets random weights, is saved with save_pretrained and loaded through
-`convert.t5.load_t5`, so both sides run the same numbers; the outputs are compared before
+`fluxjax.loading.t5.load_t5`, so both sides run the same numbers; the outputs are compared before
 timing. Needs the test extras (torch).
 
     python -m fluxjax.bench.t5 [--d-model 512] [--heads 8] [--layers 6] [--d-ff 1024]
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
-    from convert.t5 import load_t5
+    from fluxjax.loading.t5 import load_t5
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,7 +26,7 @@ def _small(argv_args) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from convert.flux import load_transformer
+    from fluxjax.loading.flux import load_transformer
 
     torch.set_num_threads(argv_args.threads)
     cfg = dict(
@@ -86,7 +86,7 @@ def _small(argv_args) -> None:
 
 
 def _full_size_compile(resolution: int, name: str) -> None:
-    from convert.flux import param_shapes
+    from fluxjax.loading.flux import param_shapes
     from fluxjax.models.flux import Flux  # the scanned layers: what accelerators run
 
     cfg = FluxConfig.preset(name)

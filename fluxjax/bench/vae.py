@@ -1,7 +1,7 @@
 """VAE decode time: fluxjax (jitted) against diffusers' AutoencoderKL (eager), same weights, fp32.
 
 A small AutoencoderKL of the FLUX structure gets random weights, is saved with save_pretrained
-and loaded through `convert.vae.load_vae`, so both sides run the same numbers; the outputs are
+and loaded through `fluxjax.loading.vae.load_vae`, so both sides run the same numbers; the outputs are
 compared before timing. Needs the test extras (torch, diffusers).
 
     python -m fluxjax.bench.vae [--widths 64,128,128,128] [--latent 16] [--batch 1] [--repeat 3]
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from convert.vae import load_vae
+    from fluxjax.loading.vae import load_vae
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from convert.to_orbax import convert
+    from fluxjax.loading.to_orbax import convert
 
     existed = os.path.exists(args.dst)
     left = f"{args.dst} left as it was" if existed else f"{args.dst} not created"

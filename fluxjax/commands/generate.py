@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
-                        help="a strategy of configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
+                        help="a strategy of fluxjax/configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
 
 
 def _check(args) -> None:

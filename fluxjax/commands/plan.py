@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="dev", help="dev, schnell or tiny (default dev)")
-    parser.add_argument("--sharding", default="fsdp", help="strategy name from configs/sharding or a .toml path (default fsdp)")
+    parser.add_argument("--sharding", default="fsdp", help="strategy name from fluxjax/configs/sharding or a .toml path (default fsdp)")
     parser.add_argument("--devices", type=int, required=True, help="number of devices (accelerators) in the mesh")
     parser.add_argument("--hbm", help="memory per device, e.g. 16GiB: say whether the plan fits")
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT in pixels (default 1024x1024)")

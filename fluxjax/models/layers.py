@@ -1,7 +1,7 @@
 """Building blocks of the FLUX transformer (FLUX_REFERENCE.md section 2), and the shared
 parameter helpers every fluxjax model uses.
 
-Logical axis names (the vocabulary a sharding strategy in configs/sharding maps to mesh axes):
+Logical axis names (the vocabulary a sharding strategy in fluxjax/configs/sharding maps to mesh axes):
   layers       the stacked block axis that nn.scan adds
   embed        the model width (3072 in FLUX, d_model in T5, width in CLIP)
   mlp          MLP hidden features

@@ -18,8 +18,8 @@ from typing import Iterator
 
 import jax.numpy as jnp
 
-from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import Plan, Rule
+from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
+from fluxjax.loading.table import Plan, Rule
 from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import AutoEncoderConfig
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from convert.safetensors_io import CheckpointError, TensorSource
+from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
 
 LAYER = "{i}"  # stands for the block index in a source key; its rule fills a stacked leaf
 

@@ -30,13 +30,13 @@ from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from convert.clip import clip_plan
-from convert.flux import BFL_PREFIXES, transformer_plan
-from convert.safetensors_io import CheckpointError, TensorSource
-from convert.t5 import t5_plan
-from convert.table import Plan, strip_prefix
-from convert.vae import STRIP_PREFIXES as VAE_PREFIXES
-from convert.vae import vae_plan
+from fluxjax.loading.clip import clip_plan
+from fluxjax.loading.flux import BFL_PREFIXES, transformer_plan
+from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
+from fluxjax.loading.t5 import t5_plan
+from fluxjax.loading.table import Plan, strip_prefix
+from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
+from fluxjax.loading.vae import vae_plan
 from fluxjax.checkpoint import PARAMS, ParamsWriter, write_marker
 
 # The class names hub configs give each model (model_index.json, config.json) -> its plan.

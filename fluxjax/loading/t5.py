@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import LAYER, Plan, Rule, linear
+from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
+from fluxjax.loading.table import LAYER, Plan, Rule, linear
 from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import T5Config
 from fluxjax.models.t5 import T5Encoder

@@ -12,8 +12,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from convert.safetensors_io import CheckpointError, TensorSource
-from convert.table import LAYER, Plan, Rule, fused_linear, linear, strip_prefix
+from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
+from fluxjax.loading.table import LAYER, Plan, Rule, fused_linear, linear, strip_prefix
 from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import FluxConfig
 from fluxjax.models.flux import Flux
