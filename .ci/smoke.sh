@@ -22,8 +22,10 @@ echo "smoke: wheel built and installed in a fresh venv in $((SECONDS - start)) s
 cd "$WORK"  # away from the source tree, so only the installed package can be imported
 PY="$WORK/venv/bin/python"
 FLUXJAX="$WORK/venv/bin/fluxjax"
-# Fresh caches: the CPU kernel is compiled from the wheel's own source files.
-export FLUXJAX_COMPILATION_CACHE="$WORK/xla" FLUXJAX_KERNEL_CACHE="$WORK/kernels"
+# Fresh caches: the CPU kernel is compiled from the wheel's own source files, and an empty hub
+# cache makes generate's default model the tiny preset on any machine (a cached FLUX.1-schnell
+# would take it at full size on a CPU).
+export FLUXJAX_COMPILATION_CACHE="$WORK/xla" FLUXJAX_KERNEL_CACHE="$WORK/kernels" HF_HOME="$WORK/hf"
 
 "$PY" - <<'EOF'
 import os, sys
