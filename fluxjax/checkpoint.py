@@ -194,22 +194,3 @@ def restore_params(
             raise ValueError(f"{folder}: parameter {p} has shape {list(stored[p].shape)}, expected {list(want.shape)}")
     return ocp.load(folder, traverse_util.unflatten_dict(abstract, sep="/"))
 
-
-def restore_component(
-    path: str | os.PathLike,
-    model: str,
-    config_cls: type,
-    build: Callable[[Any], tuple[Any, Mapping]],
-    dtype=None,
-    sharding: ShardingFn | None = None,
-) -> tuple[Any, dict]:
-    """(module, params) from a component folder written by `fluxjax convert`.
-
-    model:      the component kind the folder must hold ("flux", "vae", "t5", "clip").
-    config_cls: its config dataclass, rebuilt from fluxjax.json.
-    build:      config -> (linen module, boxed abstract params), the loader's own constructor.
-    dtype, sharding: as `restore_params`.
-    """
-    record = read_marker(path, model)
-    module, shapes = build(config_cls(**record["config"]))
-    return module, restore_params(os.path.join(os.fspath(path), PARAMS), shapes, dtype, sharding)

@@ -3,3 +3,7 @@
 
 class UsageError(ValueError):
     """Bad input from the user (an argument, a size, a missing folder); the CLI prints it in one line."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, or its keys or shapes are not what the model needs."""

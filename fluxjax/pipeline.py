@@ -27,12 +27,8 @@ from fluxjax import sampling
 from fluxjax.cache import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import UsageError
+from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.models.clip import CLIPTextEncoder
-from fluxjax.models.flux import BLOCK_STACKS, Flux
-from fluxjax.models.layers import unstack_layers
-from fluxjax.models.t5 import T5Encoder
-from fluxjax.random_weights import host_random_params
 from fluxjax.sharding import Strategy
 from fluxjax.text import PromptTokenizer, encode_prompts_jit
 
@@ -75,21 +71,15 @@ class FluxPipeline:
     (sampling.Schedule), kind ("dev", "schnell" or "tiny"), defaults (Defaults), name (str),
     timings (seconds of each stage of the last call: encode, denoise, decode).
 
-    On a CPU without a mesh the transformer runs with layer_loop="unrolled": its block
-    parameters are split into per-block arrays when the pipeline is built (see
-    layers.layer_stack), so `transformer.params` has `double_blocks_0`, ... instead of the
-    stacked `double_blocks`.
+    On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
+    its block parameters as per-block arrays (fluxjax.loading.registry.default_layer_loop), so
+    `transformer.params` has `double_blocks_0`, ... instead of the stacked `double_blocks`.
     """
 
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
                  tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str,
                  strategy: Strategy | None = None, mesh: Mesh | None = None):
         _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config)
-        if mesh is None and jax.default_backend() == "cpu" and transformer.model.layer_loop == "scan":
-            # XLA:CPU copies every scanned block's weights out of their stack at every step;
-            # per-block arrays (made once, here) are read in place: about 9% of a step.
-            transformer = Component(transformer.model.clone(layer_loop="unrolled"),
-                                    unstack_layers(transformer.params, BLOCK_STACKS))
         self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
         self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
         self.strategy, self.mesh = strategy, mesh
@@ -136,11 +126,6 @@ class FluxPipeline:
 
     @classmethod
     def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, strategy, mesh) -> "FluxPipeline":
-        from fluxjax.loading.clip import load_clip
-        from fluxjax.loading.flux import load_transformer
-        from fluxjax.loading.t5 import load_t5
-        from fluxjax.loading.vae import load_vae
-
         needed = [f for f in HUB_FOLDERS if not (f == "transformer" and transformer_file) and not (f == "vae" and vae_file)]
         missing = [f for f in needed if not os.path.isdir(os.path.join(root, f))]
         if missing:
@@ -149,24 +134,17 @@ class FluxPipeline:
         for label, path in (("transformer", transformer_file), ("vae", vae_file)):
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"{label}={os.fspath(path)!r}: no such file (expected a BFL .safetensors file)")
-        place = dict(sharding=strategy.param_shardings(mesh)) if strategy else {}
-        t = Component(*load_transformer(transformer_file or os.path.join(root, "transformer"), dtype,
-                                        attention_impl=attention_impl, **place))
-        kind = "dev" if t.model.config.guidance_embed else "schnell"
+        sources = {name: os.path.join(root, spec.folder) for name, spec in COMPONENTS.items()}
+        sources.update({k: v for k, v in (("transformer", transformer_file), ("vae", vae_file)) if v is not None})
+        sharding = strategy.param_shardings(mesh) if strategy else None
+        settings = dict(attention_impl=attention_impl, layer_loop="auto")
+        components = {name: Component(*load(name, src, dtype, sharding, **COMPONENTS[name].select(settings)))
+                      for name, src in sources.items()}
+        kind = "dev" if components["transformer"].model.config.guidance_embed else "schnell"
         scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
-        return cls(
-            transformer=t,
-            t5=Component(*load_t5(os.path.join(root, "text_encoder_2"), dtype, attention_impl=attention_impl, **place)),
-            clip=Component(*load_clip(os.path.join(root, "text_encoder"), dtype, attention_impl=attention_impl, **place)),
-            vae=Component(*load_vae(vae_file or os.path.join(root, "vae"), dtype, **place)),
-            tokenizer=PromptTokenizer.from_folder(root),
-            schedule=schedule,
-            kind=kind,
-            name=os.path.basename(os.path.normpath(transformer_file or root)),
-            strategy=strategy,
-            mesh=mesh,
-        )
+        return cls(**components, tokenizer=PromptTokenizer.from_folder(root), schedule=schedule, kind=kind,
+                   name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh)
 
     @classmethod
     def _tiny(cls, dtype, attention_impl, strategy, mesh) -> "FluxPipeline":
@@ -176,15 +154,13 @@ class FluxPipeline:
         with tempfile.TemporaryDirectory() as folder:
             make_tokenizers(folder)
             tokenizer = PromptTokenizer.from_folder(folder)
-        kw = dict(dtype=dtype, param_dtype=dtype)
-        models = {
-            "transformer": Flux(FluxConfig.preset("tiny"), attention_impl=attention_impl, **kw),
-            "t5": T5Encoder(T5Config.preset("tiny"), attention_impl=attention_impl, **kw),
-            "clip": CLIPTextEncoder(CLIPConfig.preset("tiny"), attention_impl=attention_impl, **kw),
-            "vae": AutoEncoder(AutoEncoderConfig.preset("tiny"), **kw),
-        }
-        params = _init_tiny(models, strategy.param_shardings(mesh) if strategy else None)
-        components = {k: Component(models[k], params[k]) for k in models}
+        sharding = strategy.param_shardings(mesh) if strategy else None
+        settings = dict(attention_impl=attention_impl, layer_loop="auto")
+        components = {}
+        for seed, (name, preset) in enumerate(PRESETS["tiny"].items()):  # fixed seeds: the same weights everywhere
+            spec = COMPONENTS[name]
+            components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
+                                                           **spec.select(settings)))
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
                    strategy=strategy, mesh=mesh)
 
@@ -376,24 +352,6 @@ def local_schnell() -> str | None:
         return snapshot_download(SCHNELL_REPO, local_files_only=True)
     except Exception:  # not cached, or huggingface_hub missing: the caller falls back to tiny
         return None
-
-
-def _init_tiny(models: dict, sharding=None) -> dict:
-    """Random parameters for the tiny models (fluxjax.random_weights, fixed seeds: the same on every
-    machine), from the shapes each loader reads a checkpoint into. `sharding`: the loaders'
-    callable (boxed shapes -> shardings) to place each tree, or None for one device."""
-    from fluxjax.loading.clip import param_shapes as clip_shapes
-    from fluxjax.loading.flux import param_shapes as flux_shapes
-    from fluxjax.loading.t5 import t5_param_shapes
-    from fluxjax.models.autoencoder import param_shapes as vae_shapes
-
-    shapes_of = {"transformer": flux_shapes, "t5": t5_param_shapes, "clip": clip_shapes, "vae": vae_shapes}
-    out = {}
-    for seed, (name, model) in enumerate(models.items()):
-        shapes = shapes_of[name](model)
-        params = host_random_params(shapes, seed, neutral_vectors=True)
-        out[name] = jax.device_put(params, sharding(shapes) if sharding is not None else None)
-    return out
 
 
 def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig) -> None:

@@ -27,16 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
+from fluxjax.loading import registry
 from fluxjax.sharding import BATCH_AXIS, Strategy
 
-# Preset names of the four components for each --model.
-MODEL_PRESETS = {
-    "dev": dict(flux="dev", t5="xxl", clip="large", vae="flux", t5_length=512),
-    "schnell": dict(flux="schnell", t5="xxl", clip="large", vae="flux", t5_length=256),
-    "tiny": dict(flux="tiny", t5="tiny", clip="tiny", vae="tiny", t5_length=16),
-}
+# The T5 length of each --model (its components are fluxjax.loading.registry.PRESETS[model]).
+T5_LENGTHS = {"dev": 512, "schnell": 256, "tiny": 16}
 GIB = 1 << 30
 PATCH = 16  # pixels per side of one packed image token (VAE factor 8 x 2x2 packing)
 
@@ -65,24 +62,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def abstract_params(model: str, dtype: Any) -> dict[str, Any]:
-    """Boxed abstract parameter trees of the four components, parameters in `dtype`."""
-    from fluxjax.loading.clip import param_shapes as clip_shapes
-    from fluxjax.loading.flux import param_shapes as flux_shapes
-    from fluxjax.loading.t5 import t5_param_shapes
-    from fluxjax.models.autoencoder import AutoEncoder
-    from fluxjax.models.autoencoder import param_shapes as vae_shapes
-    from fluxjax.models.clip import CLIPTextEncoder
-    from fluxjax.models.flux import Flux
-    from fluxjax.models.t5 import T5Encoder
-
-    p = MODEL_PRESETS[model]
-    kw = dict(dtype=dtype, param_dtype=dtype)
-    return {
-        "transformer": flux_shapes(Flux(FluxConfig.preset(p["flux"]), **kw)),
-        "t5": t5_param_shapes(T5Encoder(T5Config.preset(p["t5"]), **kw)),
-        "clip": clip_shapes(CLIPTextEncoder(CLIPConfig.preset(p["clip"]), **kw)),
-        "vae": vae_shapes(AutoEncoder(AutoEncoderConfig.preset(p["vae"]), **kw)),
-    }
+    """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`."""
+    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype))
+            for name, preset in registry.PRESETS[model].items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +177,8 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     batch: images per step (default: the data size, one image per data shard). xla: also
     AOT-compile the step on `devices` simulated CPU devices in a child process (seconds for dev).
     """
-    if model not in MODEL_PRESETS:
-        raise UsageError(f"--model {model!r}: choose from {', '.join(MODEL_PRESETS)}")
+    if model not in T5_LENGTHS:
+        raise UsageError(f"--model {model!r}: choose from {', '.join(T5_LENGTHS)}")
     dt = jnp.dtype(dtype)
     if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
         raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
@@ -208,13 +190,12 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be at least 1")
     padded = -(-batch // data) * data
-    preset = MODEL_PRESETS[model]
-    cfg = FluxConfig.preset(preset["flux"])
+    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
     abstract = abstract_params(model, dt)
     params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
     gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
     heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
-    l_img, l_txt = (height // PATCH) * (width // PATCH), preset["t5_length"]
+    l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
     analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize) + gathered
     measured = None
     if xla:
@@ -230,7 +211,7 @@ def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_
 
     Returns its JSON: temp_bytes, argument_bytes (float32 compile), compile_s.
     """
-    spec = dict(model=MODEL_PRESETS[model]["flux"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
+    spec = dict(model=registry.PRESETS[model]["transformer"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,10 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fluxjax.loading.flux import param_shapes
 from fluxjax.config import FluxConfig
+from fluxjax.loading import registry
 from fluxjax.models import layers
-from fluxjax.models.flux import Flux
 from fluxjax.sharding import Strategy
 
 
@@ -31,9 +30,9 @@ def step_memory(model: str, strategy: Strategy, batch: int, l_img: int, l_txt: i
     """Compile x <- x + dt * v(x) for the whole batch on the strategy's mesh; report bytes per device."""
     layers.CPU_QUERY_BLOCK = 1 << 40  # trace attention unblocked, as on an accelerator
     cfg = FluxConfig.preset(model)
-    flux = Flux(cfg)
+    flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan")
     mesh = strategy.make_mesh()
-    boxed = param_shapes(flux)
+    boxed = registry.abstract_params("transformer", flux)
     shardings = strategy.param_shardings(mesh)(boxed)
     params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s), boxed, shardings,
                           is_leaf=lambda x: isinstance(x, nn.Partitioned))

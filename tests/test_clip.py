@@ -18,11 +18,12 @@ import torch
 from flax.core import meta
 from safetensors.numpy import load_file, save_file
 
-from fluxjax.loading.clip import clip_rules, load_clip, param_shapes
+from fluxjax.loading.clip import clip_rules
+from fluxjax.loading.registry import load_clip
 from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.loading.table import table_keys
 from fluxjax.config import CLIPConfig
-from fluxjax.models.clip import CLIPTextEncoder
+from fluxjax.models.clip import CLIPTextEncoder, param_shapes
 
 transformers = pytest.importorskip("transformers")
 

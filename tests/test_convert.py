@@ -22,10 +22,7 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
-from fluxjax.loading.clip import load_clip
-from fluxjax.loading.flux import load_transformer
-from fluxjax.loading.t5 import load_t5
-from fluxjax.loading.vae import load_vae
+from fluxjax.loading.registry import load_clip, load_t5, load_transformer, load_vae
 from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.cli import main
 from fluxjax.config import AutoEncoderConfig
@@ -282,8 +279,9 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 import flax.linen as nn
 from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
-from fluxjax.loading.flux import load_transformer, param_shapes
-from fluxjax.loading.t5 import load_t5, t5_param_shapes
+from fluxjax.loading.registry import load_t5, load_transformer
+from fluxjax.models.flux import param_shapes
+from fluxjax.models.t5 import param_shapes as t5_param_shapes
 
 HUB, DST = sys.argv[1:]
 mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "tensor"))

@@ -12,10 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from fluxjax.loading.flux import param_shapes
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
-from fluxjax.models.flux import Flux
+from fluxjax.models.flux import Flux, param_shapes
 from fluxjax.sharding import Strategy, available, pad_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -22,10 +22,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
-from fluxjax.loading.t5 import EMBED_ALIAS, EMBED_KEY, load_t5, t5_param_shapes, t5_rules  # noqa: E402
+from fluxjax.loading.registry import load_t5  # noqa: E402
+from fluxjax.loading.t5 import EMBED_ALIAS, EMBED_KEY, t5_rules  # noqa: E402
 from fluxjax.loading.table import TRANSFORMS, table_keys  # noqa: E402
 from fluxjax.config import T5Config  # noqa: E402
 from fluxjax.models.t5 import T5Encoder, relative_position_buckets  # noqa: E402
+from fluxjax.models.t5 import param_shapes as t5_param_shapes  # noqa: E402
 
 # Two shapes of config: A has more buckets than its sequence can reach (every distance gets an
 # exact bucket, most rows of the table go unused); B has few buckets and a sequence longer

@@ -178,7 +178,7 @@ class _FakeT5(nn.Module):
 def test_encode_prompts_pools_at_eos_like_transformers(root, tok, tmp_path):
     """End to end with real tokenizer output: padded CLIP ids (pad = eos = largest id, the
     legacy eos_token_id 2 config of FLUX) pooled exactly as transformers' CLIPTextModel does."""
-    from fluxjax.loading.clip import load_clip
+    from fluxjax.loading.registry import load_clip
 
     torch.manual_seed(0)
     cfg = transformers.CLIPTextConfig(

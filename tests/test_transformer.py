@@ -16,12 +16,14 @@ from safetensors.torch import save_file
 
 from conftest import rel_err
 
-from fluxjax.loading.flux import bfl_rules, diffusers_rules, load_transformer, param_shapes
+from fluxjax.loading.flux import bfl_rules, diffusers_rules
+from fluxjax.loading.registry import load_transformer
 from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.loading.table import key_shapes, table_keys
 from fluxjax.config import ConfigError, FluxConfig
 from fluxjax.models import layers
 from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SingleStreamBlock
+from fluxjax.models.flux import param_shapes
 from fluxjax.reference import randomize_
 
 FP32_TOL = 1e-5  # x max|reference|: what the issue asks; diffusers itself is within 5e-7 of float64

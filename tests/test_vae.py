@@ -28,7 +28,8 @@ from diffusers import AutoencoderKL
 
 from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.loading.table import TRANSFORMS, table_keys
-from fluxjax.loading.vae import bfl_vae_rules, diffusers_vae_rules, load_vae
+from fluxjax.loading.registry import load_vae
+from fluxjax.loading.vae import bfl_vae_rules, diffusers_vae_rules
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.models.autoencoder import CONV_AXES, AutoEncoder, param_shapes
 

@@ -33,10 +33,10 @@ GB = 1 << 30
 
 def bfl_shapes(double: int, single: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.1-dev-width BFL file with `double`/`single` blocks: key -> shape."""
-    from fluxjax.loading.flux import bfl_rules, param_shapes
-    from fluxjax.loading.table import key_shapes
     from fluxjax.config import FluxConfig
-    from fluxjax.models.flux import Flux
+    from fluxjax.loading.flux import bfl_rules
+    from fluxjax.loading.table import key_shapes
+    from fluxjax.models.flux import Flux, param_shapes
 
     cfg = FluxConfig.preset("dev").replace(depth=double, depth_single_blocks=single)
     rules = bfl_rules(cfg)
@@ -84,11 +84,11 @@ def run_child(args: list[str]) -> tuple[float, int, str]:
 
 
 LOAD = (
-    "import sys, time, jax; from fluxjax.loading.flux import load_transformer; t = time.perf_counter(); "
+    "import sys, time, jax; from fluxjax.loading.registry import load_transformer; t = time.perf_counter(); "
     "_, p = load_transformer(sys.argv[1], dtype='bfloat16'); jax.block_until_ready(p); "
     "print(time.perf_counter() - t)"
 )
-BASELINE = "import jax, orbax.checkpoint.experimental.v1, convert.flux, convert.to_orbax; print(0)"
+BASELINE = "import jax, orbax.checkpoint.experimental.v1, fluxjax.loading.registry, fluxjax.loading.to_orbax; print(0)"
 
 
 def main(argv=None) -> None:

@@ -61,9 +61,8 @@ def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
 
 
 def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, attention: str, peak: float | None) -> None:
-    from fluxjax.loading.flux import param_shapes
     from fluxjax import sampling
-    from fluxjax.models.flux import Flux
+    from fluxjax.models.flux import Flux, param_shapes
     from fluxjax.random_weights import device_random_params
 
     model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention)

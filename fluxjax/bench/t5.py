@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
-    from fluxjax.loading.t5 import load_t5
+    from fluxjax.loading.registry import load_t5
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,15 +18,13 @@ import numpy as np
 
 from fluxjax.bench.common import add_model_size_arguments, max_rel_error, median_times, report, rope_axes
 from fluxjax.config import FluxConfig
-from fluxjax.models.flux import BLOCK_STACKS
-from fluxjax.models.layers import unstack_layers
 
 
 def _small(argv_args) -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from fluxjax.loading.flux import load_transformer
+    from fluxjax.loading.registry import load_transformer
 
     torch.set_num_threads(argv_args.threads)
     cfg = dict(
@@ -51,17 +49,15 @@ def _small(argv_args) -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder)
-        model, params = load_transformer(folder)
+        # Both layer loops: "scan" (stacked weights, what accelerators run) and "unrolled"
+        # (per-block weights, what FluxPipeline runs on a CPU).
+        variants = {loop: load_transformer(folder, layer_loop=loop) for loop in ("scan", "unrolled")}
 
     j = lambda t: jnp.asarray(t.numpy())  # noqa: E731
     args = (
         j(inputs["hidden_states"]), j(inputs["img_ids"])[None], j(inputs["encoder_hidden_states"]),
         j(inputs["txt_ids"])[None], j(inputs["timestep"]), j(inputs["pooled_projections"]), j(inputs["guidance"]),
     )
-    # Both layer loops: "scan" (stacked weights, what load_transformer gives) and "unrolled"
-    # (per-block weights, what FluxPipeline runs on a CPU).
-    variants = {"scan": (model, params),
-                "unrolled": (model.clone(layer_loop="unrolled"), unstack_layers(params, BLOCK_STACKS))}
     print(f"small config: hidden {argv_args.hidden}, {argv_args.heads} heads, {argv_args.double} double + "
           f"{argv_args.single} single blocks, {l_img} image + {l_txt} text tokens, fp32, "
           f"{argv_args.threads} torch threads")
@@ -86,8 +82,7 @@ def _small(argv_args) -> None:
 
 
 def _full_size_compile(resolution: int, name: str) -> None:
-    from fluxjax.loading.flux import param_shapes
-    from fluxjax.models.flux import Flux  # the scanned layers: what accelerators run
+    from fluxjax.models.flux import Flux, param_shapes  # the scanned layers: what accelerators run
 
     cfg = FluxConfig.preset(name)
     model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

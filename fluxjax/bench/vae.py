@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from fluxjax.loading.vae import load_vae
+    from fluxjax.loading.registry import load_vae
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,17 +25,13 @@ Any other key, a missing key or a wrong shape raises CheckpointError naming the 
 from __future__ import annotations
 
 import os
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
-from fluxjax.loading.table import Plan, Rule, linear
-from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import CLIPConfig
-from fluxjax.models.clip import CLIPTextEncoder
+from fluxjax.errors import CheckpointError
+from fluxjax.loading.safetensors_io import TensorSource
+from fluxjax.loading.table import CheckpointTable, Rule, linear
 
 PREFIX = "text_model."
 POSITION_IDS = "embeddings.position_ids"
@@ -79,49 +75,10 @@ def _position_ids(source: TensorSource, cfg: CLIPConfig) -> set[str]:
     return found
 
 
-def param_shapes(model: CLIPTextEncoder, seq_len: int | None = None) -> Any:
-    """The model's parameter tree as jax.ShapeDtypeStruct (boxed with logical axes); no weights made."""
-    length = seq_len or model.config.max_position_embeddings
-    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-
-
-def clip_plan(source: str | os.PathLike, dtype: Any = "float32", attention_impl: str = "auto") -> Plan:
-    """The conversion plan of a transformers CLIPTextModel folder (or its safetensors file)."""
-    source = os.fspath(source)
-    folder = source if os.path.isdir(source) else os.path.dirname(source)
-    cfg = CLIPConfig.from_hf_config(folder)
-    model, shapes = _build(cfg, dtype, attention_impl)
-    tensors = TensorSource(source)
-    ignore = frozenset(_position_ids(tensors, cfg))
-    return Plan("clip", model, cfg, tensors, clip_rules(cfg), shapes, (PREFIX,), ignore)
-
-
-def _build(cfg: CLIPConfig, dtype, attention_impl: str):
-    dt = jnp.dtype(dtype)
-    model = CLIPTextEncoder(cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl)
-    return model, param_shapes(model)
-
-
-def load_clip(
-    source: str | os.PathLike,
-    dtype: Any = "float32",
-    attention_impl: str = "auto",
-    sharding: ShardingFn | None = None,
-) -> tuple[CLIPTextEncoder, dict]:
-    """Load a transformers CLIPTextModel folder (the hub's `text_encoder/`), or the text_encoder/
-    component folder `fluxjax convert` wrote.
-
-    source: a folder with config.json and model.safetensors (or a sharded index); dtype: the
-    dtype of the parameters and of the computation ("float32" or "bfloat16").
-    sharding: a callable from the boxed abstract params to a matching tree of Shardings
-    (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
-    Returns (model, params): `model.apply({"params": params}, ids)` gives
-    (last_hidden_state (B, L, D), pooler_output (B, D)). Params are jax arrays of `dtype`,
-    read straight from the file into the shapes `jax.eval_shape` gives (never initialised).
-    """
-    if is_component(source):
-        build = lambda cfg: _build(cfg, dtype, attention_impl)  # noqa: E731
-        return restore_component(source, "clip", CLIPConfig, build, jnp.dtype(dtype), sharding)
-    plan = clip_plan(source, dtype, attention_impl)
-    return plan.model, plan.load(jnp.dtype(dtype), sharding)
+def read_table(path: str, config: CLIPConfig | None = None) -> CheckpointTable:
+    """A transformers CLIPTextModel folder (or its safetensors file): its config (the folder's
+    config.json unless `config` is given), tensors and table."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg = config or CLIPConfig.from_hf_config(folder)
+    tensors = TensorSource(path)
+    return CheckpointTable(cfg, tensors, clip_rules(cfg), (PREFIX,), frozenset(_position_ids(tensors, cfg)))

@@ -9,14 +9,10 @@ from __future__ import annotations
 import os
 import re
 
-import jax
-import jax.numpy as jnp
-
-from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
-from fluxjax.loading.table import LAYER, Plan, Rule, fused_linear, linear, strip_prefix
-from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import FluxConfig
-from fluxjax.models.flux import Flux
+from fluxjax.errors import CheckpointError
+from fluxjax.loading.safetensors_io import TensorSource
+from fluxjax.loading.table import LAYER, CheckpointTable, Rule, fused_linear, linear, strip_prefix
 
 BFL_PREFIXES = ("model.diffusion_model.",)  # added by some redistributions (ComfyUI)
 
@@ -116,18 +112,6 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
     return rules
 
 
-def param_shapes(model: Flux):
-    """The parameter tree of `model` as jax.ShapeDtypeStruct, without allocating anything."""
-    c = model.config
-    b, l_img, l_txt = 1, 4, 4
-    args = (
-        jnp.zeros((b, l_img, c.in_channels)), jnp.zeros((b, l_img, 3)),
-        jnp.zeros((b, l_txt, c.context_in_dim)), jnp.zeros((b, l_txt, 3)),
-        jnp.zeros((b,)), jnp.zeros((b, c.vec_in_dim)), jnp.zeros((b,)),
-    )
-    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
-
-
 def config_from_bfl(source: TensorSource) -> FluxConfig:
     """Infer the FluxConfig of a BFL single file from its tensor shapes."""
     prefix = strip_prefix(source.keys(), BFL_PREFIXES)
@@ -160,53 +144,16 @@ def config_from_bfl(source: TensorSource) -> FluxConfig:
         raise CheckpointError(f"{source.path}: not a BFL FLUX transformer file (no key {e.args[0]!r})") from None
 
 
-def transformer_plan(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None, attention_impl: str = "auto") -> Plan:
-    """The conversion plan of a diffusers transformer folder or a BFL single .safetensors file."""
-    path = os.fspath(source)
+def read_table(path: str, config: FluxConfig | None = None) -> CheckpointTable:
+    """A diffusers transformer folder (config.json + safetensors) or a BFL single .safetensors
+    file (config inferred from its shapes unless `config` is given): its config, tensors and table."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path}: a transformer folder needs config.json (diffusers layout)")
         cfg = config or FluxConfig.from_hf_config(path)
-        tensors, rules, prefixes = TensorSource(path), diffusers_rules(cfg), ()
-    elif os.path.isfile(path):
-        tensors = TensorSource(path)
-        cfg = config or config_from_bfl(tensors)
-        rules, prefixes = bfl_rules(cfg), BFL_PREFIXES
-    else:
+        return CheckpointTable(cfg, TensorSource(path), diffusers_rules(cfg))
+    if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    model, shapes = _build(cfg, dtype, attention_impl)
-    return Plan("flux", model, cfg, tensors, rules, shapes, prefixes)
-
-
-def _build(cfg: FluxConfig, dtype, attention_impl: str):
-    dtype = jnp.dtype(dtype)
-    model = Flux(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-    return model, param_shapes(model)
-
-
-def load_transformer(
-    source: str | os.PathLike,
-    dtype="float32",
-    config: FluxConfig | None = None,
-    attention_impl: str = "auto",
-    sharding: ShardingFn | None = None,
-):
-    """Load a FLUX transformer checkpoint into `(model, params)`.
-
-    source:   a diffusers transformer folder (config.json + safetensors, sharded or not), a BFL
-              single .safetensors file (config inferred from its shapes unless `config` is given),
-              or what `fluxjax convert` wrote: a transformer component folder, or the converted
-              hub folder holding one in transformer/.
-    dtype:    parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
-    sharding: a callable from the boxed abstract params to a matching tree of Shardings
-              (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
-    Returns the linen `Flux` module and its params (nested dict of jax arrays, stacked blocks).
-    """
-    path = os.fspath(source)
-    if not is_component(path) and is_component(os.path.join(path, "transformer")):
-        path = os.path.join(path, "transformer")
-    if is_component(path):
-        build = lambda cfg: _build(config or cfg, dtype, attention_impl)  # noqa: E731
-        return restore_component(path, "flux", FluxConfig, build, jnp.dtype(dtype), sharding)
-    plan = transformer_plan(path, dtype, config, attention_impl)
-    return plan.model, plan.load(jnp.dtype(dtype), sharding)
+    tensors = TensorSource(path)
+    cfg = config or config_from_bfl(tensors)
+    return CheckpointTable(cfg, tensors, bfl_rules(cfg), BFL_PREFIXES)

@@ -18,6 +18,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from fluxjax.errors import CheckpointError
+
 DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -32,10 +34,6 @@ DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable, or its keys or shapes are not what the model needs."""
 
 
 class _File:

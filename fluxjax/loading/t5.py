@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
-from fluxjax.loading.table import LAYER, Plan, Rule, linear
-from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import T5Config
-from fluxjax.models.t5 import T5Encoder
+from fluxjax.errors import CheckpointError
+from fluxjax.loading.safetensors_io import TensorSource
+from fluxjax.loading.table import LAYER, CheckpointTable, Rule, linear
 
 EMBED_KEY = "shared.weight"
 EMBED_ALIAS = "encoder.embed_tokens.weight"
@@ -66,48 +63,12 @@ def tied_embedding(source: TensorSource) -> tuple[str, set[str]]:
     return (EMBED_ALIAS if EMBED_ALIAS in source else EMBED_KEY), set()
 
 
-def t5_param_shapes(model: T5Encoder) -> dict:
-    """The model's parameter tree of ShapeDtypeStruct (boxed with logical axes), no compute."""
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-
-
-def t5_plan(source: str | os.PathLike, dtype="float32", attention_impl: str = "auto") -> Plan:
-    """The conversion plan of a transformers T5 folder (config.json + safetensors, e.g. text_encoder_2/)."""
-    source = os.fspath(source)
-    if not os.path.isdir(source):
-        raise CheckpointError(f"{source}: expected a transformers T5 folder (config.json + safetensors)")
-    cfg = T5Config.from_hf_config(source)
-    model, shapes = _build(cfg, dtype, attention_impl)
-    tensors = TensorSource(source)
+def read_table(path: str, config: T5Config | None = None) -> CheckpointTable:
+    """A transformers T5 folder (config.json + safetensors, e.g. text_encoder_2/): its config
+    (config.json unless `config` is given), tensors and table."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: expected a transformers T5 folder (config.json + safetensors)")
+    cfg = config or T5Config.from_hf_config(path)
+    tensors = TensorSource(path)
     embed_key, ignore = tied_embedding(tensors)
-    return Plan("t5", model, cfg, tensors, t5_rules(cfg, embed_key), shapes, ignore=frozenset(ignore))
-
-
-def _build(cfg: T5Config, dtype, attention_impl: str):
-    dtype = jnp.dtype(dtype)
-    model = T5Encoder(cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-    return model, t5_param_shapes(model)
-
-
-def load_t5(
-    source: str | os.PathLike,
-    dtype="float32",
-    attention_impl: str = "auto",
-    sharding: ShardingFn | None = None,
-) -> tuple[T5Encoder, dict]:
-    """A T5Encoder and its parameters from a transformers folder (config.json + safetensors,
-    single or sharded with its index json, e.g. the hub's text_encoder_2/), or from the
-    text_encoder_2/ component folder `fluxjax convert` wrote.
-
-    dtype: parameters and activations ("float32", "bfloat16", ...). The parameters are read
-    straight from the file into the shapes `jax.eval_shape` gives, never initialised first.
-    sharding: a callable from the boxed abstract params to a matching tree of Shardings
-    (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
-    Returns (model, params), params a nested dict of jax arrays for `model.apply({"params": params}, ids)`.
-    """
-    if is_component(source):
-        build = lambda cfg: _build(cfg, dtype, attention_impl)  # noqa: E731
-        return restore_component(source, "t5", T5Config, build, jnp.dtype(dtype), sharding)
-    plan = t5_plan(source, dtype, attention_impl)
-    return plan.model, plan.load(jnp.dtype(dtype), sharding)
+    return CheckpointTable(cfg, tensors, t5_rules(cfg, embed_key), ignore=frozenset(ignore))

@@ -2,7 +2,7 @@
 
 A table is a list of `Rule`s, written once per checkpoint layout (BFL single file, diffusers
 folder, ...). A rule names one Flax leaf, the PyTorch key(s) that fill it and how to turn them
-around. `load_params` applies a table strictly: every key of the checkpoint is used, every leaf
+around. `iter_leaves` applies a table strictly: every key of the checkpoint is used, every leaf
 of the model is filled, every shape is checked, and a violation raises `CheckpointError`
 naming the file, the key and the shape that was expected.
 """
@@ -15,9 +15,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
 from tqdm.auto import tqdm
 
-from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
+from fluxjax.errors import CheckpointError
+from fluxjax.loading.safetensors_io import TensorSource
 
 LAYER = "{i}"  # stands for the block index in a source key; its rule fills a stacked leaf
 
@@ -75,35 +77,52 @@ class Rule:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointTable:
+    """One checkpoint as a layout module reads it: its model config, its tensors and its key table.
+
+    strip_prefixes: key prefixes some redistributions add to every key (dropped if all keys have one).
+    ignore: keys (without the prefix) checked and left unused on purpose: a tied twin, a constant buffer.
+    """
+
+    config: Any
+    source: TensorSource
+    rules: Sequence[Rule]
+    strip_prefixes: Sequence[str] = ()
+    ignore: frozenset = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything needed to fill one model's parameters from one checkpoint, checked or not yet read.
 
     kind:   "flux", "vae", "t5" or "clip" (the component an Orbax folder records).
-    model:  the linen module; config: its config dataclass; shapes: its boxed abstract params.
-    The rest are `load_params`' arguments.
+    model:  the linen module in its stacked layout; shapes: its boxed abstract params.
+    table:  the checkpoint (config, tensors, key table).
     """
 
     kind: str
     model: Any
-    config: Any
-    source: TensorSource
-    rules: Sequence[Rule]
     shapes: Mapping
-    strip_prefixes: Sequence[str] = ()
-    ignore: frozenset = frozenset()
+    table: CheckpointTable
 
-    def load(self, dtype=None, sharding=None) -> dict:
-        """The parameter tree of jax arrays (see `load_params`)."""
-        return load_params(self.source, self.rules, self.shapes, dtype, self.strip_prefixes, self.ignore, sharding)
+    @property
+    def config(self):
+        return self.table.config
+
+    @property
+    def source(self) -> TensorSource:
+        return self.table.source
 
     def leaves(self, dtype=None, progress=None) -> Iterator[tuple[str, np.ndarray]]:
         """(Flax path, host array) one at a time (see `iter_leaves`)."""
-        return iter_leaves(self.source, self.rules, self.shapes, dtype, self.strip_prefixes, self.ignore, progress)
+        t = self.table
+        return iter_leaves(t.source, t.rules, self.shapes, dtype, t.strip_prefixes, t.ignore, progress)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the table reads (the prefix already resolved)."""
-        prefix = strip_prefix(self.source.keys(), self.strip_prefixes)
-        return sum(self.source.nbytes(prefix + k) for k in table_keys(self.rules) if prefix + k in self.source)
+        t = self.table
+        prefix = strip_prefix(t.source.keys(), t.strip_prefixes)
+        return sum(t.source.nbytes(prefix + k) for k in table_keys(t.rules) if prefix + k in t.source)
 
 
 def linear(target: str, source: str, layers: int = 0, bias: bool = True) -> list[Rule]:
@@ -139,39 +158,6 @@ def strip_prefix(keys: list[str], prefixes: Sequence[str]) -> str:
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be stored as (fp8 needs scales)
 
 
-def load_params(
-    source: TensorSource | str,
-    rules: Sequence[Rule],
-    shapes: Mapping,
-    dtype=None,
-    strip_prefixes: Sequence[str] = (),
-    ignore: Iterable[str] = (),
-    sharding=None,
-) -> dict:
-    """Fill a Flax parameter tree from a checkpoint through a key table.
-
-    source:  a TensorSource or a path to one.
-    rules:   the layout's key table.
-    shapes:  the model's parameter tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape`).
-    dtype:   the dtype of every leaf (None: each leaf's dtype in `shapes`).
-    strip_prefixes: key prefixes some redistributions add to every key (dropped if all keys have one).
-    ignore:  keys (without the prefix) the caller has checked and leaves unused on purpose: a tied
-             twin, a constant buffer. Any other key the table does not read is an error.
-    sharding: a callable from the boxed `shapes` tree to a matching tree of jax.sharding.Sharding
-             (fluxjax.checkpoint.ShardingFn); each device is sent only its slice. None: one device.
-    Returns the nested dict of jax arrays, same structure as `shapes`. Each leaf goes to the
-    device as soon as it is filled, so the host holds one leaf at a time.
-    """
-    from fluxjax.checkpoint import leaf_shardings, place
-
-    shardings = leaf_shardings(shapes, sharding)
-    out = {
-        target: place(value, shardings[target])
-        for target, value in iter_leaves(source, rules, shapes, dtype, strip_prefixes, ignore)
-    }
-    return traverse_util.unflatten_dict(out, sep="/")
-
-
 def iter_leaves(
     source: TensorSource | str,
     rules: Sequence[Rule],
@@ -181,7 +167,13 @@ def iter_leaves(
     ignore: Iterable[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(Flax path, host array) for every leaf of the table, one at a time; arguments as `load_params`.
+    """(Flax path, host array) for every leaf of the table, one at a time.
+
+    source:  a TensorSource or a path to one.
+    rules:   the layout's key table.
+    shapes:  the model's parameter tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape`).
+    dtype:   the dtype of every leaf (None: each leaf's dtype in `shapes`).
+    strip_prefixes, ignore: as CheckpointTable's; any other key the table does not read is an error.
 
     Every check (keys, shapes, dtypes) runs before the first tensor is read. A stacked leaf is
     filled block by block into one array of its final shape, never through a second copy.
@@ -189,7 +181,7 @@ def iter_leaves(
     """
     if not isinstance(source, TensorSource):
         source = TensorSource(source)
-    flat_shapes = traverse_util.flatten_dict(_unbox(shapes), sep="/")
+    flat_shapes = traverse_util.flatten_dict(meta.unbox(shapes), sep="/")
     prefix = check_source(source, rules, flat_shapes, strip_prefixes, ignore)
     # A bar on a terminal only (disable=None): tests and logs stay quiet. The converter has its own.
     name = os.path.basename(os.path.normpath(source.path))
@@ -285,7 +277,7 @@ def _key_targets(rules: Sequence[Rule], flat_shapes: Mapping) -> Iterator[tuple[
 
 def key_shapes(rules: Sequence[Rule], shapes: Mapping) -> dict[str, tuple[int, ...]]:
     """Every PyTorch key of a table with the shape it must have, for a model's `shapes` tree."""
-    flat = traverse_util.flatten_dict(_unbox(shapes), sep="/")
+    flat = traverse_util.flatten_dict(meta.unbox(shapes), sep="/")
     return {key: shape for key, shape, _ in _key_targets(rules, flat)}
 
 
@@ -296,10 +288,3 @@ def _read_rule(source: TensorSource, prefix: str, rule: Rule, layer) -> np.ndarr
         half = value.shape[0] // 2
         value = np.concatenate([value[half:], value[:half]], axis=0)
     return TRANSFORMS[rule.transform][0](value)
-
-
-def _unbox(tree):
-    """Strip flax.linen metadata boxes (nn.Partitioned) so leaves are plain shapes/arrays."""
-    from flax.core import meta
-
-    return meta.unbox(tree)

@@ -10,7 +10,7 @@
     transformer or vae component folder.
 The layout of a component folder is in fluxjax/checkpoint.py.
 
-Tensors are read one at a time through the key tables of convert/ (every check runs before the
+Tensors are read one at a time through the key tables of fluxjax/loading (every check runs before the
 first read); each leaf is written to Orbax and released, so memory is bounded by the largest
 (stacked) leaf, not the checkpoint. Everything is written to a folder beside DST that is renamed
 to DST only at the end: a failure, Ctrl-C or SIGTERM removes it and leaves DST as it was.
@@ -30,22 +30,16 @@ from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from fluxjax.loading.clip import clip_plan
-from fluxjax.loading.flux import BFL_PREFIXES, transformer_plan
-from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
-from fluxjax.loading.t5 import t5_plan
+from fluxjax.checkpoint import PARAMS, ParamsWriter, write_marker
+from fluxjax.errors import CheckpointError
+from fluxjax.loading.flux import BFL_PREFIXES
+from fluxjax.loading import registry
+from fluxjax.loading.safetensors_io import TensorSource
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
-from fluxjax.loading.vae import vae_plan
-from fluxjax.checkpoint import PARAMS, ParamsWriter, write_marker
 
-# The class names hub configs give each model (model_index.json, config.json) -> its plan.
-PLANS: dict[str, Callable[..., Plan]] = {
-    "FluxTransformer2DModel": transformer_plan,
-    "AutoencoderKL": vae_plan,
-    "CLIPTextModel": clip_plan,
-    "T5EncoderModel": t5_plan,
-}
+# The class names hub configs give each model (model_index.json, config.json) -> its component.
+PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
 # Top-level modules of a diffusers FluxTransformer2DModel: a file with them is not a BFL file.
 DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.")
 STAGING = ".converting-"  # DST + STAGING + pid: where a conversion writes before the final rename
@@ -112,7 +106,7 @@ def _hub_jobs(src: str, index: str, dtype):
         if not os.path.isdir(folder):
             raise CheckpointError(f"{index}: names component {name!r} ({value[-1]}), but {folder} is missing")
         if value[-1] in PLANS:
-            jobs.append((name, PLANS[value[-1]](folder, dtype)))
+            jobs.append((name, registry.plan(PLANS[value[-1]], folder, dtype)))
         else:
             copies.append(name)
     if not jobs:
@@ -126,7 +120,7 @@ def _folder_plan(folder: str, dtype) -> Plan:
     cls = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
     if cls not in PLANS:
         raise CheckpointError(f"{folder}/config.json: model class {cls!r} is not one fluxjax converts ({', '.join(PLANS)})")
-    return PLANS[cls](folder, dtype)
+    return registry.plan(PLANS[cls], folder, dtype)
 
 
 def _file_plan(path: str, dtype) -> Plan:
@@ -135,13 +129,13 @@ def _file_plan(path: str, dtype) -> Plan:
     flux = [k[len(strip_prefix(keys, BFL_PREFIXES)):] for k in keys]
     vae = [k[len(strip_prefix(keys, VAE_PREFIXES)):] for k in keys]
     if any(k.startswith("double_blocks.") for k in flux):
-        return transformer_plan(path, dtype)
+        return registry.plan("transformer", path, dtype)
     if any(k.startswith(DIFFUSERS_TRANSFORMER) for k in flux):
         raise CheckpointError(
             f"{path}: diffusers-layout transformer weights; convert the folder holding them with its config.json"
         )
     if keys and all(k.startswith(("encoder.", "decoder.")) for k in vae):
-        return vae_plan(path, dtype)
+        return registry.plan("vae", path, dtype)
     raise CheckpointError(f"{path}: neither a BFL FLUX transformer nor a FLUX VAE file (keys e.g. {sorted(keys)[:3]})")
 
 

@@ -1,4 +1,4 @@
-"""Key tables for the FLUX VAE, and `load_vae`.
+"""Key tables for the FLUX VAE.
 
 Two checkpoint layouts (FLUX_REFERENCE.md 6.3):
   BFL       `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `encoder.mid.attn_1.q` (1x1 conv
@@ -16,12 +16,10 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import jax.numpy as jnp
-
-from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
-from fluxjax.loading.table import Plan, Rule
-from fluxjax.checkpoint import ShardingFn, is_component, restore_component
 from fluxjax.config import AutoEncoderConfig
+from fluxjax.errors import CheckpointError
+from fluxjax.loading.safetensors_io import TensorSource
+from fluxjax.loading.table import CheckpointTable, Rule
 
 # Prefixes some redistributions put before every VAE key (SD-style single files, ComfyUI).
 STRIP_PREFIXES = ("first_stage_model.", "vae.")
@@ -112,18 +110,11 @@ def _is_diffusers_layout(keys: list[str]) -> bool:
     return any(".down_blocks." in k or ".mid_block." in k or ".up_blocks." in k for k in keys)
 
 
-def _resolve_folder(path: str) -> str:
-    """A diffusers vae folder, or the vae/ subfolder of a pipeline folder."""
-    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vae", "config.json")):
-        return os.path.join(path, "vae")
-    return path
-
-
-def vae_plan(source: str | os.PathLike, dtype="float32", config: AutoEncoderConfig | None = None) -> Plan:
-    """The conversion plan of a diffusers AutoencoderKL folder or a single VAE .safetensors file."""
-    path = os.fspath(source)
+def read_table(path: str, config: AutoEncoderConfig | None = None) -> CheckpointTable:
+    """A diffusers AutoencoderKL folder or a single VAE .safetensors file in BFL (`ae.safetensors`)
+    or diffusers layout, told apart by its keys: its config (the folder's config.json, for a
+    single file the "flux" preset, unless `config` is given), tensors and table."""
     if os.path.isdir(path):
-        path = _resolve_folder(path)
         if config is None:
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise CheckpointError(f"{path}: no config.json (expected a diffusers AutoencoderKL folder)")
@@ -132,48 +123,7 @@ def vae_plan(source: str | os.PathLike, dtype="float32", config: AutoEncoderConf
         raise CheckpointError(f"{path}: no such file or folder")
     if config is None:
         config = AutoEncoderConfig.preset("flux")
-
     tensors = TensorSource(path)
     layout = "diffusers" if _is_diffusers_layout(tensors.keys()) else "bfl"
     rules = diffusers_vae_rules(config) if layout == "diffusers" else bfl_vae_rules(config)
-    model, shapes = _build(config, dtype)
-    return Plan("vae", model, config, tensors, rules, shapes, STRIP_PREFIXES)
-
-
-def _build(cfg: AutoEncoderConfig, dtype):
-    from fluxjax.models.autoencoder import AutoEncoder, param_shapes
-
-    dt = jnp.dtype(dtype)
-    model = AutoEncoder(cfg, dtype=dt, param_dtype=dt)
-    return model, param_shapes(model)
-
-
-def load_vae(
-    source: str | os.PathLike,
-    dtype="float32",
-    config: AutoEncoderConfig | None = None,
-    sharding: ShardingFn | None = None,
-):
-    """Load the FLUX VAE from a checkpoint, strictly (every key used, every parameter filled).
-
-    source: a diffusers `AutoencoderKL` folder (config.json + one safetensors file, or sharded
-            with an index; a pipeline folder holding vae/ also works), a single .safetensors
-            file in BFL (`ae.safetensors`) or diffusers layout, told apart by its keys, or the
-            vae component folder `fluxjax convert` wrote (or the converted hub folder holding it).
-    dtype:  parameter and compute dtype ("float32" or "bfloat16", or a NumPy/JAX dtype).
-    config: the AutoEncoderConfig; default: the folder's config.json, for a single file the
-            "flux" preset.
-    sharding: a callable from the boxed abstract params to a matching tree of Shardings
-            (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
-    Returns (model, params): an `AutoEncoder` and its parameter tree of jax arrays, read
-    straight from the file into shapes from `jax.eval_shape` (nothing is randomly initialised).
-    Raises CheckpointError naming the file and key on a missing or extra key or a wrong shape.
-    """
-    path = os.fspath(source)
-    if not is_component(path) and is_component(os.path.join(path, "vae")):
-        path = os.path.join(path, "vae")
-    if is_component(path):
-        build = lambda cfg: _build(config or cfg, dtype)  # noqa: E731
-        return restore_component(path, "vae", AutoEncoderConfig, build, jnp.dtype(dtype), sharding)
-    plan = vae_plan(path, dtype, config)
-    return plan.model, plan.load(jnp.dtype(dtype), sharding)
+    return CheckpointTable(config, tensors, rules, STRIP_PREFIXES)

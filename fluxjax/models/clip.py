@@ -198,3 +198,10 @@ class CLIPTextEncoder(nn.Module):
         pos = pooled_positions(input_ids, cfg.eos_token_id)
         pooled = jnp.take_along_axis(last_hidden_state, pos[:, None, None], axis=1)[:, 0]
         return last_hidden_state, pooled
+
+
+def param_shapes(model: CLIPTextEncoder) -> dict:
+    """The parameter tree of `model` as jax.ShapeDtypeStruct, boxed with logical axis names (no
+    weights made): `jax.eval_shape` of `init` on one full-length sequence."""
+    ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]

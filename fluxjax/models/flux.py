@@ -9,6 +9,7 @@ layers.unstack_layers).
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fluxjax.config import FluxConfig
@@ -194,3 +195,13 @@ class Flux(nn.Module):
         img, txt = double((constrain(img), constrain(txt)), vec, cos, sin)
         x = single(jnp.concatenate([txt, img], axis=1), vec, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
+
+
+def param_shapes(model: Flux) -> dict:
+    """The parameter tree of `model` as jax.ShapeDtypeStruct, boxed with logical axis names (no
+    weights made): stacked `double_blocks/...` for layer_loop="scan", `double_blocks_{i}/...`
+    for "unrolled". `jax.eval_shape` of `init` on one image token and one text token."""
+    c = model.config
+    arg = lambda *shape: jax.ShapeDtypeStruct((1, *shape), jnp.float32)  # noqa: E731
+    args = (arg(1, c.in_channels), arg(1, 3), arg(1, c.context_in_dim), arg(1, 3), arg(), arg(c.vec_in_dim), arg())
+    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]

@@ -187,3 +187,10 @@ class T5Encoder(nn.Module):
         blocks = scan_layers(T5Block, cfg.num_layers, 1)
         x, _ = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="block")(x, position_bias)
         return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, "norm", name="final_layer_norm")(x)
+
+
+def param_shapes(model: T5Encoder) -> dict:
+    """The parameter tree of `model` as jax.ShapeDtypeStruct, boxed with logical axis names (no
+    weights made): `jax.eval_shape` of `init` on one token."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]

@@ -1,0 +1,277 @@
+"""The component registry and the one loader over it.
+
+`COMPONENTS` names every model fluxjax loads, with its linen module, config class, key tables
+(the `read_table` of its layout module) and abstract-shape helper (`param_shapes` beside the
+model). `load(component, source, ...)` reads any of them from a PyTorch checkpoint or an Orbax
+folder; `load_transformer`, `load_t5`, `load_clip` and `load_vae` are its public names. The
+pipeline, the planner and the tiny preset (`random_component`) build their models here too.
+
+Parameters come out in the layout the model runs. Checkpoints, key tables and Orbax folders hold
+blocks stacked over a leading `layers` axis (nn.scan); a transformer built with
+layer_loop="unrolled" gets per-block entries (`double_blocks_0/...`), split from the stacked
+leaves as they are read, so nothing re-lays weights after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from fluxjax.checkpoint import PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker, restore_params
+from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.loading import clip, flux, t5, vae
+from fluxjax.loading.table import CheckpointTable, Plan
+from fluxjax.models import autoencoder as autoencoder_model
+from fluxjax.models import clip as clip_model
+from fluxjax.models import flux as flux_model
+from fluxjax.models import t5 as t5_model
+from fluxjax.random_weights import host_random_params
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    """One loadable model.
+
+    kind:    what an Orbax component folder records ("flux", "t5", "clip", "vae").
+    folder:  its subfolder in a hub (diffusers) pipeline folder.
+    hf_class: the class name hub configs give it (model_index.json, config.json).
+    model, config: the linen module and its config dataclass.
+    read_table: (path, config or None) -> CheckpointTable, the key tables of its layouts.
+    shapes:  model -> its boxed abstract parameter tree (the `param_shapes` beside the model).
+    options: the model attributes `load` sets besides config and dtypes.
+    stacks:  parameter entries stacked over layers that layer_loop="unrolled" splits per block.
+    """
+
+    kind: str
+    folder: str
+    hf_class: str
+    model: type
+    config: type
+    read_table: Callable[[str, Any], CheckpointTable]
+    shapes: Callable[[Any], Any]
+    options: tuple[str, ...] = ()
+    stacks: tuple[str, ...] = ()
+
+    def select(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline-wide settings in `options` that this component takes (the VAE has no attention)."""
+        return {k: v for k, v in options.items() if k in self.options}
+
+
+COMPONENTS: dict[str, ComponentSpec] = {
+    "transformer": ComponentSpec("flux", "transformer", "FluxTransformer2DModel", flux_model.Flux, FluxConfig,
+                                 flux.read_table, flux_model.param_shapes, ("attention_impl", "layer_loop"),
+                                 flux_model.BLOCK_STACKS),
+    "t5": ComponentSpec("t5", "text_encoder_2", "T5EncoderModel", t5_model.T5Encoder, T5Config,
+                        t5.read_table, t5_model.param_shapes, ("attention_impl",)),
+    "clip": ComponentSpec("clip", "text_encoder", "CLIPTextModel", clip_model.CLIPTextEncoder, CLIPConfig,
+                          clip.read_table, clip_model.param_shapes, ("attention_impl",)),
+    "vae": ComponentSpec("vae", "vae", "AutoencoderKL", autoencoder_model.AutoEncoder, AutoEncoderConfig,
+                         vae.read_table, autoencoder_model.param_shapes),
+}
+
+# Whole-pipeline presets: each component's config preset (the planner's --model, the tiny pipeline).
+PRESETS: dict[str, dict[str, str]] = {
+    "dev": dict(transformer="dev", t5="xxl", clip="large", vae="flux"),
+    "schnell": dict(transformer="schnell", t5="xxl", clip="large", vae="flux"),
+    "tiny": dict(transformer="tiny", t5="tiny", clip="tiny", vae="tiny"),
+}
+
+
+def spec(component: str) -> ComponentSpec:
+    if component not in COMPONENTS:
+        raise ValueError(f"component {component!r}: choose from {', '.join(COMPONENTS)}")
+    return COMPONENTS[component]
+
+
+def default_layer_loop(sharding: ShardingFn | None) -> str:
+    """The transformer's layer loop where it will run (layer_loop="auto").
+
+    "unrolled" (per-block weights) on a CPU without a mesh: XLA:CPU copies each scanned block's
+    weights out of their stack at every call, and per-block arrays are read in place. "scan"
+    (stacked weights, one compiled body) everywhere else.
+    """
+    return "unrolled" if sharding is None and jax.default_backend() == "cpu" else "scan"
+
+
+def build(component: str, config, dtype="float32", sharding: ShardingFn | None = None, **options):
+    """The linen module of `component` for `config`, parameters and compute in `dtype`.
+
+    options: the component's settings (ComponentSpec.options); layer_loop="auto" becomes
+    `default_layer_loop(sharding)`.
+    """
+    s = spec(component)
+    unknown = sorted(set(options) - set(s.options))
+    if unknown:
+        raise TypeError(f"{component}: no setting {', '.join(unknown)} (it takes {', '.join(s.options) or 'none'})")
+    if options.get("layer_loop") == "auto":
+        options["layer_loop"] = default_layer_loop(sharding)
+    dt = jnp.dtype(dtype)
+    return s.model(config, dtype=dt, param_dtype=dt, **options)
+
+
+def stacked(component: str, model):
+    """`model` in the layout checkpoints hold: its block stacks scanned."""
+    return model.clone(layer_loop="scan") if spec(component).stacks else model
+
+
+def abstract_params(component: str, model) -> Any:
+    """The boxed abstract parameter tree of `model` in the stacked layout of checkpoints."""
+    return spec(component).shapes(stacked(component, model))
+
+
+def _per_block(component: str, model) -> bool:
+    return bool(spec(component).stacks) and model.layer_loop == "unrolled"
+
+
+def _split(component: str, model, path: str, value) -> Iterable[tuple[str, Any]]:
+    """A stacked leaf as the leaves of the layout `model` runs: itself, or one per block."""
+    entry, _, rest = path.partition("/")
+    if not _per_block(component, model) or entry not in spec(component).stacks:
+        return [(path, value)]
+    return [(f"{entry}_{i}/{rest}", value[i]) for i in range(value.shape[0])]
+
+
+def _place(component: str, model, shapes, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None) -> dict:
+    """Host leaves of the stacked layout -> the parameter tree `model` runs, each leaf on its devices.
+
+    shapes: the boxed abstract tree of the stacked layout (`abstract_params`).
+    """
+    if _per_block(component, model):
+        shapes = spec(component).shapes(model)
+    shardings = leaf_shardings(shapes, sharding)
+    out = {}
+    for path, value in leaves:
+        for target, part in _split(component, model, path, value):
+            out[target] = place(part, shardings[target])
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _in_pipeline_folder(component: str, path: str) -> str:
+    """`path`, or its subfolder for `component` when `path` is a pipeline folder (hub or converted)."""
+    sub = os.path.join(path, spec(component).folder)
+    if os.path.isdir(path) and not is_component(path) and not os.path.isfile(os.path.join(path, "config.json")) \
+            and os.path.isdir(sub):
+        return sub
+    return path
+
+
+def plan(component: str, source: str | os.PathLike, dtype="float32", config=None, **options) -> Plan:
+    """The conversion plan of a PyTorch checkpoint of `component` (every check run, nothing read)."""
+    table = spec(component).read_table(os.fspath(source), config)
+    model = stacked(component, build(component, table.config, dtype, **options))
+    return Plan(spec(component).kind, model, abstract_params(component, model), table)
+
+
+def load(component: str, source: str | os.PathLike, dtype="float32", sharding: ShardingFn | None = None,
+         config=None, **options):
+    """`(model, params)` of `component` ("transformer", "t5", "clip" or "vae") from a checkpoint.
+
+    source:   a PyTorch checkpoint in a layout of the component (see each `load_*`), the Orbax
+              component folder `fluxjax convert` wrote, or a pipeline folder holding either in
+              the component's hub subfolder.
+    dtype:    parameter and compute dtype ("float32", "bfloat16", or a jnp dtype).
+    sharding: a callable from the boxed abstract params to a matching tree of Shardings
+              (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+    config:   the component's config instead of the one the checkpoint gives.
+    options:  the component's settings (attention_impl; the transformer's layer_loop "scan",
+              "unrolled" or "auto", see `default_layer_loop`).
+    Params are read one tensor at a time into the shapes `jax.eval_shape` gives (never
+    initialised), in the layout the model runs. Raises CheckpointError naming the file and key
+    on a missing or extra key or a wrong shape.
+    """
+    path = _in_pipeline_folder(component, os.fspath(source))
+    dtype = jnp.dtype(dtype)
+    if not is_component(path):
+        p = plan(component, path, dtype, config, **options)
+        model = build(component, p.config, dtype, sharding, **options)
+        return model, _place(component, model, p.shapes, p.leaves(dtype), sharding)
+    s = spec(component)
+    record = read_marker(path, s.kind)
+    model = build(component, config or s.config(**record["config"]), dtype, sharding, **options)
+    shapes = abstract_params(component, model)
+    folder = os.path.join(path, PARAMS)
+    if not _per_block(component, model):
+        return model, restore_params(folder, shapes, dtype, sharding)
+    # Orbax holds the stacks: restored whole on one device, then split one leaf at a time (each
+    # stacked leaf released once its blocks are placed).
+    leaves = flat(restore_params(folder, shapes, dtype))
+    return model, _place(component, model, shapes, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+
+
+def random_component(component: str, config, dtype="float32", sharding: ShardingFn | None = None, seed: int = 0,
+                     **options):
+    """`(model, params)` of `component` with random parameters, as `load` places read ones.
+
+    Drawn on the host by fluxjax.random_weights from the stacked abstract tree, with norm scales 1
+    and other vectors 0 as the model's own init sets them: the same values on every machine for
+    a seed, whatever layout and sharding they are placed in. For small models (the tiny preset).
+    """
+    model = build(component, config, dtype, sharding, **options)
+    shapes = abstract_params(component, model)
+    host = host_random_params(shapes, seed, neutral_vectors=True)
+    return model, _place(component, model, shapes, flat(host).items(), sharding)
+
+
+def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None,
+                     attention_impl: str = "auto", sharding: ShardingFn | None = None, layer_loop: str = "scan"):
+    """Load a FLUX transformer checkpoint into `(model, params)`.
+
+    source:   a diffusers transformer folder (config.json + safetensors, sharded or not), a BFL
+              single .safetensors file (config inferred from its shapes unless `config` is given),
+              or what `fluxjax convert` wrote: a transformer component folder, or the converted
+              hub folder holding one in transformer/.
+    dtype:    parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
+    sharding: a callable from the boxed abstract params to a matching tree of Shardings
+              (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+    layer_loop: "scan" (params stacked: `double_blocks/...` with a leading layers axis),
+              "unrolled" (per-block `double_blocks_{i}/...`, faster on a CPU) or "auto" (see
+              `default_layer_loop`).
+    Returns the linen `Flux` module and its params (nested dict of jax arrays).
+    """
+    return load("transformer", source, dtype, sharding, config, attention_impl=attention_impl, layer_loop=layer_loop)
+
+
+def load_t5(source: str | os.PathLike, dtype="float32", attention_impl: str = "auto",
+            sharding: ShardingFn | None = None):
+    """A T5Encoder and its parameters from a transformers folder (config.json + safetensors,
+    single or sharded with its index json, e.g. the hub's text_encoder_2/), or from the
+    text_encoder_2/ component folder `fluxjax convert` wrote.
+
+    dtype: parameters and activations ("float32", "bfloat16", ...). sharding: as `load_transformer`.
+    Returns (model, params), params a nested dict of jax arrays for `model.apply({"params": params}, ids)`.
+    """
+    return load("t5", source, dtype, sharding, attention_impl=attention_impl)
+
+
+def load_clip(source: str | os.PathLike, dtype: Any = "float32", attention_impl: str = "auto",
+              sharding: ShardingFn | None = None):
+    """Load a transformers CLIPTextModel folder (the hub's `text_encoder/`: config.json and
+    model.safetensors, or a sharded index), or the text_encoder/ component folder `fluxjax convert` wrote.
+
+    dtype: the dtype of the parameters and of the computation. sharding: as `load_transformer`.
+    Returns (model, params): `model.apply({"params": params}, ids)` gives
+    (last_hidden_state (B, L, D), pooler_output (B, D)).
+    """
+    return load("clip", source, dtype, sharding, attention_impl=attention_impl)
+
+
+def load_vae(source: str | os.PathLike, dtype="float32", config: AutoEncoderConfig | None = None,
+             sharding: ShardingFn | None = None):
+    """Load the FLUX VAE from a checkpoint, strictly (every key used, every parameter filled).
+
+    source: a diffusers `AutoencoderKL` folder (config.json + one safetensors file, or sharded
+            with an index; a pipeline folder holding vae/ also works), a single .safetensors
+            file in BFL (`ae.safetensors`) or diffusers layout, told apart by its keys, or the
+            vae component folder `fluxjax convert` wrote (or the converted hub folder holding it).
+    dtype:  parameter and compute dtype. sharding: as `load_transformer`.
+    config: the AutoEncoderConfig; default: the folder's config.json, for a single file the
+            "flux" preset.
+    Returns (model, params): an `AutoEncoder` and its parameter tree of jax arrays.
+    """
+    return load("vae", source, dtype, sharding, config)
