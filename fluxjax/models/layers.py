@@ -322,7 +322,8 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
                     XLA's speed on a CPU;
       "auto"        decided when traced, by `auto_implementation`: "cpu" for unmasked attention
                     on a CPU without a multi-device mesh, "xla_blocked" for the rest on a CPU,
-                    "xla" elsewhere.
+                    "xla" elsewhere. When the CPU kernel cannot be built it warns once, saying
+                    why, and uses "xla_blocked".
     """
     b, l, h, d = q.shape
     scale = 1 / math.sqrt(d) if scale is None else scale
@@ -349,10 +350,9 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
 
 
 def auto_implementation(masked: bool) -> str:
-    """The implementation "auto" stands for, for attention with (`masked`) or without a bias or
-    causal mask, traced here: on a CPU, fluxjax's kernel where it applies (see
-    cpu_attention.suits: no mask, no multi-device mesh, the kernel builds), else XLA in query
-    blocks; on an accelerator, XLA.
+    """The implementation "auto" stands for where it is traced; masked: the attention has a bias
+    or a causal mask. On a CPU: "cpu" where cpu_attention.suits (unmasked, no multi-device
+    mesh, the kernel builds), else "xla_blocked"; on an accelerator: "xla".
 
     Decided at trace time, not when a model is built: the same model is traced with and
     without a mesh (one device, or a strategy's), and only the trace knows which.
@@ -371,7 +371,7 @@ def _xla_attention(q, k, v, bias, scale: float, query_block: int | None) -> jax.
     """Plain-XLA attention: float32 logits and softmax; (B, L, H, d) -> (B, L, H, d) in v's dtype.
 
     query_block: None for all queries at once; else queries go through in blocks of this many
-    (a sequence of at most two blocks still goes through whole: blocking would not pay).
+    (a sequence of at most two blocks goes through whole).
     """
     b, l, h, d = q.shape
     k_t, v_t = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (B, H, d, L), (B, H, L, d)
