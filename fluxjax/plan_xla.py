@@ -5,8 +5,8 @@ already set: `python -m fluxjax.plan_xla '{"model": "dev", "strategy": "fsdp", .
 Nothing is allocated: parameters and inputs are ShapeDtypeStructs carrying their shardings.
 
 The step is compiled in float32 (the CPU backend upcasts bf16 matmuls to float32, so a bf16
-compile would count float32 copies an accelerator never makes), and with attention traced as
-on an accelerator: the CPU-only query blocking of layers._xla_attention is switched off, else
+compile would count float32 copies an accelerator never makes), and with attention_impl "xla",
+as on an accelerator: "auto" would trace a CPU's query-blocked attention ("xla_blocked"), and
 the (B, H, L, L) logits an accelerator holds would be missing from the count.
 """
 
@@ -22,15 +22,14 @@ import jax.numpy as jnp
 
 from fluxjax.config import FluxConfig
 from fluxjax.loading import registry
-from fluxjax.models import layers
 from fluxjax.sharding import Strategy
 
 
 def step_memory(model: str, strategy: Strategy, batch: int, l_img: int, l_txt: int) -> dict:
     """Compile x <- x + dt * v(x) for the whole batch on the strategy's mesh; report bytes per device."""
-    layers.CPU_QUERY_BLOCK = 1 << 40  # trace attention unblocked, as on an accelerator
     cfg = FluxConfig.preset(model)
-    flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan")
+    # all logits at once (attention "xla", unblocked), as on an accelerator
+    flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan", attention_impl="xla")
     mesh = strategy.make_mesh()
     boxed = registry.abstract_params("transformer", flux)
     shardings = strategy.param_shardings(mesh)(boxed)

@@ -1,5 +1,5 @@
-"""Rectified-flow sampling for FLUX (FLUX_REFERENCE.md section 4): noise, 2x2 packing, position
-ids, the timestep schedule and the jitted Euler loop.
+"""Rectified-flow sampling for FLUX (docs/architecture.md, "Sampling"): noise, 2x2 packing,
+position ids, the timestep schedule and the jitted Euler loop.
 
 Flow convention: x_t = (1 - t) x_0 + t eps; the transformer predicts v = eps - x_0, and the loop
 integrates from t = 1 (noise) to t = 0 (image): x <- x + (t_prev - t_curr) v.

@@ -281,9 +281,9 @@ def _flatten(tree, prefix=()):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_attention_matches_xla():
-    from fluxjax.models.clip import causal_attention
+    from fluxjax.models.layers import dot_product_attention
 
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 77, 12, 64), jnp.bfloat16) for i in range(3))
-    want = causal_attention(q, k, v, "xla").astype(jnp.float32)
-    got = causal_attention(q, k, v, "cudnn").astype(jnp.float32)
+    want = dot_product_attention(q, k, v, causal=True, implementation="xla").astype(jnp.float32)
+    got = dot_product_attention(q, k, v, causal=True, implementation="cudnn").astype(jnp.float32)
     assert float(jnp.abs(got - want).max()) <= 2e-2

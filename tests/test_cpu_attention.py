@@ -74,6 +74,20 @@ def test_auto_takes_the_kernel_only_where_it_applies():
         layers.dot_product_attention(q, q, q, causal=True, implementation="cpu")
 
 
+def test_masked_attention_on_a_cpu_is_xla_in_query_blocks():
+    """"auto" with a bias or causal mask traces "xla_blocked" here, a loop over query blocks;
+    "xla" attends with all logits at once; both give the same result."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 300, 2, 16)), jnp.float32) for _ in range(3))
+    bias = jnp.asarray(rng.standard_normal((2, 300, 300)), jnp.float32)
+    attend = lambda implementation: lambda q: layers.dot_product_attention(  # noqa: E731
+        q, k, v, bias=bias, implementation=implementation)
+    assert _lowered(attend("auto"), q) == _lowered(attend("xla_blocked"), q)
+    assert "stablehlo.while" in _lowered(attend("xla_blocked"), q)
+    assert "stablehlo.while" not in _lowered(attend("xla"), q)
+    assert _rel(attend("xla_blocked")(q), np.asarray(attend("xla")(q), np.float64)) <= 1e-6
+
+
 def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
     """With a compiler that fails: "auto" warns once, naming the reason, and gives XLA's
     result; "cpu" raises; the cache folder holds no partial library."""

@@ -22,7 +22,7 @@ from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.loading.table import key_shapes, table_keys
 from fluxjax.config import ConfigError, FluxConfig
 from fluxjax.models import layers
-from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SingleStreamBlock
+from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SelfAttention, SingleStreamBlock
 from fluxjax.models.flux import param_shapes
 from fluxjax.reference import randomize_
 
@@ -46,7 +46,7 @@ BATCH, L_TXT = 2, 7
 
 
 def to_bfl(sd: dict, num_layers: int, num_single: int, inner: int) -> dict:
-    """diffusers state dict -> BFL single-file keys (FLUX_REFERENCE.md 6.2, reverse direction)."""
+    """diffusers state dict -> BFL single-file keys (docs/architecture.md, "The transformer, diffusers folder", reversed)."""
     out = {}
     cp = lambda dst, src: [out.__setitem__(f"{dst}.{p}", sd[f"{src}.{p}"]) for p in ("weight", "bias")]  # noqa: E731
     cat = lambda dst, srcs: [  # noqa: E731
@@ -295,11 +295,26 @@ def test_modulation(layer_env):
     with torch.no_grad():
         x_ref, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm1(layer_env.img, emb=layer_env.vec)
     p = block_params(layer_env.params, "double_blocks", 0)["img_mod"]
-    mod = layers.Modulation(layer_env.config.hidden_size, double=True).apply({"params": p}, j(layer_env.vec))
-    x = layers.modulate(j(layer_env.img), mod[0], mod[1])
+    mod1, mod2 = layers.Modulation(layer_env.config.hidden_size, double=True).apply({"params": p}, j(layer_env.vec))
+    x = layers.modulate(j(layer_env.img), mod1.shift, mod1.scale)
     assert rel_err(x, x_ref.numpy()) <= 1e-5
-    for ours, theirs in ((mod[2], gate_msa), (mod[3], shift_mlp), (mod[4], scale_mlp), (mod[5], gate_mlp)):
+    for ours, theirs in ((mod1.gate, gate_msa), (mod2.shift, shift_mlp), (mod2.scale, scale_mlp), (mod2.gate, gate_mlp)):
         assert rel_err(ours[:, 0], theirs.numpy()) <= 1e-6
+
+
+def test_self_attention_attends_one_stream(layer_env):
+    """SelfAttention's call (qkv, QK-norm, RoPE, attention, proj) against diffusers' joint
+    attention with an empty text stream: the image stream attending to itself."""
+    attn = layer_env.model.transformer_blocks[0].attn
+    img_ids = layer_env.ids[L_TXT:]
+    with torch.no_grad():
+        ref, _ = attn(layer_env.img, encoder_hidden_states=layer_env.txt[:, :0],
+                      image_rotary_emb=layer_env.model.pos_embed(img_ids))
+    cfg = layer_env.config
+    cos, sin = layers.rope(j(img_ids)[None].repeat(BATCH, 0), cfg.axes_dim, cfg.theta)
+    p = block_params(layer_env.params, "double_blocks", 0)["img_attn"]
+    out = SelfAttention(cfg).apply({"params": p}, j(layer_env.img), cos, sin)
+    assert rel_err(out, ref.numpy()) <= FP32_TOL
 
 
 def test_double_block(layer_env):

@@ -85,7 +85,8 @@ def randomise(vae: AutoencoderKL, seed: int = 0) -> None:
 def bfl_state_dict(sd: dict, levels: int) -> dict:
     """A diffusers AutoencoderKL state dict re-keyed to BFL's ae.safetensors layout.
 
-    Written from FLUX_REFERENCE.md 6.3 with regular expressions, independently of convert/vae.py.
+    Written from docs/architecture.md ("Checkpoint keys") with regular expressions, independently of
+    fluxjax/loading/vae.py.
     """
     out = {}
     for key, value in sd.items():
@@ -348,7 +349,8 @@ def test_full_size_parameter_count_and_diffusers_keys():
 
 
 def test_bfl_table_is_the_reference_key_set():
-    """FLUX_REFERENCE.md 6.3, written out by hand: 106 encoder + 138 decoder = 244 tensors."""
+    """docs/architecture.md ("Checkpoint keys", "The autoencoder"), written out by hand:
+    106 encoder + 138 decoder = 244 tensors."""
     cfg = AutoEncoderConfig.preset("flux")
     mods = ["encoder.conv_in", "encoder.norm_out", "encoder.conv_out",
             "decoder.conv_in", "decoder.norm_out", "decoder.conv_out"]

@@ -2,7 +2,7 @@
 
 For each size and batch: compile time, seconds per step (the jitted Euler loop over a few steps),
 images per second of denoising at the model's step count, model FLOPs utilisation against the
-chip's bf16 peak (FLOPs counted from FLUX_REFERENCE.md's shapes: 74.4 TFLOP per dev step at
+chip's bf16 peak (FLOPs counted from the shapes of docs/architecture.md: 74.4 TFLOP per dev step at
 1024x1024), and peak device memory; each attention implementation asked for; with
 `--compare-diffusers`, diffusers' eager bf16 transformer on the same GPU in the same run.
 
@@ -30,7 +30,8 @@ T5_LENGTH = {"dev": 512, "schnell": 256, "tiny": 64}
 
 
 def step_flops(cfg: FluxConfig, batch: int, l_img: int, l_txt: int) -> float:
-    """FLOPs of one transformer forward (2 per multiply-add), from the shapes of FLUX_REFERENCE.md 2.
+    """FLOPs of one transformer forward (2 per multiply-add), from the shapes of
+    docs/architecture.md, "The transformer".
 
     Linear layers: 2 * tokens * in * out; attention: 4 * L^2 * hidden (QK^T and PV) per block.
     Embedders and the modulation (one token per image) are included; norms and RoPE are not.
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="256" if on_cpu else "512,1024,2048", help="square image sizes in pixels")
     parser.add_argument("--batches", default="1,2" if on_cpu else "1,2,4")
     parser.add_argument("--steps", type=int, default=4, help="steps per timed loop")
-    parser.add_argument("--attention", default="xla,cpu" if on_cpu else "xla,cudnn", help="implementations to time")
+    parser.add_argument("--attention", default="xla_blocked,cpu" if on_cpu else "xla,cudnn", help="implementations to time")
     parser.add_argument("--compare-diffusers", action="store_true", help="diffusers' eager bf16 step on the same GPU")
     args = parser.parse_args(argv)
     cfg = FluxConfig.preset(args.model)

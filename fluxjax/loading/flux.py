@@ -1,7 +1,8 @@
 """Key tables of the FLUX transformer: BFL single files and diffusers folders.
 
-Flax paths are BFL's module names with '/' (FLUX_REFERENCE.md 6.1), so the BFL table is
-the identity on names; the diffusers table is the correspondence of FLUX_REFERENCE.md 6.2.
+Flax paths are BFL's module names with '/' (docs/architecture.md, "The transformer, BFL single
+file"), so the BFL table is the identity on names; the diffusers table is the correspondence of
+"The transformer, diffusers folder" there.
 """
 
 from __future__ import annotations

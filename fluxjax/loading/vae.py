@@ -1,6 +1,6 @@
 """Key tables for the FLUX VAE.
 
-Two checkpoint layouts (FLUX_REFERENCE.md 6.3):
+Two checkpoint layouts (docs/architecture.md, "Checkpoint keys", "The autoencoder"):
   BFL       `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `encoder.mid.attn_1.q` (1x1 conv
             [C, C, 1, 1]), `decoder.up.{i}...` with `up.i` = level i, `nin_shortcut`, `norm_out`.
   diffusers `vae/` folder of `AutoencoderKL`: `encoder.down_blocks.{i}.resnets.{j}`,

@@ -1,7 +1,7 @@
-"""The FLUX VAE (FLUX_REFERENCE.md section 3): a KL autoencoder with 16 latent channels.
+"""The FLUX VAE (docs/architecture.md, "The autoencoder"): a KL autoencoder with 16 latent channels.
 
 Module names mirror BFL's `modules/autoencoder.py`, so the BFL key table is nearly the
-identity (convert/vae.py): BFL `encoder.down.{i}.block.{j}.conv1` is the Flax path
+identity (fluxjax/loading/vae.py): BFL `encoder.down.{i}.block.{j}.conv1` is the Flax path
 `encoder/down_{i}/block_{j}/conv1`, `encoder.mid.attn_1.q` is `encoder/mid/attn_1/q`,
 `decoder.up.{i}.upsample.conv` is `decoder/up_{i}/upsample/conv`.
 
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import AutoEncoderConfig
-from fluxjax.models.layers import affine_params, standardize
+from fluxjax.models.layers import affine_params, dense, standardize
 
 Dtype = Any
 
@@ -39,7 +39,7 @@ ATTN_AXES = ("conv_in", "conv_out")
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # diffusers' DiagonalGaussianDistribution clamp
 
 
-def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1, padding="SAME_1"):
+def conv(features: int, kernel: int, *, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1, padding="SAME_1"):
     """nn.Conv with logically named kernel (kh, kw, in, out) and bias (out,).
 
     padding "SAME_1": kernel//2 zeros on every side (PyTorch `padding=kernel//2`); or any
@@ -98,11 +98,11 @@ class ResnetBlock(nn.Module):
         x = x.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.swish(GroupNorm(self.num_groups, name="norm1", **kw)(x))
-        h = conv(self.out_channels, 3, "conv1", **kw)(h)
+        h = conv(self.out_channels, 3, name="conv1", **kw)(h)
         h = nn.swish(GroupNorm(self.num_groups, name="norm2", **kw)(h))
-        h = conv(self.out_channels, 3, "conv2", **kw)(h)
+        h = conv(self.out_channels, 3, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, "nin_shortcut", **kw)(x)
+            x = conv(self.out_channels, 1, name="nin_shortcut", **kw)(x)
         return x + h
 
 
@@ -121,24 +121,14 @@ class AttnBlock(nn.Module):
     def __call__(self, x):
         x = x.astype(self.dtype)
         b, hh, ww, c = x.shape
-
-        def dense(name):
-            return nn.Dense(
-                c,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ATTN_AXES),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ATTN_AXES[1:]),
-                name=name,
-            )
-
-        h = GroupNorm(self.num_groups, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.num_groups, name="norm", **kw)(x)
         h = h.reshape(b, hh * ww, c)
-        q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
+        q, k, v = (dense(c, axes=ATTN_AXES, name=name, **kw)(h) for name in ("q", "k", "v"))
         logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bqk,bkc->bqc", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
-        out = dense("proj_out")(out)
+        out = dense(c, axes=ATTN_AXES, name="proj_out", **kw)(out)
         return x + out.reshape(b, hh, ww, c)
 
 
@@ -151,7 +141,7 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype, stride=2, padding="VALID")(x)
+        return conv(x.shape[-1], 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype, stride=2, padding="VALID")(x)
 
 
 class Upsample(nn.Module):
@@ -163,7 +153,7 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
+        return conv(x.shape[-1], 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 class Level(nn.Module):
@@ -222,14 +212,15 @@ class Encoder(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         g = cfg.norm_num_groups
-        h = conv(cfg.ch, 3, "conv_in", **kw)(x.astype(self.dtype))
+        h = conv(cfg.ch, 3, name="conv_in", **kw)(x.astype(self.dtype))
         n = len(cfg.ch_mult)
         for i, mult in enumerate(cfg.ch_mult):
             resample = "downsample" if i != n - 1 else None
-            h = Level(cfg.ch * mult, cfg.num_res_blocks, g, resample, name=f"down_{i}", **kw)(h)
+            level = Level(cfg.ch * mult, num_blocks=cfg.num_res_blocks, num_groups=g, resample=resample, name=f"down_{i}", **kw)
+            h = level(h)
         h = MidBlock(g, name="mid", **kw)(h)
         h = nn.swish(GroupNorm(g, name="norm_out", **kw)(h))
-        return conv(2 * cfg.z_channels, 3, "conv_out", **kw)(h)
+        return conv(2 * cfg.z_channels, 3, name="conv_out", **kw)(h)
 
 
 class Decoder(nn.Module):
@@ -249,13 +240,15 @@ class Decoder(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         g = cfg.norm_num_groups
-        h = conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", **kw)(z.astype(self.dtype))
+        h = conv(cfg.ch * cfg.ch_mult[-1], 3, name="conv_in", **kw)(z.astype(self.dtype))
         h = MidBlock(g, name="mid", **kw)(h)
         for i in reversed(range(len(cfg.ch_mult))):
             resample = "upsample" if i != 0 else None
-            h = Level(cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, g, resample, name=f"up_{i}", **kw)(h)
+            level = Level(cfg.ch * cfg.ch_mult[i], num_blocks=cfg.num_res_blocks + 1, num_groups=g, resample=resample,
+                          name=f"up_{i}", **kw)
+            h = level(h)
         h = nn.swish(GroupNorm(g, name="norm_out", **kw)(h))
-        return conv(cfg.out_ch, 3, "conv_out", **kw)(h)
+        return conv(cfg.out_ch, 3, name="conv_out", **kw)(h)
 
 
 class AutoEncoder(nn.Module):

@@ -1,6 +1,6 @@
 """The CLIP text transformer (CLIP-L/14 text tower), as FLUX uses it for the pooled vector `y`.
 
-Same math as transformers' `CLIPTextModel` (FLUX_REFERENCE.md 1.3):
+Same math as transformers' `CLIPTextModel` (docs/architecture.md, "Text encoders"):
 
     h = token_embedding[ids] + position_embedding[:L]
     for each layer:  h = h + out_proj(causal_attention(layer_norm1(h)))
@@ -16,7 +16,7 @@ id, i.e. the first <|endoftext|> (49407); otherwise the first position equal to 
 It is `pooler_output`, not the `text_projection` of CLIPTextModelWithProjection.
 
 Parameter names mirror the transformers module names (token_embedding, layers/self_attn/q_proj,
-layer_norm1, mlp/fc1, final_layer_norm, ...), so the key table in convert/clip.py is nearly the
+layer_norm1, mlp/fc1, final_layer_norm, ...), so the key table in fluxjax/loading/clip.py is nearly the
 identity. The layers are stacked with nn.scan: every leaf under `layers` has a leading axis of
 length num_layers (logical axis "layers").
 
@@ -88,12 +88,14 @@ class CLIPAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, l, d = x.shape
-        heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)  # noqa: E731
-        q = heads(dense(d, ("embed", "heads"), "q_proj", self.dtype, self.param_dtype)(x))
-        k = heads(dense(d, ("embed", "heads"), "k_proj", self.dtype, self.param_dtype)(x))
-        v = heads(dense(d, ("embed", "heads"), "v_proj", self.dtype, self.param_dtype)(x))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def heads(name):
+            return dense(d, axes=("embed", "heads"), name=name, **kw)(x).reshape(b, l, self.num_heads, d // self.num_heads)
+
+        q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
         out = dot_product_attention(q, k, v, causal=True, implementation=self.attention_impl)
-        return dense(d, ("heads", "embed"), "out_proj", self.dtype, self.param_dtype)(out)
+        return dense(d, axes=("heads", "embed"), name="out_proj", **kw)(out)
 
 
 class CLIPMLP(nn.Module):
@@ -107,9 +109,10 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = dense(self.intermediate_size, ("embed", "mlp"), "fc1", self.dtype, self.param_dtype)(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.intermediate_size, axes=("embed", "mlp"), name="fc1", **kw)(x)
         x = _activation(self.hidden_act)(x)
-        return dense(d, ("mlp", "embed"), "fc2", self.dtype, self.param_dtype)(x)
+        return dense(d, axes=("mlp", "embed"), name="fc2", **kw)(x)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -127,11 +130,12 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h):
         cfg = self.config
-        x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm1")(h)
-        x = CLIPAttention(cfg.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(h)
+        x = CLIPAttention(cfg.num_heads, attention_impl=self.attention_impl, name="self_attn", **kw)(x)
         h = constrain(h + x)
-        x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="layer_norm2")(h)
-        x = CLIPMLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, self.param_dtype, name="mlp")(x)
+        x = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(h)
+        x = CLIPMLP(cfg.intermediate_size, hidden_act=cfg.hidden_act, name="mlp", **kw)(x)
         h = constrain(h + x)
         return h, None
 
@@ -152,7 +156,8 @@ class CLIPTextEncoder(nn.Module):
     """CLIP text transformer: token ids -> (last_hidden_state, pooler_output).
 
     config: CLIPConfig (fluxjax.config). dtype: compute dtype (activations, matmul inputs);
-    param_dtype: dtype of the parameters. attention_impl: "auto", "xla", "cudnn" or "cpu" (layers.dot_product_attention).
+    param_dtype: dtype of the parameters. attention_impl: one of layers.ATTENTION_IMPLEMENTATIONS
+    (see layers.dot_product_attention).
 
     __call__(input_ids):
       input_ids: (B, L) integer token ids, L <= config.max_position_embeddings (77 for CLIP-L;
@@ -178,9 +183,9 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(
                 f"CLIP input has {l} tokens, more than max_position_embeddings={cfg.max_position_embeddings}"
             )
-        token_embedding = embedding(
-            cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), "token_embedding", self.dtype, self.param_dtype, 0.02
-        )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        token_embedding = embedding(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), stddev=0.02,
+                                    name="token_embedding", **kw)
         position_embedding = self.param(
             "position_embedding",
             # 77 rows: never worth sharding, so the row axis is left replicated (None).
@@ -192,9 +197,9 @@ class CLIPTextEncoder(nn.Module):
         h = constrain(h.astype(self.dtype))
 
         layers = scan_layers(CLIPEncoderLayer, cfg.num_layers, 0)
-        h, _ = layers(cfg, self.dtype, self.param_dtype, self.attention_impl, name="layers")(h)
+        h, _ = layers(cfg, attention_impl=self.attention_impl, name="layers", **kw)(h)
 
-        last_hidden_state = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="final_layer_norm")(h)
+        last_hidden_state = LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(h)
         pos = pooled_positions(input_ids, cfg.eos_token_id)
         pooled = jnp.take_along_axis(last_hidden_state, pos[:, None, None], axis=1)[:, 0]
         return last_hidden_state, pooled

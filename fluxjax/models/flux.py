@@ -1,4 +1,4 @@
-"""The FLUX.1 flow transformer (BFL `Flux`, FLUX_REFERENCE.md section 2).
+"""The FLUX.1 flow transformer (BFL `Flux`; docs/architecture.md, "The transformer").
 
 Module names are the BFL checkpoint keys: `double_blocks/img_attn/qkv/kernel` is
 `double_blocks.{i}.img_attn.qkv.weight` transposed, stacked over blocks by nn.scan (with
@@ -30,26 +30,35 @@ from fluxjax.models.layers import (
 
 
 class SelfAttention(nn.Module):
-    """The `qkv`, `norm` and `proj` pieces of one stream's attention (BFL `SelfAttention`)."""
+    """BFL `SelfAttention`: the fused projection `qkv`, the QK-norm `norm` and the output
+    projection `proj` of one stream.
+
+    Calling it attends the stream to itself: x (B, L, D), cos/sin (B, L, d/2) -> (B, L, D).
+    The double block instead takes the pieces (`qkv_heads`, then `proj`), because there both
+    streams attend over their joint sequence, each with its own projections.
+    """
 
     config: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     def setup(self):
         c = self.config
-        self.qkv = dense(3 * c.hidden_size, ("embed", "qkv"), "qkv", self.dtype, self.param_dtype, c.qkv_bias)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.qkv = dense(3 * c.hidden_size, axes=("embed", "qkv"), use_bias=c.qkv_bias, **kw)
         self.norm = QKNorm(param_dtype=self.param_dtype)
-        self.proj = dense(c.hidden_size, ("heads", "embed"), "proj", self.dtype, self.param_dtype)
+        self.proj = dense(c.hidden_size, axes=("heads", "embed"), **kw)
 
-    def heads(self, x):
-        """(B, L, D) -> q, k, v each (B, L, H, d), q and k RMS-normed."""
+    def qkv_heads(self, x):
+        """(B, L, D) -> q, k, v each (B, L, H, d), q and k RMS-normed and cast to v's dtype."""
         q, k, v = split_heads(self.qkv(x), self.config.num_heads, 3)
         q, k = self.norm(q, k, v.dtype)
         return q, k, v
 
-    def __call__(self, x):
-        return self.proj(x)
+    def __call__(self, x, cos, sin):
+        q, k, v = self.qkv_heads(x)
+        return self.proj(attention(q, k, v, cos, sin, implementation=self.attention_impl))
 
 
 class MLP(nn.Module):
@@ -62,12 +71,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        x = dense(c.mlp_hidden_dim, ("embed", "mlp"), "0", self.dtype, self.param_dtype)(x)
-        return dense(c.hidden_size, ("mlp", "embed"), "2", self.dtype, self.param_dtype)(nn.gelu(x, approximate=True))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(c.mlp_hidden_dim, axes=("embed", "mlp"), name="0", **kw)(x)
+        return dense(c.hidden_size, axes=("mlp", "embed"), name="2", **kw)(nn.gelu(x, approximate=True))
 
 
 class DoubleStreamBlock(nn.Module):
-    """Image and text streams with separate weights, joined only in attention (text first)."""
+    """Image and text streams with separate weights, joined only in attention (text first).
+
+    Called as a layer_stack body: ((img (B, L_img, D), txt (B, L_txt, D)), vec (B, D), cos, sin
+    (B, L_txt + L_img, d/2)) -> ((img, txt), None).
+    """
 
     config: FluxConfig
     dtype: Dtype = jnp.float32
@@ -77,29 +91,31 @@ class DoubleStreamBlock(nn.Module):
     @nn.compact
     def __call__(self, carry, vec, cos, sin):
         img, txt = carry
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = self.config
-        img_mod = Modulation(c.hidden_size, double=True, name="img_mod", **kw)(vec)
-        txt_mod = Modulation(c.hidden_size, double=True, name="txt_mod", **kw)(vec)
-        img_attn = SelfAttention(c, name="img_attn", **kw)
-        txt_attn = SelfAttention(c, name="txt_attn", **kw)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        img_mod1, img_mod2 = Modulation(c.hidden_size, double=True, name="img_mod", **kw)(vec)
+        txt_mod1, txt_mod2 = Modulation(c.hidden_size, double=True, name="txt_mod", **kw)(vec)
+        img_attn = SelfAttention(c, attention_impl=self.attention_impl, name="img_attn", **kw)
+        txt_attn = SelfAttention(c, attention_impl=self.attention_impl, name="txt_attn", **kw)
 
-        q_i, k_i, v_i = img_attn.heads(modulate(img, img_mod[0], img_mod[1]))
-        q_t, k_t, v_t = txt_attn.heads(modulate(txt, txt_mod[0], txt_mod[1]))
-        joint = [jnp.concatenate(pair, axis=1) for pair in ((q_t, q_i), (k_t, k_i), (v_t, v_i))]
-        attn = attention(*joint, cos, sin, self.attention_impl)
-        l_txt = txt.shape[1]
-        txt_out, img_out = attn[:, :l_txt], attn[:, l_txt:]
+        img_q, img_k, img_v = img_attn.qkv_heads(modulate(img, img_mod1.shift, img_mod1.scale))
+        txt_q, txt_k, txt_v = txt_attn.qkv_heads(modulate(txt, txt_mod1.shift, txt_mod1.scale))
+        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = attention(q, k, v, cos, sin, implementation=self.attention_impl)
+        txt_out, img_out = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_mod[2] * img_attn(img_out)
-        img = img + img_mod[5] * MLP(c, name="img_mlp", **kw)(modulate(img, img_mod[3], img_mod[4]))
-        txt = txt + txt_mod[2] * txt_attn(txt_out)
-        txt = txt + txt_mod[5] * MLP(c, name="txt_mlp", **kw)(modulate(txt, txt_mod[3], txt_mod[4]))
+        img = img + img_mod1.gate * img_attn.proj(img_out)
+        img = img + img_mod2.gate * MLP(c, name="img_mlp", **kw)(modulate(img, img_mod2.shift, img_mod2.scale))
+        txt = txt + txt_mod1.gate * txt_attn.proj(txt_out)
+        txt = txt + txt_mod2.gate * MLP(c, name="txt_mlp", **kw)(modulate(txt, txt_mod2.shift, txt_mod2.scale))
         return (constrain(img), constrain(txt)), None
 
 
 class SingleStreamBlock(nn.Module):
-    """One fused projection for q, k, v and the MLP on the joint [text ; image] sequence."""
+    """One fused projection for q, k, v and the MLP on the joint [text ; image] sequence.
+
+    Called as a layer_stack body: (x (B, L, D), vec (B, D), cos, sin (B, L, d/2)) -> (x, None).
+    """
 
     config: FluxConfig
     dtype: Dtype = jnp.float32
@@ -110,14 +126,16 @@ class SingleStreamBlock(nn.Module):
     def __call__(self, x, vec, cos, sin):
         c = self.config
         d = c.hidden_size
-        shift, scale, gate = Modulation(d, double=False, name="modulation", dtype=self.dtype, param_dtype=self.param_dtype)(vec)
-        h = dense(3 * d + c.mlp_hidden_dim, ("embed", "qkv"), "linear1", self.dtype, self.param_dtype)(modulate(x, shift, scale))
-        q, k, v = split_heads(h[..., : 3 * d], c.num_heads, 3)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod, _ = Modulation(d, double=False, name="modulation", **kw)(vec)
+        linear1 = dense(3 * d + c.mlp_hidden_dim, axes=("embed", "qkv"), name="linear1", **kw)
+        qkv, mlp = jnp.split(linear1(modulate(x, mod.shift, mod.scale)), [3 * d], axis=-1)
+        q, k, v = split_heads(qkv, c.num_heads, 3)
         q, k = QKNorm(param_dtype=self.param_dtype, name="norm")(q, k, v.dtype)
-        attn = attention(q, k, v, cos, sin, self.attention_impl)
-        mlp = nn.gelu(h[..., 3 * d :], approximate=True)
-        out = dense(d, ("mlp", "embed"), "linear2", self.dtype, self.param_dtype)(jnp.concatenate([attn, mlp], axis=-1))
-        return constrain(x + gate * out), None
+        attn = attention(q, k, v, cos, sin, implementation=self.attention_impl)
+        linear2 = dense(d, axes=("mlp", "embed"), name="linear2", **kw)
+        out = linear2(jnp.concatenate([attn, nn.gelu(mlp, approximate=True)], axis=-1))
+        return constrain(x + mod.gate * out), None
 
 
 class AdaLNModulation(nn.Module):
@@ -130,7 +148,8 @@ class AdaLNModulation(nn.Module):
     @nn.compact
     def __call__(self, vec):
         d = self.config.hidden_size
-        return dense(2 * d, ("embed", "modulation"), "1", self.dtype, self.param_dtype)(nn.silu(vec))
+        return dense(2 * d, axes=("embed", "modulation"), name="1", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(nn.silu(vec))
 
 
 class LastLayer(nn.Module):
@@ -143,10 +162,10 @@ class LastLayer(nn.Module):
     @nn.compact
     def __call__(self, x, vec):
         c = self.config
-        ada = AdaLNModulation(c, self.dtype, self.param_dtype, name="adaLN_modulation")
-        shift, scale = jnp.split(ada(vec)[:, None, :], 2, axis=-1)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shift, scale = jnp.split(AdaLNModulation(c, name="adaLN_modulation", **kw)(vec)[:, None, :], 2, axis=-1)
         x = modulate(x, shift, scale)
-        return dense(c.out_channels, ("embed", "out_features"), "linear", self.dtype, self.param_dtype)(x)
+        return dense(c.out_channels, axes=("embed", "out_features"), name="linear", **kw)(x)
 
 
 BLOCK_STACKS = ("double_blocks", "single_blocks")  # the parameter entries of the two block stacks
@@ -156,7 +175,7 @@ class Flux(nn.Module):
     """FLUX.1 transformer; `apply` takes BFL `Flux.forward`'s arguments.
 
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
-    ("auto", "xla", "cudnn" or "cpu": see layers.dot_product_attention), layer_loop ("scan":
+    (one of layers.ATTENTION_IMPLEMENTATIONS: see layers.dot_product_attention), layer_loop ("scan":
     block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
     CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts).
     """
@@ -179,13 +198,13 @@ class Flux(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if c.guidance_embed and guidance is None:
             raise ValueError("this model has a guidance embedding (dev): pass guidance, e.g. 3.5")
-        img = dense(c.hidden_size, ("in_features", "embed"), "img_in", **kw)(img.astype(self.dtype))
+        img = dense(c.hidden_size, axes=("in_features", "embed"), name="img_in", **kw)(img.astype(self.dtype))
         # t*1000 is rounded in the activation dtype first, as both references do in bf16.
         vec = MLPEmbedder(c.hidden_size, name="time_in", **kw)(timestep_embedding(timesteps.astype(self.dtype)))
         if c.guidance_embed:
             vec = vec + MLPEmbedder(c.hidden_size, name="guidance_in", **kw)(timestep_embedding(guidance.astype(self.dtype)))
         vec = vec + MLPEmbedder(c.hidden_size, name="vector_in", **kw)(y.astype(self.dtype))
-        txt = dense(c.hidden_size, ("in_features", "embed"), "txt_in", **kw)(txt.astype(self.dtype))
+        txt = dense(c.hidden_size, axes=("in_features", "embed"), name="txt_in", **kw)(txt.astype(self.dtype))
 
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         block_kw = dict(config=c, attention_impl=self.attention_impl, **kw)

@@ -1,5 +1,5 @@
-"""Building blocks of the FLUX transformer (FLUX_REFERENCE.md section 2), and the shared
-parameter helpers every fluxjax model uses.
+"""Building blocks of the FLUX transformer (docs/architecture.md, "The transformer"), and the
+shared parameter helpers every fluxjax model uses.
 
 Logical axis names (the vocabulary a sharding strategy in fluxjax/configs/sharding maps to mesh axes):
   layers       the stacked block axis that nn.scan adds
@@ -23,7 +23,7 @@ Numerics follow the reference: norms, RoPE and softmax statistics in float32, GE
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,11 +34,13 @@ from fluxjax.kernels import cpu_attention
 
 Dtype = Any
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cpu")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn", "cpu")
 
 
-def dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True):
-    """nn.Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
+def dense(features: int, *, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, use_bias: bool = True,
+          name: str | None = None):
+    """nn.Dense whose kernel (in, out) and bias (out,) carry the logical axis names `axes`
+    (kernel) and `axes[1:]` (bias). `name` may be left out in `setup`, where the attribute names it."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -131,8 +133,9 @@ def affine_params(module: nn.Module, features: int, param_dtype: Dtype) -> tuple
     return scale, bias
 
 
-def embedding(num: int, features: int, axes: tuple, name: str, dtype: Dtype, param_dtype: Dtype, stddev: float):
-    """nn.Embed whose table (num, features) carries logical axis names."""
+def embedding(num: int, features: int, *, axes: tuple, dtype: Dtype, param_dtype: Dtype, stddev: float,
+              name: str | None = None):
+    """nn.Embed whose table (num, features), drawn from N(0, stddev^2), carries logical axis names."""
     return nn.Embed(
         num, features, dtype=dtype, param_dtype=param_dtype, name=name,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes),
@@ -174,18 +177,20 @@ class MLPEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.hidden_dim, ("in_features", "embed"), "in_layer", self.dtype, self.param_dtype)(x)
-        return dense(self.hidden_dim, ("embed", "embed"), "out_layer", self.dtype, self.param_dtype)(nn.silu(x))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = dense(self.hidden_dim, axes=("in_features", "embed"), name="in_layer", **kw)(x)
+        return dense(self.hidden_dim, axes=("embed", "embed"), name="out_layer", **kw)(nn.silu(x))
 
 
 def _split_float32(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x (float64) as hi + lo in float32, hi keeping 12 significant bits.
+    """Positive float64 x as hi + lo, two float32 arrays: hi is float32(x) truncated to 12
+    significant bits, lo the float64 remainder rounded to float32.
 
-    hi times an integer position below 4096 is exact in float32, so the angle p*omega keeps
-    the accuracy of the float64 tables the reference builds.
+    hi times an integer position below 4096 is then exact in float32, so the angle
+    p * hi + p * lo keeps the accuracy of the float64 tables the reference builds.
     """
-    hi = x.astype(np.float32)
-    hi = (hi.view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
+    mantissa, exponent = np.frexp(x.astype(np.float32))  # x ~ mantissa * 2**exponent, 0.5 <= mantissa < 1
+    hi = np.ldexp(np.trunc(np.ldexp(mantissa, 12)), exponent - 12).astype(np.float32)
     return hi, (x - hi.astype(np.float64)).astype(np.float32)
 
 
@@ -195,6 +200,13 @@ def rope(ids: jax.Array, axes_dim: Sequence[int], theta: float) -> tuple[jax.Arr
     ids: (B, L, n_axes) positions (index, row, col), any float or int dtype.
     Returns (cos, sin), each (B, L, sum(axes_dim)/2) float32: for each axis a with n_a dims,
     angles p_a * theta^(-2k/n_a), k < n_a/2, concatenated over axes.
+
+    The reference builds these tables in float64. Here the ids are traced values (Flux.apply
+    takes them, as BFL's forward does, and the jitted denoise loop sampling.denoise passes them
+    as arguments), so the tables are computed in the trace, in float32 (JAX without x64). To
+    keep float64 accuracy each frequency is split on the host into float32 hi + lo
+    (_split_float32) and cos/sin of the two partial angles are recombined: within float32
+    rounding of the float64 tables for positions below 4096.
     """
     omegas = np.concatenate([theta ** (-np.arange(0, n, 2, dtype=np.float64) / n) for n in axes_dim])
     axis_of = np.concatenate([np.full(n // 2, a) for a, n in enumerate(axes_dim)])
@@ -249,10 +261,21 @@ class QKNorm(nn.Module):
         return q.astype(dtype), k.astype(dtype)
 
 
-class Modulation(nn.Module):
-    """Linear(SiLU(vec)) split into 6 (double) or 3 (single) chunks of `dim`, each (B, 1, dim).
+class ModulationOut(NamedTuple):
+    """One set of adaLN modulation vectors, each (B, 1, dim): a branch's input is
+    `modulate(x, shift, scale)` and its output is added to the residual times `gate`."""
 
-    Chunk order is (shift, scale, gate) [x 2 for double: attention set, then MLP set].
+    shift: jax.Array
+    scale: jax.Array
+    gate: jax.Array
+
+
+class Modulation(nn.Module):
+    """`lin`(SiLU(vec)): (B, dim) -> (ModulationOut for attention, ModulationOut for the MLP)
+    when `double`, else (ModulationOut, None) (the single block has one set for both).
+
+    The Linear's output is split into chunks of `dim` in the checkpoint's order: shift, scale,
+    gate (then shift, scale, gate of the second set).
     """
 
     dim: int
@@ -261,10 +284,12 @@ class Modulation(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, vec):
+    def __call__(self, vec) -> tuple[ModulationOut, ModulationOut | None]:
         n = 6 if self.double else 3
-        out = dense(n * self.dim, ("embed", "modulation"), "lin", self.dtype, self.param_dtype)(nn.silu(vec))
-        return jnp.split(out[:, None, :], n, axis=-1)
+        out = dense(n * self.dim, axes=("embed", "modulation"), name="lin", dtype=self.dtype,
+                    param_dtype=self.param_dtype)(nn.silu(vec))
+        chunks = jnp.split(out[:, None, :], n, axis=-1)
+        return ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:]) if self.double else None
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -286,46 +311,67 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     q, k, v: (B, L, H, d); bias: (H, L, L) float32 or None; scale: default 1/sqrt(d) (T5 uses 1).
     Returns (B, L, H*d) in v's dtype.
     implementation:
-      "xla"   any backend; float32 logits and softmax, probabilities cast to v's dtype for the
-              second matmul, as the references do;
-      "cudnn" fused flash attention on NVIDIA GPUs, bf16/fp16;
-      "cpu"   fluxjax's CPU kernel (fluxjax/kernels), float32, no bias or mask; about 2x XLA's
-              speed on a CPU;
-      "auto"  "cpu" for unmasked attention on a CPU without a multi-device mesh, else "xla".
-              When the CPU kernel cannot be built it warns once, saying why, and uses "xla".
+      "xla"         any backend; float32 logits and softmax, probabilities cast to v's dtype for
+                    the second matmul, as the references do; all (H, L, L) logits at once;
+      "xla_blocked" the same computation in blocks of QUERY_BLOCK queries, for CPUs: a block's
+                    logits stay in cache instead of streaming an (H, L, L) array through memory
+                    (about 2.4x faster on a CPU at 1152 tokens). Each query row's softmax is
+                    independent, so the result is the same;
+      "cudnn"       fused flash attention on NVIDIA GPUs, bf16/fp16;
+      "cpu"         fluxjax's CPU kernel (fluxjax/kernels), float32, no bias or mask; about 2x
+                    XLA's speed on a CPU;
+      "auto"        decided when traced, by `auto_implementation`: "cpu" for unmasked attention
+                    on a CPU without a multi-device mesh, "xla_blocked" for the rest on a CPU,
+                    "xla" elsewhere. When the CPU kernel cannot be built it warns once, saying
+                    why, and uses "xla_blocked".
     """
     b, l, h, d = q.shape
     scale = 1 / math.sqrt(d) if scale is None else scale
     # Pins the head split of tensor parallelism: each device attends with its own heads.
     q, k, v = (nn.with_logical_constraint(t, ("activation_batch", "activation_length", "activation_heads", None)) for t in (q, k, v))
     if implementation == "auto":
-        implementation = "cpu" if bias is None and not causal and cpu_attention.suits() else "xla"
-    if implementation == "xla":
+        implementation = auto_implementation(masked=bias is not None or causal)
+    if implementation in ("xla", "xla_blocked"):
         if causal:
             causal_mask = jnp.tril(jnp.ones((l, l), dtype=bool))
             bias = jnp.where(causal_mask, 0.0, jnp.finfo(jnp.float32).min)[None] + (0.0 if bias is None else bias)
-        out = _xla_attention(q, k, v, bias, scale)
+        query_block = QUERY_BLOCK if implementation == "xla_blocked" else None
+        out = _xla_attention(q, k, v, bias, scale, query_block)
     elif implementation == "cudnn":
         bias = None if bias is None else bias[None].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal, implementation="cudnn")
     elif implementation == "cpu":
         if bias is not None or causal:
-            raise ValueError('attention implementation "cpu" has no bias or causal mask; use "xla" or "auto"')
+            raise ValueError('attention implementation "cpu" has no bias or causal mask; use "xla_blocked" or "auto"')
         out = cpu_attention.attention(q, k, v, scale)
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
 
 
-CPU_QUERY_BLOCK = 128
+def auto_implementation(masked: bool) -> str:
+    """The implementation "auto" stands for where it is traced; masked: the attention has a bias
+    or a causal mask. On a CPU: "cpu" where cpu_attention.suits (unmasked, no multi-device
+    mesh, the kernel builds), else "xla_blocked"; on an accelerator: "xla".
+
+    Decided at trace time, not when a model is built: the same model is traced with and
+    without a mesh (one device, or a strategy's), and only the trace knows which.
+    """
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if not masked and cpu_attention.suits():
+        return "cpu"
+    return "xla_blocked"
 
 
-def _xla_attention(q, k, v, bias, scale: float) -> jax.Array:
+QUERY_BLOCK = 128  # queries per block of "xla_blocked"
+
+
+def _xla_attention(q, k, v, bias, scale: float, query_block: int | None) -> jax.Array:
     """Plain-XLA attention: float32 logits and softmax; (B, L, H, d) -> (B, L, H, d) in v's dtype.
 
-    On a CPU the queries go through in blocks of CPU_QUERY_BLOCK: a block's logits stay in
-    cache instead of streaming an (H, L, L) array through memory, which makes it about 2.4x
-    faster at 1152 tokens. Each query row's softmax is independent, so the result is the same.
+    query_block: None for all queries at once; else queries go through in blocks of this many
+    (a sequence of at most two blocks goes through whole).
     """
     b, l, h, d = q.shape
     k_t, v_t = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (B, H, d, L), (B, H, L, d)
@@ -338,8 +384,8 @@ def _xla_attention(q, k, v, bias, scale: float) -> jax.Array:
         return jnp.matmul(probs, v_t, preferred_element_type=jnp.float32).astype(v.dtype)
 
     q_t = q.transpose(0, 2, 1, 3)  # (B, H, L, d)
-    c = CPU_QUERY_BLOCK
-    if jax.default_backend() != "cpu" or l <= 2 * c:
+    c = query_block
+    if c is None or l <= 2 * c:
         return block(q_t, bias).transpose(0, 2, 1, 3)
     n = -(-l // c)
     pad = n * c - l  # padded query rows are computed and dropped
@@ -353,7 +399,7 @@ def _xla_attention(q, k, v, bias, scale: float) -> jax.Array:
     return out.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, d)[:, :l]
 
 
-def attention(q, k, v, cos, sin, implementation: str = "auto") -> jax.Array:
+def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
     """FLUX joint attention: RoPE on q and k, then full (non-causal, unmasked) attention.
 
     q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.

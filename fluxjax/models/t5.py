@@ -1,9 +1,9 @@
-"""The T5 v1.1 encoder (FLUX_REFERENCE.md section 1.3), as transformers' `T5EncoderModel`.
+"""The T5 v1.1 encoder (docs/architecture.md, "Text encoders"), as transformers' `T5EncoderModel`.
 
 FLUX reads `last_hidden_state` of the XXL encoder and passes no attention mask, so neither
 does this module: every position (pad tokens included) attends to every other.
 
-Parameter tree (names mirror the transformers keys, so convert/t5.py is nearly the identity):
+Parameter tree (names mirror the transformers keys, so fluxjax/loading/t5.py is nearly the identity):
 
   shared/embedding                          (vocab, d_model)          ("vocab", "embed")
   relative_attention_bias/embedding         (buckets, heads)          (None, "heads")
@@ -81,13 +81,15 @@ class T5Attention(nn.Module):
         inner = cfg.num_heads * cfg.d_kv
         b, l, _ = x.shape
 
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+
         def proj(name):
-            y = dense(inner, ("embed", "heads"), name, self.dtype, self.param_dtype, use_bias=False)(x)
+            y = dense(inner, axes=("embed", "heads"), name=name, **kw)(x)
             return y.reshape(b, l, cfg.num_heads, cfg.d_kv)
 
         q, k, v = proj("q"), proj("k"), proj("v")
         out = dot_product_attention(q, k, v, bias=position_bias, scale=1.0, implementation=self.attention_impl)
-        return dense(cfg.d_model, ("heads", "embed"), "o", self.dtype, self.param_dtype, use_bias=False)(out)
+        return dense(cfg.d_model, axes=("heads", "embed"), name="o", **kw)(out)
 
 
 class T5DenseGatedGelu(nn.Module):
@@ -100,11 +102,12 @@ class T5DenseGatedGelu(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        gate = dense(cfg.d_ff, ("embed", "mlp"), "wi_0", self.dtype, self.param_dtype, use_bias=False)(x)
-        lin = dense(cfg.d_ff, ("embed", "mlp"), "wi_1", self.dtype, self.param_dtype, use_bias=False)(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        gate = dense(cfg.d_ff, axes=("embed", "mlp"), name="wi_0", **kw)(x)
+        lin = dense(cfg.d_ff, axes=("embed", "mlp"), name="wi_1", **kw)(x)
         # Elementwise in float32 (free next to the matmuls): bf16 tanh would add its own error.
         h = (jax.nn.gelu(gate.astype(jnp.float32), approximate=True) * lin.astype(jnp.float32)).astype(self.dtype)
-        return dense(cfg.d_model, ("mlp", "embed"), "wo", self.dtype, self.param_dtype, use_bias=False)(h)
+        return dense(cfg.d_model, axes=("mlp", "embed"), name="wo", **kw)(h)
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -117,8 +120,9 @@ class T5LayerSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
-        h = RMSNorm(self.config.layer_norm_epsilon, self.param_dtype, "norm", name="layer_norm")(x)
-        attn = T5Attention(self.config, self.dtype, self.param_dtype, self.attention_impl, name="SelfAttention")
+        h = RMSNorm(eps=self.config.layer_norm_epsilon, param_dtype=self.param_dtype, axis="norm", name="layer_norm")(x)
+        attn = T5Attention(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                           attention_impl=self.attention_impl, name="SelfAttention")
         return x + attn(h, position_bias)
 
 
@@ -131,8 +135,9 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = RMSNorm(self.config.layer_norm_epsilon, self.param_dtype, "norm", name="layer_norm")(x)
-        return x + T5DenseGatedGelu(self.config, self.dtype, self.param_dtype, name="DenseReluDense")(h)
+        h = RMSNorm(eps=self.config.layer_norm_epsilon, param_dtype=self.param_dtype, axis="norm", name="layer_norm")(x)
+        mlp = T5DenseGatedGelu(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="DenseReluDense")
+        return x + mlp(h)
 
 
 class T5Block(nn.Module):
@@ -149,8 +154,9 @@ class T5Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array):
-        x = T5LayerSelfAttention(self.config, self.dtype, self.param_dtype, self.attention_impl, name="layer_0")(x, position_bias)
-        x = T5LayerFF(self.config, self.dtype, self.param_dtype, name="layer_1")(constrain(x))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = T5LayerSelfAttention(self.config, attention_impl=self.attention_impl, name="layer_0", **kw)(x, position_bias)
+        x = T5LayerFF(self.config, name="layer_1", **kw)(constrain(x))
         return constrain(x), None
 
 
@@ -170,7 +176,8 @@ class T5Encoder(nn.Module):
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         cfg = self.config
         length = input_ids.shape[1]
-        x = embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), "shared", self.dtype, self.param_dtype, 1.0)(input_ids)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = embedding(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), stddev=1.0, name="shared", **kw)(input_ids)
         x = constrain(x)
 
         # One table lookup for all layers: transformers computes the bias in block 0 and
@@ -179,13 +186,13 @@ class T5Encoder(nn.Module):
             length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
         )
         bias = embedding(
-            cfg.relative_attention_num_buckets, cfg.num_heads, (None, "heads"), "relative_attention_bias",
-            jnp.float32, self.param_dtype, 1.0,
+            cfg.relative_attention_num_buckets, cfg.num_heads, axes=(None, "heads"), dtype=jnp.float32,
+            param_dtype=self.param_dtype, stddev=1.0, name="relative_attention_bias",
         )(jnp.asarray(buckets))
         position_bias = jnp.transpose(bias, (2, 0, 1))  # (H, L, L)
 
         blocks = scan_layers(T5Block, cfg.num_layers, 1)
-        x, _ = blocks(cfg, self.dtype, self.param_dtype, self.attention_impl, name="block")(x, position_bias)
+        x, _ = blocks(cfg, attention_impl=self.attention_impl, name="block", **kw)(x, position_bias)
         return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, "norm", name="final_layer_norm")(x)
 
 
