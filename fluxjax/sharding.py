@@ -20,10 +20,10 @@ file are replicated.
 
 The file is one Flax rule list, read by Flax's own logical-to-mesh matching
 (`nn.logical_to_mesh_axes`) for weights and activations alike: [rules] in file order, then
-[fallback] in file order. Each dim of an array takes the first entry for its name whose mesh
-axes no earlier dim of that array holds; so a [fallback] entry is a name's second choice
-(MaxText's "list a logical axis twice"), and the order of [rules] says which of a kernel's dims
-gets a mesh axis first. For a parameter, entries whose mesh axes do not divide its dim are left
+[fallback] in file order. Entries are taken in that order, each giving its mesh axes to the
+array's dim of its name unless that dim has some already or another dim holds those axes; so a
+[fallback] entry is a name's second choice (MaxText's "list a logical axis twice"), and the
+order of [rules] says which of a kernel's dims gets a mesh axis first. For a parameter, entries whose mesh axes do not divide its dim are left
 out first (a 4-head table on an 8-way axis): the dim then takes its fallback or is replicated,
 and `param_specs` returns a note saying so, which `param_shardings` logs and `fluxjax plan`
 prints. Activations are matched without that check (XLA pads uneven shards); the batch is
@@ -42,8 +42,8 @@ Use (the pipeline and the loaders need nothing else):
 
 `activate` is the one way the rules reach traced code. A function jitted once and called under
 several strategies is wrapped with `jit_with_rules` (sampling.denoise, text.encode_prompts_jit,
-the pipeline's decode), which keys its compile cache on the active rules as well: the same
-strategy never recompiles, another one never reuses a trace made under the first.
+the pipeline's decode), which keys its compile cache on the active rules as well: a strategy
+compiles once per shape, and no strategy reuses a trace made under another.
 """
 
 from __future__ import annotations
@@ -211,30 +211,28 @@ class Strategy:
         Flax's `nn.logical_to_mesh_axes` matches the names against the table, from which the
         entries whose mesh axes do not divide the dim of their name are left out first (see the
         module docstring). A name repeated in `names`, like (embed, embed), is matched at its
-        first occurrence; the later dims stay whole (Flax refuses repeated names). The notes say
-        which dims lost a choice to divisibility, and what they got instead.
+        first occurrence; the later dims stay whole (Flax refuses repeated names). The notes name
+        each dim that would have taken mesh axes that do not divide it, and what it got instead.
         """
         names = tuple(None if name in names[:i] else name for i, name in enumerate(names))
         dims = {name: size for name, size in zip(names, shape) if name is not None}
 
-        def divides(rule):
-            logical, axes = rule
+        def fits(logical: str, axes: MeshAxes) -> bool:
             return logical not in dims or dims[logical] % _size(mesh, axes) == 0
 
-        fitting = tuple(rule for rule in self.table if divides(rule))
-        spec = nn.logical_to_mesh_axes(names, _flax_rules(fitting))
+        spec = nn.logical_to_mesh_axes(names, _flax_rules([(n, axes) for n, axes in self.table if fits(n, axes)]))
+        # Matched without the divisibility check too, to name the dims the check changed.
+        unchecked = nn.logical_to_mesh_axes(names, self.rules)
         notes = []
-        for dim, name in enumerate(names):
-            skipped = [axes for logical, axes in self.table if logical == name and not divides((logical, axes))]
-            if skipped:
-                got = spec[dim]
-                instead = "replicated" if got is None else f"on {got if isinstance(got, str) else 'x'.join(got)} instead"
-                tried = ", ".join(f"{'x'.join(axes)}={_size(mesh, axes)}" for axes in skipped)
+        for name, wanted, got in zip(names, unchecked, spec):
+            if wanted is not None and not fits(name, _as_axes(wanted)):
+                tried = ", ".join(f"{'x'.join(a)}={_size(mesh, a)}" for n, a in self.table if n == name and not fits(n, a))
+                instead = "replicated" if got is None else f"on {'x'.join(_as_axes(got))} instead"
                 notes.append(f"{name}={dims[name]} not divisible by {tried}: {instead}")
         return spec, notes
 
     def param_specs(self, abstract: Any, mesh: Any) -> tuple[Any, list[str]]:
-        """(tree of PartitionSpec, notes) for a boxed param tree; notes name replicated dims.
+        """(tree of PartitionSpec, notes) for a boxed param tree; notes as `spec` gives them, with the path.
 
         abstract: what `jax.eval_shape(model.init, ...)["params"]` returns (leaves
         nn.LogicallyPartitioned around ShapeDtypeStruct); unboxed leaves are replicated.
@@ -346,6 +344,11 @@ class _RulesJit:
 def _flax_rules(table: Sequence[tuple[str, MeshAxes]]) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """(logical, mesh axes) pairs -> Flax rules: one mesh axis as a name, several as a tuple, none as None."""
     return tuple((logical, axes[0] if len(axes) == 1 else (axes or None)) for logical, axes in table)
+
+
+def _as_axes(entry: str | tuple[str, ...]) -> MeshAxes:
+    """One entry of a PartitionSpec (a mesh axis or a tuple of them) as a tuple."""
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _size(mesh: Any, axes: MeshAxes) -> int:
