@@ -23,11 +23,12 @@ The file is one Flax rule list, read by Flax's own logical-to-mesh matching
 [fallback] in file order. Entries are taken in that order, each giving its mesh axes to the
 array's dim of its name unless that dim has some already or another dim holds those axes; so a
 [fallback] entry is a name's second choice (MaxText's "list a logical axis twice"), and the
-order of [rules] says which of a kernel's dims gets a mesh axis first. For a parameter, entries whose mesh axes do not divide its dim are left
-out first (a 4-head table on an 8-way axis): the dim then takes its fallback or is replicated,
-and `param_specs` returns a note saying so, which `param_shardings` logs and `fluxjax plan`
-prints. Activations are matched without that check (XLA pads uneven shards); the batch is
-never uneven, because the pipeline pads batches with `pad_batch`.
+order of [rules] says which of a kernel's dims gets a mesh axis first. For a parameter, the
+entries whose mesh axes do not divide its dim are left out first (a 4-head table on an 8-way
+axis): the dim then takes its fallback or is replicated, and `param_specs` returns a note
+saying so, which `param_shardings` logs and `fluxjax plan` prints. Activations are matched
+without that check (XLA pads uneven shards); the batch is never uneven, because the pipeline
+pads batches with `pad_batch`.
 
 Use (the pipeline and the loaders need nothing else):
 
@@ -144,6 +145,9 @@ class Strategy:
             for logical, target in data.get(section, {}).items():
                 if not (isinstance(target, str) or isinstance(target, list) and all(isinstance(a, str) for a in target)):
                     raise UsageError(f"{path}: [{section}] {logical} = {target!r}: expected a mesh axis or a list of them")
+                # (an unknown name is left to __post_init__, which says it is unknown)
+                if section == "fallback" and logical in AXES and logical not in data.get("rules", {}):
+                    raise UsageError(f"{path}: [fallback] {logical}: a second choice needs a first one in [rules]")
                 table.append((logical, (target,) if isinstance(target, str) else tuple(target)))
         return cls(path.stem, data.get("description", "").strip(), tuple(mesh["axes"]),
                    tuple(mesh["ici"]), tuple(mesh["dcn"]), tuple(table), str(path))
@@ -289,7 +293,7 @@ class Strategy:
         return jax.tree.map(put, tree), n
 
 
-def active_rules() -> tuple:
+def _active_rules() -> tuple:
     """The logical axis rules in force (`Strategy.activate`), hashable; () outside any strategy."""
     return tuple((logical, tuple(axes) if isinstance(axes, list) else axes) for logical, axes in nn.get_logical_axis_rules())
 
@@ -331,7 +335,7 @@ class _RulesJit:
     def _args(self, args, kwargs) -> tuple:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return (active_rules(), *bound.args)
+        return (_active_rules(), *bound.args)
 
     def __call__(self, *args, **kwargs):
         return self.jitted(*self._args(args, kwargs))

@@ -113,6 +113,9 @@ def test_unknown_logical_axis_names_the_file_and_key(tmp_path):
     bad = _write_strategy(tmp_path / "typo2.toml", 'heads = "tensor"', 'activation_hedas = "fsdp"')
     with pytest.raises(UsageError, match=r"typo2\.toml: key 'activation_hedas'"):
         Strategy.load(bad)
+    bad = _write_strategy(tmp_path / "alone.toml", 'embed = "fsdp"', 'heads = "tensor"')
+    with pytest.raises(UsageError, match=r"alone\.toml: \[fallback\] heads: a second choice needs a first one"):
+        Strategy.load(bad)
     bad = _write_strategy(tmp_path / "value.toml", "heads = 3")
     with pytest.raises(UsageError, match=r"value\.toml: \[rules\] heads = 3: expected a mesh axis"):
         Strategy.load(bad)
