@@ -329,6 +329,8 @@ class _RulesJit:
             with nn.logical_axis_rules(rules):
                 return fn(*args)
 
+        # Named as `fn`, so profiles and XLA dumps read jit(euler_loop), not jit(under_rules).
+        under_rules.__name__, under_rules.__qualname__ = fn.__name__, fn.__qualname__
         self.jitted = jax.jit(under_rules, static_argnums=(0, *(1 + names.index(n) for n in static_argnames)))
         functools.update_wrapper(self, fn)
 
