@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +28,7 @@ from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.sharding import Strategy
+from fluxjax.sharding import Strategy, jit_with_rules
 from fluxjax.text import PromptTokenizer, encode_prompts_jit
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -201,12 +200,11 @@ class FluxPipeline:
         )
         if self.strategy is not None:  # split along the data axes, padded to divide them
             inputs, _ = self.strategy.put_batch(inputs, self.mesh)
-        rules = self.strategy.rules if self.strategy is not None else ()
         context = self.strategy.activate(self.mesh) if self.strategy is not None else contextlib.nullcontext()
 
         with context, tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
             start = time.perf_counter()
-            txt, vec = self.encode(inputs["t5_ids"], inputs["clip_ids"], rules)
+            txt, vec = self.encode(inputs["t5_ids"], inputs["clip_ids"])
             txt.block_until_ready()
             self.timings = {"encode": time.perf_counter() - start}
             bar.update(1)
@@ -216,7 +214,7 @@ class FluxPipeline:
             with sampling.step_callback(lambda i: bar.update(1)):
                 latents_out = sampling.denoise(
                     self.transformer.model, self.transformer.params, inputs["img"], inputs["img_ids"], txt,
-                    inputs["txt_ids"], vec, sigmas, inputs["guidance"], report_steps=bool(progress), rules=rules,
+                    inputs["txt_ids"], vec, sigmas, inputs["guidance"], report_steps=bool(progress),
                 )
                 latents_out.block_until_ready()
             self.timings["denoise"] = time.perf_counter() - start
@@ -225,7 +223,7 @@ class FluxPipeline:
 
             bar.set_description("decoding")
             start = time.perf_counter()
-            images = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width, rules))[:batch]
+            images = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width))[:batch]
             self.timings["decode"] = time.perf_counter() - start
             bar.update(1)
         if output == "np":
@@ -234,10 +232,13 @@ class FluxPipeline:
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
-    def encode(self, t5_ids, clip_ids, rules=()):
-        """Token ids (B, L) and (B, 77) -> txt (B, L, context_dim), vec (B, vec_dim) in the transformer's dtype."""
+    def encode(self, t5_ids, clip_ids):
+        """Token ids (B, L) and (B, 77) -> txt (B, L, context_dim), vec (B, vec_dim) in the transformer's dtype.
+
+        Sharded as the pipeline's strategy says when called inside `self.strategy.activate(self.mesh)`.
+        """
         return encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params,
-                                  t5_ids, clip_ids, self.transformer.model.dtype, rules)
+                                  t5_ids, clip_ids, self.transformer.model.dtype)
 
     def _inputs(self, prompt, height, width, seed, latents):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -282,12 +283,11 @@ class FluxPipeline:
         return num_steps, float(guidance), max_sequence_length
 
 
-@partial(jax.jit, static_argnames=("model", "height", "width", "rules"))
-def _decode(model: AutoEncoder, params, packed, height: int, width: int, rules=()):
+@partial(jit_with_rules, static_argnames=("model", "height", "width"))
+def _decode(model: AutoEncoder, params, packed, height: int, width: int):
     """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1]."""
     latents = sampling.unpack(packed, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    with nn.logical_axis_rules(rules):
-        pixels = model.apply({"params": params}, latents, method="decode")
+    pixels = model.apply({"params": params}, latents, method="decode")
     return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
 
 

@@ -80,8 +80,8 @@ class ParamMemory:
 def param_memory(abstract: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> ParamMemory:
     """Exact parameter bytes per device: each leaf's bytes over the product of its split factors.
 
-    Every split divides its dim (sharding.Strategy.spec replicates a dim otherwise), so every
-    device holds the same number of bytes.
+    Every split divides its dim (sharding.Strategy.spec takes a fallback or replicates a dim
+    otherwise), so every device holds the same number of bytes.
     """
     mesh = types.SimpleNamespace(shape=mesh_shape)
     specs, notes = strategy.param_specs(abstract, mesh)
@@ -239,7 +239,7 @@ def format_plan(plan: Plan) -> str:
     for name, p in plan.params.items():
         lines.append(f"  params {name:<12}{_gb(p.device_bytes)}  of {p.total_bytes / 1e9:.3f} GB, "
                      f"{p.count:,} parameters  [exact: shapes / table]")
-        lines += [f"      replicated: {n}" for n in p.notes]
+        lines += [f"      {n}" for n in p.notes]  # path: what did not divide, what the dim got instead
     lines.append(f"  params total      {_gb(plan.param_bytes)}  [exact]")
     lines.append(f"  step activations  {_gb(plan.analytic_bytes)}  [analytic: peak of a single-stream block, XLA attention, "
                  f"+ {plan.gathered_bytes / 1e9:.3f} GB: one block's weights as the scan slices them, all-gathered under fsdp]")

@@ -57,7 +57,8 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     fields = spec["strategy"]  # the parent's Strategy, as dataclasses.asdict made it
     strategy = Strategy(fields["name"], fields["description"], tuple(fields["axes"]), tuple(fields["ici"]),
-                        tuple(fields["dcn"]), tuple((logical, tuple(axes)) for logical, axes in fields["table"]))
+                        tuple(fields["dcn"]), tuple((logical, tuple(axes)) for logical, axes in fields["table"]),
+                        fields["source"])
     print(json.dumps(step_memory(spec["model"], strategy, spec["batch"], spec["l_img"], spec["l_txt"])))
 
 

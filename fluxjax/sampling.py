@@ -18,12 +18,12 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.errors import UsageError
+from fluxjax.sharding import jit_with_rules
 
 LATENT_CHANNELS = 16
 PATCH = 2  # latents are packed in 2x2 patches
@@ -207,8 +207,7 @@ def step_callback(callback: Callable[[int], None]):
         _STEP_CALLBACK[0] = previous
 
 
-def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False,
-               rules=()):
+def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False):
     """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps, as one `lax.fori_loop`.
 
     model:    a `fluxjax.models.flux.Flux` (static); params its parameters.
@@ -218,7 +217,7 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     sigmas:   (N + 1,) float32 schedule; N = number of steps (a shape, so static under jit).
     guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
     report_steps: call the host step callback after each step (see `step_callback`).
-    rules:    logical axis rules the activations are constrained with (a sharding strategy's).
+    Under `Strategy.activate(mesh)` the activations are constrained as the strategy says.
     Returns (B, L_img, 64) float32 final latents.
     """
     batch = img.shape[0]
@@ -232,10 +231,9 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
             jax.debug.callback(_report_step, i)
         return x
 
-    with nn.logical_axis_rules(rules):
-        return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img.astype(jnp.float32))
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img.astype(jnp.float32))
 
 
-denoise = jax.jit(euler_loop, static_argnames=("model", "report_steps", "rules"))
-"""`euler_loop` compiled once per model and shape: latents, text, vectors, sigmas and guidance are
-arguments, so a new seed, prompt, guidance or schedule of the same length reuses the executable."""
+denoise = jit_with_rules(euler_loop, static_argnames=("model", "report_steps"))
+"""`euler_loop` compiled once per model, shape and strategy: latents, text, vectors, sigmas and guidance
+are arguments, so a new seed, prompt, guidance or schedule of the same length reuses the executable."""

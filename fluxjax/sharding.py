@@ -7,11 +7,28 @@ A strategy is a TOML file in fluxjax/configs/sharding/ (or anywhere, by path):
     axes = ["fsdp", "tensor"]   # mesh axis names
     ici  = [-1, 2]              # devices per axis inside one slice (a TPU slice, or one host elsewhere)
     dcn  = [-1, 1]              # slices (hosts) per axis; -1 on one axis: "all the rest"
-    [rules]                     # logical axis (fluxjax/models/layers.py) -> mesh axis or list of axes
-    embed = "fsdp"
+    [rules]                     # logical axis (fluxjax/models/axes.py) -> mesh axis, or a list of
+    embed = "fsdp"              #   mesh axes to split one dim over all of them at once
+    heads = "tensor"
     activation_batch = "fsdp"
+    [fallback]                  # optional: a second choice, tried after every [rules] entry
+    heads = "fsdp"
 
-Logical axes not in [rules] are replicated. The global mesh shape is ici * dcn, axis by axis.
+The global mesh shape is ici * dcn, axis by axis. Keys must be logical axes of
+fluxjax/models/axes.py (anything else is an error naming the file and key); names not in the
+file are replicated.
+
+The file is one Flax rule list, read by Flax's own logical-to-mesh matching
+(`nn.logical_to_mesh_axes`) for weights and activations alike: [rules] in file order, then
+[fallback] in file order. Entries are taken in that order, each giving its mesh axes to the
+array's dim of its name unless that dim has some already or another dim holds those axes; so a
+[fallback] entry is a name's second choice (MaxText's "list a logical axis twice"), and the
+order of [rules] says which of a kernel's dims gets a mesh axis first. For a parameter, the
+entries whose mesh axes do not divide its dim are left out first (a 4-head table on an 8-way
+axis): the dim then takes its fallback or is replicated, and `param_specs` returns a note
+saying so, which `param_shardings` logs and `fluxjax plan` prints. Activations are matched
+without that check (XLA pads uneven shards); the batch is never uneven, because the pipeline
+pads batches with `pad_batch`.
 
 Use (the pipeline and the loaders need nothing else):
 
@@ -24,17 +41,19 @@ Use (the pipeline and the loaders need nothing else):
         out = jitted(params, *batch)                       # activation constraints apply
     images = out[:n]
 
-A parameter dimension that a mesh axis does not divide (a 4-head table on an 8-way axis) is
-replicated along that axis instead of failing: `param_specs` returns a note for each such case,
-and `param_shardings` logs them. Activations may be sharded unevenly (XLA pads them); the batch
-axis never is, because the pipeline pads batches with `pad_batch`.
+`activate` is the one way the rules reach traced code. A function jitted once and called under
+several strategies is wrapped with `jit_with_rules` (sampling.denoise, text.encode_prompts_jit,
+the pipeline's decode), which keys its compile cache on the active rules as well: a strategy
+compiles once per shape, and no strategy reuses a trace made under another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.resources
+import inspect
 import logging
 import math
 import os
@@ -50,6 +69,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fluxjax.errors import UsageError
+from fluxjax.models.axes import AXES
 
 # Package data (pyproject.toml), so a wheel install has the strategies too.
 STRATEGY_DIR = importlib.resources.files("fluxjax") / "configs" / "sharding"
@@ -58,6 +78,7 @@ BATCH_AXIS = "activation_batch"
 log = logging.getLogger(__name__)
 
 MeshAxes = tuple[str, ...]  # the mesh axes one logical axis maps to; () = replicated
+RULE_TABLES = ("rules", "fallback")  # the file's tables of logical axis -> mesh axes, in precedence order
 
 
 def available() -> list[str]:
@@ -78,10 +99,13 @@ class Strategy:
     axes: tuple[str, ...]
     ici: tuple[int, ...]
     dcn: tuple[int, ...]
-    table: tuple[tuple[str, MeshAxes], ...]  # (logical axis, mesh axes), in file order
+    # Flax's rule list: (logical axis, mesh axes) in precedence order, [rules] then [fallback];
+    # a logical axis listed again is its second choice.
+    table: tuple[tuple[str, MeshAxes], ...]
+    source: str = ""  # the file it was read from, for error messages
 
     def __post_init__(self):
-        where = f"sharding strategy {self.name!r}"
+        where = self.source or f"sharding strategy {self.name!r}"
         if len(set(self.axes)) != len(self.axes) or not self.axes:
             raise UsageError(f"{where}: mesh.axes {list(self.axes)} must be distinct names, at least one")
         for key in ("ici", "dcn"):
@@ -91,6 +115,9 @@ class Strategy:
             if sum(s == -1 for s in shape) > 1 or any(s < 1 and s != -1 for s in shape):
                 raise UsageError(f"{where}: mesh.{key} {list(shape)}: positive sizes, at most one -1")
         for logical, mesh_axes in self.table:
+            if logical not in AXES:
+                raise UsageError(f"{where}: key {logical!r} is not a logical axis of fluxjax's models "
+                                 f"(fluxjax/models/axes.py: {', '.join(AXES)})")
             unknown = [a for a in mesh_axes if a not in self.axes]
             if unknown:
                 raise UsageError(f"{where}: rule {logical} -> {unknown}: no such mesh axis (axes: {list(self.axes)})")
@@ -107,18 +134,23 @@ class Strategy:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: not valid TOML ({e})") from None
-        unknown = set(data) - {"description", "mesh", "rules"}
+        unknown = set(data) - {"description", "mesh", *RULE_TABLES}
         if unknown or "mesh" not in data:
-            raise UsageError(f"{path}: expected keys description, mesh, rules; got {sorted(data)}")
+            raise UsageError(f"{path}: expected keys description, mesh, {', '.join(RULE_TABLES)}; got {sorted(data)}")
         mesh = data["mesh"]
         if set(mesh) != {"axes", "ici", "dcn"}:
             raise UsageError(f"{path}: [mesh] needs exactly axes, ici, dcn; got {sorted(mesh)}")
-        table = tuple(
-            (logical, (target,) if isinstance(target, str) else tuple(target))
-            for logical, target in data.get("rules", {}).items()
-        )
+        table = []
+        for section in RULE_TABLES:
+            for logical, target in data.get(section, {}).items():
+                if not (isinstance(target, str) or isinstance(target, list) and all(isinstance(a, str) for a in target)):
+                    raise UsageError(f"{path}: [{section}] {logical} = {target!r}: expected a mesh axis or a list of them")
+                # (an unknown name is left to __post_init__, which says it is unknown)
+                if section == "fallback" and logical in AXES and logical not in data.get("rules", {}):
+                    raise UsageError(f"{path}: [fallback] {logical}: a second choice needs a first one in [rules]")
+                table.append((logical, (target,) if isinstance(target, str) else tuple(target)))
         return cls(path.stem, data.get("description", "").strip(), tuple(mesh["axes"]),
-                   tuple(mesh["ici"]), tuple(mesh["dcn"]), table)
+                   tuple(mesh["ici"]), tuple(mesh["dcn"]), tuple(table), str(path))
 
     def with_ici(self, *ici: int) -> "Strategy":
         """The same strategy on another per-slice mesh shape, e.g. with_ici(2, 4)."""
@@ -127,11 +159,11 @@ class Strategy:
     @property
     def rules(self) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
         """The table as Flax logical axis rules, for `nn.logical_axis_rules(...)`."""
-        return tuple((logical, axes[0] if len(axes) == 1 else (axes or None)) for logical, axes in self.table)
+        return _flax_rules(self.table)
 
     def mesh_axes(self, logical: str) -> MeshAxes:
-        """The mesh axes a logical axis maps to; () when it is replicated."""
-        return dict(self.table).get(logical, ())
+        """The mesh axes a logical axis maps to first ([rules]); () when it is replicated."""
+        return next((axes for name, axes in self.table if name == logical), ())
 
     # -- mesh ------------------------------------------------------------------------------
 
@@ -180,29 +212,31 @@ class Strategy:
 
         mesh: a Mesh, or anything with its `.shape` mapping {axis: size} (the planner passes
         `SimpleNamespace(shape=strategy.mesh_shape(n))` to plan without devices).
-        Rules are taken in table order (a mesh axis serves at most one dim of an array; a name
-        repeated in `names`, like (embed, embed), is sharded at its first occurrence). A dim the
-        mesh axes do not divide is replicated; the returned notes say which.
+        Flax's `nn.logical_to_mesh_axes` matches the names against the table, from which the
+        entries whose mesh axes do not divide the dim of their name are left out first (see the
+        module docstring). A name repeated in `names`, like (embed, embed), is matched at its
+        first occurrence; the later dims stay whole (Flax refuses repeated names). The notes name
+        each dim that would have taken mesh axes that do not divide it, and what it got instead.
         """
-        used: set[str] = set()
-        out: list[MeshAxes | None] = [None] * len(names)
+        names = tuple(None if name in names[:i] else name for i, name in enumerate(names))
+        dims = {name: size for name, size in zip(names, shape) if name is not None}
+
+        def fits(logical: str, axes: MeshAxes) -> bool:
+            return logical not in dims or dims[logical] % _size(mesh, axes) == 0
+
+        spec = nn.logical_to_mesh_axes(names, _flax_rules([(n, axes) for n, axes in self.table if fits(n, axes)]))
+        # Matched without the divisibility check too, to name the dims the check changed.
+        unchecked = nn.logical_to_mesh_axes(names, self.rules)
         notes = []
-        for logical, axes in self.table:
-            if logical not in names or not axes or used & set(axes):
-                continue
-            dim = list(names).index(logical)
-            if out[dim] is not None:
-                continue
-            size = math.prod(mesh.shape[a] for a in axes)
-            if shape[dim] % size:
-                notes.append(f"{logical}={shape[dim]} not divisible by {'x'.join(axes)}={size}: replicated")
-                continue
-            out[dim] = axes
-            used |= set(axes)
-        return PartitionSpec(*(None if a is None else a[0] if len(a) == 1 else a for a in out)), notes
+        for name, wanted, got in zip(names, unchecked, spec):
+            if wanted is not None and not fits(name, _as_axes(wanted)):
+                tried = ", ".join(f"{'x'.join(a)}={_size(mesh, a)}" for n, a in self.table if n == name and not fits(n, a))
+                instead = "replicated" if got is None else f"on {'x'.join(_as_axes(got))} instead"
+                notes.append(f"{name}={dims[name]} not divisible by {tried}: {instead}")
+        return spec, notes
 
     def param_specs(self, abstract: Any, mesh: Any) -> tuple[Any, list[str]]:
-        """(tree of PartitionSpec, notes) for a boxed param tree; notes name replicated dims.
+        """(tree of PartitionSpec, notes) for a boxed param tree; notes as `spec` gives them, with the path.
 
         abstract: what `jax.eval_shape(model.init, ...)["params"]` returns (leaves
         nn.LogicallyPartitioned around ShapeDtypeStruct); unboxed leaves are replicated.
@@ -236,7 +270,7 @@ class Strategy:
 
     def data_size(self, mesh: Any) -> int:
         """How many ways the batch is split: batches are padded to a multiple of this."""
-        return math.prod(mesh.shape[a] for a in self.mesh_axes(BATCH_AXIS))
+        return _size(mesh, self.mesh_axes(BATCH_AXIS))
 
     def batch_sharding(self, mesh: Mesh, ndim: int) -> NamedSharding:
         """Sharding of a (B, ...) input with `ndim` dims: B split along the data axes, rest replicated."""
@@ -257,6 +291,75 @@ class Strategy:
             return jax.make_array_from_callback(x.shape, self.batch_sharding(mesh, x.ndim), lambda index: x[index])
 
         return jax.tree.map(put, tree), n
+
+
+def _active_rules() -> tuple:
+    """The logical axis rules in force (`Strategy.activate`), hashable; () outside any strategy."""
+    return tuple((logical, tuple(axes) if isinstance(axes, list) else axes) for logical, axes in nn.get_logical_axis_rules())
+
+
+def jit_with_rules(fn: Callable | None = None, *, static_argnames: Sequence[str] = ()):
+    """`jax.jit(fn, static_argnames=...)` whose compile cache is keyed on the active rules too.
+
+    The rules reach traced code only through `Strategy.activate`, a Flax context that jax.jit
+    does not see: a function jitted once and called under two strategies on the same mesh would
+    otherwise reuse the first one's activation constraints. Each call reads the active rules and
+    passes them as a hidden static argument, so a strategy compiles once and a new seed or
+    prompt under it still reuses the executable. `fn` takes positional-or-keyword arguments
+    only (they are bound by name, so `static_argnames` apply however they are passed).
+    Use as `jit_with_rules(fn, static_argnames=...)` or as a decorator; the result has
+    `.lower(...)` like a jitted function.
+    """
+    if fn is None:
+        return functools.partial(jit_with_rules, static_argnames=static_argnames)
+    return _RulesJit(fn, tuple(static_argnames))
+
+
+class _RulesJit:
+    """What `jit_with_rules` returns: calls and lowers `fn` jitted, with the active rules as a static argument."""
+
+    def __init__(self, fn: Callable, static_argnames: tuple[str, ...]):
+        self.signature = inspect.signature(fn)
+        params = list(self.signature.parameters.values())
+        if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            raise TypeError(f"jit_with_rules: {fn.__qualname__} may take positional-or-keyword arguments only")
+        names = [p.name for p in params]
+
+        def under_rules(rules, *args):
+            with nn.logical_axis_rules(rules):
+                return fn(*args)
+
+        # Named as `fn`, so profiles and XLA dumps read jit(euler_loop), not jit(under_rules).
+        under_rules.__name__, under_rules.__qualname__ = fn.__name__, fn.__qualname__
+        self.jitted = jax.jit(under_rules, static_argnums=(0, *(1 + names.index(n) for n in static_argnames)))
+        functools.update_wrapper(self, fn)
+
+    def _args(self, args, kwargs) -> tuple:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return (_active_rules(), *bound.args)
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*self._args(args, kwargs))
+
+    def lower(self, *args, **kwargs):
+        """As `jax.jit(...).lower`: the computation for these arguments under the active rules."""
+        return self.jitted.lower(*self._args(args, kwargs))
+
+
+def _flax_rules(table: Sequence[tuple[str, MeshAxes]]) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """(logical, mesh axes) pairs -> Flax rules: one mesh axis as a name, several as a tuple, none as None."""
+    return tuple((logical, axes[0] if len(axes) == 1 else (axes or None)) for logical, axes in table)
+
+
+def _as_axes(entry: str | tuple[str, ...]) -> MeshAxes:
+    """One entry of a PartitionSpec (a mesh axis or a tuple of them) as a tuple."""
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _size(mesh: Any, axes: MeshAxes) -> int:
+    """Devices along `axes` of `mesh` (anything with a `.shape` mapping): the ways a dim is split."""
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def _resolve(shape: Sequence[int], total: int, where: str, what: str) -> tuple[int, ...]:

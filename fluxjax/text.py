@@ -20,9 +20,9 @@ import os
 import warnings
 from typing import Any, Sequence
 
-import flax.linen as nn
-import jax
 import numpy as np
+
+from fluxjax.sharding import jit_with_rules
 
 CLIP_MAX_LENGTH = 77
 
@@ -143,7 +143,7 @@ def _warn(messages: list[str]) -> None:
         warnings.warn(message, PromptTruncatedWarning, stacklevel=3)  # at the caller of the public method
 
 
-def encode_prompts(t5_model, t5_params, clip_model, clip_params, t5_ids, clip_ids, dtype=None, rules=()):
+def encode_prompts(t5_model, t5_params, clip_model, clip_params, t5_ids, clip_ids, dtype=None):
     """Token ids -> FLUX's text conditioning (txt, vec).
 
     t5_model / clip_model: the linen modules (fluxjax.models.t5 encoder, CLIPTextEncoder);
@@ -153,20 +153,19 @@ def encode_prompts(t5_model, t5_params, clip_model, clip_params, t5_ids, clip_id
     Returns txt (B, L, 4096) and vec (B, 768) (CLIP pooler_output), each in its encoder's
     compute dtype, or in `dtype` when given (BFL casts both to bf16).
 
-    rules: logical axis rules (a sharding strategy's `rules`) under which the activations are
-    constrained; () for none. Static, so that each strategy has its own compiled function.
+    Under `Strategy.activate(mesh)` the activations are constrained as the strategy says.
 
     Pure and jit-friendly: the ids and params are arguments, the modules static, e.g.
-    `jax.jit(encode_prompts, static_argnums=(0, 2, 6, 7))`.
+    `jax.jit(encode_prompts, static_argnums=(0, 2, 6))`; `encode_prompts_jit` is that, keyed on
+    the active strategy too.
     """
-    with nn.logical_axis_rules(rules):
-        txt = t5_model.apply({"params": t5_params}, t5_ids)
-        if isinstance(txt, (tuple, list)):
-            txt = txt[0]
-        _, vec = clip_model.apply({"params": clip_params}, clip_ids)
+    txt = t5_model.apply({"params": t5_params}, t5_ids)
+    if isinstance(txt, (tuple, list)):
+        txt = txt[0]
+    _, vec = clip_model.apply({"params": clip_params}, clip_ids)
     if dtype is not None:
         txt, vec = txt.astype(dtype), vec.astype(dtype)
     return txt, vec
 
 
-encode_prompts_jit = jax.jit(encode_prompts, static_argnums=(0, 2, 6, 7))
+encode_prompts_jit = jit_with_rules(encode_prompts, static_argnames=("t5_model", "clip_model", "dtype"))

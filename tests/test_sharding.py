@@ -1,21 +1,29 @@
 """Sharding strategies: the files, the API, and on 8 simulated CPU devices (tests/sharding_worker.py
 in a subprocess) the single-device result and the layouts each strategy's table promises."""
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fluxjax.config import FluxConfig
+from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import UsageError
+from fluxjax.models.autoencoder import AutoEncoder
+from fluxjax.models.axes import ACTIVATION_AXES, AXES, PARAMETER_AXES
+from fluxjax.models.clip import CLIPTextEncoder
 from fluxjax.models.flux import Flux, param_shapes
-from fluxjax.sharding import Strategy, available, pad_batch
+from fluxjax.models.t5 import T5Encoder
+from fluxjax.sharding import Strategy, available, jit_with_rules, pad_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -89,6 +97,129 @@ def test_full_size_dev_fsdp_shards_every_kernel_eight_ways():
     for (path, box), spec in zip(leaves, flat_specs):
         if box.value.ndim >= 2 and "kernel" in str(path[-1]):
             assert "fsdp" in tuple(spec), f"{jax.tree_util.keystr(path)} {box.names} not sharded"
+
+
+def _write_strategy(path, rules: str, fallback: str = ""):
+    path.write_text('[mesh]\naxes = ["fsdp", "tensor"]\nici = [2, -1]\ndcn = [1, -1]\n'
+                    f"[rules]\n{rules}\n" + (f"[fallback]\n{fallback}\n" if fallback else ""))
+    return path
+
+
+def test_unknown_logical_axis_names_the_file_and_key(tmp_path):
+    bad = _write_strategy(tmp_path / "typo.toml", 'haeds = "tensor"')
+    with pytest.raises(UsageError, match=r"typo\.toml: key 'haeds' is not a logical axis.*embed"):
+        Strategy.load(bad)
+    bad = _write_strategy(tmp_path / "typo2.toml", 'heads = "tensor"', 'activation_hedas = "fsdp"')
+    with pytest.raises(UsageError, match=r"typo2\.toml: key 'activation_hedas'"):
+        Strategy.load(bad)
+    bad = _write_strategy(tmp_path / "alone.toml", 'embed = "fsdp"', 'heads = "tensor"')
+    with pytest.raises(UsageError, match=r"alone\.toml: \[fallback\] heads: a second choice needs a first one"):
+        Strategy.load(bad)
+    bad = _write_strategy(tmp_path / "value.toml", "heads = 3")
+    with pytest.raises(UsageError, match=r"value\.toml: \[rules\] heads = 3: expected a mesh axis"):
+        Strategy.load(bad)
+    bad = tmp_path / "table.toml"
+    bad.write_text('[mesh]\naxes = ["x"]\nici = [-1]\ndcn = [-1]\n[rule]\nembed = "x"\n')
+    with pytest.raises(UsageError, match=r"table\.toml: expected keys description, mesh, rules, fallback"):
+        Strategy.load(bad)
+
+
+def _used_logical_axes(monkeypatch):
+    """{model: (names on its parameters, names on its activation constraints)}, tiny presets,
+    from the boxes of jax.eval_shape(model.init) and a traced apply that records every
+    nn.with_logical_constraint."""
+    seen: set = set()
+    constrain = nn.with_logical_constraint
+
+    def recording(x, names, *args, **kwargs):
+        seen.update(jax.tree.leaves(names))
+        return constrain(x, names, *args, **kwargs)
+
+    monkeypatch.setattr(nn, "with_logical_constraint", recording)
+    fc = FluxConfig.preset("tiny")
+    b, l_img, l_txt = 1, 4, 3
+    ids = jnp.zeros((b, 8), jnp.int32)
+    cases = {
+        "transformer": (Flux(fc), (jnp.zeros((b, l_img, fc.in_channels)), jnp.zeros((b, l_img, 3)),
+                                   jnp.zeros((b, l_txt, fc.context_in_dim)), jnp.zeros((b, l_txt, 3)), jnp.zeros((b,)),
+                                   jnp.zeros((b, fc.vec_in_dim)), jnp.zeros((b,)))),
+        "t5": (T5Encoder(T5Config.preset("tiny")), (ids,)),
+        "clip": (CLIPTextEncoder(CLIPConfig.preset("tiny")), (ids,)),
+        "vae": (AutoEncoder(AutoEncoderConfig.preset("tiny")), (jnp.zeros((b, 16, 16, 3)),)),
+    }
+    used = {}
+    for name, (model, inputs) in cases.items():
+        boxed = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
+        params = {n for box in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)) for n in box.names}
+        seen.clear()
+        jax.eval_shape(lambda p, *a: model.apply({"params": p}, *a), nn.unbox(boxed), *inputs)
+        used[name] = (params - {None}, set(seen) - {None})
+    return used
+
+
+def test_the_vocabulary_is_every_logical_axis_the_models_use(monkeypatch):
+    used = _used_logical_axes(monkeypatch)
+    for model, (params, constraints) in used.items():
+        assert params <= set(PARAMETER_AXES), (model, params - set(PARAMETER_AXES))
+        assert constraints <= set(ACTIVATION_AXES), (model, constraints - set(ACTIVATION_AXES))
+    for model in ("transformer", "t5", "clip"):  # the recorder saw the constraints at all
+        assert "activation_batch" in used[model][1], model
+    everything = set().union(*(p | c for p, c in used.values()))
+    assert everything == set(AXES), f"listed but used by no model: {set(AXES) - everything}"
+    assert all(len(text.split()) >= 3 for text in AXES.values())  # each name says what it is
+
+
+def test_fallback_is_a_second_choice_after_every_rule(tmp_path, caplog):
+    """heads: tensor, else fsdp, else replicated; every [rules] entry is tried before a fallback."""
+    s = Strategy.load(_write_strategy(tmp_path / "mine.toml", 'heads = "tensor"\nembed = "fsdp"', 'heads = "fsdp"'))
+    assert s.rules == (("heads", "tensor"), ("embed", "fsdp"), ("heads", "fsdp"))  # Flax's rule list
+    assert s.mesh_axes("heads") == ("tensor",)
+    mesh = types.SimpleNamespace(shape={"fsdp": 2, "tensor": 8})
+    spec, notes = s.spec(("heads", "embed"), (32, 16), mesh)  # tensor divides 32: the first choice
+    assert tuple(spec) == ("tensor", "fsdp") and not notes
+    spec, notes = s.spec((None, "heads"), (32, 4), mesh)  # 4 heads on 8: the fallback
+    assert tuple(spec) == (None, "fsdp") and notes == ["heads=4 not divisible by tensor=8: on fsdp instead"]
+    spec, notes = s.spec(("heads", "embed"), (4, 16), mesh)  # embed's rule comes before heads' fallback
+    assert tuple(spec) == (None, "fsdp") and notes == ["heads=4 not divisible by tensor=8: replicated"]
+    spec, notes = s.spec(("heads", "embed"), (3, 16), mesh)  # neither choice divides 3
+    assert tuple(spec) == (None, "fsdp") and notes == ["heads=3 not divisible by tensor=8, fsdp=2: replicated"]
+
+    boxed = {"bias": _box((32, 4), (None, "heads")), "kernel": _box((32, 16), ("heads", "embed"))}
+    specs, notes = s.param_specs(boxed, mesh)
+    assert tuple(specs["bias"]) == (None, "fsdp") and tuple(specs["kernel"]) == ("tensor", "fsdp")
+    assert notes == ["bias: heads=4 not divisible by tensor=8: on fsdp instead"]
+    with caplog.at_level("INFO", logger="fluxjax.sharding"):  # the loaders' sharding= logs the choice
+        shardings = s.param_shardings(jax.sharding.AbstractMesh((2, 8), ("fsdp", "tensor")))(boxed)
+    assert shardings["bias"].spec == specs["bias"]
+    assert [r.getMessage() for r in caplog.records] == ["sharding mine: bias: heads=4 not divisible by tensor=8: on fsdp instead"]
+
+
+def _box(shape, names):
+    return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, np.float32), names)
+
+
+def test_jit_with_rules_compiles_once_per_strategy():
+    """The rules come only from Strategy.activate; the compile cache still tells strategies apart."""
+    fn = jit_with_rules(lambda x, k: nn.with_logical_constraint(x * k, ("activation_batch", "activation_embed")),
+                        static_argnames=("k",))
+    fsdp = Strategy.load("fsdp")
+    other = dataclasses.replace(fsdp, table=(("activation_embed", ("fsdp",)),))  # the same mesh axes
+    mesh = fsdp.make_mesh(jax.devices()[:1])
+    compiles = []
+    listener = lambda event, duration, **_: compiles.append(event) if "backend_compile" in event else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        constraints, counts = [], []
+        for strategy, x in ((fsdp, jnp.ones((2, 4))), (fsdp, jnp.zeros((2, 4))), (other, jnp.ones((2, 4)))):
+            with strategy.activate(mesh):
+                before = len(compiles)
+                fn(x, k=2).block_until_ready()
+                counts.append(len(compiles) - before)
+                constraints += re.findall(r"sharding_constraint[^\n]*", fn.lower(x, 2).as_text())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts == [1, 0, 1], counts  # new values: no compile; another strategy: its own
+    assert '[{"fsdp"}, {}]' in constraints[0] and '[{}, {"fsdp"}]' in constraints[2], constraints
 
 
 # -- 8 simulated devices --------------------------------------------------------------------------
