@@ -3,3 +3,8 @@
 
 class UsageError(ValueError):
     """Bad input from the user (an argument, a size, a missing folder); the CLI prints it in one line."""
+
+
+class NonFiniteError(ValueError):
+    """A computation came out with NaN or infinite values: an error of the run, not of its input
+    (`fluxjax batch` counts it as a failed image, not a done one)."""

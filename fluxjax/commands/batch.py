@@ -9,6 +9,7 @@ the manifest are described in fluxjax/batch.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 import jax
 
 from fluxjax.errors import UsageError
-from fluxjax.sampling import check_dimension
+from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
-    parser.add_argument("--seed", type=int, default=0, help="the k-th prompt (from 0) uses seed + k unless it gives one")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"the k-th prompt (from 0) uses seed + k unless it gives one (seeds 0 to {SEEDS - 1})")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
 
 
@@ -48,6 +50,9 @@ def run(args) -> int:
     for name in ("height", "width"):
         if getattr(args, name) is not None:
             check_dimension(f"--{name}", getattr(args, name))
+    check_seed("--seed", args.seed)
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
     if args.model is not None:
         check_source(args.model)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):

@@ -48,6 +48,7 @@ from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
 from fluxjax.loading.vae import vae_plan
 from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
+from fluxjax.images import process_alive
 
 # The class names hub configs give each model (model_index.json, config.json) -> its plan.
 PLANS: dict[str, Callable[..., Plan]] = {
@@ -343,21 +344,11 @@ def remove_leftovers(dst: str) -> list[str]:
     for marker in LEFTOVERS:
         for path in sorted(glob.glob(glob.escape(dst) + marker + "*")):
             pid = path.rsplit(marker, 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 print(f"removing {path}, left by an interrupted conversion (process {pid})", file=sys.stderr)
                 shutil.rmtree(path)
                 removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
