@@ -62,6 +62,7 @@ def run(args) -> int:
 
     host, hosts = distributed.initialize()
     model = args.model or local_schnell() or "tiny"
+    _check_sizes(args, model, jobs)
     if model == "tiny" and host == 0:
         print(f"fluxjax batch: {TINY_NOTICE}", file=sys.stderr)
     start = time.perf_counter()
@@ -79,3 +80,23 @@ def run(args) -> int:
     summary = batch.generate(pipe, jobs, args.out_dir, args.batch_size, host=host, hosts=hosts)
     print(f"fluxjax batch: {summary}", file=sys.stderr, flush=True)
     return 1 if summary.failed else 0
+
+
+def _check_sizes(args, model: str, jobs) -> None:
+    """Refuse, before loading, any size whose denoising step cannot fit this host's devices
+    (fluxjax/limits.py), naming the first line that asks for it."""
+    from fluxjax.limits import SizeLimit, transformer_config
+    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.sharding import Strategy
+
+    defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
+    strategy = Strategy.load(args.sharding) if args.sharding is not None else None
+    devices = jax.local_devices() if strategy is not None else jax.local_devices()[:1]
+    limit = SizeLimit(transformer_config(model), defaults.max_sequence_length, args.batch_size, args.dtype, strategy,
+                      devices)
+    seen = set()
+    for job in jobs:
+        size = (job.height or defaults.height, job.width or defaults.width)
+        if size not in seen:
+            seen.add(size)
+            limit.check(f"{job.where}: size", *size)

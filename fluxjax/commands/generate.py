@@ -77,6 +77,21 @@ def _check(args) -> None:
             raise UsageError(f"--{name} {path}: no such file")
 
 
+def _check_size(args, model: str) -> None:
+    """Refuse, before loading, a size whose denoising step cannot fit the devices (fluxjax/limits.py)."""
+    import jax
+
+    from fluxjax.limits import SizeLimit, transformer_config
+    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.sharding import Strategy
+
+    defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
+    strategy = Strategy.load(args.sharding) if args.sharding is not None else None
+    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, 1, args.dtype,
+                      strategy, jax.devices() if strategy is not None else jax.devices()[:1])
+    limit.check("--width/--height", args.height or defaults.height, args.width or defaults.width)
+
+
 def run(args) -> int:
     from fluxjax import distributed
     from fluxjax.pipeline import FluxPipeline, local_schnell
@@ -88,6 +103,7 @@ def run(args) -> int:
     model = args.model
     if model is None:
         model = local_schnell() or "tiny"
+    _check_size(args, model)
     if model == "tiny" and host == 0:
         print(f"fluxjax generate: {TINY_NOTICE}", file=sys.stderr)
 
