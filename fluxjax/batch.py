@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from itertools import groupby
 
 from fluxjax.errors import UsageError
-from fluxjax.images import png_text, remove_temporaries, save_png
+from fluxjax.images import png_text, remove_temporaries, save_png, temporary_path  # noqa: F401 (tests patch save_png)
 from fluxjax.sampling import check_dimension, check_seed
 from fluxjax.text import check_prompt
 
@@ -240,15 +240,26 @@ def _drop_unfinished_line(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def run_settings(pipe, batch_size: int) -> dict[str, str]:
-    """The RUN_KEYS of a run with `pipe` (a FluxPipeline) at `batch_size`, as the manifest records them."""
+def run_settings(batch_size: int, dtype, sharding: str | None, devices) -> dict[str, str]:
+    """The RUN_KEYS of a run, as the manifest records them.
+
+    dtype: the pipeline's ("bfloat16", "float32"); sharding: the strategy's name or None;
+    devices: those its mesh spans (one device without a strategy).
+    """
     import jax
     import numpy as np
 
-    devices = list(pipe.mesh.devices.flat) if pipe.mesh is not None else [jax.local_devices()[0]]
-    return {"batch_size": str(batch_size), "dtype": np.dtype(pipe.transformer.model.dtype).name,
-            "sharding": pipe.strategy.name if pipe.strategy is not None else "none",
+    devices = list(devices)
+    return {"batch_size": str(batch_size), "dtype": np.dtype(dtype).name, "sharding": sharding or "none",
             "devices": f"{len(devices)} x {devices[0].device_kind}", "jax": jax.__version__}
+
+
+def pipeline_settings(pipe, batch_size: int) -> dict[str, str]:
+    """`run_settings` of a run with `pipe` (a FluxPipeline)."""
+    import jax
+
+    devices = pipe.mesh.devices.flat if pipe.mesh is not None else jax.local_devices()[:1]
+    return run_settings(batch_size, pipe.transformer.model.dtype, pipe.strategy.name if pipe.strategy else None, devices)
 
 
 def check_settings(done: dict[str, dict], settings: dict[str, str]) -> None:
@@ -316,7 +327,7 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
     check_recipes(jobs, done, pipe.name)
     mine = [job for job in jobs if job.index % hosts == host]
     todo = [job for job in mine if job.name not in done]
-    settings = run_settings(pipe, batch_size)
+    settings = pipeline_settings(pipe, batch_size)
     if todo:  # with nothing left to make, other settings change nothing
         check_settings(done, settings)
     summary = Summary(host=host, hosts=hosts, skipped=len(mine) - len(todo))

@@ -42,6 +42,7 @@ def run(args) -> int:
     from fluxjax import batch, distributed
     from fluxjax.commands.generate import TINY_NOTICE
     from fluxjax.pipeline import FluxPipeline, check_source, local_schnell
+    from fluxjax.sharding import Strategy
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -62,11 +63,17 @@ def run(args) -> int:
 
     host, hosts = distributed.initialize()
     model = args.model or local_schnell() or "tiny"
-    _check_sizes(args, model, jobs)
+    strategy = Strategy.load(args.sharding) if args.sharding is not None else None
+    # Each host makes its own share of the images, so its mesh spans its own devices only.
+    devices = jax.local_devices() if strategy is not None else jax.local_devices()[:1]
+    _check_sizes(args, model, jobs, strategy, devices)
+    if os.path.isdir(args.out_dir):
+        done = batch.read_manifests(args.out_dir)
+        if any(job.name not in done for job in jobs if job.index % hosts == host):
+            batch.check_settings(done, batch.run_settings(args.batch_size, args.dtype, strategy and strategy.name, devices))
     if model == "tiny" and host == 0:
         print(f"fluxjax batch: {TINY_NOTICE}", file=sys.stderr)
     start = time.perf_counter()
-    # Each host makes its own share of the images, so its mesh spans its own devices only.
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices())
     if args.guidance is not None:
         try:
@@ -82,16 +89,13 @@ def run(args) -> int:
     return 1 if summary.failed else 0
 
 
-def _check_sizes(args, model: str, jobs) -> None:
+def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
     """Refuse, before loading, any size whose denoising step cannot fit this host's devices
     (fluxjax/limits.py), naming the first line that asks for it."""
     from fluxjax.limits import SizeLimit, transformer_config
     from fluxjax.pipeline import DEFAULTS
-    from fluxjax.sharding import Strategy
 
     defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
-    strategy = Strategy.load(args.sharding) if args.sharding is not None else None
-    devices = jax.local_devices() if strategy is not None else jax.local_devices()[:1]
     limit = SizeLimit(transformer_config(model), defaults.max_sequence_length, args.batch_size, args.dtype, strategy,
                       devices)
     seen = set()
