@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from itertools import groupby
 
 from fluxjax.errors import UsageError
-from fluxjax.images import png_text, remove_temporaries, save_png, temporary_path  # noqa: F401 (tests patch save_png)
+from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling import check_dimension, check_seed
 from fluxjax.text import check_prompt
 
@@ -347,7 +347,7 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
                 images = pipe([j.prompt for j in padded], height=first.height, width=first.width, num_steps=first.steps,
                               guidance=first.guidance, seed=[j.seed for j in padded], output="pil")
                 records = [_save(image, job, out_dir, pipe.name, host, settings) for job, image in zip(batch, images)]
-                _fsync_dir(out_dir)  # the renames are durable before the manifest says so
+                fsync_dir(out_dir)  # the renames are durable before the manifest says so
                 for record in records:
                     manifest.append(record)
                 summary.done += len(batch)
@@ -375,11 +375,3 @@ def _save(image, job: Job, out_dir: str, model: str, host: int, settings: dict[s
         digest = hashlib.sha256(f.read()).hexdigest()
         os.fsync(f.fileno())
     return {"name": job.name, "index": job.index, **text, **settings, "sha256": digest, "host": host, "time": time.time()}
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -77,3 +77,12 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the renames in `folder` durable (a rename is an entry of its folder)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

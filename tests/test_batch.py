@@ -342,11 +342,12 @@ BATCH_KILL_SCRIPT = """
 import os, signal, sys
 import fluxjax.batch as batch
 from fluxjax.cli import main
+from fluxjax.images import temporary_path
 
 save, saved = batch.save_png, []
 def save_then_die(image, path, text):  # a SIGKILL in the middle of writing the 4th PNG
     if len(saved) == 3:
-        with open(batch.temporary_path(path), "wb") as f:
+        with open(temporary_path(path), "wb") as f:
             f.write(b"\\x89PNG\\r\\n")
         os.kill(os.getpid(), signal.SIGKILL)
     save(image, path, text)

@@ -48,7 +48,7 @@ from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
 from fluxjax.loading.vae import vae_plan
 from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
-from fluxjax.images import process_alive
+from fluxjax.images import fsync_dir, process_alive
 
 # The class names hub configs give each model (model_index.json, config.json) -> its plan.
 PLANS: dict[str, Callable[..., Plan]] = {
@@ -282,11 +282,11 @@ def staged(dst: str) -> Iterator[str]:
             yield tmp
             if os.path.exists(dst):
                 exchange(tmp, dst)  # DST is now the new folder, tmp the old DST
-                _fsync_dir(parent)
+                fsync_dir(parent)
                 shutil.rmtree(tmp)
             else:
                 os.rename(tmp, dst)
-                _fsync_dir(parent)
+                fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -322,15 +322,6 @@ def _check_exchange(tmp: str, dst: str) -> None:
     finally:
         os.rmdir(a)
         os.rmdir(b)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the renames in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_leftovers(dst: str) -> list[str]:
