@@ -541,3 +541,26 @@ def test_damaged_orbax_data_is_one_line_naming_component_and_parameter(pipeline_
     assert match, message
     assert match.group(1) in flat(load_transformer(converted, dtype="bfloat16")[1])
     assert not (tmp_path / "cat.png").exists()
+
+
+def test_leftovers_of_dead_conversions_are_removed_and_reported(hub, tmp_path, capsys):
+    """Issue 14 item 4: `.converting-PID` and `.replaced-PID` (what the two-rename replacement of
+    earlier versions left) of processes that are gone; a live process's staging folder is kept."""
+    root, _ = hub
+    dst = tmp_path / "vae-orbax"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    for suffix in (f".converting-{dead}", f".replaced-{dead}", f".converting-{live.pid}"):
+        (tmp_path / f"vae-orbax{suffix}" / "params").mkdir(parents=True)
+        (tmp_path / f"vae-orbax{suffix}" / "params" / "x").write_bytes(b"half")
+    try:
+        code, err = convert_cli(root / "vae", dst, capsys=capsys)
+    finally:
+        live.kill()
+        live.wait()
+    assert code == 0
+    for suffix in (".converting-", ".replaced-"):
+        assert f"removing {dst}{suffix}{dead}, left by an interrupted conversion (process {dead})" in err
+    # a running conversion's staging folder is its own, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae-orbax", f"vae-orbax.converting-{live.pid}"]
