@@ -3,8 +3,12 @@
 Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object a line with
 "prompt" and optional "seed", "height", "width", "steps", "guidance", "name"); blank lines are
 skipped. Job k (the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
-`seed + k` unless it gives its own: an image depends on its job only, never on batching or on
-the number of hosts (sampling.noise draws each image's noise from its own seed).
+`seed + k` unless it gives its own: an image's noise depends on its job only (sampling.noise
+draws each image's noise from its own seed). Its pixels also depend on the run's settings
+(RUN_KEYS: the compiled batch size, dtype, devices, sharding, JAX version), since XLA picks
+other kernels and summation orders for another batch shape or device; not on the number of
+hosts, nor on which jobs share its batch. Every manifest record carries those settings, and
+a resume with other settings is refused: one folder never mixes two runs' pixels.
 
 Hosts. Job k belongs to host k % process_count; each host generates its own jobs on its local
 devices, independently of the others. Round robin keeps every shape group balanced over hosts.
@@ -33,18 +37,23 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from itertools import groupby
 
-from fluxjax.commands.generate import save_png
 from fluxjax.errors import UsageError
-from fluxjax.sampling import check_dimension
+from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
+from fluxjax.sampling import check_dimension, check_seed
+from fluxjax.text import check_prompt
 
 JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name"}
 RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model")  # PNG text chunks that define an image
+# What else an image's pixels depend on (measured: README, "Many prompts"), recorded with every
+# image in the manifest; a resume that would change one of them is refused.
+RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax")
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,7 @@ class Job:
 
     def text(self, model: str) -> dict[str, str]:
         """The PNG text chunks, as `fluxjax generate` writes them."""
-        return {"prompt": self.prompt, "seed": str(self.seed), "steps": str(self.steps),
-                "guidance": "none" if self.guidance is None else f"{self.guidance:g}",
-                "size": f"{self.width}x{self.height}", "model": model, "software": "fluxjax"}
+        return png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model)
 
 
 def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | None = None,
@@ -89,17 +96,22 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
     jsonl = path.lower().endswith(".jsonl")
     jobs: list[Job] = []
     names: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
             k = len(jobs)
             job = Job(index=k, where=where, name=_png_name(fields.get("name", f"{k:06d}"), where),
                       prompt=fields["prompt"], seed=fields.get("seed", seed + k), height=fields.get("height", height),
                       width=fields.get("width", width), steps=fields.get("steps", steps),
                       guidance=fields.get("guidance", guidance))
+            check_prompt(f"{where}: prompt", job.prompt)
+            check_seed(f"{where}: seed", job.seed)
+            if job.guidance is not None and not math.isfinite(job.guidance):
+                raise UsageError(f"{where}: guidance must be a finite number, got {job.guidance}")
             if job.name in names:
                 raise UsageError(f"{where}: name {job.name} is already used by {names[job.name]}")
             names[job.name] = where
@@ -107,6 +119,15 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
     if not jobs:
         raise UsageError(f"{path}: no prompts in the file")
     return jobs
+
+
+def _decode(raw: bytes, where: str) -> str:
+    """One line of the prompts file as text; UsageError "FILE:LINE: ..." unless it is UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         "save the file as UTF-8") from None
 
 
 def _jsonl_fields(line: str, where: str) -> dict:
@@ -219,6 +240,40 @@ def _drop_unfinished_line(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def run_settings(batch_size: int, dtype, sharding: str | None, devices) -> dict[str, str]:
+    """The RUN_KEYS of a run, as the manifest records them.
+
+    dtype: the pipeline's ("bfloat16", "float32"); sharding: the strategy's name or None;
+    devices: those its mesh spans (one device without a strategy).
+    """
+    import jax
+    import numpy as np
+
+    devices = list(devices)
+    return {"batch_size": str(batch_size), "dtype": np.dtype(dtype).name, "sharding": sharding or "none",
+            "devices": f"{len(devices)} x {devices[0].device_kind}", "jax": jax.__version__}
+
+
+def pipeline_settings(pipe, batch_size: int) -> dict[str, str]:
+    """`run_settings` of a run with `pipe` (a FluxPipeline)."""
+    import jax
+
+    devices = pipe.mesh.devices.flat if pipe.mesh is not None else jax.local_devices()[:1]
+    return run_settings(batch_size, pipe.transformer.model.dtype, pipe.strategy.name if pipe.strategy else None, devices)
+
+
+def check_settings(done: dict[str, dict], settings: dict[str, str]) -> None:
+    """Refuse to add images to a folder whose recorded images were made with other RUN_KEYS:
+    the same job would give other pixels, so the folder would mix two runs' images."""
+    for name, record in done.items():
+        differ = [k for k in RUN_KEYS if record.get(k) != settings[k]]
+        if differ:
+            k = differ[0]
+            raise UsageError(f"{name} in the output folder was made with {k} {record.get(k)!r}, this run's is "
+                             f"{settings[k]!r}; an image's pixels depend on it, so resume with the same settings "
+                             "or use a new --out-dir")
+
+
 def check_recipes(jobs: list[Job], done: dict[str, dict], model: str) -> None:
     """Refuse to run when an image recorded under a job's name was made from another recipe."""
     for job in jobs:
@@ -272,9 +327,13 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
     check_recipes(jobs, done, pipe.name)
     mine = [job for job in jobs if job.index % hosts == host]
     todo = [job for job in mine if job.name not in done]
+    settings = pipeline_settings(pipe, batch_size)
+    if todo:  # with nothing left to make, other settings change nothing
+        check_settings(done, settings)
     summary = Summary(host=host, hosts=hosts, skipped=len(mine) - len(todo))
     summary.redone = sum(os.path.exists(os.path.join(out_dir, job.name)) for job in todo)
-    _remove_temporaries(out_dir, todo)
+    for job in todo:  # this host is the only writer of its jobs' files
+        remove_temporaries(out_dir, job.name, any_process=True, log=log)
 
     manifest = Manifest(manifest_path(out_dir, host))
     tty = getattr(log, "isatty", lambda: False)()
@@ -287,8 +346,8 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
             try:
                 images = pipe([j.prompt for j in padded], height=first.height, width=first.width, num_steps=first.steps,
                               guidance=first.guidance, seed=[j.seed for j in padded], output="pil")
-                records = [_save(image, job, out_dir, pipe.name, host) for job, image in zip(batch, images)]
-                _fsync_dir(out_dir)  # the renames are durable before the manifest says so
+                records = [_save(image, job, out_dir, pipe.name, host, settings) for job, image in zip(batch, images)]
+                fsync_dir(out_dir)  # the renames are durable before the manifest says so
                 for record in records:
                     manifest.append(record)
                 summary.done += len(batch)
@@ -307,27 +366,12 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
     return summary
 
 
-def _save(image, job: Job, out_dir: str, model: str, host: int) -> dict:
-    """Write one PNG atomically and durably; return its manifest record."""
+def _save(image, job: Job, out_dir: str, model: str, host: int, settings: dict[str, str]) -> dict:
+    """Write one PNG atomically and durably; return its manifest record (with the run's settings)."""
     path = os.path.join(out_dir, job.name)
     text = job.text(model)
     save_png(image, path, text)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
         os.fsync(f.fileno())
-    return {"name": job.name, "index": job.index, **text, "sha256": digest, "host": host, "time": time.time()}
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_temporaries(out_dir: str, jobs: list[Job]) -> None:
-    """Temporary files of save_png (".NAME.PID.tmp") left by a killed run, for jobs only this host writes."""
-    for job in jobs:
-        for path in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(f".{job.name}.") + "*.tmp")):
-            os.remove(path)
+    return {"name": job.name, "index": job.index, **text, **settings, "sha256": digest, "host": host, "time": time.time()}

@@ -14,9 +14,12 @@ gives and a sharding per leaf: each device reads only its own shard, nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import json
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
@@ -117,7 +120,7 @@ class ParamsWriter:
     """
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = os.fspath(folder)
+        self.folder = os.path.abspath(os.fspath(folder))  # Orbax refuses relative paths (see restore_params)
         self._group: dict[str, np.ndarray] = {}
         self._bytes = 0
 
@@ -176,14 +179,22 @@ def restore_params(
     sharding: a ShardingFn; each device reads only its own shard. None: one device.
     Returns the nested dict of jax.Arrays, structure and shapes of `shapes`.
     """
-    folder = os.fspath(folder)
+    # Orbax's PyTree handler wants an absolute path; its metadata() turns the refusal of a
+    # relative one into a logged warning and a None tree, so a relative path must never reach it.
+    folder = os.path.abspath(os.fspath(folder))
     shardings = leaf_shardings(shapes, sharding)
     abstract = {
         p: jax.ShapeDtypeStruct(s.shape, np.dtype(dtype if dtype is not None else s.dtype), sharding=shardings[p])
         for p, s in flat(shapes).items()
     }
     ocp = _orbax()
-    stored = flat(ocp.metadata(folder).metadata)
+    try:
+        stored = ocp.metadata(folder).metadata
+    except Exception as e:  # TensorStore/Orbax raise many types for a damaged or foreign folder
+        raise ValueError(f"{folder}: not a readable Orbax checkpoint ({_reason(e)})") from None
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"{folder}: not a readable Orbax checkpoint (no parameter tree in its metadata)")
+    stored = flat(stored)
     if set(stored) != set(abstract):
         raise ValueError(
             f"{folder}: parameters {sorted(set(stored) - set(abstract))[:5]} are not in the model and "
@@ -192,5 +203,48 @@ def restore_params(
     for p, want in abstract.items():
         if tuple(stored[p].shape) != want.shape:
             raise ValueError(f"{folder}: parameter {p} has shape {list(stored[p].shape)}, expected {list(want.shape)}")
-    return ocp.load(folder, traverse_util.unflatten_dict(abstract, sep="/"))
+    with _quiet_abandoned_coroutines():
+        try:
+            return ocp.load(folder, traverse_util.unflatten_dict(abstract, sep="/"))
+        except Exception as e:
+            raise _unreadable_param(folder, abstract, e) from None
+
+
+def _unreadable_param(folder: str, abstract: dict[str, jax.ShapeDtypeStruct], error: Exception) -> Exception:
+    """The error to raise when restoring `folder` failed with `error`: the first parameter that
+    cannot be read on its own, named in one line; `error` itself when every one can (the failure
+    was not the data's, e.g. out of memory)."""
+    ocp = _orbax()
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True  # one leaf of the tree at a time
+    for p, leaf in abstract.items():
+        try:
+            with context:
+                jax.block_until_ready(ocp.load(folder, traverse_util.unflatten_dict({p: leaf}, sep="/")))
+        except Exception as e:
+            return ValueError(f"{folder}: parameter {p} cannot be read ({_reason(e)}); the checkpoint is damaged "
+                              "or incomplete: convert it again")
+    return error
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_coroutines():
+    """When a read fails, Orbax leaves its other reads' coroutines unawaited, and Python prints
+    each one's traceback (dozens of lines of TensorStore spec) when it is collected. The failure
+    itself is raised, in one line; those echoes are dropped: collected here, under a silent hook."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of an Orbax/TensorStore error, in one line of at most 300 characters
+    (the outer ones repeat a TensorStore spec of dozens of lines)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return " ".join(str(error).split())[:300] or type(error).__name__
 

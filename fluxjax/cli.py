@@ -26,16 +26,25 @@ COMMANDS = {
 DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as every other error of the CLI (argparse itself
+    prints the usage first): "fluxjax generate: error: argument --seed: invalid int value: '1e23'"."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = COMMANDS
-    parser = argparse.ArgumentParser(prog="fluxjax", description="FLUX.1 in JAX/Flax.")
+    parser = Parser(prog="fluxjax", description="FLUX.1 in JAX/Flax.")
     parser.add_argument("command", choices=sorted(commands), help="; ".join(f"{n}: {h}" for n, (_, h) in commands.items()))
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         parser.parse_args(argv[:1])  # prints help or the "invalid choice" error and exits
     name = argv[0]
     module = importlib.import_module(commands[name][0])
-    sub = argparse.ArgumentParser(prog=f"fluxjax {name}", description=commands[name][1])
+    sub = Parser(prog=f"fluxjax {name}", description=commands[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:

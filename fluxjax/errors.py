@@ -7,3 +7,8 @@ class UsageError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or its keys or shapes are not what the model needs."""
+
+
+class NonFiniteError(ValueError):
+    """A computation came out with NaN or infinite values: an error of the run, not of its input
+    (`fluxjax batch` counts it as a failed image, not a done one)."""

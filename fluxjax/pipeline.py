@@ -25,11 +25,11 @@ from jax.sharding import Mesh
 from fluxjax import sampling
 from fluxjax.cache import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
-from fluxjax.errors import UsageError
+from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.sharding import Strategy, jit_with_rules
-from fluxjax.text import PromptTokenizer, encode_prompts_jit
+from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
@@ -223,7 +223,10 @@ class FluxPipeline:
 
             bar.set_description("decoding")
             start = time.perf_counter()
+            # Checked before decoding too: the decoder clips, so an infinite latent would decode finite.
+            check_output(_gather(latents_out)[:batch], "the denoised latents of images")
             images = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width))[:batch]
+            check_output(images)
             self.timings["decode"] = time.perf_counter() - start
             bar.update(1)
         if output == "np":
@@ -244,8 +247,12 @@ class FluxPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UsageError("no prompt given")
+        for i, p in enumerate(prompts):
+            check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
         if latents is not None:
             latents = np.asarray(latents, np.float32) if not isinstance(latents, jax.Array) else latents
+            if not bool(jnp.isfinite(latents).all()):
+                raise UsageError("latents hold NaN or infinite values")
             if latents.ndim != 4 or latents.shape[1] != sampling.LATENT_CHANNELS:
                 raise UsageError(f"latents must have shape (B, 16, H/8, W/8), got {tuple(latents.shape)}")
             size = (latents.shape[2] * 8, latents.shape[3] * 8)
@@ -278,8 +285,8 @@ class FluxPipeline:
                 raise UsageError(f"{self.name} ({self.kind}) has no guidance embedding: leave guidance unset")
             return num_steps, None, max_sequence_length
         guidance = d.guidance if guidance is None else guidance
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)):
-            raise UsageError(f"guidance must be a number, got {guidance!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)) or not np.isfinite(guidance):
+            raise UsageError(f"guidance must be a finite number, got {guidance!r}")
         return num_steps, float(guidance), max_sequence_length
 
 
@@ -307,11 +314,26 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _seeds(seed, batch: int) -> list[int]:
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return [int(seed) + i for i in range(batch)]
-    seeds = list(seed)
-    if len(seeds) != batch or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
-        raise UsageError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
+        seeds = [int(seed) + i for i in range(batch)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != batch or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+            raise UsageError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
+    for s in seeds:
+        sampling.check_seed("seed", int(s))
     return [int(s) for s in seeds]
+
+
+def check_output(images: np.ndarray, what: str = "images") -> None:
+    """Raise NonFiniteError when any of `images` (B, ...) holds NaN or infinity, naming which.
+
+    A non-finite value (from non-finite weights or inputs) would otherwise be written as a black
+    or saturated PNG and counted as done.
+    """
+    bad = [i for i in range(images.shape[0]) if not np.isfinite(images[i]).all()]
+    if bad:
+        raise NonFiniteError(f"{what} {', '.join(map(str, bad))} of the batch came out with NaN or infinite values "
+                             "(non-finite weights or inputs); nothing is written for them")
 
 
 def _default_schedule(kind: str) -> sampling.Schedule:

@@ -49,6 +49,19 @@ def check_dimension(name: str, value: int) -> None:
         raise UsageError(f"{name} {value} is not a multiple of {PIXELS_PER_TOKEN}; use {lower} or {lower + PIXELS_PER_TOKEN}")
 
 
+SEEDS = 1 << 32  # seeds 0 .. 2**32 - 1: jax.random.key keeps a seed's low 32 bits, so larger ones alias smaller
+
+
+def check_seed(name: str, value: int) -> None:
+    """Raise UsageError naming `name` unless `value` is an integer seed in [0, 2**32).
+
+    Outside that range jax.random.key would either overflow or silently give the noise of
+    another seed (2**32 draws what 0 draws).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < SEEDS:
+        raise UsageError(f"{name} must be an integer from 0 to {SEEDS - 1}, got {value!r}")
+
+
 def latent_shape(batch: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(B, 16, H/8, W/8): the shape of the initial noise for an H x W image."""
     check_size(height, width)

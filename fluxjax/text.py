@@ -22,9 +22,26 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fluxjax.errors import UsageError
 from fluxjax.sharding import jit_with_rules
 
 CLIP_MAX_LENGTH = 77
+
+
+def check_prompt(name: str, prompt) -> None:
+    """Raise UsageError naming `name` unless `prompt` is a str that UTF-8 can encode.
+
+    Bytes that are not UTF-8 reach Python as lone surrogates (command-line arguments are decoded
+    with surrogateescape): the tokenizers and the PNG's UTF-8 text chunks would fail on them.
+    """
+    if not isinstance(prompt, str):
+        raise UsageError(f"{name} must be a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise UsageError(f"{name} is not valid UTF-8 text ({byte} at character {e.start + 1})") from None
 
 
 class PromptTruncatedWarning(UserWarning):

@@ -6,6 +6,7 @@ each batch shape compiles once for the whole file. All images are 32x32, 1 step.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -252,3 +253,128 @@ def test_distributed_settings_are_checked(monkeypatch, env, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         distributed.initialize()
+
+
+def one_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxjax batch: error: "), lines
+    return lines[0][len("fluxjax batch: error: "):]
+
+
+@pytest.mark.parametrize("name, content, args, message", [
+    ("p.txt", "a cat\ncaf\xe9 au lait\n".encode("latin-1"), [],
+     "p.txt:2: not valid UTF-8 text (byte 0xe9 at column 4); save the file as UTF-8"),  # item 9
+    ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "\\udce9"}\n', [], "p.jsonl:2: prompt is not valid UTF-8 text (byte 0xe9 at character 1)"),
+    ("p.jsonl", b'{"prompt": "a", "seed": 4294967296}\n', [],
+     "p.jsonl:1: seed must be an integer from 0 to 4294967295, got 4294967296"),  # item 10
+    ("p.txt", b"a\nb\n", ["--seed", "4294967295"], "p.txt:2: seed must be an integer from 0 to 4294967295, got 4294967296"),
+    ("p.txt", b"a\n", ["--seed", "1e23"], "argument --seed: invalid int value: '1e23'"),
+    ("p.jsonl", b'{"prompt": "a", "guidance": NaN}\n', [], "p.jsonl:1: guidance must be a finite number, got nan"),  # item 13
+    ("p.txt", b"a\n", ["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+])
+def test_bad_input_is_one_line_with_file_and_line(tmp_path, capsys, monkeypatch, name, content, args, message):
+    """Issue 14 items 9, 10, 13: refused before loading, exit 2, nothing written."""
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out"
+    try:
+        code = cli.main(["batch", str(tmp_path / name), "--out-dir", str(out), *SIZE, *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and one_line(capsys) == message.replace("p.", f"{tmp_path}/p.", 1 if message.startswith("p.") else 0)
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_size_beyond_memory_is_refused_naming_the_line(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 8: the first line asking for a size the devices cannot hold, before loading."""
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    prompts = write(tmp_path / "p.jsonl", ['{"prompt": "a"}', '{"prompt": "b", "height": 99984, "width": 99984}'])
+    assert cli.main(["batch", prompts, "--out-dir", str(tmp_path / "out"), *SIZE]) == 2
+    message = one_line(capsys)
+    assert message.startswith(f"{prompts}:2: size 99984x99984: one denoising step needs ") and \
+        "the largest image this model can make here has" in message
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path, calls, capsys):
+    """Issue 14 item 6: pixels depend on the compiled batch size (README), so a folder keeps one."""
+    prompts = write(tmp_path / "p.txt", PROMPTS[:3])
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE]
+    assert cli.main([*args, "--batch-size", "2"]) == 0
+    recs = records(out)
+    assert all(r["batch_size"] == "2" and r["dtype"] == "bfloat16" and r["sharding"] == "none" and
+               r["devices"] == "1 x cpu" for _, r in recs)
+    (out / "000002.png").unlink()
+    (out / "manifest-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for _, r in recs[:2]))
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    capsys.readouterr()
+    assert cli.main([*args, "--batch-size", "1"]) == 2
+    assert one_line(capsys) == ("000000.png in the output folder was made with batch_size '2', this run's is '1'; an "
+                                "image's pixels depend on it, so resume with the same settings or use a new --out-dir")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert cli.main([*args, "--batch-size", "2"]) == 0  # the same settings resume
+    assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png", "manifest-00000.jsonl"]
+
+
+def test_nan_output_is_a_failed_image_not_a_done_one(tmp_path, monkeypatch, capsys, tiny):
+    """Issue 14 item 13: NaN weights give NaN images: counted failed, nothing written or recorded."""
+    import copy
+
+    import jax
+
+    from fluxjax.pipeline import Component
+
+    poisoned = copy.copy(tiny)
+    poisoned.vae = Component(tiny.vae.model, jax.tree.map(lambda x: x * np.nan, tiny.vae.params))
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: poisoned))
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+    assert cli.main(["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert ("2 images failed (000000.png ...): NonFiniteError: images 0, 1 of the batch came out with NaN or infinite "
+            "values (non-finite weights or inputs); nothing is written for them") in err
+    assert "0 done, 0 skipped as already done, 2 failed" in err
+    assert os.listdir(out) == ["manifest-00000.jsonl"] and records(out) == []
+
+
+BATCH_KILL_SCRIPT = """
+import os, signal, sys
+import fluxjax.batch as batch
+from fluxjax.cli import main
+from fluxjax.images import temporary_path
+
+save, saved = batch.save_png, []
+def save_then_die(image, path, text):  # a SIGKILL in the middle of writing the 4th PNG
+    if len(saved) == 3:
+        with open(temporary_path(path), "wb") as f:
+            f.write(b"\\x89PNG\\r\\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(image, path, text)
+    saved.append(path)
+
+batch.save_png = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_run_resumes_to_the_uninterrupted_images(tmp_path, calls, capsys, reference):
+    """A real SIGKILL (not an exception) while a PNG is being written: no partial PNG, and the
+    next run removes the temporary file, says so, and finishes with the uninterrupted images."""
+    prompts = write(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "out"
+    args = ["batch", prompts, "--out-dir", str(out), *SIZE, "--batch-size", "1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FLUXJAX_COMPILATION_CACHE": "off", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", BATCH_KILL_SCRIPT, *args], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == -9, run.stderr[-2000:]
+    names = sorted(os.listdir(out))
+    assert re.fullmatch(r"\.000003\.png\.\d+\.tmp", names[0])  # the unfinished 4th PNG, under its temporary name
+    assert names[1:] == ["000000.png", "000001.png", "000002.png", "manifest-00000.jsonl"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"removed 1 unfinished PNG temporary file(s) left by an interrupted run: {out / names[0]}" in err
+    assert "7 done, 3 skipped as already done, 0 failed" in err
+    assert sorted(os.listdir(out)) == sorted(reference) + ["manifest-00000.jsonl"]
+    got = pixels(out, reference)
+    assert all(np.array_equal(got[n], reference[n]) for n in reference)

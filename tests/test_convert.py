@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
@@ -219,18 +220,115 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(hub, tmp_path, capsys, c
 def test_existing_dst_refused_unless_overwrite(hub, tmp_path, capsys):
     _, files = hub
     dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("mine")
+    assert convert_cli(files / BFL, dst, "--dtype", "float32", capsys=capsys)[0] == 0
+    before = tree_bytes(dst)
     code, err = convert_cli(files / BFL, dst, capsys=capsys)
     assert code == 2 and "already exists; pass --overwrite" in err
-    assert os.listdir(dst) == ["keep.txt"]
+    assert tree_bytes(dst) == before
     # a failing conversion with --overwrite leaves the old DST as it was
     code, err = convert_cli(_truncated(files / BFL, tmp_path / BFL), dst, "--overwrite", capsys=capsys)
     assert code == 2 and f"{dst} left as it was" in err
-    assert os.listdir(dst) == ["keep.txt"]
+    assert tree_bytes(dst) == before
     assert convert_cli(files / BFL, dst, "--overwrite", capsys=capsys)[0] == 0
-    assert "keep.txt" not in os.listdir(dst) and no_leftovers(dst)
+    assert json.loads((dst / "fluxjax.json").read_text())["dtype"] == "bfloat16" and no_leftovers(dst)
     assert_bit_identical(load_transformer(dst, dtype="bfloat16")[1], load_transformer(files / BFL, dtype="bfloat16")[1])
+
+
+def tree_bytes(folder):
+    """{relative path: bytes (files) or None (folders) or link target} of everything under `folder`."""
+    out = {}
+    for base, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(base, name)
+            rel = os.path.relpath(path, folder)
+            out[rel] = ("link", os.readlink(path)) if os.path.islink(path) else (
+                None if os.path.isdir(path) else open(path, "rb").read())
+    return out
+
+
+def one_line_error(err, command="convert"):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fluxjax {command}: error: "), err
+    return lines[0][len(f"fluxjax {command}: error: "):]
+
+
+def test_overwrite_refuses_what_fluxjax_did_not_write(hub, tmp_path, capsys, monkeypatch):
+    """Issue 14 items 1 and 5: a project folder, SRC itself, SRC's parent, a folder inside SRC,
+    a file and a link are refused in one line, each surviving byte for byte."""
+    root, files = hub
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    (project / "src" / "main.py").write_text("print(1)")
+    os.symlink("notes.txt", project / "link")
+    parent = tmp_path / "parent"
+    shutil.copytree(root / "vae", parent / "dev")
+    (parent / "sibling.txt").write_text("sibling")
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"\x00\x01")
+    a_link = tmp_path / "link-to-project"
+    os.symlink(project, a_link)
+    cases = [  # (cwd, SRC, DST, the message after "error: ")
+        (project, root, ".", f"{project}: already exists and was not written by fluxjax convert (no fluxjax.json or "
+                             "model_index.json in it); fluxjax replaces only its own folders: choose another DST"),
+        (None, parent / "dev", parent, f"{parent}: holds the source {parent / 'dev'}; write the conversion to another folder"),
+        (None, parent / "dev", parent / "dev", f"{parent / 'dev'}: is the source itself; write the conversion to another folder"),
+        (None, parent / "dev", parent / "dev" / "out", f"{parent / 'dev' / 'out'}: is inside the source {parent / 'dev'}; "
+                                                      "write the conversion to another folder"),
+        (None, files / BFL, a_file, f"{a_file}: is a file; fluxjax writes a new folder, or replaces one it wrote: "
+                                    "remove it or choose another DST"),
+        (None, files / BFL, a_link, f"{a_link}: is a symbolic link; fluxjax writes a new folder, or replaces one it "
+                                    "wrote, never a link: remove it or choose another DST"),
+    ]
+    # a converted folder the user added a file to is no longer only fluxjax's
+    mixed = tmp_path / "mixed"
+    assert convert_cli(root / "vae", mixed, capsys=capsys)[0] == 0
+    (mixed / "my-notes.txt").write_text("keep")
+    cases.append((None, root / "vae", mixed, f"{mixed}: already exists and was not written by fluxjax convert (it holds "
+                                             "my-notes.txt, which fluxjax does not write); fluxjax replaces only its own "
+                                             "folders: choose another DST"))
+    before = {p: tree_bytes(p) for p in (project, parent, mixed)}
+    file_bytes = a_file.read_bytes()
+    for cwd, src, dst, message in cases:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        code, err = convert_cli(src, dst, "--overwrite", capsys=capsys)
+        assert code == 2 and one_line_error(err) == message, (dst, err)
+        monkeypatch.chdir(tmp_path)
+        assert {p: tree_bytes(p) for p in before} == before and a_file.read_bytes() == file_bytes
+        assert os.readlink(a_link) == str(project) and not glob.glob(str(tmp_path / "*.converting-*"))
+
+
+def test_invalid_config_json_is_named(hub, tmp_path, capsys):
+    """Issue 14 item 11."""
+    root, _ = hub
+    folder = tmp_path / "vae"
+    shutil.copytree(root / "vae", folder)
+    (folder / "config.json").write_text("{not json")
+    code, err = convert_cli(folder, tmp_path / "out", capsys=capsys)
+    assert code == 2
+    assert one_line_error(err).startswith(f"{folder / 'config.json'}: not readable as JSON (Expecting property name")
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path / "out")
+
+
+def test_overlapping_safetensors_offsets_are_refused(tmp_path, capsys):
+    """Issue 14 item 12: the byte ranges of the tensors must tile the data section."""
+    import struct
+
+    bad = tmp_path / "ae.safetensors"
+    np_save_file({"decoder.a": np.ones(4, np.float32), "decoder.b": np.zeros(4, np.float32)}, str(bad))
+    data = bad.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    first, second = "decoder.a", "decoder.b"
+    header[second]["data_offsets"] = header[first]["data_offsets"]  # two tensors on the same bytes
+    raw = json.dumps(header).encode()
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    code, err = convert_cli(bad, tmp_path / "out", capsys=capsys)
+    assert code == 2
+    assert one_line_error(err).startswith(f"{bad}: corrupt: tensor {second!r} starts at byte 0 of the data and "
+                                          f"overlaps tensor {first!r}")
+    assert not (tmp_path / "out").exists()
 
 
 KILL_SCRIPT = """
@@ -325,3 +423,142 @@ def test_restore_into_shardings_on_8_devices(hub, converted):
     assert out.returncode == 0, out.stderr[-3000:]
     # (layers, embed, qkv) -> (None, fsdp, tensor): each device holds a quarter of embed, half of qkv
     assert "qkv (2, 128, 384) (None, 'fsdp', 'tensor') (2, 32, 192)" in out.stdout, out.stdout
+
+
+REPLACE_KILL_SCRIPT = """
+import os, signal, sys
+import fluxjax.loading.to_orbax as to_orbax
+from fluxjax.cli import main
+
+STEP, SRC, DST = sys.argv[1:]
+exchange, unlink, swapped, unlinked = to_orbax.exchange, os.unlink, [], []
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def exchange_then_die(a, b):
+    if b != DST:  # the filesystem probe before the conversion
+        return exchange(a, b)
+    if STEP == "before_swap":  # the new folder complete beside the old DST
+        die()
+    exchange(a, b)
+    swapped.append(a)
+    if STEP == "after_swap":  # DST is the new folder, the old one not yet removed
+        die()
+
+def unlink_then_die(*args, **kw):
+    if swapped:
+        unlinked.append(args)
+        if len(unlinked) == 3:  # the old DST half removed
+            die()
+    unlink(*args, **kw)
+
+to_orbax.exchange, os.unlink = exchange_then_die, unlink_then_die
+sys.exit(main(["convert", SRC, DST, "--overwrite"]))
+"""
+
+
+@pytest.mark.parametrize("step", ["before_swap", "after_swap", "mid_removal"])
+def test_sigkill_during_replacement_leaves_old_or_new_dst(hub, tmp_path, capsys, step):
+    """Issue 14 items 1 and 4: SIGKILL at each step of --overwrite's replacement leaves DST whole
+    (the old one or the new one), and the next run removes and reports what the kill left."""
+    root, _ = hub
+    dst = tmp_path / "vae-orbax"
+    assert convert_cli(root / "vae", dst, "--dtype", "float32", capsys=capsys)[0] == 0
+    old = tree_bytes(dst)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", REPLACE_KILL_SCRIPT, step, str(root / "vae"), str(dst)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9, run.stderr[-2000:]
+    left = glob.glob(str(dst) + ".converting-*")
+    assert len(left) == 1  # the new folder (before the swap) or the old DST (after it)
+    if step == "before_swap":
+        assert tree_bytes(dst) == old
+        assert json.loads(open(os.path.join(left[0], "fluxjax.json")).read())["dtype"] == "bfloat16"  # new, complete
+    else:  # swapped: DST is the complete new conversion
+        assert json.loads((dst / "fluxjax.json").read_text())["dtype"] == "bfloat16"
+        assert_bit_identical(load_vae(dst, dtype="bfloat16")[1], load_vae(root / "vae", dtype="bfloat16")[1])
+    code, err = convert_cli(root / "vae", dst, "--overwrite", capsys=capsys)
+    assert code == 0
+    assert f"removing {left[0]}, left by an interrupted conversion (process " in err
+    assert no_leftovers(dst)
+    assert_bit_identical(load_vae(dst, dtype="bfloat16")[1], load_vae(root / "vae", dtype="bfloat16")[1])
+
+
+@pytest.fixture(scope="module")
+def pipeline_hub(tmp_path_factory):
+    """A small dev-like hub folder whose components fit together (fluxjax.reference)."""
+    from fluxjax.reference import make_hub_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline_hub")
+    make_hub_pipeline(root, "dev")
+    return root
+
+
+def test_readme_workflow_with_relative_paths(pipeline_hub, tmp_path, monkeypatch, capsys):
+    """Issue 14 item 2: `fluxjax convert M conv/m && fluxjax generate ... --model conv/m`, batch and
+    the loaders, all with paths relative to the working folder."""
+    root = pipeline_hub
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root, "M")
+    assert main(["convert", "M", "conv/m"]) == 0
+    size = ["--height", "32", "--width", "32", "--steps", "1"]
+    assert main(["generate", "a cat", "--model", "conv/m", "--out", "cat.png", *size]) == 0
+    assert Image.open("cat.png").text["model"] == "m"
+    (tmp_path / "p.txt").write_text("a dog\n")
+    assert main(["batch", "p.txt", "--out-dir", "out", "--model", "conv/m", *size]) == 0
+    assert sorted(os.listdir("out")) == ["000000.png", "manifest-00000.jsonl"]
+    assert_bit_identical(load_transformer("conv/m/transformer", dtype="bfloat16")[1],
+                         load_transformer(root / "transformer", dtype="bfloat16")[1])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "zeroed"])
+def test_damaged_orbax_data_is_one_line_naming_component_and_parameter(pipeline_hub, tmp_path, capsys, damage):
+    """Issue 14 item 3: a data file of a converted component deleted, truncated or zeroed."""
+    converted = tmp_path / "m"
+    assert main(["convert", str(pipeline_hub), str(converted)]) == 0
+    copy = tmp_path / "damaged"
+    shutil.copytree(converted, copy)
+    files = glob.glob(str(copy / "transformer" / PARAMS / "state" / "ocdbt.process_*" / "d" / "*"))
+    victim = max(files, key=os.path.getsize)
+    size = os.path.getsize(victim)
+    if damage == "deleted":
+        os.remove(victim)
+    else:
+        with open(victim, "r+b") as f:
+            f.truncate(size // 2) if damage == "truncated" else f.write(bytes(size))
+    code = main(["generate", "a cat", "--model", str(copy), "--out", str(tmp_path / "cat.png"), "--height", "32",
+                 "--width", "32", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "TensorStore" not in err
+    message = err.strip().splitlines()[-1]
+    folder = copy / "transformer" / PARAMS
+    match = re.fullmatch(rf"fluxjax generate: error: {re.escape(str(folder))}: parameter (\S+) cannot be read \((.+)\); "
+                         r"the checkpoint is damaged or incomplete: convert it again", message)
+    assert match, message
+    assert match.group(1) in flat(load_transformer(converted, dtype="bfloat16")[1])
+    assert not (tmp_path / "cat.png").exists()
+
+
+def test_leftovers_of_dead_conversions_are_removed_and_reported(hub, tmp_path, capsys):
+    """Issue 14 item 4: `.converting-PID` and `.replaced-PID` (what the two-rename replacement of
+    earlier versions left) of processes that are gone; a live process's staging folder is kept."""
+    root, _ = hub
+    dst = tmp_path / "vae-orbax"
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    for suffix in (f".converting-{dead}", f".replaced-{dead}", f".converting-{live.pid}"):
+        (tmp_path / f"vae-orbax{suffix}" / "params").mkdir(parents=True)
+        (tmp_path / f"vae-orbax{suffix}" / "params" / "x").write_bytes(b"half")
+    try:
+        code, err = convert_cli(root / "vae", dst, capsys=capsys)
+    finally:
+        live.kill()
+        live.wait()
+    assert code == 0
+    for suffix in (".converting-", ".replaced-"):
+        assert f"removing {dst}{suffix}{dead}, left by an interrupted conversion (process {dead})" in err
+    # a running conversion's staging folder is its own, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae-orbax", f"vae-orbax.converting-{live.pid}"]

@@ -65,3 +65,130 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         assert enable_compilation_cache() == str(tmp_path / "xla")  # a folder already given to JAX is kept
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+TINY = ["--model", "tiny", "--height", "32", "--width", "32", "--steps", "1"]
+
+
+def one_line(capsys, command="generate"):
+    """The one line `fluxjax COMMAND` printed on stderr, without its "fluxjax COMMAND: error: " prefix."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fluxjax {command}: error: "), lines
+    return lines[0][len(f"fluxjax {command}: error: "):]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/folder.png"], "--out {tmp}/folder.png: is a folder; give the PNG's file name"),  # item 7
+    (["--seed", "1e23"], "argument --seed: invalid int value: '1e23'"),  # item 10
+    (["--seed", "100000000000000000000000"], "--seed must be an integer from 0 to 4294967295, got 100000000000000000000000"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295, got -1"),
+    (["--guidance", "nan"], "--guidance must be a finite number, got nan"),  # item 13
+    (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+])
+def test_bad_arguments_are_one_line_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    """Issue 14 items 7, 10, 13: refused in one line, exit 2, before loading, nothing written."""
+    from fluxjax.pipeline import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    (tmp_path / "folder.png").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = ["--out", str(tmp_path / "x.png")] if "--out" not in args else []
+    try:
+        code = cli.main(["generate", "a cat", *TINY, *out, *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2 and one_line(capsys) == message.format(tmp=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.png"] and not list((tmp_path / "folder.png").iterdir())
+
+
+def test_non_utf8_prompt_is_refused(tmp_path, capsys):
+    """Issue 14 item 9: bytes that are not UTF-8 reach Python as surrogates (surrogateescape)."""
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert cli.main(["generate", prompt, *TINY, "--out", str(tmp_path / "x.png")]) == 2
+    assert one_line(capsys) == "PROMPT is not valid UTF-8 text (byte 0xe9 at character 4)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_beyond_memory_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """Issue 14 item 8: the largest image follows from the planner's step memory and the device's."""
+    import re
+
+    from fluxjax.config import FluxConfig
+    from fluxjax.limits import SizeLimit, device_memory
+    from fluxjax.pipeline import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    assert cli.main(["generate", "a cat", "--model", "tiny", "--height", "100000", "--width", "100000",
+                     "--out", str(tmp_path / "x.png")]) == 2
+    message = one_line(capsys)
+    limit = SizeLimit(FluxConfig.preset("tiny"), 64, 1, "bfloat16", None, jax.devices()[:1])
+    most = limit.largest_tokens()
+    memory, where = device_memory(jax.devices()[0])
+    assert where == "this host's RAM" and limit.memory == memory
+    need = limit.step_bytes(6250 * 6250)
+    side = int(most ** 0.5) * 16
+    assert message == (f"--width/--height 100000x100000: one denoising step needs {need / 2**30:,.1f} GiB per device for "
+                       f"its activations (fluxjax plan's analytic figure, 1 image(s) per device), more than the "
+                       f"{memory / 2**30:.1f} GiB of this host's RAM; the largest image this model can make here has "
+                       f"{most * 256:,} pixels (e.g. {side}x{side})")
+    # the limit is the planner's: the largest token count fits, one more does not
+    assert limit.step_bytes(most) <= memory < limit.step_bytes(most + 1)
+    assert re.search(r"needs [\d,.]+ GiB", message) and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    """The tiny pipeline with NaN VAE weights: its images come out NaN."""
+    import copy
+
+    import numpy as np
+
+    from fluxjax.pipeline import Component, FluxPipeline
+
+    pipe = copy.copy(FluxPipeline.from_pretrained("tiny"))
+    pipe.vae = Component(pipe.vae.model, jax.tree.map(lambda x: x * np.nan, pipe.vae.params))
+    return pipe
+
+
+def test_nan_weights_are_an_error_not_a_black_png(tmp_path, capsys, monkeypatch, poisoned):
+    """Issue 14 item 13: non-finite output is refused, no PNG written."""
+    from fluxjax.pipeline import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: poisoned))
+    assert cli.main(["generate", "a cat", *TINY, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("fluxjax generate: error: images 0 of the batch came out with NaN or infinite values "
+                       "(non-finite weights or inputs); nothing is written for them")
+    assert list(tmp_path.iterdir()) == []
+
+
+GENERATE_KILL_SCRIPT = """
+import os, signal, sys
+import PIL.Image
+from fluxjax.cli import main
+
+def save_then_die(self, fp, *args, **kw):  # a SIGKILL in the middle of writing the PNG
+    with open(fp, "wb") as f:
+        f.write(b"\\x89PNG\\r\\n")
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+PIL.Image.Image.save = save_then_die
+sys.exit(main(["generate", "a cat", "--model", "tiny", "--height", "32", "--width", "32", "--steps", "1",
+               "--out", sys.argv[1]]))
+"""
+
+
+def test_sigkill_during_save_leaves_no_png_and_the_next_run_cleans_up(tmp_path, capsys):
+    """Issue 14 item 14: a real SIGKILL during the PNG write; the next run removes its temporary file."""
+    out = tmp_path / "cat.png"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", CACHE_ENV: "off", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, "-c", GENERATE_KILL_SCRIPT, str(out)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == -9, run.stderr[-2000:]
+    left = [p for p in tmp_path.iterdir() if p.name != "hf"]
+    assert len(left) == 1 and left[0].name.startswith(".cat.png.") and left[0].name.endswith(".tmp")  # never cat.png
+    assert cli.main(["generate", "a cat", *TINY, "--out", str(out)]) == 0
+    assert f"removed 1 unfinished PNG temporary file(s) left by an interrupted run: {left[0]}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf") == ["cat.png"]
+    Image.open(out).verify()

@@ -9,6 +9,7 @@ the manifest are described in fluxjax/batch.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 import jax
 
 from fluxjax.errors import UsageError
-from fluxjax.sampling import check_dimension
+from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
-    parser.add_argument("--seed", type=int, default=0, help="the k-th prompt (from 0) uses seed + k unless it gives one")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"the k-th prompt (from 0) uses seed + k unless it gives one (seeds 0 to {SEEDS - 1})")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
 
 
@@ -40,6 +42,7 @@ def run(args) -> int:
     from fluxjax import batch, distributed
     from fluxjax.commands.generate import TINY_NOTICE
     from fluxjax.pipeline import FluxPipeline, check_source, local_schnell
+    from fluxjax.sharding import Strategy
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -48,6 +51,9 @@ def run(args) -> int:
     for name in ("height", "width"):
         if getattr(args, name) is not None:
             check_dimension(f"--{name}", getattr(args, name))
+    check_seed("--seed", args.seed)
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
     if args.model is not None:
         check_source(args.model)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -57,10 +63,17 @@ def run(args) -> int:
 
     host, hosts = distributed.initialize()
     model = args.model or local_schnell() or "tiny"
+    strategy = Strategy.load(args.sharding) if args.sharding is not None else None
+    # Each host makes its own share of the images, so its mesh spans its own devices only.
+    devices = jax.local_devices() if strategy is not None else jax.local_devices()[:1]
+    _check_sizes(args, model, jobs, strategy, devices)
+    if os.path.isdir(args.out_dir):
+        done = batch.read_manifests(args.out_dir)
+        if any(job.name not in done for job in jobs if job.index % hosts == host):
+            batch.check_settings(done, batch.run_settings(args.batch_size, args.dtype, strategy and strategy.name, devices))
     if model == "tiny" and host == 0:
         print(f"fluxjax batch: {TINY_NOTICE}", file=sys.stderr)
     start = time.perf_counter()
-    # Each host makes its own share of the images, so its mesh spans its own devices only.
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices())
     if args.guidance is not None:
         try:
@@ -74,3 +87,20 @@ def run(args) -> int:
     summary = batch.generate(pipe, jobs, args.out_dir, args.batch_size, host=host, hosts=hosts)
     print(f"fluxjax batch: {summary}", file=sys.stderr, flush=True)
     return 1 if summary.failed else 0
+
+
+def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
+    """Refuse, before loading, any size whose denoising step cannot fit this host's devices
+    (fluxjax/limits.py), naming the first line that asks for it."""
+    from fluxjax.limits import SizeLimit, transformer_config
+    from fluxjax.pipeline import DEFAULTS
+
+    defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
+    limit = SizeLimit(transformer_config(model), defaults.max_sequence_length, args.batch_size, args.dtype, strategy,
+                      devices)
+    seen = set()
+    for job in jobs:
+        size = (job.height or defaults.height, job.width or defaults.width)
+        if size not in seen:
+            seen.add(size)
+            limit.check(f"{job.where}: size", *size)

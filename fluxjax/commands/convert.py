@@ -11,22 +11,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="a hub folder (model_index.json), one model folder, flux1-*.safetensors or ae.safetensors")
     parser.add_argument("dst", help="the folder to write; it appears only once complete")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="stored parameter dtype")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (once the new one is complete)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing DST that fluxjax convert wrote (swapped in once the new one is complete)")
 
 
 def run(args) -> int:
     from fluxjax.loading.to_orbax import convert
 
-    existed = os.path.exists(args.dst)
-    left = f"{args.dst} left as it was" if existed else f"{args.dst} not created"
+    before = _identity(args.dst)
     try:
         written = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        print(f"fluxjax convert: interrupted; {left}", file=sys.stderr)
+        print(f"fluxjax convert: interrupted; {_outcome(args.dst, before)}", file=sys.stderr)
         return 130
     except FileExistsError:
         raise
     except (ValueError, OSError) as e:
-        raise ValueError(f"{e} ({left})") from e
+        raise ValueError(f"{e} ({_outcome(args.dst, before)})") from e
     print(f"wrote {args.dst}: " + ", ".join(f"{rel} ({kind})" for rel, kind in written.items()))
     return 0
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of `path` itself (a link is not followed), or None when nothing is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _outcome(dst: str, before: tuple[int, int] | None) -> str:
+    """What a stopped conversion did to DST, read from the disk rather than assumed: the swap that
+    installs a new DST may have happened just before the stop."""
+    now = _identity(dst)
+    if now == before:
+        return f"{dst} left as it was" if before else f"{dst} not created"
+    return f"{dst} was replaced by the new conversion" if before else f"{dst} was written"

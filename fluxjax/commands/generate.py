@@ -1,19 +1,22 @@
 """`fluxjax generate PROMPT [--model SRC] [--out FILE] [...]`: one image (or a few) from a prompt.
 
 The PNG carries its recipe in text chunks (prompt, seed, steps, guidance, size, model), and is
-written under a temporary name and renamed, so FILE is either complete or absent.
+written under a temporary name and renamed, so FILE is either complete or absent (fluxjax/images.py);
+a temporary file a killed run left for FILE is removed, and reported, by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
 from fluxjax.errors import UsageError
+from fluxjax.images import png_text, remove_temporaries, save_png
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling import check_dimension
+from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 TINY_NOTICE = (
     "using the tiny preset: a small model with RANDOM weights, so the image is noise. For real images, "
@@ -34,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=f"0 to {SEEDS - 1} (default 0)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
@@ -46,14 +49,21 @@ def _check(args) -> None:
     """Everything that can be checked before minutes of loading."""
     from fluxjax.pipeline import check_source
     from fluxjax.sharding import Strategy
+    from fluxjax.text import check_prompt
 
+    check_prompt("PROMPT", args.prompt)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     for name in ("height", "width"):
         if getattr(args, name) is not None:
             check_dimension(f"--{name}", getattr(args, name))
+    check_seed("--seed", args.seed)
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the output is a PNG, give a name ending in .png")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a folder; give the PNG's file name")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {args.out}: folder {folder} does not exist")
@@ -67,15 +77,33 @@ def _check(args) -> None:
             raise UsageError(f"--{name} {path}: no such file")
 
 
+def _check_size(args, model: str) -> None:
+    """Refuse, before loading, a size whose denoising step cannot fit the devices (fluxjax/limits.py)."""
+    import jax
+
+    from fluxjax.limits import SizeLimit, transformer_config
+    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.sharding import Strategy
+
+    defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
+    strategy = Strategy.load(args.sharding) if args.sharding is not None else None
+    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, 1, args.dtype,
+                      strategy, jax.devices() if strategy is not None else jax.devices()[:1])
+    limit.check("--width/--height", args.height or defaults.height, args.width or defaults.width)
+
+
 def run(args) -> int:
     from fluxjax import distributed
     from fluxjax.pipeline import FluxPipeline, local_schnell
 
     _check(args)
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
+    if host == 0:
+        remove_temporaries(*os.path.split(os.path.abspath(args.out)))
     model = args.model
     if model is None:
         model = local_schnell() or "tiny"
+    _check_size(args, model)
     if model == "tiny" and host == 0:
         print(f"fluxjax generate: {TINY_NOTICE}", file=sys.stderr)
 
@@ -92,30 +120,10 @@ def run(args) -> int:
         return 0
     start = time.perf_counter()
     steps, guidance, _ = pipe.settings(args.steps, args.guidance)
-    save_png(image, args.out, {
-        "prompt": args.prompt, "seed": str(args.seed), "steps": str(steps),
-        "guidance": "none" if guidance is None else f"{guidance:g}",
-        "size": f"{image.width}x{image.height}", "model": pipe.name, "software": "fluxjax",
-    })
+    save_png(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name))
     timings["save"] = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) in "
           f"{sum(timings.values()):.1f} s: {stages}", file=sys.stderr)
     return 0
 
-
-def save_png(image, path: str, text: dict[str, str]) -> None:
-    """Write `image` (PIL) to `path` with `text` as PNG text chunks, atomically (temp name, then rename)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

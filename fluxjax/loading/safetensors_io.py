@@ -55,14 +55,20 @@ class _File:
             raise CheckpointError(f"{path}: no such file") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: header is not valid JSON ({e}); not a safetensors file?") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: header is not a JSON object; not a safetensors file?")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.entries = header
+        for key, e in header.items():
+            if not _well_formed(e):
+                raise CheckpointError(f"{path}: header entry {key!r} is not {{dtype, shape, data_offsets: [begin, end]}}")
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > size:
             raise CheckpointError(
                 f"{path}: truncated: the header describes {self.data_start + end} bytes, the file has {size}"
             )
+        _check_tiling(path, header, size - self.data_start)
         for key, e in header.items():
             begin, stop = e["data_offsets"]
             if e["dtype"] in DTYPES and stop - begin != int(np.prod(e["shape"])) * DTYPES[e["dtype"]].itemsize:
@@ -83,6 +89,29 @@ class _File:
         if got != end - begin:
             raise CheckpointError(f"{self.path}: tensor {key!r} ends after {got} of {end - begin} bytes: the file shrank")
         return out
+
+
+def _well_formed(entry) -> bool:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1])
+
+
+def _check_tiling(path: str, header: dict, data_bytes: int) -> None:
+    """The tensors' byte ranges must cover the data section exactly, end to end, as the
+    safetensors format requires (its own library refuses anything else): overlapping ranges would
+    let one tensor's bytes be read as another's, a gap or a tail hides bytes no tensor owns."""
+    at, previous = 0, None
+    for key, e in sorted(header.items(), key=lambda item: (*item[1]["data_offsets"], item[0])):
+        begin, end = e["data_offsets"]
+        if begin != at:
+            what = f"overlaps tensor {previous!r}" if begin < at else f"leaves bytes {at} to {begin} unused"
+            raise CheckpointError(f"{path}: corrupt: tensor {key!r} starts at byte {begin} of the data and {what}")
+        at, previous = end, key
+    if at != data_bytes:
+        raise CheckpointError(f"{path}: corrupt: the tensors end at byte {at} of the data, the file holds {data_bytes}")
 
 
 class TensorSource:

@@ -12,13 +12,23 @@ The layout of a component folder is in fluxjax/checkpoint.py.
 
 Tensors are read one at a time through the key tables of fluxjax/loading (every check runs before the
 first read); each leaf is written to Orbax and released, so memory is bounded by the largest
-(stacked) leaf, not the checkpoint. Everything is written to a folder beside DST that is renamed
-to DST only at the end: a failure, Ctrl-C or SIGTERM removes it and leaves DST as it was.
+(stacked) leaf, not the checkpoint. Everything is written to a folder beside DST
+(DST.converting-PID) that becomes DST only at the end: a failure, Ctrl-C or SIGTERM removes it
+and leaves DST as it was.
+
+Replacing (`overwrite=True`) takes only a folder fluxjax itself wrote (`owned_by_fluxjax`), never
+SRC, a folder holding SRC or one inside it. The new folder and the old DST swap names in one
+atomic step (renameat2 RENAME_EXCHANGE), so at every instant DST is either the old folder or the
+new one, complete; the old one is then removed under the staging name. Whatever a killed
+conversion leaves (DST.converting-PID, or DST.replaced-PID from fluxjax before the swap) is
+removed, and reported, by the next conversion to the same DST.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
 import json
 import os
@@ -30,19 +40,22 @@ from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from fluxjax.checkpoint import PARAMS, ParamsWriter, write_marker
+from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.flux import BFL_PREFIXES
 from fluxjax.loading import registry
 from fluxjax.loading.safetensors_io import TensorSource
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
+from fluxjax.images import fsync_dir, process_alive
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
 # Top-level modules of a diffusers FluxTransformer2DModel: a file with them is not a BFL file.
 DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.")
 STAGING = ".converting-"  # DST + STAGING + pid: where a conversion writes before the final rename
+LEFTOVERS = (STAGING, ".replaced-")  # DST + one of these + pid: what a killed conversion can leave
+COMPONENT_ENTRIES = {MARKER, PARAMS, "config.json"}  # all a component folder written here holds
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", overwrite: bool = False,
@@ -54,11 +67,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
     progress:  show a byte progress bar (None: only on a terminal).
     Returns {subfolder of dst written ("." for a single component): the model kind it holds}.
     Raises CheckpointError / ConfigError (ValueError) naming the file and key, FileExistsError
-    if `dst` exists without `overwrite`; on any failure `dst` is untouched.
+    if `dst` exists without `overwrite` or is not fluxjax's to replace (`check_destination`);
+    on any failure `dst` is untouched.
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it")
+    check_destination(src, dst, overwrite)
     jobs, copies = inventory(src, dtype)
     total = sum(plan.nbytes() for _, plan in jobs)
     with staged(dst) as tmp, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
@@ -69,6 +82,98 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
             source, target = os.path.join(src, rel), os.path.join(tmp, rel)
             (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
     return {rel: plan.kind for rel, plan in jobs}
+
+
+def check_destination(src: str, dst: str, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, a DST that converting `src` must not touch.
+
+    DST may not be SRC, hold SRC or lie inside it (paths compared after resolving links). An
+    existing DST must be a folder (not a file or a link), is replaced only with `overwrite`, and
+    only when fluxjax wrote it (`owned_by_fluxjax`). Raises FileExistsError naming DST.
+    """
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src:
+        raise FileExistsError(f"{dst}: is the source itself; write the conversion to another folder")
+    if os.path.commonpath([real_src, real_dst]) == real_dst:
+        raise FileExistsError(f"{dst}: holds the source {src}; write the conversion to another folder")
+    if os.path.commonpath([real_src, real_dst]) == real_src:
+        raise FileExistsError(f"{dst}: is inside the source {src}; write the conversion to another folder")
+    if not os.path.lexists(dst):
+        return
+    if os.path.islink(dst):
+        raise FileExistsError(f"{dst}: is a symbolic link; fluxjax writes a new folder, or replaces one it wrote, "
+                              "never a link: remove it or choose another DST")
+    if not os.path.isdir(dst):
+        raise FileExistsError(f"{dst}: is a file; fluxjax writes a new folder, or replaces one it wrote: "
+                              "remove it or choose another DST")
+    why = owned_by_fluxjax(dst)
+    if why:
+        raise FileExistsError(f"{dst}: already exists and was not written by fluxjax convert ({why}); "
+                              "fluxjax replaces only its own folders: choose another DST")
+    if not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it")
+
+
+def owned_by_fluxjax(folder: str) -> str:
+    """Why `folder` (an existing folder) is not one fluxjax convert wrote, or "" when it is.
+
+    Its own: an empty folder (nothing to lose); a component folder (a fluxjax.json of fluxjax's
+    format beside params/, config.json at most); or a converted hub folder, which holds
+    model_index.json, only the entries that file names, and at least one component folder.
+    Anything else in it (a file of the user's, a safetensors source) makes it not fluxjax's.
+    """
+    entries = set(os.listdir(folder))
+    if not entries:
+        return ""
+    if MARKER in entries:
+        return _component_why(folder) or _extra_why(entries - COMPONENT_ENTRIES)
+    if "model_index.json" not in entries:
+        return f"no {MARKER} or model_index.json in it"
+    try:
+        index = _read_json(os.path.join(folder, "model_index.json"))
+    except CheckpointError as e:
+        return str(e)
+    named = {name for name in index if not name.startswith("_")}
+    why = _extra_why(entries - named - {"model_index.json"})
+    if why:
+        return why
+    components = [name for name in sorted(named & entries) if os.path.isfile(os.path.join(folder, name, MARKER))]
+    if not components:
+        return "no component folder with a fluxjax.json in it"
+    for name in components:
+        why = _component_why(os.path.join(folder, name))
+        if why:
+            return f"{name}/: {why}"
+    return ""
+
+
+def _component_why(folder: str) -> str:
+    try:
+        record = _read_json(os.path.join(folder, MARKER))
+    except CheckpointError as e:
+        return str(e)
+    if record.get("format") != FORMAT:
+        return f"its {MARKER} has format {record.get('format')!r}, not {FORMAT!r}"
+    return _extra_why(set(os.listdir(folder)) - COMPONENT_ENTRIES)
+
+
+def _extra_why(extra: set[str]) -> str:
+    if not extra:
+        return ""
+    shown = ", ".join(sorted(extra)[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+    return f"it holds {shown}, which fluxjax does not write"
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file when it is unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def inventory(src: str, dtype) -> tuple[list[tuple[str, Plan]], list[str]]:
@@ -93,11 +198,7 @@ def inventory(src: str, dtype) -> tuple[list[tuple[str, Plan]], list[str]]:
 
 
 def _hub_jobs(src: str, index: str, dtype):
-    with open(index) as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    entries = _read_json(index)
     jobs, copies = [], ["model_index.json"]
     for name, value in entries.items():
         if name.startswith("_") or not isinstance(value, list) or value[-1] is None:
@@ -106,6 +207,8 @@ def _hub_jobs(src: str, index: str, dtype):
         if not os.path.isdir(folder):
             raise CheckpointError(f"{index}: names component {name!r} ({value[-1]}), but {folder} is missing")
         if value[-1] in PLANS:
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                _read_json(os.path.join(folder, "config.json"))  # a broken one is named here, by its path
             jobs.append((name, registry.plan(PLANS[value[-1]], folder, dtype)))
         else:
             copies.append(name)
@@ -115,8 +218,7 @@ def _hub_jobs(src: str, index: str, dtype):
 
 
 def _folder_plan(folder: str, dtype) -> Plan:
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = _read_json(os.path.join(folder, "config.json"))
     cls = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
     if cls not in PLANS:
         raise CheckpointError(f"{folder}/config.json: model class {cls!r} is not one fluxjax converts ({', '.join(PLANS)})")
@@ -155,48 +257,83 @@ def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], ob
 
 @contextlib.contextmanager
 def staged(dst: str) -> Iterator[str]:
-    """A fresh folder beside `dst`, renamed to `dst` when the block ends without error.
+    """A fresh folder beside `dst` that becomes `dst` when the block ends without error.
 
-    An existing `dst` is replaced only after the new one is complete. On an exception,
-    KeyboardInterrupt or SIGTERM the staging folder is removed and the error propagates.
+    An existing `dst` is swapped with the new one in one atomic step once the new one is
+    complete, then removed; on a filesystem that cannot swap two folders atomically an existing
+    `dst` is refused before the block runs. On an exception, KeyboardInterrupt or SIGTERM the
+    staging folder (the new one, or after the swap the old DST) is removed and the error propagates.
     """
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    _remove_abandoned(dst)
+    remove_leftovers(dst)
     tmp = f"{dst}{STAGING}{os.getpid()}"
     os.makedirs(tmp)
     try:
         with _sigterm_raises():
+            if os.path.exists(dst):
+                _check_exchange(tmp, dst)
             yield tmp
             if os.path.exists(dst):
-                old = f"{dst}.replaced-{os.getpid()}"
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old)
+                exchange(tmp, dst)  # DST is now the new folder, tmp the old DST
+                fsync_dir(parent)
+                shutil.rmtree(tmp)
             else:
                 os.rename(tmp, dst)
+                fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _remove_abandoned(dst: str) -> None:
-    """Remove staging folders of conversions to `dst` whose process is gone (killed with SIGKILL)."""
-    for path in glob.glob(glob.escape(dst) + STAGING + "*"):
-        pid = path.rsplit(STAGING, 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            print(f"removing {path}, left by an interrupted conversion", file=sys.stderr)
-            shutil.rmtree(path, ignore_errors=True)
+def exchange(a: str, b: str) -> None:
+    """Swap the names of folders `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE): no
+    instant exists at which either name is missing. OSError when the system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not in this C library", a)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), a, None, b)
 
 
-def _alive(pid: int) -> bool:
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check_exchange(tmp: str, dst: str) -> None:
+    """Refuse --overwrite where the filesystem cannot swap folders (e.g. NFS, most FUSE mounts),
+    before the conversion runs: two renames would leave a moment with no DST at all."""
+    a, b = os.path.join(tmp, ".swap-a"), os.path.join(tmp, ".swap-b")
+    os.makedirs(a)
+    os.makedirs(b)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        exchange(a, b)
+    except OSError as e:
+        raise FileExistsError(f"{dst}: cannot be replaced safely: this filesystem cannot swap two folders in one "
+                              f"step ({e.strerror}); remove {dst} yourself, or convert to a new folder") from None
+    finally:
+        os.rmdir(a)
+        os.rmdir(b)
+
+
+def remove_leftovers(dst: str) -> list[str]:
+    """Remove what conversions to `dst` killed with SIGKILL left beside it (DST.converting-PID,
+    DST.replaced-PID of processes that are gone), saying so on stderr; returns their paths.
+
+    Never DST itself: after the atomic swap the staging name holds the old DST, so a leftover is
+    always either an unfinished new folder or an old one already replaced.
+    """
+    removed = []
+    for marker in LEFTOVERS:
+        for path in sorted(glob.glob(glob.escape(dst) + marker + "*")):
+            pid = path.rsplit(marker, 1)[1]
+            if pid.isdigit() and not process_alive(int(pid)):
+                print(f"removing {path}, left by an interrupted conversion (process {pid})", file=sys.stderr)
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -1,0 +1,88 @@
+"""PNG files as fluxjax writes them: the recipe in text chunks, written atomically, and the
+temporary files of a killed writer cleaned up by the next one.
+
+Used by `fluxjax generate` and `fluxjax batch` alike, so a PNG says the same about itself
+whichever wrote it. A PNG is written as ".NAME.PID.tmp" beside NAME and renamed: NAME is either
+complete or absent. A process killed during the write (SIGKILL, power) leaves that hidden
+temporary file; `remove_temporaries` is what the next run calls to remove it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # ".NAME.PID.tmp"
+
+
+def png_text(prompt: str, seed: int, steps: int, guidance: float | None, width: int, height: int,
+             model: str) -> dict[str, str]:
+    """The text chunks of a PNG: what made the image (guidance "none" for models without it)."""
+    return {"prompt": prompt, "seed": str(seed), "steps": str(steps),
+            "guidance": "none" if guidance is None else f"{guidance:g}",
+            "size": f"{width}x{height}", "model": model, "software": "fluxjax"}
+
+
+def temporary_path(path: str) -> str:
+    """Where `save_png` writes `path` before renaming it: ".NAME.PID.tmp" in the same folder."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def save_png(image, path: str, text: dict[str, str]) -> None:
+    """Write `image` (PIL) to `path` with `text` as PNG text chunks, atomically (temp name, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+    tmp = temporary_path(path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_temporaries(folder: str, name: str, any_process: bool = False, log=None) -> list[str]:
+    """Remove the temporary files `save_png` left for `folder`/`name` when its writer was killed,
+    saying so on `log` (default sys.stderr); returns their paths.
+
+    any_process: remove every one (the caller is the only writer of `name`, as a batch host is of
+    its jobs); otherwise only those whose process is gone, so a concurrent writer keeps its own.
+    """
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name}.") + "*.tmp"))):
+        match = TEMPORARY.fullmatch(os.path.basename(path))
+        if match is None or match["name"] != name:
+            continue
+        if any_process or not process_alive(int(match["pid"])):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        print(f"removed {len(removed)} unfinished PNG temporary file(s) left by an interrupted run: "
+              + ", ".join(removed), file=log or sys.stderr, flush=True)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (the writer of a temporary or staging file)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the renames in `folder` durable (a rename is an entry of its folder)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
