@@ -53,12 +53,13 @@ def flat(tree: Mapping) -> dict[str, Any]:
 def leaf_shardings(shapes: Mapping, sharding: ShardingFn | None) -> dict[str, jax.sharding.Sharding]:
     """{flat path: Sharding} for every leaf of `shapes` (the boxed abstract tree).
 
-    sharding: the caller's callable (see ShardingFn); None puts every leaf whole on the
-    default device.
+    sharding: the caller's callable (see ShardingFn); None puts every leaf whole on this
+    process's first device (as `jax.device_put` does: under jax.distributed, jax.devices()[0]
+    belongs to process 0).
     """
     paths = flat(shapes)
     if sharding is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return {p: one for p in paths}
     given = flat(sharding(shapes))
     if set(given) != set(paths):

@@ -30,6 +30,7 @@ from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.sharding import Strategy, jit_with_rules
 from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
+from fluxjax.tiny_tokenizers import make_tokenizers
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
@@ -148,8 +149,6 @@ class FluxPipeline:
     @classmethod
     def _tiny(cls, dtype, attention_impl, strategy, mesh) -> "FluxPipeline":
         """Small random models and locally trained tokenizers: for demos and tests, not images."""
-        from fluxjax.tiny_tokenizers import make_tokenizers
-
         with tempfile.TemporaryDirectory() as folder:
             make_tokenizers(folder)
             tokenizer = PromptTokenizer.from_folder(folder)
