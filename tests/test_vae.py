@@ -2,7 +2,7 @@
 
 A small AutoencoderKL of the FLUX structure (4 levels, widths change at the same levels, 16
 latent channels, no quant convs, mid-block attention) gets random weights (norms included),
-is saved with save_pretrained and, re-keyed here independently of convert/vae.py, as a
+is saved with save_pretrained and, re-keyed here independently of fluxjax/loading/vae.py, as a
 BFL-layout ae.safetensors; fluxjax loads both and must reproduce diffusers' encode (mean and
 sample) and decode. Full size is checked without weights.
 """

@@ -1,21 +1,8 @@
 """Building blocks of the FLUX transformer (docs/architecture.md, "The transformer"), and the
 shared parameter helpers every fluxjax model uses.
 
-Logical axis names (the vocabulary a sharding strategy in fluxjax/configs/sharding maps to mesh axes):
-  layers       the stacked block axis that nn.scan adds
-  embed        the model width (3072 in FLUX, d_model in T5, width in CLIP)
-  mlp          MLP hidden features
-  qkv          fused q/k/v (and q/k/v+mlp) output features
-  heads        attention features entering the output projection (heads x head_dim)
-  modulation   adaLN modulation outputs (shift/scale/gate chunks)
-  head_dim     per-head vectors (QK-norm scales)
-  in_features  inputs of the embedders (packed latents, T5 features, CLIP vector, sinusoids)
-  out_features final projection outputs
-  vocab        token embedding rows
-  conv_height, conv_width, conv_in, conv_out   convolution kernels (VAE)
-  norm         norm scales/biases over channels
-Activations: activation_batch, activation_length, activation_embed, activation_heads (the head
-axis of q, k, v inside attention).
+Every parameter and hot activation carries logical axis names; the vocabulary, with what each
+name means, is fluxjax/models/axes.py (a sharding strategy may map only those names).
 
 Numerics follow the reference: norms, RoPE and softmax statistics in float32, GELU tanh.
 """
