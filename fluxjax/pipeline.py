@@ -97,6 +97,7 @@ class FluxPipeline:
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
         self.adapters = None  # their fluxjax.lora.Adapters, on the device
+        self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -161,9 +162,10 @@ class FluxPipeline:
             adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype)
             self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
             return
-        self.loras = self.loras + pairs
-        adapters = lora.load_loras([f for f, _ in self.loras], t.model.config, t.params, t.model.param_dtype)
-        self.transformer = Component(t.model, lora.with_replacements(t.params, adapters))
+        base = t.params if self._params_before_loras is None else self._params_before_loras
+        adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base, t.model.param_dtype)
+        self.loras, self._params_before_loras = self.loras + pairs, base
+        self.transformer = Component(t.model, lora.with_replacements(base, adapters))
         placement = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
         self.adapters = lora.Adapters(jax.device_put(adapters.tree, placement), {}, adapters.names, adapters.formats)
 
@@ -220,6 +222,12 @@ class FluxPipeline:
         components = {k: Component(models[k], params[k]) for k in models}
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
                    strategy=strategy, mesh=mesh)
+
+    def unload_lora(self) -> None:
+        """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline)."""
+        if self._params_before_loras is not None:
+            self.transformer = Component(self.transformer.model, self._params_before_loras)
+        self.loras, self.adapters, self._params_before_loras = [], None, None
 
     # --- generation ------------------------------------------------------------------------
 
