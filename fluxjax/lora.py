@@ -103,7 +103,7 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
     entries of layer_loop="unrolled"), leaves in `dtype` as host NumPy arrays.
     Raises CheckpointError / UsageError naming the file and key of anything that does not fit.
     """
-    shapes = _stacked_shapes(params, cfg)
+    shapes = _stacked_shapes(nn.meta.unbox(params), cfg)
     read = []
     for f in files:
         path = os.fspath(f)
@@ -217,15 +217,22 @@ def with_replacements(params, adapters: Adapters):
 # --- fused --------------------------------------------------------------------------------------
 
 
-def _fused(kernel, bias, a, b, scale, lbias, strengths):
+def _fused_kernel(kernel, a, b, scale, strengths):
     """kernel (..., in, out) + a (..., in, R) diag(strengths @ scale) b (..., R, out), in float32."""
     cols = jnp.einsum("n,...nr->...r", strengths, scale)
     delta = jnp.einsum("...ir,...r,...ro->...io", a.astype(jnp.float32), cols, b.astype(jnp.float32))
-    new_kernel = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-    if bias is None:
-        return new_kernel, None
-    new_bias = (bias.astype(jnp.float32) + jnp.einsum("n,...no->...o", strengths, lbias)).astype(bias.dtype)
-    return new_kernel, new_bias
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def _fused_bias(bias, lbias, strengths):
+    """bias (..., out) + strengths @ lbias (..., n, out), in float32."""
+    return (bias.astype(jnp.float32) + jnp.einsum("n,...no->...o", strengths, lbias)).astype(bias.dtype)
+
+
+def _fused(kernel, bias, a, b, scale, lbias, strengths):
+    """(new kernel, new bias or None) of one Linear."""
+    new_bias = None if bias is None else _fused_bias(bias, lbias, strengths)
+    return _fused_kernel(kernel, a, b, scale, strengths), new_bias
 
 
 def fuse(params, adapters: Adapters, strengths: Sequence[float]):
@@ -258,6 +265,27 @@ def fuse(params, adapters: Adapters, strengths: Sequence[float]):
     out = dict(out)
     walk(out, adapters.tree)
     return out
+
+
+def fuse_leaves(leaves, adapters: Adapters, strengths: Sequence[float]):
+    """Fuse while streaming: (Flax path "a/b/kernel", host array) pairs in the stacked layout, as
+    fluxjax.loading's Plan.leaves yields them, each kernel and bias updated as `fuse` does."""
+    strengths = np.asarray(strengths, np.float32).reshape(-1)
+    replace = {"/".join(leaf): (layer, value) for (leaf, layer), value in adapters.replace.items()}
+    for path, value in leaves:
+        node = adapters.tree
+        for part in path.split("/")[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        leaf = path.rsplit("/", 1)[-1]
+        if "a" in node and leaf == "kernel":
+            value = np.asarray(jax.jit(_fused_kernel)(value, node["a"], node["b"], node["scale"], strengths))
+        elif "a" in node and leaf == "bias":
+            value = np.asarray(jax.jit(_fused_bias)(value, node["bias"], strengths))
+        if path in replace:
+            layer, new = replace[path]
+            value = np.array(value)
+            value[layer if layer is not None else slice(None)] = new
+        yield path, value
 
 
 # --- live ---------------------------------------------------------------------------------------

@@ -306,3 +306,47 @@ def test_fsdp_fuses_shard_by_shard_and_runs_live(tmp_path):
         assert k["same_sharding"] and k["param_error"] < 1e-6, name
         assert np.prod(k["shard"]) * 8 == np.prod(k["shape"]), f"{name}: {k}"
         assert not facts["full_shape_in_hlo"][name], f"{name} is held whole by the compiled fuse"
+
+
+def test_cli_generate_batch_and_convert(hub, tmp_path):
+    """--lora on generate (fused) and convert (fused into the Orbax transformer), and the batch
+    JSONL "loras" field (live, strengths per image, one batch) against the Python API."""
+    from PIL import Image
+
+    from fluxjax import cli
+    from fluxjax.loading.flux import load_transformer
+    from fluxjax.pipeline import to_uint8
+
+    peft = diffusers_lora(hub, "peft10.safetensors", seed=10)
+    kohya = save(hub, "kohya11.safetensors", kohya_tensors(hub, seed=11))
+    size = ["--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS), "--dtype", "float32"]
+
+    out = tmp_path / "one.png"
+    assert cli.main(["generate", "a cat", "--model", str(hub.root), "--lora", f"{peft}:0.7", "--seed", "3",
+                     "--out", str(out), *size]) == 0
+    fused = FluxPipeline.from_pretrained(hub.root, dtype="float32", loras=[(peft, 0.7)])
+    want = fused("a cat", height=HEIGHT, width=WIDTH, num_steps=STEPS, seed=3, output="np")
+    png = Image.open(out)
+    assert png.text["loras"] == "peft10.safetensors:0.7"
+    assert np.abs(np.asarray(png).astype(int) - to_uint8(want)[0]).max() <= 1
+
+    prompts = tmp_path / "p.jsonl"
+    lines = [{"prompt": "a cat", "loras": [f"{peft}:0.7"]}, {"prompt": "a dog", "loras": [[kohya, 0.5], peft]},
+             {"prompt": "a fox"}]
+    prompts.write_text("\n".join(json.dumps(x) for x in lines))
+    assert cli.main(["batch", str(prompts), "--model", str(hub.root), "--out-dir", str(tmp_path / "out"),
+                     "--batch-size", "3", "--seed", "5", *size]) == 0
+    live = FluxPipeline.from_pretrained(hub.root, dtype="float32")
+    live.load_lora([peft, kohya])
+    for k, (prompt, row) in enumerate((("a cat", [0.7, 0]), ("a dog", [1.0, 0.5]), ("a fox", [0, 0]))):
+        want = live(prompt, height=HEIGHT, width=WIDTH, num_steps=STEPS, seed=5 + k, output="np", lora_scales=row)
+        got = np.asarray(Image.open(tmp_path / "out" / f"{k:06d}.png")).astype(int)
+        assert np.abs(got - to_uint8(want)[0]).max() <= 1, prompt
+
+    dst = tmp_path / "fused"
+    assert cli.main(["convert", str(hub.root), str(dst), "--dtype", "float32", "--lora", f"{kohya}:0.5"]) == 0
+    model, base = load_transformer(os.path.join(hub.root, "transformer"))
+    want = lora.fuse(base, lora.load_loras([kohya], model.config, base), [0.5])
+    _, got = load_transformer(dst / "transformer")
+    for x, y in zip(lora.jax.tree.leaves(got), lora.jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
