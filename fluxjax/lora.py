@@ -90,6 +90,10 @@ def _stacked_shapes(params, cfg: FluxConfig) -> dict:
 def _check_piece(path: str, piece: Piece, kernel: tuple, cfg: FluxConfig) -> None:
     in_dim, out_dim = kernel[-2:]
     rows = out_dim if piece.rows is None else len(piece.rows)
+    if piece.target == "img_in" and piece.down.shape[1] != in_dim:
+        raise UsageError(f"{path}: key {piece.key!r} widens img_in to {piece.down.shape[1]} input channels, the model "
+                         f"has {in_dim}: a structural-control LoRA (FLUX.1 Canny/Depth), which needs a control-image "
+                         "input fluxjax does not have yet")
     if piece.down.shape[1] != in_dim or piece.up.shape[0] != rows:
         raise UsageError(f"{path}: key {piece.key!r} updates a {rows}x{piece.down.shape[1]} weight, the model's "
                          f"{piece.target} needs {rows}x{in_dim} (a LoRA for another FLUX size or variant?)")

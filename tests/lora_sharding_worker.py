@@ -20,9 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
-
 from fluxjax import lora  # noqa: E402
+from fluxjax.bench.lora import write_random_lora  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.loading.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
@@ -32,25 +31,6 @@ from fluxjax.sharding import Strategy  # noqa: E402
 BATCH, L_IMG, L_TXT, RANK = 8, 24, 5, 4
 
 
-def kohya_file(path: str, params, cfg: FluxConfig) -> None:
-    """A kohya LoRA (random, alpha 2) on every kernel of `params` (stacked layout)."""
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = [k.key for k in p]
-        if names[-1] != "kernel":
-            continue
-        stacked = names[0] in lora.STACKS
-        for i in range(x.shape[0] if stacked else 1):
-            parts = names[:1] + [str(i)] + names[1:-1] if stacked else names[:-1]
-            key = "lora_unet_" + "_".join(parts)
-            in_dim, out_dim = x.shape[-2:]
-            tensors[f"{key}.lora_down.weight"] = (rng.standard_normal((RANK, in_dim)) / in_dim**0.5).astype(np.float32)
-            tensors[f"{key}.lora_up.weight"] = (0.5 * rng.standard_normal((out_dim, RANK)) / RANK**0.5).astype(np.float32)
-            tensors[f"{key}.alpha"] = np.array(2.0, np.float32)
-    save_file(tensors, path)
-
-
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     cfg = FluxConfig.preset("tiny")
@@ -58,7 +38,7 @@ def main() -> None:
     boxed = param_shapes(model)
     params = jax.device_put(host_random_params(boxed, seed=1))
     path = os.path.join(sys.argv[1], "lora.safetensors")
-    kohya_file(path, params, cfg)
+    write_random_lora(path, cfg, RANK)
     adapters = lora.load_loras([path], cfg, params)
 
     rng = np.random.default_rng(0)

@@ -350,3 +350,54 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
     _, got = load_transformer(dst / "transformer")
     for x, y in zip(lora.jax.tree.leaves(got), lora.jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def control_tensors(hub, seed, in_channels=64):
+    """A BFL control LoRA as FLUX.1-Canny/Depth-dev-lora lays it out: BFL names, lora_A/lora_B
+    with a lora_B.bias, and full replacement QK-norm scales (no diffusers check: its reader
+    assumes FLUX.1's 19/38 blocks and width 3072)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    cfg = hub.reference.transformer.config
+    d = hub.reference.transformer.inner_dim
+    linears = bfl_linears(hub.reference.transformer) + [("img_in", d, in_channels)]
+    linears += [(f"single_blocks.{j}.linear1", 7 * d, d) for j in range(cfg.num_single_layers)]
+    linears += [("final_layer.linear", 64, d), ("final_layer.adaLN_modulation.1", 2 * d, d)]
+    for name, o, i in linears:
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = random_pair(gen, o, i)
+        tensors[f"{name}.lora_B.bias"] = 0.1 * torch.randn(o, generator=gen)
+    for stack, layers, norms in (("double_blocks", cfg.num_layers, ("img_attn.norm", "txt_attn.norm")),
+                                 ("single_blocks", cfg.num_single_layers, ("norm",))):
+        for i in range(layers):
+            for norm in norms:
+                for n in ("query_norm", "key_norm"):
+                    tensors[f"{stack}.{i}.{norm}.{n}.scale"] = 1 + 0.3 * torch.randn(cfg.attention_head_dim, generator=gen)
+    return tensors
+
+
+def test_bfl_control_format(hub):
+    """Fused params against W + s (B A + b) and the replaced norms; live images equal fused ones."""
+    tensors = control_tensors(hub, seed=12)
+    path = save(hub, "control.safetensors", tensors)
+    t = hub.pipe.transformer
+    assert lora.read_lora_file(path, t.model.config)[0] == "bfl_control"
+    fused = lora.fuse(t.params, lora.load_loras([path], t.model.config, t.params), [0.9])
+    for name in ("double_blocks.1.txt_attn.qkv", "single_blocks.0.linear1", "final_layer.adaLN_modulation.1"):
+        path_ = name.replace("double_blocks.", "double_blocks_").replace("single_blocks.", "single_blocks_").split(".")
+        down, up, bias = (tensors[f"{name}.lora_{x}"].numpy() for x in ("A.weight", "B.weight", "B.bias"))
+        node_base, node_fused = t.params, fused
+        for p in path_:
+            node_base, node_fused = node_base[p], node_fused[p]
+        np.testing.assert_allclose(node_fused["kernel"], node_base["kernel"] + 0.9 * (up @ down).T, atol=1e-6)
+        np.testing.assert_allclose(node_fused["bias"], node_base["bias"] + 0.9 * bias, atol=1e-6)
+    np.testing.assert_array_equal(fused["single_blocks_1"]["norm"]["key_norm"]["scale"],
+                                  tensors["single_blocks.1.norm.key_norm.scale"].numpy())
+    live = FluxPipeline.from_pretrained(hub.root, dtype="float32")
+    live.load_lora([(path, 0.9)])
+    fused_pipe = FluxPipeline.from_pretrained(hub.root, dtype="float32", loras=[(path, 0.9)])
+    ours = run_ours(fused_pipe, hub.noise)
+    assert np.abs(ours - hub.base).max() > 2e-2
+    np.testing.assert_allclose(run_ours(live, hub.noise), ours, atol=1e-4)
+    wide = save(hub, "canny.safetensors", control_tensors(hub, seed=12, in_channels=128))
+    with pytest.raises(UsageError, match=r"canny.safetensors: key 'img_in.lora_B.weight' widens img_in to 128"):
+        hub.pipe.load_lora(wide)
