@@ -87,7 +87,7 @@ def _stacked_shapes(params, cfg: FluxConfig) -> dict:
     return out
 
 
-def _check_piece(path: str, piece: Piece, kernel: tuple, cfg: FluxConfig) -> None:
+def _check_piece(path: str, piece: Piece, kernel: tuple) -> None:
     in_dim, out_dim = kernel[-2:]
     rows = out_dim if piece.rows is None else len(piece.rows)
     if piece.target == "img_in" and piece.down.shape[1] != in_dim:
@@ -120,7 +120,7 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
             kernel = shapes.get(tuple(piece.target.split("/")) + ("kernel",))
             if kernel is None:
                 raise UsageError(f"{path}: key {piece.key!r} targets {piece.target}, which this model does not have")
-            _check_piece(path, piece, kernel, cfg)
+            _check_piece(path, piece, kernel)
             grouped.setdefault(piece.target, []).append((k, piece))
 
     tree: dict = {}
@@ -134,7 +134,7 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
     replace = {}
     for path, _, _, replacements in read:
         for r in replacements:
-            _add_replacement(replace, r, shapes, path, params)
+            _add_replacement(replace, r, shapes, path)
     stacked = Adapters(tree, replace, tuple(p for p, *_ in read), tuple(fmt for _, fmt, *_ in read))
     return _like(stacked, params)
 
@@ -175,7 +175,7 @@ def _module_adapter(items: list[tuple[int, Piece]], kernel: tuple, n: int, stack
     return leaves if stacked else {k: v[0] for k, v in leaves.items()}
 
 
-def _add_replacement(replace: dict, r: Replacement, shapes: dict, path: str, params) -> None:
+def _add_replacement(replace: dict, r: Replacement, shapes: dict, path: str) -> None:
     leaf = tuple(r.leaf.split("/"))
     shape = shapes.get(leaf)
     if shape is None or shape[-r.value.ndim:] != r.value.shape:

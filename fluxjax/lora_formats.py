@@ -91,11 +91,13 @@ def _diffusers_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None, np.n
     # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
     out["norm_out.linear"] = ("final_layer/adaLN_modulation/1", None, np.concatenate([part(1, d), part(0, d)]))
     for i in range(cfg.depth):
-        out.update({f"transformer_blocks.{i}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_DOUBLE})
+        block = f"transformer_blocks.{i}"
+        out.update({f"{block}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_DOUBLE})
         for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
-            out.update({f"transformer_blocks.{i}.attn.{n}": (f"double_blocks/{stream}_attn/qkv", i, part(k, d)) for k, n in enumerate(names)})
+            out.update({f"{block}.attn.{n}": (f"double_blocks/{stream}_attn/qkv", i, part(k, d)) for k, n in enumerate(names)})
     for i in range(cfg.depth_single_blocks):
-        out.update({f"single_transformer_blocks.{i}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_SINGLE})
+        block = f"single_transformer_blocks.{i}"
+        out.update({f"{block}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_SINGLE})
         out.update({f"single_transformer_blocks.{i}.attn.{n}": ("single_blocks/linear1", i, part(k, d))
                     for k, n in enumerate(("to_q", "to_k", "to_v"))})
         out[f"single_transformer_blocks.{i}.proj_mlp"] = ("single_blocks/linear1", i, part(3, m))
@@ -284,14 +286,17 @@ def _all(prefixes):
     return lambda ks: all(k.startswith(prefixes) for k in ks)
 
 
+_BFL_TOP = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
 # The registry: the first entry whose test accepts the file's keys reads it.
 FORMATS = (
-    Format("xlabs", lambda ks: any(".processor." in k for k in ks) and all(".processor." in k for k in ks), read_xlabs),
-    Format("diffusers", lambda ks: any(k.startswith("transformer.") for k in ks) and _all(("transformer.", "text_encoder"))(ks), read_diffusers),
+    Format("xlabs", lambda ks: all(".processor." in k for k in ks), read_xlabs),
+    Format("diffusers", lambda ks: any(k.startswith("transformer.") for k in ks) and _all(("transformer.", "text_encoder"))(ks),
+           read_diffusers),
     Format("kohya", _all(("lora_unet_", "lora_te")), read_kohya),
     Format("comfyui", _all(("diffusion_model.",)), read_comfyui),
-    Format("bfl_control", lambda ks: all(k.startswith(("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.",
-                                                       "vector_in.", "guidance_in.", "final_layer.")) for k in ks), read_bfl_control),
+    Format("bfl_control", _all(_BFL_TOP), read_bfl_control),
 )
 
 

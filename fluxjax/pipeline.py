@@ -159,6 +159,8 @@ class FluxPipeline:
         pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
         t = self.transformer
         if fuse:
+            if self.loras:
+                raise UsageError("fuse LoRAs before loading live ones (or call pipe.unload_lora() first)")
             adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype)
             self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
             return
