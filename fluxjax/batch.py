@@ -1,14 +1,17 @@
 """Batch generation: many prompts to PNGs in a folder, split over hosts, resumable.
 
 Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object a line with
-"prompt" and optional "seed", "height", "width", "steps", "guidance", "name"); blank lines are
+"prompt" and optional "seed", "height", "width", "steps", "guidance", "name", "loras"); blank lines are
 skipped. Job k (the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
 `seed + k` unless it gives its own: an image's noise depends on its job only (sampling.noise
 draws each image's noise from its own seed). Its pixels also depend on the run's settings
 (RUN_KEYS: the compiled batch size, dtype, devices, sharding, JAX version), since XLA picks
 other kernels and summation orders for another batch shape or device; not on the number of
 hosts, nor on which jobs share its batch. Every manifest record carries those settings, and
-a resume with other settings is refused: one folder never mixes two runs' pixels.
+a resume with other settings is refused: one folder never mixes two runs' pixels. "loras" is a
+list of "FILE" / "FILE:SCALE" strings or [FILE, SCALE] pairs (paths relative to the prompts
+file): every LoRA of the file is loaded live once, and each image runs with its own strengths
+(0 for the LoRAs it does not name), so images with different LoRAs share a batch.
 
 Hosts. Job k belongs to host k % process_count; each host generates its own jobs on its local
 devices, independently of the others. Round robin keeps every shape group balanced over hosts.
@@ -49,8 +52,8 @@ from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling import check_dimension, check_seed
 from fluxjax.text import check_prompt
 
-JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name"}
-RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model")  # PNG text chunks that define an image
+JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name", "loras"}
+RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras")  # PNG text chunks that define an image
 # What else an image's pixels depend on (measured: README, "Many prompts"), recorded with every
 # image in the manifest; a resume that would change one of them is refused.
 RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax")
@@ -73,6 +76,7 @@ class Job:
     width: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (absolute path, strength)
 
     @property
     def shape(self) -> tuple:
@@ -81,7 +85,7 @@ class Job:
 
     def text(self, model: str) -> dict[str, str]:
         """The PNG text chunks, as `fluxjax generate` writes them."""
-        return png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model)
+        return png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model, self.loras)
 
 
 def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | None = None,
@@ -107,7 +111,7 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
             job = Job(index=k, where=where, name=_png_name(fields.get("name", f"{k:06d}"), where),
                       prompt=fields["prompt"], seed=fields.get("seed", seed + k), height=fields.get("height", height),
                       width=fields.get("width", width), steps=fields.get("steps", steps),
-                      guidance=fields.get("guidance", guidance))
+                      guidance=fields.get("guidance", guidance), loras=_loras(fields.get("loras", []), path, where))
             check_prompt(f"{where}: prompt", job.prompt)
             check_seed(f"{where}: seed", job.seed)
             if job.guidance is not None and not math.isfinite(job.guidance):
@@ -155,6 +159,43 @@ def _jsonl_fields(line: str, where: str) -> dict:
     if "guidance" in fields:
         fields["guidance"] = float(fields["guidance"])
     return fields
+
+
+def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:
+    from fluxjax.lora import parse_lora_arg
+
+    if not isinstance(value, list):
+        raise UsageError(f"{where}: loras must be a list of \"FILE[:SCALE]\" or [FILE, SCALE], got {value!r}")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            file, scale = parse_lora_arg(item)
+        elif (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+              and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
+            file, scale = item[0], float(item[1])
+        else:
+            raise UsageError(f"{where}: loras item {item!r} is not \"FILE[:SCALE]\" or [FILE, SCALE]")
+        file = os.path.abspath(os.path.join(os.path.dirname(path), file))
+        if not os.path.isfile(file):
+            raise UsageError(f"{where}: LoRA file {file} does not exist")
+        out.append((file, scale))
+    return tuple(out)
+
+
+def lora_files(jobs: list[Job]) -> list[str]:
+    """Every LoRA file the jobs name, in order of first appearance."""
+    return list(dict.fromkeys(f for job in jobs for f, _ in job.loras))
+
+
+def lora_table(jobs: list[Job], files: list[str]):
+    """(len(jobs), len(files)) strengths: job i's strength of each file, 0 where it names none."""
+    import numpy as np
+
+    table = np.zeros((len(jobs), len(files)), np.float32)
+    for i, job in enumerate(jobs):
+        for f, w in job.loras:
+            table[i, files.index(f)] += w
+    return table
 
 
 def _png_name(name, where: str) -> str:
@@ -281,10 +322,10 @@ def check_recipes(jobs: list[Job], done: dict[str, dict], model: str) -> None:
         if record is None:
             continue
         wanted = job.text(model)
-        differ = [k for k in RECIPE_KEYS if record.get(k) != wanted[k]]
+        differ = [k for k in RECIPE_KEYS if record.get(k) != wanted.get(k)]
         if differ:
             raise UsageError(f"{job.where}: {job.name} is already recorded in the output folder with another "
-                             f"{differ[0]} ({record.get(differ[0])!r}, now {wanted[differ[0]]!r}); "
+                             f"{differ[0]} ({record.get(differ[0])!r}, now {wanted.get(differ[0])!r}); "
                              "use a new --out-dir or remove that image's manifest line")
 
 
@@ -345,7 +386,8 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
             first = batch[0]
             try:
                 images = pipe([j.prompt for j in padded], height=first.height, width=first.width, num_steps=first.steps,
-                              guidance=first.guidance, seed=[j.seed for j in padded], output="pil")
+                              guidance=first.guidance, seed=[j.seed for j in padded], output="pil",
+                              **({"lora_scales": lora_table(padded, [f for f, _ in pipe.loras])} if pipe.loras else {}))
                 records = [_save(image, job, out_dir, pipe.name, host, settings) for job, image in zip(batch, images)]
                 fsync_dir(out_dir)  # the renames are durable before the manifest says so
                 for record in records:

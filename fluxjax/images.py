@@ -13,16 +13,21 @@ import glob
 import os
 import re
 import sys
+from typing import Sequence
 
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # ".NAME.PID.tmp"
 
 
 def png_text(prompt: str, seed: int, steps: int, guidance: float | None, width: int, height: int,
-             model: str) -> dict[str, str]:
-    """The text chunks of a PNG: what made the image (guidance "none" for models without it)."""
-    return {"prompt": prompt, "seed": str(seed), "steps": str(steps),
+             model: str, loras: Sequence[tuple[str, float]] = ()) -> dict[str, str]:
+    """The text chunks of a PNG: what made the image (guidance "none" for models without it;
+    "loras" as "FILE:SCALE ..." by file name, only when LoRAs were applied)."""
+    text = {"prompt": prompt, "seed": str(seed), "steps": str(steps),
             "guidance": "none" if guidance is None else f"{guidance:g}",
             "size": f"{width}x{height}", "model": model, "software": "fluxjax"}
+    if loras:
+        text["loras"] = " ".join(f"{os.path.basename(f)}:{w:g}" for f, w in loras)
+    return text
 
 
 def temporary_path(path: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fluxjax import sampling
 from fluxjax.cache import enable_compilation_cache
@@ -85,13 +85,16 @@ class FluxPipeline:
         self.strategy, self.mesh = strategy, mesh
         self.defaults = DEFAULTS[kind]
         self.timings: dict[str, float] = {}
+        self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
+        self.adapters = None  # their fluxjax.lora.Adapters, on the device
+        self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
 
     # --- loading ---------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = "tiny", dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                        attention_impl: str = "auto", devices=None) -> "FluxPipeline":
+                        attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -109,6 +112,7 @@ class FluxPipeline:
                         (GPU flash attention) or "cpu"; see layers.dot_product_attention.
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
+        loras, fuse: LoRA files to apply, as `load_lora(loras, fuse=fuse)` does.
         """
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)
@@ -120,9 +124,42 @@ class FluxPipeline:
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:
                 raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
-            return cls._tiny(dtype, attention_impl, **placement)
-        root = _resolve_source(os.fspath(source))
-        return cls._from_folder(root, dtype, transformer, vae, attention_impl, **placement)
+            pipe = cls._tiny(dtype, attention_impl, **placement)
+        else:
+            root = _resolve_source(os.fspath(source))
+            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, **placement)
+        if loras:
+            pipe.load_lora(loras, fuse=fuse)
+        return pipe
+
+    def load_lora(self, loras, fuse: bool = False) -> None:
+        """Apply LoRAs to the transformer (any format of fluxjax.lora_formats).
+
+        loras: a file, a (file, strength) pair, or a list of either (strength 1.0 when omitted).
+        fuse: True folds W + strength * alpha/r * B A into the weights (on the device, in each
+            weight's sharding; no cost per step, strengths fixed); False runs the LoRAs live in
+            the denoising loop next to those loaded live before, their strengths adjustable per
+            call and per image with `pipe(..., lora_scales=...)` without recompiling.
+        Full replacement tensors (control LoRAs' QK-norm scales) replace the weights either way.
+        """
+        from fluxjax import lora
+
+        items = [loras] if isinstance(loras, (str, os.PathLike)) or (
+            isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
+        pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
+        t = self.transformer
+        if fuse:
+            if self.loras:
+                raise UsageError("fuse LoRAs before loading live ones (or call pipe.unload_lora() first)")
+            adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype)
+            self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
+            return
+        base = t.params if self._params_before_loras is None else self._params_before_loras
+        adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base, t.model.param_dtype)
+        self.loras, self._params_before_loras = self.loras + pairs, base
+        self.transformer = Component(t.model, lora.with_replacements(base, adapters))
+        placement = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+        self.adapters = lora.Adapters(jax.device_put(adapters.tree, placement), {}, adapters.names, adapters.formats)
 
     @classmethod
     def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, strategy, mesh) -> "FluxPipeline":
@@ -162,12 +199,18 @@ class FluxPipeline:
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
                    strategy=strategy, mesh=mesh)
 
+    def unload_lora(self) -> None:
+        """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline)."""
+        if self._params_before_loras is not None:
+            self.transformer = Component(self.transformer.model, self._params_before_loras)
+        self.loras, self.adapters, self._params_before_loras = [], None, None
+
     # --- generation ------------------------------------------------------------------------
 
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
                  latents=None, max_sequence_length: int | None = None, output: str = "pil",
-                 progress: bool = False):
+                 progress: bool = False, lora_scales=None):
         """Generate one image per prompt.
 
         prompt: a string or a list of B strings (with `latents` of batch B, one string is used B times).
@@ -181,6 +224,9 @@ class FluxPipeline:
         latents: initial noise (B, 16, H/8, W/8) (NCHW, as `torch.randn` gives it) instead of seeds.
         output: "np" -> float32 array (B, H, W, 3) in [0, 1]; "pil" -> list of PIL images.
         progress: show a progress bar over the stages and steps (on a terminal).
+        lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
+            (B, n) table, one row per image (a batch may mix LoRAs and strengths); default:
+            the strengths they were loaded with.
         """
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
@@ -197,6 +243,13 @@ class FluxPipeline:
             txt_ids=sampling.text_ids(batch, t5_ids.shape[1]),
             guidance=None if guidance is None else np.full((batch,), guidance, np.float32),
         )
+        if self.adapters is not None:
+            from fluxjax.lora import image_scales
+
+            strengths = [s for _, s in self.loras] if lora_scales is None else lora_scales
+            inputs["lora_scales"] = image_scales(strengths, batch, self.adapters.count)
+        elif lora_scales is not None:
+            raise UsageError("lora_scales given, but no LoRA is loaded live (pipe.load_lora(..., fuse=False))")
         if self.strategy is not None:  # split along the data axes, padded to divide them
             inputs, _ = self.strategy.put_batch(inputs, self.mesh)
         context = self.strategy.activate(self.mesh) if self.strategy is not None else contextlib.nullcontext()
@@ -214,6 +267,7 @@ class FluxPipeline:
                 latents_out = sampling.denoise(
                     self.transformer.model, self.transformer.params, inputs["img"], inputs["img_ids"], txt,
                     inputs["txt_ids"], vec, sigmas, inputs["guidance"], report_steps=bool(progress),
+                    adapters=None if self.adapters is None else self.adapters.tree, lora_scales=inputs.get("lora_scales"),
                 )
                 latents_out.block_until_ready()
             self.timings["denoise"] = time.perf_counter() - start

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxjax import lora
 from fluxjax.errors import UsageError
 from fluxjax.sharding import jit_with_rules
 
@@ -220,7 +221,8 @@ def step_callback(callback: Callable[[int], None]):
         _STEP_CALLBACK[0] = previous
 
 
-def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False):
+def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False,
+               adapters=None, lora_scales=None):
     """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps, as one `lax.fori_loop`.
 
     model:    a `fluxjax.models.flux.Flux` (static); params its parameters.
@@ -231,14 +233,18 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
     report_steps: call the host step callback after each step (see `step_callback`).
     Under `Strategy.activate(mesh)` the activations are constrained as the strategy says.
+    adapters: None, or a LoRA adapter tree (fluxjax.lora.Adapters.tree) run live, with
+    lora_scales (B, n) float32: the strength of each of its n LoRAs on each image.
     Returns (B, L_img, 64) float32 final latents.
     """
     batch = img.shape[0]
+    variables = lora.variables(params, adapters)
 
     def step(i, x):
         t_curr, t_prev = sigmas[i], sigmas[i + 1]
         t_vec = jnp.full((batch,), t_curr, jnp.float32)
-        pred = model.apply({"params": params}, x, img_ids, txt, txt_ids, t_vec, vec, guidance)
+        with lora.live(lora_scales) if adapters is not None else contextlib.nullcontext():
+            pred = model.apply(variables, x, img_ids, txt, txt_ids, t_vec, vec, guidance)
         x = x + (t_prev - t_curr) * pred.astype(jnp.float32)
         if report_steps:
             jax.debug.callback(_report_step, i)

@@ -22,7 +22,7 @@ from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line: "
-                                        "prompt, and optional seed, height, width, steps, guidance, name)")
+                                        "prompt, and optional seed, height, width, steps, guidance, name, loras)")
     parser.add_argument("--out-dir", required=True, help="the folder of the PNGs and the manifests (created if missing)")
     parser.add_argument("--model", default=None,
                         help="a hub-layout folder, an Orbax folder from fluxjax convert, a hub repo id, or 'tiny' "
@@ -80,6 +80,8 @@ def run(args) -> int:
             pipe.settings(guidance=args.guidance)
         except UsageError as e:
             raise UsageError(f"--guidance: {e}") from None
+    if batch.lora_files(jobs):  # live, so that each image runs with its own LoRAs
+        pipe.load_lora(batch.lora_files(jobs), fuse=False)
     jobs = batch.resolve(jobs, pipe)
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"fluxjax batch: {len(jobs)} prompts, model {pipe.name} loaded in {time.perf_counter() - start:.1f} s"

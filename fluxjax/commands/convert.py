@@ -13,14 +13,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="stored parameter dtype")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing DST that fluxjax convert wrote (swapped in once the new one is complete)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA fused into the transformer at strength SCALE (default 1); repeatable")
 
 
 def run(args) -> int:
+    from fluxjax.lora import parse_lora_arg
     from fluxjax.loading.to_orbax import convert
 
     before = _identity(args.dst)
     try:
-        written = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        written = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                          loras=[parse_lora_arg(x) for x in args.lora])
     except KeyboardInterrupt:
         print(f"fluxjax convert: interrupted; {_outcome(args.dst, before)}", file=sys.stderr)
         return 130

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
                         help="a strategy of fluxjax/configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA .safetensors (diffusers/PEFT, kohya, ComfyUI, XLabs or BFL control) fused into the "
+                             "transformer at strength SCALE (default 1); repeatable")
 
 
 def _check(args) -> None:
@@ -75,6 +78,15 @@ def _check(args) -> None:
         path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
             raise UsageError(f"--{name} {path}: no such file")
+    for path, _ in _loras(args):
+        if not os.path.isfile(path):
+            raise UsageError(f"--lora {path}: no such file")
+
+
+def _loras(args) -> list[tuple[str, float]]:
+    from fluxjax.lora import parse_lora_arg
+
+    return [parse_lora_arg(x) for x in args.lora]
 
 
 def _check_size(args, model: str) -> None:
@@ -110,7 +122,7 @@ def run(args) -> int:
     start = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
-                                        vae=args.vae, attention_impl=args.attention)
+                                        vae=args.vae, attention_impl=args.attention, loras=_loras(args), fuse=True)
     timings = {"load": time.perf_counter() - start}
     (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                     seed=args.seed, output="pil", progress=True)
@@ -120,7 +132,8 @@ def run(args) -> int:
         return 0
     start = time.perf_counter()
     steps, guidance, _ = pipe.settings(args.steps, args.guidance)
-    save_png(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name))
+    save_png(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name,
+                                       _loras(args)))
     timings["save"] = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) in "

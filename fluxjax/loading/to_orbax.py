@@ -59,12 +59,13 @@ COMPONENT_ENTRIES = {MARKER, PARAMS, "config.json"}  # all a component folder wr
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", overwrite: bool = False,
-            progress: bool | None = None) -> dict[str, str]:
+            progress: bool | None = None, loras=()) -> dict[str, str]:
     """Convert `src` (see the module docstring) into Orbax component folders at `dst`.
 
     dtype:     the stored dtype of every parameter ("bfloat16" or "float32").
     overwrite: replace an existing `dst` (only once the new one is complete).
     progress:  show a byte progress bar (None: only on a terminal).
+    loras:     [(LoRA file, strength)] fused into the transformer as it is written (fluxjax.lora).
     Returns {subfolder of dst written ("." for a single component): the model kind it holds}.
     Raises CheckpointError / ConfigError (ValueError) naming the file and key, FileExistsError
     if `dst` exists without `overwrite` or is not fluxjax's to replace (`check_destination`);
@@ -77,7 +78,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
     with staged(dst) as tmp, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                   desc=f"converting {os.path.basename(src)}", disable=None if progress is None else not progress) as bar:
         for rel, plan in jobs:
-            write_component(plan, os.path.join(tmp, rel), dtype, bar.update)
+            write_component(plan, os.path.join(tmp, rel), dtype, bar.update, loras if plan.kind == "flux" else ())
         for rel in copies:
             source, target = os.path.join(src, rel), os.path.join(tmp, rel)
             (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
@@ -241,11 +242,18 @@ def _file_plan(path: str, dtype) -> Plan:
     raise CheckpointError(f"{path}: neither a BFL FLUX transformer nor a FLUX VAE file (keys e.g. {sorted(keys)[:3]})")
 
 
-def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], object] | None = None) -> None:
-    """Write one component folder: its parameters leaf by leaf, fluxjax.json and the source's config.json."""
+def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], object] | None = None, loras=()) -> None:
+    """Write one component folder: its parameters leaf by leaf (with `loras` [(file, strength)]
+    fused in: a transformer's), fluxjax.json and the source's config.json."""
     os.makedirs(folder, exist_ok=True)
     writer = ParamsWriter(os.path.join(folder, PARAMS))
-    for target, value in plan.leaves(dtype, progress):
+    leaves = plan.leaves(dtype, progress)
+    if loras:
+        from fluxjax import lora
+
+        adapters = lora.load_loras([f for f, _ in loras], plan.config, plan.shapes)
+        leaves = lora.fuse_leaves(leaves, adapters, [w for _, w in loras])
+    for target, value in leaves:
         writer.add(target, value)
         del value  # the writer holds it until its group is saved
     writer.close()

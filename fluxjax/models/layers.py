@@ -47,7 +47,8 @@ def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
     """
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        # "lora": live LoRA adapters (fluxjax.lora), stacked over the blocks like their kernels.
+        variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,
         length=length,

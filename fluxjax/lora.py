@@ -1,0 +1,350 @@
+"""LoRA adapters on the FLUX transformer: read, fuse into the weights, or run live in the loop.
+
+`load_loras(files, config, params)` reads LoRA files (any format of fluxjax.lora_formats) into
+one `Adapters`: a parameter-shaped tree on fluxjax's own layout, for n LoRAs at once. For each
+adapted Linear (path as in params, e.g. `double_blocks/img_attn/qkv`, block axis first when the
+blocks are stacked: block 7's adapter is at index 7, as its kernel is):
+  a      (in, R)      every LoRA's down matrices side by side (R = the sum of their ranks)
+  b      (R, out)     their up matrices, each on the output rows it updates (zero elsewhere:
+                      diffusers' separate to_q/to_k/to_v land on their thirds of the fused qkv)
+  scale  (n, R)       alpha/rank of LoRA k on its own rank columns, 0 on the others
+  bias   (n, out)     LoRA k's bias on the output (BFL control LoRAs), usually zeros
+so that with per-LoRA strengths s (n,), the update of that Linear is
+  kernel + a @ diag(s @ scale) @ b,  bias + s @ bias          (W + s * alpha/r * B A, stacked).
+Full replacement tensors (control LoRAs' QK-norm scales) are in `Adapters.replace`.
+
+Fused: `fuse(params, adapters, strengths)` computes the update on the device in the kernel's
+own sharding (an fsdp-sharded kernel is updated shard by shard, never gathered).
+Live: `variables(params, adapters)` + `live(scales)` around `model.apply` add the low-rank
+branch x @ a * (scales @ scale) @ b inside the jitted loop; the adapters and `scales` (B, n),
+a strength per image and LoRA, are jit arguments, so new LoRAs of the same ranks, or new
+strengths, do not recompile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax.config import FluxConfig
+from fluxjax.errors import UsageError
+from fluxjax.lora_formats import STACKS, Piece, Replacement, read_lora_file
+from fluxjax.models.layers import unstack_layers
+
+COLLECTION = "lora"  # the variable collection the live branch reads; scanned with the blocks
+
+
+@dataclass
+class Adapters:
+    """n LoRAs on one transformer. tree: {Linear path: {"a", "b", "scale", "bias"}} as nested dicts
+    (the layout of params: stacked or per-block); replace: {leaf path tuple: array} full
+    replacement tensors; names: the files; formats: each file's format."""
+
+    tree: dict
+    replace: dict = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """"FILE[:SCALE]" (the CLI's --lora) -> (file, scale); a missing scale is 1.0."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or os.path.exists(text):
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise UsageError(f"--lora {text!r}: expected FILE or FILE:SCALE with a number as SCALE") from None
+
+
+def _shape_tree(params) -> dict:
+    """params -> {path tuple: shape} (works on arrays and ShapeDtypeStructs)."""
+    return {tuple(k.key for k in p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _stacked_shapes(params, cfg: FluxConfig) -> dict:
+    """Shapes in the stacked layout, also when `params` holds per-block entries (double_blocks_0, ...)."""
+    shapes = _shape_tree(params)
+    out = {}
+    for path, shape in shapes.items():
+        head = path[0]
+        stack = head.rsplit("_", 1)[0] if head.rsplit("_", 1)[-1].isdigit() else None
+        if stack in STACKS:
+            out[(stack,) + path[1:]] = (getattr(cfg, STACKS[stack]),) + shape
+        else:
+            out[path] = shape
+    return out
+
+
+def _check_piece(path: str, piece: Piece, kernel: tuple) -> None:
+    in_dim, out_dim = kernel[-2:]
+    rows = out_dim if piece.rows is None else len(piece.rows)
+    if piece.target == "img_in" and piece.down.shape[1] != in_dim:
+        raise UsageError(f"{path}: key {piece.key!r} widens img_in to {piece.down.shape[1]} input channels, the model "
+                         f"has {in_dim}: a structural-control LoRA (FLUX.1 Canny/Depth), which needs a control-image "
+                         "input fluxjax does not have yet")
+    if piece.down.shape[1] != in_dim or piece.up.shape[0] != rows:
+        raise UsageError(f"{path}: key {piece.key!r} updates a {rows}x{piece.down.shape[1]} weight, the model's "
+                         f"{piece.target} needs {rows}x{in_dim} (a LoRA for another FLUX size or variant?)")
+
+
+def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtype=jnp.float32) -> Adapters:
+    """Read LoRA files for the transformer (`cfg`, its `params` or their shapes) into one Adapters.
+
+    files: paths of LoRA .safetensors files, any format of fluxjax.lora_formats.
+    Returns Adapters whose tree follows the layout of `params` (stacked blocks, or the per-block
+    entries of layer_loop="unrolled"), leaves in `dtype` as host NumPy arrays.
+    Raises CheckpointError / UsageError naming the file and key of anything that does not fit.
+    """
+    shapes = _stacked_shapes(nn.meta.unbox(params), cfg)
+    read = []
+    for f in files:
+        path = os.fspath(f)
+        fmt, pieces, replacements = read_lora_file(path, cfg)
+        read.append((path, fmt, pieces, replacements))
+    n = len(read)
+    grouped: dict[str, list[tuple[int, Piece]]] = {}
+    for k, (path, _, pieces, _) in enumerate(read):
+        for piece in pieces:
+            kernel = shapes.get(tuple(piece.target.split("/")) + ("kernel",))
+            if kernel is None:
+                raise UsageError(f"{path}: key {piece.key!r} targets {piece.target}, which this model does not have")
+            _check_piece(path, piece, kernel)
+            grouped.setdefault(piece.target, []).append((k, piece))
+
+    tree: dict = {}
+    for target, items in grouped.items():
+        kernel = shapes[tuple(target.split("/")) + ("kernel",)]
+        leaves = _module_adapter(items, kernel, n, stacked=target.split("/")[0] in STACKS)
+        node = tree
+        for part in target.split("/"):
+            node = node.setdefault(part, {})
+        node.update({k: v.astype(dtype) for k, v in leaves.items()})
+    replace = {}
+    for path, _, _, replacements in read:
+        for r in replacements:
+            _add_replacement(replace, r, shapes, path)
+    stacked = Adapters(tree, replace, tuple(p for p, *_ in read), tuple(fmt for _, fmt, *_ in read))
+    return _like(stacked, params)
+
+
+def _module_adapter(items: list[tuple[int, Piece]], kernel: tuple, n: int, stacked: bool) -> dict:
+    """The a/b/scale/bias leaves of one Linear from the pieces of n LoRAs that update it."""
+    layers = kernel[0] if stacked else 1
+    in_dim, out_dim = kernel[-2:]
+    # Each piece gets its own rank columns; the pieces of one LoRA playing the same part (same
+    # output rows and rank) in different blocks share them, and a block a piece does not touch
+    # keeps zeros there.
+    slots: list[tuple[tuple, set]] = []  # ((lora, first row, rows, rank), layers using it)
+    starts = []
+    for k, p in items:
+        role = (k, -1 if p.rows is None else int(p.rows[0]), -1 if p.rows is None else len(p.rows), p.down.shape[0])
+        free = [j for j, (r, used) in enumerate(slots) if r == role and p.layer not in used]
+        if not free:
+            slots.append((role, set()))
+            free = [len(slots) - 1]
+        slots[free[0]][1].add(p.layer)
+        starts.append(sum(r[3] for r, _ in slots[: free[0]]))
+    rank = sum(r[3] for r, _ in slots)
+    a = np.zeros((layers, in_dim, rank), np.float32)
+    b = np.zeros((layers, rank, out_dim), np.float32)
+    scale = np.zeros((layers, n, rank), np.float32)
+    bias = np.zeros((layers, n, out_dim), np.float32)
+    for (k, p), start in zip(items, starts):
+        i = p.layer or 0
+        r = p.down.shape[0]
+        cols = slice(start, start + r)
+        rows = np.arange(out_dim) if p.rows is None else p.rows
+        a[i, :, cols] += p.down.T
+        b[i][cols][:, rows] += p.up.T  # (rank, rows): a view, so the update lands in b
+        scale[i, k, cols] = p.alpha / r
+        if p.bias is not None:
+            bias[i, k, rows] += p.bias
+    leaves = dict(a=a, b=b, scale=scale, bias=bias)
+    return leaves if stacked else {k: v[0] for k, v in leaves.items()}
+
+
+def _add_replacement(replace: dict, r: Replacement, shapes: dict, path: str) -> None:
+    leaf = tuple(r.leaf.split("/"))
+    shape = shapes.get(leaf)
+    if shape is None or shape[-r.value.ndim:] != r.value.shape:
+        raise UsageError(f"{path}: key {r.key!r} of shape {r.value.shape} replaces no parameter of this model "
+                         f"({r.leaf} is {shape})")
+    replace[(leaf, r.layer)] = r.value
+
+
+def _like(adapters: Adapters, params) -> Adapters:
+    """Adapters in the layout of `params`: per-block entries when params has them."""
+    heads = set(params)
+    unrolled = [s for s in STACKS if s in adapters.tree and s not in heads]
+    if not unrolled:
+        return adapters
+    tree = unstack_layers(jax.tree.map(jnp.asarray, adapters.tree), unrolled)
+    return Adapters(jax.tree.map(np.asarray, tree), adapters.replace, adapters.names, adapters.formats)
+
+
+def with_replacements(params, adapters: Adapters):
+    """params with the adapters' full replacement tensors put in (each in its leaf's sharding)."""
+    if not adapters.replace:
+        return params
+    out = jax.tree.map(lambda x: x, params)  # a new tree of the same arrays
+    for (leaf, layer), value in adapters.replace.items():
+        if leaf[0] in out:
+            node = out
+            for part in leaf[:-1]:
+                node = node[part]
+            old = node[leaf[-1]]
+            new = np.asarray(old).copy() if layer is not None else value
+            if layer is not None:
+                new[layer] = value
+            node[leaf[-1]] = jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
+        else:  # per-block layout
+            node = out[f"{leaf[0]}_{layer}"]
+            for part in leaf[1:-1]:
+                node = node[part]
+            old = node[leaf[-1]]
+            node[leaf[-1]] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+    return out
+
+
+# --- fused --------------------------------------------------------------------------------------
+
+
+def _fused_kernel(kernel, a, b, scale, strengths):
+    """kernel (..., in, out) + a (..., in, R) diag(strengths @ scale) b (..., R, out), in float32."""
+    cols = jnp.einsum("n,...nr->...r", strengths, scale)
+    delta = jnp.einsum("...ir,...r,...ro->...io", a.astype(jnp.float32), cols, b.astype(jnp.float32))
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def _fused_bias(bias, lbias, strengths):
+    """bias (..., out) + strengths @ lbias (..., n, out), in float32."""
+    return (bias.astype(jnp.float32) + jnp.einsum("n,...no->...o", strengths, lbias)).astype(bias.dtype)
+
+
+def _fused(kernel, bias, a, b, scale, lbias, strengths):
+    """(new kernel, new bias or None) of one Linear."""
+    new_bias = None if bias is None else _fused_bias(bias, lbias, strengths)
+    return _fused_kernel(kernel, a, b, scale, strengths), new_bias
+
+
+def fuse(params, adapters: Adapters, strengths: Sequence[float]):
+    """params with W + s_k * alpha_k/r_k * B_k A_k of every LoRA k folded into its Linears.
+
+    params: the transformer's parameters (stacked or per-block, on one device or sharded).
+    strengths: one number per LoRA (n,). Each updated kernel is computed on the devices that hold
+    it, in its own sharding (jit out_shardings = the kernel's): the low-rank factors are small and
+    replicated, so no device ever holds a whole sharded kernel. Returns a new tree.
+    """
+    strengths = np.asarray(strengths, np.float32).reshape(-1)
+    if strengths.shape[0] != adapters.count:
+        raise UsageError(f"{adapters.count} LoRAs but {strengths.shape[0]} strengths")
+    out = with_replacements(params, adapters)
+
+    def walk(node, adapter):
+        for name, sub in adapter.items():
+            if "a" in sub and not isinstance(sub["a"], dict):
+                kernel, bias = node[name]["kernel"], node[name].get("bias")
+                shardings = (kernel.sharding, None if bias is None else bias.sharding)
+                fn = jax.jit(_fused, out_shardings=shardings)
+                node[name] = dict(node[name])
+                node[name]["kernel"], new_bias = fn(kernel, bias, sub["a"], sub["b"], sub["scale"], sub["bias"], strengths)
+                if bias is not None:
+                    node[name]["bias"] = new_bias
+            else:
+                node[name] = dict(node[name])
+                walk(node[name], sub)
+
+    out = dict(out)
+    walk(out, adapters.tree)
+    return out
+
+
+def fuse_leaves(leaves, adapters: Adapters, strengths: Sequence[float]):
+    """Fuse while streaming: (Flax path "a/b/kernel", host array) pairs in the stacked layout, as
+    fluxjax.loading's Plan.leaves yields them, each kernel and bias updated as `fuse` does."""
+    strengths = np.asarray(strengths, np.float32).reshape(-1)
+    replace = {"/".join(leaf): (layer, value) for (leaf, layer), value in adapters.replace.items()}
+    for path, value in leaves:
+        node = adapters.tree
+        for part in path.split("/")[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        leaf = path.rsplit("/", 1)[-1]
+        if "a" in node and leaf == "kernel":
+            value = np.asarray(jax.jit(_fused_kernel)(value, node["a"], node["b"], node["scale"], strengths))
+        elif "a" in node and leaf == "bias":
+            value = np.asarray(jax.jit(_fused_bias)(value, node["bias"], strengths))
+        if path in replace:
+            layer, new = replace[path]
+            value = np.array(value)
+            value[layer if layer is not None else slice(None)] = new
+        yield path, value
+
+
+# --- live ---------------------------------------------------------------------------------------
+
+_SCALES: list = [None]  # the per-image strengths of the `live` context being traced
+
+
+def variables(params, adapters: Adapters | dict | None) -> dict:
+    """The `model.apply` variables: params plus, when given, the adapters' tree as the lora collection."""
+    if adapters is None:
+        return {"params": params}
+    tree = adapters.tree if isinstance(adapters, Adapters) else adapters
+    return {"params": params, COLLECTION: tree}
+
+
+def _low_rank_branch(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, nn.Dense) or not module.has_variable(COLLECTION, "a"):
+        return out
+    scales = _SCALES[0]
+    if scales is None:
+        raise RuntimeError("LoRA adapters passed to the model outside a lora.live(scales) context")
+    x = args[0]
+    a, b, scale, bias = (module.get_variable(COLLECTION, k) for k in ("a", "b", "scale", "bias"))
+    # x (B, ..., in): every Linear of FLUX sees the batch first, so per-image strengths broadcast.
+    cols = (scales @ scale.astype(jnp.float32)).astype(x.dtype)       # (B, R)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2)
+    h = (x @ a.astype(x.dtype)) * cols.reshape(shape + cols.shape[-1:])
+    shift = (scales @ bias.astype(jnp.float32)).astype(out.dtype)     # (B, out)
+    return out + (h @ b.astype(x.dtype)).astype(out.dtype) + shift.reshape(shape + shift.shape[-1:])
+
+
+@contextlib.contextmanager
+def live(scales):
+    """Within this context (while tracing `model.apply(lora.variables(params, adapters), ...)`),
+    every Linear with an adapter adds x @ a * (scales @ scale) @ b + scales @ bias.
+
+    scales: (B, n) float32, the strength of LoRA k on image b (a jit argument: no recompile when
+    it changes). A no-op for Linears without adapters.
+    """
+    previous, _SCALES[0] = _SCALES[0], jnp.asarray(scales, jnp.float32)
+    try:
+        with nn.intercept_methods(_low_rank_branch):
+            yield
+    finally:
+        _SCALES[0] = previous
+
+
+def image_scales(strengths, batch: int, count: int) -> np.ndarray:
+    """Per-image strengths (B, n) from one number per LoRA (n,) or per image and LoRA (B, n)."""
+    s = np.asarray(strengths, np.float32)
+    if s.ndim == 1:
+        s = np.broadcast_to(s, (batch, s.shape[0]))
+    if s.shape != (batch, count):
+        raise UsageError(f"lora_scales must be {count} numbers or a {batch}x{count} table (one row per image), "
+                         f"got shape {s.shape}")
+    return np.ascontiguousarray(s)

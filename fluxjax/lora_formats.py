@@ -1,0 +1,322 @@
+"""Readers of the FLUX LoRA file formats people publish (FLUX_REFERENCE.md section 7), without torch.
+
+Each format is one entry of `FORMATS`: a test on the file's keys and a reader that turns every
+key into `Piece`s (a low-rank pair on one of fluxjax's Linear layers, in BFL names) or
+`Replacement`s (a full tensor replacing a parameter). Every key is used or refused: a key that
+maps to nothing raises a one-line CheckpointError naming the file and the key.
+
+Layouts (learnt from diffusers/loaders/lora_conversion_utils.py, the formats' public reader):
+  diffusers/PEFT  transformer.<diffusers module>.lora_A.weight / .lora_B.weight; alpha from the
+                  `lora_adapter_metadata` JSON (PEFT's lora_alpha, alpha_pattern) or `.alpha` keys.
+  kohya           lora_unet_<BFL module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
+  comfyui         diffusion_model.<BFL module>.lora_A.weight / .lora_B.weight (or lora_down/up, .alpha)
+  bfl_control     <BFL module>.lora_A.weight / .lora_B.weight / .lora_B.bias plus full tensors
+                  (QK-norm scales) under their BFL names (FLUX.1-Canny/Depth-dev-lora)
+  xlabs           double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight,
+                  single_blocks.{j}.processor.{qkv,proj}_lora.{down,up}.weight; no alpha (scale 1)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from fluxjax.config import FluxConfig
+from fluxjax.loading.flux import (
+    _DIFFUSERS_DOUBLE,
+    _DIFFUSERS_GUIDANCE,
+    _DIFFUSERS_SINGLE,
+    _DIFFUSERS_TOP,
+    _DOUBLE_LINEARS,
+    _GUIDANCE_LINEARS,
+    _SINGLE_LINEARS,
+    _TOP_LINEARS,
+)
+from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
+
+STACKS = {"double_blocks": "depth", "single_blocks": "depth_single_blocks"}  # stack -> FluxConfig field
+
+
+@dataclass
+class Piece:
+    """One low-rank update of a Linear: W[rows] += (alpha / rank) * up @ down (+ bias on those rows).
+
+    target: the Linear's Flax path in the stacked layout ("double_blocks/img_attn/qkv", "img_in").
+    layer:  the block index within the stack, or None outside the blocks.
+    down:   (rank, in) float32 (PyTorch layout, `lora_A` / `lora_down`).
+    up:     (len(rows), rank) float32 (`lora_B` / `lora_up`).
+    rows:   the Linear's output features the rows of `up` land on (int array), None for all.
+    bias:   (len(rows),) float32 added with the same scale (BFL control LoRAs' lora_B.bias), or None.
+    key:    the file key that named it (for errors).
+    """
+
+    target: str
+    layer: int | None
+    down: np.ndarray
+    up: np.ndarray
+    alpha: float
+    rows: np.ndarray | None
+    bias: np.ndarray | None
+    key: str
+
+
+@dataclass
+class Replacement:
+    """A full tensor replacing a parameter: `leaf` is its Flax path ("double_blocks/img_attn/norm/query_norm/scale")."""
+
+    leaf: str
+    layer: int | None
+    value: np.ndarray
+    key: str
+
+
+def _bfl_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None]]:
+    """BFL Linear module name ("double_blocks.3.img_attn.qkv") -> (Flax path, layer)."""
+    out = {n: (n.replace(".", "/"), None) for n in _TOP_LINEARS + (_GUIDANCE_LINEARS if cfg.guidance_embed else ())}
+    for stack, names in (("double_blocks", _DOUBLE_LINEARS), ("single_blocks", _SINGLE_LINEARS)):
+        for i in range(getattr(cfg, STACKS[stack])):
+            out.update({f"{stack}.{i}.{n}": (f"{stack}/{n.replace('.', '/')}", i) for n in names})
+    return out
+
+
+def _diffusers_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None, np.ndarray | None]]:
+    """diffusers module name -> (Flax path, layer, output rows of the BFL Linear it is a part of)."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    part = lambda k, n: np.arange(k * d, k * d + n)  # noqa: E731
+    out = {theirs: (ours, None, None) for ours, theirs in _DIFFUSERS_TOP + (_DIFFUSERS_GUIDANCE if cfg.guidance_embed else ())}
+    # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
+    out["norm_out.linear"] = ("final_layer/adaLN_modulation/1", None, np.concatenate([part(1, d), part(0, d)]))
+    for i in range(cfg.depth):
+        block = f"transformer_blocks.{i}"
+        out.update({f"{block}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_DOUBLE})
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            out.update({f"{block}.attn.{n}": (f"double_blocks/{stream}_attn/qkv", i, part(k, d)) for k, n in enumerate(names)})
+    for i in range(cfg.depth_single_blocks):
+        block = f"single_transformer_blocks.{i}"
+        out.update({f"{block}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_SINGLE})
+        out.update({f"single_transformer_blocks.{i}.attn.{n}": ("single_blocks/linear1", i, part(k, d))
+                    for k, n in enumerate(("to_q", "to_k", "to_v"))})
+        out[f"single_transformer_blocks.{i}.proj_mlp"] = ("single_blocks/linear1", i, part(3, m))
+    return out
+
+
+def _bfl_norm_leaves(cfg: FluxConfig) -> dict[str, tuple[str, int]]:
+    """BFL QK-norm scale key -> (Flax leaf path, layer): what control LoRAs replace."""
+    out = {}
+    for stack, norms in (("double_blocks", ("img_attn.norm", "txt_attn.norm")), ("single_blocks", ("norm",))):
+        for i in range(getattr(cfg, STACKS[stack])):
+            for norm in norms:
+                for n in ("query_norm", "key_norm"):
+                    name = f"{norm}.{n}.scale"
+                    out[f"{stack}.{i}.{name}"] = (f"{stack}/{name.replace('.', '/')}", i)
+    return out
+
+
+class _Keys:
+    """The file's tensors, with each key checked off as a reader uses it."""
+
+    def __init__(self, source: TensorSource):
+        self.source, self.path = source, source.path
+        self.unused = set(source.keys())
+
+    def take(self, key: str) -> np.ndarray:
+        if key not in self.unused:
+            raise CheckpointError(f"{self.path}: key {key!r} is missing (its low-rank partner is in the file)")
+        self.unused.discard(key)
+        return np.asarray(self.source.read(key), np.float32)
+
+    def error(self, key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: key {key!r} {why}")
+
+
+def _pair(keys: _Keys, module_key: str, down_key: str, up_key: str) -> tuple[np.ndarray, np.ndarray]:
+    down, up = keys.take(down_key), keys.take(up_key)
+    if down.ndim != 2 or up.ndim != 2:
+        raise keys.error(down_key, f"and {up_key!r} must be matrices, got shapes {down.shape} and {up.shape}")
+    if down.shape[0] != up.shape[1]:
+        raise keys.error(up_key, f"has rank {up.shape[1]} but {down_key!r} has rank {down.shape[0]} (A/B rank mismatch)")
+    return down, up
+
+
+def _alpha(keys: _Keys, key: str, rank: int) -> float:
+    return float(keys.take(key).reshape(())) if key in keys.unused else float(rank)
+
+
+def _text_encoder_refusal(keys: _Keys, key: str) -> CheckpointError:
+    return keys.error(key, "is a text-encoder LoRA (CLIP/T5): fluxjax applies LoRAs to the transformer only; "
+                      "remove the text-encoder keys from the file to use its transformer part")
+
+
+def _module_pieces(keys: _Keys, module_key: str, target: tuple, down_key: str, up_key: str, alpha_key: str | None,
+                   alpha: float | None = None, bias_key: str | None = None) -> Piece:
+    path, layer, rows = target
+    down, up = _pair(keys, module_key, down_key, up_key)
+    if alpha is None:
+        alpha = _alpha(keys, alpha_key, down.shape[0]) if alpha_key else float(down.shape[0])
+    bias = keys.take(bias_key) if bias_key and bias_key in keys.unused else None
+    return Piece(path, layer, down, up, alpha, rows, bias, up_key)
+
+
+def _resolve_module(keys: _Keys, table: dict, name: str, key: str, cfg: FluxConfig):
+    if name in table:
+        return table[name]
+    block = re.match(r"(?:transformer_blocks|single_transformer_blocks|double_blocks|single_blocks)[._](\d+)[._]", name)
+    if block:
+        raise keys.error(key, f"is for a block this model lacks or a module FLUX does not have (the model has "
+                         f"{cfg.depth} double and {cfg.depth_single_blocks} single blocks)")
+    raise keys.error(key, "names no FLUX transformer module (a LoRA for another model?)")
+
+
+_LOW_RANK = re.compile(r"^(.*)\.(lora_A|lora_B|lora_down|lora_up)\.weight$")
+
+
+def _read_low_rank(keys: _Keys, cfg: FluxConfig, table: dict, strip: str, alpha_of=None) -> tuple[list, list]:
+    """The readers' common loop: `<strip><module>.lora_{A,B,down,up}.weight` (+ `.alpha`, `.lora_B.bias`)."""
+    pieces = []
+    for key in sorted(keys.unused):
+        if key not in keys.unused:
+            continue
+        m = _LOW_RANK.match(key)
+        if m is None or not m.group(1).startswith(strip):
+            continue
+        module = m.group(1)
+        down_name, up_name = ("lora_A", "lora_B") if m.group(2) in ("lora_A", "lora_B") else ("lora_down", "lora_up")
+        target = _resolve_module(keys, table, module[len(strip):], key, cfg)
+        alpha = alpha_of(module[len(strip):]) if alpha_of else None
+        pieces.append(_module_pieces(keys, module, target, f"{module}.{down_name}.weight", f"{module}.{up_name}.weight",
+                                     f"{module}.alpha", alpha, f"{module}.{up_name}.bias"))
+    return pieces, []
+
+
+def _peft_alpha(metadata: dict, prefix: str):
+    """PEFT's adapter config from the file's metadata -> module name -> alpha (None: alpha = rank)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = {k[len(prefix) + 1:]: v for k, v in json.loads(raw).items() if k.startswith(prefix + ".")}
+    if "lora_alpha" not in config:
+        return None
+    default, patterns = float(config["lora_alpha"]), config.get("alpha_pattern") or {}
+
+    def alpha(module: str) -> float:
+        # PEFT's rule: a pattern applies to the modules whose name ends with it.
+        for pattern, value in patterns.items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return float(value)
+        return default
+
+    return alpha
+
+
+def read_diffusers(keys: _Keys, cfg: FluxConfig):
+    for key in keys.unused:
+        if key.startswith(("text_encoder", "lora_te")):
+            raise _text_encoder_refusal(keys, key)
+    return _read_low_rank(keys, cfg, _diffusers_linears(cfg), "transformer.",
+                          _peft_alpha(keys.source.metadata(), "transformer"))
+
+
+def read_kohya(keys: _Keys, cfg: FluxConfig):
+    for key in sorted(keys.unused):
+        if key.startswith("lora_te"):
+            raise _text_encoder_refusal(keys, key)
+    table = {name.replace(".", "_"): target + (None,) for name, target in _bfl_linears(cfg).items()}
+    return _read_low_rank(keys, cfg, table, "lora_unet_")
+
+
+def _read_bfl(keys: _Keys, cfg: FluxConfig, prefix: str):
+    table = {name: target + (None,) for name, target in _bfl_linears(cfg).items()}
+    pieces, _ = _read_low_rank(keys, cfg, table, prefix)
+    norms = _bfl_norm_leaves(cfg)
+    replacements = []
+    for key in sorted(keys.unused):
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name in norms:
+            leaf, layer = norms[name]
+            replacements.append(Replacement(leaf, layer, keys.take(key), key))
+    return pieces, replacements
+
+
+def read_comfyui(keys: _Keys, cfg: FluxConfig):
+    return _read_bfl(keys, cfg, "diffusion_model.")
+
+
+def read_bfl_control(keys: _Keys, cfg: FluxConfig):
+    return _read_bfl(keys, cfg, "")
+
+
+_XLABS = re.compile(r"^(?:diffusion_model\.)?(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv|proj)_lora([12]?)\.down\.weight$")
+
+
+def read_xlabs(keys: _Keys, cfg: FluxConfig):
+    d = cfg.hidden_size
+    pieces = []
+    for key in sorted(keys.unused):
+        m = _XLABS.match(key)
+        if m is None:
+            continue
+        stack, layer, kind, stream = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        if stack == "double_blocks" and stream:
+            target = f"double_blocks/{'img' if stream == '1' else 'txt'}_attn/{kind}"
+            rows = None
+        elif stack == "single_blocks" and not stream:
+            # The single block's qkv is the first 3d rows of linear1; its proj is linear2.
+            target, rows = ("single_blocks/linear1", np.arange(3 * d)) if kind == "qkv" else ("single_blocks/linear2", None)
+        else:
+            raise keys.error(key, "is not an XLabs FLUX LoRA key")
+        if layer >= getattr(cfg, STACKS[stack]):
+            raise keys.error(key, f"is for {stack} {layer}, the model has {getattr(cfg, STACKS[stack])}")
+        # No alpha in XLabs files: alpha = rank, a scale of 1.
+        pieces.append(_module_pieces(keys, key, (target, layer, rows), key, key.replace(".down.", ".up."), None))
+    return pieces, []
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    detect: Callable[[list[str]], bool]
+    read: Callable[[_Keys, FluxConfig], tuple[list[Piece], list[Replacement]]]
+
+
+def _all(prefixes):
+    return lambda ks: all(k.startswith(prefixes) for k in ks)
+
+
+_BFL_TOP = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
+# The registry: the first entry whose test accepts the file's keys reads it.
+FORMATS = (
+    Format("xlabs", lambda ks: all(".processor." in k for k in ks), read_xlabs),
+    Format("diffusers", lambda ks: any(k.startswith("transformer.") for k in ks) and _all(("transformer.", "text_encoder"))(ks),
+           read_diffusers),
+    Format("kohya", _all(("lora_unet_", "lora_te")), read_kohya),
+    Format("comfyui", _all(("diffusion_model.",)), read_comfyui),
+    Format("bfl_control", _all(_BFL_TOP), read_bfl_control),
+)
+
+
+def read_lora_file(path: str, cfg: FluxConfig) -> tuple[str, list[Piece], list[Replacement]]:
+    """Read a LoRA .safetensors for a transformer of `cfg`: (format name, pieces, replacements).
+
+    Raises CheckpointError (one line, naming the file and key) for an unknown layout, a key that
+    maps to nothing, an A/B rank mismatch, or a block the model does not have.
+    """
+    source = TensorSource(path)
+    names = sorted(source.keys())
+    if not names:
+        raise CheckpointError(f"{path}: holds no tensors")
+    for fmt in FORMATS:
+        if fmt.detect(names):
+            keys = _Keys(source)
+            pieces, replacements = fmt.read(keys, cfg)
+            if keys.unused:
+                raise keys.error(sorted(keys.unused)[0], f"maps to no FLUX parameter (read as a {fmt.name} LoRA)")
+            return fmt.name, pieces, replacements
+    first = next((k for k in names if not k.startswith(("transformer.", "lora_unet_", "diffusion_model."))), names[0])
+    raise CheckpointError(f"{path}: key {first!r} is in no FLUX LoRA format fluxjax reads "
+                          f"({', '.join(f.name for f in FORMATS)}): a LoRA for another model?")
