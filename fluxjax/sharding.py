@@ -346,6 +346,10 @@ class _RulesJit:
         """As `jax.jit(...).lower`: the computation for these arguments under the active rules."""
         return self.jitted.lower(*self._args(args, kwargs))
 
+    def _cache_size(self) -> int:
+        """As `jax.jit(...)._cache_size()`: how many programs were compiled (tests count recompiles)."""
+        return self.jitted._cache_size()
+
 
 def _flax_rules(table: Sequence[tuple[str, MeshAxes]]) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """(logical, mesh axes) pairs -> Flax rules: one mesh axis as a name, several as a tuple, none as None."""
