@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from fluxjax import lora  # noqa: E402
 from fluxjax.bench.lora import write_random_lora  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
-from fluxjax.loading.flux import param_shapes  # noqa: E402
+from fluxjax.models.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.random_weights import host_random_params  # noqa: E402
 from fluxjax.sharding import Strategy  # noqa: E402

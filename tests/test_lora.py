@@ -314,7 +314,7 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
     from PIL import Image
 
     from fluxjax import cli
-    from fluxjax.loading.flux import load_transformer
+    from fluxjax.loading.registry import load_transformer
     from fluxjax.pipeline import to_uint8
 
     peft = diffusers_lora(hub, "peft10.safetensors", seed=10)

@@ -25,7 +25,7 @@ def write_random_lora(path: str, cfg: FluxConfig, rank: int, seed: int = 0) -> N
     from safetensors.numpy import save_file
 
     from fluxjax.lora_formats import STACKS
-    from fluxjax.loading.flux import param_shapes
+    from fluxjax.models.flux import param_shapes
     from fluxjax.models.flux import Flux
 
     rng = np.random.default_rng(seed)
