@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -311,14 +311,14 @@ def save_state(folder: str | os.PathLike, state: TrainState) -> None:
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder):
         shutil.rmtree(folder)
-    _ocp().save_pytree(folder, _as_tree(state))
+    _ocp().save(folder, _as_tree(state))
 
 
 def restore_state(folder: str | os.PathLike, abstract: TrainState) -> TrainState:
     """The TrainState saved at `folder`, each array read straight into the sharding `abstract`
     (from `Trainer.abstract_state`) gives it."""
     folder = os.path.abspath(os.fspath(folder))
-    tree = _ocp().load_pytree(folder, _as_tree(abstract))
+    tree = _ocp().load(folder, _as_tree(abstract))
     return flax.serialization.from_state_dict(abstract, tree)
 
 
@@ -347,3 +347,150 @@ def prune_checkpoints(root: str | os.PathLike, keep: int = 2) -> None:
     done = sorted(n for n in os.listdir(root) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit())
     for name in done[:-keep]:
         shutil.rmtree(os.path.join(root, name))
+
+
+# -- a whole run --------------------------------------------------------------------------------
+
+CHECKPOINTS, CACHE, MODEL, MODEL_EMA = "checkpoints", "cache", "model", "model_ema"
+LOSS_CSV, LOSS_PNG = "loss.csv", "loss.png"
+FROZEN = {"vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}  # hub folder -> pipeline component
+
+
+def stack_layers(params: dict, names: Sequence[str]) -> dict:
+    """The inverse of `layers.unstack_layers`: entries f"{name}_{i}" -> one stacked `name` entry
+    (leading layers axis). Parameters already stacked are returned unchanged."""
+    out = {k: v for k, v in params.items() if not any(k.startswith(f"{n}_") and k[len(n) + 1:].isdigit() for n in names)}
+    for name in names:
+        layers = sorted((int(k[len(name) + 1:]), v) for k, v in params.items()
+                        if k.startswith(f"{name}_") and k[len(name) + 1:].isdigit())
+        if layers:
+            out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in layers])
+    return out
+
+
+def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_size: int = 1, seed: int = 0,
+        save_every: int = 100, resume: bool = False, resolution: int = 512, max_sequence_length: int | None = None,
+        source: str | os.PathLike | None = None, tx: optax.GradientTransformation | None = None,
+        progress: bool = False) -> TrainState:
+    """Fine-tune `pipe`'s transformer on `examples` (fluxjax.data.scan_folder) for cfg.total_steps.
+
+    out_dir receives: cache/ (latents and embeddings), checkpoints/step_N (the whole TrainState
+    every `save_every` steps and at the end, the two newest kept), loss.csv (step, loss,
+    grad_norm, lr-free), loss.png, and model/ (a hub-layout folder: the trained transformer as
+    a fluxjax component, the frozen components linked from `source`, or written out for the tiny
+    preset), which `FluxPipeline.from_pretrained` and `fluxjax generate --model` take; with EMA
+    also model_ema/. resume: continue from the newest checkpoint, bit for bit as if never stopped.
+    The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
+    """
+    from tqdm import tqdm
+
+    from fluxjax.data import Batches, EncodedDataset, bucket
+    from fluxjax.models.flux import BLOCK_STACKS
+
+    out_dir = os.fspath(out_dir)
+    ckpt_root = os.path.join(out_dir, CHECKPOINTS)
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None and not resume:
+        raise UsageError(f"{out_dir}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+    if save_every < 1:
+        raise UsageError(f"save_every must be at least 1, got {save_every}")
+    batches = Batches([bucket(e.width, e.height, resolution) for e in examples], batch_size, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    length = max_sequence_length or pipe.defaults.max_sequence_length
+    data = EncodedDataset(examples, pipe, resolution, length, os.path.join(out_dir, CACHE), progress)
+
+    params = stack_layers(pipe.transformer.params, BLOCK_STACKS)
+    trainer = Trainer(pipe.transformer.model, cfg, pipe.schedule, tx, pipe.strategy, pipe.mesh)
+    if latest is not None:
+        state = restore_state(latest, trainer.abstract_state(params))
+    else:
+        state = trainer.init(params, seed)
+    del params
+    start = int(state.step)
+    log = _LossLog(os.path.join(out_dir, LOSS_CSV), start)
+    with tqdm(total=cfg.total_steps, initial=start, desc="training", unit="step", disable=not progress or None) as bar:
+        for step in range(start, cfg.total_steps):
+            state, metrics = trainer.step(state, data.batch(batches.indices(step)))
+            loss = float(metrics["loss"])
+            log.add(step + 1, loss, float(metrics["grad_norm"]))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+            if (step + 1) % save_every == 0 or step + 1 == cfg.total_steps:
+                save_state(checkpoint_path(ckpt_root, step + 1), state)
+                prune_checkpoints(ckpt_root)
+    log.plot(os.path.join(out_dir, LOSS_PNG))
+    write_model(os.path.join(out_dir, MODEL), pipe, state.params, source)
+    if state.ema is not None:
+        write_model(os.path.join(out_dir, MODEL_EMA), pipe, state.ema, source)
+    return state
+
+
+class _LossLog:
+    """loss.csv, one row per step, flushed as written; on resume the rows past the restored step
+    (written after the last checkpoint by the stopped run) are dropped, so the file matches the run."""
+
+    HEADER = "step,loss,grad_norm\n"
+
+    def __init__(self, path: str, start: int):
+        self.path = path
+        rows = []
+        if start and os.path.isfile(path):
+            with open(path) as f:
+                rows = [r for r in f.readlines()[1:] if r.strip() and int(r.split(",")[0]) <= start]
+        with open(path, "w") as f:
+            f.write(self.HEADER + "".join(rows))
+
+    def add(self, step: int, loss: float, grad_norm: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{step},{loss:.8g},{grad_norm:.8g}\n")
+
+    def plot(self, png: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        table = np.loadtxt(self.path, delimiter=",", skiprows=1, ndmin=2)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(table[:, 0], table[:, 1], lw=0.8, label="loss")
+        if len(table) >= 10:  # a running mean shows the trend under the noise of t and eps
+            k = max(5, len(table) // 20)
+            ax.plot(table[k - 1:, 0], np.convolve(table[:, 1], np.ones(k) / k, "valid"), lw=1.5, label=f"mean of {k}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("rectified-flow MSE")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+
+
+def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike | None) -> None:
+    """A hub-layout folder `FluxPipeline.from_pretrained(folder)` loads: transformer/ holds
+    `transformer_params` as a fluxjax component; the frozen components are symlinks into
+    `source` (a hub folder), or, when source is None (the tiny preset), written as components
+    beside locally made tokenizers. Written under a temporary name and renamed."""
+    from fluxjax.checkpoint import PARAMS, save_params, write_marker
+
+    tmp = f"{folder}.partial"
+    for path in (tmp, folder):
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+    os.makedirs(os.path.join(tmp, "transformer"))
+    dtype = jax.tree.leaves(transformer_params)[0].dtype
+    write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
+    save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
+    if source is not None:
+        source = os.path.abspath(os.fspath(source))
+        for name in sorted(os.listdir(source)):
+            if name != "transformer":
+                os.symlink(os.path.join(source, name), os.path.join(tmp, name))
+    else:
+        from fluxjax.tiny_tokenizers import make_tokenizers
+
+        make_tokenizers(tmp)
+        for hub_name, attr in FROZEN.items():
+            component = getattr(pipe, attr)
+            os.makedirs(os.path.join(tmp, hub_name))
+            write_marker(os.path.join(tmp, hub_name), attr, component.model.config, jax.tree.leaves(component.params)[0].dtype)
+            save_params(os.path.join(tmp, hub_name, PARAMS), component.params)
+    os.rename(tmp, folder)

@@ -192,3 +192,167 @@ def test_optimizer_state_and_ema_are_laid_out_like_their_parameters(sharded_trai
             assert split(params["double_blocks/img_attn/qkv/kernel"]) == [1, 1, 8]
         if case["strategy"] == "fsdp_tp":
             assert split(params["double_blocks/img_attn/qkv/kernel"]) == [1, 4, 2]
+
+
+# -- data, the command, checkpoints and resume --------------------------------------------------
+
+
+def make_folder(root, sizes=((40, 24), (24, 40), (32, 32), (40, 24)), captions=True):
+    """Images of random pixels with captions; returns the folder."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        if captions:
+            (root / f"img{i}.txt").write_text(f"a picture number {i}")
+    return root
+
+
+def run_cli(capsys, *argv):
+    from fluxjax.cli import main
+
+    code = main(["train", *map(str, argv)])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_data_is_named_in_one_line_before_loading(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, tmp_path / "empty", "--out", out)
+    assert code == 2 and "no images" in err and "\n" not in err
+
+    folder = make_folder(tmp_path / "nocap")
+    (folder / "img2.txt").unlink()
+    code, err = run_cli(capsys, folder, "--out", out)
+    assert code == 2 and "img2.png: no caption" in err and "\n" not in err
+
+    folder = make_folder(tmp_path / "broken")
+    (folder / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, err = run_cli(capsys, folder, "--out", out)
+    assert code == 2 and "img1.png: unreadable image" in err and "\n" not in err
+
+    folder = make_folder(tmp_path / "small", sizes=((40, 24), (40, 8)))
+    code, err = run_cli(capsys, folder, "--out", out)
+    assert code == 2 and "img1.png: 40x8 pixels" in err and "\n" not in err
+    assert not out.exists()  # nothing ran
+
+
+def test_metadata_jsonl_buckets_and_deterministic_order(tmp_path):
+    from fluxjax.data import Batches, bucket, scan_folder
+
+    folder = make_folder(tmp_path / "meta", captions=False)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "text": f"c{i}"}) + "\n" for i in range(4)))
+    examples = scan_folder(folder)
+    assert [e.caption for e in examples] == ["c0", "c1", "c2", "c3"]
+    assert bucket(40, 24, 32) == (48, 32) and bucket(24, 40, 32) == (32, 48) and bucket(1000, 10, 32) == (320, 16)
+    buckets = [bucket(e.width, e.height, 32) for e in examples]
+    order = Batches(buckets, 2, seed=5)
+    assert order.per_epoch == 1  # only the two 40x24 images make a full batch of 2
+    assert [order.indices(i) for i in range(4)] == [Batches(buckets, 2, seed=5).indices(i) for i in range(4)]
+    assert sorted(order.indices(0)) == [0, 3]
+    assert len({tuple(Batches(buckets, 1, seed=s).indices(0) + Batches(buckets, 1, seed=s).indices(1)) for s in range(8)}) > 1
+    with pytest.raises(Exception, match="no aspect bucket has that many"):
+        Batches(buckets, 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from fluxjax.pipeline import FluxPipeline
+
+    return FluxPipeline.from_pretrained("tiny", dtype="float32")
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, tiny_pipe):
+    from fluxjax.data import EncodedDataset, scan_folder
+
+    folder = make_folder(tmp_path / "data")
+    kw = dict(pipe=tiny_pipe, resolution=32, max_sequence_length=16, cache_dir=tmp_path / "cache")
+    first = EncodedDataset(scan_folder(folder), **kw)
+    assert first.computed == 4 + 1  # four examples and the empty prompt
+    batch = first.batch([0, 3])
+    assert batch["latents"].shape == (2, 6, 64) and batch["txt"].shape == (2, 16, 32)
+    assert EncodedDataset(scan_folder(folder), **kw).computed == 0
+    (folder / "img1.txt").write_text("another caption")
+    assert EncodedDataset(scan_folder(folder), **kw).computed == 1
+    assert EncodedDataset(scan_folder(folder), **{**kw, "resolution": 48}).computed == 4  # new buckets
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
+    model, params, batch = tiny
+    trainer = Trainer(model, TrainConfig(ema_decay=0.9, compute_dtype="float32"), Schedule.dev())
+    state, _ = trainer.step(trainer.init(params, seed=2), batch)
+    save_state(tmp_path / "ck" / "step_00000001", state)
+    assert latest_checkpoint(tmp_path / "ck").endswith("step_00000001")
+    back = restore_state(tmp_path / "ck" / "step_00000001", trainer.abstract_state(params))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(state) == jax.tree.structure(back)
+
+
+def _cli(*argv) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "fluxjax.cli", "train", *map(str, argv)]
+
+
+def _final_state(out) -> list[np.ndarray]:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from fluxjax.train import latest_checkpoint as latest
+
+    return [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest(out / "checkpoints")))]
+
+
+def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
+    """A run killed (SIGKILL) between checkpoints and resumed ends with the state of an
+    uninterrupted run, bit for bit; the loss goes down; model/ is what FluxPipeline loads."""
+    import signal
+    import subprocess
+    import time
+
+    folder = make_folder(tmp_path / "data")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    common = [folder, "--resolution", "32", "--steps", "60", "--save-every", "20", "--lr", "3e-3", "--dtype", "float32",
+              "--warmup", "5", "--ema", "0.9", "--caption-dropout", "0.2", "--seed", "3"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(_cli(*common, "--out", whole), check=True, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_cli(*common, "--out", cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv = cut / "loss.csv"
+    killed_at = None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        rows = csv.read_text().splitlines()[1:] if csv.exists() else []
+        if rows and int(rows[-1].split(",")[0]) >= 22 and (cut / "checkpoints" / "step_00000020").is_dir():
+            proc.send_signal(signal.SIGKILL)
+            killed_at = int(rows[-1].split(",")[0])
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert killed_at < 40 and not (cut / "checkpoints" / "step_00000060").exists()
+    subprocess.run(_cli(*common, "--out", cut, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+
+    for a, b in zip(_final_state(whole), _final_state(cut)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert (whole / "loss.csv").read_text() == (cut / "loss.csv").read_text()
+    assert (whole / "loss.png").stat().st_size > 1000
+    losses = np.loadtxt(whole / "loss.csv", delimiter=",", skiprows=1)[:, 1]
+    assert losses[-15:].mean() < 0.8 * losses[:15].mean()
+
+    from fluxjax.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(whole / "model", dtype="float32")
+    trained = stack_params(pipe)
+    restored = _final_state(whole)
+    assert any(np.array_equal(np.asarray(trained["img_in"]["kernel"]), r) for r in restored)
+    image = pipe("a picture number 1", height=32, width=48, num_steps=2, output="np")
+    assert image.shape == (1, 32, 48, 3) and np.isfinite(image).all()
+
+
+def stack_params(pipe):
+    from fluxjax.models.flux import BLOCK_STACKS
+    from fluxjax.train import stack_layers
+
+    return stack_layers(pipe.transformer.params, BLOCK_STACKS)
