@@ -27,7 +27,11 @@ from fluxjax.train import (
     Trainer, TrainConfig, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
 )
 
-GRAD_TOL = 1e-4  # per leaf, max |fluxjax - diffusers| / max |diffusers|: what the issue asks (fp32)
+# Per leaf, max |fluxjax - diffusers| / max |diffusers|: what the issue asks (fp32). Measured: the
+# worst leaf is dev_like's guidance_in/in_layer/kernel at 9.1e-5 (its gradient is the sinusoidal
+# embedding of guidance * 1000, arguments up to 3500, which the two implementations round
+# differently in float32); every other leaf is below 2.2e-5, the median 7.6e-6.
+GRAD_TOL = 1e-4
 
 
 # dev-like (guidance embedding) and schnell-like (none), both with 64 latent channels in and out
