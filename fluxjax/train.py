@@ -368,6 +368,15 @@ def stack_layers(params: dict, names: Sequence[str]) -> dict:
     return out
 
 
+def check_out_dir(out_dir: str | os.PathLike, resume: bool) -> str | None:
+    """The newest checkpoint of the run in out_dir (None for a new run); UsageError when out_dir
+    holds a run and `resume` is False (a new run must not overwrite another's checkpoints)."""
+    latest = latest_checkpoint(os.path.join(os.fspath(out_dir), CHECKPOINTS))
+    if latest is not None and not resume:
+        raise UsageError(f"{os.fspath(out_dir)}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+    return latest
+
+
 def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_size: int = 1, seed: int = 0,
         save_every: int = 100, resume: bool = False, resolution: int = 512, max_sequence_length: int | None = None,
         source: str | os.PathLike | None = None, tx: optax.GradientTransformation | None = None,
@@ -389,9 +398,7 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
 
     out_dir = os.fspath(out_dir)
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
-    latest = latest_checkpoint(ckpt_root)
-    if latest is not None and not resume:
-        raise UsageError(f"{out_dir}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+    latest = check_out_dir(out_dir, resume)
     if save_every < 1:
         raise UsageError(f"save_every must be at least 1, got {save_every}")
     batches = Batches([bucket(e.width, e.height, resolution) for e in examples], batch_size, seed)

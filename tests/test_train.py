@@ -360,3 +360,11 @@ def stack_params(pipe):
     from fluxjax.train import stack_layers
 
     return stack_layers(pipe.transformer.params, BLOCK_STACKS)
+
+
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, capsys, tiny):
+    model, params, batch = tiny
+    trainer = Trainer(model, TrainConfig(compute_dtype="float32"), Schedule.dev())
+    save_state(tmp_path / "out" / "checkpoints" / "step_00000001", trainer.init(params))
+    code, err = run_cli(capsys, make_folder(tmp_path / "data"), "--out", tmp_path / "out")
+    assert code == 2 and "holds checkpoints of a run; pass --resume" in err

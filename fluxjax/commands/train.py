@@ -40,7 +40,7 @@ def run(args) -> int:
     from fluxjax.data import scan_folder
     from fluxjax.errors import UsageError
     from fluxjax.sampling import check_dimension
-    from fluxjax.train import TrainConfig, fit
+    from fluxjax.train import TrainConfig, check_out_dir, fit
 
     for name in ("steps", "batch_size", "save_every"):
         if getattr(args, name) < 1:
@@ -54,9 +54,7 @@ def run(args) -> int:
     examples = scan_folder(args.data)  # before the model: bad data fails in a second, not after loading
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
-    if os.path.isdir(os.path.join(args.out, "checkpoints")) and os.listdir(os.path.join(args.out, "checkpoints")) \
-            and not args.resume:
-        raise UsageError(f"--out {args.out}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+    check_out_dir(args.out, args.resume)
 
     from fluxjax.pipeline import FluxPipeline
 
