@@ -186,15 +186,20 @@ class Schedule:
         if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
             raise UsageError(f"num_steps must be an integer >= 1, got {num_steps!r}")
         t = np.linspace(1.0, 0.0, num_steps + 1)
-        inner = t[1:-1]  # t = 1 and t = 0 are fixed points of every shift
+        t[1:-1] = self.shift_timesteps(t[1:-1], image_seq_len)  # t = 1 and t = 0 are fixed points of every shift
+        return t.astype(np.float32)
+
+    def shift_timesteps(self, t, image_seq_len: int):
+        """The schedule's shift applied to timesteps t in (0, 1] (NumPy or jax arrays, any shape).
+
+        The one shift rule of fluxjax: the sampler's `sigmas` and the training loss's timestep
+        draw (fluxjax.train) both call it, so a model is trained on the times it is sampled at.
+        """
         if self.use_dynamic_shifting:
             mu = self.mu(image_seq_len)
             a = math.exp(mu) if self.time_shift_type == "exponential" else mu
-            inner = a / (a + (1.0 / inner - 1.0))
-        else:
-            inner = self.shift * inner / (1.0 + (self.shift - 1.0) * inner)
-        t[1:-1] = inner
-        return t.astype(np.float32)
+            return a / (a + (1.0 / t - 1.0))
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
 
 
 # --- the denoising loop -----------------------------------------------------------------------

@@ -177,7 +177,9 @@ class Flux(nn.Module):
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
     (one of layers.ATTENTION_IMPLEMENTATIONS: see layers.dot_product_attention), layer_loop ("scan":
     block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
-    CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts).
+    CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts), remat
+    (recompute each block's activations in the backward pass instead of keeping them: training
+    memory for one more forward; parameters and outputs are unchanged).
     """
 
     config: FluxConfig
@@ -185,6 +187,7 @@ class Flux(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     layer_loop: str = "scan"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
@@ -209,8 +212,11 @@ class Flux(nn.Module):
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         block_kw = dict(config=c, attention_impl=self.attention_impl, **kw)
         double_name, single_name = BLOCK_STACKS
-        double = layer_stack(DoubleStreamBlock, c.depth, 3, self.layer_loop, double_name, **block_kw)
-        single = layer_stack(SingleStreamBlock, c.depth_single_blocks, 3, self.layer_loop, single_name, **block_kw)
+        double_block, single_block = DoubleStreamBlock, SingleStreamBlock
+        if self.remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away
+            double_block, single_block = (nn.remat(b, prevent_cse=False) for b in (double_block, single_block))
+        double = layer_stack(double_block, c.depth, 3, self.layer_loop, double_name, **block_kw)
+        single = layer_stack(single_block, c.depth_single_blocks, 3, self.layer_loop, single_name, **block_kw)
         img, txt = double((constrain(img), constrain(txt)), vec, cos, sin)
         x = single(jnp.concatenate([txt, img], axis=1), vec, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)

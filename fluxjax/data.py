@@ -1,0 +1,257 @@
+"""Training data: a folder of captioned images, aspect-ratio buckets, cached latents and text
+embeddings, and a deterministic batch order.
+
+A folder holds images (.png, .jpg, .jpeg, .webp, .bmp) with captions either beside them
+(`cat.png` + `cat.txt`) or in a `metadata.jsonl` of {"file_name": ..., "text": ...} lines (the
+common image-folder layout). Every problem is found by `scan_folder` before any step runs and
+named in one line: an empty folder, an image without a caption, an unreadable image, a side
+below 16 pixels.
+
+Buckets: each image is resized (cover) and centre-cropped to the bucket of its aspect ratio,
+sides multiples of 16 with about `resolution`^2 pixels. A batch holds one bucket only.
+
+Cache: the VAE latents (posterior mean, packed (L_img, 64)) and the text embeddings (T5 txt
+(L_txt, 4096), CLIP vec (768,)) of every example are computed once and kept as .npz files named
+by a hash of everything they depend on: the frozen models' weights and configs, the image's
+bytes, the caption, the bucket and the T5 length. Changing any of them computes anew.
+
+Order: batch i is a pure function of (seed, i): each epoch permutes each bucket's examples and
+the order of the batches with numpy's generator seeded by (seed, epoch), dropping a bucket's
+last incomplete batch. So a run resumed at step i reads exactly the batches an uninterrupted
+run reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from fluxjax.errors import UsageError
+from fluxjax.sampling import PIXELS_PER_TOKEN
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA = "metadata.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training image: its path, caption and size in pixels."""
+
+    path: str
+    caption: str
+    width: int
+    height: int
+
+
+def _read_image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes the whole file: a truncated image fails here, not mid-training
+            return im.size
+    except Exception as e:  # PIL raises many types for a bad file
+        raise UsageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def scan_folder(folder: str | os.PathLike) -> list[Example]:
+    """The examples of `folder`, sorted by file name; UsageError naming the file on bad input."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: not a folder (expected images with captions)")
+    images = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    meta_path = os.path.join(folder, METADATA)
+    captions: dict[str, str] = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    captions[record["file_name"]] = str(record["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UsageError(f"{meta_path}:{number}: expected a JSON object with file_name and text ({e})") from None
+        unknown = sorted(set(captions) - set(images))
+        if unknown:
+            raise UsageError(f"{meta_path}: names {unknown[0]!r}, which is not an image in {folder}")
+    if not images:
+        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    examples = []
+    for name in images:
+        path = os.path.join(folder, name)
+        if name in captions:
+            caption = captions[name]
+        else:
+            txt = os.path.splitext(path)[0] + ".txt"
+            if not os.path.isfile(txt):
+                raise UsageError(f"{path}: no caption (expected {os.path.basename(txt)} beside it or an entry in {METADATA})")
+            with open(txt, encoding="utf-8") as f:
+                caption = f.read().strip()
+        width, height = _read_image_size(path)
+        if min(width, height) < PIXELS_PER_TOKEN:
+            raise UsageError(f"{path}: {width}x{height} pixels, a side below the {PIXELS_PER_TOKEN} px minimum")
+        examples.append(Example(path, caption, width, height))
+    return examples
+
+
+def bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(bucket width, bucket height): the image's aspect ratio, about resolution^2 pixels, both
+    sides multiples of 16 (at least 16)."""
+    aspect = width / height
+    side = lambda x: max(PIXELS_PER_TOKEN, int(round(x / PIXELS_PER_TOKEN)) * PIXELS_PER_TOKEN)  # noqa: E731
+    return side(resolution * math.sqrt(aspect)), side(resolution / math.sqrt(aspect))
+
+
+def load_pixels(path: str, width: int, height: int) -> np.ndarray:
+    """(height, width, 3) float32 in [-1, 1]: the image scaled to cover the box (bicubic), centre-cropped."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(width / im.width, height / im.height)
+        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+        im = im.resize(size, Image.BICUBIC)
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+class Batches:
+    """The deterministic batch order over buckets: `indices(i)` is batch i (a list of example
+    indices, all of one bucket), a pure function of (seed, i)."""
+
+    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int):
+        if batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        self.seed, self.batch_size = seed, batch_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(buckets):
+            groups.setdefault(b, []).append(i)
+        self.groups = [groups[k] for k in sorted(groups)]
+        self.per_epoch = sum(len(g) // batch_size for g in self.groups)
+        if self.per_epoch == 0:
+            sizes = ", ".join(f"{w}x{h}: {len(groups[(w, h)])}" for w, h in sorted(groups))
+            raise UsageError(f"batch size {batch_size}: no aspect bucket has that many images ({sizes}); "
+                             "lower --batch-size or add images")
+
+    def indices(self, i: int) -> list[int]:
+        epoch, within = divmod(i, self.per_epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        chunks = []
+        for group in self.groups:
+            order = rng.permutation(group)
+            chunks += [order[j:j + self.batch_size].tolist() for j in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+        return chunks[int(rng.permutation(len(chunks))[within])]
+
+
+def fingerprint(*trees: Any) -> str:
+    """A hash of parameter trees' structure, shapes, dtypes and values (float64 sums of each
+    leaf and of its squares): what the cache keys on to notice a different model."""
+    import jax
+
+    h = hashlib.sha256()
+    for tree in trees:
+        for path, leaf in jax.tree.flatten_with_path(tree)[0]:
+            x = np.asarray(leaf, np.float64)
+            h.update(f"{jax.tree_util.keystr(path)}{x.shape}{leaf.dtype}{x.sum()!r}{np.square(x).sum()!r}".encode())
+    return h.hexdigest()
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class EncodedDataset:
+    """The examples of a folder with cached latents and text embeddings, served as batches.
+
+    pipe: a fluxjax FluxPipeline whose frozen T5, CLIP and VAE (and tokenizer) encode the data;
+    they run only here, never inside the train step. resolution: the bucket area's side.
+    max_sequence_length: T5 tokens per caption. cache_dir: where the .npz files go.
+    """
+
+    def __init__(self, examples: Sequence[Example], pipe, resolution: int, max_sequence_length: int,
+                 cache_dir: str | os.PathLike, progress: bool = False):
+        self.examples = list(examples)
+        self.buckets = [bucket(e.width, e.height, resolution) for e in self.examples]
+        self.max_sequence_length = max_sequence_length
+        self.cache_dir = os.fspath(cache_dir)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self._pipe = pipe
+        self._model_key = fingerprint(pipe.vae.params, pipe.t5.params, pipe.clip.params) + repr(
+            (pipe.vae.model.config, pipe.t5.model.config, pipe.clip.model.config, str(pipe.transformer.model.dtype)))
+        self.computed = 0  # how many entries this object encoded (the rest came from the cache)
+        from tqdm import tqdm
+
+        self.files = [self._entry(i) for i in tqdm(range(len(self.examples)), desc="caching latents", disable=not progress or None)]
+        self.empty = self._text_entry("")
+
+    def _key(self, *parts: Any) -> str:
+        return hashlib.sha256(repr((self._model_key, self.max_sequence_length) + parts).encode()).hexdigest()[:32]
+
+    def _encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+        t5_ids, clip_ids = self._pipe.tokenizer([caption], self.max_sequence_length)
+        txt, vec = self._pipe.encode(t5_ids, clip_ids)
+        return np.asarray(txt[0], np.float32), np.asarray(vec[0], np.float32)
+
+    def _text_entry(self, caption: str) -> dict:
+        path = os.path.join(self.cache_dir, f"text-{self._key('text', caption)}.npz")
+        if not os.path.isfile(path):
+            txt, vec = self._encode_text(caption)
+            _save_npz(path, txt=txt, vec=vec)
+            self.computed += 1
+        with np.load(path) as z:
+            return {"txt": z["txt"], "vec": z["vec"]}
+
+    def _entry(self, i: int) -> str:
+        import jax
+
+        from fluxjax.sampling import pack
+
+        e, (w, h) = self.examples[i], self.buckets[i]
+        path = os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), e.caption, w, h)}.npz")
+        if not os.path.isfile(path):
+            pixels = load_pixels(e.path, w, h)[None]
+            vae = self._pipe.vae
+            z = jax.jit(lambda p, x: vae.model.apply({"params": p}, x, method="encode"))(vae.params, pixels)
+            latents = pack(np.asarray(z, np.float32).transpose(0, 3, 1, 2))[0]  # NHWC -> NCHW -> (L, 64)
+            txt, vec = self._encode_text(e.caption)
+            _save_npz(path, latents=np.asarray(latents, np.float32), txt=txt, vec=vec)
+            self.computed += 1
+        return path
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        """The host batch of `Trainer.step` for these example indices (one bucket)."""
+        from fluxjax.sampling import image_ids, text_ids
+
+        rows = []
+        for i in indices:
+            with np.load(self.files[i]) as z:
+                rows.append({k: z[k] for k in ("latents", "txt", "vec")})
+        (w, h), n = self.buckets[indices[0]], len(indices)
+        return {
+            "latents": np.stack([r["latents"] for r in rows]),
+            "img_ids": np.ascontiguousarray(image_ids(n, h, w)),
+            "txt": np.stack([r["txt"] for r in rows]),
+            "txt_ids": text_ids(n, rows[0]["txt"].shape[0]),
+            "vec": np.stack([r["vec"] for r in rows]),
+            "empty_txt": self.empty["txt"][None],
+            "empty_vec": self.empty["vec"][None],
+        }
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    """Write arrays to `path` under a temporary name and rename: a cache file is whole or absent."""
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

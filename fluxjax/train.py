@@ -1,0 +1,503 @@
+"""Rectified-flow fine-tuning of the FLUX transformer with optax: the loss, the train state, one
+jitted step, optional EMA, sharding by the strategy files, and Orbax train checkpoints.
+
+The loss (FLUX_REFERENCE.md section 4's flow convention, as in sampling.py):
+    x_t = (1 - t) x0 + t eps,   target v = eps - x0,   loss = mean((model(x_t, t) - v)^2)
+over the packed latent tokens (B, L_img, 64), in float32. t is drawn logit-normal
+(t = sigmoid(mean + std * n), n ~ N(0, 1)), then shifted by the model's schedule with
+`sampling.Schedule.shift_timesteps`, the very function the sampler uses. Models with a guidance
+embedding (dev) get a constant guidance input (default 1.0, as common FLUX fine-tuning recipes
+use). Caption dropout replaces a sample's text with the empty prompt's.
+
+Only the transformer is trained: the T5, CLIP and VAE outputs enter as cached arrays
+(fluxjax.data), so the frozen encoders are never part of the gradient computation.
+
+Parameters (`TrainConfig.param_dtype`): "float32" master weights (default) with bfloat16
+compute, or "bfloat16" parameters and optimizer state. float32 is the default because a
+bfloat16 weight has 8 significant bits: an AdamW update smaller than about 1/256 of the weight
+is rounded away entirely, and at fine-tuning learning rates (1e-5..1e-4) that is most updates
+(the README's training section gives the measured fractions).
+
+Use:
+    trainer = Trainer(model, TrainConfig(...), schedule)          # or tx=any optax transform
+    state = trainer.init(params, seed=0)
+    state, metrics = trainer.step(state, batch)                   # one jit: forward, backward, update
+    save_state(folder, state); state = restore_state(folder, trainer.abstract_state(params))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fluxjax.errors import UsageError
+from fluxjax.sampling import Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What a training run turns. Learning-rate schedule: linear warmup over `warmup_steps` to
+    `learning_rate`, then cosine decay to `final_lr_fraction * learning_rate` at `total_steps`.
+
+    clip_norm: global-norm gradient clipping (None: off). ema_decay: keep an exponential moving
+    average of the weights with this decay (None: no EMA). logit_mean/logit_std: the
+    logit-normal timestep draw. guidance: the guidance input of guidance-distilled models.
+    caption_dropout: probability that a sample is trained with the empty prompt.
+    param_dtype: "float32" (master weights, bf16 compute) or "bfloat16"; compute_dtype: the
+    matmul dtype. remat: recompute each block's activations in the backward pass.
+    """
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    final_lr_fraction: float = 0.0
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float | None = 1.0
+    ema_decay: float | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    guidance: float = 1.0
+    caption_dropout: float = 0.0
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise UsageError(f"total_steps must be at least 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise UsageError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise UsageError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise UsageError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The default optimizer: global-norm clipping, then AdamW on the warmup + cosine schedule."""
+    lr = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if cfg.warmup_steps else cfg.learning_rate, peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, decay_steps=cfg.total_steps,
+        end_value=cfg.learning_rate * cfg.final_lr_fraction,
+    )
+    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs, as one pytree (what a train checkpoint holds).
+
+    step: int32 scalar, the number of updates done; it is also the data position (batch `step`
+    of fluxjax.data's deterministic order comes next). params: the trained parameters.
+    opt_state: the optax state. ema: the EMA of params, or None. key: uint32 PRNG key data (the
+    step's noise, timesteps and caption dropout are drawn from it).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema: Any
+    key: jax.Array
+
+
+def sample_timesteps(key: jax.Array, batch: int, image_seq_len: int, schedule: Schedule,
+                     mean: float = 0.0, std: float = 1.0) -> jax.Array:
+    """(batch,) float32 training timesteps: logit-normal(mean, std), shifted as the sampler shifts."""
+    t = jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch,), jnp.float32))
+    return schedule.shift_timesteps(t, image_seq_len).astype(jnp.float32)
+
+
+def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_ids, vec, guidance=None) -> jax.Array:
+    """Rectified-flow MSE: mean over batch, tokens and features of (model(x_t, t) - (eps - x0))^2.
+
+    x0, eps: (B, L_img, 64) packed clean latents and noise; t: (B,) in [0, 1]; the rest are
+    `Flux.apply`'s arguments (guidance (B,) or None). Returns a float32 scalar.
+    """
+    x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
+    tb = t.astype(jnp.float32)[:, None, None]
+    x_t = (1.0 - tb) * x0 + tb * eps
+    pred = model.apply({"params": params}, x_t, img_ids, txt, txt_ids, t, vec, guidance)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
+
+
+def training_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """`model` as the step runs it: cfg's dtypes and remat, and a differentiable attention.
+
+    fluxjax's CPU attention kernel defines no gradient, and "auto" picks it on a CPU: both are
+    replaced by XLA's attention ("cudnn" and "xla" are kept).
+    """
+    impl = "xla" if model.attention_impl in ("auto", "cpu") else model.attention_impl
+    return model.clone(dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                       attention_impl=impl, remat=cfg.remat, layer_loop="scan")
+
+
+class Trainer:
+    """One model's training: builds the optimizer, the state and the jitted step.
+
+    model: a fluxjax Flux module (its dtype/attention are replaced, see `training_model`).
+    cfg: TrainConfig. schedule: the model's sampling.Schedule (its shift is used for t).
+    tx: any optax GradientTransformation (default `make_optimizer(cfg)`).
+    strategy, mesh: a fluxjax.sharding.Strategy and its mesh to shard parameters, gradients,
+    optimizer state and batch as the strategy's table says; None for one device.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, schedule: Schedule,
+                 tx: optax.GradientTransformation | None = None, strategy=None, mesh=None):
+        self.cfg, self.schedule = cfg, schedule
+        self.model = training_model(model, cfg)
+        self.tx = make_optimizer(cfg) if tx is None else tx
+        self.strategy, self.mesh = strategy, mesh
+        self._step = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    def param_shardings(self):
+        """Tree of Sharding for the parameters (the strategy's table), or None for one device."""
+        if self.strategy is None:
+            return None
+        from fluxjax.loading.flux import param_shapes
+
+        return self.strategy.param_shardings(self.mesh)(param_shapes(self.model))
+
+    def state_shardings(self, params) -> TrainState | None:
+        """Shardings of the whole TrainState: optimizer moments and EMA laid out like their
+        parameters, scalars (step, key, counts) replicated. None for one device."""
+        shardings = self.param_shardings()
+        if shardings is None:
+            return None
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        opt_abstract = jax.eval_shape(self.tx.init, params)
+        opt = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, shardings,
+                                    transform_non_params=lambda _: replicated)
+        ema = shardings if self.cfg.ema_decay is not None else None
+        return TrainState(step=replicated, params=shardings, opt_state=opt, ema=ema, key=replicated)
+
+    def init(self, params, seed: int = 0) -> TrainState:
+        """A fresh TrainState from `params` (cast to cfg.param_dtype, placed by the strategy)."""
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+        shardings = self.state_shardings(params)
+
+        def make(params):
+            ema = params if self.cfg.ema_decay is not None else None
+            key = jax.random.key_data(jax.random.key(seed))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), ema=ema, key=key)
+
+        if shardings is None:
+            return jax.jit(make)(params)
+        params = jax.device_put(params, shardings.params)
+        with self.strategy.activate(self.mesh):
+            return jax.jit(make, out_shardings=shardings)(params)
+
+    def abstract_state(self, params) -> TrainState:
+        """The TrainState's shapes, dtypes and shardings (to restore a checkpoint into)."""
+        shardings = self.state_shardings(params)
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
+        state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=p, opt_state=jax.eval_shape(self.tx.init, p),
+            ema=p if self.cfg.ema_decay is not None else None,
+            key=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+        )
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), state)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def loss(self, params, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
+        """The step's loss on `batch` (see `step`) with noise, t and dropout drawn from `key`."""
+        x0 = batch["latents"]
+        b, seq = x0.shape[0], x0.shape[1]
+        k_t, k_eps, k_drop = jax.random.split(key, 3)
+        t = sample_timesteps(k_t, b, seq, self.schedule, self.cfg.logit_mean, self.cfg.logit_std)
+        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+        txt, vec = batch["txt"], batch["vec"]
+        if self.cfg.caption_dropout > 0:
+            drop = jax.random.bernoulli(k_drop, self.cfg.caption_dropout, (b,))
+            txt = jnp.where(drop[:, None, None], batch["empty_txt"].astype(txt.dtype), txt)
+            vec = jnp.where(drop[:, None], batch["empty_vec"].astype(vec.dtype), vec)
+        guidance = jnp.full((b,), self.cfg.guidance, jnp.float32) if self.model.config.guidance_embed else None
+        return flow_matching_loss(self.model, params, x0, eps, t, batch["img_ids"], txt, batch["txt_ids"], vec, guidance)
+
+    def _update(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        loss, grads = jax.value_and_grad(self.loss)(state.params, batch, step_key)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            d = self.cfg.ema_decay
+            ema = jax.tree.map(lambda e, p: (d * e.astype(jnp.float32) + (1 - d) * p.astype(jnp.float32)).astype(e.dtype), ema, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, key=jax.random.key_data(key))
+        return new, metrics
+
+    def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+        """One update, compiled once per batch shape.
+
+        batch: latents (B, L_img, 64) packed clean latents (float32), img_ids (B, L_img, 3),
+        txt (B, L_txt, context_dim), txt_ids (B, L_txt, 3), vec (B, vec_dim); with
+        caption_dropout > 0 also empty_txt (1, L_txt, context_dim) and empty_vec (1, vec_dim),
+        the empty prompt's embeddings. Host arrays are placed by the strategy (B must divide
+        its data axes: a padded row would be trained on). Returns (new state, {"loss",
+        "grad_norm"} float32 scalars).
+        """
+        if self._step is None:
+            shardings = self.state_shardings(state.params)
+            self._step = jax.jit(self._update, donate_argnums=0,
+                                 out_shardings=None if shardings is None else (shardings, None))
+        if self.strategy is None:
+            return self._step(state, batch)
+        batch = self.place_batch(batch)
+        with self.strategy.activate(self.mesh):
+            return self._step(state, batch)
+
+    def place_batch(self, batch: Mapping[str, Any]) -> dict:
+        """Host batch -> arrays on the mesh: per-sample entries split along the data axes,
+        the empty-prompt entries replicated."""
+        n = self.strategy.data_size(self.mesh)
+        b = np.shape(batch["latents"])[0]
+        if b % n:
+            raise UsageError(f"batch size {b} does not divide over the {n}-way data axes of strategy {self.strategy.name!r}")
+        out = {}
+        for name, x in batch.items():
+            x = np.asarray(x)
+            if name.startswith("empty_"):
+                sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            else:
+                sharding = self.strategy.batch_sharding(self.mesh, x.ndim)
+            out[name] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+        return out
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def _ocp():
+    import orbax.checkpoint.experimental.v1 as ocp  # slow to import: only when a checkpoint is touched
+
+    return ocp
+
+
+def _as_tree(state: TrainState) -> dict:
+    """The state as nested dicts/lists Orbax stores (optax states are namedtuples)."""
+    return flax.serialization.to_state_dict(state)
+
+
+def save_state(folder: str | os.PathLike, state: TrainState) -> None:
+    """Write `state` as an Orbax checkpoint at `folder`, atomically.
+
+    Orbax writes into a temporary folder and renames it when complete, so `folder` either holds
+    a whole checkpoint or does not exist; a kill mid-save leaves only a temporary folder, which
+    `latest_checkpoint` ignores. An existing `folder` is replaced.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    _ocp().save(folder, _as_tree(state))
+
+
+def restore_state(folder: str | os.PathLike, abstract: TrainState) -> TrainState:
+    """The TrainState saved at `folder`, each array read straight into the sharding `abstract`
+    (from `Trainer.abstract_state`) gives it."""
+    folder = os.path.abspath(os.fspath(folder))
+    tree = _ocp().load(folder, _as_tree(abstract))
+    return flax.serialization.from_state_dict(abstract, tree)
+
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def checkpoint_path(root: str | os.PathLike, step: int) -> str:
+    """root/step_00000042: the checkpoint after `step` updates."""
+    return os.path.join(os.fspath(root), f"{CHECKPOINT_PREFIX}{step:08d}")
+
+
+def latest_checkpoint(root: str | os.PathLike) -> str | None:
+    """The complete checkpoint of the most steps under root, or None (temporary folders of an
+    interrupted save are not complete checkpoints)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return None
+    done = [n for n in os.listdir(root) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()
+            and _ocp().is_orbax_checkpoint(os.path.join(root, n))]
+    return os.path.join(root, max(done)) if done else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int = 2) -> None:
+    """Delete all but the `keep` newest complete checkpoints under root."""
+    root = os.fspath(root)
+    done = sorted(n for n in os.listdir(root) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit())
+    for name in done[:-keep]:
+        shutil.rmtree(os.path.join(root, name))
+
+
+# -- a whole run --------------------------------------------------------------------------------
+
+CHECKPOINTS, CACHE, MODEL, MODEL_EMA = "checkpoints", "cache", "model", "model_ema"
+LOSS_CSV, LOSS_PNG = "loss.csv", "loss.png"
+FROZEN = {"vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}  # hub folder -> pipeline component
+
+
+def stack_layers(params: dict, names: Sequence[str]) -> dict:
+    """The inverse of `layers.unstack_layers`: entries f"{name}_{i}" -> one stacked `name` entry
+    (leading layers axis). Parameters already stacked are returned unchanged."""
+    out = {k: v for k, v in params.items() if not any(k.startswith(f"{n}_") and k[len(n) + 1:].isdigit() for n in names)}
+    for name in names:
+        layers = sorted((int(k[len(name) + 1:]), v) for k, v in params.items()
+                        if k.startswith(f"{name}_") and k[len(name) + 1:].isdigit())
+        if layers:
+            out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in layers])
+    return out
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool) -> str | None:
+    """The newest checkpoint of the run in out_dir (None for a new run); UsageError when out_dir
+    holds a run and `resume` is False (a new run must not overwrite another's checkpoints)."""
+    latest = latest_checkpoint(os.path.join(os.fspath(out_dir), CHECKPOINTS))
+    if latest is not None and not resume:
+        raise UsageError(f"{os.fspath(out_dir)}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+    return latest
+
+
+def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_size: int = 1, seed: int = 0,
+        save_every: int = 100, resume: bool = False, resolution: int = 512, max_sequence_length: int | None = None,
+        source: str | os.PathLike | None = None, tx: optax.GradientTransformation | None = None,
+        progress: bool = False) -> TrainState:
+    """Fine-tune `pipe`'s transformer on `examples` (fluxjax.data.scan_folder) for cfg.total_steps.
+
+    out_dir receives: cache/ (latents and embeddings), checkpoints/step_N (the whole TrainState
+    every `save_every` steps and at the end, the two newest kept), loss.csv (step, loss,
+    grad_norm, lr-free), loss.png, and model/ (a hub-layout folder: the trained transformer as
+    a fluxjax component, the frozen components linked from `source`, or written out for the tiny
+    preset), which `FluxPipeline.from_pretrained` and `fluxjax generate --model` take; with EMA
+    also model_ema/. resume: continue from the newest checkpoint, bit for bit as if never stopped.
+    The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
+    """
+    from tqdm import tqdm
+
+    from fluxjax.data import Batches, EncodedDataset, bucket
+    from fluxjax.models.flux import BLOCK_STACKS
+
+    out_dir = os.fspath(out_dir)
+    ckpt_root = os.path.join(out_dir, CHECKPOINTS)
+    latest = check_out_dir(out_dir, resume)
+    if save_every < 1:
+        raise UsageError(f"save_every must be at least 1, got {save_every}")
+    batches = Batches([bucket(e.width, e.height, resolution) for e in examples], batch_size, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    length = max_sequence_length or pipe.defaults.max_sequence_length
+    data = EncodedDataset(examples, pipe, resolution, length, os.path.join(out_dir, CACHE), progress)
+
+    params = stack_layers(pipe.transformer.params, BLOCK_STACKS)
+    trainer = Trainer(pipe.transformer.model, cfg, pipe.schedule, tx, pipe.strategy, pipe.mesh)
+    if latest is not None:
+        state = restore_state(latest, trainer.abstract_state(params))
+    else:
+        state = trainer.init(params, seed)
+    del params
+    start = int(state.step)
+    log = _LossLog(os.path.join(out_dir, LOSS_CSV), start)
+    with tqdm(total=cfg.total_steps, initial=start, desc="training", unit="step", disable=not progress or None) as bar:
+        for step in range(start, cfg.total_steps):
+            state, metrics = trainer.step(state, data.batch(batches.indices(step)))
+            loss = float(metrics["loss"])
+            log.add(step + 1, loss, float(metrics["grad_norm"]))
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+            if (step + 1) % save_every == 0 or step + 1 == cfg.total_steps:
+                save_state(checkpoint_path(ckpt_root, step + 1), state)
+                prune_checkpoints(ckpt_root)
+    log.plot(os.path.join(out_dir, LOSS_PNG))
+    write_model(os.path.join(out_dir, MODEL), pipe, state.params, source)
+    if state.ema is not None:
+        write_model(os.path.join(out_dir, MODEL_EMA), pipe, state.ema, source)
+    return state
+
+
+class _LossLog:
+    """loss.csv, one row per step, flushed as written; on resume the rows past the restored step
+    (written after the last checkpoint by the stopped run) are dropped, so the file matches the run."""
+
+    HEADER = "step,loss,grad_norm\n"
+
+    def __init__(self, path: str, start: int):
+        self.path = path
+        rows = []
+        if start and os.path.isfile(path):
+            with open(path) as f:
+                rows = [r for r in f.readlines()[1:] if r.strip() and int(r.split(",")[0]) <= start]
+        with open(path, "w") as f:
+            f.write(self.HEADER + "".join(rows))
+
+    def add(self, step: int, loss: float, grad_norm: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{step},{loss:.8g},{grad_norm:.8g}\n")
+
+    def plot(self, png: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        table = np.loadtxt(self.path, delimiter=",", skiprows=1, ndmin=2)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(table[:, 0], table[:, 1], lw=0.8, label="loss")
+        if len(table) >= 10:  # a running mean shows the trend under the noise of t and eps
+            k = max(5, len(table) // 20)
+            ax.plot(table[k - 1:, 0], np.convolve(table[:, 1], np.ones(k) / k, "valid"), lw=1.5, label=f"mean of {k}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("rectified-flow MSE")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+
+
+def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike | None) -> None:
+    """A hub-layout folder `FluxPipeline.from_pretrained(folder)` loads: transformer/ holds
+    `transformer_params` as a fluxjax component; the frozen components are symlinks into
+    `source` (a hub folder), or, when source is None (the tiny preset), written as components
+    beside locally made tokenizers. Written under a temporary name and renamed."""
+    from fluxjax.checkpoint import PARAMS, save_params, write_marker
+
+    tmp = f"{folder}.partial"
+    for path in (tmp, folder):
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+    os.makedirs(os.path.join(tmp, "transformer"))
+    dtype = jax.tree.leaves(transformer_params)[0].dtype
+    write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
+    save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
+    if source is not None:
+        source = os.path.abspath(os.fspath(source))
+        for name in sorted(os.listdir(source)):
+            if name != "transformer":
+                os.symlink(os.path.join(source, name), os.path.join(tmp, name))
+    else:
+        from fluxjax.tiny_tokenizers import make_tokenizers
+
+        make_tokenizers(tmp)
+        for hub_name, attr in FROZEN.items():
+            component = getattr(pipe, attr)
+            os.makedirs(os.path.join(tmp, hub_name))
+            write_marker(os.path.join(tmp, hub_name), attr, component.model.config, jax.tree.leaves(component.params)[0].dtype)
+            save_params(os.path.join(tmp, hub_name, PARAMS), component.params)
+    os.rename(tmp, folder)

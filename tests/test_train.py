@@ -1,0 +1,370 @@
+"""Training (fluxjax.train): the loss's gradient against diffusers' FluxTransformer2DModel, the
+jitted step (optax, EMA, remat, dtypes), sharding on 8 simulated CPU devices, checkpoints."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from conftest import rel_err
+from test_transformer import CONFIGS, flux_args, make_inputs
+
+from fluxjax.config import FluxConfig
+from fluxjax.loading.flux import load_transformer, param_shapes
+from fluxjax.models.flux import Flux
+from fluxjax.random_weights import host_random_params
+from fluxjax.reference import randomize_
+from fluxjax.sampling import Schedule
+from fluxjax.train import (
+    Trainer, TrainConfig, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
+)
+
+# Per leaf, max |fluxjax - diffusers| / max |diffusers|: what the issue asks (fp32). Measured: the
+# worst leaf is dev_like's guidance_in/in_layer/kernel at 9.1e-5 (its gradient is the sinusoidal
+# embedding of guidance * 1000, arguments up to 3500, which the two implementations round
+# differently in float32); every other leaf is below 2.2e-5, the median 7.6e-6.
+GRAD_TOL = 1e-4
+
+
+# dev-like (guidance embedding) and schnell-like (none), both with 64 latent channels in and out
+GRAD_CONFIGS = {"dev_like": CONFIGS["dev_like"],
+                "schnell_like": {**CONFIGS["schnell_like"], "in_channels": 64, "out_channels": None}}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CONFIGS))
+def test_gradient_matches_diffusers(name, tmp_path):
+    """Same weights, x0, eps, t and text: d loss / d params of fluxjax equals diffusers' autograd.
+
+    diffusers' gradients are saved as a transformer checkpoint and read by fluxjax's own loader:
+    the key map is a re-layout (transpose, concatenation, permutation) of each tensor, so it maps
+    a gradient exactly as it maps the weight.
+    """
+    cfg = GRAD_CONFIGS[name]
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**cfg)
+    randomize_(model, seed=3)
+    model.save_pretrained(tmp_path / "transformer")
+    inputs = make_inputs(cfg)
+    x0 = inputs["hidden_states"]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    tb = inputs["timestep"][:, None, None]
+    out = model(**{**inputs, "hidden_states": (1 - tb) * x0 + tb * eps}).sample
+    torch.mean((out - (eps - x0)) ** 2).backward()
+    grads = {k: p.grad.detach().contiguous() for k, p in model.named_parameters()}
+    assert set(grads) == set(model.state_dict()) and all(g.abs().max() > 0 for g in grads.values())
+    (tmp_path / "grads").mkdir()
+    shutil.copy(tmp_path / "transformer" / "config.json", tmp_path / "grads" / "config.json")
+    save_file(grads, str(tmp_path / "grads" / "diffusion_pytorch_model.safetensors"))
+    _, want = load_transformer(tmp_path / "grads")
+
+    flux, params = load_transformer(tmp_path / "transformer", attention_impl="xla")
+    x0_j, img_ids, txt, txt_ids, t, vec, guidance = flux_args(inputs)
+    eps_j = jnp.asarray(eps.numpy())
+    loss = lambda p: flow_matching_loss(flux, p, x0_j, eps_j, t, img_ids, txt, txt_ids, vec, guidance)  # noqa: E731
+    got = jax.jit(jax.grad(loss))(params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    errors = {jax.tree_util.keystr(k): rel_err(g, w) for (k, g), w in
+              zip(jax.tree.flatten_with_path(got)[0], jax.tree.leaves(want))}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= GRAD_TOL, (worst, errors[worst])
+
+
+# -- the step on the tiny preset ----------------------------------------------------------------
+
+GRID, L_TXT, BATCH = (4, 4), 6, 2
+
+
+def tiny_batch(cfg: FluxConfig, batch: int = BATCH, seed: int = 0) -> dict:
+    """A host batch for `Trainer.step` (see its docstring), random but fixed."""
+    rng = np.random.default_rng(seed)
+    rows, cols = GRID
+    ids = np.zeros((rows, cols, 3), np.float32)
+    ids[..., 1], ids[..., 2] = np.arange(rows)[:, None], np.arange(cols)[None]
+    return {
+        "latents": rng.standard_normal((batch, rows * cols, cfg.in_channels)).astype(np.float32),
+        "img_ids": np.broadcast_to(ids.reshape(1, -1, 3), (batch, rows * cols, 3)).copy(),
+        "txt": rng.standard_normal((batch, L_TXT, cfg.context_in_dim)).astype(np.float32),
+        "txt_ids": np.zeros((batch, L_TXT, 3), np.float32),
+        "vec": rng.standard_normal((batch, cfg.vec_in_dim)).astype(np.float32),
+        "empty_txt": rng.standard_normal((1, L_TXT, cfg.context_in_dim)).astype(np.float32),
+        "empty_vec": rng.standard_normal((1, cfg.vec_in_dim)).astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = FluxConfig.preset("tiny")
+    model = Flux(cfg)
+    params = host_random_params(param_shapes(model), seed=0, neutral_vectors=True)
+    return model, params, tiny_batch(cfg)
+
+
+def test_timesteps_are_logit_normal_shifted_by_the_samplers_rule():
+    schedule = Schedule.dev()
+    key = jax.random.key(0)
+    t = sample_timesteps(key, 10_000, 1024, schedule, mean=0.5, std=0.8)
+    plain = jax.nn.sigmoid(0.5 + 0.8 * jax.random.normal(key, (10_000,)))
+    np.testing.assert_allclose(t, schedule.shift_timesteps(plain, 1024), rtol=1e-6)
+    assert 0 < float(t.min()) and float(t.max()) < 1
+    assert float(jnp.median(t)) > float(jnp.median(plain))  # dev's shift moves t towards noise
+
+
+def test_loss_goes_down_and_ema_follows(tiny):
+    model, params, batch = tiny
+    cfg = TrainConfig(learning_rate=3e-3, warmup_steps=5, total_steps=40, ema_decay=0.9, compute_dtype="float32")
+    trainer = Trainer(model, cfg, Schedule.dev())
+    state = trainer.init(params, seed=0)
+    losses = []
+    for _ in range(40):
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 40
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    p, e = state.params["img_in"]["kernel"], state.ema["img_in"]["kernel"]
+    p0 = params["img_in"]["kernel"]
+    assert 0 < float(jnp.abs(e - p0).max()) and float(jnp.abs(e - p).max()) > 0  # the EMA lags the weights
+
+
+def test_remat_and_dtypes_and_pluggable_optimizer(tiny):
+    model, params, batch = tiny
+    batch = jax.tree.map(jnp.asarray, batch)
+    key = jax.random.key(3)
+    grads = {}
+    for remat in (False, True):
+        trainer = Trainer(model, TrainConfig(remat=remat, compute_dtype="float32", caption_dropout=0.5), Schedule.dev())
+        grads[remat] = jax.jit(jax.grad(trainer.loss))(params, batch, key)
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+        assert rel_err(b, a) <= 1e-6  # recomputation changes memory, not the gradient
+
+    sgd = Trainer(model, TrainConfig(param_dtype="bfloat16"), Schedule.dev(), tx=optax.sgd(1e-2))
+    state = sgd.init(params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    state, metrics = sgd.step(state, batch)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params)) and np.isfinite(float(metrics["loss"]))
+
+
+# -- 8 simulated devices (tests/train_sharding_worker.py in a subprocess) -----------------------
+
+SHARD_TOL = 1e-5  # max abs parameter error after 3 steps against one device: what the issue asks
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def sharded_training():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train_sharding_worker.py")], capture_output=True,
+                          text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_every_strategy_trains_to_the_single_device_parameters(sharded_training):
+    assert sharded_training["params_moved"] > 100 * SHARD_TOL  # the 3 steps changed the weights
+    assert {c["strategy"] for c in sharded_training["cases"]} == {"dp", "fsdp", "tp", "fsdp_tp"}
+    for case in sharded_training["cases"]:
+        assert case["error"] <= SHARD_TOL and case["ema_error"] <= SHARD_TOL, case["strategy"]
+
+
+def test_optimizer_state_and_ema_are_laid_out_like_their_parameters(sharded_training):
+    """Adam's moments and the EMA follow the strategy's table: under fsdp each device holds 1/8
+    of every kernel's weights, moments and EMA; under dp all of them; under tp and fsdp_tp the
+    qkv kernel is split as its weight is."""
+    for case in sharded_training["cases"]:
+        params = case["params"]
+        for tree in ("mu", "nu", "ema"):
+            assert case[tree] == params, (case["strategy"], tree)
+        kernels = {k: p for k, p in params.items() if k.endswith("kernel")}
+        assert len(kernels) >= 10
+        split = lambda p: [s // d for s, d in zip(p["shape"], p["shard"])]  # noqa: E731
+        if case["strategy"] == "dp":
+            assert all(p["shard"] == p["shape"] for p in params.values())
+        if case["strategy"] == "fsdp":
+            for path, p in kernels.items():
+                assert 8 * np.prod(p["shard"]) == np.prod(p["shape"]), path
+        if case["strategy"] == "tp":
+            assert split(params["double_blocks/img_attn/qkv/kernel"]) == [1, 1, 8]
+        if case["strategy"] == "fsdp_tp":
+            assert split(params["double_blocks/img_attn/qkv/kernel"]) == [1, 4, 2]
+
+
+# -- data, the command, checkpoints and resume --------------------------------------------------
+
+
+def make_folder(root, sizes=((40, 24), (24, 40), (32, 32), (40, 24)), captions=True):
+    """Images of random pixels with captions; returns the folder."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        if captions:
+            (root / f"img{i}.txt").write_text(f"a picture number {i}")
+    return root
+
+
+def run_cli(capsys, *argv):
+    from fluxjax.cli import main
+
+    code = main(["train", *map(str, argv)])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_data_is_named_in_one_line_before_loading(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, tmp_path / "empty", "--out", out)
+    assert code == 2 and "no images" in err and "\n" not in err
+
+    folder = make_folder(tmp_path / "nocap")
+    (folder / "img2.txt").unlink()
+    code, err = run_cli(capsys, folder, "--out", out)
+    assert code == 2 and "img2.png: no caption" in err and "\n" not in err
+
+    folder = make_folder(tmp_path / "broken")
+    (folder / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, err = run_cli(capsys, folder, "--out", out)
+    assert code == 2 and "img1.png: unreadable image" in err and "\n" not in err
+
+    folder = make_folder(tmp_path / "small", sizes=((40, 24), (40, 8)))
+    code, err = run_cli(capsys, folder, "--out", out)
+    assert code == 2 and "img1.png: 40x8 pixels" in err and "\n" not in err
+    assert not out.exists()  # nothing ran
+
+
+def test_metadata_jsonl_buckets_and_deterministic_order(tmp_path):
+    from fluxjax.data import Batches, bucket, scan_folder
+
+    folder = make_folder(tmp_path / "meta", captions=False)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "text": f"c{i}"}) + "\n" for i in range(4)))
+    examples = scan_folder(folder)
+    assert [e.caption for e in examples] == ["c0", "c1", "c2", "c3"]
+    assert bucket(40, 24, 32) == (48, 32) and bucket(24, 40, 32) == (32, 48) and bucket(1000, 10, 32) == (320, 16)
+    buckets = [bucket(e.width, e.height, 32) for e in examples]
+    order = Batches(buckets, 2, seed=5)
+    assert order.per_epoch == 1  # only the two 40x24 images make a full batch of 2
+    assert [order.indices(i) for i in range(4)] == [Batches(buckets, 2, seed=5).indices(i) for i in range(4)]
+    assert sorted(order.indices(0)) == [0, 3]
+    assert len({tuple(Batches(buckets, 1, seed=s).indices(0) + Batches(buckets, 1, seed=s).indices(1)) for s in range(8)}) > 1
+    with pytest.raises(Exception, match="no aspect bucket has that many"):
+        Batches(buckets, 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from fluxjax.pipeline import FluxPipeline
+
+    return FluxPipeline.from_pretrained("tiny", dtype="float32")
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, tiny_pipe):
+    from fluxjax.data import EncodedDataset, scan_folder
+
+    folder = make_folder(tmp_path / "data")
+    kw = dict(pipe=tiny_pipe, resolution=32, max_sequence_length=16, cache_dir=tmp_path / "cache")
+    first = EncodedDataset(scan_folder(folder), **kw)
+    assert first.computed == 4 + 1  # four examples and the empty prompt
+    batch = first.batch([0, 3])
+    assert batch["latents"].shape == (2, 6, 64) and batch["txt"].shape == (2, 16, 32)
+    assert EncodedDataset(scan_folder(folder), **kw).computed == 0
+    (folder / "img1.txt").write_text("another caption")
+    assert EncodedDataset(scan_folder(folder), **kw).computed == 1
+    assert EncodedDataset(scan_folder(folder), **{**kw, "resolution": 48}).computed == 4  # new buckets
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
+    model, params, batch = tiny
+    trainer = Trainer(model, TrainConfig(ema_decay=0.9, compute_dtype="float32"), Schedule.dev())
+    state, _ = trainer.step(trainer.init(params, seed=2), batch)
+    save_state(tmp_path / "ck" / "step_00000001", state)
+    assert latest_checkpoint(tmp_path / "ck").endswith("step_00000001")
+    back = restore_state(tmp_path / "ck" / "step_00000001", trainer.abstract_state(params))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(state) == jax.tree.structure(back)
+
+
+def _cli(*argv) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "fluxjax.cli", "train", *map(str, argv)]
+
+
+def _final_state(out) -> list[np.ndarray]:
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from fluxjax.train import latest_checkpoint as latest
+
+    return [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest(out / "checkpoints")))]
+
+
+def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
+    """A run killed (SIGKILL) between checkpoints and resumed ends with the state of an
+    uninterrupted run, bit for bit; the loss goes down; model/ is what FluxPipeline loads."""
+    import signal
+    import subprocess
+    import time
+
+    folder = make_folder(tmp_path / "data", sizes=((40, 24),) * 4)  # one bucket: one compile per run
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    common = [folder, "--resolution", "32", "--steps", "60", "--save-every", "20", "--lr", "3e-3", "--dtype", "float32",
+              "--warmup", "5", "--ema", "0.9", "--caption-dropout", "0.2", "--seed", "3"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(_cli(*common, "--out", whole), check=True, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_cli(*common, "--out", cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv = cut / "loss.csv"
+    killed_at = None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        rows = csv.read_text().splitlines()[1:] if csv.exists() else []
+        if rows and int(rows[-1].split(",")[0]) >= 22 and (cut / "checkpoints" / "step_00000020").is_dir():
+            proc.send_signal(signal.SIGKILL)
+            killed_at = int(rows[-1].split(",")[0])
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert killed_at < 40 and not (cut / "checkpoints" / "step_00000060").exists()
+    subprocess.run(_cli(*common, "--out", cut, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+
+    for a, b in zip(_final_state(whole), _final_state(cut)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert (whole / "loss.csv").read_text() == (cut / "loss.csv").read_text()
+    assert (whole / "loss.png").stat().st_size > 1000
+    losses = np.loadtxt(whole / "loss.csv", delimiter=",", skiprows=1)[:, 1]
+    assert losses[-15:].mean() < 0.8 * losses[:15].mean()
+
+    from fluxjax.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(whole / "model", dtype="float32")
+    trained = stack_params(pipe)
+    restored = _final_state(whole)
+    assert any(np.array_equal(np.asarray(trained["img_in"]["kernel"]), r) for r in restored)
+    image = pipe("a picture number 1", height=32, width=48, num_steps=2, output="np")
+    assert image.shape == (1, 32, 48, 3) and np.isfinite(image).all()
+
+
+def stack_params(pipe):
+    from fluxjax.models.flux import BLOCK_STACKS
+    from fluxjax.train import stack_layers
+
+    return stack_layers(pipe.transformer.params, BLOCK_STACKS)
+
+
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, capsys, tiny):
+    model, params, batch = tiny
+    trainer = Trainer(model, TrainConfig(compute_dtype="float32"), Schedule.dev())
+    save_state(tmp_path / "out" / "checkpoints" / "step_00000001", trainer.init(params))
+    code, err = run_cli(capsys, make_folder(tmp_path / "data"), "--out", tmp_path / "out")
+    assert code == 2 and "holds checkpoints of a run; pass --resume" in err
