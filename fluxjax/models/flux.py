@@ -26,6 +26,7 @@ from fluxjax.models.layers import (
     layer_stack,
     split_heads,
     timestep_embedding,
+    with_precision,
 )
 
 
@@ -177,7 +178,9 @@ class Flux(nn.Module):
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
     (one of layers.ATTENTION_IMPLEMENTATIONS: see layers.dot_product_attention), layer_loop ("scan":
     block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
-    CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts).
+    CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts), precision
+    (of every matmul; None: "highest" for float32, JAX's default otherwise; see
+    layers.matmul_precision).
     """
 
     config: FluxConfig
@@ -185,7 +188,9 @@ class Flux(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     layer_loop: str = "scan"
+    precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
+    @with_precision
     @nn.compact
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         """Predict the flow velocity of the packed image tokens.
