@@ -142,3 +142,45 @@ def test_vae_encode_and_decode_methods_lower_at_highest_precision_in_float32():
     for method, arg in (("encode", x), ("decode", z)):
         text = jax.jit(lambda p, a: model.apply(p, a, method=method)).lower(params, arg).as_text()  # noqa: B023
         assert "convolution" in text and "HIGHEST" in text
+
+
+def test_the_pipeline_says_which_attention_its_transformer_runs():
+    from fluxjax.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
+    c = pipe.transformer.model.config
+    want = layers.auto_implementation(F32, c.hidden_size // c.num_heads, 256 // 16 * (256 // 16) + 64, masked=False,
+                                      mesh_size=1)
+    assert pipe.attention_implementation == want
+    if jax.default_backend() == "cpu":
+        assert want in ("cpu", "xla_blocked")
+    assert FluxPipeline.from_pretrained("tiny", attention_impl="xla").attention_implementation == "xla"
+
+
+def test_gpu_xla_flags_are_set_only_on_cuda_and_never_over_the_users():
+    from fluxjax import xla_flags
+
+    flags = " ".join(xla_flags.GPU_FLAGS)
+    assert xla_flags.gpu_default_flags({}, cuda_plugin=True) == flags
+    assert xla_flags.gpu_default_flags({"JAX_PLATFORMS": "cuda,cpu"}, cuda_plugin=True) == flags
+    assert xla_flags.gpu_default_flags({}, cuda_plugin=False) is None
+    assert xla_flags.gpu_default_flags({"JAX_PLATFORMS": "cpu"}, cuda_plugin=True) is None
+    assert xla_flags.gpu_default_flags({"XLA_FLAGS": ""}, cuda_plugin=True) is None
+    assert xla_flags.gpu_default_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, cuda_plugin=True) is None
+    environ = {"XLA_FLAGS": "--mine"}
+    xla_flags.apply_gpu_defaults(environ)
+    assert environ == {"XLA_FLAGS": "--mine"}
+
+
+def test_the_installed_xla_knows_the_gpu_flags():
+    # XLA aborts a process whose XLA_FLAGS holds a flag it does not know: a renamed flag must fail here.
+    import os
+    import subprocess
+    import sys
+
+    from fluxjax import xla_flags
+
+    env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags.GPU_FLAGS), "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "2.0" in run.stdout, run.stderr[-500:]

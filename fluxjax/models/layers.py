@@ -425,15 +425,16 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
     return "xla"
 
 
-def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool) -> str:
-    """`resolve_attention` with the facts of where this is traced: the default backend, its
-    first device, and the abstract mesh of the trace.
+def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool, mesh_size: int | None = None) -> str:
+    """`resolve_attention` with the facts of where this runs: the default backend, its first
+    device, whether the CPU kernel builds, and mesh_size (None: the size of the abstract mesh
+    of the trace this is called in).
 
     Decided at trace time, not when a model is built: the same model is traced with and
     without a mesh (one device, or a strategy's), and only the trace knows which.
     """
     facts = device_facts()
-    mesh_size = jax.sharding.get_abstract_mesh().size
+    mesh_size = jax.sharding.get_abstract_mesh().size if mesh_size is None else mesh_size
     # Asked only where it decides: building the kernel (or warning that it cannot) is not free.
     cpu_kernel = facts["backend"] == "cpu" and not masked and mesh_size == 1 and cpu_attention.suits()
     return resolve_attention(**facts, mesh_size=mesh_size, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
