@@ -397,7 +397,7 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
     `device_kind` ("NVIDIA H200", "TPU v5 lite", "cpu"); compute_capability: a CUDA device's
     ("9.0"), None when unknown; dtype of q/k/v; head_dim; seq_len: tokens attended (L);
     masked: a bias or a causal mask (T5's position bias, CLIP's causal mask); mesh_size: devices
-    of the mesh the attention is traced under (1 without one); cpu_kernel: whether fluxjax's
+    of the mesh the attention is traced under (1, or 0, without one); cpu_kernel: whether fluxjax's
     CPU kernel builds here (only read on a CPU).
 
     - CPU: "cpu" (fluxjax's kernel) for unmasked attention without a multi-device mesh (a custom
@@ -415,13 +415,13 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
     del seq_len
     dtype = jnp.dtype(dtype)
     if backend == "cpu":
-        return "cpu" if not masked and mesh_size == 1 and cpu_kernel else "xla_blocked"
+        return "cpu" if not masked and mesh_size <= 1 and cpu_kernel else "xla_blocked"
     if backend in ("gpu", "cuda") and "nvidia" in device_kind.lower():
         recent = compute_capability is None or float(compute_capability) >= 8.0
         fits = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
         return "cudnn" if recent and fits and not masked else "xla"
     if backend == "tpu":
-        return "splash" if not masked and mesh_size == 1 else "xla"
+        return "splash" if not masked and mesh_size <= 1 else "xla"
     return "xla"
 
 
@@ -434,7 +434,8 @@ def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool,
     without a mesh (one device, or a strategy's), and only the trace knows which.
     """
     facts = device_facts()
-    mesh_size = jax.sharding.get_abstract_mesh().size if mesh_size is None else mesh_size
+    # Outside any mesh the abstract mesh is empty: size 0, one device.
+    mesh_size = max(1, jax.sharding.get_abstract_mesh().size if mesh_size is None else mesh_size)
     # Asked only where it decides: building the kernel (or warning that it cannot) is not free.
     cpu_kernel = facts["backend"] == "cpu" and not masked and mesh_size == 1 and cpu_attention.suits()
     return resolve_attention(**facts, mesh_size=mesh_size, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
