@@ -56,28 +56,35 @@ def _peak_memory() -> float | None:
     return stats.get("peak_bytes_in_use")
 
 
+def _measure(label: str, run, batch: int, repeat: int, first: str, peak_bytes, detail=lambda: "") -> None:
+    """Time `run()` (one blocking call making `batch` images): its first call, then the median of
+    `repeat` more. Print and record seconds per image, images/s, the first call (named `first`)
+    and peak memory (`peak_bytes()`: bytes, or None where unknown); `detail()` adds to the line."""
+    start = time.perf_counter()
+    run()
+    first_s = time.perf_counter() - start
+    batch_s = median_time(run, repeat=repeat, warmup=0)
+    peak = peak_bytes()
+    print(f"{label}: {first} {first_s:.1f} s, {batch_s / batch:.2f} s/image, {batch / batch_s:.3f} images/s"
+          f"{detail()}, peak memory {'n/a' if peak is None else f'{peak / 2**30:.1f} GiB'}", flush=True)
+    record(f"{label}: per image", batch_s / batch, unit="s")
+    record(f"{label}: images/s", batch / batch_s, unit="images/s")
+    record(f"{label}: {first}", first_s, unit="s")
+    if peak is not None:
+        record(f"{label}: peak memory", peak / 2**30, unit="GiB")
+
+
 def _fluxjax(pipe, preset: str, size: int, batch: int, steps: int, repeat: int) -> None:
     prompts = [PROMPT] * batch
 
     def run():
         pipe(prompts, height=size, width=size, num_steps=steps, output="np")
 
-    start = time.perf_counter()
-    run()
-    first_s = time.perf_counter() - start
-    batch_s = median_time(run, repeat=repeat, warmup=0)
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in pipe.timings.items())
     seq_len = (size // 16) ** 2 + pipe.defaults.max_sequence_length
     label = (f"fluxjax {preset} {size}x{size} {steps} steps batch {batch} "
              f"{attention_label(pipe.transformer.model.attention_impl, pipe.transformer.model.config, seq_len)}")
-    peak = _peak_memory()
-    print(f"{label}: first call (compile) {first_s:.1f} s, {batch_s / batch:.2f} s/image, {batch / batch_s:.3f} images/s "
-          f"({stages}), peak memory {'n/a' if peak is None else f'{peak / 2**30:.1f} GiB'}", flush=True)
-    record(f"{label}: per image", batch_s / batch, unit="s")
-    record(f"{label}: images/s", batch / batch_s, unit="images/s")
-    record(f"{label}: first call (compile)", first_s, unit="s")
-    if peak is not None:
-        record(f"{label}: peak memory", peak / 2**30, unit="GiB")
+    stages = lambda: " (" + ", ".join(f"{k} {v:.2f} s" for k, v in pipe.timings.items()) + ")"  # noqa: E731
+    _measure(label, run, batch, repeat, "first call (compile)", _peak_memory, stages)
 
 
 def reference_pipeline(preset: str, device: str):
@@ -149,20 +156,9 @@ def _diffusers(preset: str, sizes, batches, steps: int, repeat: int, modes, t5_l
 
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                run()
-                first_s = time.perf_counter() - start
-                batch_s = median_time(run, repeat=repeat, warmup=0)
                 label = f"diffusers {mode} {preset} {size}x{size} {steps} steps batch {batch}"
-                peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-                print(f"{label}: first call{' (compile)' if mode == 'compiled' else ''} {first_s:.1f} s, "
-                      f"{batch_s / batch:.2f} s/image, {batch / batch_s:.3f} images/s, "
-                      f"peak memory {'n/a' if peak is None else f'{peak / 2**30:.1f} GiB'}", flush=True)
-                record(f"{label}: per image", batch_s / batch, unit="s")
-                record(f"{label}: images/s", batch / batch_s, unit="images/s")
-                record(f"{label}: first call", first_s, unit="s")
-                if peak is not None:
-                    record(f"{label}: peak memory", peak / 2**30, unit="GiB")
+                _measure(label, run, batch, repeat, "first call (compile)" if mode == "compiled" else "first call",
+                         lambda: torch.cuda.max_memory_allocated() if device == "cuda" else None)
 
 
 def main(argv=None) -> None:
