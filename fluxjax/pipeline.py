@@ -27,6 +27,7 @@ from fluxjax.cache import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
+from fluxjax.models import layers
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.sharding import Strategy, jit_with_rules
 from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
@@ -89,6 +90,19 @@ class FluxPipeline:
         self.adapters = None  # their fluxjax.lora.Adapters, on the device
         self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
 
+    @property
+    def attention_implementation(self) -> str:
+        """The attention the transformer runs at the default size: its `attention_impl`, or what
+        "auto" resolves to here (layers.resolve_attention with this process's device, the
+        transformer's dtype and head dim, and this pipeline's mesh)."""
+        model = self.transformer.model
+        if model.attention_impl != "auto":
+            return model.attention_impl
+        c, d = model.config, self.defaults
+        seq_len = (d.height // 16) * (d.width // 16) + d.max_sequence_length
+        return layers.auto_implementation(model.dtype, c.hidden_size // c.num_heads, seq_len, masked=False,
+                                          mesh_size=1 if self.mesh is None else self.mesh.size)
+
     # --- loading ---------------------------------------------------------------------------
 
     @classmethod
@@ -108,8 +122,10 @@ class FluxPipeline:
             the strategy's data axes (padded when they do not divide, the padding dropped).
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
             those components of `source`.
-        attention_impl: "auto" (default: the CPU kernel on a CPU, XLA elsewhere), "xla", "cudnn"
-                        (GPU flash attention) or "cpu"; see layers.dot_product_attention.
+        attention_impl: "auto" (default: cuDNN flash attention on NVIDIA GPUs where it applies,
+                        splash on a TPU, the CPU kernel on a CPU; `pipe.attention_implementation`
+                        says which), "xla", "xla_blocked", "cudnn", "splash" or "cpu"; see
+                        layers.dot_product_attention and layers.resolve_attention.
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         loras, fuse: LoRA files to apply, as `load_lora(loras, fuse=fuse)` does.

@@ -24,3 +24,16 @@ def test_fullsize_harness_runs_on_cpu_and_writes_json(tmp_path, capsys):
     results = json.loads(out.read_text())["sections"]["fullsize"]
     steps = [r for r in results if r["name"].endswith(": step")]
     assert len(steps) == 2 and all(r["fluxjax"] > 0 and r["unit"] == "ms" for r in steps)
+
+
+def test_endtoend_harness_runs_on_cpu_beside_diffusers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(out), "endtoend", "--batches", "1", "--compare-diffusers",
+                     "--diffusers-modes", "eager"]) == 0
+    printed = capsys.readouterr().out
+    assert "s/image" in printed and "auto (= " in printed
+    results = {r["name"]: r for r in json.loads(out.read_text())["sections"]["endtoend"]}
+    ours = [r for name, r in results.items() if name.startswith("fluxjax tiny") and name.endswith("per image")]
+    theirs = [r for name, r in results.items() if name.startswith("diffusers eager tiny") and name.endswith("per image")]
+    assert len(ours) == len(theirs) == 1 and ours[0]["fluxjax"] > 0 and theirs[0]["fluxjax"] > 0
+    assert any(name.endswith("first call (compile)") for name in results)

@@ -3,8 +3,10 @@
 For each size and batch: compile time, seconds per step (the jitted Euler loop over a few steps),
 images per second of denoising at the model's step count, model FLOPs utilisation against the
 chip's bf16 peak (FLOPs counted from the shapes of docs/architecture.md: 74.4 TFLOP per dev step at
-1024x1024), and peak device memory; each attention implementation asked for; with
-`--compare-diffusers`, diffusers' eager bf16 transformer on the same GPU in the same run.
+1024x1024), and peak device memory; each attention implementation asked for ("auto" printed with
+what it resolves to here); with `--compare-diffusers`, diffusers' bf16 transformer on the same GPU
+in the same run, eager and under torch.compile (its compile time reported). The XLA_FLAGS in force
+are printed, and whether fluxjax set them (fluxjax/xla_flags.py).
 
 On a CPU the full model does not fit: the section then runs the `tiny` preset, which exercises
 every line of the harness (MFU is not given: a CPU has no bf16 peak in the table).
@@ -83,7 +85,7 @@ def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, atten
             images_s = batch / (step_s * STEPS[model_name])
             stats = jax.devices()[0].memory_stats() or {}
             peak_mem = stats.get("peak_bytes_in_use")
-            label = f"{model_name} {size}x{size} batch {batch} {attention}"
+            label = f"{model_name} {size}x{size} batch {batch} {attention_label(attention, cfg, img.shape[1] + l_txt)}"
             print(f"{label}: compile {compile_s:.1f} s, {step_s * 1e3:.1f} ms/step, {flops / 1e12:.1f} TFLOP/step, "
                   f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, {images_s:.3f} images/s ({STEPS[model_name]} steps), "
                   f"peak memory {'n/a' if peak_mem is None else f'{peak_mem / 2**30:.1f} GiB'}", flush=True)
@@ -93,8 +95,31 @@ def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, atten
                 record(f"{label}: MFU", 100 * mfu, unit="%")
 
 
-def _diffusers(cfg: FluxConfig, size: int, batch: int, l_txt: int) -> float:
-    """Seconds per eager bf16 step of diffusers' transformer on the GPU (random weights)."""
+def attention_label(attention: str, cfg: FluxConfig, seq_len: int, dtype=jnp.bfloat16) -> str:
+    """The implementation's name; for "auto", with what it resolves to here ("auto (= cudnn)")."""
+    if attention != "auto":
+        return attention
+    from fluxjax.models.layers import auto_implementation
+
+    return f"auto (= {auto_implementation(dtype, cfg.hidden_size // cfg.num_heads, seq_len, masked=False, mesh_size=1)})"
+
+
+def xla_flags_line() -> str:
+    """The XLA_FLAGS in force and who set them, for a benchmark's header."""
+    import os
+
+    from fluxjax import xla_flags
+
+    flags = os.environ.get("XLA_FLAGS")
+    if flags is None:
+        return "XLA_FLAGS unset"
+    who = "set by fluxjax (fluxjax/xla_flags.py)" if xla_flags.APPLIED == flags else "the user's"
+    return f"XLA_FLAGS={flags!r} ({who})"
+
+
+def _diffusers(cfg: FluxConfig, size: int, batch: int, l_txt: int, compiled: bool = False) -> tuple[float, float | None]:
+    """(seconds per bf16 step, seconds of the first call or None) of diffusers' transformer on
+    the GPU (random weights): eager, or under torch.compile (the first call compiles)."""
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -103,6 +128,8 @@ def _diffusers(cfg: FluxConfig, size: int, batch: int, l_txt: int) -> float:
     with torch.device("cuda"):
         ref = FluxTransformer2DModel(guidance_embeds=cfg.guidance_embed, num_layers=cfg.depth,
                                      num_single_layers=cfg.depth_single_blocks).to(torch.bfloat16).eval()
+    if compiled:
+        ref = torch.compile(ref)
     l_img = (size // 16) ** 2
     ids = torch.zeros(l_img, 3, device="cuda")
     ids[:, 1] = torch.arange(l_img, device="cuda") // (size // 16)
@@ -119,7 +146,12 @@ def _diffusers(cfg: FluxConfig, size: int, batch: int, l_txt: int) -> float:
             ref(**kw)
         torch.cuda.synchronize()
 
-    return median_time(run, repeat=5, warmup=2)
+    first_s = None
+    if compiled:
+        start = time.perf_counter()
+        run()
+        first_s = time.perf_counter() - start
+    return median_time(run, repeat=5, warmup=2), first_s
 
 
 def main(argv=None) -> None:
@@ -129,15 +161,17 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="256" if on_cpu else "512,1024,2048", help="square image sizes in pixels")
     parser.add_argument("--batches", default="1,2" if on_cpu else "1,2,4")
     parser.add_argument("--steps", type=int, default=4, help="steps per timed loop")
-    parser.add_argument("--attention", default="xla_blocked,cpu" if on_cpu else "xla,cudnn", help="implementations to time")
-    parser.add_argument("--compare-diffusers", action="store_true", help="diffusers' eager bf16 step on the same GPU")
+    parser.add_argument("--attention", default="auto,xla_blocked" if on_cpu else "auto,xla",
+                        help="implementations to time (auto: the default, printed with what it resolves to)")
+    parser.add_argument("--compare-diffusers", action="store_true",
+                        help="diffusers' bf16 step on the same GPU, eager and under torch.compile")
     args = parser.parse_args(argv)
     cfg = FluxConfig.preset(args.model)
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     peak = chip_peak()
     print(f"{args.model} on {jax.devices()[0].device_kind} ({jax.default_backend()}), bf16, random weights; "
-          f"bf16 peak {'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}", flush=True)
+          f"bf16 peak {'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; {xla_flags_line()}", flush=True)
     for attention in args.attention.split(","):
         _fluxjax(args.model, cfg, sizes, batches, args.steps, attention, peak)
     if args.compare_diffusers:
@@ -145,6 +179,13 @@ def main(argv=None) -> None:
             raise SystemExit("--compare-diffusers compares the full-size models: use --model dev or schnell")
         for size in sizes:
             for batch in batches:
-                theirs = _diffusers(cfg, size, batch, T5_LENGTH[args.model])
-                record(f"diffusers eager {args.model} {size}x{size} batch {batch}: step", theirs * 1e3, unit="ms")
-                print(f"diffusers eager bf16 {size}x{size} batch {batch}: {theirs * 1e3:.1f} ms/step", flush=True)
+                for compiled in (False, True):
+                    mode = "torch.compile" if compiled else "eager"
+                    theirs, first_s = _diffusers(cfg, size, batch, T5_LENGTH[args.model], compiled)
+                    label = f"diffusers {mode} {args.model} {size}x{size} batch {batch}"
+                    record(f"{label}: step", theirs * 1e3, unit="ms")
+                    line = f"{label} bf16: {theirs * 1e3:.1f} ms/step"
+                    if first_s is not None:
+                        record(f"{label}: compile (first call)", first_s, unit="s")
+                        line += f", first call (compile) {first_s:.1f} s"
+                    print(line, flush=True)

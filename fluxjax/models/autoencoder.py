@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import AutoEncoderConfig
-from fluxjax.models.layers import affine_params, dense, standardize
+from fluxjax.models.layers import affine_params, dense, standardize, with_precision
 
 Dtype = Any
 
@@ -257,6 +257,8 @@ class AutoEncoder(nn.Module):
     config:      AutoEncoderConfig (preset "flux" for the real model).
     dtype:       compute dtype of convolutions and attention matmuls (float32 or bfloat16).
     param_dtype: dtype of the parameters.
+    precision:   of every convolution and matmul (None: "highest" for float32, JAX's default
+                 otherwise; see layers.matmul_precision).
 
     Use `model.apply({"params": p}, x, method="encode")` and `..., z, method="decode")`;
     `__call__(x)` is decode(encode(x)), used by `init` to create every parameter.
@@ -265,11 +267,13 @@ class AutoEncoder(nn.Module):
     config: AutoEncoderConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
     def setup(self):
         self.encoder = Encoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         self.decoder = Decoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
 
+    @with_precision
     def encode(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Images to normalised latents.
 
@@ -289,6 +293,7 @@ class AutoEncoder(nn.Module):
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
         return self.config.scale_factor * (z - self.config.shift_factor)
 
+    @with_precision
     def decode(self, z: jax.Array) -> jax.Array:
         """Normalised latents to pixels.
 
@@ -302,6 +307,7 @@ class AutoEncoder(nn.Module):
         z = z.astype(jnp.float32) / self.config.scale_factor + self.config.shift_factor
         return self.decoder(z).astype(jnp.float32)
 
+    @with_precision
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """decode(encode(x, key)): (B, H, W, in_channels) -> (B, H, W, out_ch) float32."""
         return self.decode(self.encode(x, key))

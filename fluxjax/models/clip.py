@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import CLIPConfig
-from fluxjax.models.layers import affine_params, constrain, dense, dot_product_attention, embedding, scan_layers, standardize
+from fluxjax.models.layers import (affine_params, constrain, dense, dot_product_attention, embedding, scan_layers,
+                                   standardize, with_precision)
 
 Dtype = Any
 
@@ -157,7 +158,8 @@ class CLIPTextEncoder(nn.Module):
 
     config: CLIPConfig (fluxjax.config). dtype: compute dtype (activations, matmul inputs);
     param_dtype: dtype of the parameters. attention_impl: one of layers.ATTENTION_IMPLEMENTATIONS
-    (see layers.dot_product_attention).
+    (see layers.dot_product_attention). precision: of every matmul (None: from dtype, see
+    layers.matmul_precision).
 
     __call__(input_ids):
       input_ids: (B, L) integer token ids, L <= config.max_position_embeddings (77 for CLIP-L;
@@ -174,7 +176,9 @@ class CLIPTextEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
+    @with_precision
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config

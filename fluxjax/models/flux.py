@@ -26,6 +26,7 @@ from fluxjax.models.layers import (
     layer_stack,
     split_heads,
     timestep_embedding,
+    with_precision,
 )
 
 
@@ -179,7 +180,8 @@ class Flux(nn.Module):
     block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
     CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts), remat
     (recompute each block's activations in the backward pass instead of keeping them: training
-    memory for one more forward; parameters and outputs are unchanged).
+    memory for one more forward; parameters and outputs are unchanged), precision (of every
+    matmul; None: "highest" for float32, JAX's default otherwise; see layers.matmul_precision).
     """
 
     config: FluxConfig
@@ -188,7 +190,9 @@ class Flux(nn.Module):
     attention_impl: str = "auto"
     layer_loop: str = "scan"
     remat: bool = False
+    precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
+    @with_precision
     @nn.compact
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         """Predict the flow velocity of the packed image tokens.

@@ -9,6 +9,7 @@ Numerics follow the reference: norms, RoPE and softmax statistics in float32, GE
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -21,7 +22,37 @@ from fluxjax.kernels import cpu_attention
 
 Dtype = Any
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn", "cpu")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "xla_blocked", "cudnn", "cpu", "splash")
+
+
+def matmul_precision(dtype: Dtype, precision: str | None = None) -> str | None:
+    """The matmul/convolution precision a model computing in `dtype` runs at.
+
+    precision: the model's own setting; None derives it from dtype: "highest" for float32 (a
+    float32 model is float32 everywhere: without it a GPU runs float32 matmuls as TF32, about
+    5e-4 relative error at full width, and a TPU as bf16 passes), None for other dtypes (JAX's
+    default, which bf16 matmuls need). Any name jax.default_matmul_precision takes is allowed.
+    """
+    if precision is not None:
+        return precision
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def with_precision(method):
+    """Decorate a model's entry method (`__call__`, `encode`, ...): its matmuls, convolutions and
+    attention are traced under jax.default_matmul_precision(matmul_precision(self.dtype,
+    self.precision)), so every dot and convolution in the lowered HLO carries that precision.
+    The module needs `dtype` and `precision` attributes. Place it above @nn.compact."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        precision = matmul_precision(self.dtype, self.precision)
+        if precision is None:
+            return method(self, *args, **kwargs)
+        with jax.default_matmul_precision(precision):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 def dense(features: int, *, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, use_bias: bool = True,
@@ -308,17 +339,21 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
       "cudnn"       fused flash attention on NVIDIA GPUs, bf16/fp16;
       "cpu"         fluxjax's CPU kernel (fluxjax/kernels), float32, no bias or mask; about 2x
                     XLA's speed on a CPU;
-      "auto"        decided when traced, by `auto_implementation`: "cpu" for unmasked attention
-                    on a CPU without a multi-device mesh, "xla_blocked" for the rest on a CPU,
-                    "xla" elsewhere. When the CPU kernel cannot be built it warns once, saying
-                    why, and uses "xla_blocked".
+      "splash"      Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention),
+                    no bias or mask: the TPU kernel that never holds an (L, L) array; on other
+                    backends it runs in Pallas's interpret mode (slow: for tests). See
+                    `splash_attention`;
+      "auto"        decided when traced, by `auto_implementation` (see `resolve_attention`):
+                    "cudnn" on NVIDIA GPUs where it applies, "splash" on a TPU, the CPU kernel
+                    or "xla_blocked" on a CPU, else "xla". When the CPU kernel cannot be built
+                    it warns once, saying why, and uses "xla_blocked".
     """
     b, l, h, d = q.shape
     scale = 1 / math.sqrt(d) if scale is None else scale
     # Pins the head split of tensor parallelism: each device attends with its own heads.
     q, k, v = (nn.with_logical_constraint(t, ("activation_batch", "activation_length", "activation_heads", None)) for t in (q, k, v))
     if implementation == "auto":
-        implementation = auto_implementation(masked=bias is not None or causal)
+        implementation = auto_implementation(q.dtype, d, l, masked=bias is not None or causal)
     if implementation in ("xla", "xla_blocked"):
         if causal:
             causal_mask = jnp.tril(jnp.ones((l, l), dtype=bool))
@@ -332,24 +367,75 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
         if bias is not None or causal:
             raise ValueError('attention implementation "cpu" has no bias or causal mask; use "xla_blocked" or "auto"')
         out = cpu_attention.attention(q, k, v, scale)
+    elif implementation == "splash":
+        if bias is not None or causal:
+            raise ValueError('attention implementation "splash" has no bias or causal mask; use "xla" or "auto"')
+        out = splash_attention(q, k, v, scale, interpret=jax.default_backend() != "tpu")
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
 
 
-def auto_implementation(masked: bool) -> str:
-    """The implementation "auto" stands for where it is traced; masked: the attention has a bias
-    or a causal mask. On a CPU: "cpu" where cpu_attention.suits (unmasked, no multi-device
-    mesh, the kernel builds), else "xla_blocked"; on an accelerator: "xla".
+def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim: int, seq_len: int,
+                      masked: bool, mesh_size: int = 1, cpu_kernel: bool = True,
+                      compute_capability: str | None = None) -> str:
+    """The implementation "auto" stands for, from the facts of where and what is attended.
+
+    backend: jax.default_backend() ("cpu", "gpu", "tpu"); device_kind: the device's
+    `device_kind` ("NVIDIA H200", "TPU v5 lite", "cpu"); compute_capability: a CUDA device's
+    ("9.0"), None when unknown; dtype of q/k/v; head_dim; seq_len: tokens attended (L);
+    masked: a bias or a causal mask (T5's position bias, CLIP's causal mask); mesh_size: devices
+    of the mesh the attention is traced under (1, or 0, without one); cpu_kernel: whether fluxjax's
+    CPU kernel builds here (only read on a CPU).
+
+    - CPU: "cpu" (fluxjax's kernel) for unmasked attention without a multi-device mesh (a custom
+      call cannot be split by the SPMD partitioner) when it builds, else "xla_blocked".
+    - NVIDIA GPU (compute capability 8.0 or newer when known): "cudnn" (fused flash attention)
+      for unmasked bf16/fp16 attention with a head dim that is a multiple of 8 up to 128 (what
+      cuDNN's flash kernel takes); else "xla". Masked attention stays on XLA: T5's float32
+      position bias would be rounded to bf16 to enter cuDNN, and CLIP's 77 tokens gain nothing.
+    - TPU: "splash" for unmasked attention without a multi-device mesh (a Pallas call is not
+      split by the SPMD partitioner; under a mesh it would need a shard_map), else "xla".
+    - anything else: "xla".
+    seq_len does not change the choice today (splash pads to its blocks, see splash_block);
+    it is an input so that a length rule lands here, in one place.
+    """
+    del seq_len
+    dtype = jnp.dtype(dtype)
+    if backend == "cpu":
+        return "cpu" if not masked and mesh_size <= 1 and cpu_kernel else "xla_blocked"
+    if backend in ("gpu", "cuda") and "nvidia" in device_kind.lower():
+        recent = compute_capability is None or float(compute_capability) >= 8.0
+        fits = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
+        return "cudnn" if recent and fits and not masked else "xla"
+    if backend == "tpu":
+        return "splash" if not masked and mesh_size <= 1 else "xla"
+    return "xla"
+
+
+def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool, mesh_size: int | None = None) -> str:
+    """`resolve_attention` with the facts of where this runs: the default backend, its first
+    device, whether the CPU kernel builds, and mesh_size (None: the size of the abstract mesh
+    of the trace this is called in).
 
     Decided at trace time, not when a model is built: the same model is traced with and
     without a mesh (one device, or a strategy's), and only the trace knows which.
     """
-    if jax.default_backend() != "cpu":
-        return "xla"
-    if not masked and cpu_attention.suits():
-        return "cpu"
-    return "xla_blocked"
+    facts = device_facts()
+    # Outside any mesh the abstract mesh is empty: size 0, one device.
+    mesh_size = max(1, jax.sharding.get_abstract_mesh().size if mesh_size is None else mesh_size)
+    # Asked only where it decides: building the kernel (or warning that it cannot) is not free.
+    cpu_kernel = facts["backend"] == "cpu" and not masked and mesh_size == 1 and cpu_attention.suits()
+    return resolve_attention(**facts, mesh_size=mesh_size, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
+                             masked=masked, cpu_kernel=cpu_kernel)
+
+
+def device_facts() -> dict:
+    """backend, device_kind and compute_capability of this process's default backend, as
+    `resolve_attention` takes them."""
+    device = jax.devices()[0]
+    return dict(backend=jax.default_backend(), device_kind=device.device_kind,
+                compute_capability=getattr(device, "compute_capability", None))
 
 
 QUERY_BLOCK = 128  # queries per block of "xla_blocked"
@@ -385,6 +471,64 @@ def _xla_attention(q, k, v, bias, scale: float, query_block: int | None) -> jax.
         bias_blocks = jnp.pad(bias, ((0, 0), (0, pad), (0, 0))).reshape(h, n, c, l).transpose(1, 0, 2, 3)
         out = jax.lax.map(lambda xs: block(*xs), (q_blocks, bias_blocks))
     return out.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, d)[:, :l]
+
+
+SPLASH_UNIT = 128  # splash blocks are whole TPU lane tiles of tokens
+# The largest splash block: its float32 logits tile (block x block x 4 bytes, 18 MiB at 2176)
+# must fit a TPU core's VMEM beside the q/k/v tiles. Not tuned on a TPU here (none was at hand);
+# with it FLUX's lengths split as maxdiffusion splits them: 4608 = 3 x 1536, 4352 = 2 x 2176.
+SPLASH_MAX_BLOCK = 2176
+
+
+def splash_block(seq_len: int, max_block: int = SPLASH_MAX_BLOCK) -> int:
+    """The splash block size for `seq_len` tokens: the fewest equal blocks, each a multiple of
+    SPLASH_UNIT and at most `max_block` tokens (4608 -> 1536, 4352 -> 2176, 16896 -> 1536).
+
+    seq_len must be a multiple of SPLASH_UNIT (splash_attention pads to one first); a block of
+    SPLASH_UNIT always divides it, so there is always an answer.
+    """
+    if seq_len <= 0 or seq_len % SPLASH_UNIT:
+        raise ValueError(f"splash_block: seq_len must be a positive multiple of {SPLASH_UNIT}, got {seq_len}")
+    if max_block < SPLASH_UNIT:
+        raise ValueError(f"splash_block: max_block must be at least {SPLASH_UNIT}, got {max_block}")
+    n = -(-seq_len // max_block)
+    while seq_len % n or (seq_len // n) % SPLASH_UNIT:
+        n += 1
+    return seq_len // n
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
+    """One splash kernel (unmasked, every head) for this shape; built once per shape, on the host."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    mask = splash.MultiHeadMask([splash.FullMask((seq_len, seq_len))] * heads)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_block: int = SPLASH_MAX_BLOCK) -> jax.Array:
+    """Unmasked attention by Pallas splash attention: (B, L, H, d) -> (B, L, H, d) in v's dtype.
+
+    q is scaled before the kernel (splash takes no scale), in float32 and then cast to q's dtype.
+    L is padded to a multiple of SPLASH_UNIT when it is not one; padded keys carry another
+    segment id, so no real query attends to them, and padded query rows are dropped. Blocks of
+    `splash_block(padded L, max_block)` tokens. interpret: run the kernel in Pallas's interpret
+    mode (any backend; for tests on a CPU).
+    """
+    b, l, h, d = q.shape
+    padded = -(-l // SPLASH_UNIT) * SPLASH_UNIT
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
+    kernel = _splash_kernel(h, padded, splash_block(padded, max_block), interpret)
+    if padded == l:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+        ids = jnp.asarray(np.arange(padded) >= l, jnp.int32)
+        out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=SegmentIds(ids, ids)))(q, k, v)
+    return out.transpose(0, 2, 1, 3)[:, :l].astype(v.dtype)
 
 
 def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import T5Config
-from fluxjax.models.layers import RMSNorm, constrain, dense, dot_product_attention, embedding, scan_layers
+from fluxjax.models.layers import (RMSNorm, constrain, dense, dot_product_attention, embedding, scan_layers,
+                                   with_precision)
 
 Dtype = Any
 
@@ -171,7 +172,9 @@ class T5Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"  # see layers.dot_product_attention
+    precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
+    @with_precision
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         cfg = self.config

@@ -1,0 +1,186 @@
+"""Fast and exact by default (issue 21): "auto" attention per backend (GPU and TPU simulated by the
+resolution function's inputs), splash attention in Pallas interpret mode against XLA attention,
+and float32 models at HIGHEST matmul precision in the lowered HLO."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.models import autoencoder, clip, flux, layers, t5
+
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+def resolve(backend, device_kind, dtype=BF16, head_dim=128, seq_len=4608, masked=False, mesh_size=1, **kw):
+    return layers.resolve_attention(backend=backend, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
+                                    seq_len=seq_len, masked=masked, mesh_size=mesh_size, **kw)
+
+
+def test_auto_on_an_nvidia_gpu_is_cudnn_where_it_applies_else_xla():
+    h200 = dict(backend="gpu", device_kind="NVIDIA H200", compute_capability="9.0")
+    assert resolve(**h200) == "cudnn"
+    assert resolve(**h200, dtype=F16) == "cudnn"
+    assert resolve(**h200, mesh_size=8) == "cudnn"  # cuDNN's call carries its own partitioning rules
+    assert resolve(**h200, dtype=F32) == "xla"  # cuDNN's flash kernel has no float32
+    assert resolve(**h200, head_dim=256) == "xla"
+    assert resolve(**h200, head_dim=100) == "xla"
+    assert resolve(**h200, masked=True, seq_len=512) == "xla"  # T5's bias, CLIP's causal mask
+    assert resolve(backend="gpu", device_kind="NVIDIA GeForce GTX 1080", compute_capability="6.1") == "xla"
+    assert resolve(backend="gpu", device_kind="AMD Instinct MI300X") == "xla"
+
+
+def test_auto_on_a_tpu_is_splash_for_unmasked_attention_on_one_device():
+    v5e = dict(backend="tpu", device_kind="TPU v5 lite")
+    assert resolve(**v5e) == "splash"
+    assert resolve(**v5e, dtype=F32, seq_len=4352) == "splash"
+    assert resolve(**v5e, masked=True, seq_len=512) == "xla"
+    assert resolve(**v5e, mesh_size=4) == "xla"  # a Pallas call is not split by the partitioner
+
+
+def test_auto_on_a_cpu_is_the_kernel_unmasked_on_one_device_else_blocked_xla():
+    assert resolve("cpu", "cpu", dtype=F32) == "cpu"
+    assert resolve("cpu", "cpu", dtype=F32, masked=True) == "xla_blocked"
+    assert resolve("cpu", "cpu", dtype=F32, mesh_size=8) == "xla_blocked"
+    assert resolve("cpu", "cpu", dtype=F32, cpu_kernel=False) == "xla_blocked"
+    assert resolve("other", "something") == "xla"
+
+
+def test_auto_resolution_here_uses_this_processes_facts():
+    facts = layers.device_facts()
+    assert facts["backend"] == jax.default_backend()
+    want = layers.resolve_attention(**facts, dtype=F32, head_dim=128, seq_len=256, masked=True)
+    assert layers.auto_implementation(F32, 128, 256, masked=True) == want
+
+
+@pytest.mark.parametrize("seq_len, block", [(4608, 1536), (4352, 2176), (1536, 1536), (16896, 1536), (128, 128),
+                                            (2304, 1152), (4096 + 256, 2176)])
+def test_splash_blocks_divide_flux_sequence_lengths(seq_len, block):
+    assert layers.splash_block(seq_len) == block
+    assert seq_len % block == 0 and block % layers.SPLASH_UNIT == 0 and block <= layers.SPLASH_MAX_BLOCK
+
+
+def test_splash_block_is_the_fewest_equal_lane_aligned_blocks():
+    for seq_len in range(128, 40_000, 128):
+        block = layers.splash_block(seq_len)
+        assert seq_len % block == 0 and block % 128 == 0 and block <= layers.SPLASH_MAX_BLOCK
+        fewer = [n for n in range(1, seq_len // block) if seq_len % n == 0 and (seq_len // n) % 128 == 0
+                 and seq_len // n <= layers.SPLASH_MAX_BLOCK]
+        assert not fewer, (seq_len, block, fewer)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        layers.splash_block(200)
+
+
+@pytest.mark.parametrize("seq_len, max_block", [(512, 256), (200, layers.SPLASH_MAX_BLOCK)])
+def test_splash_attention_in_interpret_mode_equals_xla_attention(seq_len, max_block, monkeypatch):
+    # Head size 128 as FLUX's; 512 tokens in two blocks of 256, and 200 tokens padded to 256 (the
+    # padded keys masked out by segment ids). Interpret mode runs the kernel's own block loop.
+    monkeypatch.setattr(layers, "SPLASH_MAX_BLOCK", max_block)
+    rng = np.random.default_rng(seq_len)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, seq_len, 2, 128)), F32) for _ in range(3))
+    with jax.default_matmul_precision("highest"):
+        want = layers.dot_product_attention(q, k, v, implementation="xla")
+        got = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, implementation="splash"))(q, k, v)
+    assert got.shape == want.shape == (1, seq_len, 256) and got.dtype == F32
+    err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    assert err < 1e-5, err
+
+
+def test_splash_refuses_a_mask():
+    q = jnp.zeros((1, 128, 1, 128))
+    with pytest.raises(ValueError, match="splash"):
+        layers.dot_product_attention(q, q, q, causal=True, implementation="splash")
+
+
+def test_precision_follows_dtype_unless_set():
+    assert layers.matmul_precision(F32) == "highest"
+    assert layers.matmul_precision(BF16) is None
+    assert layers.matmul_precision(F32, "default") == "default"
+    assert layers.matmul_precision(BF16, "highest") == "highest"
+
+
+def _lowered(model, *args, method=None) -> str:
+    params = jax.eval_shape(model.init, jax.random.key(0), *args)
+    return jax.jit(lambda p, *a: model.apply(p, *a, method=method)).lower(params, *args).as_text()
+
+
+def _models(dtype, **kw):
+    """Each model at `dtype` with one example input (shapes only)."""
+    f = FluxConfig.preset("tiny")
+    arg = lambda *s: jax.ShapeDtypeStruct(s, F32)  # noqa: E731
+    flux_args = (arg(1, 4, f.in_channels), arg(1, 4, 3), arg(1, 3, f.context_in_dim), arg(1, 3, 3), arg(1),
+                 arg(1, f.vec_in_dim), arg(1))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    vae = AutoEncoderConfig.preset("tiny")
+    return {
+        "flux": (flux.Flux(f, dtype=dtype, param_dtype=dtype, **kw), flux_args),
+        "t5": (t5.T5Encoder(T5Config.preset("tiny"), dtype=dtype, param_dtype=dtype, **kw), (ids,)),
+        "clip": (clip.CLIPTextEncoder(CLIPConfig.preset("tiny"), dtype=dtype, param_dtype=dtype, **kw), (ids,)),
+        "vae": (autoencoder.AutoEncoder(vae, dtype=dtype, param_dtype=dtype, **kw),
+                (jax.ShapeDtypeStruct((1, 16, 16, vae.in_channels), F32),)),
+    }
+
+
+@pytest.mark.parametrize("name", ["flux", "t5", "clip", "vae"])
+def test_float32_models_lower_at_highest_precision_and_bf16_ones_do_not(name):
+    model, args = _models(F32)[name]
+    text = _lowered(model, *args)
+    dots = [line for line in text.splitlines() if "dot_general" in line or "convolution" in line]
+    assert dots and all("HIGHEST" in line for line in dots), [d for d in dots if "HIGHEST" not in d][:3]
+    model, args = _models(BF16)[name]
+    text = _lowered(model, *args)
+    assert "dot_general" in text and "HIGHEST" not in text
+    model, args = _models(F32, precision="default")[name]
+    assert "HIGHEST" not in _lowered(model, *args)
+
+
+def test_vae_encode_and_decode_methods_lower_at_highest_precision_in_float32():
+    model, (x,) = _models(F32)["vae"]
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    z = jax.ShapeDtypeStruct((1, 2, 2, model.config.z_channels), F32)
+    for method, arg in (("encode", x), ("decode", z)):
+        text = jax.jit(lambda p, a: model.apply(p, a, method=method)).lower(params, arg).as_text()  # noqa: B023
+        assert "convolution" in text and "HIGHEST" in text
+
+
+def test_the_pipeline_says_which_attention_its_transformer_runs():
+    from fluxjax.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
+    c = pipe.transformer.model.config
+    want = layers.auto_implementation(F32, c.hidden_size // c.num_heads, 256 // 16 * (256 // 16) + 64, masked=False,
+                                      mesh_size=1)
+    assert pipe.attention_implementation == want
+    if jax.default_backend() == "cpu":
+        assert want in ("cpu", "xla_blocked")
+    assert FluxPipeline.from_pretrained("tiny", attention_impl="xla").attention_implementation == "xla"
+
+
+def test_gpu_xla_flags_are_set_only_on_cuda_and_never_over_the_users():
+    from fluxjax import xla_flags
+
+    flags = " ".join(xla_flags.GPU_FLAGS)
+    assert xla_flags.gpu_default_flags({}, cuda_plugin=True) == flags
+    assert xla_flags.gpu_default_flags({"JAX_PLATFORMS": "cuda,cpu"}, cuda_plugin=True) == flags
+    assert xla_flags.gpu_default_flags({}, cuda_plugin=False) is None
+    assert xla_flags.gpu_default_flags({"JAX_PLATFORMS": "cpu"}, cuda_plugin=True) is None
+    assert xla_flags.gpu_default_flags({"XLA_FLAGS": ""}, cuda_plugin=True) is None
+    assert xla_flags.gpu_default_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, cuda_plugin=True) is None
+    environ = {"XLA_FLAGS": "--mine"}
+    xla_flags.apply_gpu_defaults(environ)
+    assert environ == {"XLA_FLAGS": "--mine"}
+
+
+def test_the_installed_xla_knows_the_gpu_flags():
+    # XLA aborts a process whose XLA_FLAGS holds a flag it does not know: a renamed flag must fail here.
+    import os
+    import subprocess
+    import sys
+
+    from fluxjax import xla_flags
+
+    env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags.GPU_FLAGS), "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "2.0" in run.stdout, run.stderr[-500:]
