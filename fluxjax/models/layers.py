@@ -15,7 +15,8 @@ Logical axis names (the vocabulary a sharding strategy in fluxjax/configs/shardi
   conv_height, conv_width, conv_in, conv_out   convolution kernels (VAE)
   norm         norm scales/biases over channels
 Activations: activation_batch, activation_length, activation_embed, activation_heads (the head
-axis of q, k, v inside attention).
+axis of q, k, v inside attention), activation_seq (tokens inside FLUX's attention under sequence
+parallelism).
 
 Numerics follow the reference: norms, RoPE and softmax statistics in float32, GELU tanh.
 """
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.kernels import cpu_attention
+from fluxjax.models import sequence_parallel
 
 Dtype = Any
 
@@ -403,6 +405,11 @@ def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
     """FLUX joint attention: RoPE on q and k, then full (non-causal, unmasked) attention.
 
     q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.
+    Under a sequence-parallel strategy (an `activation_seq` rule) the tokens stay split across
+    devices: Ulysses or ring attention, models/sequence_parallel.py.
     """
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if sequence_parallel.active_method():
+        local = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation)  # noqa: E731
+        return sequence_parallel.attention(q, k, v, local)
     return dot_product_attention(q, k, v, implementation=implementation)
