@@ -409,6 +409,8 @@ def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
     devices: Ulysses or ring attention, models/sequence_parallel.py.
     """
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # Tokens over the sequence axis, if the strategy has one (else as dot_product_attention pins them).
+    q, k, v = (nn.with_logical_constraint(t, sequence_parallel.QKV_AXES) for t in (q, k, v))
     if sequence_parallel.active_method():
         local = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation)  # noqa: E731
         return sequence_parallel.attention(q, k, v, local)

@@ -35,12 +35,12 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from fluxjax.errors import UsageError
 from fluxjax.models import axes
 
 METHODS = ("ulysses", "ring")
+QKV_AXES = (axes.ACTIVATION_BATCH, axes.ACTIVATION_SEQ, axes.ACTIVATION_HEADS, None)  # of q, k, v (B, L, H, d)
 # A logit no real key reaches: masked keys get exp(MASKED - max) == 0 once any real key is seen,
 # and stays finite, so a block of padding alone gives no inf - inf.
 MASKED = -1e30
@@ -60,9 +60,15 @@ def active_method() -> tuple[str, tuple[str, ...]] | None:
     Read at trace time from the rules `Strategy.activate` (or `jit_with_rules`) put in force.
     """
     seq = _rule(axes.ACTIVATION_SEQ)
+    return (method_of(seq, _rule(axes.ACTIVATION_HEADS)), seq) if seq else None
+
+
+def method_of(seq: tuple[str, ...], heads: tuple[str, ...]) -> str | None:
+    """"ulysses" when the heads are split over the sequence's own mesh axes inside attention,
+    "ring" when the tokens are split but not so, None when they are not split (seq == ())."""
     if not seq:
         return None
-    return ("ulysses" if _rule(axes.ACTIVATION_HEADS) == seq else "ring"), seq
+    return "ulysses" if heads == seq else "ring"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callable) -> jax.Array:
@@ -85,12 +91,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callabl
     padded = -(-l // n) * n
     if padded != l:
         q, k, v = (jnp.pad(t, ((0, 0), (0, padded - l), (0, 0), (0, 0))) for t in (q, k, v))
-    # Batch split as outside attention (fsdp/dp); heads split over a tensor axis under ring.
-    batch = tuple(a for a in _rule(axes.ACTIVATION_BATCH) if a not in seq) or None
-    heads = None
-    if method == "ring":
-        heads = tuple(a for a in _rule(axes.ACTIVATION_HEADS) if a not in seq) or None
-    spec = PartitionSpec(batch, seq, heads, None)
+    # The layout layers.attention pins q, k, v to: batch as outside attention (fsdp/dp), tokens
+    # over the sequence axis, heads over a tensor axis if one (Ulysses' heads name the sequence
+    # axis, which the tokens hold already, so they stay whole here).
+    spec = nn.logical_to_mesh_axes(QKV_AXES)
     axis = seq if len(seq) > 1 else seq[0]
     if method == "ulysses":
         body = functools.partial(_ulysses, axis=axis, length=l, local_attention=local_attention)
