@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading import registry
+from fluxjax.models import sequence_parallel
 from fluxjax.sharding import BATCH_AXIS, Strategy
 
 # The T5 length of each --model (its components are fluxjax.loading.registry.PRESETS[model]).
@@ -96,28 +97,94 @@ def param_memory(abstract: Any, strategy: Strategy, mesh_shape: dict[str, int]) 
     return ParamMemory(count, total, device, tuple(notes))
 
 
-def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_split: int, act_bytes: int) -> int:
+def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_split: int, act_bytes: int,
+                     seq_split: int = 1, seq_method: str | None = None) -> int:
     """Analytic peak bytes of one transformer step on one device (inference, no gradients).
 
-    batch: images on this device; heads_split: ways the heads and MLP features are split (tp).
-    The peak is inside a single-stream block on L = l_txt + l_img tokens, one of two moments:
-      attention:  x (B,L,D) + linear1 output (B,L,3D+M)/t + q,k,v (3 B,L,D/t) + logits
-                  (B,H/t,L,L) float32 + probabilities (B,H/t,L,L)   [XLA attention, not flash]
-      projection: x + linear1 output + attention out (B,L,D/t) + GELU (B,L,M/t) + their concat
-    plus the step's inputs that stay live (latents, T5 features, RoPE tables in float32) and one
-    float32 LayerNorm temporary (B,L,D). A double-stream block holds less (its MLP is narrower
-    than linear1). Activations in `act_bytes` per element; t = heads_split.
+    batch: images on this device; heads_split: ways the heads and MLP features are split (tp);
+    seq_split, seq_method: ways the tokens are split and how attention sees them ("ulysses",
+    "ring" or None; models/sequence_parallel.py). With n = seq_split, L = l_txt + l_img padded
+    to a multiple of n and c = L/n the tokens a device holds outside attention.
+    The peak is inside a single-stream block, one of two moments:
+      attention:  x (B,c,D) + linear1 output (B,c,3D+M)/t + q,k,v (3 B,c,D/t) + the logits
+                  and probabilities of XLA attention (not flash), float32 + act_bytes each:
+                    no split  (B,H/t,L,L)
+                    ulysses   (B,H/n,L,L), plus q,k,v again after the all-to-all (3 B,c,D)
+                    ring      (B,H/t,c,c) of one hop, plus the k,v block in flight (2 B,c,D/t)
+                              and the float32 accumulator (B,c,D/t)
+      projection: x + linear1 output + attention out (B,c,D/t) + GELU (B,c,M/t) + their concat
+    plus the step's inputs that stay live (latents, T5 features: whole on every device of the
+    sequence axis; RoPE tables in float32, split) and one float32 LayerNorm temporary (B,c,D).
+    A double-stream block holds less (its MLP is narrower than linear1). Activations in
+    `act_bytes` per element; t = heads_split.
     """
-    d, m, h, t, s = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes
-    b, seq = batch, l_img + l_txt
-    x = b * seq * d * s
-    linear1 = b * seq * (3 * d + m) * s // t
-    qkv = 3 * b * seq * d * s // t
-    logits = b * -(-h // t) * seq * seq * (4 + s)
-    projection = b * seq * (d + m) * s * 2 // t
-    inputs = b * (l_img * cfg.in_channels + l_txt * cfg.context_in_dim) * s + 2 * b * seq * (d // h // 2) * 4
-    layer_norm = b * seq * d * 4
-    return x + linear1 + max(qkv + logits, projection) + inputs + layer_norm
+    d, m, h, t, s, n = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes, seq_split
+    b = batch
+    seq = -(-(l_img + l_txt) // n) * n
+    c = seq // n
+    x = b * c * d * s
+    linear1 = b * c * (3 * d + m) * s // t
+    qkv = 3 * b * c * d * s // t
+    if seq_method == "ulysses":
+        attn = 2 * qkv + b * -(-h // n) * seq * seq * (4 + s)
+    elif seq_method == "ring":
+        attn = qkv + 2 * b * c * d * s // t + b * c * d * 4 // t + b * -(-h // t) * c * c * (4 + s)
+    else:
+        attn = qkv + b * -(-h // t) * seq * seq * (4 + s)
+    projection = b * c * (d + m) * s * 2 // t
+    inputs = b * (l_img * cfg.in_channels + l_txt * cfg.context_in_dim) * s + 2 * b * c * (d // h // 2) * 4
+    layer_norm = b * c * d * 4
+    return x + linear1 + max(attn, projection) + inputs + layer_norm
+
+
+def sequence_traffic(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, seq_split: int, seq_method: str,
+                     act_bytes: int) -> int:
+    """Analytic bytes one device sends for attention in one transformer step (every block once).
+
+    Per attention call, with n = seq_split, c = L/n tokens per device (L padded to a multiple
+    of n) and D = hidden_size:
+      ulysses  four all-to-alls (q, k, v to the head split; the output back), each sending the
+               (n-1)/n of a device's (B,c,D) tensor that other devices hold: 4 (n-1)/n B c D
+      ring     n-1 hops, each passing one k and one v block on: 2 (n-1) B c D
+    times depth + depth_single_blocks attention calls, in `act_bytes` per element. It leaves
+    out the reshuffles XLA adds where a double block joins text and image tokens (of the order
+    of one (B,c,D) tensor per block).
+    """
+    n = seq_split
+    c = -(-(l_img + l_txt) // n)
+    block = batch * c * cfg.hidden_size * act_bytes
+    per_call = 4 * (n - 1) * block // n if seq_method == "ulysses" else 2 * (n - 1) * block
+    return per_call * (cfg.depth + cfg.depth_single_blocks)
+
+
+SP_SIZES = (1024, 2048, 4096)  # square image sizes `fluxjax plan` tabulates for sequence parallelism
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceRow:
+    """One line of the sequence-parallel table: per device, one image, one step."""
+
+    method: str
+    degree: int
+    size: int
+    activation_bytes: int | None  # None: the degree does not divide the heads (Ulysses)
+    traffic_bytes: int | None
+
+
+def sequence_table(cfg: FluxConfig, method: str, devices: int, l_txt: int, act_bytes: int) -> tuple[SequenceRow, ...]:
+    """Activations and traffic of one image's step for every degree dividing `devices` (1 = no
+    split, as under dp) at the SP_SIZES square sizes; see step_activations, sequence_traffic."""
+    rows = []
+    for degree in (n for n in range(1, devices + 1) if devices % n == 0):
+        for size in SP_SIZES:
+            l_img = (size // PATCH) ** 2
+            if method == "ulysses" and cfg.num_heads % degree:
+                rows.append(SequenceRow(method, degree, size, None, None))
+                continue
+            split = dict(seq_split=degree, seq_method=method if degree > 1 else None)
+            rows.append(SequenceRow(method, degree, size, step_activations(cfg, 1, l_img, l_txt, 1, act_bytes, **split),
+                                    sequence_traffic(cfg, 1, l_img, l_txt, degree, method, act_bytes)))
+    return tuple(rows)
 
 
 def gathered_block_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> int:
@@ -156,6 +223,10 @@ class Plan:
     gathered_bytes: int
     xla: dict[str, Any] | None  # temp bytes and compile seconds from plan_xla, or None
     hbm: int | None
+    seq_method: str | None = None  # "ulysses" / "ring" under a sequence-parallel strategy
+    seq_split: int = 1
+    seq_traffic_bytes: int = 0  # sequence_traffic: attention's bytes sent per device per step
+    sequence: tuple[SequenceRow, ...] = ()  # sequence_table for the strategy's method
 
     @property
     def param_bytes(self) -> int:
@@ -194,16 +265,23 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     abstract = abstract_params(model, dt)
     params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
     gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
-    heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
+    seq_axes = strategy.mesh_axes("activation_seq")
+    method = sequence_parallel.method_of(seq_axes, strategy.mesh_axes("activation_heads"))
+    seq_split = math.prod(mesh_shape[a] for a in seq_axes)
+    # Ulysses' head split lives only inside attention (counted there), not on the MLP features.
+    heads_split = 1 if method == "ulysses" else math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
+    split = dict(seq_split=seq_split, seq_method=method)
     l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
-    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize) + gathered
+    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize, **split) + gathered
+    table = sequence_table(cfg, method, seq_split * heads_split if method == "ring" else seq_split, l_txt, dt.itemsize) if method else ()
+    traffic = sequence_traffic(cfg, padded // data, l_img, l_txt, seq_split, method, dt.itemsize) if method else 0
     measured = None
     if xla:
         measured = xla_step_memory(model, strategy, devices, padded, l_img, l_txt)
-        ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4) + gathered * 4 // dt.itemsize)
+        ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4, **split) + gathered * 4 // dt.itemsize)
         measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
     return Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
-                analytic, gathered, measured, hbm)
+                analytic, gathered, measured, hbm, method, seq_split, traffic, table)
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
@@ -248,7 +326,25 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  step activations  {_gb(x['corrected_temp_bytes'])}  [xla: CPU AOT compile in float32, "
                      f"temp {x['temp_bytes'] / 1e9:.3f} GB x analytic {plan.dtype}/float32; compiled in {x['compile_s']:.1f} s]")
     lines.append(f"  total             {_gb(plan.total_bytes)}  [params + larger activation figure]")
+    if plan.seq_method:
+        lines.append(f"  attention traffic {_gb(plan.seq_traffic_bytes)}  [analytic: sent per step, {plan.seq_method} "
+                     f"over {plan.seq_split} devices]")
+        lines += format_sequence_table(plan.sequence, plan.dtype)
     if plan.hbm:
         verdict = "fits" if plan.total_bytes <= plan.hbm else "does NOT fit"
         lines.append(f"{verdict} in {plan.hbm / GIB:.1f} GiB per device ({plan.total_bytes / plan.hbm:.0%} used)")
     return "\n".join(lines)
+
+
+def format_sequence_table(rows: tuple[SequenceRow, ...], dtype: str) -> list[str]:
+    """The lines of a sequence_table: per degree and size, activations and traffic of one step."""
+    lines = [f"sequence parallel ({rows[0].method}), one image, {dtype}, per device and step "
+             "[analytic: plan.step_activations, plan.sequence_traffic]:",
+             "  degree      size    activations     traffic sent"]
+    for r in rows:
+        if r.activation_bytes is None:
+            lines.append(f"  {r.degree:>6}  {r.size:>4}x{r.size:<4}  degree does not divide the heads")
+        else:
+            lines.append(f"  {r.degree:>6}  {r.size:>4}x{r.size:<4}  {r.activation_bytes / 1e9:9.3f} GB  "
+                         f"{r.traffic_bytes / 1e9:9.3f} GB")
+    return lines

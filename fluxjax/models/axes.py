@@ -32,6 +32,7 @@ ACTIVATION_BATCH = "activation_batch"
 ACTIVATION_LENGTH = "activation_length"
 ACTIVATION_EMBED = "activation_embed"
 ACTIVATION_HEADS = "activation_heads"
+ACTIVATION_SEQ = "activation_seq"
 
 PARAMETER_AXES: dict[str, str] = {
     LAYERS: "the stacked block axis nn.scan adds (19/38 FLUX blocks, 24 T5 or 12 CLIP layers)",
@@ -56,6 +57,7 @@ ACTIVATION_AXES: dict[str, str] = {
     ACTIVATION_LENGTH: "tokens (image patches and text) of a (batch, length, embed) activation",
     ACTIVATION_EMBED: "the width of a (batch, length, embed) activation",
     ACTIVATION_HEADS: "the head axis of q, k and v inside attention",
+    ACTIVATION_SEQ: "tokens of FLUX's joint attention under sequence parallelism (models/sequence_parallel.py)",
 }
 
 AXES: dict[str, str] = {**PARAMETER_AXES, **ACTIVATION_AXES}

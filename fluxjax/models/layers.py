@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.kernels import cpu_attention
+from fluxjax.models import sequence_parallel
 
 Dtype = Any
 
@@ -535,6 +536,13 @@ def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
     """FLUX joint attention: RoPE on q and k, then full (non-causal, unmasked) attention.
 
     q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.
+    Under a sequence-parallel strategy (an `activation_seq` rule) the tokens stay split across
+    devices: Ulysses or ring attention, models/sequence_parallel.py.
     """
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # Tokens over the sequence axis, if the strategy has one (else as dot_product_attention pins them).
+    q, k, v = (nn.with_logical_constraint(t, sequence_parallel.QKV_AXES) for t in (q, k, v))
+    if sequence_parallel.active_method():
+        local = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation)  # noqa: E731
+        return sequence_parallel.attention(q, k, v, local)
     return dot_product_attention(q, k, v, implementation=implementation)
