@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": ("fluxjax.commands.convert", "convert a hub folder or a BFL single file to Orbax checkpoints"),
     "plan": ("fluxjax.commands.plan", "per-device memory of a sharding strategy, from shapes only"),
     "batch": ("fluxjax.commands.batch", "generate a PNG for every prompt of a file, over hosts, resumable"),
+    "edit": ("fluxjax.commands.edit", "edit an image towards a target prompt with FlowEdit (no inversion)"),
 }
 
 DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors

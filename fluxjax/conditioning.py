@@ -41,6 +41,7 @@ def image_size(image, resize: str | None = None, name: str = "image") -> tuple[i
                 width, height = im.size
         except (UnidentifiedImageError, OSError) as e:
             raise UsageError(f"{name} {path}: not an image PIL can read ({e})") from None
+        name = f"{name} {path}"
     else:
         height, width = _as_array(image, name).shape[:2]
     return _target_size(height, width, resize, name)

@@ -47,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
     """Everything that can be checked before minutes of loading."""
-    from fluxjax.pipeline import check_source
-    from fluxjax.sharding import Strategy
     from fluxjax.text import check_prompt
 
     check_prompt("PROMPT", args.prompt)
@@ -60,6 +58,14 @@ def _check(args) -> None:
     check_seed("--seed", args.seed)
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    check_output_and_model(args)
+
+
+def check_output_and_model(args) -> None:
+    """--out, --model, --sharding, --transformer, --vae (shared with `fluxjax edit`), before loading."""
+    from fluxjax.pipeline import check_source
+    from fluxjax.sharding import Strategy
+
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the output is a PNG, give a name ending in .png")
     if os.path.isdir(args.out):
@@ -77,8 +83,9 @@ def _check(args) -> None:
             raise UsageError(f"--{name} {path}: no such file")
 
 
-def _check_size(args, model: str) -> None:
-    """Refuse, before loading, a size whose denoising step cannot fit the devices (fluxjax/limits.py)."""
+def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height") -> None:
+    """Refuse, before loading, a size whose denoising step (`batch` rows) cannot fit the devices
+    (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width."""
     import jax
 
     from fluxjax.limits import SizeLimit, transformer_config
@@ -87,9 +94,9 @@ def _check_size(args, model: str) -> None:
 
     defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
-    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, 1, args.dtype,
+    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
-    limit.check("--width/--height", args.height or defaults.height, args.width or defaults.width)
+    limit.check(name, args.height or defaults.height, args.width or defaults.width)
 
 
 def run(args) -> int:
