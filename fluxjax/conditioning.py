@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fluxjax import sampling

@@ -14,7 +14,6 @@ import hashlib
 import math
 import os
 import sys
-import time
 
 from fluxjax.errors import UsageError
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
@@ -81,29 +80,13 @@ def _check(args) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    from fluxjax import distributed
-    from fluxjax.commands.generate import TINY_NOTICE, _check_size
+    from fluxjax.commands.generate import load_pipeline, save
     from fluxjax.flowedit import EditSettings
-    from fluxjax.images import edit_text, remove_temporaries, save_png
-    from fluxjax.pipeline import FluxPipeline, local_schnell
+    from fluxjax.images import edit_text
 
     args.height, args.width = _check(args)
-    host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
-    if host == 0:
-        remove_temporaries(*os.path.split(os.path.abspath(args.out)))
-    model = args.model
-    if model is None:
-        model = local_schnell() or "tiny"
     # One edit step runs the transformer on 2 x n_avg rows (source and target, each draw).
-    _check_size(args, model, batch=2 * (args.n_avg or 1), name=f"image {args.image}")
-    if model == "tiny" and host == 0:
-        print(f"fluxjax edit: {TINY_NOTICE}", file=sys.stderr)
-
-    start = time.perf_counter()
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
-    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
-                                        vae=args.vae, attention_impl=args.attention)
-    timings = {"load": time.perf_counter() - start}
+    host, pipe, timings = load_pipeline(args, "edit", rows=2 * (args.n_avg or 1), size_name=f"image {args.image}")
     settings = EditSettings(args.steps, args.n_max, args.n_min, args.n_avg, args.source_guidance,
                             args.target_guidance).resolve(pipe.kind, pipe.transformer.model.config.guidance_embed)
     with open(args.image, "rb") as f:
@@ -116,13 +99,9 @@ def run(args) -> int:
 
     if host != 0:
         return 0
-    start = time.perf_counter()
     text = edit_text(os.path.basename(args.image), digest, args.source_prompt, args.target_prompt, args.seed, settings,
                      image.width, image.height, pipe.name, args.resize)
-    save_png(image, args.out, text)
-    timings["save"] = time.perf_counter() - start
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, FlowEdit {settings.n_max - settings.n_min} "
-          f"edit + {settings.n_min} sampling steps of {settings.steps}) in {sum(timings.values()):.1f} s: {stages}",
-          file=sys.stderr)
+    done = save(image, args.out, text, timings)
+    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, FlowEdit: {settings.n_max - settings.n_min} "
+          f"edit and {settings.n_min} sampling steps of {settings.steps}) {done}", file=sys.stderr)
     return 0

@@ -99,38 +99,50 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
     limit.check(name, args.height or defaults.height, args.width or defaults.width)
 
 
-def run(args) -> int:
+def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/--height"):
+    """The start `fluxjax generate` and `fluxjax edit` share, after their checks: join the
+    processes, remove host 0's leftover temporaries of --out, choose the model, refuse a size
+    whose step (`rows` transformer rows) cannot fit, load. Returns (host, pipe, timings)."""
     from fluxjax import distributed
     from fluxjax.pipeline import FluxPipeline, local_schnell
 
-    _check(args)
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
     if host == 0:
         remove_temporaries(*os.path.split(os.path.abspath(args.out)))
     model = args.model
     if model is None:
         model = local_schnell() or "tiny"
-    _check_size(args, model)
+    _check_size(args, model, rows, size_name)
     if model == "tiny" and host == 0:
-        print(f"fluxjax generate: {TINY_NOTICE}", file=sys.stderr)
+        print(f"fluxjax {command}: {TINY_NOTICE}", file=sys.stderr)
 
     start = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
                                         vae=args.vae, attention_impl=args.attention)
-    timings = {"load": time.perf_counter() - start}
+    return host, pipe, {"load": time.perf_counter() - start}
+
+
+def save(image, path: str, text: dict[str, str], timings: dict[str, float]) -> str:
+    """Write the PNG (fluxjax/images.py); return "in T s: stage s, ..." for the closing line."""
+    start = time.perf_counter()
+    save_png(image, path, text)
+    timings["save"] = time.perf_counter() - start
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+    return f"in {sum(timings.values()):.1f} s: {stages}"
+
+
+def run(args) -> int:
+    _check(args)
+    host, pipe, timings = load_pipeline(args, "generate")
     (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                     seed=args.seed, output="pil", progress=True)
     timings.update(pipe.timings)
 
     if host != 0:
         return 0
-    start = time.perf_counter()
     steps, guidance, _ = pipe.settings(args.steps, args.guidance)
-    save_png(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name))
-    timings["save"] = time.perf_counter() - start
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) in "
-          f"{sum(timings.values()):.1f} s: {stages}", file=sys.stderr)
+    done = save(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name),
+                timings)
+    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) {done}", file=sys.stderr)
     return 0
-
