@@ -194,6 +194,7 @@ def test_defaults(hub):
     (dict(image=[source_image(), source_image(64, 64)]), "must have one size"),
 ])
 def test_bad_input(hub, bad, match):
+    bad = dict(bad)  # the parameters are shared by both models' runs
     image = bad.pop("image", source_image())
     with pytest.raises(UsageError, match=match):
         edit(hub, image, bad.pop("output", "np"), **bad)
