@@ -1,8 +1,12 @@
 """Batch generation: many prompts to PNGs in a folder, split over hosts, resumable.
 
 Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object a line with
-"prompt" and optional "seed", "height", "width", "steps", "guidance", "name", "loras"); blank lines are
-skipped. Job k (the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
+"prompt" and optional "seed", "height", "width", "steps", "guidance", "name", "loras"); blank lines
+are skipped. A JSONL line with "image" is an edit job (FlowEdit, fluxjax/flowedit.py): "image" (a
+path, relative to the JSONL file's folder), "source_prompt", "target_prompt" and optional "seed",
+"steps", "n_max", "n_min", "n_avg", "source_guidance", "target_guidance", "resize", "name"; its
+size is the image's, and its recipe includes the image's SHA-256 (edits take no LoRAs). Job k
+(the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
 `seed + k` unless it gives its own: an image's noise depends on its job only (sampling.noise
 draws each image's noise from its own seed). Its pixels also depend on the run's settings
 (RUN_KEYS: the compiled batch size, dtype, devices, sharding, JAX version), since XLA picks
@@ -44,7 +48,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields as dataclass_fields, replace
+from typing import ClassVar
 from itertools import groupby
 
 from fluxjax.errors import UsageError
@@ -53,6 +58,8 @@ from fluxjax.sampling import check_dimension, check_seed
 from fluxjax.text import check_prompt
 
 JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name", "loras"}
+EDIT_KEYS = {"image", "source_prompt", "target_prompt", "seed", "steps", "n_max", "n_min", "n_avg", "source_guidance",
+             "target_guidance", "resize", "name"}
 RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras")  # PNG text chunks that define an image
 # What else an image's pixels depend on (measured: README, "Many prompts"), recorded with every
 # image in the manifest; a resume that would change one of them is refused.
@@ -77,6 +84,8 @@ class Job:
     steps: int | None = None
     guidance: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (absolute path, strength)
+    RECIPE: ClassVar[tuple[str, ...]] = RECIPE_KEYS
+    rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/limits.py)
 
     @property
     def shape(self) -> tuple:
@@ -86,6 +95,59 @@ class Job:
     def text(self, model: str) -> dict[str, str]:
         """The PNG text chunks, as `fluxjax generate` writes them."""
         return png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model, self.loras)
+
+    def make(self, pipe, padded: list["Job"]):
+        """PIL images of `padded` (jobs of this job's shape) from `pipe`; with live LoRAs loaded,
+        each image runs with its own strengths (`lora_table`)."""
+        lora = {"lora_scales": lora_table(padded, [f for f, _ in pipe.loras])} if pipe.loras else {}
+        return pipe([j.prompt for j in padded], height=self.height, width=self.width, num_steps=self.steps,
+                    guidance=self.guidance, seed=[j.seed for j in padded], output="pil", **lora)
+
+
+EDIT_RECIPE_KEYS = ("method", "prompt", "source_prompt", "source_sha256", "resize", "seed", "steps", "n_max", "n_min",
+                    "n_avg", "source_guidance", "target_guidance", "size", "model")
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """One FlowEdit of an image. `image` is an absolute path; `settings` a flowedit.EditSettings
+    (unresolved until `resolve`); height and width the image's after the resize policy."""
+
+    index: int
+    where: str
+    name: str
+    image: str
+    sha256: str
+    source_prompt: str
+    target_prompt: str
+    seed: int
+    height: int
+    width: int
+    settings: object
+    resize: str | None = None
+    RECIPE: ClassVar[tuple[str, ...]] = EDIT_RECIPE_KEYS
+
+    @property
+    def rows(self) -> int:
+        """Transformer rows per image in an edit step: source and target, each of n_avg draws."""
+        return 2 * (self.settings.n_avg or 1)
+
+    @property
+    def shape(self) -> tuple:
+        return ("edit", self.height, self.width, self.resize, self.settings)
+
+    def text(self, model: str) -> dict[str, str]:
+        from fluxjax.images import edit_text
+
+        return edit_text(os.path.basename(self.image), self.sha256, self.source_prompt, self.target_prompt, self.seed,
+                         self.settings, self.width, self.height, model, self.resize)
+
+    def make(self, pipe, padded: list["EditJob"]):
+        s = self.settings
+        return pipe.edit([j.image for j in padded], [j.source_prompt for j in padded], [j.target_prompt for j in padded],
+                         num_steps=s.steps, n_max=s.n_max, n_min=s.n_min, n_avg=s.n_avg,
+                         source_guidance=s.source_guidance, target_guidance=s.target_guidance,
+                         seed=[j.seed for j in padded], resize=self.resize, output="pil")
 
 
 def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | None = None,
@@ -108,6 +170,13 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
                 continue
             fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
             k = len(jobs)
+            if "image" in fields:
+                job = _edit_job(fields, k, where, path, seed, steps)
+                if job.name in names:
+                    raise UsageError(f"{where}: name {job.name} is already used by {names[job.name]}")
+                names[job.name] = where
+                jobs.append(job)
+                continue
             job = Job(index=k, where=where, name=_png_name(fields.get("name", f"{k:06d}"), where),
                       prompt=fields["prompt"], seed=fields.get("seed", seed + k), height=fields.get("height", height),
                       width=fields.get("width", width), steps=fields.get("steps", steps),
@@ -122,6 +191,10 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
             jobs.append(job)
     if not jobs:
         raise UsageError(f"{path}: no prompts in the file")
+    edits = [j for j in jobs if isinstance(j, EditJob)]
+    with_loras = [j for j in jobs if getattr(j, "loras", ())]
+    if edits and with_loras:  # LoRAs run live for the whole run, and FlowEdit takes none
+        raise UsageError(f"{with_loras[0].where}: loras cannot be used in a file with edit jobs ({edits[0].where})")
     return jobs
 
 
@@ -141,6 +214,8 @@ def _jsonl_fields(line: str, where: str) -> dict:
         raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{where}: expected a JSON object with a \"prompt\", got {type(fields).__name__}")
+    if "image" in fields:
+        return _edit_fields(fields, where)
     unknown = sorted(set(fields) - JSONL_KEYS)
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(JSONL_KEYS))})")
@@ -184,7 +259,7 @@ def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:
 
 def lora_files(jobs: list[Job]) -> list[str]:
     """Every LoRA file the jobs name, in order of first appearance."""
-    return list(dict.fromkeys(f for job in jobs for f, _ in job.loras))
+    return list(dict.fromkeys(f for job in jobs for f, _ in getattr(job, "loras", ())))
 
 
 def lora_table(jobs: list[Job], files: list[str]):
@@ -196,6 +271,50 @@ def lora_table(jobs: list[Job], files: list[str]):
         for f, w in job.loras:
             table[i, files.index(f)] += w
     return table
+
+
+def _edit_fields(fields: dict, where: str) -> dict:
+    """The checked fields of an edit line (its types; the settings' relations are checked by `_edit_job`)."""
+    unknown = sorted(set(fields) - EDIT_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} for an edit (expected {', '.join(sorted(EDIT_KEYS))})")
+    for key in ("image", "source_prompt", "target_prompt"):
+        if not isinstance(fields.get(key), str) or not fields[key].strip():
+            raise UsageError(f"{where}: missing \"{key}\" (a non-empty string)")
+    for key in ("seed", "steps", "n_max", "n_min", "n_avg"):
+        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], int)):
+            raise UsageError(f"{where}: {key} must be an integer, got {fields[key]!r}")
+    for key in ("source_guidance", "target_guidance"):
+        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], (int, float))):
+            raise UsageError(f"{where}: {key} must be a number, got {fields[key]!r}")
+    return fields
+
+
+def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int | None) -> EditJob:
+    """An EditJob from an edit line: the image found (relative to the JSONL file's folder), its size
+    read from its header and its content hashed, the settings checked as far as they go without
+    the model (`resolve` fills in its defaults)."""
+    from fluxjax.conditioning import image_size
+    from fluxjax.flowedit import EditSettings
+
+    image = os.path.join(os.path.dirname(os.path.abspath(path)), fields["image"])
+    height, width = image_size(image, fields.get("resize"), f"{where}: image")
+    with open(image, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    names = [f.name for f in dataclass_fields(EditSettings)]
+    settings = EditSettings(**{n: fields.get(n) for n in names if n != "steps"}, steps=fields.get("steps", steps))
+    try:  # with the largest defaults (dev's) where a value is missing: the model's are checked in `resolve`
+        replace(settings, source_guidance=None, target_guidance=None).resolve("dev", False)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+    job = EditJob(index=k, where=where, name=_png_name(fields.get("name", f"{k:06d}"), where), image=image, sha256=digest,
+                  source_prompt=fields["source_prompt"], target_prompt=fields["target_prompt"],
+                  seed=fields.get("seed", seed + k), height=height, width=width, settings=settings,
+                  resize=fields.get("resize"))
+    check_prompt(f"{where}: source_prompt", job.source_prompt)
+    check_prompt(f"{where}: target_prompt", job.target_prompt)
+    check_seed(f"{where}: seed", job.seed)
+    return job
 
 
 def _png_name(name, where: str) -> str:
@@ -211,6 +330,13 @@ def resolve(jobs: list[Job], pipe) -> list[Job]:
     guidance for models without it, naming the line."""
     out = []
     for job in jobs:
+        if isinstance(job, EditJob):
+            try:
+                settings = job.settings.resolve(pipe.kind, pipe.transformer.model.config.guidance_embed)
+            except UsageError as e:
+                raise UsageError(f"{job.where}: {e}") from None
+            out.append(replace(job, settings=settings))
+            continue
         try:
             steps, guidance, _ = pipe.settings(job.steps, job.guidance)
         except UsageError as e:
@@ -322,7 +448,7 @@ def check_recipes(jobs: list[Job], done: dict[str, dict], model: str) -> None:
         if record is None:
             continue
         wanted = job.text(model)
-        differ = [k for k in RECIPE_KEYS if record.get(k) != wanted.get(k)]
+        differ = [k for k in job.RECIPE if record.get(k) != wanted.get(k)]
         if differ:
             raise UsageError(f"{job.where}: {job.name} is already recorded in the output folder with another "
                              f"{differ[0]} ({record.get(differ[0])!r}, now {wanted.get(differ[0])!r}); "
@@ -385,9 +511,7 @@ def generate(pipe, jobs: list[Job], out_dir: str, batch_size: int, host: int = 0
             padded = batch + [batch[-1]] * (batch_size - len(batch))
             first = batch[0]
             try:
-                images = pipe([j.prompt for j in padded], height=first.height, width=first.width, num_steps=first.steps,
-                              guidance=first.guidance, seed=[j.seed for j in padded], output="pil",
-                              **({"lora_scales": lora_table(padded, [f for f, _ in pipe.loras])} if pipe.loras else {}))
+                images = first.make(pipe, padded)
                 records = [_save(image, job, out_dir, pipe.name, host, settings) for job, image in zip(batch, images)]
                 fsync_dir(out_dir)  # the renames are durable before the manifest says so
                 for record in records:

@@ -22,6 +22,7 @@ COMMANDS = {
     "plan": ("fluxjax.commands.plan", "per-device memory of a sharding strategy, from shapes only"),
     "batch": ("fluxjax.commands.batch", "generate a PNG for every prompt of a file, over hosts, resumable"),
     "train": ("fluxjax.commands.train", "fine-tune the transformer on a folder of captioned images, resumable"),
+    "edit": ("fluxjax.commands.edit", "edit an image towards a target prompt with FlowEdit (no inversion)"),
 }
 
 DEBUG_ENV = "FLUXJAX_DEBUG"  # set to 1 for full tracebacks instead of one-line errors

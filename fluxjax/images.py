@@ -30,6 +30,27 @@ def png_text(prompt: str, seed: int, steps: int, guidance: float | None, width: 
     return text
 
 
+def edit_text(source_image: str, source_sha256: str, source_prompt: str, target_prompt: str, seed: int,
+              settings, width: int, height: int, model: str, resize: str | None = None) -> dict[str, str]:
+    """The text chunks of a FlowEdit result (fluxjax/flowedit.py): what was edited and how.
+
+    source_image: the source file's name; source_sha256: its content's digest (the name alone
+    does not say which image it was); settings: a resolved flowedit.EditSettings; resize: the
+    policy that brought the source to a multiple of 16 (None: it was one). "prompt" is
+    the target prompt (what the image now shows), as in a generated image's chunks.
+    """
+    def guidance(g):
+        return "none" if g is None else f"{g:g}"
+
+    return {"method": "flowedit", "prompt": target_prompt, "source_prompt": source_prompt,
+            "source_image": source_image, "source_sha256": source_sha256, "resize": resize or "none",
+            "seed": str(seed),
+            "steps": str(settings.steps), "n_max": str(settings.n_max), "n_min": str(settings.n_min),
+            "n_avg": str(settings.n_avg), "source_guidance": guidance(settings.source_guidance),
+            "target_guidance": guidance(settings.target_guidance), "size": f"{width}x{height}", "model": model,
+            "software": "fluxjax"}
+
+
 def temporary_path(path: str) -> str:
     """Where `save_png` writes `path` before renaming it: ".NAME.PID.tmp" in the same folder."""
     folder, name = os.path.split(os.path.abspath(path))

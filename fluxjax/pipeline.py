@@ -312,6 +312,83 @@ class FluxPipeline:
         return encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params,
                                   t5_ids, clip_ids, self.transformer.model.dtype)
 
+    def edit(self, image, source_prompt: str | Sequence[str], target_prompt: str | Sequence[str],
+             num_steps: int | None = None, n_max: int | None = None, n_min: int | None = None,
+             n_avg: int | None = None, source_guidance: float | None = None, target_guidance: float | None = None,
+             seed: int | Sequence[int] = 0, resize: str | None = None, max_sequence_length: int | None = None,
+             output: str = "pil"):
+        """Edit real images with FlowEdit (fluxjax/flowedit.py): the source prompt describes the
+        image, the target prompt what it should become; no inversion.
+
+        image: a path, PIL image or array (H, W, 3) (uint8, or floats in [0, 1]), or a list of B of
+            them of one size; sides multiples of 16 unless `resize` is "crop" or "scale"
+            (fluxjax/conditioning.py).
+        source_prompt, target_prompt: a string (used for every image) or a list of B strings.
+        num_steps (T), n_max, n_min, n_avg, source_guidance, target_guidance: default to the
+            model's (flowedit.DEFAULTS; dev: 28, 24, 0, 1, 1.5, 5.5); guidance is refused by
+            models without a guidance embedding.
+        seed: an int s (image i uses s + i) or B ints; image i's noise depends on its seed only.
+        output: "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]) or "latents"
+            (the edited latents, float32 (B, 16, H/8, W/8), NCHW as `pipe(latents=)` takes them).
+        """
+        from fluxjax import conditioning, flowedit
+
+        if output not in ("np", "pil", "latents"):
+            raise UsageError(f"output must be 'np', 'pil' or 'latents', got {output!r}")
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise UsageError("no image given")
+        pixels = [conditioning.load_image(im, resize, "image" if len(images) == 1 else f"image {i}")
+                  for i, im in enumerate(images)]
+        if len({p.shape for p in pixels}) > 1:
+            raise UsageError("the images of one edit call must have one size, got "
+                             + ", ".join(f"{p.shape[1]}x{p.shape[0]}" for p in pixels))
+        batch, (height, width) = len(pixels), pixels[0].shape[:2]
+        sources, targets = (_prompt_list(name, p, batch) for name, p in
+                            (("source_prompt", source_prompt), ("target_prompt", target_prompt)))
+        settings = flowedit.EditSettings(num_steps, n_max, n_min, n_avg, source_guidance, target_guidance).resolve(
+            self.kind, self.transformer.model.config.guidance_embed)
+        _, _, max_sequence_length = self.settings(max_sequence_length=max_sequence_length)
+        sigmas = self.schedule.sigmas(settings.steps, (height // 16) * (width // 16))
+
+        src_t5, src_clip = self.tokenizer(sources, max_sequence_length)
+        tar_t5, tar_clip = self.tokenizer(targets, max_sequence_length)
+        guidance = {f"guidance_{k}": None if g is None else np.full((batch,), g, np.float32)
+                    for k, g in (("src", settings.source_guidance), ("tar", settings.target_guidance))}
+        inputs = dict(pixels=conditioning.to_model_pixels(np.stack(pixels)), src_t5=src_t5, src_clip=src_clip,
+                      tar_t5=tar_t5, tar_clip=tar_clip, img_ids=sampling.image_ids(batch, height, width),
+                      txt_ids=sampling.text_ids(batch, src_t5.shape[1]), keys=flowedit.seed_keys(_seeds(seed, batch)),
+                      **guidance)
+        if self.strategy is not None:  # split along the data axes, padded to divide them
+            inputs, _ = self.strategy.put_batch(inputs, self.mesh)
+        context = self.strategy.activate(self.mesh) if self.strategy is not None else contextlib.nullcontext()
+        with context:
+            start = time.perf_counter()
+            txt_src, vec_src = self.encode(inputs["src_t5"], inputs["src_clip"])
+            txt_tar, vec_tar = self.encode(inputs["tar_t5"], inputs["tar_clip"])
+            x_src = conditioning.encode_packed(self.vae.model, self.vae.params, inputs["pixels"])
+            x_src.block_until_ready()
+            self.timings = {"encode": time.perf_counter() - start}
+            start = time.perf_counter()
+            edited = flowedit.edit(self.transformer.model, self.transformer.params, x_src, inputs["img_ids"], txt_src,
+                                   vec_src, txt_tar, vec_tar, inputs["txt_ids"], sigmas, inputs["keys"],
+                                   inputs["guidance_src"], inputs["guidance_tar"], np.int32(settings.n_max),
+                                   np.int32(settings.n_min), settings.n_avg)
+            edited.block_until_ready()
+            self.timings["edit"] = time.perf_counter() - start
+            check_output(_gather(edited)[:batch], "the edited latents of images")
+            if output == "latents":
+                return np.asarray(sampling.unpack(_gather(edited)[:batch], height, width))
+            start = time.perf_counter()
+            images = _gather(_decode(self.vae.model, self.vae.params, edited, height, width))[:batch]
+            check_output(images)
+            self.timings["decode"] = time.perf_counter() - start
+        if output == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray(u8) for u8 in to_uint8(images)]
+
     def _inputs(self, prompt, height, width, seed, latents):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -391,6 +468,16 @@ def _seeds(seed, batch: int) -> list[int]:
     for s in seeds:
         sampling.check_seed("seed", int(s))
     return [int(s) for s in seeds]
+
+
+def _prompt_list(name: str, prompt, batch: int) -> list[str]:
+    """`prompt` (a string, used for every image, or a list of `batch` strings) as a checked list."""
+    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != batch:
+        raise UsageError(f"{name}: {len(prompts)} prompts for {batch} images")
+    for i, p in enumerate(prompts):
+        check_prompt(name if isinstance(prompt, str) else f"{name} {i}", p)
+    return prompts
 
 
 def check_output(images: np.ndarray, what: str = "images") -> None:

@@ -11,7 +11,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 
 
 def test_the_shipped_notebooks_are_here():
-    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "sharding_strategies.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "sharding_strategies.ipynb", "flowedit.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

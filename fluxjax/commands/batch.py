@@ -22,7 +22,9 @@ from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line: "
-                                        "prompt, and optional seed, height, width, steps, guidance, name, loras)")
+                                        "prompt, and optional seed, height, width, steps, guidance, name, loras; or an "
+                                        "edit: image, source_prompt, target_prompt, and optional seed, steps, n_max, "
+                                        "n_min, n_avg, source_guidance, target_guidance, resize, name)")
     parser.add_argument("--out-dir", required=True, help="the folder of the PNGs and the manifests (created if missing)")
     parser.add_argument("--model", default=None,
                         help="a hub-layout folder, an Orbax folder from fluxjax convert, a hub repo id, or 'tiny' "
@@ -98,11 +100,11 @@ def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
     from fluxjax.pipeline import DEFAULTS
 
     defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
-    limit = SizeLimit(transformer_config(model), defaults.max_sequence_length, args.batch_size, args.dtype, strategy,
-                      devices)
     seen = set()
-    for job in jobs:
+    for job in jobs:  # an edit step runs 2 x n_avg rows per image (job.rows)
         size = (job.height or defaults.height, job.width or defaults.width)
-        if size not in seen:
-            seen.add(size)
+        if (size, job.rows) not in seen:
+            seen.add((size, job.rows))
+            limit = SizeLimit(transformer_config(model), defaults.max_sequence_length, args.batch_size * job.rows,
+                              args.dtype, strategy, devices)
             limit.check(f"{job.where}: size", *size)

@@ -50,8 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
     """Everything that can be checked before minutes of loading."""
-    from fluxjax.pipeline import check_source
-    from fluxjax.sharding import Strategy
     from fluxjax.text import check_prompt
 
     check_prompt("PROMPT", args.prompt)
@@ -63,6 +61,14 @@ def _check(args) -> None:
     check_seed("--seed", args.seed)
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    check_output_and_model(args)
+
+
+def check_output_and_model(args) -> None:
+    """--out, --model, --sharding, --transformer, --vae (shared with `fluxjax edit`), before loading."""
+    from fluxjax.pipeline import check_source
+    from fluxjax.sharding import Strategy
+
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the output is a PNG, give a name ending in .png")
     if os.path.isdir(args.out):
@@ -86,11 +92,12 @@ def _check(args) -> None:
 def _loras(args) -> list[tuple[str, float]]:
     from fluxjax.lora import parse_lora_arg
 
-    return [parse_lora_arg(x) for x in args.lora]
+    return [parse_lora_arg(x) for x in getattr(args, "lora", None) or ()]  # `fluxjax edit` takes no --lora
 
 
-def _check_size(args, model: str) -> None:
-    """Refuse, before loading, a size whose denoising step cannot fit the devices (fluxjax/limits.py)."""
+def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height") -> None:
+    """Refuse, before loading, a size whose denoising step (`batch` rows) cannot fit the devices
+    (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width."""
     import jax
 
     from fluxjax.limits import SizeLimit, transformer_config
@@ -99,44 +106,55 @@ def _check_size(args, model: str) -> None:
 
     defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
-    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, 1, args.dtype,
+    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
-    limit.check("--width/--height", args.height or defaults.height, args.width or defaults.width)
+    limit.check(name, args.height or defaults.height, args.width or defaults.width)
 
 
-def run(args) -> int:
+def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/--height"):
+    """The start `fluxjax generate` and `fluxjax edit` share, after their checks: join the
+    processes, remove host 0's leftover temporaries of --out, choose the model, refuse a size
+    whose step (`rows` transformer rows) cannot fit, load. Returns (host, pipe, timings)."""
     from fluxjax import distributed
     from fluxjax.pipeline import FluxPipeline, local_schnell
 
-    _check(args)
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
     if host == 0:
         remove_temporaries(*os.path.split(os.path.abspath(args.out)))
     model = args.model
     if model is None:
         model = local_schnell() or "tiny"
-    _check_size(args, model)
+    _check_size(args, model, rows, size_name)
     if model == "tiny" and host == 0:
-        print(f"fluxjax generate: {TINY_NOTICE}", file=sys.stderr)
+        print(f"fluxjax {command}: {TINY_NOTICE}", file=sys.stderr)
 
     start = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
                                         vae=args.vae, attention_impl=args.attention, loras=_loras(args), fuse=True)
-    timings = {"load": time.perf_counter() - start}
+    return host, pipe, {"load": time.perf_counter() - start}
+
+
+def save(image, path: str, text: dict[str, str], timings: dict[str, float]) -> str:
+    """Write the PNG (fluxjax/images.py); return "in T s: stage s, ..." for the closing line."""
+    start = time.perf_counter()
+    save_png(image, path, text)
+    timings["save"] = time.perf_counter() - start
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+    return f"in {sum(timings.values()):.1f} s: {stages}"
+
+
+def run(args) -> int:
+    _check(args)
+    host, pipe, timings = load_pipeline(args, "generate")
     (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
                     seed=args.seed, output="pil", progress=True)
     timings.update(pipe.timings)
 
     if host != 0:
         return 0
-    start = time.perf_counter()
     steps, guidance, _ = pipe.settings(args.steps, args.guidance)
-    save_png(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name,
-                                       _loras(args)))
-    timings["save"] = time.perf_counter() - start
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) in "
-          f"{sum(timings.values()):.1f} s: {stages}", file=sys.stderr)
+    done = save(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name,
+                                          _loras(args)), timings)
+    print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) {done}", file=sys.stderr)
     return 0
-
