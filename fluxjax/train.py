@@ -170,7 +170,7 @@ class Trainer:
         """Tree of Sharding for the parameters (the strategy's table), or None for one device."""
         if self.strategy is None:
             return None
-        from fluxjax.loading.flux import param_shapes
+        from fluxjax.models.flux import param_shapes
 
         return self.strategy.param_shardings(self.mesh)(param_shapes(self.model))
 

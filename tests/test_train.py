@@ -18,7 +18,8 @@ from conftest import rel_err
 from test_transformer import CONFIGS, flux_args, make_inputs
 
 from fluxjax.config import FluxConfig
-from fluxjax.loading.flux import load_transformer, param_shapes
+from fluxjax.loading.registry import load_transformer
+from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
 from fluxjax.random_weights import host_random_params
 from fluxjax.reference import randomize_

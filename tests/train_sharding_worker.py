@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fluxjax.config import FluxConfig  # noqa: E402
-from fluxjax.loading.flux import param_shapes  # noqa: E402
+from fluxjax.models.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.random_weights import host_random_params  # noqa: E402
 from fluxjax.sampling import Schedule  # noqa: E402
