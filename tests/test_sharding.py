@@ -42,8 +42,10 @@ def test_shipped_strategies_load_with_a_description():
 
 
 def test_unknown_strategy_names_the_known_ones():
-    with pytest.raises(UsageError, match="unknown sharding strategy 'nope'.*dp, fsdp, fsdp_tp, tp"):
+    # Every shipped name, in order (the sp_* strategies sit between fsdp_tp and tp).
+    with pytest.raises(UsageError, match="unknown sharding strategy 'nope'.*dp, fsdp, fsdp_tp, sp_ring, .*, tp") as e:
         Strategy.load("nope")
+    assert str(e.value).endswith("known: " + ", ".join(available()))
 
 
 def test_strategy_by_path_and_bad_file(tmp_path):
