@@ -331,7 +331,8 @@ class _RulesJit:
 
         # Named as `fn`, so profiles and XLA dumps read jit(euler_loop), not jit(under_rules).
         under_rules.__name__, under_rules.__qualname__ = fn.__name__, fn.__qualname__
-        self.jitted = jax.jit(under_rules, static_argnums=(0, *(1 + names.index(n) for n in static_argnames)))
+        self.static_argnums = (0, *(1 + names.index(n) for n in static_argnames))
+        self.jitted = jax.jit(under_rules, static_argnums=self.static_argnums)
         functools.update_wrapper(self, fn)
 
     def _args(self, args, kwargs) -> tuple:
@@ -345,6 +346,16 @@ class _RulesJit:
     def lower(self, *args, **kwargs):
         """As `jax.jit(...).lower`: the computation for these arguments under the active rules."""
         return self.jitted.lower(*self._args(args, kwargs))
+
+    def compile(self, *args, **kwargs) -> Callable:
+        """Compile for these arguments under the active rules, ahead of time; the result is called
+        with the same arguments as the function (static ones included, defaults bound alike)."""
+        compiled = self.lower(*args, **kwargs).compile()
+
+        def call(*a, **k):
+            return compiled(*(x for i, x in enumerate(self._args(a, k)) if i not in self.static_argnums))
+
+        return call
 
     def _cache_size(self) -> int:
         """As `jax.jit(...)._cache_size()`: how many programs were compiled (tests count recompiles)."""

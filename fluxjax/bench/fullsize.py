@@ -77,9 +77,9 @@ def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, atten
             sigmas = sampling.Schedule.dev().sigmas(steps, img.shape[1])
             args = (params, img, img_ids, txt, txt_ids, vec, sigmas, guidance)
             start = time.perf_counter()
-            compiled = sampling.denoise.lower(model, *args).compile()
+            compiled = sampling.denoise.compile(model, *args)
             compile_s = time.perf_counter() - start
-            step_s = median_time(lambda: compiled(*args).block_until_ready(), repeat=3) / steps
+            step_s = median_time(lambda: compiled(model, *args).block_until_ready(), repeat=3) / steps
             flops = step_flops(cfg, batch, img.shape[1], l_txt)
             mfu = None if peak is None else flops / step_s / peak
             images_s = batch / (step_s * STEPS[model_name])
