@@ -27,8 +27,9 @@ from fluxjax.models.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.random_weights import host_random_params  # noqa: E402
 from fluxjax.sharding import Strategy  # noqa: E402
+from transformer_inputs import random_inputs  # noqa: E402
 
-BATCH, L_IMG, L_TXT, RANK = 8, 24, 5, 4
+BATCH, GRID, L_TXT, RANK = 8, (4, 6), 5, 4
 
 
 def main() -> None:
@@ -42,16 +43,7 @@ def main() -> None:
     adapters = lora.load_loras([path], cfg, params)
 
     rng = np.random.default_rng(0)
-    img_ids = np.stack(np.meshgrid(np.zeros(1), np.arange(4), np.arange(6), indexing="ij"), -1).reshape(-1, 3)
-    inputs = (
-        rng.standard_normal((BATCH, L_IMG, cfg.in_channels)).astype(np.float32),
-        np.broadcast_to(img_ids, (BATCH, L_IMG, 3)).astype(np.float32),
-        rng.standard_normal((BATCH, L_TXT, cfg.context_in_dim)).astype(np.float32),
-        np.zeros((BATCH, L_TXT, 3), np.float32),
-        rng.uniform(size=BATCH).astype(np.float32),
-        rng.standard_normal((BATCH, cfg.vec_in_dim)).astype(np.float32),
-        np.full(BATCH, 3.5, np.float32),
-    )
+    inputs = random_inputs(cfg, BATCH, GRID, L_TXT, rng)
     scales = np.full((BATCH, 1), 0.8, np.float32)
 
     def run_live(p, tree, s, *x):

@@ -30,6 +30,7 @@ from fluxjax.models.layers import attention  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402
 from fluxjax.random_weights import host_random_params  # noqa: E402
 from fluxjax.sharding import Strategy  # noqa: E402
+from transformer_inputs import random_inputs  # noqa: E402
 
 HEADS = 8  # divisible by every degree tested, so Ulysses runs at 2, 4 and 8
 L_TXT = 5
@@ -54,17 +55,7 @@ def mesh_of(strategy: Strategy, ici) -> tuple[Strategy, jax.sharding.Mesh]:
 
 
 def transformer_inputs(cfg: FluxConfig, grid, rng) -> tuple:
-    rows, cols = grid
-    img_ids = np.stack(np.meshgrid(np.zeros(1), np.arange(rows), np.arange(cols), indexing="ij"), -1).reshape(-1, 3)
-    return (
-        rng.standard_normal((BATCH, rows * cols, cfg.in_channels)).astype(np.float32),
-        np.broadcast_to(img_ids, (BATCH, rows * cols, 3)).astype(np.float32),
-        rng.standard_normal((BATCH, L_TXT, cfg.context_in_dim)).astype(np.float32),
-        np.zeros((BATCH, L_TXT, 3), np.float32),
-        rng.uniform(size=BATCH).astype(np.float32),
-        rng.standard_normal((BATCH, cfg.vec_in_dim)).astype(np.float32),
-        np.full(BATCH, 3.5, np.float32),
-    )
+    return random_inputs(cfg, BATCH, grid, L_TXT, rng)
 
 
 def transformer_errors() -> list[dict]:

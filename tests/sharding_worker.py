@@ -29,6 +29,7 @@ from fluxjax.models.layers import dot_product_attention  # noqa: E402
 from fluxjax.models.t5 import T5Encoder  # noqa: E402
 from fluxjax.random_weights import host_random_params  # noqa: E402
 from fluxjax.sharding import Strategy  # noqa: E402
+from transformer_inputs import random_inputs  # noqa: E402
 
 # (strategy, ici shape, whether the text encoders and VAE run too: they are checked once per
 # strategy to keep the test fast; the transformer on every mesh)
@@ -59,17 +60,7 @@ def models():
     out = {}
 
     fc = FluxConfig.preset("tiny")
-    rows, cols = GRID
-    img_ids = np.stack(np.meshgrid(np.zeros(1), np.arange(rows), np.arange(cols), indexing="ij"), -1).reshape(-1, 3)
-    flux_in = (
-        rng.standard_normal((BATCH, rows * cols, fc.in_channels)).astype(np.float32),
-        np.broadcast_to(img_ids, (BATCH, rows * cols, 3)).astype(np.float32),
-        rng.standard_normal((BATCH, L_TXT, fc.context_in_dim)).astype(np.float32),
-        np.zeros((BATCH, L_TXT, 3), np.float32),
-        rng.uniform(size=BATCH).astype(np.float32),
-        rng.standard_normal((BATCH, fc.vec_in_dim)).astype(np.float32),
-        np.full(BATCH, 3.5, np.float32),
-    )
+    flux_in = random_inputs(fc, BATCH, GRID, L_TXT, rng)
     flux = Flux(fc)
     out["flux"] = (*init(flux, *flux_in), flux_in, lambda p, *a: flux.apply({"params": p}, *a))
 
