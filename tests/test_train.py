@@ -120,10 +120,16 @@ def test_timesteps_are_logit_normal_shifted_by_the_samplers_rule():
     assert float(jnp.median(t)) > float(jnp.median(plain))  # dev's shift moves t towards noise
 
 
-def test_loss_goes_down_and_ema_follows(tiny):
-    model, params, batch = tiny
+@pytest.fixture(scope="module")
+def ema_trainer(tiny):
+    """One Trainer (one compiled step) for the tests that step the tiny model with EMA."""
     cfg = TrainConfig(learning_rate=3e-3, warmup_steps=5, total_steps=40, ema_decay=0.9, compute_dtype="float32")
-    trainer = Trainer(model, cfg, Schedule.dev())
+    return Trainer(tiny[0], cfg, Schedule.dev())
+
+
+def test_loss_goes_down_and_ema_follows(tiny, ema_trainer):
+    model, params, batch = tiny
+    trainer = ema_trainer
     state = trainer.init(params, seed=0)
     losses = []
     for _ in range(40):
@@ -286,9 +292,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_pipe):
     assert EncodedDataset(scan_folder(folder), **{**kw, "resolution": 48}).computed == 4  # new buckets
 
 
-def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
+def test_checkpoint_round_trip_is_exact(tmp_path, tiny, ema_trainer):
     model, params, batch = tiny
-    trainer = Trainer(model, TrainConfig(ema_decay=0.9, compute_dtype="float32"), Schedule.dev())
+    trainer = ema_trainer
     state, _ = trainer.step(trainer.init(params, seed=2), batch)
     save_state(tmp_path / "ck" / "step_00000001", state)
     assert latest_checkpoint(tmp_path / "ck").endswith("step_00000001")
