@@ -176,7 +176,7 @@ class Trainer:
     module LoRA inference runs live); the base weights are frozen: they enter the jitted step as
     an argument outside the differentiated tree, so they get no gradient and no optimizer state.
     `init` and `restore` keep them (placed by the strategy) for `step`. The LoRA's state is
-    small and replicated on every device.
+    small and replicated on every device (LoRA under a strategy is not yet tested on a mesh).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, schedule: Schedule,
