@@ -16,6 +16,7 @@ The verdict uses parameters + the larger activation figure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -348,3 +349,137 @@ def format_sequence_table(rows: tuple[SequenceRow, ...], dtype: str) -> list[str
             lines.append(f"  {r.degree:>6}  {r.size:>4}x{r.size:<4}  {r.activation_bytes / 1e9:9.3f} GB  "
                          f"{r.traffic_bytes / 1e9:9.3f} GB")
     return lines
+
+
+# -- training (`fluxjax plan --train`) ------------------------------------------------------------
+
+
+def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_split: int, act_bytes: int,
+                      remat: bool) -> int:
+    """Analytic bytes a training step keeps from the forward for the backward, on one device.
+
+    With L = l_img + l_txt tokens, D = hidden_size, M = mlp_hidden_dim, H heads, t = heads_split,
+    s = act_bytes, per image:
+      single block  s L (2D + (3D+M)/t + 3D/t + M/t + (D+M)/t)  the modulated norm output and
+                    the gated output (D each), linear1's output, q/k/v after norm and RoPE, the
+                    GELU output, linear2's input
+      double block  s L (4D + 3D/t + 3D/t + D/t + 2M/t)  per token of either stream: norm
+                    outputs before attention and MLP, the proj and MLP outputs (D each), the
+                    qkv output, q/k/v after norm and RoPE, attention's output, the MLP's hidden
+                    before and after GELU
+      attention     (H/t) L^2 (4 + s) per block: XLA attention's float32 softmax probabilities
+                    (for the softmax's backward) and their cast to s (for the matmul's)
+    Without remat every block's residuals are kept. With remat (nn.remat per block) only each
+    block's input is kept (s L D, both streams together), and one block's residuals are
+    recomputed at a time in the backward. Under a flash kernel ("cudnn") the L^2 term is not
+    kept (it recomputes it), so these figures are an upper bound there.
+    """
+    d, m, h, t, s = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes
+    seq = l_img + l_txt
+    attention = -(-h // t) * seq * seq * (4 + s)
+    single = s * seq * (2 * d + ((3 * d + m) + 3 * d + m + (d + m)) // t) + attention
+    double = s * seq * (4 * d + (3 * d + 3 * d + d + 2 * m) // t) + attention
+    blocks = cfg.depth + cfg.depth_single_blocks
+    if remat:
+        return batch * (blocks * s * seq * d + max(single, double))
+    return batch * (cfg.depth * double + cfg.depth_single_blocks * single)
+
+
+def lora_param_count(abstract_flux: Any, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of a LoRA of `rank` on `targets` (fluxjax.lora.new_adapters' a and b): for each
+    adapted Linear (layers, in, out), layers * (in + out) * rank."""
+    shapes = {"/".join(str(getattr(k, "key", k)) for k in path): getattr(box, "value", box).shape
+              for path, box in jax.tree_util.tree_flatten_with_path(abstract_flux, is_leaf=lambda x: hasattr(x, "names"))[0]}
+    count = 0
+    for target in targets:
+        *lead, in_dim, out_dim = shapes[f"{target}/kernel"]
+        count += math.prod(lead) * (in_dim + out_dim) * rank
+    return count
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_transformer(model: str, dtype: str) -> Any:
+    """The boxed abstract transformer parameters of `model` in `dtype` (cached: every strategy's plan uses them)."""
+    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
+    return registry.abstract_params("transformer", registry.build("transformer", cfg, jnp.dtype(dtype)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """Per-device bytes of one training step (fluxjax.train's Trainer, AdamW, no EMA)."""
+
+    strategy: str
+    mesh_shape: dict[str, int]
+    lora_rank: int | None
+    weights: int  # full: float32 master weights; LoRA: the frozen base in the compute dtype
+    adapters: int  # LoRA: its float32 factors, replicated; 0 for full fine-tuning
+    gradients: int  # float32, laid out like what trains
+    optimizer: int  # Adam's two float32 moments, laid out like what trains
+    gathered: int  # fsdp: one block's weights gathered and one block's gradient before its reduce-scatter
+    activations: int  # saved_activations without remat + step_activations (the peak of one block)
+    activations_remat: int  # the same with remat
+
+    def total(self, remat: bool) -> int:
+        fixed = self.weights + self.adapters + self.gradients + self.optimizer + self.gathered
+        return fixed + (self.activations_remat if remat else self.activations)
+
+
+def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
+               batch: int | None = None, lora_rank: int | None = None, compute_dtype: str = "bfloat16") -> TrainPlan:
+    """The training step's memory of `model`'s transformer under `strategy` on `devices` devices.
+
+    The T5, CLIP and VAE are not resident: training reads cached latents and text embeddings
+    (fluxjax.data). batch: images per step (default one per data shard). Parameters, gradients
+    and optimizer state are exact (shapes over the strategy's table, param_memory); activations
+    are analytic (saved_activations, plus step_activations for the peak inside the block being
+    differentiated).
+    """
+    if strategy.mesh_axes("activation_seq"):
+        raise UsageError(f"plan --train: sequence-parallel strategy {strategy.name!r} is not planned for training")
+    mesh_shape = strategy.mesh_shape(devices)
+    data = math.prod(mesh_shape[a] for a in strategy.mesh_axes(BATCH_AXIS))
+    per_device = -(-(data if batch is None else batch) // data)
+    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
+    compute = jnp.dtype(compute_dtype)
+    master, low = _abstract_transformer(model, "float32"), _abstract_transformer(model, compute.name)
+    heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
+    l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
+    peak = step_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize)
+    act = {remat: saved_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize, remat) + peak
+           for remat in (False, True)}
+    gathered = gathered_block_bytes(low, strategy, mesh_shape)
+    if lora_rank is None:
+        trained = param_memory(master, strategy, mesh_shape).device_bytes
+        # the backward also gathers a block's weights, and holds its whole gradient before the reduce-scatter
+        return TrainPlan(strategy.name, mesh_shape, None, trained, 0, trained, 2 * trained,
+                         2 * gathered + gathered_block_bytes(master, strategy, mesh_shape), act[False], act[True])
+    from fluxjax.lora import DEFAULT_TRAIN_TARGETS
+
+    adapters = 4 * lora_param_count(master, lora_rank, DEFAULT_TRAIN_TARGETS)
+    return TrainPlan(strategy.name, mesh_shape, lora_rank, param_memory(low, strategy, mesh_shape).device_bytes,
+                     adapters, adapters, 2 * adapters, 2 * gathered, act[False], act[True])
+
+
+def format_train_plans(plans: list[TrainPlan], model: str, height: int, width: int, hbms: list[int]) -> str:
+    """The table `fluxjax plan --train` prints: one row per strategy and kind of training."""
+    gb = lambda n: f"{n / 1e9:8.2f}"  # noqa: E731
+    head = (f"training step of {model} at {width}x{height}, one image per data shard, per device, GB "
+            "[weights/gradients/optimizer: exact, shapes / table; gathered and activations: analytic, "
+            "plan.saved_activations + plan.step_activations, XLA attention]")
+    cols = "  strategy  mesh             training   weights adapters    grads  adam m+v gathered  act(remat) act(no remat)"
+    verdict_cols = "".join(f"  {h / GIB:.0f}GiB remat/no" for h in hbms)
+    lines = [head, cols + verdict_cols]
+    for p in plans:
+        mesh = "x".join(f"{a}={n}" for a, n in p.mesh_shape.items())
+        kind = "full" if p.lora_rank is None else f"LoRA r{p.lora_rank}"
+        row = (f"  {p.strategy:<9} {mesh:<16} {kind:<9}{gb(p.weights)} {gb(p.adapters)} {gb(p.gradients)} "
+               f"{gb(p.optimizer)} {gb(p.gathered)}  {gb(p.activations_remat)}    {gb(p.activations)}")
+        for h in hbms:
+            fits = ["yes" if p.total(r) <= h else "no" for r in (True, False)]
+            row += f"  {fits[0]:>8}/{fits[1]:<3}"
+        lines.append(row)
+    lines.append("  totals: weights + adapters + grads + adam + gathered + activations (with or without remat)")
+    for p in plans:
+        kind = "full" if p.lora_rank is None else f"LoRA r{p.lora_rank}"
+        lines.append(f"  {p.strategy:<9} {kind:<9} remat {gb(p.total(True))}   no remat {gb(p.total(False))}")
+    return "\n".join(lines)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fluxjax import lora
 from fluxjax.errors import UsageError
 from fluxjax.sampling import Schedule
 
@@ -54,6 +55,9 @@ class TrainConfig:
     caption_dropout: probability that a sample is trained with the empty prompt.
     param_dtype: "float32" (master weights, bf16 compute) or "bfloat16"; compute_dtype: the
     matmul dtype. remat: recompute each block's activations in the backward pass.
+    lora_rank: train a LoRA of this rank instead of the weights (None: full fine-tuning);
+    lora_alpha: its alpha (None: the rank); lora_targets: the Linears it adapts (Flax paths in
+    the stacked layout, default lora.DEFAULT_TRAIN_TARGETS).
     """
 
     learning_rate: float = 1e-4
@@ -72,8 +76,13 @@ class TrainConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TRAIN_TARGETS
 
     def __post_init__(self):
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise UsageError(f"lora_rank must be at least 1, got {self.lora_rank}")
         if self.total_steps < 1:
             raise UsageError(f"total_steps must be at least 1, got {self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -103,7 +112,8 @@ class TrainState:
     """Everything a resumed run needs, as one pytree (what a train checkpoint holds).
 
     step: int32 scalar, the number of updates done; it is also the data position (batch `step`
-    of fluxjax.data's deterministic order comes next). params: the trained parameters.
+    of fluxjax.data's deterministic order comes next). params: the trained parameters (with
+    TrainConfig.lora_rank, the LoRA's a/b factors only: lora.split_factors of its adapter tree).
     opt_state: the optax state. ema: the EMA of params, or None. key: uint32 PRNG key data (the
     step's noise, timesteps and caption dropout are drawn from it).
     """
@@ -122,16 +132,23 @@ def sample_timesteps(key: jax.Array, batch: int, image_seq_len: int, schedule: S
     return schedule.shift_timesteps(t, image_seq_len).astype(jnp.float32)
 
 
-def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_ids, vec, guidance=None) -> jax.Array:
+def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_ids, vec, guidance=None,
+                       adapters: dict | None = None) -> jax.Array:
     """Rectified-flow MSE: mean over batch, tokens and features of (model(x_t, t) - (eps - x0))^2.
 
     x0, eps: (B, L_img, 64) packed clean latents and noise; t: (B,) in [0, 1]; the rest are
-    `Flux.apply`'s arguments (guidance (B,) or None). Returns a float32 scalar.
+    `Flux.apply`'s arguments (guidance (B,) or None). adapters: a LoRA adapter tree (n = 1,
+    fluxjax.lora's layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
     """
     x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
     tb = t.astype(jnp.float32)[:, None, None]
     x_t = (1.0 - tb) * x0 + tb * eps
-    pred = model.apply({"params": params}, x_t, img_ids, txt, txt_ids, t, vec, guidance)
+    args = (x_t, img_ids, txt, txt_ids, t, vec, guidance)
+    if adapters is None:
+        pred = model.apply({"params": params}, *args)
+    else:
+        with lora.live(jnp.ones((x0.shape[0], 1), jnp.float32)):
+            pred = model.apply(lora.variables(params, adapters), *args)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
 
 
@@ -154,6 +171,12 @@ class Trainer:
     tx: any optax GradientTransformation (default `make_optimizer(cfg)`).
     strategy, mesh: a fluxjax.sharding.Strategy and its mesh to shard parameters, gradients,
     optimizer state and batch as the strategy's table says; None for one device.
+
+    With cfg.lora_rank the state trains a new LoRA's factors (lora.new_adapters, the adapter
+    module LoRA inference runs live); the base weights are frozen: they enter the jitted step as
+    an argument outside the differentiated tree, so they get no gradient and no optimizer state.
+    `init` and `restore` keep them (placed by the strategy) for `step`. The LoRA's state is
+    small and replicated on every device (LoRA under a strategy is not yet tested on a mesh).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, schedule: Schedule,
@@ -162,12 +185,33 @@ class Trainer:
         self.model = training_model(model, cfg)
         self.tx = make_optimizer(cfg) if tx is None else tx
         self.strategy, self.mesh = strategy, mesh
+        self.lora = cfg.lora_rank is not None
+        self.frozen = None  # with LoRA: (base params, the adapters' fixed scale/bias), on the devices
+        self.fixed = None  # with LoRA: the fixed scale/bias leaves on the host (to write the file)
         self._step = None
+
+    def trainable(self, params, seed: int = 0):
+        """What trains, from the model's `params`: the params themselves, or with LoRA the factors
+        of a new LoRA on them (host arrays; its fixed leaves are kept in self.fixed)."""
+        if not self.lora:
+            return params
+        adapters = lora.new_adapters(params, self.model.config, self.cfg.lora_rank, self.cfg.lora_alpha,
+                                     self.cfg.lora_targets, seed)
+        factors, self.fixed = lora.split_factors(adapters.tree)
+        return factors
+
+    def _freeze(self, params) -> None:
+        """Keep the base `params` and the fixed adapter leaves on the devices for the LoRA step."""
+        if self.strategy is None:
+            self.frozen = jax.device_put((params, self.fixed))
+            return
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.frozen = (jax.device_put(params, self.param_shardings()), jax.device_put(self.fixed, replicated))
 
     # -- state -------------------------------------------------------------------------------
 
     def param_shardings(self):
-        """Tree of Sharding for the parameters (the strategy's table), or None for one device."""
+        """Tree of Sharding for the model's parameters (the strategy's table), or None for one device."""
         if self.strategy is None:
             return None
         from fluxjax.models.flux import param_shapes
@@ -175,12 +219,13 @@ class Trainer:
         return self.strategy.param_shardings(self.mesh)(param_shapes(self.model))
 
     def state_shardings(self, params) -> TrainState | None:
-        """Shardings of the whole TrainState: optimizer moments and EMA laid out like their
-        parameters, scalars (step, key, counts) replicated. None for one device."""
-        shardings = self.param_shardings()
-        if shardings is None:
+        """Shardings of the whole TrainState of trained `params` (see `trainable`): optimizer
+        moments and EMA laid out like their parameters, scalars (step, key, counts) replicated;
+        a LoRA's factors replicated. None for one device."""
+        if self.strategy is None:
             return None
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        shardings = jax.tree.map(lambda _: replicated, params) if self.lora else self.param_shardings()
         opt_abstract = jax.eval_shape(self.tx.init, params)
         opt = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, shardings,
                                     transform_non_params=lambda _: replicated)
@@ -188,9 +233,13 @@ class Trainer:
         return TrainState(step=replicated, params=shardings, opt_state=opt, ema=ema, key=replicated)
 
     def init(self, params, seed: int = 0) -> TrainState:
-        """A fresh TrainState from `params` (cast to cfg.param_dtype, placed by the strategy)."""
+        """A fresh TrainState from the model's `params` (what trains cast to cfg.param_dtype,
+        placed by the strategy; with LoRA a new LoRA drawn from `seed`, `params` frozen)."""
         dtype = jnp.dtype(self.cfg.param_dtype)
-        params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+        trained = self.trainable(params, seed)
+        if self.lora:
+            self._freeze(params)
+        params = jax.tree.map(lambda p: jnp.asarray(p, dtype), trained)
         shardings = self.state_shardings(params)
 
         def make(params):
@@ -205,7 +254,9 @@ class Trainer:
             return jax.jit(make, out_shardings=shardings)(params)
 
     def abstract_state(self, params) -> TrainState:
-        """The TrainState's shapes, dtypes and shardings (to restore a checkpoint into)."""
+        """The TrainState's shapes, dtypes and shardings (to restore a checkpoint into), from the
+        model's `params` or their shapes."""
+        params = self.trainable(params)
         shardings = self.state_shardings(params)
         dtype = jnp.dtype(self.cfg.param_dtype)
         p = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
@@ -219,10 +270,19 @@ class Trainer:
             return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), state)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
 
+    def restore(self, folder: str | os.PathLike, params) -> TrainState:
+        """The TrainState saved at `folder` (see `save_state`) for the model's `params`; with LoRA
+        `params` are kept frozen for `step`, as `init` does."""
+        state = restore_state(folder, self.abstract_state(params))
+        if self.lora:
+            self._freeze(params)
+        return state
+
     # -- the step ------------------------------------------------------------------------------
 
-    def loss(self, params, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
-        """The step's loss on `batch` (see `step`) with noise, t and dropout drawn from `key`."""
+    def loss(self, params, batch: Mapping[str, jax.Array], key: jax.Array, frozen=None) -> jax.Array:
+        """The step's loss on `batch` (see `step`) with noise, t and dropout drawn from `key`.
+        With LoRA, `params` are the factors and `frozen` is (base params, fixed adapter leaves)."""
         x0 = batch["latents"]
         b, seq = x0.shape[0], x0.shape[1]
         k_t, k_eps, k_drop = jax.random.split(key, 3)
@@ -234,11 +294,16 @@ class Trainer:
             txt = jnp.where(drop[:, None, None], batch["empty_txt"].astype(txt.dtype), txt)
             vec = jnp.where(drop[:, None], batch["empty_vec"].astype(vec.dtype), vec)
         guidance = jnp.full((b,), self.cfg.guidance, jnp.float32) if self.model.config.guidance_embed else None
-        return flow_matching_loss(self.model, params, x0, eps, t, batch["img_ids"], txt, batch["txt_ids"], vec, guidance)
+        adapters = None
+        if self.lora:
+            base, fixed = frozen
+            params, adapters = base, lora.join_factors(params, fixed)
+        return flow_matching_loss(self.model, params, x0, eps, t, batch["img_ids"], txt, batch["txt_ids"], vec, guidance,
+                                  adapters)
 
-    def _update(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    def _update(self, state: TrainState, batch, frozen) -> tuple[TrainState, dict]:
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        loss, grads = jax.value_and_grad(self.loss)(state.params, batch, step_key)
+        loss, grads = jax.value_and_grad(self.loss)(state.params, batch, step_key, frozen)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
@@ -259,15 +324,17 @@ class Trainer:
         its data axes: a padded row would be trained on). Returns (new state, {"loss",
         "grad_norm"} float32 scalars).
         """
+        if self.lora and self.frozen is None:
+            raise UsageError("a LoRA Trainer steps after init() or restore(), which keep the frozen base weights")
         if self._step is None:
             shardings = self.state_shardings(state.params)
             self._step = jax.jit(self._update, donate_argnums=0,
                                  out_shardings=None if shardings is None else (shardings, None))
         if self.strategy is None:
-            return self._step(state, batch)
+            return self._step(state, batch, self.frozen)
         batch = self.place_batch(batch)
         with self.strategy.activate(self.mesh):
-            return self._step(state, batch)
+            return self._step(state, batch, self.frozen)
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict:
         """Host batch -> arrays on the mesh: per-sample entries split along the data axes,
@@ -352,6 +419,7 @@ def prune_checkpoints(root: str | os.PathLike, keep: int = 2) -> None:
 # -- a whole run --------------------------------------------------------------------------------
 
 CHECKPOINTS, CACHE, MODEL, MODEL_EMA = "checkpoints", "cache", "model", "model_ema"
+LORA_FILE, LORA_EMA_FILE = "lora.safetensors", "lora_ema.safetensors"
 LOSS_CSV, LOSS_PNG = "loss.csv", "loss.png"
 FROZEN = {"vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}  # hub folder -> pipeline component
 
@@ -388,7 +456,10 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     grad_norm, lr-free), loss.png, and model/ (a hub-layout folder: the trained transformer as
     a fluxjax component, the frozen components linked from `source`, or written out for the tiny
     preset), which `FluxPipeline.from_pretrained` and `fluxjax generate --model` take; with EMA
-    also model_ema/. resume: continue from the newest checkpoint, bit for bit as if never stopped.
+    also model_ema/. With cfg.lora_rank, instead of model/: lora.safetensors (diffusers/PEFT
+    layout, lora.save_diffusers), which diffusers' `load_lora_weights` and fluxjax's `--lora` /
+    `loras=` read (with EMA also lora_ema.safetensors).
+    resume: continue from the newest checkpoint, bit for bit as if never stopped.
     The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
     """
     from tqdm import tqdm
@@ -409,7 +480,7 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     params = stack_layers(pipe.transformer.params, BLOCK_STACKS)
     trainer = Trainer(pipe.transformer.model, cfg, pipe.schedule, tx, pipe.strategy, pipe.mesh)
     if latest is not None:
-        state = restore_state(latest, trainer.abstract_state(params))
+        state = trainer.restore(latest, params)
     else:
         state = trainer.init(params, seed)
     del params
@@ -426,10 +497,23 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
                 save_state(checkpoint_path(ckpt_root, step + 1), state)
                 prune_checkpoints(ckpt_root)
     log.plot(os.path.join(out_dir, LOSS_PNG))
+    if trainer.lora:
+        write_lora(os.path.join(out_dir, LORA_FILE), trainer, state.params)
+        if state.ema is not None:
+            write_lora(os.path.join(out_dir, LORA_EMA_FILE), trainer, state.ema)
+        return state
     write_model(os.path.join(out_dir, MODEL), pipe, state.params, source)
     if state.ema is not None:
         write_model(os.path.join(out_dir, MODEL_EMA), pipe, state.ema, source)
     return state
+
+
+def write_lora(path: str, trainer: Trainer, factors) -> None:
+    """A LoRA Trainer's trained `factors` as a diffusers/PEFT LoRA file, written under a
+    temporary name and renamed (a reader never sees half a file)."""
+    tree = lora.join_factors(jax.tree.map(np.asarray, factors), trainer.fixed)
+    lora.save_diffusers(f"{path}.partial", tree, trainer.model.config)
+    os.replace(f"{path}.partial", path)
 
 
 class _LossLog:

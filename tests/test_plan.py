@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from fluxjax.cli import main
@@ -73,3 +74,43 @@ def test_plan_command_unknown_strategy(capsys):
 def test_plan_command_rejects_an_indivisible_device_count(capsys):
     assert main(["plan", "--sharding", "fsdp_tp", "--devices", "3", "--no-xla"]) == 2
     assert "not a multiple of 2" in capsys.readouterr().err
+
+
+def test_train_plan_parts_are_exact_for_dev_and_tiny():
+    """plan --train: float32 master weights, gradients and Adam's two moments are exactly the
+    transformer's parameters over the strategy's split; a LoRA's size is what lora.new_adapters
+    makes; remat keeps less than no remat; the LoRA trains far less state than full fine-tuning."""
+    import numpy as np
+
+    from fluxjax import lora
+    from fluxjax.config import FluxConfig
+    from fluxjax.models.flux import Flux, param_shapes
+    from fluxjax.plan import lora_param_count, saved_activations, train_plan
+
+    full = train_plan("dev", Strategy.load("fsdp"), 8)
+    assert full.weights == 4 * ((DEV_PARAMS - DEV_UNSPLIT_PARAMS) // 8 + DEV_UNSPLIT_PARAMS)
+    assert full.gradients == full.weights and full.optimizer == 2 * full.weights and full.adapters == 0
+    dp = train_plan("dev", Strategy.load("dp"), 8, lora_rank=16)
+    assert dp.weights == 2 * DEV_PARAMS  # the frozen base in bfloat16, whole on every device
+    assert dp.gradients == dp.adapters and dp.optimizer == 2 * dp.adapters and dp.adapters < 0.01 * full.weights * 8
+    assert full.activations_remat < full.activations
+
+    tiny = Flux(FluxConfig.preset("tiny"))
+    shapes = param_shapes(tiny)
+    made = lora.new_adapters(shapes, tiny.config, rank=3)
+    factors, _ = lora.split_factors(made.tree)
+    assert lora_param_count(shapes, 3, lora.DEFAULT_TRAIN_TARGETS) == sum(np.size(x) for x in jax.tree.leaves(factors))
+    cfg = tiny.config
+    one = saved_activations(cfg, 1, 16, 4, 1, 2, remat=False)
+    assert saved_activations(cfg, 2, 16, 4, 1, 2, remat=False) == 2 * one  # per image
+    assert saved_activations(cfg, 1, 16, 4, 2, 2, remat=False) < one  # tp splits the heads and MLP
+
+
+def test_plan_train_command_prints_every_strategy(capsys):
+    assert main(["plan", "--train", "--model", "dev", "--devices", "8", "--lora-rank", "8"]) == 0
+    out = capsys.readouterr().out
+    for name in ("dp", "fsdp", "tp", "fsdp_tp"):
+        assert f"  {name} " in out
+    assert "LoRA r8" in out and "16GiB remat/no" in out and "80GiB remat/no" in out
+    assert main(["plan", "--train", "--sharding", "sp_ring", "--devices", "8"]) == 2
+    assert "not planned for training" in capsys.readouterr().err

@@ -17,10 +17,12 @@ from safetensors.torch import save_file
 from conftest import rel_err
 from test_transformer import CONFIGS, flux_args, make_inputs
 
+from fluxjax import lora
 from fluxjax.config import FluxConfig
 from fluxjax.loading.registry import load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
+from fluxjax.pipeline import FluxPipeline
 from fluxjax.random_weights import host_random_params
 from fluxjax.reference import randomize_
 from fluxjax.sampling import Schedule
@@ -118,10 +120,16 @@ def test_timesteps_are_logit_normal_shifted_by_the_samplers_rule():
     assert float(jnp.median(t)) > float(jnp.median(plain))  # dev's shift moves t towards noise
 
 
-def test_loss_goes_down_and_ema_follows(tiny):
-    model, params, batch = tiny
+@pytest.fixture(scope="module")
+def ema_trainer(tiny):
+    """One Trainer (one compiled step) for the tests that step the tiny model with EMA."""
     cfg = TrainConfig(learning_rate=3e-3, warmup_steps=5, total_steps=40, ema_decay=0.9, compute_dtype="float32")
-    trainer = Trainer(model, cfg, Schedule.dev())
+    return Trainer(tiny[0], cfg, Schedule.dev())
+
+
+def test_loss_goes_down_and_ema_follows(tiny, ema_trainer):
+    model, params, batch = tiny
+    trainer = ema_trainer
     state = trainer.init(params, seed=0)
     losses = []
     for _ in range(40):
@@ -284,9 +292,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_pipe):
     assert EncodedDataset(scan_folder(folder), **{**kw, "resolution": 48}).computed == 4  # new buckets
 
 
-def test_checkpoint_round_trip_is_exact(tmp_path, tiny):
+def test_checkpoint_round_trip_is_exact(tmp_path, tiny, ema_trainer):
     model, params, batch = tiny
-    trainer = Trainer(model, TrainConfig(ema_decay=0.9, compute_dtype="float32"), Schedule.dev())
+    trainer = ema_trainer
     state, _ = trainer.step(trainer.init(params, seed=2), batch)
     save_state(tmp_path / "ck" / "step_00000001", state)
     assert latest_checkpoint(tmp_path / "ck").endswith("step_00000001")
@@ -369,3 +377,108 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, c
     save_state(tmp_path / "out" / "checkpoints" / "step_00000001", trainer.init(params))
     code, err = run_cli(capsys, make_folder(tmp_path / "data"), "--out", tmp_path / "out")
     assert code == 2 and "holds checkpoints of a run; pass --resume" in err
+
+
+# -- LoRA training --------------------------------------------------------------------------------
+
+
+def lora_trainer(model, lr=1e-2, steps=40, **kw):
+    cfg = TrainConfig(learning_rate=lr, total_steps=steps, compute_dtype="float32", lora_rank=4, lora_alpha=8.0, **kw)
+    return Trainer(model, cfg, Schedule.dev())
+
+
+def test_lora_trains_only_the_adapters_and_the_loss_goes_down(tiny):
+    """The state holds the LoRA's a/b factors only: the frozen base weights get no gradient and
+    no optimizer state, and stay as they were; the loss falls on a fixed batch."""
+    model, params, batch = tiny
+    trainer = lora_trainer(model, ema_decay=0.9)
+    state = trainer.init(params, seed=0)
+    factors = {jax.tree_util.keystr(k) for k, _ in jax.tree.flatten_with_path(state.params)[0]}
+    assert len(factors) == 2 * len(lora.DEFAULT_TRAIN_TARGETS) and all(k.endswith(("['a']", "['b']")) for k in factors)
+    adapter_size = sum(x.size for x in jax.tree.leaves(state.params))
+    assert adapter_size < 0.1 * sum(x.size for x in jax.tree.leaves(params))
+    # Adam's two moments and a step count: nothing the size of a base weight.
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) <= 2 * adapter_size + 8
+    losses = []
+    for _ in range(40):
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    base = trainer.frozen[0]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(params)))
+    assert float(jnp.abs(state.ema["single_blocks"]["linear1"]["b"]).max()) > 0
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """test_lora's diffusers-side tiny dev pipeline (saved hub folder, fluxjax pipe, noise, base images)."""
+    from test_lora import hub as lora_hub
+
+    return lora_hub.__wrapped__(tmp_path_factory)
+
+
+def test_trained_lora_gives_diffusers_the_same_image(hub):
+    """A LoRA trained 3 steps by fluxjax, saved in the diffusers/PEFT layout: diffusers'
+    load_lora_weights and fluxjax's own loader read it back and give the same
+    pixels on the same noise (<= 1e-3, fp32, as test_lora's files; measured 6.0e-6, the LoRA
+    moving diffusers' pixels by 0.21); the file read back by fluxjax
+    is the trained adapter (its fused weights equal fusing the trained tree directly)."""
+    from test_lora import check, run_ours, run_reference
+
+    from fluxjax.models.flux import BLOCK_STACKS
+    from fluxjax.train import stack_layers, write_lora
+
+    t = hub.pipe.transformer
+    params = stack_layers(t.params, BLOCK_STACKS)
+    trainer = Trainer(t.model, TrainConfig(learning_rate=3e-2, total_steps=3, compute_dtype="float32", lora_rank=4,
+                                           lora_alpha=2.0, guidance=3.5), Schedule.dev())
+    state = trainer.init(params, seed=1)
+    batch = tiny_batch(t.model.config, seed=4)
+    for _ in range(3):
+        state, _ = trainer.step(state, batch)
+    path = str(hub.dir / "trained.safetensors")
+    write_lora(path, trainer, state.params)
+    assert lora.read_lora_file(path, t.model.config)[0] == "diffusers"
+
+    # Live and fused give the same pixels for any diffusers file (tests/test_lora.py): fused here.
+    theirs = run_reference(hub.reference, hub.noise, [(path, 1.0)])
+    fused = FluxPipeline.from_pretrained(hub.root, dtype="float32", loras=[(path, 1.0)], fuse=True)
+    check(run_ours(fused, hub.noise), theirs, hub.base)
+
+    trained = lora.Adapters(lora.join_factors(jax.tree.map(np.asarray, state.params), trainer.fixed), names=("t",))
+    want = lora.fuse(params, trained, [1.0])
+    got = stack_layers(fused.transformer.params, BLOCK_STACKS)
+    assert max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))) <= 1e-6
+
+
+def test_lora_run_resumes_exactly_and_writes_a_file_fluxjax_loads(tmp_path, capsys, tiny_pipe):
+    """`fluxjax train --lora-rank`: checkpoints hold the adapters' state; a run resumed from its
+    step-2 checkpoint ends bit-identical to the uninterrupted run (state and lora.safetensors);
+    the file is the diffusers layout and fluxjax's pipeline loads it."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    folder = make_folder(tmp_path / "data", sizes=((40, 24),) * 2)
+    out = tmp_path / "out"
+    argv = [folder, "--out", out, "--resolution", "32", "--steps", "4", "--save-every", "2", "--lr", "1e-2",
+            "--dtype", "float32", "--lora-rank", "2", "--lora-alpha", "4", "--max-sequence-length", "16"]
+    code, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    done = [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest_checkpoint(out / "checkpoints")))]
+    assert sum(x.size for x in done) < 0.2 * sum(np.size(x) for x in jax.tree.leaves(tiny_pipe.transformer.params))
+    written = (out / "lora.safetensors").read_bytes()
+    assert not (out / "model").exists()
+
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    (out / "lora.safetensors").unlink()
+    code, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    again = [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest_checkpoint(out / "checkpoints")))]
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(done, again))
+    assert (out / "lora.safetensors").read_bytes() == written
+
+    cfg = tiny_pipe.transformer.model.config
+    assert lora.read_lora_file(str(out / "lora.safetensors"), cfg)[0] == "diffusers"
+    pipe = FluxPipeline.from_pretrained("tiny", dtype="float32", loras=[(str(out / "lora.safetensors"), 1.0)])
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree.leaves(pipe.transformer.params), jax.tree.leaves(tiny_pipe.transformer.params))]
+    assert max(moved) > 0  # the trained LoRA changes the weights it was fused into

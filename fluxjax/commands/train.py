@@ -34,23 +34,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="data order, noise and timesteps (default 0)")
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="train a LoRA of this rank instead of the weights; writes DIR/lora.safetensors (diffusers layout)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="the LoRA's alpha (default: its rank)")
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated Linears to adapt, Flax paths such as double_blocks/img_attn/qkv "
+                             "(default: attention qkv/proj and MLP of every block)")
 
 
 def run(args) -> int:
     from fluxjax.data import scan_folder
     from fluxjax.errors import UsageError
     from fluxjax.sampling import check_dimension
-    from fluxjax.train import TrainConfig, check_out_dir, fit
+    from fluxjax.train import LORA_FILE, MODEL, TrainConfig, check_out_dir, fit
 
-    for name in ("steps", "batch_size", "save_every"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "save_every", "lora_rank"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     check_dimension("--resolution", args.resolution)
     cfg = TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm or None, ema_decay=args.ema, guidance=args.guidance,
         caption_dropout=args.caption_dropout, param_dtype=args.param_dtype, compute_dtype=args.dtype, remat=args.remat,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        **({} if args.lora_targets is None else {"lora_targets": tuple(t.strip() for t in args.lora_targets.split(","))}),
     )
+    if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise UsageError("--lora-alpha and --lora-targets need --lora-rank")
     examples = scan_folder(args.data)  # before the model: bad data fails in a second, not after loading
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
@@ -62,5 +72,7 @@ def run(args) -> int:
     state = fit(pipe, examples, args.out, cfg, batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,
                 resume=args.resume, resolution=args.resolution, max_sequence_length=args.max_sequence_length,
                 source=None if args.model == "tiny" else args.model, progress=True)
-    print(f"trained {int(state.step)} steps; model written to {os.path.join(args.out, 'model')}")
+    written = LORA_FILE if cfg.lora_rank is not None else MODEL
+    print(f"trained {int(state.step)} steps; {'LoRA' if cfg.lora_rank is not None else 'model'} written to "
+          f"{os.path.join(args.out, written)}")
     return 0
