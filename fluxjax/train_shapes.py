@@ -9,9 +9,9 @@ A research script over the library code, in four steps, on images of the SEEN co
    encoders left at their random initialisation (frozen; `text_separation` measures that they
    still tell "a red circle on a blue background" from "a blue circle on a red background");
 2. the VAE (fluxjax's AutoEncoder, 16 latent channels, factor 8, small widths), trained here:
-   MSE reconstruction of a posterior sample plus a small KL term, AdamW; then its latent
-   normalisation (shift_factor, scale_factor) is set from the posterior means of the pool, so
-   the flow model sees latents of mean 0 and variance 1, as FLUX's VAE gives;
+   MSE reconstruction from the posterior mean (no KL term, see `train_vae`), AdamW; then its
+   latent normalisation (shift_factor, scale_factor) is set from the posterior means of the
+   pool, so the flow model sees latents of mean 0 and variance 1, as FLUX's VAE gives;
 3. the transformer, trained with fluxjax.train's Trainer (rectified flow, logit-normal t, AdamW,
    EMA) on the VAE's posterior-mean latents of a fixed pool of drawn images and the frozen
    encoders' embeddings of their captions;
@@ -292,7 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights", "shapes"),
                    help="the hub-layout folder to write (default fluxjax/weights/shapes)")
     p.add_argument("--images", type=int, default=4096, help="drawn images in the training pool (default 4096)")
-    p.add_argument("--vae-steps", type=int, default=500, help="VAE updates (default 500)")
+    p.add_argument("--vae-steps", type=int, default=1000, help="VAE updates (default 1000)")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=2500, help="transformer updates (default 2500)")
