@@ -1,0 +1,66 @@
+"""The built-in `shapes` model (fluxjax/weights/shapes, written by fluxjax/train_shapes.py): it
+loads, fits the size budget, draws what a handful of prompts ask (graded by shapes.classify at its
+defaults.json), and the training command writes a loadable folder end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fluxjax import shapes
+from fluxjax.bench import shapes as bench
+from fluxjax.pipeline import FluxPipeline
+
+MAX_BYTES = 8 * 2**20  # the issue's budget for the shipped weights, every file counted
+
+# Three seen and three held-out prompts, every position among them.
+PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a purple background in the left",
+    "a white triangle on a black background in the top",
+    *(shapes.Caption(*combo, position).text
+      for combo, position in zip(sorted(shapes.HELD_OUT)[::8], ("right", "bottom", shapes.CENTER))),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return FluxPipeline.from_pretrained(bench.DEFAULT_MODEL)
+
+
+def test_shipped_folder_fits_budget_and_names_its_defaults():
+    from fluxjax.train_shapes import folder_bytes
+
+    assert folder_bytes(bench.DEFAULT_MODEL) <= MAX_BYTES
+    defaults = bench.load_defaults(bench.DEFAULT_MODEL)
+    assert set(defaults) == {"height", "width", "num_steps", "guidance", "max_sequence_length"}
+    with open(os.path.join(bench.DEFAULT_MODEL, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "FluxPipeline"
+
+
+def test_shipped_model_draws_the_prompts(shipped):
+    assert sum(shapes.is_held_out(p) for p in PROMPTS) == 3
+    images = bench.generate(shipped, PROMPTS, bench.load_defaults(bench.DEFAULT_MODEL))
+    results = [shapes.classify(im, p) for im, p in zip(images, PROMPTS)]
+    right = {a: sum(r.correct[a] for r in results) for a in shapes.ATTRIBUTES}
+    # Measured on the shipped folder (seed 0, 26-minute run): background 6/6, position 3/6, shape
+    # 3/6, shape colour 0/6. The model does NOT reach the issue's acceptance yet (`fluxjax bench
+    # shapes`: shape colour 18% seen / 28% held-out); these bounds guard what it does draw.
+    assert right["background"] == len(PROMPTS), right
+    assert right["position"] >= 3 and right["shape"] >= 3, right
+
+
+def test_training_command_writes_a_loadable_folder(tmp_path):
+    from fluxjax import train_shapes
+
+    out = tmp_path / "model"
+    train_shapes.main(["--seed", "1", "--out", str(out), "--images", "8", "--vae-steps", "1", "--vae-batch", "2",
+                       "--steps", "1", "--batch", "2", "--quiet"])
+    assert sorted(os.listdir(out)) == sorted(["defaults.json", "model_index.json", "scheduler", "text_encoder",
+                                              "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae"])
+    assert not os.path.exists(f"{out}.partial")
+    pipe = FluxPipeline.from_pretrained(out)
+    assert pipe.transformer.model.config.guidance_embed is False
+    assert pipe.vae.model.config.z_channels == 16 and pipe.vae.model.config.downsample_factor == 8
+    assert np.isfinite(pipe.vae.model.config.scale_factor)
