@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from fluxjax.errors import UsageError
 
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        with warnings.catch_warnings():  # restores the warnings module's display when the command ends
+            # Warnings (a prompt cut to fit T5, one outside the shapes model's grammar) in one line each, as errors.
+            warnings.showwarning = lambda message, *_: print(
+                f"fluxjax {name}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            return int(module.run(args) or 0)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get(DEBUG_ENV):
             raise
