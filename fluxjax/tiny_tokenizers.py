@@ -58,7 +58,7 @@ def _byte_symbols() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def _clip_merges(num_merges: int) -> list[tuple[str, str]]:
+def _clip_merges(num_merges: int, corpus: list[str]) -> list[tuple[str, str]]:
     """BPE merges learnt by the `tokenizers` trainer, with CLIP's end-of-word suffix."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -74,19 +74,19 @@ def _clip_merges(num_merges: int) -> list[tuple[str, str]]:
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     merges = json.loads(tok.to_str())["model"]["merges"]
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
-def _write_clip(folder: str, num_merges: int = 300) -> None:
+def _write_clip(folder: str, corpus: list[str], num_merges: int = 300) -> None:
     os.makedirs(folder, exist_ok=True)
     symbols = _byte_symbols()
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab[s] = len(vocab)
     merges = []
-    for a, b in _clip_merges(num_merges):
+    for a, b in _clip_merges(num_merges, corpus):
         if a not in vocab or b not in vocab:  # only merges whose parts are already tokens
             continue
         merged = a + b
@@ -119,14 +119,14 @@ def _write_clip(folder: str, num_merges: int = 300) -> None:
         )
 
 
-def _write_t5(folder: str, vocab_size: int = 200) -> None:
+def _write_t5(folder: str, corpus: list[str], vocab_size: int = 200) -> None:
     import sentencepiece as spm
     from transformers import T5TokenizerFast
 
     os.makedirs(folder, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
+        sentence_iterator=iter(corpus),
         model_writer=model,
         model_type="unigram",
         vocab_size=vocab_size,
@@ -152,8 +152,10 @@ def _write_t5(folder: str, vocab_size: int = 200) -> None:
     T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)
 
 
-def make_tokenizers(root: str | os.PathLike) -> None:
-    """Write hub-style `tokenizer/` (CLIP BPE) and `tokenizer_2/` (T5 sentencepiece) under root."""
+def make_tokenizers(root: str | os.PathLike, corpus: list[str] | None = None) -> None:
+    """Write hub-style `tokenizer/` (CLIP BPE) and `tokenizer_2/` (T5 sentencepiece) under root,
+    both learnt from `corpus` (lines of text; default `CORPUS`; the shapes model passes its grammar's captions)."""
     root = os.fspath(root)
-    _write_clip(os.path.join(root, "tokenizer"))
-    _write_t5(os.path.join(root, "tokenizer_2"))
+    corpus = CORPUS if corpus is None else list(corpus)
+    _write_clip(os.path.join(root, "tokenizer"), corpus)
+    _write_t5(os.path.join(root, "tokenizer_2"), corpus)

@@ -1,0 +1,361 @@
+"""Train the built-in `shapes` model: a small FLUX.1 (the same Flux, T5, CLIP and VAE classes and
+the same FluxPipeline) that draws the captions of `fluxjax.shapes`.
+
+    python -m fluxjax.train_shapes --seed 0 --out fluxjax/weights/shapes
+
+A research script over the library code, in four steps, on images of the SEEN combinations only
+(`shapes.HELD_OUT` is never drawn here):
+1. tokenizers learnt on the grammar's captions (fluxjax.tiny_tokenizers), and T5 and CLIP text
+   encoders left at their random initialisation (frozen; `text_separation` measures that they
+   still tell "a red circle on a blue background" from "a blue circle on a red background");
+2. the VAE (fluxjax's AutoEncoder, 16 latent channels, factor 8, small widths), trained here:
+   MSE reconstruction from the posterior mean (no KL term, see `train_vae`), AdamW; then its
+   latent normalisation (shift_factor, scale_factor) is set from the posterior means of the
+   pool, so the flow model sees latents of mean 0 and variance 1, as FLUX's VAE gives;
+3. the transformer, trained with fluxjax.train's Trainer (rectified flow, logit-normal t, AdamW,
+   EMA) on the VAE's posterior-mean latents of a fixed pool of drawn images and the frozen
+   encoders' embeddings of their captions;
+4. a hub-layout folder (model_index.json, scheduler/, transformer/, vae/, text_encoder/,
+   text_encoder_2/, tokenizer/, tokenizer_2/, defaults.json), weights stored in bfloat16 (what
+   FluxPipeline.from_pretrained runs by default), written under a temporary name and renamed.
+
+defaults.json holds the settings the model's accuracy is measured at (`fluxjax bench shapes`).
+Everything is drawn from --seed: the same seed on the same machine gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fluxjax import sampling, shapes
+from fluxjax.checkpoint import PARAMS, save_params, write_marker
+from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.loading.registry import random_component
+from fluxjax.models.autoencoder import AutoEncoder
+from fluxjax.text import PromptTokenizer, encode_prompts_jit
+from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.train import Trainer, TrainConfig
+
+SIZE = 64  # image side: 4 x 4 image tokens; a shape (23-26 px) spans about 3 x 3 latent pixels
+MAX_SEQUENCE_LENGTH = 16  # the longest caption is 14 T5 tokens plus </s>
+NUM_STEPS = 16  # Euler steps of sampling (the defaults.json the bench measures at)
+SCHEDULE = sampling.Schedule.schnell()  # no timestep shift: few image tokens, and no guidance embedding
+
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4)
+VAE_CONFIG = AutoEncoderConfig(ch=8, ch_mult=(1, 2, 4, 8), num_res_blocks=1, z_channels=16, norm_num_groups=4,
+                               scale_factor=1.0, shift_factor=0.0)  # normalisation measured after training
+FLUX_CONFIG = dict(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12),
+                   guidance_embed=False)
+STORED_DTYPE = jnp.bfloat16
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every caption of the grammar, then each of its words alone 50 times: sentencepiece's
+    unigram trainer seeds whole-word pieces only for words frequent on their own (with the
+    captions alone it spells colour names letter by letter)."""
+    captions = shapes.all_captions()
+    words = sorted({w for c in captions for w in c.split()})
+    return captions + words * 50
+
+
+# -- text -----------------------------------------------------------------------------------------
+
+
+def text_encoders(tokenizer: PromptTokenizer, seed: int):
+    """Frozen random T5 and CLIP sized for the tokenizers: ((t5_model, t5_params), (clip_model, clip_params))."""
+    t5 = random_component("t5", T5Config(vocab_size=len(tokenizer.t5), **T5_CONFIG), seed=seed, attention_impl="xla")
+    clip = random_component("clip", CLIPConfig(vocab_size=len(tokenizer.clip.get_vocab()), **CLIP_CONFIG),
+                            seed=seed + 1, attention_impl="xla")
+    return t5, clip
+
+
+def encode_captions(tokenizer, t5, clip, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """txt (N, MAX_SEQUENCE_LENGTH, 64) and vec (N, 64) float32 of the captions, as the pipeline encodes them."""
+    t5_ids, clip_ids = tokenizer(captions, MAX_SEQUENCE_LENGTH)
+    txt, vec = encode_prompts_jit(t5[0], t5[1], clip[0], clip[1], t5_ids, clip_ids, jnp.float32)
+    return np.asarray(txt), np.asarray(vec)
+
+
+def text_separation(tokenizer, t5, clip) -> dict[str, float]:
+    """How far apart the encoders put captions that swap their two colours, against captions that
+    differ in one word, and against the same caption (0): relative L2 distances of T5's whole
+    output (txt) and of CLIP's pooled vector (vec), averaged over every colour pair with a circle,
+    centred. A swap must move the outputs about as much as a changed word, or the transformer
+    cannot tell which colour goes where (FLUX gives every text token the RoPE position 0)."""
+    colors = list(shapes.PALETTE)
+    swaps, changes = [], []
+    for a, b in itertools.combinations(colors, 2):
+        c = next(x for x in colors if x not in (a, b))
+        base = shapes.Caption(a, "circle", b).text
+        swaps.append((base, shapes.Caption(b, "circle", a).text))
+        changes.append((base, shapes.Caption(c, "circle", b).text))
+    out = {}
+    for name, pairs in (("swap", swaps), ("one word", changes)):
+        txt, vec = encode_captions(tokenizer, t5, clip, [p for pair in pairs for p in pair])
+        for what, x in (("txt", txt), ("vec", vec)):
+            x = x.reshape(len(pairs), 2, -1)
+            out[f"{what} {name}"] = float(np.mean(np.linalg.norm(x[:, 0] - x[:, 1], axis=-1)
+                                                  / np.linalg.norm(x[:, 0], axis=-1)))
+    return out
+
+
+# -- the VAE --------------------------------------------------------------------------------------
+
+
+def to_model_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 in [-1, 1], as the VAE takes them."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, seed: int,
+              progress: bool = True) -> tuple[AutoEncoderConfig, dict]:
+    """Train VAE_CONFIG's AutoEncoder on `images` (N, SIZE, SIZE, 3) uint8; returns (config with the
+    measured latent normalisation, float32 params).
+
+    Loss: mean squared error of decode(posterior mean) against the image (no KL term: a probe
+    with a posterior sample and KL weight 1e-4 still reconstructed with MSE 0.13 after 250 steps,
+    the unit initial noise of the sample drowning the colours; the latent scale the KL term
+    would hold is set afterwards by the measured normalisation instead).
+    """
+    from tqdm import tqdm
+
+    model = AutoEncoder(VAE_CONFIG)
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 2), steps, lr * 0.05),
+                     weight_decay=1e-4)
+    opt = tx.init(params)
+
+    def loss_fn(p, x):
+        mean = model.apply({"params": p}, x, method=lambda m, x: jnp.split(m.encoder(x), 2, axis=-1)[0])
+        recon = model.apply({"params": p}, mean, method=lambda m, z: m.decoder(z))
+        return jnp.mean(jnp.square(recon.astype(jnp.float32) - x))
+
+    @jax.jit
+    def step(p, opt, x):
+        mse, grads = jax.value_and_grad(loss_fn)(p, x)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt, mse
+
+    rng = np.random.default_rng(seed)
+    with tqdm(range(steps), desc="VAE", unit="step", disable=not progress, mininterval=5) as bar:
+        for i in bar:
+            x = to_model_pixels(images[rng.integers(len(images), size=batch)])
+            params, opt, mse = step(params, opt, x)
+            if i % 50 == 0 or i == steps - 1:
+                bar.set_postfix(mse=f"{float(mse):.5f}")
+    means = np.concatenate([np.asarray(m) for m in _batched(lambda x: encoder_mean(model, params, x), images)])
+    config = VAE_CONFIG.replace(shift_factor=float(means.mean()), scale_factor=float(1.0 / means.std()))
+    return config, params
+
+
+@jax.jit
+def _encoder_mean(params, x):
+    moments = AutoEncoder(VAE_CONFIG).apply({"params": params}, x, method=lambda m, x: m.encoder(x))
+    return jnp.split(moments.astype(jnp.float32), 2, axis=-1)[0]
+
+
+def encoder_mean(model, params, images: np.ndarray) -> jax.Array:
+    """The posterior means (N, SIZE/8, SIZE/8, 16) of uint8 images, before normalisation."""
+    del model  # the config's normalisation does not enter the encoder
+    return _encoder_mean(params, to_model_pixels(images))
+
+
+def _batched(fn, array: np.ndarray, size: int = 256):
+    return [fn(array[i:i + size]) for i in range(0, len(array), size)]
+
+
+def reconstruction_accuracy(vae_config, vae_params, seed: int, n: int = 64) -> dict[str, float]:
+    """`shapes.accuracy` of decode(encode(image)) for n images of HELD_OUT captions (drawn for this
+    check only): what the VAE leaves of each attribute, the ceiling of the whole model's accuracy."""
+    captions, images = zip(*itertools.islice(shapes.examples(seed + 1, SIZE, shapes.HELD_OUT), n))
+    model = AutoEncoder(vae_config)
+    recon = jax.jit(lambda p, x: model.apply({"params": p}, model.apply({"params": p}, x, method="encode"),
+                                              method="decode"))(vae_params, to_model_pixels(np.stack(images)))
+    pixels = np.clip((np.asarray(recon) + 1.0) / 2.0, 0.0, 1.0)
+    return shapes.accuracy(shapes.classify(im, c) for im, c in zip(pixels, captions))
+
+
+# -- the transformer ------------------------------------------------------------------------------
+
+
+def packed_latents(vae_config: AutoEncoderConfig, vae_params, images: np.ndarray) -> np.ndarray:
+    """The normalised posterior-mean latents of `images`, packed as the transformer sees them:
+    (N, (SIZE/16)^2, 64) float32 (AutoEncoder.encode, then sampling.pack)."""
+    model = AutoEncoder(vae_config)
+    encode = jax.jit(lambda p, x: sampling.pack(model.apply({"params": p}, x, method="encode").transpose(0, 3, 1, 2)))
+    return np.concatenate([np.asarray(encode(vae_params, to_model_pixels(x))) for x in
+                           (images[i:i + 256] for i in range(0, len(images), 256))])
+
+
+def train_transformer(latents: np.ndarray, caption_index: np.ndarray, txt: np.ndarray, vec: np.ndarray,
+                      cfg: TrainConfig, batch: int, seed: int, progress: bool = True):
+    """Train a FLUX_CONFIG transformer with fluxjax.train's Trainer.
+
+    latents: (N, L_img, 64) packed clean latents; caption_index: (N,) the row of txt (C, L, 64) and
+    vec (C, 64) each latent's caption was encoded into. Batches are drawn uniformly from the pool
+    with a NumPy generator seeded by `seed`. Returns (FluxConfig, the EMA params, or the params
+    when cfg.ema_decay is None), stacked layout.
+    """
+    from tqdm import tqdm
+
+    config = FluxConfig(in_channels=latents.shape[-1], out_channels=latents.shape[-1], vec_in_dim=vec.shape[-1],
+                        context_in_dim=txt.shape[-1], **FLUX_CONFIG)
+    model, params = random_component("transformer", config, "float32", seed=seed, attention_impl="xla",
+                                     layer_loop="scan")
+    trainer = Trainer(model, cfg, SCHEDULE)
+    state = trainer.init(params, seed)
+    img_ids = sampling.image_ids(batch, SIZE, SIZE)
+    txt_ids = sampling.text_ids(batch, txt.shape[1])
+    rng = np.random.default_rng(seed)
+    with tqdm(range(cfg.total_steps), desc="transformer", unit="step", disable=not progress, mininterval=5) as bar:
+        running = None
+        for i in bar:
+            rows = rng.integers(len(latents), size=batch)
+            caps = caption_index[rows]
+            state, metrics = trainer.step(state, dict(latents=latents[rows], img_ids=img_ids, txt=txt[caps],
+                                                      txt_ids=txt_ids, vec=vec[caps]))
+            if i % 25 == 0 or i == cfg.total_steps - 1:
+                loss = float(metrics["loss"])
+                running = loss if running is None else 0.8 * running + 0.2 * loss
+                bar.set_postfix(loss=f"{running:.4f}")
+    return config, state.ema if state.ema is not None else state.params
+
+
+# -- the folder -----------------------------------------------------------------------------------
+
+
+def _write_component(folder: str, kind: str, config, params) -> None:
+    os.makedirs(folder)
+    write_marker(folder, kind, config, STORED_DTYPE)
+    save_params(os.path.join(folder, PARAMS), jax.tree.map(lambda p: np.asarray(p, STORED_DTYPE), params))
+
+
+def write_folder(out: str, tokenizer_root: str, components: dict, defaults: dict, info: dict) -> None:
+    """The hub-layout folder at `out`, written as `out`.partial and renamed into place (an existing
+    `out` is replaced only once the new folder is complete).
+
+    components: hub folder name -> (fluxjax kind, config, params).
+    """
+    out = os.path.abspath(out)
+    tmp, old = f"{out}.partial", f"{out}.old"
+    for path in (tmp, old):
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+    os.makedirs(tmp)
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(os.path.join(tokenizer_root, name), os.path.join(tmp, name))
+    for name, (kind, config, params) in components.items():
+        _write_component(os.path.join(tmp, name), kind, config, params)
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                   "use_dynamic_shifting": SCHEDULE.use_dynamic_shifting, "shift": SCHEDULE.shift}, f, indent=2)
+    index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "fluxjax_shapes": info}
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "defaults.json"), "w") as f:
+        json.dump(defaults, f, indent=2)
+    if os.path.exists(out):
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def folder_bytes(path: str) -> int:
+    """Total size of the files under `path`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m fluxjax.train_shapes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="every random draw comes from it (default 0)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights", "shapes"),
+                   help="the hub-layout folder to write (default fluxjax/weights/shapes)")
+    p.add_argument("--images", type=int, default=4096, help="drawn images in the training pool (default 4096)")
+    p.add_argument("--vae-steps", type=int, default=1000, help="VAE updates (default 1000)")
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=2500, help="transformer updates (default 2500)")
+    p.add_argument("--batch", type=int, default=32, help="transformer batch (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="transformer peak learning rate (default 1e-3)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    progress = not args.quiet
+
+    # the pool: SEEN combinations only, every position; images drawn once, reused by both stages
+    captions, images = zip(*itertools.islice(shapes.examples(args.seed, SIZE, shapes.SEEN), args.images))
+    images = np.stack(images)
+    assert not any(shapes.is_held_out(c) for c in captions)
+    print(f"pool: {len(images)} images of {SIZE}x{SIZE} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    with tempfile.TemporaryDirectory() as tokenizer_root:
+        make_tokenizers(tokenizer_root, tokenizer_corpus())
+        tokenizer = PromptTokenizer.from_folder(tokenizer_root)
+        t5, clip = text_encoders(tokenizer, args.seed)
+        sep = text_separation(tokenizer, t5, clip)
+        print("text encoders (relative distance, swapped colours vs one word changed): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in sep.items()), flush=True)
+        vocabulary = sorted(set(captions))
+        txt, vec = encode_captions(tokenizer, t5, clip, vocabulary)
+        caption_index = np.array([vocabulary.index(c) for c in captions])
+
+        vae_start = time.perf_counter()
+        vae_config, vae_params = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, progress)
+        print(f"VAE: {time.perf_counter() - vae_start:.0f} s; latent shift {vae_config.shift_factor:.4f}, "
+              f"scale {vae_config.scale_factor:.4f}", flush=True)
+        latents = packed_latents(vae_config, vae_params, images)
+        print("VAE reconstructions of held-out captions, accuracy: " + ", ".join(
+            f"{k} {v:.0%}" for k, v in reconstruction_accuracy(vae_config, vae_params, args.seed).items()), flush=True)
+
+        flux_start = time.perf_counter()
+        cfg = TrainConfig(learning_rate=args.lr, warmup_steps=min(200, args.steps // 2), total_steps=args.steps,
+                          final_lr_fraction=0.05, weight_decay=1e-4, clip_norm=1.0, ema_decay=args.ema,
+                          compute_dtype="float32")
+        flux_config, flux_params = train_transformer(latents, caption_index, txt, vec, cfg, args.batch, args.seed,
+                                                     progress)
+        print(f"transformer: {time.perf_counter() - flux_start:.0f} s", flush=True)
+
+        wall = time.perf_counter() - start
+        info = {"command": "python -m fluxjax.train_shapes " + " ".join(argv if argv is not None else
+                                                                          __import__("sys").argv[1:]),
+                "seed": args.seed, "wall_seconds": round(wall), "text_separation": sep}
+        defaults = {"height": SIZE, "width": SIZE, "num_steps": NUM_STEPS, "guidance": None,
+                    "max_sequence_length": MAX_SEQUENCE_LENGTH}
+        write_folder(args.out, tokenizer_root,
+                     {"transformer": ("flux", flux_config, flux_params), "vae": ("vae", vae_config, vae_params),
+                      "text_encoder": ("clip", clip[0].config, clip[1]),
+                      "text_encoder_2": ("t5", t5[0].config, t5[1])},
+                     defaults, info)
+    print(f"wrote {args.out} ({folder_bytes(args.out) / 2**20:.2f} MB); total wall time {wall / 60:.1f} min",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
