@@ -48,8 +48,8 @@ def test_out_of_grammar_prompt_generates_with_one_warning(shapes_pipe):
     assert len(messages) == 1 and "\n" not in messages[0]
     assert "'a photo of a cat'" in messages[0] and shapes.GRAMMAR in messages[0] and "circle, square, triangle" in messages[0]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", OutOfGrammarWarning)  # in the grammar (any case, "an", a final period): none
-        shapes_pipe("An orange square on a white background in the left.", num_steps=1, output="np", progress=True)
+        warnings.simplefilter("error", OutOfGrammarWarning)  # in the grammar (any case, "an"): none
+        shapes_pipe("An orange square on a white background in the left", num_steps=1, output="np", progress=True)
 
 
 def fake_snapshot(cache: pathlib.Path, repo: str) -> pathlib.Path:
