@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="flux.png", help="the PNG to write (default: flux.png)")
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's: schnell 4, dev 28, or its folder's defaults.json)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
     parser.add_argument("--seed", type=int, default=0, help=f"0 to {SEEDS - 1} (default 0)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
