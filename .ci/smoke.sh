@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install fluxjax as users do, a wheel into a fresh virtual environment, and use it there: import,
-# no top-level `convert`, `fluxjax generate` with the default model, `fluxjax plan --sharding fsdp`,
+# no top-level `convert`, the wheel holds the packaged shapes model's files, the README's first
+# command (`fluxjax generate` with no --model: the shapes model), `fluxjax plan --sharding fsdp`,
 # and FluxPipeline.from_pretrained("tiny", sharding="fsdp") on 8 simulated CPU devices.
 # Nothing runs from the source tree: an editable install hides files a wheel leaves out.
 set -euo pipefail
@@ -15,6 +16,14 @@ mkdir "$WORK/src"
 tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' --exclude=./.venv -cf - . \
     | tar -xf - -C "$WORK/src"
 python3 -m pip wheel --no-deps --quiet --wheel-dir "$WORK/dist" "$WORK/src"
+# Every file of the packaged models (fluxjax/weights) is in the wheel: package-data globs miss quietly.
+python3 - "$WORK"/dist/fluxjax-*.whl <<'EOF'
+import os, sys, zipfile
+held = {n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("fluxjax/weights/")}
+tree = {os.path.join(d, f) for d, _, fs in os.walk("fluxjax/weights") for f in fs}
+assert tree and held == tree, f"the wheel lacks {sorted(tree - held)[:5]} and has {sorted(held - tree)[:5]} extra"
+print(f"smoke: the wheel holds the {len(tree)} files of fluxjax/weights")
+EOF
 python3 -m venv "$WORK/venv"  # no system site-packages: only what the wheel declares
 "$WORK/venv/bin/pip" install --quiet "$WORK"/dist/fluxjax-*.whl
 echo "smoke: wheel built and installed in a fresh venv in $((SECONDS - start)) s"
@@ -23,8 +32,8 @@ cd "$WORK"  # away from the source tree, so only the installed package can be im
 PY="$WORK/venv/bin/python"
 FLUXJAX="$WORK/venv/bin/fluxjax"
 # Fresh caches: the CPU kernel is compiled from the wheel's own source files, and an empty hub
-# cache makes generate's default model the tiny preset on any machine (a cached FLUX.1-schnell
-# would take it at full size on a CPU).
+# cache makes generate's default model the packaged shapes model on any machine (a cached
+# FLUX.1-schnell would take it at full size on a CPU).
 export FLUXJAX_COMPILATION_CACHE="$WORK/xla" FLUXJAX_KERNEL_CACHE="$WORK/kernels" HF_HOME="$WORK/hf"
 
 "$PY" - <<'EOF'
@@ -45,10 +54,19 @@ if "$PY" -c "import convert" 2>/dev/null; then
 fi
 echo "smoke: no top-level convert"
 
-step=$SECONDS
-"$FLUXJAX" generate "a photo of a cat" --out "$WORK/cat.png"
-"$PY" -c "from PIL import Image; im = Image.open('$WORK/cat.png'); assert im.size == (256, 256), im.size"
-echo "smoke: fluxjax generate wrote cat.png in $((SECONDS - step)) s"
+step=$SECONDS  # the README's first command, from the installed wheel, with no --model
+"$FLUXJAX" generate "a red circle on a blue background" --out "$WORK/shapes.png" 2>&1 | tee "$WORK/generate.txt"
+grep -q "^fluxjax generate: no FLUX.1 weights in the local hub cache, so this uses the built-in .shapes. model" \
+    "$WORK/generate.txt"
+"$PY" - "$WORK/shapes.png" <<'EOF'
+import json, sys
+from importlib.resources import files
+from PIL import Image
+d = json.loads((files("fluxjax") / "weights" / "shapes" / "defaults.json").read_text())
+im = Image.open(sys.argv[1])
+assert im.size == (d["width"], d["height"]) and im.text["model"] == "shapes", (im.size, im.text)
+EOF
+echo "smoke: fluxjax generate (the shapes model by default) wrote shapes.png in $((SECONDS - step)) s"
 
 step=$SECONDS
 "$FLUXJAX" plan --model dev --sharding fsdp --devices 8 --hbm 16GiB | tee "$WORK/plan.txt"

@@ -8,9 +8,11 @@ stays fast and a command's heavy imports never slow another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import warnings
 
 from fluxjax.errors import UsageError
 
@@ -37,6 +39,23 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+@contextlib.contextmanager
+def one_line_warnings(prefix: str):
+    """Within: fluxjax's own warnings (a prompt cut to fit T5, one outside the shapes model's
+    grammar) print as one line, "PREFIX: warning: MESSAGE", as errors do; others as Python shows them."""
+    with warnings.catch_warnings():  # puts the previous display back on the way out
+        previous = warnings.showwarning
+
+        def show(message, category, *rest):
+            if category.__module__.split(".")[0] == "fluxjax":
+                print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+            else:
+                previous(message, category, *rest)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = COMMANDS
@@ -50,7 +69,8 @@ def main(argv=None) -> int:
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        with one_line_warnings(f"fluxjax {name}"):
+            return int(module.run(args) or 0)
     except (UsageError, FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get(DEBUG_ENV):
             raise

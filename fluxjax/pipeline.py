@@ -10,9 +10,13 @@ executables across processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.resources
+import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -35,6 +39,27 @@ from fluxjax.tiny_tokenizers import make_tokenizers
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
+DEV_REPO = "black-forest-labs/FLUX.1-dev"
+# Hub-layout folders shipped inside the package as fluxjax/weights/NAME, loaded by NAME (package
+# data, found through importlib.resources, so a wheel install has them too). A name here wins over
+# a local folder of the same name, as "tiny" does: "./shapes" reaches such a folder.
+PACKAGED_MODELS = ("shapes",)
+DEFAULTS_FILE = "defaults.json"  # a pipeline folder's own defaults (see folder_defaults)
+SHAPES_NOTICE = (
+    "no FLUX.1 weights in the local hub cache, so this uses the built-in `shapes` model (fluxjax/weights/shapes), "
+    "which draws only 'a {color} {shape} on a {color} background[ in the {position}]'; for FLUX.1, run "
+    "huggingface_hub.snapshot_download('black-forest-labs/FLUX.1-schnell') on a machine with network "
+    "(it is then found in the hub cache) or pass its folder (--model PATH)"
+)
+
+
+class DefaultModelWarning(UserWarning):
+    """`FluxPipeline.from_pretrained()` without a source found no FLUX.1 and loaded `shapes`."""
+
+
+class OutOfGrammarWarning(UserWarning):
+    """A prompt the shapes model was not trained on (outside fluxjax.shapes.GRAMMAR): it still
+    generates, but the image need not show the prompt."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +94,11 @@ class FluxPipeline:
     """Text to image with FLUX.1. Build with `FluxPipeline.from_pretrained(...)`, call with a prompt.
 
     Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
-    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), defaults (Defaults), name (str),
-    timings (seconds of each stage of the last call: encode, denoise, decode).
+    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), defaults (Defaults: the kind's, or a
+    folder's defaults.json), name (str), timings (seconds of each stage of the last call: encode,
+    denoise, decode), grammar (None, or a function that raises ValueError for a prompt outside
+    the language the model was trained on: `fluxjax.shapes.parse` for the packaged shapes model;
+    such a prompt still generates, with an OutOfGrammarWarning).
 
     On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
     its block parameters as per-block arrays (fluxjax.loading.registry.default_layer_loop), so
@@ -79,12 +107,13 @@ class FluxPipeline:
 
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
                  tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str,
-                 strategy: Strategy | None = None, mesh: Mesh | None = None):
+                 strategy: Strategy | None = None, mesh: Mesh | None = None, defaults: Defaults | None = None):
         _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config)
         self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
         self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
         self.strategy, self.mesh = strategy, mesh
-        self.defaults = DEFAULTS[kind]
+        self.defaults = DEFAULTS[kind] if defaults is None else defaults
+        self.grammar = None
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
         self.adapters = None  # their fluxjax.lora.Adapters, on the device
@@ -106,15 +135,20 @@ class FluxPipeline:
     # --- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = "tiny", dtype="bfloat16", sharding=None,
+    def from_pretrained(cls, source: str | os.PathLike | None = None, dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
                         attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
             text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, scheduler/), as
-            `huggingface_hub.snapshot_download` leaves it; a hub repo id (downloaded with
-            huggingface_hub when the network allows); or "tiny" (random weights, no files).
+            `huggingface_hub.snapshot_download` leaves it, whose optional defaults.json sets the
+            defaults of `pipe(...)` (folder_defaults); a hub repo id (downloaded with
+            huggingface_hub when the network allows); "shapes" (the small model shipped in the
+            package, trained on fluxjax.shapes' captions); "tiny" (random weights, no files); or
+            None (default): what `fluxjax generate` takes without --model (default_source:
+            FLUX.1-schnell, else -dev, from the local hub cache, else "shapes" with a
+            DefaultModelWarning saying so).
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         sharding: None (one device), or a strategy of fluxjax/configs/sharding ("dp", "fsdp", "tp",
             "fsdp_tp"), a path to a strategy file, or a `fluxjax.sharding.Strategy`: the mesh spans every device of every
@@ -137,6 +171,10 @@ class FluxPipeline:
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
             mesh = strategy.make_mesh(devices)
         placement = dict(strategy=strategy, mesh=mesh)
+        if source is None:
+            source, notice = default_source()
+            if notice is not None:
+                warnings.warn(notice, DefaultModelWarning, stacklevel=2)
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:
                 raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
@@ -144,6 +182,10 @@ class FluxPipeline:
         else:
             root = _resolve_source(os.fspath(source))
             pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, **placement)
+            if _is_packaged(root, "shapes"):
+                from fluxjax.shapes import parse
+
+                pipe.grammar = parse
         if loras:
             pipe.load_lora(loras, fuse=fuse)
         return pipe
@@ -187,17 +229,20 @@ class FluxPipeline:
         for label, path in (("transformer", transformer_file), ("vae", vae_file)):
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"{label}={os.fspath(path)!r}: no such file (expected a BFL .safetensors file)")
+        overrides = _read_defaults(root)  # before minutes of loading: a bad file fails at once
         sources = {name: os.path.join(root, spec.folder) for name, spec in COMPONENTS.items()}
         sources.update({k: v for k, v in (("transformer", transformer_file), ("vae", vae_file)) if v is not None})
         sharding = strategy.param_shardings(mesh) if strategy else None
         settings = dict(attention_impl=attention_impl, layer_loop="auto")
         components = {name: Component(*load(name, src, dtype, sharding, **COMPONENTS[name].select(settings)))
                       for name, src in sources.items()}
-        kind = "dev" if components["transformer"].model.config.guidance_embed else "schnell"
+        guidance_embed = components["transformer"].model.config.guidance_embed
+        kind = "dev" if guidance_embed else "schnell"
         scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
         return cls(**components, tokenizer=PromptTokenizer.from_folder(root), schedule=schedule, kind=kind,
-                   name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh)
+                   name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh,
+                   defaults=_with_overrides(root, overrides, guidance_embed))
 
     @classmethod
     def _tiny(cls, dtype, attention_impl, strategy, mesh) -> "FluxPipeline":
@@ -247,6 +292,7 @@ class FluxPipeline:
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
         prompts, noise, height, width = self._inputs(prompt, height, width, seed, latents)
+        self._check_grammar(prompts)
         num_steps, guidance, max_sequence_length = self.settings(num_steps, guidance, max_sequence_length)
         batch = len(prompts)
         sigmas = self.schedule.sigmas(num_steps, (height // 16) * (width // 16))
@@ -346,6 +392,7 @@ class FluxPipeline:
         batch, (height, width) = len(pixels), pixels[0].shape[:2]
         sources, targets = (_prompt_list(name, p, batch) for name, p in
                             (("source_prompt", source_prompt), ("target_prompt", target_prompt)))
+        self._check_grammar(sources + targets)
         settings = flowedit.EditSettings(num_steps, n_max, n_min, n_avg, source_guidance, target_guidance).resolve(
             self.kind, self.transformer.model.config.guidance_embed)
         _, _, max_sequence_length = self.settings(max_sequence_length=max_sequence_length)
@@ -388,6 +435,18 @@ class FluxPipeline:
         from PIL import Image
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
+
+    def _check_grammar(self, prompts: list[str]) -> None:
+        """An OutOfGrammarWarning (one line, giving the grammar) per distinct prompt that
+        `self.grammar` refuses; the prompt still generates."""
+        if self.grammar is None:
+            return
+        for prompt in dict.fromkeys(prompts):
+            try:
+                self.grammar(prompt)
+            except ValueError as e:
+                warnings.warn(f"{self.name} was trained on one grammar only, so the image may not show this prompt: {e}",
+                              OutOfGrammarWarning, stacklevel=3)  # at the caller of the public method
 
     def _inputs(self, prompt, height, width, seed, latents):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -497,8 +556,9 @@ def _default_schedule(kind: str) -> sampling.Schedule:
 
 
 def check_source(source: str) -> None:
-    """Raise UsageError unless `source` is "tiny", a folder, or shaped like a hub repo id ("org/name")."""
-    if source == "tiny" or os.path.isdir(source):
+    """Raise UsageError unless `source` is "tiny", a packaged model's name, a folder, or shaped like
+    a hub repo id ("org/name")."""
+    if source == "tiny" or source in PACKAGED_MODELS or os.path.isdir(source):
         return
     if os.path.exists(source):
         raise UsageError(f"{source}: expected a pipeline folder (the hub's diffusers layout), not a file; "
@@ -508,8 +568,10 @@ def check_source(source: str) -> None:
 
 
 def _resolve_source(source: str) -> str:
-    """A local folder as is; otherwise a hub repo id through huggingface_hub."""
+    """A packaged model's folder; a local folder as is; otherwise a hub repo id through huggingface_hub."""
     check_source(source)
+    if source in PACKAGED_MODELS:
+        return packaged_folder(source)
     if os.path.isdir(source):
         return source
     try:
@@ -522,14 +584,96 @@ def _resolve_source(source: str) -> str:
         raise UsageError(f"{source}: no such folder, and downloading it from the hub failed: {e}") from None
 
 
-def local_schnell() -> str | None:
-    """The FLUX.1-schnell snapshot in the local hub cache, or None (never downloads)."""
+def local_snapshot(repo: str) -> str | None:
+    """`repo`'s snapshot in the local hub cache, or None (never downloads)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(SCHNELL_REPO, local_files_only=True)
-    except Exception:  # not cached, or huggingface_hub missing: the caller falls back to tiny
+        return snapshot_download(repo, local_files_only=True)
+    except Exception:  # not cached, or huggingface_hub missing: the caller takes another model
         return None
+
+
+def default_source() -> tuple[str, str | None]:
+    """(source, notice): the model loaded when none is named (`fluxjax generate` without --model,
+    `FluxPipeline.from_pretrained()`). FLUX.1-schnell, else FLUX.1-dev, from the local hub cache
+    (never downloaded), with notice None; else "shapes", with SHAPES_NOTICE: one line for the
+    user saying so and how to get the real weights."""
+    for repo in (SCHNELL_REPO, DEV_REPO):
+        folder = local_snapshot(repo)
+        if folder is not None:
+            return folder, None
+    return "shapes", SHAPES_NOTICE
+
+
+WEIGHTS = importlib.resources.files("fluxjax") / "weights"  # the packaged models' folders
+
+
+def packaged_folder(name: str) -> str | None:
+    """The folder of the packaged model `name` (one of PACKAGED_MODELS), None for other names;
+    UsageError when this installation lacks it."""
+    if name not in PACKAGED_MODELS:
+        return None
+    folder = WEIGHTS / name
+    if not folder.is_dir():
+        raise UsageError(f"the built-in model {name!r} is missing from this installation ({folder}): reinstall fluxjax")
+    return os.fspath(folder)  # a wheel installs unpacked: a real folder on disk
+
+
+def _is_packaged(root: str, name: str) -> bool:
+    """Whether folder `root` is the packaged model `name` (by name or by any path to it)."""
+    folder = WEIGHTS / name
+    return folder.is_dir() and os.path.samefile(root, os.fspath(folder))
+
+
+def folder_defaults(folder: str, guidance_embed: bool) -> Defaults:
+    """The defaults of a pipeline loaded from `folder` whose transformer has (or lacks) a
+    guidance embedding: FLUX.1-dev's (or -schnell's), replaced key by key by those of
+    folder/defaults.json when there is one: a JSON object with any of "height", "width"
+    (multiples of 16), "num_steps", "max_sequence_length" (integers >= 1) and "guidance" (a
+    number; null for a model without a guidance embedding). A packaged model states there the
+    settings at which it was measured. UsageError naming the file and key otherwise."""
+    return _with_overrides(folder, _read_defaults(folder), guidance_embed)
+
+
+def _read_defaults(folder: str) -> dict:
+    """folder/defaults.json's settings, checked key by key ({} when there is no such file)."""
+    path = os.path.join(folder, DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a readable JSON file ({' '.join(str(e).split())})") from None
+    keys = [f.name for f in dataclasses.fields(Defaults)]
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a JSON object with keys among {', '.join(keys)}")
+    for key, value in values.items():
+        if key not in keys:
+            raise UsageError(f"{path}: unknown key {key!r} (expected any of {', '.join(keys)})")
+        if key in ("height", "width"):
+            sampling.check_dimension(f"{path}: {key}", value)
+        elif key == "guidance":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not np.isfinite(value)):
+                raise UsageError(f"{path}: guidance must be a finite number or null, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{path}: {key} must be an integer >= 1, got {value!r}")
+    return {k: float(v) if k == "guidance" and v is not None else v for k, v in values.items()}
+
+
+def _with_overrides(folder: str, overrides: dict, guidance_embed: bool) -> Defaults:
+    """The kind's defaults replaced by `overrides` (from _read_defaults), the guidance checked
+    against the transformer."""
+    defaults = dataclasses.replace(DEFAULTS["dev" if guidance_embed else "schnell"], **overrides)
+    path = os.path.join(folder, DEFAULTS_FILE)
+    if defaults.guidance is not None and not guidance_embed:
+        raise UsageError(f"{path}: guidance {defaults.guidance} for a transformer without a guidance embedding "
+                         "(set it to null)")
+    if defaults.guidance is None and guidance_embed:
+        raise UsageError(f"{path}: guidance null for a transformer with a guidance embedding (give a number)")
+    return defaults
 
 
 def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig) -> None:

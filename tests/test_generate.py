@@ -16,7 +16,7 @@ def test_generate_tiny_writes_png_with_metadata(tmp_path):
     out = tmp_path / "cat.png"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", CACHE_ENV: "off", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run(
-        [sys.executable, "-m", "fluxjax.cli", "generate", "a photo of a cat", "--out", str(out),
+        [sys.executable, "-m", "fluxjax.cli", "generate", "a photo of a cat", "--out", str(out), "--model", "tiny",
          "--height", "64", "--width", "96", "--steps", "2", "--seed", "5"],
         capture_output=True, text=True, env=env, timeout=600,
     )

@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from fluxjax import batch, distributed
-    from fluxjax.commands.generate import TINY_NOTICE
-    from fluxjax.pipeline import FluxPipeline, check_source, local_schnell
+    from fluxjax.commands.generate import choose_model
+    from fluxjax.pipeline import FluxPipeline, check_source
     from fluxjax.sharding import Strategy
 
     if args.batch_size < 1:
@@ -64,7 +64,7 @@ def run(args) -> int:
                            guidance=args.guidance)
 
     host, hosts = distributed.initialize()
-    model = args.model or local_schnell() or "tiny"
+    model, notice = choose_model(args.model)
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
     # Each host makes its own share of the images, so its mesh spans its own devices only.
     devices = jax.local_devices() if strategy is not None else jax.local_devices()[:1]
@@ -73,8 +73,8 @@ def run(args) -> int:
         done = batch.read_manifests(args.out_dir)
         if any(job.name not in done for job in jobs if job.index % hosts == host):
             batch.check_settings(done, batch.run_settings(args.batch_size, args.dtype, strategy and strategy.name, devices))
-    if model == "tiny" and host == 0:
-        print(f"fluxjax batch: {TINY_NOTICE}", file=sys.stderr)
+    if notice is not None and host == 0:
+        print(f"fluxjax batch: {notice}", file=sys.stderr)
     start = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices())
     if args.guidance is not None:
@@ -96,15 +96,15 @@ def run(args) -> int:
 def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
     """Refuse, before loading, any size whose denoising step cannot fit this host's devices
     (fluxjax/limits.py), naming the first line that asks for it."""
-    from fluxjax.limits import SizeLimit, transformer_config
-    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.commands.generate import model_settings
+    from fluxjax.limits import SizeLimit
 
-    defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
+    cfg, defaults = model_settings(model)
     seen = set()
     for job in jobs:  # an edit step runs 2 x n_avg rows per image (job.rows)
         size = (job.height or defaults.height, job.width or defaults.width)
         if (size, job.rows) not in seen:
             seen.add((size, job.rows))
-            limit = SizeLimit(transformer_config(model), defaults.max_sequence_length, args.batch_size * job.rows,
+            limit = SizeLimit(cfg, defaults.max_sequence_length, args.batch_size * job.rows,
                               args.dtype, strategy, devices)
             limit.check(f"{job.where}: size", *size)

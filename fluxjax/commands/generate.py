@@ -28,14 +28,15 @@ TINY_NOTICE = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--model", default=None,
-                        help="a hub-layout folder, a hub repo id, or 'tiny' (default: FLUX.1-schnell from the local "
-                             "hub cache when present, else tiny)")
+                        help="a hub-layout folder, a hub repo id, 'shapes' (the built-in model) or 'tiny' (random "
+                             "weights, for tests) (default: FLUX.1-schnell, else -dev, from the local hub cache when "
+                             "present, else shapes)")
     parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors) replacing the model's")
     parser.add_argument("--vae", default=None, help="a BFL autoencoder file (ae.safetensors) replacing the model's")
     parser.add_argument("--out", default="flux.png", help="the PNG to write (default: flux.png)")
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's: schnell 4, dev 28, or its folder's defaults.json)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
     parser.add_argument("--seed", type=int, default=0, help=f"0 to {SEEDS - 1} (default 0)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
@@ -95,18 +96,38 @@ def _loras(args) -> list[tuple[str, float]]:
     return [parse_lora_arg(x) for x in getattr(args, "lora", None) or ()]  # `fluxjax edit` takes no --lora
 
 
+def choose_model(model: str | None) -> tuple[str, str | None]:
+    """(model, notice): --model as given, or pipeline.default_source() without it; notice is the
+    one line to print first (the tiny preset's, or why the shapes model was taken), or None."""
+    from fluxjax.pipeline import default_source
+
+    model, notice = (model, None) if model is not None else default_source()
+    return model, TINY_NOTICE if model == "tiny" else notice
+
+
+def model_settings(model: str, transformer_file: str | None = None):
+    """(FluxConfig, pipeline.Defaults) a pipeline from `model` will run, from its small files only
+    (before loading): the tiny preset's; else the folder's (a packaged model's by name) transformer
+    config and defaults.json (folder_defaults); else FLUX.1-dev's."""
+    from fluxjax.limits import transformer_config
+    from fluxjax.pipeline import DEFAULTS, folder_defaults, packaged_folder
+
+    folder = packaged_folder(model) or model
+    cfg = transformer_config(folder, transformer_file)
+    return cfg, DEFAULTS["tiny"] if model == "tiny" else folder_defaults(folder, cfg.guidance_embed)
+
+
 def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height") -> None:
     """Refuse, before loading, a size whose denoising step (`batch` rows) cannot fit the devices
     (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width."""
     import jax
 
-    from fluxjax.limits import SizeLimit, transformer_config
-    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.limits import SizeLimit
     from fluxjax.sharding import Strategy
 
-    defaults = DEFAULTS["tiny" if model == "tiny" else "dev"]
+    cfg, defaults = model_settings(model, args.transformer)
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
-    limit = SizeLimit(transformer_config(model, args.transformer), defaults.max_sequence_length, batch, args.dtype,
+    limit = SizeLimit(cfg, defaults.max_sequence_length, batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
     limit.check(name, args.height or defaults.height, args.width or defaults.width)
 
@@ -116,17 +137,15 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
     processes, remove host 0's leftover temporaries of --out, choose the model, refuse a size
     whose step (`rows` transformer rows) cannot fit, load. Returns (host, pipe, timings)."""
     from fluxjax import distributed
-    from fluxjax.pipeline import FluxPipeline, local_schnell
+    from fluxjax.pipeline import FluxPipeline
 
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
     if host == 0:
         remove_temporaries(*os.path.split(os.path.abspath(args.out)))
-    model = args.model
-    if model is None:
-        model = local_schnell() or "tiny"
+    model, notice = choose_model(args.model)
     _check_size(args, model, rows, size_name)
-    if model == "tiny" and host == 0:
-        print(f"fluxjax {command}: {TINY_NOTICE}", file=sys.stderr)
+    if notice is not None and host == 0:
+        print(f"fluxjax {command}: {notice}", file=sys.stderr)
 
     start = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
