@@ -136,16 +136,12 @@ def strength_start(num_steps: int, strength: float) -> int:
     """The first step an image-conditioned run takes: the schedule of `num_steps` cut at `strength`.
 
     As diffusers' get_timesteps: int(max(N - min(N * strength, N), 0)); the run takes the steps
-    start .. N-1 from the latents at sigmas[start]. UsageError for strength outside (0, 1] or one
-    that leaves no step.
+    start .. N-1 from the latents at sigmas[start] (at least one step for any strength > 0).
+    UsageError for strength outside (0, 1].
     """
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
         raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
-    start = int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
-    if start >= num_steps:
-        raise UsageError(f"strength {strength} leaves no step of {num_steps} (it runs int({num_steps} x strength) "
-                         "steps): raise strength or the number of steps")
-    return start
+    return int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
 
 
 def load_mask(mask, size: tuple[int, int], resize: str | None = None, name: str = "mask_image") -> np.ndarray:

@@ -411,8 +411,8 @@ class FluxPipeline:
 
     def _text(self, text: dict):
         """(txt, vec) from token ids ({"t5", "clip"}) or from given embeddings ({"txt", "vec"})."""
-        if "txt" in text:
-            return text["txt"], text["vec"]
+        if "txt" in text:  # host arrays, or already placed on the mesh by put_batch
+            return jnp.asarray(text["txt"]), jnp.asarray(text["vec"])
         return self.encode(text["t5"], text["clip"])
 
     def encode(self, t5_ids, clip_ids):
