@@ -284,7 +284,7 @@ class FluxPipeline:
         prompts, batch, noise, height, width = self._inputs(prompt, height, width, seed, latents, text.batch,
                                                             None if images is None else images[0])
         if sigmas is not None:
-            sigmas = _check_sigmas(sigmas)
+            sigmas = check_sigmas(sigmas)
             if num_steps is not None and num_steps != len(sigmas):
                 raise UsageError(f"num_steps {num_steps} but {len(sigmas)} sigmas: leave num_steps unset with sigmas")
             num_steps = len(sigmas)
@@ -684,7 +684,7 @@ def _true_cfg(scale, negative_given: bool, batch: int) -> np.ndarray | None:
     return np.broadcast_to(values.astype(np.float32), (batch,)).copy()
 
 
-def _check_sigmas(sigmas) -> list[float]:
+def check_sigmas(sigmas) -> list[float]:
     """The custom schedule as floats: at least one, each in (0, 1], strictly decreasing."""
     values = np.asarray(sigmas, dtype=object).reshape(-1) if not isinstance(sigmas, (int, float)) else np.array([sigmas], object)
     if len(values) == 0 or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):

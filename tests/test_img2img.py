@@ -164,3 +164,73 @@ def test_bad_embeddings(hub):
         hub.pipe(PROMPTS, prompt_embeds=np.zeros((2, 32, 32), np.float32), pooled_prompt_embeds=np.zeros((2, 32), np.float32))
     with pytest.raises(UsageError, match="this transformer takes 32 .T5. and 32"):
         hub.pipe(prompt_embeds=np.zeros((2, 8, 16), np.float32), pooled_prompt_embeds=np.zeros((2, 32), np.float32))
+
+
+# --- fluxjax generate --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An input image (32 x 48) and a mask for it, as PNG files."""
+    folder = tmp_path_factory.mktemp("inputs")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    image.save(folder / "in.png")
+    mask = np.zeros((32, 48), np.uint8)
+    mask[:, 20:] = 255
+    Image.fromarray(mask, "L").save(folder / "mask.png")
+    Image.fromarray(mask[:, :32], "L").save(folder / "small_mask.png")
+    return folder
+
+
+def test_generate_inpaints_with_true_cfg_and_records_it(inputs, tmp_path):
+    import hashlib
+
+    from fluxjax import cli
+
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "--model", "tiny", "--dtype", "float32", "--out", str(out),
+            "--image", str(inputs / "in.png"), "--mask", str(inputs / "mask.png"), "--strength", "0.8",
+            "--negative-prompt", "a dog", "--true-cfg", "2.5", "--prompt-2", "a black cat", "--sigmas", "1,0.6,0.3"]
+    assert cli.main(args) == 0
+    image = Image.open(out)
+    digest = lambda name: hashlib.sha256((inputs / name).read_bytes()).hexdigest()  # noqa: E731
+    assert image.size == (48, 32)
+    assert {k: image.text[k] for k in ("image", "image_sha256", "mask", "mask_sha256", "strength", "resize",
+                                        "negative_prompt", "true_cfg", "prompt_2", "sigmas", "steps")} == {
+        "image": "in.png", "image_sha256": digest("in.png"), "mask": "mask.png", "mask_sha256": digest("mask.png"),
+        "strength": "0.8", "resize": "none", "negative_prompt": "a dog", "true_cfg": "2.5", "prompt_2": "a black cat",
+        "sigmas": "1,0.6,0.3", "steps": "3"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mask", "{inputs}/mask.png"], "--mask needs --image"),
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--image", "{inputs}/in.png", "--strength", "0"], r"strength must be a number in (0, 1], got 0.0"),
+    (["--image", "{inputs}/missing.png"], "--image {inputs}/missing.png: no such file"),
+    (["--image", "{inputs}/in.png", "--mask", "{inputs}/small_mask.png"], "is 32x32 but the image is 48x32"),
+    (["--image", "{inputs}/in.png", "--height", "64"], "is 48x32: leave --height/--width unset"),
+    (["--true-cfg", "3"], "--negative-prompt and --true-cfg go together"),
+    (["--negative-prompt", "a dog", "--true-cfg", "1"], "--true-cfg must be a number > 1"),
+    (["--sigmas", "1,0.5,0.6"], "--sigmas must decrease strictly"),
+    (["--sigmas", "1,x"], "--sigmas '1,x': expected comma-separated numbers"),
+    (["--reference", "{inputs}/nope.png"], "--reference {inputs}/nope.png: no such file"),
+])
+def test_generate_bad_conditioning_writes_nothing(inputs, tmp_path, capsys, args, message):
+    from fluxjax import cli
+
+    out = tmp_path / "x.png"
+    args = [a.format(inputs=inputs) for a in args]
+    assert cli.main(["generate", "a cat", "--model", "tiny", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fluxjax generate: error: ") and message.format(inputs=inputs) in err[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, capsys):
+    from fluxjax import cli
+
+    out = tmp_path / "x.png"
+    args = ["generate", "a cat", "--model", "tiny", "--out", str(out), "--height", "32", "--width", "32",
+            "--reference", str(inputs / "in.png")]
+    assert cli.main(args) == 2
+    assert "reference_images needs a FLUX.1 Kontext checkpoint; tiny is a base model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
