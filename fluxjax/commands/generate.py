@@ -88,56 +88,25 @@ def _check(args) -> None:
 
 
 def check_conditioning(args) -> None:
-    """The conditioning flags that can be checked before loading: files, sizes, pairs, ranges.
+    """The conditioning flags that can be checked before loading (conditioning.check_request).
 
-    What depends on the checkpoint (a --reference or --control on a base model) is refused by
-    the pipeline once loaded, still before anything is written. With --image and no
-    --height/--width, those become the image's size (checked against the devices' limit).
+    With --image and no --height/--width, those become the image's size (checked against the
+    devices' limit); --sigmas becomes args.sigma_values.
     """
-    from fluxjax.conditioning import image_size, load_mask, original_size, strength_start
-    from fluxjax.text import check_prompt
+    from fluxjax.conditioning import check_request
 
-    for flag in ("strength", "mask", "resize"):
-        if getattr(args, flag) is not None and args.image is None:
-            raise UsageError(f"--{flag} needs --image")
-    if args.strength is not None:
-        strength_start(1, args.strength)  # the range
-    if (args.negative_prompt is None) != (args.true_cfg is None):
-        raise UsageError("--negative-prompt and --true-cfg go together (true CFG needs both)")
-    if args.true_cfg is not None and not (math.isfinite(args.true_cfg) and args.true_cfg > 1):
-        raise UsageError(f"--true-cfg must be a number > 1, got {args.true_cfg}")
-    for flag in ("negative_prompt", "prompt_2"):
-        if getattr(args, flag) is not None:
-            check_prompt("--" + flag.replace("_", "-"), getattr(args, flag))
+    flags = {"references": "--reference", "true_cfg": "--true-cfg"}
+    sigmas = None
     if args.sigmas is not None:
-        args.sigma_values = parse_sigmas(args.sigmas)
-        if args.steps is not None and args.steps != len(args.sigma_values):
-            raise UsageError(f"--steps {args.steps} but {len(args.sigma_values)} --sigmas: give one of them")
-    for flag, path in [("--image", args.image), ("--mask", args.mask), ("--control", args.control)] + [
-            ("--reference", r) for r in args.reference]:
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"{flag} {path}: no such file")
-    if args.image is not None:
-        height, width = image_size(args.image, args.resize, "--image")
-        if (args.height or height, args.width or width) != (height, width):
-            raise UsageError(f"--image {args.image} is {width}x{height}: leave --height/--width unset, or give its size")
-        args.height, args.width = height, width
-        if args.mask is not None:
-            load_mask(args.mask, original_size(args.image, "--image"), args.resize, f"--mask {args.mask}")
-
-
-def parse_sigmas(text: str) -> list[float]:
-    """"1,0.7,0.4" -> [1.0, 0.7, 0.4], checked (decreasing, in (0, 1]); UsageError naming --sigmas."""
-    from fluxjax.pipeline import check_sigmas
-
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--sigmas {text!r}: expected comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
-    try:
-        return check_sigmas(values)
-    except UsageError as e:  # its message begins "sigmas must ...": name the flag
-        raise UsageError(f"--{e}") from None
+        try:
+            sigmas = [float(v) for v in args.sigmas.split(",")]
+        except ValueError:
+            raise UsageError(f"--sigmas {args.sigmas!r}: expected comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
+    args.height, args.width, args.sigma_values = check_request(
+        "", lambda key: flags.get(key, "--" + key.replace("_", "-")), image=args.image, strength=args.strength,
+        mask=args.mask, resize=args.resize, references=args.reference, control=args.control,
+        negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, prompt_2=args.prompt_2, sigmas=sigmas,
+        steps=args.steps, height=args.height, width=args.width)
 
 
 def conditioning_kwargs(args) -> dict:
