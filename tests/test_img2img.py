@@ -234,3 +234,51 @@ def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, caps
     assert cli.main(args) == 2
     assert "reference_images needs a FLUX.1 Kontext checkpoint; tiny is a base model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# --- fluxjax batch -----------------------------------------------------------------------------
+
+def test_batch_conditioned_lines(inputs, tmp_path):
+    import json
+
+    from fluxjax import cli
+
+    lines = [{"prompt": "a cat", "image": "in.png", "mask": "mask.png", "strength": 0.9, "negative_prompt": "a dog",
+              "true_cfg": 3.0, "name": "a"},
+             {"prompt": "a fox", "image": "in.png", "mask": "mask.png", "strength": 0.9, "negative_prompt": "blur",
+              "true_cfg": 2.0, "prompt_2": "a red fox", "name": "b"}]
+    prompts = inputs / "jobs.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    args = ["batch", str(prompts), "--out-dir", str(out), "--model", "tiny", "--steps", "2", "--batch-size", "2",
+            "--dtype", "float32"]
+    assert cli.main(args) == 0
+    a, b = Image.open(out / "a.png"), Image.open(out / "b.png")
+    assert a.size == b.size == (48, 32)
+    assert (a.text["negative_prompt"], a.text["true_cfg"], a.text["strength"], a.text["mask"]) == ("a dog", "3", "0.9",
+                                                                                                    "mask.png")
+    assert (b.text["prompt_2"], b.text["true_cfg"]) == ("a red fox", "2") and "prompt_2" not in a.text
+    assert a.text["image_sha256"] == b.text["image_sha256"] and len(a.text["image_sha256"]) == 64
+    # A resume does nothing: the recipes (with the inputs' digests) match the manifest.
+    assert cli.main(args) == 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "a", "mask": "mask.png"}, "p.jsonl:1: mask needs image"),
+    ({"prompt": "a", "image": "in.png", "strength": 2}, "p.jsonl:1: strength must be a number in (0, 1], got 2"),
+    ({"prompt": "a", "image": "nope.png"}, "p.jsonl:1: image {inputs}/nope.png: no such file"),
+    ({"prompt": "a", "image": "in.png", "mask": "small_mask.png"}, "p.jsonl:1: mask {inputs}/small_mask.png is 32x32"),
+    ({"prompt": "a", "true_cfg": 3}, "p.jsonl:1: negative_prompt and true_cfg go together"),
+    ({"prompt": "a", "sigmas": [0.5, 1.0]}, "p.jsonl:1: sigmas must decrease strictly"),
+    ({"prompt": "a", "references": "in.png"}, "p.jsonl:1: references must be a list"),
+])
+def test_batch_bad_conditioning_names_the_line(inputs, tmp_path, capsys, line, message):
+    import json
+
+    from fluxjax import cli
+
+    prompts = inputs / "p.jsonl"
+    prompts.write_text(json.dumps(line) + "\n")
+    assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "out"), "--model", "tiny"]) == 2
+    assert message.format(inputs=inputs) in capsys.readouterr().err.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
