@@ -1,7 +1,8 @@
 """Images as conditioning: read an image, bring it to a size FLUX accepts, encode it to packed latents.
 
-Used by FlowEdit (fluxjax/flowedit.py) for its source image; the image-conditioning variants
-(img2img, Kontext references, masks) extend this module.
+Used by FlowEdit (fluxjax/flowedit.py) for its source image and by the pipeline's img2img and
+inpainting (the strength cut, masks); the image-conditioning variants (Kontext references, Fill,
+Control) extend this module.
 
 Sizes: FLUX's latents are packed in 16 x 16 pixel patches, so an image must be a multiple of 16
 on both sides. One that is not is refused unless a resize policy is given:
@@ -28,6 +29,17 @@ RESIZE_POLICIES = ("crop", "scale")
 def image_size(image, resize: str | None = None, name: str = "image") -> tuple[int, int]:
     """(height, width) `load_image(image, resize)` gives, reading only a file's header; UsageError
     naming `name` for a missing or unreadable file or a size that needs a policy it lacks."""
+    height, width, name = _source_size(image, name)
+    return _target_size(height, width, resize, name)
+
+
+def original_size(image, name: str = "image") -> tuple[int, int]:
+    """(height, width) of `image` as given (before any resize policy), reading only a file's header."""
+    return _source_size(image, name)[:2]
+
+
+def _source_size(image, name: str) -> tuple[int, int, str]:
+    """(height, width, name for messages: with the file's path) of an image as given."""
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image, UnidentifiedImageError
 
@@ -39,10 +51,9 @@ def image_size(image, resize: str | None = None, name: str = "image") -> tuple[i
                 width, height = im.size
         except (UnidentifiedImageError, OSError) as e:
             raise UsageError(f"{name} {path}: not an image PIL can read ({e})") from None
-        name = f"{name} {path}"
-    else:
-        height, width = _as_array(image, name).shape[:2]
-    return _target_size(height, width, resize, name)
+        return height, width, f"{name} {path}"
+    height, width = _as_array(image, name).shape[:2]
+    return height, width, name
 
 
 def load_image(image, resize: str | None = None, name: str = "image") -> np.ndarray:
@@ -114,3 +125,132 @@ def encode_packed(model: AutoEncoder, params, pixels):
     """
     z = model.apply({"params": params}, pixels, method="encode")  # (B, H/8, W/8, 16) NHWC
     return sampling.pack(z.transpose(0, 3, 1, 2))
+
+
+# --- img2img and base-model inpainting (diffusers' FluxImg2ImgPipeline, FluxInpaintPipeline) ---
+
+DEFAULT_STRENGTH = 0.6  # diffusers' default for both pipelines
+
+
+def strength_start(num_steps: int, strength: float) -> int:
+    """The first step an image-conditioned run takes: the schedule of `num_steps` cut at `strength`.
+
+    As diffusers' get_timesteps: int(max(N - min(N * strength, N), 0)); the run takes the steps
+    start .. N-1 from the latents at sigmas[start] (at least one step for any strength > 0).
+    UsageError for strength outside (0, 1].
+    """
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
+        raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
+    return int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
+
+
+def load_mask(mask, size: tuple[int, int], resize: str | None = None, name: str = "mask_image") -> np.ndarray:
+    """An inpainting mask as float32 (H, W) of 0 (keep) and 1 (repaint), for an image of `size`.
+
+    mask: a path, a PIL image (converted to grayscale "L" as diffusers' mask processor does), or
+    an array (H, W) or (H, W, 3) of uint8 or floats in [0, 1]; binarized at 0.5 (diffusers'
+    do_binarize). It must have the size of the image as given (before any resize policy), and is
+    then cropped or scaled as the image is. size: the image's (height, width) before resizing.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        from PIL import Image
+
+        path = os.fspath(mask)
+        if not os.path.isfile(path):
+            raise UsageError(f"{name} {path}: no such file")
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    if hasattr(mask, "convert") and hasattr(mask, "size"):
+        gray = np.asarray(mask.convert("L"))
+    else:
+        array = np.asarray(mask)
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+            raise UsageError(f"{name}: expected a grayscale (H, W) or RGB (H, W, 3) mask, got shape {array.shape}")
+        if array.dtype != np.uint8 and (not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all()
+                                        or array.min() < 0 or array.max() > 1):
+            raise UsageError(f"{name}: expected uint8 values or floats in [0, 1], got {array.dtype}")
+        gray = array if array.dtype == np.uint8 else np.round(array * 255.0).astype(np.uint8)
+        if gray.ndim == 3:  # RGB to gray as PIL's "L" (ITU-R 601-2 luma), what a PIL mask gets
+            from PIL import Image
+
+            gray = np.asarray(Image.fromarray(gray).convert("L"))
+    if gray.shape != tuple(size):
+        raise UsageError(f"{name} is {gray.shape[1]}x{gray.shape[0]} but the image is {size[1]}x{size[0]}: "
+                         "a mask must have the image's size")
+    height, width = _target_size(*gray.shape, resize, name)
+    if (height, width) != gray.shape:
+        if resize == "crop":
+            gray = gray[:height, :width]
+        else:
+            from PIL import Image
+
+            gray = np.asarray(Image.fromarray(gray).resize((width, height), Image.Resampling.LANCZOS))
+    # diffusers: pixels / 255 as float32, then 0 below 0.5 and 1 from 0.5 on.
+    return (gray.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)
+
+
+def mask_latents(masks: np.ndarray) -> np.ndarray:
+    """Pixel masks (B, H, W) -> (B, (H/16)(W/16), 64) float32, the packed latent mask of the loop.
+
+    As FluxInpaintPipeline: nearest-neighbour resize to the latent grid (torch's "nearest" takes
+    the top-left pixel of each 8 x 8 block), repeated over the 16 latent channels, packed.
+    """
+    small = masks[:, ::8, ::8]
+    repeated = np.repeat(small[:, None], sampling.LATENT_CHANNELS, axis=1)
+    return np.asarray(sampling.pack(repeated))
+
+
+def check_request(prefix: str = "", name=lambda key: key, image=None, strength=None, mask=None, resize=None,
+                  references=(), control=None, negative_prompt=None, true_cfg=None, prompt_2=None, sigmas=None,
+                  steps=None, height=None, width=None) -> tuple[int | None, int | None, list[float] | None]:
+    """Check a conditioned request before any model is loaded: files, sizes, pairs, ranges.
+
+    Shared by `fluxjax generate` (name: the flag of a key, prefix "") and `fluxjax batch` (prefix
+    "FILE:LINE: ", name: the JSONL key). image, mask, references, control: paths; sigmas: a list.
+    Returns (height, width, sigmas as floats): the image's size when an image is given (UsageError
+    if height/width say another), else those given. What depends on the checkpoint (a reference
+    on a base model) is the pipeline's to refuse once loaded.
+    """
+    from fluxjax.text import check_prompt
+
+    def fail(message: str):
+        raise UsageError(prefix + message)
+
+    for key, value in (("strength", strength), ("mask", mask), ("resize", resize)):
+        if value is not None and image is None:
+            fail(f"{name(key)} needs {name('image')}")
+    if (negative_prompt is None) != (true_cfg is None):
+        fail(f"{name('negative_prompt')} and {name('true_cfg')} go together (true CFG needs both)")
+    try:
+        if strength is not None:
+            strength_start(1, strength)  # the range
+        if true_cfg is not None and (isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float))
+                                     or not (np.isfinite(true_cfg) and true_cfg > 1)):
+            raise UsageError(f"must be a number > 1, got {true_cfg!r}")
+        for key, text in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2)):
+            if text is not None:
+                check_prompt(name(key), text)
+        if sigmas is not None:
+            sigmas = sampling.check_sigmas(sigmas)
+    except UsageError as e:
+        message = str(e)
+        for key in ("strength", "sigmas"):  # name the key as this caller does
+            message = name(key) + message[len(key):] if message.startswith(key + " ") else message
+        fail(message if not message.startswith("must") else f"{name('true_cfg')} {message}")
+    if sigmas is not None and steps is not None and steps != len(sigmas):
+        fail(f"{name('steps')} {steps} but {len(sigmas)} {name('sigmas')}: give one of them")
+    for key, path in [("image", image), ("mask", mask), ("control", control)] + [("references", r) for r in references]:
+        if path is not None and not os.path.isfile(path):
+            fail(f"{name(key)} {path}: no such file")
+    if image is None:
+        return height, width, sigmas
+    try:
+        size = image_size(image, resize, name("image"))
+        if (height or size[0], width or size[1]) != size:
+            raise UsageError(f"{name('image')} {image} is {size[1]}x{size[0]}: leave {name('height')}/{name('width')} "
+                             "unset, or give its size")
+        if mask is not None:
+            load_mask(mask, original_size(image, name("image")), resize, f"{name('mask')} {mask}")
+    except UsageError as e:
+        fail(str(e))
+    return size[0], size[1], sigmas

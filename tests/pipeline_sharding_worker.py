@@ -35,6 +35,12 @@ CASES = [
 PROMPTS = ["a photo of a cat", "a red fox in the snow", "a bowl of ramen", "an old man with a beard",
            "a lighthouse at sunset", "a city at night", "a small cabin in a forest", "a cup of coffee"]
 KW = dict(height=48, width=80, num_steps=2, guidance=3.5, max_sequence_length=16, output="np")
+# img2img with an inpainting mask, at each case's last batch: the schedule cut, the image's
+# encoding and noising, and the blend after each step, all on the mesh (height/width from the image).
+_MASK = np.zeros((48, 80), np.float32)
+_MASK[:, 24:56] = 1.0
+IMG2IMG = dict(image=np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8), strength=0.6,
+               mask_image=_MASK)
 
 
 def shard_shapes(x: jax.Array) -> list[list[int]]:
@@ -44,6 +50,7 @@ def shard_shapes(x: jax.Array) -> list[list[int]]:
 def main(hub: str) -> None:
     single = FluxPipeline.from_pretrained(hub, dtype="float32")
     reference = {b: single(PROMPTS[:b], seed=0, **KW) for b in sorted({b for *_, bs in CASES for b in bs})}
+    conditioned = {b: single(PROMPTS[:b], seed=0, **KW, **IMG2IMG) for b in sorted({bs[-1] for *_, bs in CASES})}
     out = {"devices": jax.device_count(), "max_pixel": float(max(np.abs(r).max() for r in reference.values())), "cases": []}
     for name, ici, batches in CASES:
         strategy = Strategy.load(name).with_ici(*ici)
@@ -55,11 +62,14 @@ def main(hub: str) -> None:
             "proj": [list(p["double_blocks"]["img_attn"]["proj"]["kernel"].shape), shard_shapes(p["double_blocks"]["img_attn"]["proj"]["kernel"])],
             "t5_wi": [list(pipe.t5.params["block"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"].shape),
                       shard_shapes(pipe.t5.params["block"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"])],
-            "errors": {},
+            "errors": {}, "img2img": {},
         }
         for b in batches:
             images = pipe(PROMPTS[:b], seed=0, **KW)
             case["errors"][str(b)] = [list(images.shape), float(np.abs(images - reference[b]).max())]
+        images = pipe(PROMPTS[:batches[-1]], seed=0, **KW, **IMG2IMG)
+        case["img2img"][str(batches[-1])] = [list(images.shape),
+                                             float(np.abs(images - conditioned[batches[-1]]).max())]
         out["cases"].append(case)
     print(json.dumps(out))
 

@@ -42,6 +42,15 @@ def test_every_strategy_gives_the_single_device_image(facts):
     assert any(b == "3" for c in facts["cases"] for b in c["errors"])
 
 
+def test_img2img_under_every_strategy_gives_the_single_device_image(facts):
+    """img2img with an inpainting mask (tests/pipeline_sharding_worker.py IMG2IMG), same limit."""
+    assert {c["strategy"] for c in facts["cases"] if c["img2img"]} == {"dp", "fsdp", "tp", "fsdp_tp"}
+    for case in facts["cases"]:
+        for batch, (shape, error) in case["img2img"].items():
+            assert shape[0] == int(batch), case
+            assert error <= 1e-5, (case["strategy"], case["mesh"], batch, error)
+
+
 def _case(facts, strategy, mesh):
     return next(c for c in facts["cases"] if c["strategy"] == strategy and c["mesh"] == mesh)
 
