@@ -1,7 +1,15 @@
 """Images as conditioning: read an image, bring it to a size FLUX accepts, encode it to packed latents.
 
-Used by FlowEdit (fluxjax/flowedit.py) for its source image; the image-conditioning variants
-(img2img, Kontext references, masks) extend this module.
+Used by FlowEdit (fluxjax/flowedit.py) for its source image and by the pipeline's conditioned
+generation: the model variants read from a checkpoint (`variant_of`) and the inputs each takes,
+built as diffusers' pipelines build them (FLUX_REFERENCE.md section 5):
+  kontext  reference images (FluxKontextPipeline): resized to a preferred Kontext resolution,
+           VAE-encoded, packed, ids (i + 1, row, col) for reference i; appended after the image
+           tokens in the sequence (`kontext_inputs`, then `encode_variant` -> ref_img, ref_ids).
+  fill     in_channels 384 (FluxFillPipeline): image + mask -> latents of the masked image (64)
+           and the pixel mask packed to 256 features, concatenated to x (`fill_inputs`).
+  control  in_channels 128 (FluxControlPipeline): the control image's latents (64) concatenated
+           to x (`control_inputs`).
 
 Sizes: FLUX's latents are packed in 16 x 16 pixel patches, so an image must be a multiple of 16
 on both sides. One that is not is refused unless a resize policy is given:
@@ -15,6 +23,7 @@ from __future__ import annotations
 import os
 from functools import partial
 
+import jax.numpy as jnp
 import numpy as np
 
 from fluxjax import sampling
@@ -105,8 +114,7 @@ def to_model_pixels(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-@partial(jit_with_rules, static_argnames=("model",))
-def encode_packed(model: AutoEncoder, params, pixels):
+def packed_latents(model: AutoEncoder, params, pixels):
     """Images (B, H, W, 3) float in [-1, 1] -> packed latents (B, (H/16)(W/16), 64) float32.
 
     The encoder's posterior mean (BFL's default, diffusers' `latent_dist.mode()`, what FlowEdit
@@ -114,3 +122,239 @@ def encode_packed(model: AutoEncoder, params, pixels):
     """
     z = model.apply({"params": params}, pixels, method="encode")  # (B, H/8, W/8, 16) NHWC
     return sampling.pack(z.transpose(0, 3, 1, 2))
+
+
+encode_packed = jit_with_rules(packed_latents, static_argnames=("model",))
+"""`packed_latents` compiled once per VAE, image shape and strategy."""
+
+
+# --- model variants -----------------------------------------------------------------------------
+
+VARIANTS = ("base", "fill", "control", "kontext")
+KONTEXT_PIPELINE = "FluxKontextPipeline"  # model_index.json's _class_name of FLUX.1-Kontext checkpoints
+MASK_FEATURES = sampling.PIXELS_PER_TOKEN ** 2  # a token's 16 x 16 mask pixels: 8 x 8 per latent pixel, 2 x 2 packed
+# in_channels beyond the 64 of x, per variant that widens the transformer's input (FLUX_REFERENCE.md 5.3, 5.4).
+EXTRA_CHANNELS = {"fill": 64 + MASK_FEATURES, "control": 64}
+
+
+def variant_of(in_channels: int, pipeline_class: str | None = None, declared: str | None = None,
+               where: str = "the transformer") -> str:
+    """The model variant ("base", "fill", "control" or "kontext") of a transformer.
+
+    in_channels: its input features (64 base and Kontext, 128 control, 384 fill);
+    pipeline_class: model_index.json's `_class_name` (FluxKontextPipeline marks Kontext, whose
+        weights have dev's shapes), None when there is no such file (a single file);
+    declared: what the caller says it is (`from_pretrained(variant=)`), None to read it: needed
+        for a Kontext single file. A declaration the input width contradicts is refused.
+    """
+    base = sampling.LATENT_CHANNELS * sampling.PATCH ** 2
+    by_width = {base + extra: name for name, extra in EXTRA_CHANNELS.items()}
+    if in_channels != base and in_channels not in by_width:
+        raise UsageError(f"{where} has {in_channels} input channels; FLUX variants have {base} (base, Kontext), "
+                         f"{base + EXTRA_CHANNELS['control']} (control) or {base + EXTRA_CHANNELS['fill']} (fill)")
+    read = by_width.get(in_channels, "kontext" if pipeline_class == KONTEXT_PIPELINE else "base")
+    if declared is None:
+        return read
+    if declared not in VARIANTS:
+        raise UsageError(f"variant must be one of {', '.join(VARIANTS)} or None, got {declared!r}")
+    if declared != read and not (declared in ("base", "kontext") and read in ("base", "kontext")):
+        raise UsageError(f"variant={declared!r}, but {where} has {in_channels} input channels, a {read} model")
+    return declared
+
+
+# --- Kontext references ---------------------------------------------------------------------------
+
+# The (width, height) pairs FLUX.1 Kontext was trained at, as diffusers' FluxKontextPipeline lists them
+# (PREFERRED_KONTEXT_RESOLUTIONS); a reference is resized to the one nearest its aspect ratio.
+KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
+KONTEXT_MAX_AREA = 1024 ** 2
+
+
+def kontext_reference_size(height: int, width: int, resolutions=KONTEXT_RESOLUTIONS) -> tuple[int, int]:
+    """(height, width) a reference of height x width pixels is resized to: the resolution of
+    `resolutions` ((width, height) pairs) nearest its aspect ratio, taken after flooring its sides
+    to multiples of 16 as diffusers does (ties to the narrower); then floored to multiples of 16."""
+    step = sampling.PIXELS_PER_TOKEN
+    h, w = height - height % step, width - width % step
+    if min(h, w) < step:
+        raise UsageError(f"a {width}x{height} reference is smaller than {step}x{step} pixels")
+    _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in resolutions)
+    return h // step * step, w // step * step
+
+
+def kontext_output_size(height: int, width: int, max_area: int = KONTEXT_MAX_AREA) -> tuple[int, int]:
+    """(height, width) of a Kontext output asked as height x width: the same aspect ratio with an
+    area of `max_area` pixels, floored to multiples of 16 (diffusers' FluxKontextPipeline)."""
+    if isinstance(max_area, bool) or not isinstance(max_area, (int, np.integer)) or max_area < sampling.PIXELS_PER_TOKEN ** 2:
+        raise UsageError(f"max_area must be an integer >= {sampling.PIXELS_PER_TOKEN ** 2}, got {max_area!r}")
+    step, aspect = sampling.PIXELS_PER_TOKEN, width / height
+    w, h = round((max_area * aspect) ** 0.5) // step * step, round((max_area / aspect) ** 0.5) // step * step
+    if min(h, w) < step:
+        raise UsageError(f"max_area {max_area} leaves no {step}-pixel side at the aspect ratio {width}:{height}")
+    return h, w
+
+
+def reference_pixels(image, auto_resize: bool = True, resize: str | None = None, name: str = "reference") -> np.ndarray:
+    """A Kontext reference as uint8 (h, w, 3): resized (Lanczos) to `kontext_reference_size` when
+    auto_resize (diffusers' `_auto_resize`), else brought to multiples of 16 by `resize` as
+    `load_image` does."""
+    if not auto_resize:
+        return load_image(image, resize, name)
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        image_size(image, "crop", name)  # one-line errors for a missing or unreadable file
+        with Image.open(os.fspath(image)) as im:
+            image = im.convert("RGB")
+    pixels = _as_array(image, name)
+    height, width = kontext_reference_size(*pixels.shape[:2])
+    return _resized(pixels, height, width)
+
+
+def _resized(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def reference_ids(sizes, batch: int) -> np.ndarray:
+    """(B, L_ref, 3) float32 ids of references of `sizes` [(h, w), ...] in pixels: reference i's
+    tokens are (i + 1, row, col), row and col from 0 on its own token grid, references in order."""
+    ids = []
+    for i, (h, w) in enumerate(sizes):
+        own = sampling.image_ids(batch, h, w).copy()
+        own[..., 0] = i + 1
+        ids.append(own)
+    return np.concatenate(ids, axis=1)
+
+
+def kontext_inputs(references, batch: int, auto_resize: bool = True, resize: str | None = None) -> dict:
+    """Host inputs of Kontext reference images, shared by the B images of a call.
+
+    references: a list of images (paths, PIL images or arrays (H, W, 3)), at least one.
+    Returns {"ref_pixels": tuple of (B, h_i, w_i, 3) float32 in [-1, 1], "ref_ids": (B, L_ref, 3)},
+    L_ref = sum of (h_i / 16)(w_i / 16); `encode_variant` turns the pixels into `ref_img`.
+    """
+    references = list(references)
+    if not references:
+        raise UsageError("reference_images is empty: give at least one reference image")
+    pixels = [reference_pixels(r, auto_resize, resize, "reference" if len(references) == 1 else f"reference {i}")
+              for i, r in enumerate(references)]
+    return {"ref_pixels": tuple(np.broadcast_to(to_model_pixels(p[None]), (batch,) + p.shape) for p in pixels),
+            "ref_ids": reference_ids([p.shape[:2] for p in pixels], batch)}
+
+
+# --- Fill and control -----------------------------------------------------------------------------
+
+
+def load_mask(mask, name: str = "mask_image") -> np.ndarray:
+    """A mask as float32 (H, W) of 0 (keep) and 1 (repaint), as diffusers' mask processor makes it:
+    grayscale (PIL's luma for RGB), then values >= 0.5 (128 of 255) -> 1, the others 0.
+
+    mask: a path, a PIL image, or an array (H, W), (H, W, 1) or (H, W, 3) of uint8 or floats in [0, 1].
+    """
+    from PIL import Image
+
+    if isinstance(mask, (str, os.PathLike)):
+        image_size(mask, "crop", name)  # one-line errors for a missing or unreadable file
+        with Image.open(os.fspath(mask)) as im:
+            mask = im.convert("L")
+    if hasattr(mask, "convert") and hasattr(mask, "size"):
+        mask = mask.convert("L")
+    array = np.asarray(mask)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 3 and array.shape[-1] == 3:
+        array = np.asarray(Image.fromarray(_as_array(array, name)).convert("L"))
+    if array.ndim != 2:
+        raise UsageError(f"{name}: expected a mask (H, W), (H, W, 1) or (H, W, 3), got an array of shape {array.shape}")
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise UsageError(f"{name}: expected uint8 values or floats in [0, 1], got {array.dtype}")
+    return (array >= 0.5).astype(np.float32)
+
+
+def _per_image(images, batch: int, name: str) -> list:
+    """One image for every prompt, or a list of B."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(items) == 1:
+        return items * batch
+    if len(items) != batch:
+        raise UsageError(f"{name}: {len(items)} images for {batch} prompts (give one, or one per prompt)")
+    return items
+
+
+def _image_batch(images, batch: int, resize: str | None, name: str, size: tuple[int, int] | None) -> np.ndarray:
+    """(B, H, W, 3) uint8 of one size, that of `size` (height, width) when given."""
+    items = _per_image(images, batch, name)
+    pixels = [load_image(im, resize, name if len(items) == 1 else f"{name} {i}") for i, im in enumerate(items)]
+    shapes = {p.shape[:2] for p in pixels}
+    if len(shapes) > 1:
+        raise UsageError(f"{name}: the images have different sizes " + ", ".join(f"{w}x{h}" for h, w in sorted(shapes)))
+    (h, w), = shapes
+    if size is not None and (h, w) != tuple(size):
+        raise UsageError(f"{name} is {w}x{h}, the output is {size[1]}x{size[0]}: give height/width of the image "
+                         "or an image of the output's size")
+    return np.stack(pixels)
+
+
+def fill_inputs(image, mask_image, batch: int, resize: str | None = None, size: tuple[int, int] | None = None) -> dict:
+    """Host inputs of a Fill model: {"fill_pixels": (B, H, W, 3) float32 in [-1, 1],
+    "fill_mask": (B, H, W) float32 of 0/1 (1 = repaint)}; one image/mask for all or one per prompt.
+    The mask must have the image's size (after `resize`)."""
+    if mask_image is None:
+        raise UsageError("a Fill model needs mask_image= (white = the region to repaint)")
+    if image is None:
+        raise UsageError("a Fill model needs image= (the image to repaint) with mask_image=")
+    pixels = _image_batch(image, batch, resize, "image", size)
+    masks = [load_mask(m, "mask_image") for m in _per_image(mask_image, batch, "mask_image")]
+    for m in masks:
+        if m.shape != pixels.shape[1:3]:
+            raise UsageError(f"mask_image is {m.shape[1]}x{m.shape[0]}, the image {pixels.shape[2]}x{pixels.shape[1]}: "
+                             "they must have one size")
+    return {"fill_pixels": to_model_pixels(pixels), "fill_mask": np.stack(masks)}
+
+
+def control_inputs(control_image, batch: int, resize: str | None = None, size: tuple[int, int] | None = None) -> dict:
+    """Host inputs of a control model: {"control_pixels": (B, H, W, 3) float32 in [-1, 1]}, the
+    control image (a Canny edge map, a depth map, ...) as the user made it, one for all or one per prompt."""
+    return {"control_pixels": to_model_pixels(_image_batch(control_image, batch, resize, "control_image", size))}
+
+
+def pack_mask(mask: jnp.ndarray) -> jnp.ndarray:
+    """(B, H, W) pixel mask -> (B, (H/16)(W/16), 256), as diffusers' FluxFillPipeline packs it: the
+    8 x 8 pixels of each latent pixel become 64 channels (index dy * 8 + dx), then 2 x 2 packed."""
+    b, h, w = mask.shape
+    f = sampling.PIXELS_PER_TOKEN // sampling.PATCH  # the VAE's 8
+    m = mask.reshape(b, h // f, f, w // f, f).transpose(0, 2, 4, 1, 3).reshape(b, f * f, h // f, w // f)
+    return sampling.pack(m)
+
+
+@partial(jit_with_rules, static_argnames=("model",))
+def encode_variant(model: AutoEncoder, params, inputs: dict) -> dict:
+    """Device side of `kontext_inputs`, `fill_inputs` and `control_inputs`: their host arrays (as
+    placed on the devices) -> the Conditioning fields they give, float32:
+      ref_pixels, ref_ids -> ref_img (B, L_ref, 64) (each reference encoded), ref_ids;
+      fill_pixels, fill_mask -> channels (B, L_img, 320): latents of image * (1 - mask) (masked
+          pixels at 0, mid-grey) then the packed mask;
+      control_pixels -> channels (B, L_img, 64): the control image's latents.
+    Latents are the VAE posterior's mean (`encode_packed`).
+    """
+    out = {}
+    if "ref_pixels" in inputs:
+        out["ref_img"] = jnp.concatenate([packed_latents(model, params, p) for p in inputs["ref_pixels"]], axis=1)
+        out["ref_ids"] = inputs["ref_ids"]
+    if "fill_pixels" in inputs:
+        mask = inputs["fill_mask"]
+        masked = packed_latents(model, params, inputs["fill_pixels"] * (1.0 - mask[..., None]))
+        out["channels"] = jnp.concatenate([masked, pack_mask(mask)], axis=-1)
+    if "control_pixels" in inputs:
+        out["channels"] = packed_latents(model, params, inputs["control_pixels"])
+    return out

@@ -10,6 +10,8 @@ executables across processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fluxjax import sampling
+from fluxjax import conditioning, sampling
 from fluxjax.cache import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
@@ -55,6 +57,8 @@ DEFAULTS = {
     "schnell": Defaults(num_steps=4, guidance=None, max_sequence_length=256),
     "tiny": Defaults(num_steps=4, guidance=3.5, max_sequence_length=64, height=256, width=256),
 }
+# FLUX.1-Fill-dev's own defaults (diffusers' FluxFillPipeline): more steps, a much higher guidance.
+FILL_DEFAULTS = Defaults(num_steps=50, guidance=30.0, max_sequence_length=512)
 
 
 @dataclass
@@ -69,8 +73,9 @@ class FluxPipeline:
     """Text to image with FLUX.1. Build with `FluxPipeline.from_pretrained(...)`, call with a prompt.
 
     Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
-    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), defaults (Defaults), name (str),
-    timings (seconds of each stage of the last call: encode, denoise, decode).
+    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), variant ("base", "fill", "control" or
+    "kontext": read from the checkpoint, fluxjax.conditioning.variant_of), defaults (Defaults),
+    name (str), timings (seconds of each stage of the last call: encode, denoise, decode).
 
     On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
     its block parameters as per-block arrays (fluxjax.loading.registry.default_layer_loop), so
@@ -79,16 +84,17 @@ class FluxPipeline:
 
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
                  tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str,
-                 strategy: Strategy | None = None, mesh: Mesh | None = None):
-        _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config)
+                 strategy: Strategy | None = None, mesh: Mesh | None = None, variant: str = "base"):
+        _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config, variant)
         self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
         self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
-        self.strategy, self.mesh = strategy, mesh
-        self.defaults = DEFAULTS[kind]
+        self.strategy, self.mesh, self.variant = strategy, mesh, variant
+        self.defaults = FILL_DEFAULTS if variant == "fill" and kind == "dev" else DEFAULTS[kind]
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
         self.adapters = None  # their fluxjax.lora.Adapters, on the device
         self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
+        self._before_widening = None  # the base transformer before a control LoRA widened its img_in
 
     @property
     def attention_implementation(self) -> str:
@@ -108,7 +114,8 @@ class FluxPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = "tiny", dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                        attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True) -> "FluxPipeline":
+                        attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True,
+                        variant: str | None = None) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -129,6 +136,10 @@ class FluxPipeline:
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         loras, fuse: LoRA files to apply, as `load_lora(loras, fuse=fuse)` does.
+        variant: None reads the model variant from the checkpoint (`pipe.variant`: in_channels 384
+            fill, 128 control; model_index.json's FluxKontextPipeline kontext; else base); "kontext"
+            declares a Kontext transformer given as a single file (its shapes are dev's), "base" uses
+            a Kontext model without references. A declaration the checkpoint contradicts is refused.
         """
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)
@@ -140,10 +151,10 @@ class FluxPipeline:
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:
                 raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
-            pipe = cls._tiny(dtype, attention_impl, **placement)
+            pipe = cls._tiny(dtype, attention_impl, variant, **placement)
         else:
             root = _resolve_source(os.fspath(source))
-            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, **placement)
+            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **placement)
         if loras:
             pipe.load_lora(loras, fuse=fuse)
         return pipe
@@ -164,21 +175,28 @@ class FluxPipeline:
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
         pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
         t = self.transformer
+        widen = self.variant == "base"  # a structural-control LoRA turns a base model into a control one
         if fuse:
             if self.loras:
                 raise UsageError("fuse LoRAs before loading live ones (or call pipe.unload_lora() first)")
-            adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype)
+            adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype, widen)
+            t = self._widened(t, adapters)
             self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
             return
-        base = t.params if self._params_before_loras is None else self._params_before_loras
-        adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base, t.model.param_dtype)
-        self.loras, self._params_before_loras = self.loras + pairs, base
-        self.transformer = Component(t.model, lora.with_replacements(base, adapters))
+        base = t if self._params_before_loras is None else Component(t.model, self._params_before_loras)
+        adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base.params,
+                                   t.model.param_dtype, widen)
+        if adapters.input_width is not None:  # restored by unload_lora
+            self._before_widening = base
+        base = self._widened(base, adapters)
+        self.loras, self._params_before_loras = self.loras + pairs, base.params
+        self.transformer = Component(base.model, lora.with_replacements(base.params, adapters))
         placement = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
         self.adapters = lora.Adapters(jax.device_put(adapters.tree, placement), {}, adapters.names, adapters.formats)
 
     @classmethod
-    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, strategy, mesh) -> "FluxPipeline":
+    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, declared, strategy,
+                     mesh) -> "FluxPipeline":
         needed = [f for f in HUB_FOLDERS if not (f == "transformer" and transformer_file) and not (f == "vae" and vae_file)]
         missing = [f for f in needed if not os.path.isdir(os.path.join(root, f))]
         if missing:
@@ -196,11 +214,14 @@ class FluxPipeline:
         kind = "dev" if components["transformer"].model.config.guidance_embed else "schnell"
         scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
+        variant = conditioning.variant_of(components["transformer"].model.config.in_channels, _pipeline_class(root),
+                                          declared, where=transformer_file or os.path.join(root, "transformer"))
         return cls(**components, tokenizer=PromptTokenizer.from_folder(root), schedule=schedule, kind=kind,
-                   name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh)
+                   name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh,
+                   variant=variant)
 
     @classmethod
-    def _tiny(cls, dtype, attention_impl, strategy, mesh) -> "FluxPipeline":
+    def _tiny(cls, dtype, attention_impl, declared, strategy, mesh) -> "FluxPipeline":
         """Small random models and locally trained tokenizers: for demos and tests, not images."""
         with tempfile.TemporaryDirectory() as folder:
             make_tokenizers(folder)
@@ -212,14 +233,31 @@ class FluxPipeline:
             spec = COMPONENTS[name]
             components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
                                                            **spec.select(settings)))
+        variant = conditioning.variant_of(components["transformer"].model.config.in_channels, None, declared, "tiny")
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
-                   strategy=strategy, mesh=mesh)
+                   strategy=strategy, mesh=mesh, variant=variant)
+
+    def _widened(self, t: Component, adapters) -> Component:
+        """`t` with img_in as wide as a structural-control LoRA among `adapters` needs (the new
+        inputs at zero); the pipeline becomes a "control" one. `t` itself when none needs it."""
+        from fluxjax import lora
+
+        if adapters.input_width is None:
+            return t
+        config = dataclasses.replace(t.model.config, in_channels=adapters.input_width)
+        self.variant = conditioning.variant_of(config.in_channels, where=f"{self.name} with a control LoRA")
+        _check_compatible(config, self.t5.model.config, self.clip.model.config, self.vae.model.config, self.variant)
+        return Component(t.model.clone(config=config), lora.widen_input(t.params, adapters.input_width))
 
     def unload_lora(self) -> None:
-        """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline)."""
+        """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline); a base
+        model a live control LoRA widened is a base model again."""
         if self._params_before_loras is not None:
             self.transformer = Component(self.transformer.model, self._params_before_loras)
+            if self._before_widening is not None:
+                self.transformer, self.variant = self._before_widening, "base"
         self.loras, self.adapters, self._params_before_loras = [], None, None
+        self._before_widening = None
 
     # --- generation ------------------------------------------------------------------------
 
@@ -532,14 +570,27 @@ def local_schnell() -> str | None:
         return None
 
 
-def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig) -> None:
+def _pipeline_class(root: str) -> str | None:
+    """model_index.json's `_class_name` in a pipeline folder (hub or converted), None without that file."""
+    path = os.path.join(root, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("_class_name")
+
+
+def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig, variant: str = "base") -> None:
     problems = []
     if t.context_in_dim != t5.d_model:
         problems.append(f"transformer context_in_dim {t.context_in_dim} != T5 d_model {t5.d_model}")
     if t.vec_in_dim != clip.hidden_size:
         problems.append(f"transformer vec_in_dim {t.vec_in_dim} != CLIP hidden_size {clip.hidden_size}")
-    if t.in_channels != vae.z_channels * 4:
-        problems.append(f"transformer in_channels {t.in_channels} != 4 x VAE z_channels {vae.z_channels}")
+    if t.out_channels != vae.z_channels * 4:
+        problems.append(f"transformer out_channels {t.out_channels} != 4 x VAE z_channels {vae.z_channels}")
+    extra = conditioning.EXTRA_CHANNELS.get(variant, 0)
+    if t.in_channels != vae.z_channels * 4 + extra:
+        problems.append(f"transformer in_channels {t.in_channels} != 4 x VAE z_channels {vae.z_channels}"
+                        + (f" + {extra} ({variant})" if extra else ""))
     if vae.downsample_factor != 8:
         problems.append(f"VAE downsamples by {vae.downsample_factor}, FLUX needs 8")
     if problems:
