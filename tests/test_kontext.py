@@ -1,0 +1,68 @@
+"""Kontext reference images against diffusers' FluxKontextPipeline.
+
+The reference is diffusers' own pipeline on a small random hub folder it saved itself
+(fluxjax/reference.py, saved as a FluxKontextPipeline), run from the same noise (`latents=`).
+Both encode the reference with the VAE posterior's mode (diffusers' `sample_mode="argmax"`,
+fluxjax's posterior mean): the same latents without patching. Limit: pixels on [0, 1] within
+1e-3 in float32, as the text-to-image pipeline (tests/test_pipeline.py).
+"""
+
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from diffusers import FluxKontextPipeline  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS  # noqa: E402
+from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fluxjax import conditioning, sampling  # noqa: E402
+from fluxjax.pipeline import FluxPipeline  # noqa: E402
+
+HEIGHT, WIDTH = 48, 80
+PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
+T5_LENGTH, STEPS, GUIDANCE = 32, 3, 2.5
+
+
+def random_image(seed, height, width):
+    """A smooth random RGB image (PIL): blocks of colour plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (-(-height // 8), -(-width // 8), 3))
+    pixels = np.kron(coarse, np.ones((8, 8, 1)))[:height, :width] + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def diffusers_reference_size(height, width):
+    """The size FluxKontextPipeline resizes a reference of height x width to (its __call__, step 3)."""
+    h, w = height - height % 16, width - width % 16
+    _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in PREFERRED_KONTEXT_RESOLUTIONS)
+    return h // 16 * 16, w // 16 * 16
+
+
+@pytest.mark.parametrize("size", [(48, 80), (1000, 700), (333, 1200), (1024, 1024), (17, 4000), (700, 1000)])
+def test_reference_and_output_sizes(size):
+    """The preferred-resolution choice and the output's max_area adjustment follow diffusers'."""
+    assert conditioning.kontext_reference_size(*size) == diffusers_reference_size(*size)
+    h, w = size
+    aspect = w / h
+    want = (round((1024**2 / aspect) ** 0.5) // 16 * 16, round((1024**2 * aspect) ** 0.5) // 16 * 16)
+    assert conditioning.kontext_output_size(h, w) == want
+
+
+def test_two_references_ids():
+    """N references of the output's size: H x W x (N + 1) tokens in all, reference i's ids (i + 1, row, col)."""
+    batch, n = 2, 2
+    refs = [random_image(s, HEIGHT, WIDTH) for s in range(n)]
+    host = conditioning.kontext_inputs(refs, batch, auto_resize=False)
+    tokens = (HEIGHT // 16) * (WIDTH // 16)
+    ids = np.concatenate([sampling.image_ids(batch, HEIGHT, WIDTH), host["ref_ids"]], axis=1)
+    assert ids.shape == (batch, tokens * (n + 1), 3)
+    for i in range(n + 1):
+        part = ids[:, i * tokens:(i + 1) * tokens]
+        assert (part[..., 0] == i).all()
+        np.testing.assert_array_equal(part[..., 1:], sampling.image_ids(batch, HEIGHT, WIDTH)[..., 1:])
+    assert [p.shape for p in host["ref_pixels"]] == [(batch, HEIGHT, WIDTH, 3)] * n
