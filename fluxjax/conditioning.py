@@ -162,6 +162,49 @@ def variant_of(in_channels: int, pipeline_class: str | None = None, declared: st
     return declared
 
 
+def check_use(variant: str, name: str, *, image=None, mask_image=None, reference_images=None, control_image=None,
+              allow_references: bool = False) -> None:
+    """Raise UsageError (one line) for inputs the `variant` of model `name` cannot take:
+    a mask on a Kontext or control model; a control image on a model without control inputs, or
+    a control model without one; references on anything but Kontext (a base model takes them
+    only with allow_references=True: it was not trained on them); a Fill model without image
+    and mask."""
+    def refuse(why):
+        raise UsageError(f"{name} is a {variant} model: {why}")
+
+    if reference_images is not None and variant != "kontext":
+        if variant != "base":
+            refuse("reference_images= needs a Kontext model (or a base model with allow_references=True)")
+        if not allow_references:
+            refuse("reference_images= needs a Kontext model (FLUX.1-Kontext); pass allow_references=True to "
+                   "append references to a model not trained on them")
+    if mask_image is not None and variant in ("kontext", "control"):
+        refuse("mask_image= is for inpainting with a base or Fill model (Kontext edits from reference_images)"
+               if variant == "kontext" else "mask_image= is for inpainting with a base or Fill model")
+    if control_image is not None and variant != "control":
+        refuse("control_image= needs a control model (in_channels 128: FLUX.1-Canny/Depth-dev, or a base model "
+               "with a control LoRA loaded)")
+    if variant == "control" and control_image is None:
+        refuse("give control_image= (the edge or depth map the image follows)")
+    if variant == "fill" and (image is None or mask_image is None):
+        refuse("give image= and mask_image= (white = the region to repaint)")
+
+
+def variant_inputs(variant: str, batch: int, size: tuple[int, int], *, image=None, mask_image=None,
+                   reference_images=None, control_image=None, resize: str | None = None,
+                   auto_resize: bool = True) -> dict:
+    """The host inputs of `encode_variant` for a call of `batch` images of `size` (height, width)
+    on a model of `variant` (inputs already passed by `check_use`); {} when the variant's inputs
+    are not used (a base or Kontext model without references)."""
+    if variant == "fill":
+        return fill_inputs(image, mask_image, batch, resize, size)
+    if variant == "control":
+        return control_inputs(control_image, batch, resize, size)
+    if reference_images is not None:
+        return kontext_inputs(reference_images, batch, auto_resize, resize)
+    return {}
+
+
 # --- Kontext references ---------------------------------------------------------------------------
 
 # The (width, height) pairs FLUX.1 Kontext was trained at, as diffusers' FluxKontextPipeline lists them
@@ -309,10 +352,6 @@ def fill_inputs(image, mask_image, batch: int, resize: str | None = None, size: 
     """Host inputs of a Fill model: {"fill_pixels": (B, H, W, 3) float32 in [-1, 1],
     "fill_mask": (B, H, W) float32 of 0/1 (1 = repaint)}; one image/mask for all or one per prompt.
     The mask must have the image's size (after `resize`)."""
-    if mask_image is None:
-        raise UsageError("a Fill model needs mask_image= (white = the region to repaint)")
-    if image is None:
-        raise UsageError("a Fill model needs image= (the image to repaint) with mask_image=")
     pixels = _image_batch(image, batch, resize, "image", size)
     masks = [load_mask(m, "mask_image") for m in _per_image(mask_image, batch, "mask_image")]
     for m in masks:

@@ -114,3 +114,110 @@ def test_fill_channels_match_diffusers(fill):
     assert got.shape == want.shape == (1, (HEIGHT // 16) * (WIDTH // 16), 320)
     np.testing.assert_array_equal(got[..., 64:], want[..., 64:])  # the packed mask, exactly
     np.testing.assert_allclose(got[..., :64], want[..., :64], atol=1e-4)
+
+
+def test_fill_matches_diffusers(fill):
+    image, mask = random_image(3), random_mask(4)
+    want = reference_images(fill, image=image, mask_image=mask)
+    got = ours(fill, image=image, mask_image=mask)
+    assert got.shape == want.shape == (len(PROMPTS), HEIGHT, WIDTH, 3)
+    assert np.abs(got - want).max() <= 1e-3
+    # The mask matters: repainting another region gives another image.
+    other = ours(fill, image=image, mask_image=Image.fromarray(255 - np.asarray(mask)))
+    assert np.abs(other - got).max() > 1e-2
+
+
+def test_control_matches_diffusers(control):
+    hint = random_image(5)
+    want = reference_images(control, control_image=hint)
+    got = ours(control, control_image=hint)
+    assert np.abs(got - want).max() <= 1e-3
+    assert np.abs(ours(control, control_image=random_image(6)) - got).max() > 1e-2
+
+
+# --- BFL control LoRAs on a base model ---------------------------------------------------------
+
+
+def control_lora_tensors(transformer, seed, rank=4):
+    """A BFL control LoRA as FLUX.1-Canny/Depth-dev-lora lays it out: BFL names, lora_A/lora_B with
+    lora_B.bias, img_in widened to 128 inputs, and full QK-norm scales."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg, d = transformer.config, transformer.inner_dim
+    linears = [("img_in", d, 128), ("final_layer.linear", 64, d)]
+    linears += [(f"double_blocks.{i}.{s}_attn.qkv", 3 * d, d) for i in range(cfg.num_layers) for s in ("img", "txt")]
+    linears += [(f"double_blocks.{i}.img_mlp.0", 4 * d, d) for i in range(cfg.num_layers)]
+    linears += [(f"single_blocks.{j}.linear1", 7 * d, d) for j in range(cfg.num_single_layers)]
+    tensors = {}
+    for name, o, i in linears:
+        tensors[f"{name}.lora_A.weight"] = torch.randn(rank, i, generator=gen) / i**0.5
+        tensors[f"{name}.lora_B.weight"] = 0.5 * torch.randn(o, rank, generator=gen) / rank**0.5
+        tensors[f"{name}.lora_B.bias"] = 0.1 * torch.randn(o, generator=gen)
+    for stack, layers, norms in (("double_blocks", cfg.num_layers, ("img_attn.norm", "txt_attn.norm")),
+                                 ("single_blocks", cfg.num_single_layers, ("norm",))):
+        for i in range(layers):
+            for norm in norms:
+                for n in ("query_norm", "key_norm"):
+                    tensors[f"{stack}.{i}.{norm}.{n}.scale"] = 1 + 0.3 * torch.randn(cfg.attention_head_dim, generator=gen)
+    return tensors
+
+
+def bfl_control_to_diffusers(tensors, transformer):
+    """The same LoRA in diffusers' names, as its `_convert_bfl_flux_control_lora_to_diffusers` writes
+    them; that function is written for FLUX.1's 19/38 blocks of width 3072 only, so the small model's
+    file is converted here, module by module, and given to `load_lora_weights` as a dict."""
+    d = transformer.inner_dim
+    out = {}
+
+    def split(bfl, parts, sizes):
+        a, b, bias = (tensors[f"{bfl}.lora_{x}"] for x in ("A.weight", "B.weight", "B.bias"))
+        for part, rows, shift in zip(parts, torch.split(b, sizes), torch.split(bias, sizes)):
+            out[f"transformer.{part}.lora_A.weight"], out[f"transformer.{part}.lora_B.weight"] = a, rows
+            out[f"transformer.{part}.lora_B.bias"] = shift
+
+    split("img_in", ["x_embedder"], [d])
+    split("final_layer.linear", ["proj_out"], [64])
+    for i in range(transformer.config.num_layers):
+        block = f"transformer_blocks.{i}"
+        split(f"double_blocks.{i}.img_attn.qkv", [f"{block}.attn.to_{x}" for x in "qkv"], [d] * 3)
+        split(f"double_blocks.{i}.txt_attn.qkv", [f"{block}.attn.add_{x}_proj" for x in "qkv"], [d] * 3)
+        split(f"double_blocks.{i}.img_mlp.0", [f"{block}.ff.net.0.proj"], [4 * d])
+        for s, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+            out[f"transformer.{block}.attn.{q}.weight"] = tensors[f"double_blocks.{i}.{s}_attn.norm.query_norm.scale"]
+            out[f"transformer.{block}.attn.{k}.weight"] = tensors[f"double_blocks.{i}.{s}_attn.norm.key_norm.scale"]
+    for j in range(transformer.config.num_single_layers):
+        block = f"single_transformer_blocks.{j}"
+        split(f"single_blocks.{j}.linear1", [f"{block}.attn.to_{x}" for x in "qkv"] + [f"{block}.proj_mlp"], [d] * 3 + [4 * d])
+        out[f"transformer.{block}.attn.norm_q.weight"] = tensors[f"single_blocks.{j}.norm.query_norm.scale"]
+        out[f"transformer.{block}.attn.norm_k.weight"] = tensors[f"single_blocks.{j}.norm.key_norm.scale"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def control_lora(tmp_path_factory):
+    """A base dev hub (saved as a FluxControlPipeline), a control LoRA file, diffusers' images with it."""
+    hub = make(tmp_path_factory, "hub_control_lora", FluxControlPipeline)
+    tensors = control_lora_tensors(hub.reference.transformer, seed=7)
+    hub.lora = os.path.join(hub.root, "canny-lora.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, hub.lora)
+    hub.reference.load_lora_weights(bfl_control_to_diffusers(tensors, hub.reference.transformer))
+    assert hub.reference.transformer.config.in_channels == 128  # diffusers widened x_embedder
+    hub.hint = random_image(8)
+    hub.images = reference_images(hub, control_image=hub.hint)
+    return hub
+
+
+def test_control_lora_fused_matches_diffusers(control_lora):
+    assert control_lora.pipe.variant == "base"
+    pipe = FluxPipeline.from_pretrained(control_lora.root, dtype="float32", loras=[control_lora.lora])
+    assert pipe.variant == "control" and pipe.transformer.model.config.in_channels == 128
+    assert np.abs(ours(control_lora, pipe, control_image=control_lora.hint) - control_lora.images).max() <= 1e-3
+
+
+def test_control_lora_live_matches_diffusers(control_lora):
+    pipe = FluxPipeline.from_pretrained(control_lora.root, dtype="float32")
+    pipe.load_lora(control_lora.lora, fuse=False)
+    assert pipe.variant == "control"
+    assert np.abs(ours(control_lora, pipe, control_image=control_lora.hint) - control_lora.images).max() <= 1e-3
+    pipe.unload_lora()  # a base model again
+    assert pipe.variant == "base" and pipe.transformer.model.config.in_channels == 64
+    assert pipe.transformer.params["img_in"]["kernel"].shape[0] == 64

@@ -66,3 +66,49 @@ def test_two_references_ids():
         assert (part[..., 0] == i).all()
         np.testing.assert_array_equal(part[..., 1:], sampling.image_ids(batch, HEIGHT, WIDTH)[..., 1:])
     assert [p.shape for p in host["ref_pixels"]] == [(batch, HEIGHT, WIDTH, 3)] * n
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub_kontext")
+    reference = make_hub_pipeline(root, "dev", pipeline_class=FluxKontextPipeline)
+    noise = torch.randn(len(PROMPTS), 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(0))
+    return types.SimpleNamespace(root=root, reference=reference, noise=noise,
+                                 pipe=FluxPipeline.from_pretrained(root, dtype="float32"))
+
+
+def ours(kontext, references, **kw):
+    """fluxjax's Kontext images, the output kept at HEIGHT x WIDTH (max_area = its area)."""
+    return kontext.pipe(PROMPTS, reference_images=references, num_steps=STEPS, guidance=GUIDANCE,
+                        latents=kontext.noise.numpy(), max_sequence_length=T5_LENGTH, max_area=HEIGHT * WIDTH,
+                        output="np", **kw)
+
+
+def test_variant_read_from_model_index(kontext, tmp_path):
+    """FluxKontextPipeline in model_index.json makes a Kontext model, also after `fluxjax convert`."""
+    from fluxjax.loading.to_orbax import convert
+
+    assert kontext.pipe.variant == "kontext"
+    assert FluxPipeline.from_pretrained(kontext.root, dtype="float32", variant="base").variant == "base"
+    convert(kontext.root, tmp_path / "orbax", dtype="float32")
+    assert FluxPipeline.from_pretrained(tmp_path / "orbax", dtype="float32").variant == "kontext"
+
+
+def test_one_reference_matches_diffusers(kontext):
+    """One reference, not resized (a 32 x 64 one, 8 tokens beside the image's 15): diffusers'
+    FluxKontextPipeline with _auto_resize=False and the output's area as max_area."""
+    reference = random_image(11, 32, 64)
+    packed = FluxKontextPipeline._pack_latents(kontext.noise, len(PROMPTS), 16, HEIGHT // 8, WIDTH // 8)
+    with torch.no_grad():
+        want = kontext.reference(prompt=PROMPTS, image=reference, height=HEIGHT, width=WIDTH,
+                                 num_inference_steps=STEPS, latents=packed, max_sequence_length=T5_LENGTH,
+                                 guidance_scale=GUIDANCE, max_area=HEIGHT * WIDTH, _auto_resize=False,
+                                 output_type="np").images
+    got = ours(kontext, [reference], auto_resize=False)
+    assert got.shape == want.shape == (len(PROMPTS), HEIGHT, WIDTH, 3)
+    assert np.abs(got - want).max() <= 1e-3
+    # The reference matters, and a new one of the same size runs without compiling again.
+    before = sampling.denoise._cache_size(), conditioning.encode_variant._cache_size()
+    other = ours(kontext, [random_image(12, 32, 64)], auto_resize=False)
+    assert (sampling.denoise._cache_size(), conditioning.encode_variant._cache_size()) == before
+    assert np.abs(other - got).max() > 1e-2
