@@ -226,13 +226,63 @@ def step_callback(callback: Callable[[int], None]):
         _STEP_CALLBACK[0] = previous
 
 
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Conditioning:
+    """What a conditioned denoising loop takes beyond the prompt; every field optional.
+
+    A pytree: its array fields are jit arguments (a new image, mask, reference or strength of the
+    same shapes reuses the executable), a field left None is structure (each combination of
+    given fields compiles once). Shapes, B the batch and L_img the packed image tokens:
+
+    start:         int32 scalar: the first step index; the loop runs steps start .. N-1 and its
+                   `img` is the latent at sigmas[start] (img2img / inpainting strength).
+    image_latents, noise, mask: (B, L_img, 64) float32, base-model inpainting (diffusers'
+                   FluxInpaintPipeline): after step i, x <- (1 - mask) x_known + mask x with
+                   x_known = sigmas[i+1] noise + (1 - sigmas[i+1]) image_latents (the known
+                   region re-noised to the next time; at the last step, the image latents).
+    channels:      (B, L_img, C): features concatenated after x along the feature axis at every
+                   transformer call (Fill: masked-image latents and packed mask; Control: the
+                   control image's latents); the transformer's in_channels is 64 + C.
+    ref_img, ref_ids: (B, L_ref, 64), (B, L_ref, 3): reference tokens (Kontext) appended after
+                   the image tokens in the sequence at every call, with their position ids; the
+                   velocity of the first L_img tokens is kept.
+    neg_txt, neg_vec, true_cfg: (B, L_txt, D), (B, vec_dim), (B,): true classifier-free
+                   guidance as diffusers' FluxPipeline: v = v_neg + true_cfg (v - v_neg), v_neg
+                   the velocity under the negative prompt (the same txt_ids and guidance).
+    """
+
+    start: Any = None
+    image_latents: Any = None
+    noise: Any = None
+    mask: Any = None
+    channels: Any = None
+    ref_img: Any = None
+    ref_ids: Any = None
+    neg_txt: Any = None
+    neg_vec: Any = None
+    true_cfg: Any = None
+
+    def check(self) -> None:
+        """Raise UsageError when the given fields do not make a whole (checked at trace time)."""
+        groups = {"mask": ("image_latents", "noise", "mask"), "reference": ("ref_img", "ref_ids"),
+                  "true CFG": ("neg_txt", "neg_vec", "true_cfg")}
+        for what, names in groups.items():
+            given = [n for n in names if getattr(self, n) is not None]
+            if given and len(given) != len(names) and not (what == "mask" and self.mask is None):
+                raise UsageError(f"Conditioning: {what} needs {', '.join(names)}; got only {', '.join(given)}")
+        if self.channels is not None and self.ref_img is not None:
+            raise UsageError("Conditioning: channels and ref_img do not combine (no FLUX variant takes both)")
+
+
 def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False,
-               adapters=None, lora_scales=None):
-    """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps, as one `lax.fori_loop`.
+               adapters=None, lora_scales=None, cond: Conditioning | None = None):
+    """Integrate the flow from sigmas[0] (or sigmas[cond.start]) to sigmas[-1] with Euler steps, as one loop.
 
     model:    a `fluxjax.models.flux.Flux` (static); params its parameters.
-    img:      (B, L_img, 64) packed initial latents; kept in float32 across steps (both
-              references round them to bf16 after each step in bf16 runs; float32 is more exact).
+    img:      (B, L_img, 64) packed latents at the first step's time; kept in float32 across
+              steps (both references round them to bf16 after each step in bf16 runs; float32
+              is more exact).
     img_ids (B, L_img, 3), txt (B, L_txt, context_dim), txt_ids (B, L_txt, 3), vec (B, vec_dim).
     sigmas:   (N + 1,) float32 schedule; N = number of steps (a shape, so static under jit).
     guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
@@ -240,24 +290,56 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     Under `Strategy.activate(mesh)` the activations are constrained as the strategy says.
     adapters: None, or a LoRA adapter tree (fluxjax.lora.Adapters.tree) run live, with
     lora_scales (B, n) float32: the strength of each of its n LoRAs on each image.
+    cond:     None, or a `Conditioning` (image-conditioned sampling, true CFG).
     Returns (B, L_img, 64) float32 final latents.
     """
-    batch = img.shape[0]
+    cond = Conditioning() if cond is None else cond
+    cond.check()
+    batch, length = img.shape[:2]
     variables = lora.variables(params, adapters)
+    ids = img_ids if cond.ref_img is None else jnp.concatenate([img_ids, cond.ref_ids.astype(img_ids.dtype)], axis=1)
+
+    def velocity(x, t_vec, txt_, vec_):
+        """The transformer's velocity for the L_img image tokens, float32."""
+        if cond.channels is not None:
+            x = jnp.concatenate([x, cond.channels.astype(x.dtype)], axis=-1)
+        if cond.ref_img is not None:
+            x = jnp.concatenate([x, cond.ref_img.astype(x.dtype)], axis=1)
+        with lora.live(lora_scales) if adapters is not None else contextlib.nullcontext():
+            pred = model.apply(variables, x, ids, txt_, txt_ids, t_vec, vec_, guidance)
+        return pred[:, :length].astype(jnp.float32)
 
     def step(i, x):
         t_curr, t_prev = sigmas[i], sigmas[i + 1]
         t_vec = jnp.full((batch,), t_curr, jnp.float32)
-        with lora.live(lora_scales) if adapters is not None else contextlib.nullcontext():
-            pred = model.apply(variables, x, img_ids, txt, txt_ids, t_vec, vec, guidance)
-        x = x + (t_prev - t_curr) * pred.astype(jnp.float32)
+        v = velocity(x, t_vec, txt, vec)
+        if cond.neg_txt is not None:
+            v_neg = velocity(x, t_vec, cond.neg_txt, cond.neg_vec)
+            v = v_neg + cond.true_cfg.astype(jnp.float32)[:, None, None] * (v - v_neg)
+        x = x + (t_prev - t_curr) * v
+        if cond.mask is not None:
+            known = scale_noise(cond.image_latents, cond.noise, t_prev)
+            mask = cond.mask.astype(jnp.float32)
+            x = (1.0 - mask) * known + mask * x
         if report_steps:
             jax.debug.callback(_report_step, i)
         return x
 
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img.astype(jnp.float32))
+    start = 0 if cond.start is None else jnp.asarray(cond.start, jnp.int32)
+    return jax.lax.fori_loop(start, sigmas.shape[0] - 1, step, img.astype(jnp.float32))
+
+
+def scale_noise(image_latents, noise, sigma):
+    """The flow's point at time sigma between image latents and noise: sigma noise + (1 - sigma) x0.
+
+    As diffusers' FlowMatchEulerDiscreteScheduler.scale_noise (the same order of operations);
+    img2img's starting latents and inpainting's known region. Arrays of one shape, float32.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return sigma * noise.astype(jnp.float32) + (1.0 - sigma) * image_latents.astype(jnp.float32)
 
 
 denoise = jit_with_rules(euler_loop, static_argnames=("model", "report_steps"))
-"""`euler_loop` compiled once per model, shape and strategy: latents, text, vectors, sigmas and guidance
-are arguments, so a new seed, prompt, guidance or schedule of the same length reuses the executable."""
+"""`euler_loop` compiled once per model, shape, strategy and set of Conditioning fields: latents, text,
+vectors, sigmas, guidance and the conditioning arrays are arguments, so a new seed, prompt, guidance,
+schedule of the same length, image, mask or strength reuses the executable."""
