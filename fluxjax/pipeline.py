@@ -264,7 +264,9 @@ class FluxPipeline:
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
                  latents=None, max_sequence_length: int | None = None, output: str = "pil",
-                 progress: bool = False, lora_scales=None):
+                 progress: bool = False, lora_scales=None, image=None, mask_image=None, reference_images=None,
+                 control_image=None, resize: str | None = None, max_area: int | None = None,
+                 auto_resize: bool = True, allow_references: bool = False):
         """Generate one image per prompt.
 
         prompt: a string or a list of B strings (with `latents` of batch B, one string is used B times).
@@ -281,9 +283,27 @@ class FluxPipeline:
         lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
             (B, n) table, one row per image (a batch may mix LoRAs and strengths); default:
             the strengths they were loaded with.
+        Images (paths, PIL images or arrays (H, W, 3); one for every prompt, or a list of B), by
+        model variant (`pipe.variant`, fluxjax/conditioning.py; a wrong combination is refused):
+        image, mask_image: Fill: the image and the region to repaint (white), as FluxFillPipeline;
+            the output has their size unless height/width say it (then they must agree).
+        control_image: control (FLUX.1-Canny/Depth, or a base model with a control LoRA): the
+            edge or depth map the image follows, as FluxControlPipeline; its size as image's.
+        reference_images: Kontext: a list of reference images shared by every image of the call,
+            appended to the sequence with ids (i + 1, row, col), as FluxKontextPipeline (a base
+            model takes them only with allow_references=True). Each is resized to the preferred
+            Kontext resolution nearest its aspect ratio unless auto_resize=False, and the output
+            to max_area pixels (default 1024**2) at the requested aspect ratio, as diffusers does.
+        resize: None, "crop" or "scale": how an image whose sides are not multiples of 16 is
+            brought to them (fluxjax/conditioning.py); None refuses it.
         """
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
+        conditioning.check_use(self.variant, self.name, image=image, mask_image=mask_image,
+                               reference_images=reference_images, control_image=control_image,
+                               allow_references=allow_references)
+        height, width = self._variant_size(height, width, latents, image, control_image, reference_images, resize,
+                                           max_area)
         prompts, noise, height, width = self._inputs(prompt, height, width, seed, latents)
         num_steps, guidance, max_sequence_length = self.settings(num_steps, guidance, max_sequence_length)
         batch = len(prompts)
@@ -296,6 +316,9 @@ class FluxPipeline:
             t5_ids=t5_ids, clip_ids=clip_ids, img=sampling.pack(noise), img_ids=sampling.image_ids(batch, height, width),
             txt_ids=sampling.text_ids(batch, t5_ids.shape[1]),
             guidance=None if guidance is None else np.full((batch,), guidance, np.float32),
+            variant=conditioning.variant_inputs(self.variant, batch, (height, width), image=image, mask_image=mask_image,
+                                                reference_images=reference_images, control_image=control_image,
+                                                resize=resize, auto_resize=auto_resize),
         )
         if self.adapters is not None:
             from fluxjax.lora import image_scales
@@ -311,6 +334,10 @@ class FluxPipeline:
         with context, tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
             start = time.perf_counter()
             txt, vec = self.encode(inputs["t5_ids"], inputs["clip_ids"])
+            cond = None
+            if inputs["variant"]:  # image latents and reference tokens of the model's variant
+                cond = sampling.Conditioning(**conditioning.encode_variant(self.vae.model, self.vae.params,
+                                                                           inputs["variant"]))
             txt.block_until_ready()
             self.timings = {"encode": time.perf_counter() - start}
             bar.update(1)
@@ -322,6 +349,7 @@ class FluxPipeline:
                     self.transformer.model, self.transformer.params, inputs["img"], inputs["img_ids"], txt,
                     inputs["txt_ids"], vec, sigmas, inputs["guidance"], report_steps=bool(progress),
                     adapters=None if self.adapters is None else self.adapters.tree, lora_scales=inputs.get("lora_scales"),
+                    cond=cond,
                 )
                 latents_out.block_until_ready()
             self.timings["denoise"] = time.perf_counter() - start
@@ -426,6 +454,28 @@ class FluxPipeline:
         from PIL import Image
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
+
+    def _variant_size(self, height, width, latents, image, control_image, reference_images, resize, max_area):
+        """(height, width) a call with these variant inputs asks for (None where `_inputs` decides):
+        with references, the size at max_area as FluxKontextPipeline sets it (checked against
+        `latents`); for Fill and control, the image's size when neither height/width nor latents say."""
+        if reference_images is None:
+            if max_area is not None:
+                raise UsageError("max_area applies to reference_images (Kontext) only")
+            first = {"fill": image, "control": control_image}.get(self.variant)
+            if first is not None and latents is None and height is None and width is None:
+                first = first[0] if isinstance(first, (list, tuple)) and first else first
+                return conditioning.image_size(first, resize, "image" if self.variant == "fill" else "control_image")
+            return height, width
+        area = conditioning.KONTEXT_MAX_AREA if max_area is None else max_area
+        if latents is None:
+            return conditioning.kontext_output_size(height or self.defaults.height, width or self.defaults.width, area)
+        size = (np.shape(latents)[2] * 8, np.shape(latents)[3] * 8) if np.ndim(latents) == 4 else None
+        if size is not None and conditioning.kontext_output_size(*size, area) != size:
+            h, w = conditioning.kontext_output_size(*size, area)
+            raise UsageError(f"latents are for {size[1]}x{size[0]} images, but with reference_images the output is "
+                             f"{w}x{h} (max_area={area}); pass max_area={size[0] * size[1]} or latents of that size")
+        return height, width
 
     def _inputs(self, prompt, height, width, seed, latents):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
