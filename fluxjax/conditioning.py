@@ -172,6 +172,8 @@ def check_use(variant: str, name: str, *, image=None, mask_image=None, reference
     def refuse(why):
         raise UsageError(f"{name} is a {variant} model: {why}")
 
+    if reference_images is not None and not list(reference_images):
+        raise UsageError("reference_images is empty: give at least one reference image (or leave it None)")
     if reference_images is not None and variant != "kontext":
         if variant != "base":
             refuse("reference_images= needs a Kontext model (or a base model with allow_references=True)")
@@ -285,8 +287,6 @@ def kontext_inputs(references, batch: int, auto_resize: bool = True, resize: str
     L_ref = sum of (h_i / 16)(w_i / 16); `encode_variant` turns the pixels into `ref_img`.
     """
     references = list(references)
-    if not references:
-        raise UsageError("reference_images is empty: give at least one reference image")
     pixels = [reference_pixels(r, auto_resize, resize, "reference" if len(references) == 1 else f"reference {i}")
               for i, r in enumerate(references)]
     return {"ref_pixels": tuple(np.broadcast_to(to_model_pixels(p[None]), (batch,) + p.shape) for p in pixels),

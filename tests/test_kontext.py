@@ -112,3 +112,55 @@ def test_one_reference_matches_diffusers(kontext):
     other = ours(kontext, [random_image(12, 32, 64)], auto_resize=False)
     assert (sampling.denoise._cache_size(), conditioning.encode_variant._cache_size()) == before
     assert np.abs(other - got).max() > 1e-2
+
+
+def test_two_references_reach_the_transformer(kontext):
+    """Two references of the output's size: the transformer sees H x W x 3 image tokens (traced),
+    and the second reference changes the image."""
+    import flax.linen as nn
+
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.module.name == "img_in" and context.method_name == "__call__":
+            seen.append(args[0].shape)
+        return next_fun(*args, **kwargs)
+
+    refs = [random_image(13, HEIGHT, WIDTH), random_image(14, HEIGHT, WIDTH)]
+    with nn.intercept_methods(record):
+        two = ours(kontext, refs, auto_resize=False)
+    tokens = (HEIGHT // 16) * (WIDTH // 16)
+    assert seen and set(seen) == {(len(PROMPTS), tokens * 3, 64)}
+    swapped = ours(kontext, [refs[0], random_image(15, HEIGHT, WIDTH)], auto_resize=False)
+    # One reference of two moves the random model's pixels by about 8e-3: far above float32's 1e-6.
+    assert np.abs(swapped - two).max() > 1e-3
+
+
+def test_refused_inputs(kontext):
+    """Each wrong use of references, masks and Kontext sizes is refused in one line before any work."""
+    from fluxjax.errors import UsageError
+
+    ref, area = random_image(16, 32, 64), HEIGHT * WIDTH
+    cases = [
+        (dict(reference_images=[ref], mask_image=np.zeros((HEIGHT, WIDTH), np.uint8), max_area=area),
+         r"hub_kontext\d* is a kontext model: mask_image= is for inpainting with a base or Fill model"),
+        (dict(reference_images=[ref], control_image=ref, max_area=area), r"is a kontext model: control_image= needs a control model"),
+        (dict(reference_images=[]), r"reference_images is empty"),
+        (dict(reference_images=[random_image(17, 40, 64)], auto_resize=False, max_area=area),
+         r"reference is 64x40, not a multiple of 16 on both sides; give a resize policy"),
+        (dict(reference_images=[ref], max_area=HEIGHT * WIDTH * 4), r"latents are for 80x48 images, but with "
+         r"reference_images the output is 160x96 \(max_area=15360\); pass max_area=3840"),
+        (dict(max_area=HEIGHT * WIDTH), r"max_area applies to reference_images \(Kontext\) only"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(UsageError, match=message) as e:
+            kontext.pipe(PROMPTS, latents=kontext.noise.numpy(), num_steps=1, output="np", **kw)
+        assert "\n" not in str(e.value)
+    base = FluxPipeline.from_pretrained("tiny", dtype="float32")
+    with pytest.raises(UsageError, match=r"tiny is a base model: reference_images= needs a Kontext model \(FLUX.1-Kontext\); "
+                       r"pass allow_references=True"):
+        base("a cat", reference_images=[ref], num_steps=1, height=32, width=32)
+    # Said on purpose, a base model takes references.
+    out = base("a cat", reference_images=[ref], allow_references=True, auto_resize=False, max_area=32 * 32,
+               num_steps=1, output="np")
+    assert out.shape == (1, 32, 32, 3)
