@@ -1,15 +1,16 @@
 """Images as conditioning: read an image, bring it to a size FLUX accepts, encode it to packed latents.
 
 Used by FlowEdit (fluxjax/flowedit.py) for its source image and by the pipeline's conditioned
-generation: the model variants read from a checkpoint (`variant_of`) and the inputs each takes,
-built as diffusers' pipelines build them (FLUX_REFERENCE.md section 5):
+generation: img2img and inpainting (the strength cut, masks), and the model variants read from a
+checkpoint (`variant_of`) with the inputs each takes, built as diffusers' pipelines build them
+(FLUX_REFERENCE.md section 5):
   kontext  reference images (FluxKontextPipeline): resized to a preferred Kontext resolution,
            VAE-encoded, packed, ids (i + 1, row, col) for reference i; appended after the image
            tokens in the sequence (`kontext_inputs`, then `encode_variant` -> ref_img, ref_ids).
   fill     in_channels 384 (FluxFillPipeline): image + mask -> latents of the masked image (64)
-           and the pixel mask packed to 256 features, concatenated to x (`fill_inputs`).
+           and the pixel mask packed to 256 features, concatenated to x (`encode_variant`).
   control  in_channels 128 (FluxControlPipeline): the control image's latents (64) concatenated
-           to x (`control_inputs`).
+           to x (`encode_variant`).
 
 Sizes: FLUX's latents are packed in 16 x 16 pixel patches, so an image must be a multiple of 16
 on both sides. One that is not is refused unless a resize policy is given:
@@ -37,6 +38,17 @@ RESIZE_POLICIES = ("crop", "scale")
 def image_size(image, resize: str | None = None, name: str = "image") -> tuple[int, int]:
     """(height, width) `load_image(image, resize)` gives, reading only a file's header; UsageError
     naming `name` for a missing or unreadable file or a size that needs a policy it lacks."""
+    height, width, name = _source_size(image, name)
+    return _target_size(height, width, resize, name)
+
+
+def original_size(image, name: str = "image") -> tuple[int, int]:
+    """(height, width) of `image` as given (before any resize policy), reading only a file's header."""
+    return _source_size(image, name)[:2]
+
+
+def _source_size(image, name: str) -> tuple[int, int, str]:
+    """(height, width, name for messages: with the file's path) of an image as given."""
     if isinstance(image, (str, os.PathLike)):
         from PIL import Image, UnidentifiedImageError
 
@@ -48,10 +60,9 @@ def image_size(image, resize: str | None = None, name: str = "image") -> tuple[i
                 width, height = im.size
         except (UnidentifiedImageError, OSError) as e:
             raise UsageError(f"{name} {path}: not an image PIL can read ({e})") from None
-        name = f"{name} {path}"
-    else:
-        height, width = _as_array(image, name).shape[:2]
-    return _target_size(height, width, resize, name)
+        return height, width, f"{name} {path}"
+    height, width = _as_array(image, name).shape[:2]
+    return height, width, name
 
 
 def load_image(image, resize: str | None = None, name: str = "image") -> np.ndarray:
@@ -76,6 +87,20 @@ def load_image(image, resize: str | None = None, name: str = "image") -> np.ndar
     from PIL import Image
 
     return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def load_images(images, resize: str | None = None, name: str = "image") -> list[np.ndarray]:
+    """One image or a list of them (`load_image` each, named "NAME i" in a list) as uint8
+    (H, W, 3) arrays of one size; UsageError for an empty list or images of several sizes."""
+    given = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not given:
+        raise UsageError(f"{name}: an empty list")
+    names = [name] if len(given) == 1 else [f"{name} {i}" for i in range(len(given))]
+    pixels = [load_image(im, resize, n) for im, n in zip(given, names)]
+    if len({p.shape for p in pixels}) > 1:
+        raise UsageError(f"the {name}s of one call must have one size, got "
+                         + ", ".join(f"{p.shape[1]}x{p.shape[0]}" for p in pixels))
+    return pixels
 
 
 def _as_array(image, name: str) -> np.ndarray:
@@ -126,6 +151,83 @@ def packed_latents(model: AutoEncoder, params, pixels):
 
 encode_packed = jit_with_rules(packed_latents, static_argnames=("model",))
 """`packed_latents` compiled once per VAE, image shape and strategy."""
+
+
+# --- img2img and base-model inpainting (diffusers' FluxImg2ImgPipeline, FluxInpaintPipeline) ---
+
+DEFAULT_STRENGTH = 0.6  # diffusers' default for both pipelines
+
+
+def strength_start(num_steps: int, strength: float) -> int:
+    """The first step an image-conditioned run takes: the schedule of `num_steps` cut at `strength`.
+
+    As diffusers' get_timesteps: int(max(N - min(N * strength, N), 0)); the run takes the steps
+    start .. N-1 from the latents at sigmas[start]. UsageError for strength outside (0, 1] or one
+    that leaves no step.
+    """
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
+        raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
+    start = int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
+    if start >= num_steps:
+        raise UsageError(f"strength {strength} leaves no step of {num_steps} (it runs int({num_steps} x strength) "
+                         "steps): raise strength or the number of steps")
+    return start
+
+
+def load_mask(mask, size: tuple[int, int], resize: str | None = None, name: str = "mask_image") -> np.ndarray:
+    """An inpainting mask as float32 (H, W) of 0 (keep) and 1 (repaint), for an image of `size`.
+
+    mask: a path, a PIL image (converted to grayscale "L" as diffusers' mask processor does), or
+    an array (H, W) or (H, W, 3) of uint8 or floats in [0, 1]; binarized at 0.5 (diffusers'
+    do_binarize). It must have the size of the image as given (before any resize policy), and is
+    then cropped or scaled as the image is. size: the image's (height, width) before resizing.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        from PIL import Image
+
+        path = os.fspath(mask)
+        if not os.path.isfile(path):
+            raise UsageError(f"{name} {path}: no such file")
+        with Image.open(path) as im:
+            mask = im.convert("L")
+    if hasattr(mask, "convert") and hasattr(mask, "size"):
+        gray = np.asarray(mask.convert("L"))
+    else:
+        array = np.asarray(mask)
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+            raise UsageError(f"{name}: expected a grayscale (H, W) or RGB (H, W, 3) mask, got shape {array.shape}")
+        if array.dtype != np.uint8 and (not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all()
+                                        or array.min() < 0 or array.max() > 1):
+            raise UsageError(f"{name}: expected uint8 values or floats in [0, 1], got {array.dtype}")
+        gray = array if array.dtype == np.uint8 else np.round(array * 255.0).astype(np.uint8)
+        if gray.ndim == 3:  # RGB to gray as PIL's "L" (ITU-R 601-2 luma), what a PIL mask gets
+            from PIL import Image
+
+            gray = np.asarray(Image.fromarray(gray).convert("L"))
+    if gray.shape != tuple(size):
+        raise UsageError(f"{name} is {gray.shape[1]}x{gray.shape[0]} but the image is {size[1]}x{size[0]}: "
+                         "a mask must have the image's size")
+    height, width = _target_size(*gray.shape, resize, name)
+    if (height, width) != gray.shape:
+        if resize == "crop":
+            gray = gray[:height, :width]
+        else:
+            from PIL import Image
+
+            gray = np.asarray(Image.fromarray(gray).resize((width, height), Image.Resampling.LANCZOS))
+    # diffusers: pixels / 255 as float32, then 0 below 0.5 and 1 from 0.5 on.
+    return (gray.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)
+
+
+def mask_latents(masks: np.ndarray) -> np.ndarray:
+    """Pixel masks (B, H, W) -> (B, (H/16)(W/16), 64) float32, the packed latent mask of the loop.
+
+    As FluxInpaintPipeline: nearest-neighbour resize to the latent grid (torch's "nearest" takes
+    the top-left pixel of each 8 x 8 block), repeated over the 16 latent channels, packed.
+    """
+    small = masks[:, ::8, ::8]
+    repeated = np.repeat(small[:, None], sampling.LATENT_CHANNELS, axis=1)
+    return np.asarray(sampling.pack(repeated))
 
 
 # --- model variants -----------------------------------------------------------------------------
@@ -190,21 +292,6 @@ def check_use(variant: str, name: str, *, image=None, mask_image=None, reference
         refuse("give control_image= (the edge or depth map the image follows)")
     if variant == "fill" and (image is None or mask_image is None):
         refuse("give image= and mask_image= (white = the region to repaint)")
-
-
-def variant_inputs(variant: str, batch: int, size: tuple[int, int], *, image=None, mask_image=None,
-                   reference_images=None, control_image=None, resize: str | None = None,
-                   auto_resize: bool = True) -> dict:
-    """The host inputs of `encode_variant` for a call of `batch` images of `size` (height, width)
-    on a model of `variant` (inputs already passed by `check_use`); {} when the variant's inputs
-    are not used (a base or Kontext model without references)."""
-    if variant == "fill":
-        return fill_inputs(image, mask_image, batch, resize, size)
-    if variant == "control":
-        return control_inputs(control_image, batch, resize, size)
-    if reference_images is not None:
-        return kontext_inputs(reference_images, batch, auto_resize, resize)
-    return {}
 
 
 # --- Kontext references ---------------------------------------------------------------------------
@@ -294,78 +381,6 @@ def kontext_inputs(references, batch: int, auto_resize: bool = True, resize: str
 
 
 # --- Fill and control -----------------------------------------------------------------------------
-
-
-def load_mask(mask, name: str = "mask_image") -> np.ndarray:
-    """A mask as float32 (H, W) of 0 (keep) and 1 (repaint), as diffusers' mask processor makes it:
-    grayscale (PIL's luma for RGB), then values >= 0.5 (128 of 255) -> 1, the others 0.
-
-    mask: a path, a PIL image, or an array (H, W), (H, W, 1) or (H, W, 3) of uint8 or floats in [0, 1].
-    """
-    from PIL import Image
-
-    if isinstance(mask, (str, os.PathLike)):
-        image_size(mask, "crop", name)  # one-line errors for a missing or unreadable file
-        with Image.open(os.fspath(mask)) as im:
-            mask = im.convert("L")
-    if hasattr(mask, "convert") and hasattr(mask, "size"):
-        mask = mask.convert("L")
-    array = np.asarray(mask)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 3 and array.shape[-1] == 3:
-        array = np.asarray(Image.fromarray(_as_array(array, name)).convert("L"))
-    if array.ndim != 2:
-        raise UsageError(f"{name}: expected a mask (H, W), (H, W, 1) or (H, W, 3), got an array of shape {array.shape}")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    elif not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise UsageError(f"{name}: expected uint8 values or floats in [0, 1], got {array.dtype}")
-    return (array >= 0.5).astype(np.float32)
-
-
-def _per_image(images, batch: int, name: str) -> list:
-    """One image for every prompt, or a list of B."""
-    items = list(images) if isinstance(images, (list, tuple)) else [images]
-    if len(items) == 1:
-        return items * batch
-    if len(items) != batch:
-        raise UsageError(f"{name}: {len(items)} images for {batch} prompts (give one, or one per prompt)")
-    return items
-
-
-def _image_batch(images, batch: int, resize: str | None, name: str, size: tuple[int, int] | None) -> np.ndarray:
-    """(B, H, W, 3) uint8 of one size, that of `size` (height, width) when given."""
-    items = _per_image(images, batch, name)
-    pixels = [load_image(im, resize, name if len(items) == 1 else f"{name} {i}") for i, im in enumerate(items)]
-    shapes = {p.shape[:2] for p in pixels}
-    if len(shapes) > 1:
-        raise UsageError(f"{name}: the images have different sizes " + ", ".join(f"{w}x{h}" for h, w in sorted(shapes)))
-    (h, w), = shapes
-    if size is not None and (h, w) != tuple(size):
-        raise UsageError(f"{name} is {w}x{h}, the output is {size[1]}x{size[0]}: give height/width of the image "
-                         "or an image of the output's size")
-    return np.stack(pixels)
-
-
-def fill_inputs(image, mask_image, batch: int, resize: str | None = None, size: tuple[int, int] | None = None) -> dict:
-    """Host inputs of a Fill model: {"fill_pixels": (B, H, W, 3) float32 in [-1, 1],
-    "fill_mask": (B, H, W) float32 of 0/1 (1 = repaint)}; one image/mask for all or one per prompt.
-    The mask must have the image's size (after `resize`)."""
-    pixels = _image_batch(image, batch, resize, "image", size)
-    masks = [load_mask(m, "mask_image") for m in _per_image(mask_image, batch, "mask_image")]
-    for m in masks:
-        if m.shape != pixels.shape[1:3]:
-            raise UsageError(f"mask_image is {m.shape[1]}x{m.shape[0]}, the image {pixels.shape[2]}x{pixels.shape[1]}: "
-                             "they must have one size")
-    return {"fill_pixels": to_model_pixels(pixels), "fill_mask": np.stack(masks)}
-
-
-def control_inputs(control_image, batch: int, resize: str | None = None, size: tuple[int, int] | None = None) -> dict:
-    """Host inputs of a control model: {"control_pixels": (B, H, W, 3) float32 in [-1, 1]}, the
-    control image (a Canny edge map, a depth map, ...) as the user made it, one for all or one per prompt."""
-    return {"control_pixels": to_model_pixels(_image_batch(control_image, batch, resize, "control_image", size))}
-
 
 def pack_mask(mask: jnp.ndarray) -> jnp.ndarray:
     """(B, H, W) pixel mask -> (B, (H/16)(W/16), 256), as diffusers' FluxFillPipeline packs it: the

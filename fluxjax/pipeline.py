@@ -261,65 +261,121 @@ class FluxPipeline:
 
     # --- generation ------------------------------------------------------------------------
 
-    def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
+    def __call__(self, prompt: str | Sequence[str] | None = None, height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
                  latents=None, max_sequence_length: int | None = None, output: str = "pil",
-                 progress: bool = False, lora_scales=None, image=None, mask_image=None, reference_images=None,
-                 control_image=None, resize: str | None = None, max_area: int | None = None,
-                 auto_resize: bool = True, allow_references: bool = False):
-        """Generate one image per prompt.
+                 progress: bool = False, lora_scales=None, *, image=None, strength: float | None = None,
+                 mask_image=None, resize: str | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 true_cfg_scale=None, prompt_2: str | Sequence[str] | None = None,
+                 negative_prompt_2: str | Sequence[str] | None = None, prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, sigmas=None,
+                 reference_images=None, control_image=None, max_area: int | None = None,
+                 auto_resize: bool | None = None, allow_references: bool = False):
+        """Generate one image per prompt; optionally from an image (img2img, inpainting), with true CFG.
 
-        prompt: a string or a list of B strings (with `latents` of batch B, one string is used B times).
+        prompt: a string or a list of B strings (with `latents` or a list of images of batch B, one
+            string is used B times). It goes to CLIP, and to T5 unless `prompt_2` is given
+            (diffusers' FluxPipeline: prompt_2 is the T5 prompt).
         height, width: pixels, multiples of 16 (default: the model's, 1024x1024; from `latents`
-            when those are given).
+            or `image` when those are given).
         num_steps, guidance, max_sequence_length: default to the model's (schnell: 4, no
             guidance, T5 length 256; dev: 28, 3.5, 512). Guidance is refused by models without
             a guidance embedding.
         seed: an int s (image i uses seed s + i) or a list of B ints; image i's noise depends on
             its own seed only.
-        latents: initial noise (B, 16, H/8, W/8) (NCHW, as `torch.randn` gives it) instead of seeds.
+        latents: initial noise (B, 16, H/8, W/8) (NCHW, as `torch.randn` gives it) instead of
+            seeds; with `image`, the noise mixed with the image's latents.
         output: "np" -> float32 array (B, H, W, 3) in [0, 1]; "pil" -> list of PIL images.
         progress: show a progress bar over the stages and steps (on a terminal).
         lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
             (B, n) table, one row per image (a batch may mix LoRAs and strengths); default:
             the strengths they were loaded with.
-        Images (paths, PIL images or arrays (H, W, 3); one for every prompt, or a list of B), by
-        model variant (`pipe.variant`, fluxjax/conditioning.py; a wrong combination is refused):
-        image, mask_image: Fill: the image and the region to repaint (white), as FluxFillPipeline;
-            the output has their size unless height/width say it (then they must agree).
-        control_image: control (FLUX.1-Canny/Depth, or a base model with a control LoRA): the
-            edge or depth map the image follows, as FluxControlPipeline; its size as image's.
-        reference_images: Kontext: a list of reference images shared by every image of the call,
-            appended to the sequence with ids (i + 1, row, col), as FluxKontextPipeline (a base
-            model takes them only with allow_references=True). Each is resized to the preferred
-            Kontext resolution nearest its aspect ratio unless auto_resize=False, and the output
-            to max_area pixels (default 1024**2) at the requested aspect ratio, as diffusers does.
-        resize: None, "crop" or "scale": how an image whose sides are not multiples of 16 is
-            brought to them (fluxjax/conditioning.py); None refuses it.
+        image: img2img's start (diffusers' FluxImg2ImgPipeline): a path, PIL image or array
+            (H, W, 3) (fluxjax/conditioning.py), or a list of 1 or B of them of one size; the
+            output has its size. Encoded to the VAE posterior's mean; the run takes the last
+            int(num_steps x strength) steps from sigma_s noise + (1 - sigma_s) image latents.
+        strength: in (0, 1] (default 0.6, as diffusers); 1 starts from pure noise.
+        mask_image: inpainting (FluxInpaintPipeline): white (>= 0.5) repaints, black keeps; a
+            path, PIL image or (H, W) array of the image's size, one or B of them. The kept
+            region is re-noised to each step's time and blended in after every step.
+        resize: None, "crop" or "scale": how an image (and its mask) whose sides are not
+            multiples of 16 is brought to them (fluxjax/conditioning.py).
+        negative_prompt, true_cfg_scale: true classifier-free guidance (diffusers' FluxPipeline):
+            v = v_neg + s (v - v_neg) with a second transformer call per step; s > 1, one number
+            or B. negative_prompt_2 is the negative prompt's T5 text (default: negative_prompt).
+        prompt_embeds (B, L, context_dim), pooled_prompt_embeds (B, vec_dim): precomputed T5 and
+            pooled CLIP embeddings instead of `prompt`; negative_prompt_embeds and
+            negative_pooled_prompt_embeds likewise instead of `negative_prompt`.
+        sigmas: N custom timesteps in (0, 1], decreasing, instead of the schedule's linspace; shifted
+            by the schedule as diffusers' scheduler shifts given sigmas (N steps, 0 appended).
+        The model variants (`pipe.variant`, fluxjax/conditioning.py; a wrong combination is refused):
+        image, mask_image on a Fill model: the image and the region to repaint (white), as
+            FluxFillPipeline: the masked image's latents and the packed mask are extra input
+            channels at every step; strength defaults to 1 (from pure noise) as there.
+        control_image: a control model's (FLUX.1-Canny/Depth, or a base model with a control LoRA)
+            edge or depth map, as FluxControlPipeline: its latents are extra input channels; one
+            or B of them of one size, which the output takes.
+        reference_images: a list of reference images for Kontext, shared by every image of the
+            call, appended to the sequence with ids (i + 1, row, col), as FluxKontextPipeline (a
+            base model takes them only with allow_references=True). Each is resized to the
+            preferred Kontext resolution nearest its aspect ratio unless auto_resize=False (then
+            `resize` applies), and the output to max_area pixels (default 1024**2) at the
+            requested aspect ratio, as diffusers does.
         """
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
         conditioning.check_use(self.variant, self.name, image=image, mask_image=mask_image,
                                reference_images=reference_images, control_image=control_image,
                                allow_references=allow_references)
-        height, width = self._variant_size(height, width, latents, image, control_image, reference_images, resize,
-                                           max_area)
-        prompts, noise, height, width = self._inputs(prompt, height, width, seed, latents)
+        if reference_images is None and (max_area is not None or auto_resize is not None):
+            raise UsageError("max_area and auto_resize apply to reference_images (Kontext) only")
+        fill = self.variant == "fill"
+        # resize serves control and reference images too: only without any image is it refused.
+        other_images = control_image is not None or reference_images is not None
+        images = self._condition_images(image, strength, mask_image, None if image is None and other_images else resize)
+        controls = None if control_image is None else conditioning.load_images(control_image, resize, "control_image")
+        text = _TextInputs.check(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, "prompt")
+        if reference_images is not None:
+            height, width = self._kontext_size(height, width, latents, max_area)
+        size_from = images[0] if images is not None else None if controls is None else controls[0]
+        prompts, batch, noise, height, width = self._inputs(prompt, height, width, seed, latents, text.batch, size_from)
+        if sigmas is not None:
+            sigmas = _check_sigmas(sigmas)
+            if num_steps is not None and num_steps != len(sigmas):
+                raise UsageError(f"num_steps {num_steps} but {len(sigmas)} sigmas: leave num_steps unset with sigmas")
+            num_steps = len(sigmas)
         num_steps, guidance, max_sequence_length = self.settings(num_steps, guidance, max_sequence_length)
-        batch = len(prompts)
-        sigmas = self.schedule.sigmas(num_steps, (height // 16) * (width // 16))
+        negative = _TextInputs.check(negative_prompt, negative_prompt_2, negative_prompt_embeds,
+                                     negative_pooled_prompt_embeds, "negative_prompt", batch)
+        true_cfg = _true_cfg(true_cfg_scale, negative.given, batch)
+        seq_len = (height // 16) * (width // 16)
+        schedule = self.schedule.sigmas(num_steps, seq_len) if sigmas is None else self.schedule.shift_sigmas(sigmas, seq_len)
+        default_strength = 1.0 if fill else conditioning.DEFAULT_STRENGTH  # FluxFillPipeline's default is 1
+        start = 0 if images is None else conditioning.strength_start(
+            num_steps, default_strength if strength is None else strength)
 
         from tqdm import tqdm
 
-        t5_ids, clip_ids = self.tokenizer(prompts, max_sequence_length)
-        inputs = dict(
-            t5_ids=t5_ids, clip_ids=clip_ids, img=sampling.pack(noise), img_ids=sampling.image_ids(batch, height, width),
-            txt_ids=sampling.text_ids(batch, t5_ids.shape[1]),
-            guidance=None if guidance is None else np.full((batch,), guidance, np.float32),
-            variant=conditioning.variant_inputs(self.variant, batch, (height, width), image=image, mask_image=mask_image,
-                                                reference_images=reference_images, control_image=control_image,
-                                                resize=resize, auto_resize=auto_resize),
-        )
+        text_length = max_sequence_length if text.embeds is None else text.embeds[0].shape[1]
+        inputs = dict(noise=sampling.pack(noise), img_ids=sampling.image_ids(batch, height, width),
+                      txt_ids=sampling.text_ids(batch, text_length),
+                      guidance=None if guidance is None else np.full((batch,), guidance, np.float32),
+                      text=text.inputs(self.tokenizer, prompts, max_sequence_length, self.transformer.model.config))
+        if true_cfg is not None:
+            inputs["true_cfg"] = true_cfg
+            inputs["negative"] = negative.inputs(self.tokenizer, negative.prompts, max_sequence_length,
+                                                 self.transformer.model.config, text_length)
+        if images is not None:
+            pixels, masks = images[1], images[2]
+            inputs["pixels"] = conditioning.to_model_pixels(_per_image(pixels, batch, "image"))
+            if masks is not None and fill:  # Fill's inputs: the image and its pixel mask
+                inputs["variant"] = {"fill_pixels": inputs["pixels"], "fill_mask": _per_image(masks, batch, "mask_image")}
+            elif masks is not None:
+                inputs["mask"] = conditioning.mask_latents(_per_image(masks, batch, "mask_image"))
+        if controls is not None:
+            inputs["variant"] = {"control_pixels": conditioning.to_model_pixels(_per_image(controls, batch, "control_image"))}
+        if reference_images is not None:
+            inputs["variant"] = conditioning.kontext_inputs(reference_images, batch, auto_resize is not False, resize)
         if self.adapters is not None:
             from fluxjax.lora import image_scales
 
@@ -331,44 +387,97 @@ class FluxPipeline:
             inputs, _ = self.strategy.put_batch(inputs, self.mesh)
         context = self.strategy.activate(self.mesh) if self.strategy is not None else contextlib.nullcontext()
 
-        with context, tqdm(total=num_steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
-            start = time.perf_counter()
-            txt, vec = self.encode(inputs["t5_ids"], inputs["clip_ids"])
-            cond = None
-            if inputs["variant"]:  # image latents and reference tokens of the model's variant
-                cond = sampling.Conditioning(**conditioning.encode_variant(self.vae.model, self.vae.params,
-                                                                           inputs["variant"]))
+        steps = num_steps - start
+        with context, tqdm(total=steps + 2, desc="encoding prompt", unit="stage", disable=not progress or None, leave=False) as bar:
+            start_time = time.perf_counter()
+            txt, vec = self._text(inputs["text"])
+            cond = {}
+            if true_cfg is not None:
+                cond.update(zip(("neg_txt", "neg_vec"), self._text(inputs["negative"])), true_cfg=inputs["true_cfg"])
+            img = inputs["noise"]
+            if images is not None:
+                image_latents = conditioning.encode_packed(self.vae.model, self.vae.params, inputs["pixels"])
+                img = sampling.scale_noise(image_latents, inputs["noise"], schedule[start])
+                cond["start"] = np.int32(start)
+                if "mask" in inputs:
+                    cond.update(image_latents=image_latents, noise=inputs["noise"], mask=inputs["mask"])
+            if "variant" in inputs:  # the variant's extra channels or reference tokens
+                cond.update(conditioning.encode_variant(self.vae.model, self.vae.params, inputs["variant"]))
             txt.block_until_ready()
-            self.timings = {"encode": time.perf_counter() - start}
+            self.timings = {"encode": time.perf_counter() - start_time}
             bar.update(1)
 
-            bar.set_description(f"denoising ({num_steps} steps)")
-            start = time.perf_counter()
+            bar.set_description(f"denoising ({steps} steps)")
+            start_time = time.perf_counter()
             with sampling.step_callback(lambda i: bar.update(1)):
                 latents_out = sampling.denoise(
-                    self.transformer.model, self.transformer.params, inputs["img"], inputs["img_ids"], txt,
-                    inputs["txt_ids"], vec, sigmas, inputs["guidance"], report_steps=bool(progress),
+                    self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
+                    inputs["txt_ids"], vec, schedule, inputs["guidance"], report_steps=bool(progress),
                     adapters=None if self.adapters is None else self.adapters.tree, lora_scales=inputs.get("lora_scales"),
-                    cond=cond,
+                    cond=sampling.Conditioning(**cond) if cond else None,
                 )
                 latents_out.block_until_ready()
-            self.timings["denoise"] = time.perf_counter() - start
+            self.timings["denoise"] = time.perf_counter() - start_time
             if not progress:
-                bar.update(num_steps)
+                bar.update(steps)
 
             bar.set_description("decoding")
-            start = time.perf_counter()
+            start_time = time.perf_counter()
             # Checked before decoding too: the decoder clips, so an infinite latent would decode finite.
             check_output(_gather(latents_out)[:batch], "the denoised latents of images")
-            images = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width))[:batch]
-            check_output(images)
-            self.timings["decode"] = time.perf_counter() - start
+            out = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width))[:batch]
+            check_output(out)
+            self.timings["decode"] = time.perf_counter() - start_time
             bar.update(1)
         if output == "np":
-            return images
+            return out
         from PIL import Image
 
-        return [Image.fromarray(u8) for u8 in to_uint8(images)]
+        return [Image.fromarray(u8) for u8 in to_uint8(out)]
+
+    def _kontext_size(self, height, width, latents, max_area):
+        """(height, width) of a call with reference images: the requested size (default the
+        model's) at max_area pixels, as FluxKontextPipeline sets it; with `latents`, their size,
+        which must be that size already (None, None then: `_inputs` reads it)."""
+        area = conditioning.KONTEXT_MAX_AREA if max_area is None else max_area
+        if latents is None:
+            return conditioning.kontext_output_size(height or self.defaults.height, width or self.defaults.width, area)
+        if np.ndim(latents) == 4:
+            size = (np.shape(latents)[2] * 8, np.shape(latents)[3] * 8)
+            h, w = conditioning.kontext_output_size(*size, area)
+            if (h, w) != size:
+                raise UsageError(f"latents are for {size[1]}x{size[0]} images, but with reference_images the output "
+                                 f"is {w}x{h} (max_area={area}); pass max_area={size[0] * size[1]} or latents of that size")
+        return height, width
+
+    def _condition_images(self, image, strength, mask_image, resize):
+        """None, or (uint8 (H, W, 3) first image, list of 1 or B uint8 images, list of masks or None), checked."""
+        if image is None:
+            for name, value in (("strength", strength), ("mask_image", mask_image), ("resize", resize)):
+                if value is not None:
+                    raise UsageError(f"{name} needs an image= to start from (img2img or inpainting)")
+            return None
+        if strength is not None:
+            conditioning.strength_start(1, strength)  # the range check, before any image is read
+        given = list(image) if isinstance(image, (list, tuple)) else [image]
+        names = ["image"] if len(given) == 1 else [f"image {i}" for i in range(len(given))]
+        pixels = conditioning.load_images(image, resize, "image")
+        sizes = [conditioning.original_size(im, n) for im, n in zip(given, names)]
+        masks = None
+        if mask_image is not None:
+            masks = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
+            if len(masks) not in (1, len(given)) and len(given) != 1:
+                raise UsageError(f"{len(masks)} mask_images for {len(given)} images (give one, or one per image)")
+            masks = [conditioning.load_mask(m, sizes[min(i, len(sizes) - 1)], resize,
+                                            "mask_image" if len(masks) == 1 else f"mask_image {i}")
+                     for i, m in enumerate(masks)]
+        return pixels[0], pixels, masks
+
+    def _text(self, text: dict):
+        """(txt, vec) from token ids ({"t5", "clip"}) or from given embeddings ({"txt", "vec"})."""
+        if "txt" in text:
+            return text["txt"], text["vec"]
+        return self.encode(text["t5"], text["clip"])
 
     def encode(self, t5_ids, clip_ids):
         """Token ids (B, L) and (B, 77) -> txt (B, L, context_dim), vec (B, vec_dim) in the transformer's dtype.
@@ -455,34 +564,28 @@ class FluxPipeline:
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
-    def _variant_size(self, height, width, latents, image, control_image, reference_images, resize, max_area):
-        """(height, width) a call with these variant inputs asks for (None where `_inputs` decides):
-        with references, the size at max_area as FluxKontextPipeline sets it (checked against
-        `latents`); for Fill and control, the image's size when neither height/width nor latents say."""
-        if reference_images is None:
-            if max_area is not None:
-                raise UsageError("max_area applies to reference_images (Kontext) only")
-            first = {"fill": image, "control": control_image}.get(self.variant)
-            if first is not None and latents is None and height is None and width is None:
-                first = first[0] if isinstance(first, (list, tuple)) and first else first
-                return conditioning.image_size(first, resize, "image" if self.variant == "fill" else "control_image")
-            return height, width
-        area = conditioning.KONTEXT_MAX_AREA if max_area is None else max_area
-        if latents is None:
-            return conditioning.kontext_output_size(height or self.defaults.height, width or self.defaults.width, area)
-        size = (np.shape(latents)[2] * 8, np.shape(latents)[3] * 8) if np.ndim(latents) == 4 else None
-        if size is not None and conditioning.kontext_output_size(*size, area) != size:
-            h, w = conditioning.kontext_output_size(*size, area)
-            raise UsageError(f"latents are for {size[1]}x{size[0]} images, but with reference_images the output is "
-                             f"{w}x{h} (max_area={area}); pass max_area={size[0] * size[1]} or latents of that size")
-        return height, width
+    def _inputs(self, prompt, height, width, seed, latents, embeds_batch=None, image=None):
+        """(prompts or None, B, noise (B, 16, H/8, W/8) float32, height, width), checked.
 
-    def _inputs(self, prompt, height, width, seed, latents):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UsageError("no prompt given")
-        for i, p in enumerate(prompts):
-            check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
+        B: the prompts' count (one string prompt is stretched to the batch of `latents`), or
+        `embeds_batch` when the prompt comes as embeddings. image: the first conditioning image
+        (uint8 (H, W, 3)), whose size the output takes.
+        """
+        if embeds_batch is None:
+            prompts = [] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise UsageError("no prompt given")
+            for i, p in enumerate(prompts):
+                check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
+            batch, stretch = len(prompts), isinstance(prompt, str)
+        else:
+            prompts, batch, stretch = None, embeds_batch, False
+        if image is not None:
+            size = image.shape[:2]
+            if (height, width) != (None, None) and (height or size[0], width or size[1]) != size:
+                raise UsageError(f"image is {size[1]}x{size[0]}, not height={height}, width={width}: leave height and "
+                                 "width unset (the output has the image's size)")
+            height, width = size
         if latents is not None:
             latents = np.asarray(latents, np.float32) if not isinstance(latents, jax.Array) else latents
             if not bool(jnp.isfinite(latents).all()):
@@ -494,17 +597,17 @@ class FluxPipeline:
                 raise UsageError(f"latents of shape {tuple(latents.shape)} are for {size[0]}x{size[1]} images, "
                                  f"not height={height}, width={width}")
             height, width = size
-            if isinstance(prompt, str):
-                prompts = prompts * latents.shape[0]
-            if len(prompts) != latents.shape[0]:
-                raise UsageError(f"{len(prompts)} prompts but latents for {latents.shape[0]} images")
+            if stretch:
+                prompts, batch = prompts * latents.shape[0], latents.shape[0]
+            if batch != latents.shape[0]:
+                raise UsageError(f"{batch} prompts but latents for {latents.shape[0]} images")
         height = self.defaults.height if height is None else height
         width = self.defaults.width if width is None else width
         sampling.check_size(height, width)
         if latents is None:
-            seeds = _seeds(seed, len(prompts))
+            seeds = _seeds(seed, batch)
             latents = sampling.noise(seeds, height, width)
-        return prompts, jnp.asarray(latents, jnp.float32), height, width
+        return prompts, batch, jnp.asarray(latents, jnp.float32), height, width
 
     def settings(self, num_steps: int | None = None, guidance: float | None = None,
                  max_sequence_length: int | None = None) -> tuple[int, float | None, int]:
@@ -556,6 +659,113 @@ def _seeds(seed, batch: int) -> list[int]:
     for s in seeds:
         sampling.check_seed("seed", int(s))
     return [int(s) for s in seeds]
+
+
+@dataclass(frozen=True)
+class _TextInputs:
+    """One side of the conditioning text (the prompt, or the negative prompt): strings or embeddings.
+
+    prompts: the CLIP prompts (None with embeddings); prompts_2: the T5 prompts (diffusers'
+    prompt_2; None: the same as prompts); embeds: (txt (B, L, D), vec (B, vec_dim)) float32 or None.
+    """
+
+    prompts: list[str] | None
+    prompts_2: list[str] | None
+    embeds: tuple[np.ndarray, np.ndarray] | None
+    batch: int | None
+
+    @property
+    def given(self) -> bool:
+        return self.prompts is not None or self.embeds is not None
+
+    @classmethod
+    def check(cls, prompt, prompt_2, embeds, pooled, name: str, batch: int | None = None) -> "_TextInputs":
+        """Check one side's arguments (name: "prompt" or "negative_prompt"); batch: the images' count,
+        to which a single negative string is stretched (None for the prompt itself)."""
+        if (embeds is None) != (pooled is None):
+            raise UsageError(f"{name}_embeds and pooled_{name}_embeds go together (T5 and pooled CLIP embeddings)")
+        if embeds is not None:
+            if prompt is not None or prompt_2 is not None:
+                raise UsageError(f"give {name} (and {name}_2) or {name}_embeds, not both")
+            txt, vec = np.asarray(embeds, np.float32), np.asarray(pooled, np.float32)
+            if txt.ndim != 3 or vec.ndim != 2 or txt.shape[0] != vec.shape[0]:
+                raise UsageError(f"{name}_embeds must be (B, L, D) and pooled_{name}_embeds (B, D'), got "
+                                 f"{txt.shape} and {vec.shape}")
+            if batch is not None and txt.shape[0] != batch:
+                raise UsageError(f"{name}_embeds hold {txt.shape[0]} prompts for {batch} images")
+            return cls(None, None, (txt, vec), txt.shape[0])
+        if prompt is None:
+            if prompt_2 is not None:
+                raise UsageError(f"{name}_2 needs {name} (the CLIP prompt) too")
+            return cls(None, None, None, None)
+        if batch is None:  # the prompt itself: checked and counted by FluxPipeline._inputs
+            prompts_2 = None if prompt_2 is None else _prompt_list(f"{name}_2", prompt_2, 1 if isinstance(prompt, str)
+                                                                     else len(prompt))
+            return cls(None, prompts_2, None, None)
+        prompts = _prompt_list(name, prompt, batch)
+        return cls(prompts, None if prompt_2 is None else _prompt_list(f"{name}_2", prompt_2, batch), None, batch)
+
+    def inputs(self, tokenizer: PromptTokenizer, prompts, max_sequence_length: int, config: FluxConfig,
+               length: int | None = None) -> dict:
+        """The host arrays the pipeline encodes: {"t5", "clip"} token ids, or {"txt", "vec"} embeddings
+        checked against the transformer's widths (and against `length` text tokens when given)."""
+        if self.embeds is not None:
+            txt, vec = self.embeds
+            if txt.shape[2] != config.context_in_dim or vec.shape[1] != config.vec_in_dim:
+                raise UsageError(f"embeddings of widths {txt.shape[2]} and {vec.shape[1]}; this transformer takes "
+                                 f"{config.context_in_dim} (T5) and {config.vec_in_dim} (pooled CLIP)")
+            if length is not None and txt.shape[1] != length:
+                raise UsageError(f"negative_prompt_embeds have {txt.shape[1]} tokens, the prompt's {length}: "
+                                 "both sides need one length")
+            return {"txt": txt, "vec": vec}
+        prompts_2 = self.prompts_2
+        if prompts_2 is not None and len(prompts_2) != len(prompts):  # a single prompt_2 stretched with the prompt
+            prompts_2 = prompts_2 * len(prompts) if len(prompts_2) == 1 else prompts_2
+            if len(prompts_2) != len(prompts):
+                raise UsageError(f"{len(self.prompts_2)} T5 prompts (prompt_2) for {len(prompts)} prompts")
+        if prompts_2 is None:
+            t5, clip = tokenizer(prompts, max_sequence_length)
+        else:
+            t5, clip = tokenizer.tokenize_t5(prompts_2, max_sequence_length), tokenizer.tokenize_clip(prompts)
+        if length is not None and t5.shape[1] != length:
+            raise UsageError(f"negative prompts encode to {t5.shape[1]} tokens, prompt_embeds hold {length}: give "
+                             "negative_prompt_embeds, or max_sequence_length equal to their length")
+        return {"t5": t5, "clip": clip}
+
+
+def _true_cfg(scale, negative_given: bool, batch: int) -> np.ndarray | None:
+    """(B,) float32 true-CFG scales, or None without a negative prompt; UsageError for a half-given pair."""
+    if scale is None:
+        if negative_given:
+            raise UsageError("negative_prompt needs true_cfg_scale (> 1) to have an effect")
+        return None
+    if not negative_given:
+        raise UsageError("true_cfg_scale needs a negative_prompt (or negative_prompt_embeds)")
+    values = np.atleast_1d(np.asarray(scale, dtype=object))
+    if values.ndim != 1 or len(values) not in (1, batch) or not all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v) and v > 1 for v in values):
+        raise UsageError(f"true_cfg_scale must be a number > 1 or a list of {batch} of them, got {scale!r}")
+    return np.broadcast_to(values.astype(np.float32), (batch,)).copy()
+
+
+def _check_sigmas(sigmas) -> list[float]:
+    """The custom schedule as floats: at least one, each in (0, 1], strictly decreasing."""
+    values = np.asarray(sigmas, dtype=object).reshape(-1) if not isinstance(sigmas, (int, float)) else np.array([sigmas], object)
+    if len(values) == 0 or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+        raise UsageError(f"sigmas must be a list of numbers, got {sigmas!r}")
+    floats = np.asarray(values, np.float64)
+    if not (np.isfinite(floats).all() and (floats > 0).all() and (floats <= 1).all() and (np.diff(floats) < 0).all()):
+        raise UsageError(f"sigmas must decrease strictly within (0, 1] (the final 0 is appended), got {list(floats)}")
+    return list(floats)
+
+
+def _per_image(items: list[np.ndarray], batch: int, name: str) -> np.ndarray:
+    """(B, ...) stacked from one item (used for every image) or B of them."""
+    if len(items) == 1:
+        return np.repeat(items[0][None], batch, axis=0)
+    if len(items) != batch:
+        raise UsageError(f"{len(items)} {name}s for {batch} images (give one, or one per image)")
+    return np.stack(items)
 
 
 def _prompt_list(name: str, prompt, batch: int) -> list[str]:

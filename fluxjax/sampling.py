@@ -189,6 +189,16 @@ class Schedule:
         t[1:-1] = self.shift_timesteps(t[1:-1], image_seq_len)  # t = 1 and t = 0 are fixed points of every shift
         return t.astype(np.float32)
 
+    def shift_sigmas(self, sigmas, image_seq_len: int) -> np.ndarray:
+        """(N + 1,) float32: N given timesteps (decreasing, in (0, 1]) shifted, then the final 0.
+
+        As diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...): given sigmas go
+        through the same shift as the default linspace (dev: the resolution shift), so
+        linspace(1, 1/N, N) gives `self.sigmas(N, ...)`. Computed in float64, rounded once.
+        """
+        t = np.asarray(sigmas, np.float32).astype(np.float64)  # diffusers takes them as float32
+        return np.append(self.shift_timesteps(t, image_seq_len), 0.0).astype(np.float32)
+
     def shift_timesteps(self, t, image_seq_len: int):
         """The schedule's shift applied to timesteps t in (0, 1] (NumPy or jax arrays, any shape).
 

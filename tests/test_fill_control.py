@@ -109,7 +109,8 @@ def test_fill_channels_match_diffusers(fill):
         m, latents = ref.prepare_mask_latents(mask_t, init * (1 - mask_t), 1, 16, 1, HEIGHT, WIDTH, torch.float32,
                                               "cpu", None)
     want = torch.cat((latents, m), dim=-1).numpy()
-    host = conditioning.fill_inputs(image, mask, 1)
+    host = {"fill_pixels": conditioning.to_model_pixels(np.asarray(image)[None]),
+            "fill_mask": conditioning.load_mask(mask, (HEIGHT, WIDTH))[None]}
     got = np.asarray(conditioning.encode_variant(fill.pipe.vae.model, fill.pipe.vae.params, host)["channels"])
     assert got.shape == want.shape == (1, (HEIGHT // 16) * (WIDTH // 16), 320)
     np.testing.assert_array_equal(got[..., 64:], want[..., 64:])  # the packed mask, exactly

@@ -111,7 +111,7 @@ def test_one_reference_matches_diffusers(kontext):
     before = sampling.denoise._cache_size(), conditioning.encode_variant._cache_size()
     other = ours(kontext, [random_image(12, 32, 64)], auto_resize=False)
     assert (sampling.denoise._cache_size(), conditioning.encode_variant._cache_size()) == before
-    assert np.abs(other - got).max() > 1e-2
+    assert np.abs(other - got).max() > 1e-3  # about 9e-3 on the random model: far above float32's 1e-6
 
 
 def test_two_references_reach_the_transformer(kontext):
@@ -150,7 +150,7 @@ def test_refused_inputs(kontext):
          r"reference is 64x40, not a multiple of 16 on both sides; give a resize policy"),
         (dict(reference_images=[ref], max_area=HEIGHT * WIDTH * 4), r"latents are for 80x48 images, but with "
          r"reference_images the output is 160x96 \(max_area=15360\); pass max_area=3840"),
-        (dict(max_area=HEIGHT * WIDTH), r"max_area applies to reference_images \(Kontext\) only"),
+        (dict(max_area=HEIGHT * WIDTH), r"max_area and auto_resize apply to reference_images \(Kontext\) only"),
     ]
     for kw, message in cases:
         with pytest.raises(UsageError, match=message) as e:
