@@ -222,3 +222,24 @@ def test_control_lora_live_matches_diffusers(control_lora):
     pipe.unload_lora()  # a base model again
     assert pipe.variant == "base" and pipe.transformer.model.config.in_channels == 64
     assert pipe.transformer.params["img_in"]["kernel"].shape[0] == 64
+
+
+def test_refused_inputs(fill, control):
+    """Each wrong use of Fill and control inputs is refused in one line before any work."""
+    image, mask = random_image(9), random_mask(10)
+    small_mask = Image.fromarray(np.asarray(mask)[:32])
+    cases = [
+        (fill.pipe, dict(image=image), r"hub_fill\d* is a fill model: give image= and mask_image="),
+        (fill.pipe, dict(mask_image=mask), r"is a fill model: give image= and mask_image="),
+        (fill.pipe, dict(image=image, mask_image=small_mask), r"mask_image is 80x32 but the image is 80x48"),
+        (fill.pipe, dict(image=image, mask_image=mask, control_image=image), r"is a fill model: control_image= needs"),
+        (control.pipe, dict(), r"hub_control\d* is a control model: give control_image="),
+        (control.pipe, dict(control_image=image, mask_image=mask), r"is a control model: mask_image= is for inpainting"),
+        (control.pipe, dict(control_image=image, reference_images=[image]), r"is a control model: reference_images= needs"),
+        (control.pipe, dict(control_image=random_image(11, 40, 80)), r"control_image is 80x40, not a multiple of 16"),
+        (control.pipe, dict(control_image=image, height=32), r"image is 80x48, not height=32"),
+    ]
+    for pipe, kw, message in cases:
+        with pytest.raises(UsageError, match=message) as e:
+            pipe(PROMPTS[0], num_steps=1, output="np", **kw)
+        assert "\n" not in str(e.value)
