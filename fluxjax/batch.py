@@ -1,8 +1,11 @@
 """Batch generation: many prompts to PNGs in a folder, split over hosts, resumable.
 
 Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object a line with
-"prompt" and optional "seed", "height", "width", "steps", "guidance", "name", "loras"); blank lines
-are skipped. A JSONL line with "image" is an edit job (FlowEdit, fluxjax/flowedit.py): "image" (a
+"prompt" and optional "seed", "height", "width", "steps", "guidance", "name", "loras", and the
+conditioning keys "image", "strength", "mask", "resize", "references", "control",
+"negative_prompt", "true_cfg", "prompt_2", "sigmas" of `fluxjax generate`'s flags (paths relative
+to the JSONL file's folder; the PNG records the inputs' SHA-256)); blank lines are skipped. A
+JSONL line with "image" and no "prompt" is an edit job (FlowEdit, fluxjax/flowedit.py): "image" (a
 path, relative to the JSONL file's folder), "source_prompt", "target_prompt" and optional "seed",
 "steps", "n_max", "n_min", "n_avg", "source_guidance", "target_guidance", "resize", "name"; its
 size is the image's, and its recipe includes the image's SHA-256 (edits take no LoRAs). Job k
@@ -57,10 +60,17 @@ from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling import check_dimension, check_seed
 from fluxjax.text import check_prompt
 
-JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name", "loras"}
+# Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
+# reference_images, control_image, negative_prompt, true_cfg_scale, prompt_2, sigmas.
+CONDITIONING_KEYS = {"image", "strength", "mask", "resize", "references", "control", "negative_prompt", "true_cfg",
+                     "prompt_2", "sigmas"}
+JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name", "loras"} | CONDITIONING_KEYS
 EDIT_KEYS = {"image", "source_prompt", "target_prompt", "seed", "steps", "n_max", "n_min", "n_avg", "source_guidance",
              "target_guidance", "resize", "name"}
-RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras")  # PNG text chunks that define an image
+# PNG text chunks that define an image (images.png_text, images.conditioning_text)
+RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras", "image_sha256", "mask_sha256",
+               "references_sha256", "control_sha256", "strength", "resize", "negative_prompt", "true_cfg", "prompt_2",
+               "sigmas")
 # What else an image's pixels depend on (measured: README, "Many prompts"), recorded with every
 # image in the manifest; a resume that would change one of them is refused.
 RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax")
@@ -84,24 +94,60 @@ class Job:
     steps: int | None = None
     guidance: float | None = None
     loras: tuple[tuple[str, float], ...] = ()  # (absolute path, strength)
+    # Conditioning (CONDITIONING_KEYS; paths absolute): None / () when not asked for.
+    image: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    resize: str | None = None
+    references: tuple[str, ...] = ()
+    control: str | None = None
+    negative_prompt: str | None = None
+    true_cfg: float | None = None
+    prompt_2: str | None = None
+    sigmas: tuple[float, ...] | None = None
     RECIPE: ClassVar[tuple[str, ...]] = RECIPE_KEYS
     rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/limits.py)
 
     @property
     def shape(self) -> tuple:
-        """What a compiled batch depends on: jobs of one shape can share a batch."""
-        return (self.height, self.width, self.steps, self.guidance)
+        """What a compiled batch depends on: jobs of one shape can share a batch (one pipeline
+        call: its strength, resize policy, schedule and kinds of conditioning are per call)."""
+        return (self.height, self.width, self.steps, self.guidance, self.image is not None, self.strength,
+                self.mask is not None, self.resize, len(self.references), self.control is not None,
+                self.true_cfg is not None, self.sigmas)
+
+    def conditioning(self) -> dict:
+        """This job's FluxPipeline conditioning keywords (only those it gives), for one image."""
+        kw = dict(image=self.image, strength=self.strength, mask_image=self.mask, resize=self.resize,
+                  reference_images=list(self.references) or None, control_image=self.control,
+                  negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg, prompt_2=self.prompt_2,
+                  sigmas=None if self.sigmas is None else list(self.sigmas))
+        return {k: v for k, v in kw.items() if v is not None}
 
     def text(self, model: str) -> dict[str, str]:
         """The PNG text chunks, as `fluxjax generate` writes them."""
-        return png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model, self.loras)
+        from fluxjax.images import conditioning_text
+
+        text = png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model, self.loras)
+        text.update(conditioning_text(**self.conditioning()))
+        return text
 
     def make(self, pipe, padded: list["Job"]):
         """PIL images of `padded` (jobs of this job's shape) from `pipe`; with live LoRAs loaded,
-        each image runs with its own strengths (`lora_table`)."""
+        each image runs with its own strengths (`lora_table`); each its own image, mask and texts."""
         lora = {"lora_scales": lora_table(padded, [f for f, _ in pipe.loras])} if pipe.loras else {}
+        cond = self.conditioning()
+        per_image = {"image": "image", "mask_image": "mask", "control_image": "control",
+                     "negative_prompt": "negative_prompt", "true_cfg_scale": "true_cfg"}
+        for key, attr in per_image.items():
+            if key in cond:
+                cond[key] = [getattr(j, attr) for j in padded]
+        if any(j.prompt_2 is not None for j in padded):  # prompt_2 defaults to the prompt, per image
+            cond["prompt_2"] = [j.prompt if j.prompt_2 is None else j.prompt_2 for j in padded]
+        if self.references:  # each image's list (Kontext)
+            cond["reference_images"] = [list(j.references) for j in padded]
         return pipe([j.prompt for j in padded], height=self.height, width=self.width, num_steps=self.steps,
-                    guidance=self.guidance, seed=[j.seed for j in padded], output="pil", **lora)
+                    guidance=self.guidance, seed=[j.seed for j in padded], output="pil", **lora, **cond)
 
 
 EDIT_RECIPE_KEYS = ("method", "prompt", "source_prompt", "source_sha256", "resize", "seed", "steps", "n_max", "n_min",
@@ -170,7 +216,7 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
                 continue
             fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
             k = len(jobs)
-            if "image" in fields:
+            if _is_edit(fields):
                 job = _edit_job(fields, k, where, path, seed, steps)
                 if job.name in names:
                     raise UsageError(f"{where}: name {job.name} is already used by {names[job.name]}")
@@ -181,6 +227,8 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
                       prompt=fields["prompt"], seed=fields.get("seed", seed + k), height=fields.get("height", height),
                       width=fields.get("width", width), steps=fields.get("steps", steps),
                       guidance=fields.get("guidance", guidance), loras=_loras(fields.get("loras", []), path, where))
+            if CONDITIONING_KEYS & set(fields):
+                job = _conditioned(job, fields, path)
             check_prompt(f"{where}: prompt", job.prompt)
             check_seed(f"{where}: seed", job.seed)
             if job.guidance is not None and not math.isfinite(job.guidance):
@@ -214,7 +262,7 @@ def _jsonl_fields(line: str, where: str) -> dict:
         raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{where}: expected a JSON object with a \"prompt\", got {type(fields).__name__}")
-    if "image" in fields:
+    if _is_edit(fields):
         return _edit_fields(fields, where)
     unknown = sorted(set(fields) - JSONL_KEYS)
     if unknown:
@@ -234,6 +282,46 @@ def _jsonl_fields(line: str, where: str) -> dict:
     if "guidance" in fields:
         fields["guidance"] = float(fields["guidance"])
     return fields
+
+
+def _is_edit(fields: dict) -> bool:
+    """An edit line (FlowEdit) names an image and no "prompt"; a line with a "prompt" and an
+    "image" generates from that image (img2img, inpainting)."""
+    return "image" in fields and "prompt" not in fields
+
+
+def _conditioned(job: Job, fields: dict, path: str) -> Job:
+    """`job` with the conditioning of its line: types checked, paths made absolute (relative to the
+    prompts file's folder), the rest checked by conditioning.check_request; the size is the image's."""
+    from fluxjax.conditioning import check_request
+
+    where = job.where
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in ("image", "mask", "control", "resize", "negative_prompt", "prompt_2"):
+        if key in fields and not isinstance(fields[key], str):
+            raise UsageError(f"{where}: {key} must be a string, got {fields[key]!r}")
+    for key in ("strength", "true_cfg"):
+        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], (int, float))):
+            raise UsageError(f"{where}: {key} must be a number, got {fields[key]!r}")
+    for key in ("references", "sigmas"):
+        if key in fields and not isinstance(fields[key], list):
+            raise UsageError(f"{where}: {key} must be a list, got {fields[key]!r}")
+    if not all(isinstance(r, str) for r in fields.get("references", [])):
+        raise UsageError(f"{where}: references must be a list of image paths, got {fields['references']!r}")
+    if fields.get("resize") is not None and "image" in fields:
+        from fluxjax.conditioning import RESIZE_POLICIES
+
+        if fields["resize"] not in RESIZE_POLICIES:
+            raise UsageError(f"{where}: resize must be one of {', '.join(RESIZE_POLICIES)}, got {fields['resize']!r}")
+    absolute = lambda p: None if p is None else os.path.join(folder, p)  # noqa: E731
+    cond = dict(image=absolute(fields.get("image")), strength=fields.get("strength"), mask=absolute(fields.get("mask")),
+                resize=fields.get("resize"), references=tuple(absolute(r) for r in fields.get("references", [])),
+                control=absolute(fields.get("control")), negative_prompt=fields.get("negative_prompt"),
+                true_cfg=fields.get("true_cfg"), prompt_2=fields.get("prompt_2"))
+    height, width, sigmas = check_request(f"{where}: ", lambda key: key, **cond, sigmas=fields.get("sigmas"),
+                                          steps=job.steps, height=job.height, width=job.width)
+    return replace(job, **cond, height=height, width=width, sigmas=None if sigmas is None else tuple(sigmas),
+                   steps=len(sigmas) if sigmas is not None else job.steps)
 
 
 def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:

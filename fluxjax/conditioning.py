@@ -162,16 +162,12 @@ def strength_start(num_steps: int, strength: float) -> int:
     """The first step an image-conditioned run takes: the schedule of `num_steps` cut at `strength`.
 
     As diffusers' get_timesteps: int(max(N - min(N * strength, N), 0)); the run takes the steps
-    start .. N-1 from the latents at sigmas[start]. UsageError for strength outside (0, 1] or one
-    that leaves no step.
+    start .. N-1 from the latents at sigmas[start] (at least one step for any strength > 0).
+    UsageError for strength outside (0, 1].
     """
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
         raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
-    start = int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
-    if start >= num_steps:
-        raise UsageError(f"strength {strength} leaves no step of {num_steps} (it runs int({num_steps} x strength) "
-                         "steps): raise strength or the number of steps")
-    return start
+    return int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
 
 
 def load_mask(mask, size: tuple[int, int], resize: str | None = None, name: str = "mask_image") -> np.ndarray:
@@ -228,6 +224,63 @@ def mask_latents(masks: np.ndarray) -> np.ndarray:
     small = masks[:, ::8, ::8]
     repeated = np.repeat(small[:, None], sampling.LATENT_CHANNELS, axis=1)
     return np.asarray(sampling.pack(repeated))
+
+
+def check_request(prefix: str = "", name=lambda key: key, image=None, strength=None, mask=None, resize=None,
+                  references=(), control=None, negative_prompt=None, true_cfg=None, prompt_2=None, sigmas=None,
+                  steps=None, height=None, width=None) -> tuple[int | None, int | None, list[float] | None]:
+    """Check a conditioned request before any model is loaded: files, sizes, pairs, ranges.
+
+    Shared by `fluxjax generate` (name: the flag of a key, prefix "") and `fluxjax batch` (prefix
+    "FILE:LINE: ", name: the JSONL key). image, mask, references, control: paths; sigmas: a list.
+    Returns (height, width, sigmas as floats): the image's size when an image is given (UsageError
+    if height/width say another), else those given. What depends on the checkpoint (a reference
+    on a base model) is the pipeline's to refuse once loaded.
+    """
+    from fluxjax.text import check_prompt
+
+    def fail(message: str):
+        raise UsageError(prefix + message)
+
+    for key, value in (("strength", strength), ("mask", mask), ("resize", resize)):
+        # resize also serves control and reference images; the others need an image.
+        if value is not None and image is None and not (key == "resize" and (references or control is not None)):
+            fail(f"{name(key)} needs {name('image')}")
+    if (negative_prompt is None) != (true_cfg is None):
+        fail(f"{name('negative_prompt')} and {name('true_cfg')} go together (true CFG needs both)")
+    try:
+        if strength is not None:
+            strength_start(1, strength)  # the range
+        if true_cfg is not None and (isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float))
+                                     or not (np.isfinite(true_cfg) and true_cfg > 1)):
+            raise UsageError(f"must be a number > 1, got {true_cfg!r}")
+        for key, text in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2)):
+            if text is not None:
+                check_prompt(name(key), text)
+        if sigmas is not None:
+            sigmas = sampling.check_sigmas(sigmas)
+    except UsageError as e:
+        message = str(e)
+        for key in ("strength", "sigmas"):  # name the key as this caller does
+            message = name(key) + message[len(key):] if message.startswith(key + " ") else message
+        fail(message if not message.startswith("must") else f"{name('true_cfg')} {message}")
+    if sigmas is not None and steps is not None and steps != len(sigmas):
+        fail(f"{name('steps')} {steps} but {len(sigmas)} {name('sigmas')}: give one of them")
+    for key, path in [("image", image), ("mask", mask), ("control", control)] + [("references", r) for r in references]:
+        if path is not None and not os.path.isfile(path):
+            fail(f"{name(key)} {path}: no such file")
+    if image is None:
+        return height, width, sigmas
+    try:
+        size = image_size(image, resize, name("image"))
+        if (height or size[0], width or size[1]) != size:
+            raise UsageError(f"{name('image')} {image} is {size[1]}x{size[0]}: leave {name('height')}/{name('width')} "
+                             "unset, or give its size")
+        if mask is not None:
+            load_mask(mask, original_size(image, name("image")), resize, f"{name('mask')} {mask}")
+    except UsageError as e:
+        fail(str(e))
+    return size[0], size[1], sigmas
 
 
 # --- model variants -----------------------------------------------------------------------------

@@ -30,6 +30,42 @@ def png_text(prompt: str, seed: int, steps: int, guidance: float | None, width: 
     return text
 
 
+def conditioning_text(image=None, strength=None, mask_image=None, resize=None, reference_images=None,
+                      control_image=None, negative_prompt=None, true_cfg_scale=None, prompt_2=None,
+                      sigmas=None) -> dict[str, str]:
+    """The text chunks of an image-conditioned or guided generation (FluxPipeline's keywords of
+    the same names; only those given): input files by name and sha256 of their content (the name
+    alone does not say which image it was; several references space-separated in order)."""
+    text = {}
+    files = {"image": image, "mask": mask_image, "control": control_image}
+    for key, path in files.items():
+        if path is not None:
+            text[key], text[f"{key}_sha256"] = os.path.basename(path), file_sha256(path)
+    if reference_images:
+        text["references"] = " ".join(os.path.basename(p) for p in reference_images)
+        text["references_sha256"] = " ".join(file_sha256(p) for p in reference_images)
+    if image is not None:
+        text["resize"] = resize or "none"
+    if strength is not None:
+        text["strength"] = f"{strength:g}"
+    for key, value in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2)):
+        if value is not None:
+            text[key] = value
+    if true_cfg_scale is not None:
+        text["true_cfg"] = f"{true_cfg_scale:g}"
+    if sigmas is not None:
+        text["sigmas"] = ",".join(f"{s:g}" for s in sigmas)
+    return text
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's content."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def edit_text(source_image: str, source_sha256: str, source_prompt: str, target_prompt: str, seed: int,
               settings, width: int, height: int, model: str, resize: str | None = None) -> dict[str, str]:
     """The text chunks of a FlowEdit result (fluxjax/flowedit.py): what was edited and how.

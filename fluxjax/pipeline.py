@@ -340,7 +340,7 @@ class FluxPipeline:
         size_from = images[0] if images is not None else None if controls is None else controls[0]
         prompts, batch, noise, height, width = self._inputs(prompt, height, width, seed, latents, text.batch, size_from)
         if sigmas is not None:
-            sigmas = _check_sigmas(sigmas)
+            sigmas = sampling.check_sigmas(sigmas)
             if num_steps is not None and num_steps != len(sigmas):
                 raise UsageError(f"num_steps {num_steps} but {len(sigmas)} sigmas: leave num_steps unset with sigmas")
             num_steps = len(sigmas)
@@ -475,8 +475,8 @@ class FluxPipeline:
 
     def _text(self, text: dict):
         """(txt, vec) from token ids ({"t5", "clip"}) or from given embeddings ({"txt", "vec"})."""
-        if "txt" in text:
-            return text["txt"], text["vec"]
+        if "txt" in text:  # host arrays, or already placed on the mesh by put_batch
+            return jnp.asarray(text["txt"]), jnp.asarray(text["vec"])
         return self.encode(text["t5"], text["clip"])
 
     def encode(self, t5_ids, clip_ids):
@@ -746,17 +746,6 @@ def _true_cfg(scale, negative_given: bool, batch: int) -> np.ndarray | None:
             isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v) and v > 1 for v in values):
         raise UsageError(f"true_cfg_scale must be a number > 1 or a list of {batch} of them, got {scale!r}")
     return np.broadcast_to(values.astype(np.float32), (batch,)).copy()
-
-
-def _check_sigmas(sigmas) -> list[float]:
-    """The custom schedule as floats: at least one, each in (0, 1], strictly decreasing."""
-    values = np.asarray(sigmas, dtype=object).reshape(-1) if not isinstance(sigmas, (int, float)) else np.array([sigmas], object)
-    if len(values) == 0 or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
-        raise UsageError(f"sigmas must be a list of numbers, got {sigmas!r}")
-    floats = np.asarray(values, np.float64)
-    if not (np.isfinite(floats).all() and (floats > 0).all() and (floats <= 1).all() and (np.diff(floats) < 0).all()):
-        raise UsageError(f"sigmas must decrease strictly within (0, 1] (the final 0 is appended), got {list(floats)}")
-    return list(floats)
 
 
 def _per_image(items: list[np.ndarray], batch: int, name: str) -> np.ndarray:

@@ -35,6 +35,11 @@ CASES = [
 PROMPTS = ["a photo of a cat", "a red fox in the snow", "a bowl of ramen", "an old man with a beard",
            "a lighthouse at sunset", "a city at night", "a small cabin in a forest", "a cup of coffee"]
 KW = dict(height=48, width=80, num_steps=2, guidance=3.5, max_sequence_length=16, output="np")
+# Kontext's reference path (one 32 x 64 reference, 8 tokens after the image's 15), run on the base
+# model with allow_references=True: the same code as a Kontext checkpoint's, without a second load.
+REFERENCE = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+KONTEXT = dict(reference_images=[REFERENCE], allow_references=True, auto_resize=False, max_area=48 * 80)
+KONTEXT_BATCH = 3
 
 
 def shard_shapes(x: jax.Array) -> list[list[int]]:
@@ -44,6 +49,7 @@ def shard_shapes(x: jax.Array) -> list[list[int]]:
 def main(hub: str) -> None:
     single = FluxPipeline.from_pretrained(hub, dtype="float32")
     reference = {b: single(PROMPTS[:b], seed=0, **KW) for b in sorted({b for *_, bs in CASES for b in bs})}
+    kontext = single(PROMPTS[:KONTEXT_BATCH], seed=0, **KW, **KONTEXT)
     out = {"devices": jax.device_count(), "max_pixel": float(max(np.abs(r).max() for r in reference.values())), "cases": []}
     for name, ici, batches in CASES:
         strategy = Strategy.load(name).with_ici(*ici)
@@ -60,6 +66,8 @@ def main(hub: str) -> None:
         for b in batches:
             images = pipe(PROMPTS[:b], seed=0, **KW)
             case["errors"][str(b)] = [list(images.shape), float(np.abs(images - reference[b]).max())]
+        images = pipe(PROMPTS[:KONTEXT_BATCH], seed=0, **KW, **KONTEXT)
+        case["kontext"] = [list(images.shape), float(np.abs(images - kontext).max())]
         out["cases"].append(case)
     print(json.dumps(out))
 

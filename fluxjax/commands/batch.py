@@ -22,8 +22,10 @@ from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line: "
-                                        "prompt, and optional seed, height, width, steps, guidance, name, loras; or an "
-                                        "edit: image, source_prompt, target_prompt, and optional seed, steps, n_max, "
+                                        "prompt, and optional seed, height, width, steps, guidance, name, loras, and "
+                                        "image, strength, mask, resize, references, control, negative_prompt, "
+                                        "true_cfg, prompt_2, sigmas as generate's flags; or an "
+                                        "edit (image and no prompt): image, source_prompt, target_prompt, and optional seed, steps, n_max, "
                                         "n_min, n_avg, source_guidance, target_guidance, resize, name)")
     parser.add_argument("--out-dir", required=True, help="the folder of the PNGs and the manifests (created if missing)")
     parser.add_argument("--model", default=None,

@@ -14,7 +14,7 @@ import sys
 import time
 
 from fluxjax.errors import UsageError
-from fluxjax.images import png_text, remove_temporaries, save_png
+from fluxjax.images import conditioning_text, png_text, remove_temporaries, save_png
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
 from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
@@ -46,6 +46,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA .safetensors (diffusers/PEFT, kohya, ComfyUI, XLabs or BFL control) fused into the "
                              "transformer at strength SCALE (default 1); repeatable")
+    add_conditioning_arguments(parser)
+
+
+def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image-conditioning and guidance flags; each forwards to the FluxPipeline keyword of its name."""
+    from fluxjax.conditioning import RESIZE_POLICIES
+
+    group = parser.add_argument_group("conditioning (img2img, inpainting, references, control, true CFG)")
+    group.add_argument("--image", default=None, help="start from this image (img2img; the output has its size)")
+    group.add_argument("--strength", type=float, default=None,
+                       help="with --image: how much of the schedule runs, in (0, 1] (default 0.6; 1 = from noise)")
+    group.add_argument("--mask", default=None, help="with --image: inpaint where this mask is white (the image's size)")
+    group.add_argument("--resize", default=None, choices=RESIZE_POLICIES,
+                       help="bring an --image (and --mask) whose sides are not multiples of 16 to them")
+    group.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+                       help="a reference image (Kontext checkpoints); repeatable")
+    group.add_argument("--control", default=None, help="a control image (Canny/Depth control checkpoints)")
+    group.add_argument("--negative-prompt", default=None, help="true classifier-free guidance away from this prompt")
+    group.add_argument("--true-cfg", type=float, default=None, help="with --negative-prompt: the true CFG scale (> 1)")
+    group.add_argument("--prompt-2", default=None, help="the T5 prompt, when it should differ from PROMPT (CLIP's)")
+    group.add_argument("--sigmas", default=None, metavar="S1,S2,...",
+                       help="a custom schedule: decreasing timesteps in (0, 1], comma-separated (sets the step count)")
 
 
 def _check(args) -> None:
@@ -61,7 +83,43 @@ def _check(args) -> None:
     check_seed("--seed", args.seed)
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    check_conditioning(args)
     check_output_and_model(args)
+
+
+def check_conditioning(args) -> None:
+    """The conditioning flags that can be checked before loading (conditioning.check_request).
+
+    With --image and no --height/--width, those become the image's size (checked against the
+    devices' limit); --sigmas becomes args.sigma_values.
+    """
+    from fluxjax.conditioning import check_request
+
+    flags = {"references": "--reference", "true_cfg": "--true-cfg"}
+    sigmas = None
+    if args.sigmas is not None:
+        try:
+            sigmas = [float(v) for v in args.sigmas.split(",")]
+        except ValueError:
+            raise UsageError(f"--sigmas {args.sigmas!r}: expected comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
+    args.height, args.width, args.sigma_values = check_request(
+        "", lambda key: flags.get(key, "--" + key.replace("_", "-")), image=args.image, strength=args.strength,
+        mask=args.mask, resize=args.resize, references=args.reference, control=args.control,
+        negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, prompt_2=args.prompt_2, sigmas=sigmas,
+        steps=args.steps, height=args.height, width=args.width)
+
+
+def conditioning_kwargs(args) -> dict:
+    """The pipeline keywords of the conditioning flags that were given."""
+    kw = dict(image=args.image, strength=args.strength, mask_image=args.mask, resize=args.resize,
+              reference_images=args.reference or None, control_image=args.control,
+              negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, prompt_2=args.prompt_2,
+              sigmas=getattr(args, "sigma_values", None))
+    if args.image is not None and args.strength is None:  # recorded in the PNG as the value used
+        from fluxjax.conditioning import DEFAULT_STRENGTH
+
+        kw["strength"] = DEFAULT_STRENGTH
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def check_output_and_model(args) -> None:
@@ -147,14 +205,17 @@ def save(image, path: str, text: dict[str, str], timings: dict[str, float]) -> s
 def run(args) -> int:
     _check(args)
     host, pipe, timings = load_pipeline(args, "generate")
+    cond = conditioning_kwargs(args)
     (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
-                    seed=args.seed, output="pil", progress=True)
+                    seed=args.seed, output="pil", progress=True, **cond)
     timings.update(pipe.timings)
 
     if host != 0:
         return 0
-    steps, guidance, _ = pipe.settings(args.steps, args.guidance)
-    done = save(image, args.out, png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name,
-                                          _loras(args)), timings)
+    steps = len(cond["sigmas"]) if "sigmas" in cond else args.steps
+    steps, guidance, _ = pipe.settings(steps, args.guidance)
+    text = png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name, _loras(args))
+    text.update(conditioning_text(**cond))
+    done = save(image, args.out, text, timings)
     print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) {done}", file=sys.stderr)
     return 0
