@@ -420,17 +420,34 @@ def reference_ids(sizes, batch: int) -> np.ndarray:
 
 
 def kontext_inputs(references, batch: int, auto_resize: bool = True, resize: str | None = None) -> dict:
-    """Host inputs of Kontext reference images, shared by the B images of a call.
+    """Host inputs of Kontext reference images.
 
-    references: a list of images (paths, PIL images or arrays (H, W, 3)), at least one.
-    Returns {"ref_pixels": tuple of (B, h_i, w_i, 3) float32 in [-1, 1], "ref_ids": (B, L_ref, 3)},
+    references: a list of N images (paths, PIL images or arrays (H, W, 3)) shared by the B images
+        of a call, or a list of B such lists (one per image, as `fluxjax batch` gives them), each
+        of N references whose sizes (after resizing) agree image to image.
+    Returns {"ref_pixels": tuple of N (B, h_i, w_i, 3) float32 in [-1, 1], "ref_ids": (B, L_ref, 3)},
     L_ref = sum of (h_i / 16)(w_i / 16); `encode_variant` turns the pixels into `ref_img`.
     """
     references = list(references)
-    pixels = [reference_pixels(r, auto_resize, resize, "reference" if len(references) == 1 else f"reference {i}")
-              for i, r in enumerate(references)]
-    return {"ref_pixels": tuple(np.broadcast_to(to_model_pixels(p[None]), (batch,) + p.shape) for p in pixels),
-            "ref_ids": reference_ids([p.shape[:2] for p in pixels], batch)}
+    per_image = all(isinstance(r, (list, tuple)) for r in references)
+    lists = [list(r) for r in references] if per_image else [references] * batch
+    if len(lists) != batch or len({len(r) for r in lists}) != 1 or not lists[0]:
+        raise UsageError(f"reference_images: give one list of references for all {batch} images, or {batch} lists "
+                         f"of as many references each, got {[len(r) for r in lists] if per_image else len(references)}")
+
+    def name(b, i):
+        return "reference" + (f" {i}" if len(lists[0]) > 1 else "") + (f" of image {b}" if per_image and batch > 1 else "")
+
+    shared = {} if per_image else {i: reference_pixels(r, auto_resize, resize, name(0, i)) for i, r in enumerate(references)}
+    pixels = [[shared[i] if not per_image else reference_pixels(r, auto_resize, resize, name(b, i))
+               for i, r in enumerate(refs)] for b, refs in enumerate(lists)]
+    for i in range(len(lists[0])):
+        shapes = {p[i].shape for p in pixels}
+        if len(shapes) > 1:
+            raise UsageError(f"reference {i}: the images of one call need references of one size, got "
+                             + ", ".join(f"{w}x{h}" for h, w, _ in sorted(shapes)))
+    return {"ref_pixels": tuple(to_model_pixels(np.stack([p[i] for p in pixels])) for i in range(len(lists[0]))),
+            "ref_ids": reference_ids([p.shape[:2] for p in pixels[0]], batch)}
 
 
 # --- Fill and control -----------------------------------------------------------------------------

@@ -164,3 +164,14 @@ def test_refused_inputs(kontext):
     out = base("a cat", reference_images=[ref], allow_references=True, auto_resize=False, max_area=32 * 32,
                num_steps=1, output="np")
     assert out.shape == (1, 32, 32, 3)
+
+
+def test_references_per_image():
+    """One list of references per image (as `fluxjax batch` gives them): each image's own pixels."""
+    a, b = random_image(18, 32, 64), random_image(19, 32, 64)
+    host = conditioning.kontext_inputs([[a], [b]], 2, auto_resize=False)
+    np.testing.assert_array_equal(host["ref_pixels"][0], conditioning.to_model_pixels(np.stack([np.asarray(a), np.asarray(b)])))
+    from fluxjax.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"reference 0: the images of one call need references of one size, got 64x32, 80x48"):
+        conditioning.kontext_inputs([[a], [random_image(20, 48, 80)]], 2, auto_resize=False)
