@@ -324,27 +324,27 @@ def check_use(variant: str, name: str, *, image=None, mask_image=None, reference
     a control model without one; references on anything but Kontext (a base model takes them
     only with allow_references=True: it was not trained on them); a Fill model without image
     and mask."""
-    def refuse(why):
-        raise UsageError(f"{name} is a {variant} model: {why}")
+    def refuse(why, hint=""):
+        raise UsageError(f"{why}; {name} is a {variant} model" + (f" ({hint})" if hint else ""))
 
     if reference_images is not None and not list(reference_images):
         raise UsageError("reference_images is empty: give at least one reference image (or leave it None)")
     if reference_images is not None and variant != "kontext":
         if variant != "base":
-            refuse("reference_images= needs a Kontext model (or a base model with allow_references=True)")
+            refuse("reference_images needs a FLUX.1 Kontext checkpoint", "or a base model with allow_references=True")
         if not allow_references:
-            refuse("reference_images= needs a Kontext model (FLUX.1-Kontext); pass allow_references=True to "
-                   "append references to a model not trained on them")
+            refuse("reference_images needs a FLUX.1 Kontext checkpoint",
+                   "pass allow_references=True to append references to a model not trained on them")
     if mask_image is not None and variant in ("kontext", "control"):
-        refuse("mask_image= is for inpainting with a base or Fill model (Kontext edits from reference_images)"
-               if variant == "kontext" else "mask_image= is for inpainting with a base or Fill model")
+        refuse("mask_image is for inpainting with a base or Fill model",
+               "Kontext edits from reference_images" if variant == "kontext" else "")
     if control_image is not None and variant != "control":
-        refuse("control_image= needs a control model (in_channels 128: FLUX.1-Canny/Depth-dev, or a base model "
-               "with a control LoRA loaded)")
+        refuse("control_image needs a FLUX.1 Control checkpoint",
+               "in_channels 128: FLUX.1-Canny/Depth-dev, or a base model with a control LoRA loaded")
     if variant == "control" and control_image is None:
-        refuse("give control_image= (the edge or depth map the image follows)")
+        refuse("a control model needs control_image=", "the edge or depth map the image follows")
     if variant == "fill" and (image is None or mask_image is None):
-        refuse("give image= and mask_image= (white = the region to repaint)")
+        refuse("a Fill model needs image= and mask_image=", "white = the region to repaint")
 
 
 # --- Kontext references ---------------------------------------------------------------------------

@@ -229,13 +229,14 @@ def test_refused_inputs(fill, control):
     image, mask = random_image(9), random_mask(10)
     small_mask = Image.fromarray(np.asarray(mask)[:32])
     cases = [
-        (fill.pipe, dict(image=image), r"hub_fill\d* is a fill model: give image= and mask_image="),
-        (fill.pipe, dict(mask_image=mask), r"is a fill model: give image= and mask_image="),
+        (fill.pipe, dict(image=image), r"a Fill model needs image= and mask_image=; hub_fill\d* is a fill model \(white"),
+        (fill.pipe, dict(mask_image=mask), r"a Fill model needs image= and mask_image="),
         (fill.pipe, dict(image=image, mask_image=small_mask), r"mask_image is 80x32 but the image is 80x48"),
-        (fill.pipe, dict(image=image, mask_image=mask, control_image=image), r"is a fill model: control_image= needs"),
-        (control.pipe, dict(), r"hub_control\d* is a control model: give control_image="),
-        (control.pipe, dict(control_image=image, mask_image=mask), r"is a control model: mask_image= is for inpainting"),
-        (control.pipe, dict(control_image=image, reference_images=[image]), r"is a control model: reference_images= needs"),
+        (fill.pipe, dict(image=image, mask_image=mask, control_image=image), r"control_image needs a FLUX.1 Control checkpoint; hub_fill\d* is a fill model"),
+        (control.pipe, dict(), r"a control model needs control_image=; hub_control\d* is a control model"),
+        (control.pipe, dict(control_image=image, mask_image=mask), r"mask_image is for inpainting with a base or Fill model; hub_control\d* is a control model"),
+        (control.pipe, dict(control_image=image, reference_images=[image]), r"reference_images needs a FLUX.1 Kontext checkpoint; hub_control\d* is a control model "
+         r"\(or a base model with allow_references=True\)"),
         (control.pipe, dict(control_image=random_image(11, 40, 80)), r"control_image is 80x40, not a multiple of 16"),
         (control.pipe, dict(control_image=image, height=32), r"image is 80x48, not height=32"),
     ]

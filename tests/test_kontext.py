@@ -143,8 +143,9 @@ def test_refused_inputs(kontext):
     ref, area = random_image(16, 32, 64), HEIGHT * WIDTH
     cases = [
         (dict(reference_images=[ref], mask_image=np.zeros((HEIGHT, WIDTH), np.uint8), max_area=area),
-         r"hub_kontext\d* is a kontext model: mask_image= is for inpainting with a base or Fill model"),
-        (dict(reference_images=[ref], control_image=ref, max_area=area), r"is a kontext model: control_image= needs a control model"),
+         r"mask_image is for inpainting with a base or Fill model; hub_kontext\d* is a kontext model "
+         r"\(Kontext edits from reference_images\)"),
+        (dict(reference_images=[ref], control_image=ref, max_area=area), r"control_image needs a FLUX.1 Control checkpoint; hub_kontext\d* is a kontext model \(in_channels 128"),
         (dict(reference_images=[]), r"reference_images is empty"),
         (dict(reference_images=[random_image(17, 40, 64)], auto_resize=False, max_area=area),
          r"reference is 64x40, not a multiple of 16 on both sides; give a resize policy"),
@@ -157,8 +158,8 @@ def test_refused_inputs(kontext):
             kontext.pipe(PROMPTS, latents=kontext.noise.numpy(), num_steps=1, output="np", **kw)
         assert "\n" not in str(e.value)
     base = FluxPipeline.from_pretrained("tiny", dtype="float32")
-    with pytest.raises(UsageError, match=r"tiny is a base model: reference_images= needs a Kontext model \(FLUX.1-Kontext\); "
-                       r"pass allow_references=True"):
+    with pytest.raises(UsageError, match=r"reference_images needs a FLUX.1 Kontext checkpoint; tiny is a base model \(pass "
+                       r"allow_references=True to append references to a model not trained on them\)"):
         base("a cat", reference_images=[ref], num_steps=1, height=32, width=32)
     # Said on purpose, a base model takes references.
     out = base("a cat", reference_images=[ref], allow_references=True, auto_resize=False, max_area=32 * 32,
