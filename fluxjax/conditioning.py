@@ -1,8 +1,16 @@
 """Images as conditioning: read an image, bring it to a size FLUX accepts, encode it to packed latents.
 
-Used by FlowEdit (fluxjax/flowedit.py) for its source image and by the pipeline's img2img and
-inpainting (the strength cut, masks); the image-conditioning variants (Kontext references, Fill,
-Control) extend this module.
+Used by FlowEdit (fluxjax/flowedit.py) for its source image and by the pipeline's conditioned
+generation: img2img and inpainting (the strength cut, masks), and the model variants read from a
+checkpoint (`variant_of`) with the inputs each takes, built as diffusers' pipelines build them
+(FLUX_REFERENCE.md section 5):
+  kontext  reference images (FluxKontextPipeline): resized to a preferred Kontext resolution,
+           VAE-encoded, packed, ids (i + 1, row, col) for reference i; appended after the image
+           tokens in the sequence (`kontext_inputs`, then `encode_variant` -> ref_img, ref_ids).
+  fill     in_channels 384 (FluxFillPipeline): image + mask -> latents of the masked image (64)
+           and the pixel mask packed to 256 features, concatenated to x (`encode_variant`).
+  control  in_channels 128 (FluxControlPipeline): the control image's latents (64) concatenated
+           to x (`encode_variant`).
 
 Sizes: FLUX's latents are packed in 16 x 16 pixel patches, so an image must be a multiple of 16
 on both sides. One that is not is refused unless a resize policy is given:
@@ -16,6 +24,7 @@ from __future__ import annotations
 import os
 from functools import partial
 
+import jax.numpy as jnp
 import numpy as np
 
 from fluxjax import sampling
@@ -80,6 +89,20 @@ def load_image(image, resize: str | None = None, name: str = "image") -> np.ndar
     return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
 
 
+def load_images(images, resize: str | None = None, name: str = "image") -> list[np.ndarray]:
+    """One image or a list of them (`load_image` each, named "NAME i" in a list) as uint8
+    (H, W, 3) arrays of one size; UsageError for an empty list or images of several sizes."""
+    given = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not given:
+        raise UsageError(f"{name}: an empty list")
+    names = [name] if len(given) == 1 else [f"{name} {i}" for i in range(len(given))]
+    pixels = [load_image(im, resize, n) for im, n in zip(given, names)]
+    if len({p.shape for p in pixels}) > 1:
+        raise UsageError(f"the {name}s of one call must have one size, got "
+                         + ", ".join(f"{p.shape[1]}x{p.shape[0]}" for p in pixels))
+    return pixels
+
+
 def _as_array(image, name: str) -> np.ndarray:
     """uint8 (H, W, 3) from a PIL image or an array of uint8 or floats in [0, 1]."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
@@ -116,8 +139,7 @@ def to_model_pixels(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-@partial(jit_with_rules, static_argnames=("model",))
-def encode_packed(model: AutoEncoder, params, pixels):
+def packed_latents(model: AutoEncoder, params, pixels):
     """Images (B, H, W, 3) float in [-1, 1] -> packed latents (B, (H/16)(W/16), 64) float32.
 
     The encoder's posterior mean (BFL's default, diffusers' `latent_dist.mode()`, what FlowEdit
@@ -125,6 +147,10 @@ def encode_packed(model: AutoEncoder, params, pixels):
     """
     z = model.apply({"params": params}, pixels, method="encode")  # (B, H/8, W/8, 16) NHWC
     return sampling.pack(z.transpose(0, 3, 1, 2))
+
+
+encode_packed = jit_with_rules(packed_latents, static_argnames=("model",))
+"""`packed_latents` compiled once per VAE, image shape and strategy."""
 
 
 # --- img2img and base-model inpainting (diffusers' FluxImg2ImgPipeline, FluxInpaintPipeline) ---
@@ -217,7 +243,8 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
         raise UsageError(prefix + message)
 
     for key, value in (("strength", strength), ("mask", mask), ("resize", resize)):
-        if value is not None and image is None:
+        # resize also serves control and reference images; the others need an image.
+        if value is not None and image is None and not (key == "resize" and (references or control is not None)):
             fail(f"{name(key)} needs {name('image')}")
     if (negative_prompt is None) != (true_cfg is None):
         fail(f"{name('negative_prompt')} and {name('true_cfg')} go together (true CFG needs both)")
@@ -254,3 +281,204 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
     except UsageError as e:
         fail(str(e))
     return size[0], size[1], sigmas
+
+
+# --- model variants -----------------------------------------------------------------------------
+
+VARIANTS = ("base", "fill", "control", "kontext")
+KONTEXT_PIPELINE = "FluxKontextPipeline"  # model_index.json's _class_name of FLUX.1-Kontext checkpoints
+MASK_FEATURES = sampling.PIXELS_PER_TOKEN ** 2  # a token's 16 x 16 mask pixels: 8 x 8 per latent pixel, 2 x 2 packed
+# in_channels beyond the 64 of x, per variant that widens the transformer's input (FLUX_REFERENCE.md 5.3, 5.4).
+EXTRA_CHANNELS = {"fill": 64 + MASK_FEATURES, "control": 64}
+
+
+def variant_of(in_channels: int, pipeline_class: str | None = None, declared: str | None = None,
+               where: str = "the transformer") -> str:
+    """The model variant ("base", "fill", "control" or "kontext") of a transformer.
+
+    in_channels: its input features (64 base and Kontext, 128 control, 384 fill);
+    pipeline_class: model_index.json's `_class_name` (FluxKontextPipeline marks Kontext, whose
+        weights have dev's shapes), None when there is no such file (a single file);
+    declared: what the caller says it is (`from_pretrained(variant=)`), None to read it: needed
+        for a Kontext single file. A declaration the input width contradicts is refused.
+    """
+    base = sampling.LATENT_CHANNELS * sampling.PATCH ** 2
+    by_width = {base + extra: name for name, extra in EXTRA_CHANNELS.items()}
+    if in_channels != base and in_channels not in by_width:
+        raise UsageError(f"{where} has {in_channels} input channels; FLUX variants have {base} (base, Kontext), "
+                         f"{base + EXTRA_CHANNELS['control']} (control) or {base + EXTRA_CHANNELS['fill']} (fill)")
+    read = by_width.get(in_channels, "kontext" if pipeline_class == KONTEXT_PIPELINE else "base")
+    if declared is None:
+        return read
+    if declared not in VARIANTS:
+        raise UsageError(f"variant must be one of {', '.join(VARIANTS)} or None, got {declared!r}")
+    if declared != read and not (declared in ("base", "kontext") and read in ("base", "kontext")):
+        raise UsageError(f"variant={declared!r}, but {where} has {in_channels} input channels, a {read} model")
+    return declared
+
+
+def check_use(variant: str, name: str, *, image=None, mask_image=None, reference_images=None, control_image=None,
+              allow_references: bool = False) -> None:
+    """Raise UsageError (one line) for inputs the `variant` of model `name` cannot take:
+    a mask on a Kontext or control model; a control image on a model without control inputs, or
+    a control model without one; references on anything but Kontext (a base model takes them
+    only with allow_references=True: it was not trained on them); a Fill model without image
+    and mask."""
+    def refuse(why, hint=""):
+        raise UsageError(f"{why}; {name} is a {variant} model" + (f" ({hint})" if hint else ""))
+
+    if reference_images is not None and not list(reference_images):
+        raise UsageError("reference_images is empty: give at least one reference image (or leave it None)")
+    if reference_images is not None and variant != "kontext":
+        if variant != "base":
+            refuse("reference_images needs a FLUX.1 Kontext checkpoint", "or a base model with allow_references=True")
+        if not allow_references:
+            refuse("reference_images needs a FLUX.1 Kontext checkpoint",
+                   "pass allow_references=True to append references to a model not trained on them")
+    if mask_image is not None and variant in ("kontext", "control"):
+        refuse("mask_image is for inpainting with a base or Fill model",
+               "Kontext edits from reference_images" if variant == "kontext" else "")
+    if control_image is not None and variant != "control":
+        refuse("control_image needs a FLUX.1 Control checkpoint",
+               "in_channels 128: FLUX.1-Canny/Depth-dev, or a base model with a control LoRA loaded")
+    if variant == "control" and control_image is None:
+        refuse("a control model needs control_image=", "the edge or depth map the image follows")
+    if variant == "fill" and (image is None or mask_image is None):
+        refuse("a Fill model needs image= and mask_image=", "white = the region to repaint")
+
+
+# --- Kontext references ---------------------------------------------------------------------------
+
+# The (width, height) pairs FLUX.1 Kontext was trained at, as diffusers' FluxKontextPipeline lists them
+# (PREFERRED_KONTEXT_RESOLUTIONS); a reference is resized to the one nearest its aspect ratio.
+KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
+KONTEXT_MAX_AREA = 1024 ** 2
+
+
+def kontext_reference_size(height: int, width: int, resolutions=KONTEXT_RESOLUTIONS) -> tuple[int, int]:
+    """(height, width) a reference of height x width pixels is resized to: the resolution of
+    `resolutions` ((width, height) pairs) nearest its aspect ratio, taken after flooring its sides
+    to multiples of 16 as diffusers does (ties to the narrower); then floored to multiples of 16."""
+    step = sampling.PIXELS_PER_TOKEN
+    h, w = height - height % step, width - width % step
+    if min(h, w) < step:
+        raise UsageError(f"a {width}x{height} reference is smaller than {step}x{step} pixels")
+    _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in resolutions)
+    return h // step * step, w // step * step
+
+
+def kontext_output_size(height: int, width: int, max_area: int = KONTEXT_MAX_AREA) -> tuple[int, int]:
+    """(height, width) of a Kontext output asked as height x width: the same aspect ratio with an
+    area of `max_area` pixels, floored to multiples of 16 (diffusers' FluxKontextPipeline)."""
+    if isinstance(max_area, bool) or not isinstance(max_area, (int, np.integer)) or max_area < sampling.PIXELS_PER_TOKEN ** 2:
+        raise UsageError(f"max_area must be an integer >= {sampling.PIXELS_PER_TOKEN ** 2}, got {max_area!r}")
+    step, aspect = sampling.PIXELS_PER_TOKEN, width / height
+    w, h = round((max_area * aspect) ** 0.5) // step * step, round((max_area / aspect) ** 0.5) // step * step
+    if min(h, w) < step:
+        raise UsageError(f"max_area {max_area} leaves no {step}-pixel side at the aspect ratio {width}:{height}")
+    return h, w
+
+
+def reference_pixels(image, auto_resize: bool = True, resize: str | None = None, name: str = "reference") -> np.ndarray:
+    """A Kontext reference as uint8 (h, w, 3): resized (Lanczos) to `kontext_reference_size` when
+    auto_resize (diffusers' `_auto_resize`), else brought to multiples of 16 by `resize` as
+    `load_image` does."""
+    if not auto_resize:
+        return load_image(image, resize, name)
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        image_size(image, "crop", name)  # one-line errors for a missing or unreadable file
+        with Image.open(os.fspath(image)) as im:
+            image = im.convert("RGB")
+    pixels = _as_array(image, name)
+    height, width = kontext_reference_size(*pixels.shape[:2])
+    return _resized(pixels, height, width)
+
+
+def _resized(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def reference_ids(sizes, batch: int) -> np.ndarray:
+    """(B, L_ref, 3) float32 ids of references of `sizes` [(h, w), ...] in pixels: reference i's
+    tokens are (i + 1, row, col), row and col from 0 on its own token grid, references in order."""
+    ids = []
+    for i, (h, w) in enumerate(sizes):
+        own = sampling.image_ids(batch, h, w).copy()
+        own[..., 0] = i + 1
+        ids.append(own)
+    return np.concatenate(ids, axis=1)
+
+
+def kontext_inputs(references, batch: int, auto_resize: bool = True, resize: str | None = None) -> dict:
+    """Host inputs of Kontext reference images.
+
+    references: a list of N images (paths, PIL images or arrays (H, W, 3)) shared by the B images
+        of a call, or a list of B such lists (one per image, as `fluxjax batch` gives them), each
+        of N references whose sizes (after resizing) agree image to image.
+    Returns {"ref_pixels": tuple of N (B, h_i, w_i, 3) float32 in [-1, 1], "ref_ids": (B, L_ref, 3)},
+    L_ref = sum of (h_i / 16)(w_i / 16); `encode_variant` turns the pixels into `ref_img`.
+    """
+    references = list(references)
+    per_image = all(isinstance(r, (list, tuple)) for r in references)
+    lists = [list(r) for r in references] if per_image else [references] * batch
+    if len(lists) != batch or len({len(r) for r in lists}) != 1 or not lists[0]:
+        raise UsageError(f"reference_images: give one list of references for all {batch} images, or {batch} lists "
+                         f"of as many references each, got {[len(r) for r in lists] if per_image else len(references)}")
+
+    def name(b, i):
+        return "reference" + (f" {i}" if len(lists[0]) > 1 else "") + (f" of image {b}" if per_image and batch > 1 else "")
+
+    shared = {} if per_image else {i: reference_pixels(r, auto_resize, resize, name(0, i)) for i, r in enumerate(references)}
+    pixels = [[shared[i] if not per_image else reference_pixels(r, auto_resize, resize, name(b, i))
+               for i, r in enumerate(refs)] for b, refs in enumerate(lists)]
+    for i in range(len(lists[0])):
+        shapes = {p[i].shape for p in pixels}
+        if len(shapes) > 1:
+            raise UsageError(f"reference {i}: the images of one call need references of one size, got "
+                             + ", ".join(f"{w}x{h}" for h, w, _ in sorted(shapes)))
+    return {"ref_pixels": tuple(to_model_pixels(np.stack([p[i] for p in pixels])) for i in range(len(lists[0]))),
+            "ref_ids": reference_ids([p.shape[:2] for p in pixels[0]], batch)}
+
+
+# --- Fill and control -----------------------------------------------------------------------------
+
+def pack_mask(mask: jnp.ndarray) -> jnp.ndarray:
+    """(B, H, W) pixel mask -> (B, (H/16)(W/16), 256), as diffusers' FluxFillPipeline packs it: the
+    8 x 8 pixels of each latent pixel become 64 channels (index dy * 8 + dx), then 2 x 2 packed."""
+    b, h, w = mask.shape
+    f = sampling.PIXELS_PER_TOKEN // sampling.PATCH  # the VAE's 8
+    m = mask.reshape(b, h // f, f, w // f, f).transpose(0, 2, 4, 1, 3).reshape(b, f * f, h // f, w // f)
+    return sampling.pack(m)
+
+
+@partial(jit_with_rules, static_argnames=("model",))
+def encode_variant(model: AutoEncoder, params, inputs: dict) -> dict:
+    """Device side of `kontext_inputs`, `fill_inputs` and `control_inputs`: their host arrays (as
+    placed on the devices) -> the Conditioning fields they give, float32:
+      ref_pixels, ref_ids -> ref_img (B, L_ref, 64) (each reference encoded), ref_ids;
+      fill_pixels, fill_mask -> channels (B, L_img, 320): latents of image * (1 - mask) (masked
+          pixels at 0, mid-grey) then the packed mask;
+      control_pixels -> channels (B, L_img, 64): the control image's latents.
+    Latents are the VAE posterior's mean (`encode_packed`).
+    """
+    out = {}
+    if "ref_pixels" in inputs:
+        out["ref_img"] = jnp.concatenate([packed_latents(model, params, p) for p in inputs["ref_pixels"]], axis=1)
+        out["ref_ids"] = inputs["ref_ids"]
+    if "fill_pixels" in inputs:
+        mask = inputs["fill_mask"]
+        masked = packed_latents(model, params, inputs["fill_pixels"] * (1.0 - mask[..., None]))
+        out["channels"] = jnp.concatenate([masked, pack_mask(mask)], axis=-1)
+    if "control_pixels" in inputs:
+        out["channels"] = packed_latents(model, params, inputs["control_pixels"])
+    return out

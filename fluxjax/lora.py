@@ -12,6 +12,9 @@ blocks are stacked: block 7's adapter is at index 7, as its kernel is):
 so that with per-LoRA strengths s (n,), the update of that Linear is
   kernel + a @ diag(s @ scale) @ b,  bias + s @ bias          (W + s * alpha/r * B A, stacked).
 Full replacement tensors (control LoRAs' QK-norm scales) are in `Adapters.replace`.
+A structural-control LoRA (FLUX.1-Canny/Depth-dev-lora) also widens img_in to 128 inputs (x and
+the control image's latents); `load_loras(..., widen=True)` accepts it (`Adapters.input_width`)
+and `widen_input` gives the base weights the new inputs at zero, as diffusers' loader does.
 
 Fused: `fuse(params, adapters, strengths)` computes the update on the device in the kernel's
 own sharding (an fsdp-sharded kernel is updated shard by shard, never gathered).
@@ -24,6 +27,7 @@ strengths, do not recompile.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -52,6 +56,7 @@ class Adapters:
     replace: dict = field(default_factory=dict)
     names: tuple[str, ...] = ()
     formats: tuple[str, ...] = ()
+    input_width: int | None = None  # img_in's input features a control LoRA needs, when wider than the model's
 
     @property
     def count(self) -> int:
@@ -93,17 +98,21 @@ def _check_piece(path: str, piece: Piece, kernel: tuple) -> None:
     rows = out_dim if piece.rows is None else len(piece.rows)
     if piece.target == "img_in" and piece.down.shape[1] != in_dim:
         raise UsageError(f"{path}: key {piece.key!r} widens img_in to {piece.down.shape[1]} input channels, the model "
-                         f"has {in_dim}: a structural-control LoRA (FLUX.1 Canny/Depth), which needs a control-image "
-                         "input fluxjax does not have yet")
+                         f"has {in_dim}: a structural-control LoRA (FLUX.1 Canny/Depth), which only a base model "
+                         "takes, through FluxPipeline.load_lora (it widens the model for the control image)")
     if piece.down.shape[1] != in_dim or piece.up.shape[0] != rows:
         raise UsageError(f"{path}: key {piece.key!r} updates a {rows}x{piece.down.shape[1]} weight, the model's "
                          f"{piece.target} needs {rows}x{in_dim} (a LoRA for another FLUX size or variant?)")
 
 
-def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtype=jnp.float32) -> Adapters:
+def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtype=jnp.float32,
+               widen: bool = False) -> Adapters:
     """Read LoRA files for the transformer (`cfg`, its `params` or their shapes) into one Adapters.
 
     files: paths of LoRA .safetensors files, any format of fluxjax.lora_formats.
+    widen: accept LoRAs whose img_in pair has more inputs than the model (structural control);
+        their adapters are then built for that width, recorded as `input_width`, and the params
+        must be widened with `widen_input` before they are fused or run live. Otherwise refused.
     Returns Adapters whose tree follows the layout of `params` (stacked blocks, or the per-block
     entries of layer_loop="unrolled"), leaves in `dtype` as host NumPy arrays.
     Raises CheckpointError / UsageError naming the file and key of anything that does not fit.
@@ -121,6 +130,8 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
             kernel = shapes.get(tuple(piece.target.split("/")) + ("kernel",))
             if kernel is None:
                 raise UsageError(f"{path}: key {piece.key!r} targets {piece.target}, which this model does not have")
+            if widen and piece.target == "img_in" and piece.down.shape[1] > kernel[0]:
+                shapes[("img_in", "kernel")] = kernel = (piece.down.shape[1], kernel[1])
             _check_piece(path, piece, kernel)
             grouped.setdefault(piece.target, []).append((k, piece))
 
@@ -136,8 +147,24 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
     for path, _, _, replacements in read:
         for r in replacements:
             _add_replacement(replace, r, shapes, path)
-    stacked = Adapters(tree, replace, tuple(p for p, *_ in read), tuple(fmt for _, fmt, *_ in read))
+    width = shapes[("img_in", "kernel")][0]
+    stacked = Adapters(tree, replace, tuple(p for p, *_ in read), tuple(fmt for _, fmt, *_ in read),
+                       width if width != cfg.in_channels else None)
     return _like(stacked, params)
+
+
+def widen_input(params, width: int):
+    """params with img_in taking `width` input features: the new inputs' weights zero, so the
+    model's output is unchanged until a LoRA moves them (diffusers' control-LoRA expansion of
+    x_embedder). Kept in the kernel's sharding."""
+    kernel = params["img_in"]["kernel"]
+    if width < kernel.shape[0]:
+        raise UsageError(f"img_in has {kernel.shape[0]} inputs; cannot narrow it to {width}")
+    wide = np.zeros((width, kernel.shape[1]), kernel.dtype)
+    wide[: kernel.shape[0]] = np.asarray(kernel)
+    out = dict(params)
+    out["img_in"] = dict(params["img_in"], kernel=jax.device_put(wide, kernel.sharding))
+    return out
 
 
 def _module_adapter(items: list[tuple[int, Piece]], kernel: tuple, n: int, stacked: bool) -> dict:
@@ -192,7 +219,7 @@ def _like(adapters: Adapters, params) -> Adapters:
     if not unrolled:
         return adapters
     tree = unstack_layers(jax.tree.map(jnp.asarray, adapters.tree), unrolled)
-    return Adapters(jax.tree.map(np.asarray, tree), adapters.replace, adapters.names, adapters.formats)
+    return dataclasses.replace(adapters, tree=jax.tree.map(np.asarray, tree))
 
 
 def with_replacements(params, adapters: Adapters):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fluxjax import sampling
+from fluxjax import conditioning, sampling
 from fluxjax.cache import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
@@ -80,6 +80,13 @@ DEFAULTS = {
     "schnell": Defaults(num_steps=4, guidance=None, max_sequence_length=256),
     "tiny": Defaults(num_steps=4, guidance=3.5, max_sequence_length=64, height=256, width=256),
 }
+# FLUX.1-Fill-dev's own defaults (diffusers' FluxFillPipeline): more steps, a much higher guidance.
+FILL_DEFAULTS = Defaults(num_steps=50, guidance=30.0, max_sequence_length=512)
+
+
+def kind_defaults(kind: str, variant: str = "base") -> Defaults:
+    """The defaults of a model of `kind` ("dev", "schnell", "tiny") and `variant` (a Fill dev model has its own)."""
+    return FILL_DEFAULTS if variant == "fill" and kind == "dev" else DEFAULTS[kind]
 
 
 @dataclass
@@ -94,11 +101,12 @@ class FluxPipeline:
     """Text to image with FLUX.1. Build with `FluxPipeline.from_pretrained(...)`, call with a prompt.
 
     Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
-    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), defaults (Defaults: the kind's, or a
-    folder's defaults.json), name (str), timings (seconds of each stage of the last call: encode,
-    denoise, decode), grammar (None, or a function that raises ValueError for a prompt outside
-    the language the model was trained on: `fluxjax.shapes.parse` for the packaged shapes model;
-    such a prompt still generates, with an OutOfGrammarWarning).
+    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), variant ("base", "fill", "control" or
+    "kontext": read from the checkpoint, fluxjax.conditioning.variant_of), defaults (Defaults: the
+    kind's and variant's, or a folder's defaults.json), name (str), timings (seconds of each stage of
+    the last call: encode, denoise, decode), grammar (None, or a function that raises ValueError for
+    a prompt outside the language the model was trained on: `fluxjax.shapes.parse` for the packaged
+    shapes model; such a prompt still generates, with an OutOfGrammarWarning).
 
     On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
     its block parameters as per-block arrays (fluxjax.loading.registry.default_layer_loop), so
@@ -107,17 +115,19 @@ class FluxPipeline:
 
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
                  tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str,
-                 strategy: Strategy | None = None, mesh: Mesh | None = None, defaults: Defaults | None = None):
-        _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config)
+                 strategy: Strategy | None = None, mesh: Mesh | None = None, variant: str = "base",
+                 defaults: Defaults | None = None):
+        _check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config, variant)
         self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
         self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
-        self.strategy, self.mesh = strategy, mesh
-        self.defaults = DEFAULTS[kind] if defaults is None else defaults
+        self.strategy, self.mesh, self.variant = strategy, mesh, variant
+        self.defaults = kind_defaults(kind, variant) if defaults is None else defaults
         self.grammar = None
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
         self.adapters = None  # their fluxjax.lora.Adapters, on the device
         self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
+        self._before_widening = None  # the base transformer before a control LoRA widened its img_in
 
     @property
     def attention_implementation(self) -> str:
@@ -137,7 +147,8 @@ class FluxPipeline:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                        attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True) -> "FluxPipeline":
+                        attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True,
+                        variant: str | None = None) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -163,6 +174,10 @@ class FluxPipeline:
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         loras, fuse: LoRA files to apply, as `load_lora(loras, fuse=fuse)` does.
+        variant: None reads the model variant from the checkpoint (`pipe.variant`: in_channels 384
+            fill, 128 control; model_index.json's FluxKontextPipeline kontext; else base); "kontext"
+            declares a Kontext transformer given as a single file (its shapes are dev's), "base" uses
+            a Kontext model without references. A declaration the checkpoint contradicts is refused.
         """
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)
@@ -178,10 +193,10 @@ class FluxPipeline:
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:
                 raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
-            pipe = cls._tiny(dtype, attention_impl, **placement)
+            pipe = cls._tiny(dtype, attention_impl, variant, **placement)
         else:
             root = _resolve_source(os.fspath(source))
-            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, **placement)
+            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **placement)
             if _is_packaged(root, "shapes"):
                 from fluxjax.shapes import parse
 
@@ -206,21 +221,28 @@ class FluxPipeline:
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
         pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
         t = self.transformer
+        widen = self.variant == "base"  # a structural-control LoRA turns a base model into a control one
         if fuse:
             if self.loras:
                 raise UsageError("fuse LoRAs before loading live ones (or call pipe.unload_lora() first)")
-            adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype)
+            adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype, widen)
+            t = self._widened(t, adapters)
             self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
             return
-        base = t.params if self._params_before_loras is None else self._params_before_loras
-        adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base, t.model.param_dtype)
-        self.loras, self._params_before_loras = self.loras + pairs, base
-        self.transformer = Component(t.model, lora.with_replacements(base, adapters))
+        base = t if self._params_before_loras is None else Component(t.model, self._params_before_loras)
+        adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base.params,
+                                   t.model.param_dtype, widen)
+        if adapters.input_width is not None:  # restored by unload_lora
+            self._before_widening = base
+        base = self._widened(base, adapters)
+        self.loras, self._params_before_loras = self.loras + pairs, base.params
+        self.transformer = Component(base.model, lora.with_replacements(base.params, adapters))
         placement = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
         self.adapters = lora.Adapters(jax.device_put(adapters.tree, placement), {}, adapters.names, adapters.formats)
 
     @classmethod
-    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, strategy, mesh) -> "FluxPipeline":
+    def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, declared, strategy,
+                     mesh) -> "FluxPipeline":
         needed = [f for f in HUB_FOLDERS if not (f == "transformer" and transformer_file) and not (f == "vae" and vae_file)]
         missing = [f for f in needed if not os.path.isdir(os.path.join(root, f))]
         if missing:
@@ -240,12 +262,14 @@ class FluxPipeline:
         kind = "dev" if guidance_embed else "schnell"
         scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
+        variant = conditioning.variant_of(components["transformer"].model.config.in_channels, _pipeline_class(root),
+                                          declared, where=transformer_file or os.path.join(root, "transformer"))
         return cls(**components, tokenizer=PromptTokenizer.from_folder(root), schedule=schedule, kind=kind,
                    name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh,
-                   defaults=_with_overrides(root, overrides, guidance_embed))
+                   variant=variant, defaults=_with_overrides(root, overrides, guidance_embed, kind_defaults(kind, variant)))
 
     @classmethod
-    def _tiny(cls, dtype, attention_impl, strategy, mesh) -> "FluxPipeline":
+    def _tiny(cls, dtype, attention_impl, declared, strategy, mesh) -> "FluxPipeline":
         """Small random models and locally trained tokenizers: for demos and tests, not images."""
         with tempfile.TemporaryDirectory() as folder:
             make_tokenizers(folder)
@@ -257,14 +281,31 @@ class FluxPipeline:
             spec = COMPONENTS[name]
             components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
                                                            **spec.select(settings)))
+        variant = conditioning.variant_of(components["transformer"].model.config.in_channels, None, declared, "tiny")
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
-                   strategy=strategy, mesh=mesh)
+                   strategy=strategy, mesh=mesh, variant=variant)
+
+    def _widened(self, t: Component, adapters) -> Component:
+        """`t` with img_in as wide as a structural-control LoRA among `adapters` needs (the new
+        inputs at zero); the pipeline becomes a "control" one. `t` itself when none needs it."""
+        from fluxjax import lora
+
+        if adapters.input_width is None:
+            return t
+        config = dataclasses.replace(t.model.config, in_channels=adapters.input_width)
+        self.variant = conditioning.variant_of(config.in_channels, where=f"{self.name} with a control LoRA")
+        _check_compatible(config, self.t5.model.config, self.clip.model.config, self.vae.model.config, self.variant)
+        return Component(t.model.clone(config=config), lora.widen_input(t.params, adapters.input_width))
 
     def unload_lora(self) -> None:
-        """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline)."""
+        """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline); a base
+        model a live control LoRA widened is a base model again."""
         if self._params_before_loras is not None:
             self.transformer = Component(self.transformer.model, self._params_before_loras)
+            if self._before_widening is not None:
+                self.transformer, self.variant = self._before_widening, "base"
         self.loras, self.adapters, self._params_before_loras = [], None, None
+        self._before_widening = None
 
     # --- generation ------------------------------------------------------------------------
 
@@ -277,7 +318,7 @@ class FluxPipeline:
                  negative_prompt_2: str | Sequence[str] | None = None, prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, sigmas=None,
                  reference_images=None, control_image=None, max_area: int | None = None,
-                 auto_resize: bool | None = None):
+                 auto_resize: bool | None = None, allow_references: bool = False):
         """Generate one image per prompt; optionally from an image (img2img, inpainting), with true CFG.
 
         prompt: a string or a list of B strings (with `latents` or a list of images of batch B, one
@@ -315,19 +356,37 @@ class FluxPipeline:
             negative_pooled_prompt_embeds likewise instead of `negative_prompt`.
         sigmas: N custom timesteps in (0, 1], decreasing, instead of the schedule's linspace; shifted
             by the schedule as diffusers' scheduler shifts given sigmas (N steps, 0 appended).
-        reference_images, control_image, max_area, auto_resize: for Kontext and control checkpoints;
-            a base model refuses them.
+        The model variants (`pipe.variant`, fluxjax/conditioning.py; a wrong combination is refused):
+        image, mask_image on a Fill model: the image and the region to repaint (white), as
+            FluxFillPipeline: the masked image's latents and the packed mask are extra input
+            channels at every step; strength defaults to 1 (from pure noise) as there.
+        control_image: a control model's (FLUX.1-Canny/Depth, or a base model with a control LoRA)
+            edge or depth map, as FluxControlPipeline: its latents are extra input channels; one
+            or B of them of one size, which the output takes.
+        reference_images: a list of reference images for Kontext, shared by every image of the
+            call, appended to the sequence with ids (i + 1, row, col), as FluxKontextPipeline (a
+            base model takes them only with allow_references=True). Each is resized to the
+            preferred Kontext resolution nearest its aspect ratio unless auto_resize=False (then
+            `resize` applies), and the output to max_area pixels (default 1024**2) at the
+            requested aspect ratio, as diffusers does.
         """
-        from fluxjax import conditioning
-
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
-        self._refuse_variant_inputs(reference_images=reference_images, control_image=control_image,
-                                    max_area=max_area, auto_resize=auto_resize)
-        images = self._condition_images(image, strength, mask_image, resize)
+        conditioning.check_use(self.variant, self.name, image=image, mask_image=mask_image,
+                               reference_images=reference_images, control_image=control_image,
+                               allow_references=allow_references)
+        if reference_images is None and (max_area is not None or auto_resize is not None):
+            raise UsageError("max_area and auto_resize apply to reference_images (Kontext) only")
+        fill = self.variant == "fill"
+        # resize serves control and reference images too: only without any image is it refused.
+        other_images = control_image is not None or reference_images is not None
+        images = self._condition_images(image, strength, mask_image, None if image is None and other_images else resize)
+        controls = None if control_image is None else conditioning.load_images(control_image, resize, "control_image")
         text = _TextInputs.check(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, "prompt")
-        prompts, batch, noise, height, width = self._inputs(prompt, height, width, seed, latents, text.batch,
-                                                            None if images is None else images[0])
+        if reference_images is not None:
+            height, width = self._kontext_size(height, width, latents, max_area)
+        size_from = images[0] if images is not None else None if controls is None else controls[0]
+        prompts, batch, noise, height, width = self._inputs(prompt, height, width, seed, latents, text.batch, size_from)
         if prompts is not None:
             self._check_grammar(prompts)
         if sigmas is not None:
@@ -341,8 +400,9 @@ class FluxPipeline:
         true_cfg = _true_cfg(true_cfg_scale, negative.given, batch)
         seq_len = (height // 16) * (width // 16)
         schedule = self.schedule.sigmas(num_steps, seq_len) if sigmas is None else self.schedule.shift_sigmas(sigmas, seq_len)
+        default_strength = 1.0 if fill else conditioning.DEFAULT_STRENGTH  # FluxFillPipeline's default is 1
         start = 0 if images is None else conditioning.strength_start(
-            num_steps, conditioning.DEFAULT_STRENGTH if strength is None else strength)
+            num_steps, default_strength if strength is None else strength)
 
         from tqdm import tqdm
 
@@ -358,8 +418,14 @@ class FluxPipeline:
         if images is not None:
             pixels, masks = images[1], images[2]
             inputs["pixels"] = conditioning.to_model_pixels(_per_image(pixels, batch, "image"))
-            if masks is not None:
+            if masks is not None and fill:  # Fill's inputs: the image and its pixel mask
+                inputs["variant"] = {"fill_pixels": inputs["pixels"], "fill_mask": _per_image(masks, batch, "mask_image")}
+            elif masks is not None:
                 inputs["mask"] = conditioning.mask_latents(_per_image(masks, batch, "mask_image"))
+        if controls is not None:
+            inputs["variant"] = {"control_pixels": conditioning.to_model_pixels(_per_image(controls, batch, "control_image"))}
+        if reference_images is not None:
+            inputs["variant"] = conditioning.kontext_inputs(reference_images, batch, auto_resize is not False, resize)
         if self.adapters is not None:
             from fluxjax.lora import image_scales
 
@@ -385,6 +451,8 @@ class FluxPipeline:
                 cond["start"] = np.int32(start)
                 if "mask" in inputs:
                     cond.update(image_latents=image_latents, noise=inputs["noise"], mask=inputs["mask"])
+            if "variant" in inputs:  # the variant's extra channels or reference tokens
+                cond.update(conditioning.encode_variant(self.vae.model, self.vae.params, inputs["variant"]))
             txt.block_until_ready()
             self.timings = {"encode": time.perf_counter() - start_time}
             bar.update(1)
@@ -417,19 +485,23 @@ class FluxPipeline:
 
         return [Image.fromarray(u8) for u8 in to_uint8(out)]
 
-    def _refuse_variant_inputs(self, **given) -> None:
-        """UsageError naming the first input this checkpoint's variant cannot take."""
-        variant = getattr(self, "variant", "base")  # read from the checkpoint by the variants' loader
-        needs = {"reference_images": "kontext", "max_area": "kontext", "auto_resize": "kontext", "control_image": "control"}
-        for name, value in given.items():
-            if value is not None and variant != needs[name]:
-                raise UsageError(f"{name} needs a FLUX.1 {needs[name].capitalize()} checkpoint; {self.name} is "
-                                 f"a {variant} model")
+    def _kontext_size(self, height, width, latents, max_area):
+        """(height, width) of a call with reference images: the requested size (default the
+        model's) at max_area pixels, as FluxKontextPipeline sets it; with `latents`, their size,
+        which must be that size already (None, None then: `_inputs` reads it)."""
+        area = conditioning.KONTEXT_MAX_AREA if max_area is None else max_area
+        if latents is None:
+            return conditioning.kontext_output_size(height or self.defaults.height, width or self.defaults.width, area)
+        if np.ndim(latents) == 4:
+            size = (np.shape(latents)[2] * 8, np.shape(latents)[3] * 8)
+            h, w = conditioning.kontext_output_size(*size, area)
+            if (h, w) != size:
+                raise UsageError(f"latents are for {size[1]}x{size[0]} images, but with reference_images the output "
+                                 f"is {w}x{h} (max_area={area}); pass max_area={size[0] * size[1]} or latents of that size")
+        return height, width
 
     def _condition_images(self, image, strength, mask_image, resize):
         """None, or (uint8 (H, W, 3) first image, list of 1 or B uint8 images, list of masks or None), checked."""
-        from fluxjax import conditioning
-
         if image is None:
             for name, value in (("strength", strength), ("mask_image", mask_image), ("resize", resize)):
                 if value is not None:
@@ -438,14 +510,9 @@ class FluxPipeline:
         if strength is not None:
             conditioning.strength_start(1, strength)  # the range check, before any image is read
         given = list(image) if isinstance(image, (list, tuple)) else [image]
-        if not given:
-            raise UsageError("image: an empty list")
         names = ["image"] if len(given) == 1 else [f"image {i}" for i in range(len(given))]
+        pixels = conditioning.load_images(image, resize, "image")
         sizes = [conditioning.original_size(im, n) for im, n in zip(given, names)]
-        pixels = [conditioning.load_image(im, resize, n) for im, n in zip(given, names)]
-        if len({p.shape for p in pixels}) > 1:
-            raise UsageError("the images of one call must have one size, got "
-                             + ", ".join(f"{p.shape[1]}x{p.shape[0]}" for p in pixels))
         masks = None
         if mask_image is not None:
             masks = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
@@ -887,10 +954,11 @@ def _read_defaults(folder: str) -> dict:
     return {k: float(v) if k == "guidance" and v is not None else v for k, v in values.items()}
 
 
-def _with_overrides(folder: str, overrides: dict, guidance_embed: bool) -> Defaults:
-    """The kind's defaults replaced by `overrides` (from _read_defaults), the guidance checked
-    against the transformer."""
-    defaults = dataclasses.replace(DEFAULTS["dev" if guidance_embed else "schnell"], **overrides)
+def _with_overrides(folder: str, overrides: dict, guidance_embed: bool, base: Defaults | None = None) -> Defaults:
+    """`base` (default: the kind's defaults) replaced by `overrides` (from _read_defaults), the
+    guidance checked against the transformer."""
+    base = DEFAULTS["dev" if guidance_embed else "schnell"] if base is None else base
+    defaults = dataclasses.replace(base, **overrides)
     path = os.path.join(folder, DEFAULTS_FILE)
     if defaults.guidance is not None and not guidance_embed:
         raise UsageError(f"{path}: guidance {defaults.guidance} for a transformer without a guidance embedding "
@@ -900,14 +968,27 @@ def _with_overrides(folder: str, overrides: dict, guidance_embed: bool) -> Defau
     return defaults
 
 
-def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig) -> None:
+def _pipeline_class(root: str) -> str | None:
+    """model_index.json's `_class_name` in a pipeline folder (hub or converted), None without that file."""
+    path = os.path.join(root, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("_class_name")
+
+
+def _check_compatible(t: FluxConfig, t5: T5Config, clip: CLIPConfig, vae: AutoEncoderConfig, variant: str = "base") -> None:
     problems = []
     if t.context_in_dim != t5.d_model:
         problems.append(f"transformer context_in_dim {t.context_in_dim} != T5 d_model {t5.d_model}")
     if t.vec_in_dim != clip.hidden_size:
         problems.append(f"transformer vec_in_dim {t.vec_in_dim} != CLIP hidden_size {clip.hidden_size}")
-    if t.in_channels != vae.z_channels * 4:
-        problems.append(f"transformer in_channels {t.in_channels} != 4 x VAE z_channels {vae.z_channels}")
+    if t.out_channels != vae.z_channels * 4:
+        problems.append(f"transformer out_channels {t.out_channels} != 4 x VAE z_channels {vae.z_channels}")
+    extra = conditioning.EXTRA_CHANNELS.get(variant, 0)
+    if t.in_channels != vae.z_channels * 4 + extra:
+        problems.append(f"transformer in_channels {t.in_channels} != 4 x VAE z_channels {vae.z_channels}"
+                        + (f" + {extra} ({variant})" if extra else ""))
     if vae.downsample_factor != 8:
         problems.append(f"VAE downsamples by {vae.downsample_factor}, FLUX needs 8")
     if problems:

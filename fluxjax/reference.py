@@ -71,17 +71,20 @@ def randomize_(module, seed: int = 0) -> None:
             p.copy_(value.to(p.dtype))
 
 
-def make_hub_pipeline(root: str | os.PathLike, kind: str, seed: int = 0, **transformer) -> FluxPipeline:
+def make_hub_pipeline(root: str | os.PathLike, kind: str, seed: int = 0, pipeline_class=FluxPipeline,
+                      **transformer) -> FluxPipeline:
     """Save a small random FLUX pipeline of `kind` ("dev" or "schnell") under root; return it (fp32, eval).
 
+    pipeline_class: the diffusers pipeline built and saved (its name goes into model_index.json),
+        e.g. FluxKontextPipeline, or FluxFillPipeline with in_channels=384, out_channels=64.
     transformer: FluxTransformer2DModel arguments replacing the kind's small defaults (e.g. a
-    wider model for a benchmark).
+    wider model for a benchmark, or a variant's in_channels).
     """
     root = os.fspath(root)
     make_tokenizers(root)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
-        **{**TRANSFORMERS[kind], **transformer},
+        patch_size=1, joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+        **{"in_channels": 64, **TRANSFORMERS[kind], **transformer},
     )
     randomize_(transformer, seed)
     vae = AutoencoderKL(
@@ -103,7 +106,7 @@ def make_hub_pipeline(root: str | os.PathLike, kind: str, seed: int = 0, **trans
     ))
     randomize_(clip, seed + 1)
     randomize_(t5, seed + 2)
-    pipe = FluxPipeline(
+    pipe = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS[kind]),
         vae=vae.eval(),
         text_encoder=clip.eval(),

@@ -41,6 +41,11 @@ _MASK = np.zeros((48, 80), np.float32)
 _MASK[:, 24:56] = 1.0
 IMG2IMG = dict(image=np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8), strength=0.6,
                mask_image=_MASK)
+# Kontext's reference path (one 32 x 64 reference, 8 tokens after the image's 15), run on the base
+# model with allow_references=True: the same code as a Kontext checkpoint's, without a second load.
+REFERENCE = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+KONTEXT = dict(reference_images=[REFERENCE], allow_references=True, auto_resize=False, max_area=48 * 80)
+KONTEXT_BATCH = 3
 
 
 def shard_shapes(x: jax.Array) -> list[list[int]]:
@@ -51,6 +56,7 @@ def main(hub: str) -> None:
     single = FluxPipeline.from_pretrained(hub, dtype="float32")
     reference = {b: single(PROMPTS[:b], seed=0, **KW) for b in sorted({b for *_, bs in CASES for b in bs})}
     conditioned = {b: single(PROMPTS[:b], seed=0, **KW, **IMG2IMG) for b in sorted({bs[-1] for *_, bs in CASES})}
+    kontext = single(PROMPTS[:KONTEXT_BATCH], seed=0, **KW, **KONTEXT)
     out = {"devices": jax.device_count(), "max_pixel": float(max(np.abs(r).max() for r in reference.values())), "cases": []}
     for name, ici, batches in CASES:
         strategy = Strategy.load(name).with_ici(*ici)
@@ -70,6 +76,8 @@ def main(hub: str) -> None:
         images = pipe(PROMPTS[:batches[-1]], seed=0, **KW, **IMG2IMG)
         case["img2img"][str(batches[-1])] = [list(images.shape),
                                              float(np.abs(images - conditioned[batches[-1]]).max())]
+        images = pipe(PROMPTS[:KONTEXT_BATCH], seed=0, **KW, **KONTEXT)
+        case["kontext"] = [list(images.shape), float(np.abs(images - kontext).max())]
         out["cases"].append(case)
     print(json.dumps(out))
 

@@ -37,6 +37,9 @@ def test_every_strategy_gives_the_single_device_image(facts):
             assert shape[0] == int(batch), case  # padding rows are dropped
             assert error <= 1e-5, (case["strategy"], case["mesh"], batch, error)
     assert seen == {"dp", "fsdp", "tp", "fsdp_tp"}
+    for case in facts["cases"]:  # Kontext: reference tokens appended in the sequence, batch 3 padded
+        shape, error = case["kontext"]
+        assert shape[0] == 3 and error <= 1e-5, (case["strategy"], case["mesh"], "kontext", error)
     # Both a batch that divides the data axes and one that has to be padded were run.
     assert any(int(b) % 8 == 0 for c in facts["cases"] if c["strategy"] == "dp" for b in c["errors"])
     assert any(b == "3" for c in facts["cases"] for b in c["errors"])
