@@ -456,7 +456,7 @@ def save_diffusers(path: str | os.PathLike, tree: dict, cfg: FluxConfig) -> None
     """
     from safetensors.numpy import save_file
 
-    from fluxjax.lora_formats import _diffusers_linears
+    from fluxjax.lora_formats import diffusers_linears
 
     nodes = {p: {k: np.asarray(v, np.float32) for k, v in leaves.items()} for p, leaves in _adapter_nodes(tree)}
     ranks = {leaves["a"].shape[-1] for leaves in nodes.values()}
@@ -467,7 +467,7 @@ def save_diffusers(path: str | os.PathLike, tree: dict, cfg: FluxConfig) -> None
     rank, = ranks
     alpha = scales.pop() * rank
     tensors, modules = {}, []
-    for module, (target, layer, rows) in _diffusers_linears(cfg).items():
+    for module, (target, layer, rows) in diffusers_linears(cfg).items():
         if target not in nodes:
             continue
         leaves = nodes[target]

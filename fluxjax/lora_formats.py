@@ -27,14 +27,14 @@ import numpy as np
 
 from fluxjax.config import FluxConfig
 from fluxjax.loading.flux import (
-    _DIFFUSERS_DOUBLE,
-    _DIFFUSERS_GUIDANCE,
-    _DIFFUSERS_SINGLE,
-    _DIFFUSERS_TOP,
-    _DOUBLE_LINEARS,
-    _GUIDANCE_LINEARS,
-    _SINGLE_LINEARS,
-    _TOP_LINEARS,
+    DIFFUSERS_DOUBLE,
+    DIFFUSERS_GUIDANCE,
+    DIFFUSERS_SINGLE,
+    DIFFUSERS_TOP,
+    DOUBLE_LINEARS,
+    GUIDANCE_LINEARS,
+    SINGLE_LINEARS,
+    TOP_LINEARS,
 )
 from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
 
@@ -76,28 +76,28 @@ class Replacement:
 
 def _bfl_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None]]:
     """BFL Linear module name ("double_blocks.3.img_attn.qkv") -> (Flax path, layer)."""
-    out = {n: (n.replace(".", "/"), None) for n in _TOP_LINEARS + (_GUIDANCE_LINEARS if cfg.guidance_embed else ())}
-    for stack, names in (("double_blocks", _DOUBLE_LINEARS), ("single_blocks", _SINGLE_LINEARS)):
+    out = {n: (n.replace(".", "/"), None) for n in TOP_LINEARS + (GUIDANCE_LINEARS if cfg.guidance_embed else ())}
+    for stack, names in (("double_blocks", DOUBLE_LINEARS), ("single_blocks", SINGLE_LINEARS)):
         for i in range(getattr(cfg, STACKS[stack])):
             out.update({f"{stack}.{i}.{n}": (f"{stack}/{n.replace('.', '/')}", i) for n in names})
     return out
 
 
-def _diffusers_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None, np.ndarray | None]]:
+def diffusers_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None, np.ndarray | None]]:
     """diffusers module name -> (Flax path, layer, output rows of the BFL Linear it is a part of)."""
     d, m = cfg.hidden_size, cfg.mlp_hidden_dim
     part = lambda k, n: np.arange(k * d, k * d + n)  # noqa: E731
-    out = {theirs: (ours, None, None) for ours, theirs in _DIFFUSERS_TOP + (_DIFFUSERS_GUIDANCE if cfg.guidance_embed else ())}
+    out = {theirs: (ours, None, None) for ours, theirs in DIFFUSERS_TOP + (DIFFUSERS_GUIDANCE if cfg.guidance_embed else ())}
     # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
     out["norm_out.linear"] = ("final_layer/adaLN_modulation/1", None, np.concatenate([part(1, d), part(0, d)]))
     for i in range(cfg.depth):
         block = f"transformer_blocks.{i}"
-        out.update({f"{block}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_DOUBLE})
+        out.update({f"{block}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in DIFFUSERS_DOUBLE})
         for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             out.update({f"{block}.attn.{n}": (f"double_blocks/{stream}_attn/qkv", i, part(k, d)) for k, n in enumerate(names)})
     for i in range(cfg.depth_single_blocks):
         block = f"single_transformer_blocks.{i}"
-        out.update({f"{block}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in _DIFFUSERS_SINGLE})
+        out.update({f"{block}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in DIFFUSERS_SINGLE})
         out.update({f"single_transformer_blocks.{i}.attn.{n}": ("single_blocks/linear1", i, part(k, d))
                     for k, n in enumerate(("to_q", "to_k", "to_v"))})
         out[f"single_transformer_blocks.{i}.proj_mlp"] = ("single_blocks/linear1", i, part(3, m))
@@ -216,7 +216,7 @@ def read_diffusers(keys: _Keys, cfg: FluxConfig):
     for key in keys.unused:
         if key.startswith(("text_encoder", "lora_te")):
             raise _text_encoder_refusal(keys, key)
-    return _read_low_rank(keys, cfg, _diffusers_linears(cfg), "transformer.",
+    return _read_low_rank(keys, cfg, diffusers_linears(cfg), "transformer.",
                           _peft_alpha(keys.source.metadata(), "transformer"))
 
 

@@ -18,14 +18,14 @@ from fluxjax.loading.table import LAYER, CheckpointTable, Rule, fused_linear, li
 BFL_PREFIXES = ("model.diffusion_model.",)  # added by some redistributions (ComfyUI)
 
 # Linear layers outside the blocks: BFL module name (also the Flax path, '.' -> '/').
-_TOP_LINEARS = (
+TOP_LINEARS = (
     "img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
     "vector_in.in_layer", "vector_in.out_layer", "final_layer.linear", "final_layer.adaLN_modulation.1",
 )
-_GUIDANCE_LINEARS = ("guidance_in.in_layer", "guidance_in.out_layer")
-_DOUBLE_LINEARS = tuple(f"{s}_{m}" for s in ("img", "txt") for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
+GUIDANCE_LINEARS = ("guidance_in.in_layer", "guidance_in.out_layer")
+DOUBLE_LINEARS = tuple(f"{s}_{m}" for s in ("img", "txt") for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2"))
 _DOUBLE_NORMS = tuple(f"{s}_attn.norm.{n}_norm" for s in ("img", "txt") for n in ("query", "key"))
-_SINGLE_LINEARS = ("linear1", "linear2", "modulation.lin")
+SINGLE_LINEARS = ("linear1", "linear2", "modulation.lin")
 _SINGLE_NORMS = ("norm.query_norm", "norm.key_norm")
 
 
@@ -36,11 +36,11 @@ def _path(bfl_name: str) -> str:
 def bfl_rules(cfg: FluxConfig) -> list[Rule]:
     """The table of a BFL single file (flux1-dev.safetensors and friends)."""
     rules: list[Rule] = []
-    for name in _TOP_LINEARS + (_GUIDANCE_LINEARS if cfg.guidance_embed else ()):
+    for name in TOP_LINEARS + (GUIDANCE_LINEARS if cfg.guidance_embed else ()):
         rules += linear(_path(name), name)
     for block, layers, linears, norms in (
-        ("double_blocks", cfg.depth, _DOUBLE_LINEARS, _DOUBLE_NORMS),
-        ("single_blocks", cfg.depth_single_blocks, _SINGLE_LINEARS, _SINGLE_NORMS),
+        ("double_blocks", cfg.depth, DOUBLE_LINEARS, _DOUBLE_NORMS),
+        ("single_blocks", cfg.depth_single_blocks, SINGLE_LINEARS, _SINGLE_NORMS),
     ):
         for name in linears:
             bias = cfg.qkv_bias or not name.endswith(("qkv", "linear1"))
@@ -51,7 +51,7 @@ def bfl_rules(cfg: FluxConfig) -> list[Rule]:
 
 
 # (Flax path, diffusers module) for plain copies of a Linear.
-_DIFFUSERS_TOP = (
+DIFFUSERS_TOP = (
     ("img_in", "x_embedder"),
     ("txt_in", "context_embedder"),
     ("time_in/in_layer", "time_text_embed.timestep_embedder.linear_1"),
@@ -60,11 +60,11 @@ _DIFFUSERS_TOP = (
     ("vector_in/out_layer", "time_text_embed.text_embedder.linear_2"),
     ("final_layer/linear", "proj_out"),
 )
-_DIFFUSERS_GUIDANCE = (
+DIFFUSERS_GUIDANCE = (
     ("guidance_in/in_layer", "time_text_embed.guidance_embedder.linear_1"),
     ("guidance_in/out_layer", "time_text_embed.guidance_embedder.linear_2"),
 )
-_DIFFUSERS_DOUBLE = (
+DIFFUSERS_DOUBLE = (
     ("img_mod/lin", "norm1.linear"),
     ("txt_mod/lin", "norm1_context.linear"),
     ("img_attn/proj", "attn.to_out.0"),
@@ -80,7 +80,7 @@ _DIFFUSERS_DOUBLE_NORMS = (
     ("txt_attn/norm/query_norm", "attn.norm_added_q"),
     ("txt_attn/norm/key_norm", "attn.norm_added_k"),
 )
-_DIFFUSERS_SINGLE = (("linear2", "proj_out"), ("modulation/lin", "norm.linear"))
+DIFFUSERS_SINGLE = (("linear2", "proj_out"), ("modulation/lin", "norm.linear"))
 _DIFFUSERS_SINGLE_NORMS = (("norm/query_norm", "attn.norm_q"), ("norm/key_norm", "attn.norm_k"))
 
 
@@ -88,7 +88,7 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
     """The table of a diffusers `FluxTransformer2DModel` folder (transformer/)."""
     d, m = cfg.hidden_size, cfg.mlp_hidden_dim
     rules: list[Rule] = []
-    for target, module in _DIFFUSERS_TOP + (_DIFFUSERS_GUIDANCE if cfg.guidance_embed else ()):
+    for target, module in DIFFUSERS_TOP + (DIFFUSERS_GUIDANCE if cfg.guidance_embed else ()):
         rules += linear(target, module)
     # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
     for leaf, transform in (("kernel", "linear"), ("bias", "copy")):
@@ -96,8 +96,8 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
         rules.append(Rule(f"final_layer/adaLN_modulation/1/{leaf}", (key,), transform, swap_halves=True))
 
     blocks = (
-        ("double_blocks", "transformer_blocks", cfg.depth, _DIFFUSERS_DOUBLE, _DIFFUSERS_DOUBLE_NORMS),
-        ("single_blocks", "single_transformer_blocks", cfg.depth_single_blocks, _DIFFUSERS_SINGLE, _DIFFUSERS_SINGLE_NORMS),
+        ("double_blocks", "transformer_blocks", cfg.depth, DIFFUSERS_DOUBLE, _DIFFUSERS_DOUBLE_NORMS),
+        ("single_blocks", "single_transformer_blocks", cfg.depth_single_blocks, DIFFUSERS_SINGLE, _DIFFUSERS_SINGLE_NORMS),
     )
     for block, theirs, layers, linears, norms in blocks:
         src = f"{theirs}.{LAYER}."
