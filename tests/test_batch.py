@@ -7,7 +7,6 @@ each batch shape compiles once for the whole file. All images are 32x32, 1 step.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,8 @@ from PIL import Image
 
 from fluxjax import batch, cli
 from fluxjax.pipeline import FluxPipeline
+
+import processes
 
 SIZE = ["--model", "tiny", "--height", "32", "--width", "32", "--steps", "1"]
 PROMPTS = [f"prompt number {k}" for k in range(10)]
@@ -204,12 +205,6 @@ def test_bad_prompts_file_exits_2_naming_file_and_line(tmp_path, capsys, name, l
     assert not out.exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, calls, monkeypatch, reference):
     prompts = write(tmp_path / "p.txt", PROMPTS)
     out = tmp_path / "out"
@@ -217,14 +212,7 @@ def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, ca
     run_interrupted(monkeypatch, args, 3)  # a one-process run killed after 3 images: 0-1 recorded, 2 not
     before = len(records(out))
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FLUXJAX_COMPILATION_CACHE": "off", "HF_HUB_OFFLINE": "1",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "FLUXJAX_COORDINATOR": f"localhost:{free_port()}",
-           "FLUXJAX_NUM_PROCESSES": "2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "fluxjax.cli", *args], env={**env, "FLUXJAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err
+    results = processes.finish(processes.start_processes(args, 2, processes.base_env(devices=4)), timeout=300)
     assert "host 0 of 2: 4 done (1 found unrecorded and made again), 1 skipped" in results[0][1]  # 2, 4, 6, 8
     assert "host 1 of 2: 4 done, 1 skipped" in results[1][1]  # 3, 5, 7, 9
 
