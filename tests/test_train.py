@@ -326,7 +326,9 @@ def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
     import time
 
     folder = make_folder(tmp_path / "data", sizes=((40, 24),) * 4)  # one bucket: one compile per run
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    # One persistent compilation cache for the three runs: the first compiles, the others load its executables.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
+               FLUXJAX_COMPILATION_CACHE=str(tmp_path / "xla"))
     common = [folder, "--resolution", "32", "--steps", "60", "--save-every", "20", "--lr", "3e-3", "--dtype", "float32",
               "--warmup", "5", "--ema", "0.9", "--caption-dropout", "0.2", "--seed", "3"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
