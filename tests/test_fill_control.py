@@ -29,6 +29,7 @@ from safetensors.torch import save_file  # noqa: E402
 from fluxjax import conditioning  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from test_lora import control_norm_scales  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
@@ -153,12 +154,7 @@ def control_lora_tensors(transformer, seed, rank=4):
         tensors[f"{name}.lora_A.weight"] = torch.randn(rank, i, generator=gen) / i**0.5
         tensors[f"{name}.lora_B.weight"] = 0.5 * torch.randn(o, rank, generator=gen) / rank**0.5
         tensors[f"{name}.lora_B.bias"] = 0.1 * torch.randn(o, generator=gen)
-    for stack, layers, norms in (("double_blocks", cfg.num_layers, ("img_attn.norm", "txt_attn.norm")),
-                                 ("single_blocks", cfg.num_single_layers, ("norm",))):
-        for i in range(layers):
-            for norm in norms:
-                for n in ("query_norm", "key_norm"):
-                    tensors[f"{stack}.{i}.{norm}.{n}.scale"] = 1 + 0.3 * torch.randn(cfg.attention_head_dim, generator=gen)
+    tensors.update(control_norm_scales(cfg, gen))
     return tensors
 
 

@@ -352,6 +352,19 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+def control_norm_scales(cfg, gen) -> dict:
+    """The full replacement QK-norm scales of a BFL control LoRA, for every block of a diffusers
+    transformer config (BFL names), drawn from `gen`."""
+    tensors = {}
+    for stack, layers, norms in (("double_blocks", cfg.num_layers, ("img_attn.norm", "txt_attn.norm")),
+                                 ("single_blocks", cfg.num_single_layers, ("norm",))):
+        for i in range(layers):
+            for norm in norms:
+                for n in ("query_norm", "key_norm"):
+                    tensors[f"{stack}.{i}.{norm}.{n}.scale"] = 1 + 0.3 * torch.randn(cfg.attention_head_dim, generator=gen)
+    return tensors
+
+
 def control_tensors(hub, seed, in_channels=64):
     """A BFL control LoRA as FLUX.1-Canny/Depth-dev-lora lays it out: BFL names, lora_A/lora_B
     with a lora_B.bias, and full replacement QK-norm scales (no diffusers check: its reader
@@ -366,12 +379,7 @@ def control_tensors(hub, seed, in_channels=64):
     for name, o, i in linears:
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = random_pair(gen, o, i)
         tensors[f"{name}.lora_B.bias"] = 0.1 * torch.randn(o, generator=gen)
-    for stack, layers, norms in (("double_blocks", cfg.num_layers, ("img_attn.norm", "txt_attn.norm")),
-                                 ("single_blocks", cfg.num_single_layers, ("norm",))):
-        for i in range(layers):
-            for norm in norms:
-                for n in ("query_norm", "key_norm"):
-                    tensors[f"{stack}.{i}.{norm}.{n}.scale"] = 1 + 0.3 * torch.randn(cfg.attention_head_dim, generator=gen)
+    tensors.update(control_norm_scales(cfg, gen))
     return tensors
 
 
