@@ -463,8 +463,8 @@ def pack_mask(mask: jnp.ndarray) -> jnp.ndarray:
 
 @partial(jit_with_rules, static_argnames=("model",))
 def encode_variant(model: AutoEncoder, params, inputs: dict) -> dict:
-    """Device side of `kontext_inputs`, `fill_inputs` and `control_inputs`: their host arrays (as
-    placed on the devices) -> the Conditioning fields they give, float32:
+    """Device side of the variants' host inputs (`kontext_inputs`; the pipeline's Fill and control
+    pixels), as placed on the devices -> the Conditioning fields they give, float32:
       ref_pixels, ref_ids -> ref_img (B, L_ref, 64) (each reference encoded), ref_ids;
       fill_pixels, fill_mask -> channels (B, L_img, 320): latents of image * (1 - mask) (masked
           pixels at 0, mid-grey) then the packed mask;

@@ -560,14 +560,7 @@ class FluxPipeline:
 
         if output not in ("np", "pil", "latents"):
             raise UsageError(f"output must be 'np', 'pil' or 'latents', got {output!r}")
-        images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if not images:
-            raise UsageError("no image given")
-        pixels = [conditioning.load_image(im, resize, "image" if len(images) == 1 else f"image {i}")
-                  for i, im in enumerate(images)]
-        if len({p.shape for p in pixels}) > 1:
-            raise UsageError("the images of one edit call must have one size, got "
-                             + ", ".join(f"{p.shape[1]}x{p.shape[0]}" for p in pixels))
+        pixels = conditioning.load_images(image, resize, "image")
         batch, (height, width) = len(pixels), pixels[0].shape[:2]
         sources, targets = (_prompt_list(name, p, batch) for name, p in
                             (("source_prompt", source_prompt), ("target_prompt", target_prompt)))
