@@ -385,7 +385,7 @@ class FluxPipeline:
         text = _TextInputs.check(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, "prompt")
         if reference_images is not None:
             height, width = self._kontext_size(height, width, latents, max_area)
-        size_from = images[0] if images is not None else None if controls is None else controls[0]
+        size_from = images[0][0] if images is not None else None if controls is None else controls[0]
         prompts, batch, noise, height, width = self._inputs(prompt, height, width, seed, latents, text.batch, size_from)
         if prompts is not None:
             self._check_grammar(prompts)
@@ -416,7 +416,7 @@ class FluxPipeline:
             inputs["negative"] = negative.inputs(self.tokenizer, negative.prompts, max_sequence_length,
                                                  self.transformer.model.config, text_length)
         if images is not None:
-            pixels, masks = images[1], images[2]
+            pixels, masks = images
             inputs["pixels"] = conditioning.to_model_pixels(_per_image(pixels, batch, "image"))
             if masks is not None and fill:  # Fill's inputs: the image and its pixel mask
                 inputs["variant"] = {"fill_pixels": inputs["pixels"], "fill_mask": _per_image(masks, batch, "mask_image")}
@@ -501,7 +501,7 @@ class FluxPipeline:
         return height, width
 
     def _condition_images(self, image, strength, mask_image, resize):
-        """None, or (uint8 (H, W, 3) first image, list of 1 or B uint8 images, list of masks or None), checked."""
+        """None, or (list of 1 or B uint8 (H, W, 3) images of one size, list of masks or None), checked."""
         if image is None:
             for name, value in (("strength", strength), ("mask_image", mask_image), ("resize", resize)):
                 if value is not None:
@@ -521,7 +521,7 @@ class FluxPipeline:
             masks = [conditioning.load_mask(m, sizes[min(i, len(sizes) - 1)], resize,
                                             "mask_image" if len(masks) == 1 else f"mask_image {i}")
                      for i, m in enumerate(masks)]
-        return pixels[0], pixels, masks
+        return pixels, masks
 
     def _text(self, text: dict):
         """(txt, vec) from token ids ({"t5", "clip"}) or from given embeddings ({"txt", "vec"})."""
