@@ -50,7 +50,7 @@ class TrainConfig:
     `learning_rate`, then cosine decay to `final_lr_fraction * learning_rate` at `total_steps`.
 
     clip_norm: global-norm gradient clipping (None: off). ema_decay: keep an exponential moving
-    average of the weights with this decay (None: no EMA). logit_mean/logit_std: the
+    average of the weights with this decay, warmed up by `ema_decay` (None: no EMA). logit_mean/logit_std: the
     logit-normal timestep draw. guidance: the guidance input of guidance-distilled models.
     caption_dropout: probability that a sample is trained with the empty prompt.
     param_dtype: "float32" (master weights, bf16 compute) or "bfloat16"; compute_dtype: the
@@ -150,6 +150,18 @@ def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_i
         with lora.live(jnp.ones((x0.shape[0], 1), jnp.float32)):
             pred = model.apply(lora.variables(params, adapters), *args)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
+
+
+def ema_decay(decay: float, step) -> jax.Array:
+    """The EMA decay used at update `step` (0-based): `decay`, held below (1 + step) / (10 + step).
+
+    The average starts at the initial weights; with a fixed decay of 0.999 they would still
+    weigh 0.999^500 = 61% after 500 steps and 8% after 2500, so a short run's EMA would be
+    mostly its random initialisation. The warm-up (TensorFlow's ExponentialMovingAverage with
+    num_updates) lets the average follow the weights closely at first.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
 def training_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -308,7 +320,7 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
-            d = self.cfg.ema_decay
+            d = ema_decay(self.cfg.ema_decay, state.step)
             ema = jax.tree.map(lambda e, p: (d * e.astype(jnp.float32) + (1 - d) * p.astype(jnp.float32)).astype(e.dtype), ema, params)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, key=jax.random.key_data(key))
