@@ -27,7 +27,7 @@ from fluxjax.random_weights import host_random_params
 from fluxjax.reference import randomize_
 from fluxjax.sampling import Schedule
 from fluxjax.train import (
-    Trainer, TrainConfig, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
+    Trainer, TrainConfig, ema_decay, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
 )
 
 # Per leaf, max |fluxjax - diffusers| / max |diffusers|: what the issue asks (fp32). Measured: the
@@ -140,6 +140,23 @@ def test_loss_goes_down_and_ema_follows(tiny, ema_trainer):
     p, e = state.params["img_in"]["kernel"], state.ema["img_in"]["kernel"]
     p0 = params["img_in"]["kernel"]
     assert 0 < float(jnp.abs(e - p0).max()) and float(jnp.abs(e - p).max()) > 0  # the EMA lags the weights
+
+
+def test_ema_warms_up_from_the_first_step(tiny, ema_trainer):
+    """Update i averages with decay min(0.9, (1 + i) / (10 + i)): 0.1, then 2/11, so after two
+    updates the EMA is mostly the new weights rather than the random start; late in a long run
+    the configured decay holds."""
+    model, params, batch = tiny
+    kernel = lambda tree: np.asarray(tree["img_in"]["kernel"])  # noqa: E731  (copied: the step donates its state)
+    state, _ = ema_trainer.step(ema_trainer.init(params, seed=0), batch)
+    p0, p1, ema1 = kernel(params), kernel(state.params), kernel(state.ema)
+    state, _ = ema_trainer.step(state, batch)
+    p2, ema2 = kernel(state.params), kernel(state.ema)
+    e1 = 0.1 * p0 + 0.9 * p1
+    np.testing.assert_allclose(ema1, e1, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ema2, (2 / 11) * e1 + (9 / 11) * p2, rtol=0, atol=1e-6)
+    assert float(np.abs(p2 - p0).max()) > 1e-4  # the weights did move (the first step's rate is 0 in warmup)
+    assert float(ema_decay(0.999, 10**6)) == np.float32(0.999) and float(ema_decay(0.999, 0)) == np.float32(0.1)
 
 
 def test_remat_and_dtypes_and_pluggable_optimizer(tiny):
