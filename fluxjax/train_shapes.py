@@ -126,20 +126,19 @@ def train_text_encoders(tokenizer: PromptTokenizer, t5, clip, captions: list[str
     def loss_fn(p, t5_ids, clip_ids, labels):
         txt, vec = encode_prompts(t5[0], p["t5"], clip[0], p["clip"], t5_ids, clip_ids, jnp.float32)
         features = {"t5": txt.mean(axis=1), "clip": vec}
-        total, right = 0.0, []
+        total = 0.0
         for enc, x in features.items():
             for i, name in enumerate(ATTRIBUTE_CLASSES):
                 logits = x @ p["heads"][f"{enc}/{name}"]
                 total += optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, i]).mean()
-                right.append(jnp.mean(logits.argmax(-1) == labels[:, i]))
-        return total, jnp.stack(right)
+        return total
 
     tx = optax.adam(lr)
     opt = tx.init(params)
 
     @jax.jit
     def step(p, opt, t5_ids, clip_ids, labels):
-        (loss, right), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, t5_ids, clip_ids, labels)
+        loss, grads = jax.value_and_grad(loss_fn)(p, t5_ids, clip_ids, labels)
         updates, opt = tx.update(grads, opt, p)
         return optax.apply_updates(p, updates), opt, loss
 
@@ -211,7 +210,7 @@ def to_model_pixels(images: np.ndarray) -> np.ndarray:
 
 def random_windows(images: np.ndarray, rng: np.random.Generator, batch: int, side: int) -> np.ndarray:
     """`batch` windows (batch, side, side, 3) of randomly drawn `images`, at offsets that are multiples of
-    8 px (the latent grid's), drawn uniformly; the whole images when side is their size."""
+    8 px (the latent grid's), drawn uniformly."""
     n, size = len(images), images.shape[1]
     rows = rng.integers(n, size=batch)
     y, x = rng.integers(0, (size - side) // 8 + 1, size=(2, batch)) * 8
@@ -263,7 +262,7 @@ def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, seed: int,
     keys = jax.random.split(jax.random.key(seed + 3), steps)
     with tqdm(range(steps), desc="VAE", unit="step", disable=not progress, mininterval=5) as bar:
         for i in bar:
-            x = to_model_pixels(random_windows(images, rng, batch, min(VAE_WINDOW, images.shape[1])))
+            x = to_model_pixels(random_windows(images, rng, batch, VAE_WINDOW))
             params, opt, loss = step(params, opt, x, keys[i])
             if i % 50 == 0 or i == steps - 1:
                 bar.set_postfix(l1=f"{float(loss):.4f}")
