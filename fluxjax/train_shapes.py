@@ -56,13 +56,16 @@ SCHEDULE = sampling.Schedule.schnell()  # no timestep shift: few image tokens, a
 
 T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4)
-VAE_CONFIG = AutoEncoderConfig(ch=8, ch_mult=(1, 2, 4, 8), num_res_blocks=1, z_channels=16, norm_num_groups=4,
+# widths 16, 16, 32, 64: on this CPU 16 channels at full resolution cost no more than 8 (0.52 against
+# 0.58 s a step), and held-out triangles came back right 29/33 against 21/33 (same recipe, 1200 steps)
+VAE_CONFIG = AutoEncoderConfig(ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=1, z_channels=16, norm_num_groups=4,
                                scale_factor=1.0, shift_factor=0.0)  # normalisation measured after training
 FLUX_CONFIG = dict(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12),
                    guidance_embed=False)
 STORED_DTYPE = jnp.bfloat16
 VAE_WINDOW = 64  # the VAE trains on random windows of this side (multiples of 8 px apart), see train_vae
 VAE_LATENT_NOISE = 0.2  # std of the noise added to the decoder's input, in units of the latents' std
+VAE_EDGE_WEIGHT = 4.0  # the VAE's loss weighs pixels on an edge (`edge_mask`) 1 + this, flat ones 1
 ATTRIBUTE_CLASSES = {"color": tuple(shapes.PALETTE), "shape": shapes.SHAPES, "background": tuple(shapes.PALETTE),
                      "position": (shapes.CENTER, *shapes.POSITIONS)}  # what the text encoders learn to state
 
@@ -217,6 +220,16 @@ def random_windows(images: np.ndarray, rng: np.random.Generator, batch: int, sid
     return np.stack([images[r, i:i + side, j:j + side] for r, i, j in zip(rows, y, x)])
 
 
+def edge_mask(x: jax.Array, threshold: float = 0.05) -> jax.Array:
+    """(B, H, W, 1) float32: 1 where a pixel's 3x3 neighbourhood (edges repeated at the border) spans
+    more than `threshold` in some channel of x (B, H, W, C) in [-1, 1], else 0: the shapes' outlines."""
+    pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    window = (1, 3, 3, 1)
+    high = jax.lax.reduce_window(pad, -jnp.inf, jax.lax.max, window, (1, 1, 1, 1), "VALID")
+    low = -jax.lax.reduce_window(-pad, -jnp.inf, jax.lax.max, window, (1, 1, 1, 1), "VALID")
+    return (jnp.max(high - low, axis=-1, keepdims=True) > threshold).astype(jnp.float32)
+
+
 def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, seed: int,
               progress: bool = True) -> tuple[AutoEncoderConfig, dict]:
     """Train VAE_CONFIG's AutoEncoder on `images` (N, SIZE, SIZE, 3) uint8; returns (config with the
@@ -227,7 +240,8 @@ def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, seed: int,
     pixel (0.34 against 1.0 s a step at 65k pixels a batch); its one attention layer, at 1/8
     resolution, generalises from 8x8 latents to the 16x16 of a whole image.
 
-    Loss: mean absolute error of decode(posterior mean + noise) against the window.
+    Loss: absolute error of decode(posterior mean + noise) against the window, averaged with weight
+    1 + VAE_EDGE_WEIGHT on the shapes' outlines (`edge_mask`) and 1 elsewhere.
     - The noise, VAE_LATENT_NOISE times the batch's latent std (no gradient through the std), makes
       the decoder draw clean images from nearby latents: the transformer's samples are never
       exact, and a decoder trained on exact latents only turned them into coloured speckle (a
@@ -237,6 +251,9 @@ def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, seed: int,
     - Absolute rather than squared error: on flat colours the error sits on the edges, and a
       squared error is content with blurred ones (a probe: after 600 steps triangles came back as
       round blobs, 56% of shapes right; with this loss 86-90% after 1200).
+    - The edge weight: outlines are a few percent of the pixels, and with a plain mean the decoder
+      drew triangles as stepped pyramids with flat tops (a probe: 29 of 33 held-out triangles
+      right, fill ratio median 0.59, 90th percentile 0.65); weighted, 33 of 33 (0.58, 0.61).
     """
     from tqdm import tqdm
 
@@ -250,7 +267,8 @@ def train_vae(images: np.ndarray, steps: int, batch: int, lr: float, seed: int,
         mean = model.apply({"params": p}, x, method=lambda m, x: jnp.split(m.encoder(x), 2, axis=-1)[0])
         noise = VAE_LATENT_NOISE * jax.lax.stop_gradient(jnp.std(mean)) * jax.random.normal(key, mean.shape)
         recon = model.apply({"params": p}, mean + noise, method=lambda m, z: m.decoder(z))
-        return jnp.mean(jnp.abs(recon.astype(jnp.float32) - x))
+        weight = 1.0 + VAE_EDGE_WEIGHT * edge_mask(x)
+        return jnp.mean(jnp.abs(recon.astype(jnp.float32) - x) * weight) / jnp.mean(weight)
 
     @jax.jit
     def step(p, opt, x, key):
@@ -403,7 +421,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights", "shapes"),
                    help="the hub-layout folder to write (default fluxjax/weights/shapes)")
     p.add_argument("--images", type=int, default=4096, help="drawn images in the training pool (default 4096)")
-    p.add_argument("--text-steps", type=int, default=400, help="text-encoder updates (default 400)")
+    p.add_argument("--text-steps", type=int, default=800, help="text-encoder updates (default 800)")
     p.add_argument("--vae-steps", type=int, default=1200, help="VAE updates (default 1200)")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
