@@ -110,7 +110,8 @@ def train_text_encoders(tokenizer: PromptTokenizer, t5, clip, captions: list[str
     as the transformer gets them) and one on CLIP's pooled vector; cross-entropy summed over the
     eight heads, Adam at a constant rate. The heads are thrown away; the encoders are not trained
     further. (With batch 64 and a decaying rate, a run's T5 still mixed up the two colours of
-    held-out captions after 400 steps: readout 32%, where batch 128 at 3e-3 reaches 91%.)
+    held-out captions after 400 steps: readout 32%, where batch 128 at 3e-3 reaches 89% of shape
+    colours after 400 steps and 92.5% after 800, the command's default.)
     `captions` should hold SEEN captions only (held-out combinations are the test).
     """
     from tqdm import tqdm
