@@ -87,8 +87,7 @@ def _grammar_error(what: str) -> ValueError:
         f"{', '.join(SHAPES)}; position: {', '.join(POSITIONS)} or none for centred; the two colours differ)")
 
 
-def article(word: str) -> str:
-    """The indefinite article the grammar puts before `word`: "an" before a vowel, else "a"."""
+def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -112,8 +111,8 @@ class Caption:
     @property
     def text(self) -> str:
         where = "" if self.position == CENTER else f" in the {self.position}"
-        return (f"{article(self.color)} {self.color} {self.shape} on "
-                f"{article(self.background)} {self.background} background{where}")
+        return (f"{_article(self.color)} {self.color} {self.shape} on "
+                f"{_article(self.background)} {self.background} background{where}")
 
     @property
     def combination(self) -> tuple[str, str, str]:

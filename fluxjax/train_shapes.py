@@ -7,10 +7,8 @@ A research script over the library code, in four steps, on images of the SEEN co
 (`shapes.HELD_OUT` is never drawn here, and the text encoders never train on its captions):
 1. tokenizers learnt on the grammar's captions (fluxjax.tiny_tokenizers); small T5 and CLIP text
    encoders, trained for a few hundred steps to state each caption's colour, shape, background
-   and position, for whole captions and partial forms of them (`CAPTION_FORMS`: "a red square",
-   "a square on a blue background", "a square"; `train_text_encoders`), then frozen;
-   `readout_accuracy` measures that they do so for held-out captions, `text_separation` that
-   swapping the two colours moves their outputs;
+   and position (`train_text_encoders`), then frozen; `readout_accuracy` measures that they do
+   so for held-out captions, `text_separation` that swapping the two colours moves their outputs;
 2. the VAE (fluxjax's AutoEncoder, 16 latent channels, factor 8, small widths), trained here on
    random 64-px windows: absolute error of the reconstruction from the posterior mean plus a
    little noise (see `train_vae`); then its latent normalisation (shift_factor, scale_factor)
@@ -18,7 +16,7 @@ A research script over the library code, in four steps, on images of the SEEN co
    variance 1, as FLUX's VAE gives;
 3. the transformer, trained with fluxjax.train's Trainer (rectified flow, logit-normal t, AdamW,
    EMA) on the VAE's posterior-mean latents of a fixed pool of drawn images and the frozen
-   encoders' embeddings of their captions, whole or (PARTIAL_CAPTIONS of the samples) partial;
+   encoders' embeddings of their captions;
 4. a hub-layout folder (model_index.json, scheduler/, transformer/, vae/, text_encoder/,
    text_encoder_2/, tokenizer/, tokenizer_2/, defaults.json), weights stored in bfloat16 (what
    FluxPipeline.from_pretrained runs by default), written under a temporary name and renamed.
@@ -30,7 +28,6 @@ Everything is drawn from --seed: the same seed on the same machine gives the sam
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -69,16 +66,8 @@ STORED_DTYPE = jnp.bfloat16
 VAE_WINDOW = 64  # the VAE trains on random windows of this side (multiples of 8 px apart), see train_vae
 VAE_LATENT_NOISE = 0.2  # std of the noise added to the decoder's input, in units of the latents' std
 VAE_EDGE_WEIGHT = 4.0  # the VAE's loss weighs pixels on an edge (`edge_mask`) 1 + this, flat ones 1
-# what the text encoders learn to state of a caption; None: the caption does not say (CAPTION_FORMS)
-ATTRIBUTE_CLASSES = {"color": (*shapes.PALETTE, None), "shape": shapes.SHAPES, "background": (*shapes.PALETTE, None),
-                     "position": (shapes.CENTER, *shapes.POSITIONS)}
-# A caption and the partial forms of it the encoders and the transformer also train on: "a red
-# square in the left", "a square on a blue background in the left", "a square in the left". Held
-# out combinations are the test, and a model trained on whole captions only drew a held-out
-# (colour, shape, background) as a round blob in 31% of prompts: it had learnt the shape of each
-# (colour, background) pair, not of the shape's word (see `caption_text`).
-CAPTION_FORMS = ("whole", "no background", "no color", "shape only")
-PARTIAL_CAPTIONS = 0.4  # the fraction of the transformer's samples captioned by a partial form
+ATTRIBUTE_CLASSES = {"color": tuple(shapes.PALETTE), "shape": shapes.SHAPES, "background": tuple(shapes.PALETTE),
+                     "position": (shapes.CENTER, *shapes.POSITIONS)}  # what the text encoders learn to state
 
 
 def tokenizer_corpus() -> list[str]:
@@ -101,52 +90,11 @@ def text_encoders(tokenizer: PromptTokenizer, seed: int):
     return t5, clip
 
 
-def said(caption: shapes.Caption, form: str) -> dict[str, str | None]:
-    """The attributes (ATTRIBUTE_CLASSES' names) the form of the caption states; None for those it leaves out."""
-    return {"color": None if form in ("no color", "shape only") else caption.color, "shape": caption.shape,
-            "background": None if form in ("no background", "shape only") else caption.background,
-            "position": caption.position}
-
-
-def caption_text(caption: shapes.Caption, form: str) -> str:
-    """The caption in one of CAPTION_FORMS: "whole" is `caption.text`; the partial forms are outside
-    the grammar and serve training only. A partial caption is what a captioner that leaves words
-    out would write of the same image, so its image keeps every attribute: the model learns that
-    the shape's word alone decides the shape, whatever the colours."""
-    if form not in CAPTION_FORMS:
-        raise ValueError(f"caption form {form!r} is not one of {CAPTION_FORMS}")
-    if form == "whole":
-        return caption.text
-    a = said(caption, form)
-    thing = f"{a['color']} {caption.shape}" if a["color"] else caption.shape
-    text = f"{shapes.article(thing)} {thing}"
-    if a["background"]:
-        text += f" on {shapes.article(a['background'])} {a['background']} background"
-    return text + ("" if caption.position == shapes.CENTER else f" in the {caption.position}")
-
-
-def attribute_labels(texts: list[str]) -> np.ndarray:
-    """(N, 4) int32: each text's index in every ATTRIBUTE_CLASSES list (colour, shape, background,
-    position); a text is a caption of the grammar or a `caption_text` form of one."""
-    forms = _caption_forms()
-    labels = []
-    for text in texts:
-        caption, form = forms[text] if text in forms else (shapes.parse(text), "whole")
-        labels.append([classes.index(said(caption, form)[name]) for name, classes in ATTRIBUTE_CLASSES.items()])
-    return np.array(labels, np.int32)
-
-
-@functools.cache
-def _caption_forms() -> dict[str, tuple[shapes.Caption, str]]:
-    """text -> (a caption, form) for every partial form of every caption of the grammar."""
-    return {caption_text(c, form): (c, form) for c in map(shapes.parse, shapes.all_captions())
-            for form in CAPTION_FORMS[1:]}
-
-
-def training_texts(captions: list[str]) -> list[str]:
-    """The captions, then each distinct partial form (CAPTION_FORMS) of them: what the text encoders train on."""
-    partial = (caption_text(shapes.parse(c), form) for c in captions for form in CAPTION_FORMS[1:])
-    return list(dict.fromkeys([*captions, *partial]))
+def attribute_labels(captions: list[str]) -> np.ndarray:
+    """(N, 4) int32: each caption's index in every ATTRIBUTE_CLASSES list (colour, shape, background, position)."""
+    parsed = [shapes.parse(c) for c in captions]
+    return np.array([[classes.index(getattr(c, name)) for name, classes in ATTRIBUTE_CLASSES.items()]
+                     for c in parsed], np.int32)
 
 
 def train_text_encoders(tokenizer: PromptTokenizer, t5, clip, captions: list[str], steps: int, seed: int,
@@ -164,11 +112,7 @@ def train_text_encoders(tokenizer: PromptTokenizer, t5, clip, captions: list[str
     further. (With batch 64 and a decaying rate, a run's T5 still mixed up the two colours of
     held-out captions after 400 steps: readout 32%, where batch 128 at 3e-3 reaches 89% of shape
     colours after 400 steps and 92.5% after 800, the command's default.)
-    `captions`: SEEN captions only (held-out combinations are the test) and partial forms of them
-    (`training_texts`); a head learns "not said" (None) for the attributes a partial form leaves
-    out. (Trained on whole captions only, T5's mean output stated the shape colour of held-out
-    captions 92.5% right and the background 94.2% by linear readout; with the partial forms, 100%
-    and 100%.)
+    `captions` should hold SEEN captions only (held-out combinations are the test).
     """
     from tqdm import tqdm
 
@@ -386,16 +330,13 @@ def packed_latents(vae_config: AutoEncoderConfig, vae_params, images: np.ndarray
 
 
 def train_transformer(latents: np.ndarray, caption_index: np.ndarray, txt: np.ndarray, vec: np.ndarray,
-                      cfg: TrainConfig, batch: int, seed: int, partial: float = PARTIAL_CAPTIONS,
-                      progress: bool = True):
+                      cfg: TrainConfig, batch: int, seed: int, progress: bool = True):
     """Train a FLUX_CONFIG transformer with fluxjax.train's Trainer.
 
-    latents: (N, L_img, 64) packed clean latents; caption_index: (N, len(CAPTION_FORMS)) the row of
-    txt (C, L, 64) and vec (C, 64) each form of each latent's caption was encoded into. Each
-    sample of a batch is a latent drawn uniformly from the pool, captioned by its whole caption, or
-    with probability `partial` by one of the partial forms (equally likely), all drawn with a
-    NumPy generator seeded by `seed`. Returns (FluxConfig, the EMA params, or the params when
-    cfg.ema_decay is None), stacked layout.
+    latents: (N, L_img, 64) packed clean latents; caption_index: (N,) the row of txt (C, L, 64) and
+    vec (C, 64) each latent's caption was encoded into. Batches are drawn uniformly from the pool
+    with a NumPy generator seeded by `seed`. Returns (FluxConfig, the EMA params, or the params
+    when cfg.ema_decay is None), stacked layout.
     """
     from tqdm import tqdm
 
@@ -407,14 +348,12 @@ def train_transformer(latents: np.ndarray, caption_index: np.ndarray, txt: np.nd
     state = trainer.init(params, seed)
     img_ids = sampling.image_ids(batch, SIZE, SIZE)
     txt_ids = sampling.text_ids(batch, txt.shape[1])
-    forms = caption_index.shape[1]
-    form_probs = np.array([1.0 - partial] + [partial / (forms - 1)] * (forms - 1))
     rng = np.random.default_rng(seed)
     with tqdm(range(cfg.total_steps), desc="transformer", unit="step", disable=not progress, mininterval=5) as bar:
         running = None
         for i in bar:
             rows = rng.integers(len(latents), size=batch)
-            caps = caption_index[rows, rng.choice(forms, size=batch, p=form_probs)]
+            caps = caption_index[rows]
             state, metrics = trainer.step(state, dict(latents=latents[rows], img_ids=img_ids, txt=txt[caps],
                                                       txt_ids=txt_ids, vec=vec[caps]))
             if i % 25 == 0 or i == cfg.total_steps - 1:
@@ -490,8 +429,6 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4500, help="transformer updates (default 4500)")
     p.add_argument("--batch", type=int, default=32, help="transformer batch (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="transformer peak learning rate (default 1e-3)")
-    p.add_argument("--partial-captions", type=float, default=PARTIAL_CAPTIONS,
-                   help=f"fraction of transformer samples captioned by a partial form (default {PARTIAL_CAPTIONS})")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (default 0.999)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -515,19 +452,16 @@ def main(argv=None) -> int:
         text_start = time.perf_counter()
         seen = [c for c in shapes.all_captions() if not shapes.is_held_out(c)]
         held_out = [c for c in shapes.all_captions() if shapes.is_held_out(c)]
-        t5, clip = train_text_encoders(tokenizer, t5, clip, training_texts(seen), args.text_steps, args.seed,
-                                       progress=progress)
+        t5, clip = train_text_encoders(tokenizer, t5, clip, seen, args.text_steps, args.seed, progress=progress)
         sep = text_separation(tokenizer, t5, clip)
         readout = readout_accuracy(tokenizer, t5, clip, seen, held_out)
         print(f"text encoders: {time.perf_counter() - text_start:.0f} s; relative distance, swapped colours vs one "
               "word changed: " + ", ".join(f"{k} {v:.3f}" for k, v in sep.items()), flush=True)
         print("  linear readout of held-out captions' attributes: "
               + ", ".join(f"{k} {v:.0%}" for k, v in readout.items()), flush=True)
-        forms = [[caption_text(shapes.parse(c), form) for form in CAPTION_FORMS] for c in captions]
-        vocabulary = sorted({text for row in forms for text in row})
+        vocabulary = sorted(set(captions))
         txt, vec = encode_captions(tokenizer, t5, clip, vocabulary)
-        row_of = {text: i for i, text in enumerate(vocabulary)}
-        caption_index = np.array([[row_of[text] for text in row] for row in forms])
+        caption_index = np.array([vocabulary.index(c) for c in captions])
 
         vae_start = time.perf_counter()
         vae_config, vae_params = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr, args.seed, progress)
@@ -542,7 +476,7 @@ def main(argv=None) -> int:
                           final_lr_fraction=0.05, weight_decay=1e-4, clip_norm=1.0, ema_decay=args.ema,
                           compute_dtype="float32")
         flux_config, flux_params = train_transformer(latents, caption_index, txt, vec, cfg, args.batch, args.seed,
-                                                     args.partial_captions, progress)
+                                                     progress)
         print(f"transformer: {time.perf_counter() - flux_start:.0f} s", flush=True)
 
         wall = time.perf_counter() - start
