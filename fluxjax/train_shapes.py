@@ -166,9 +166,12 @@ def train_text_encoders(tokenizer: PromptTokenizer, t5, clip, captions: list[str
 
 
 def readout_accuracy(tokenizer, t5, clip, seen: list[str], held_out: list[str]) -> dict[str, float]:
-    """How well the trained encoders state the attributes of captions they never saw: a least-squares
-    linear readout (one-hot targets) of each attribute from T5's mean output and from CLIP's
-    pooled vector, fitted on `seen` and scored on `held_out`; {"t5 color": fraction right, ...}."""
+    """How linearly the trained encoders state the attributes: a least-squares linear readout
+    (one-hot targets) of each attribute from T5's mean output and from CLIP's pooled vector,
+    fitted on `seen` and scored on `held_out`; {"t5 color": fraction right, ...}. (The command's
+    encoders learn the held-out captions' text too, so this checks their layout, not whether
+    they generalise: 100% for every attribute; trained on seen captions only, T5 got 92.5% of
+    colours.)"""
     out, feats = {}, {}
     for name, caps in (("seen", seen), ("held", held_out)):
         txt, vec = encode_captions(tokenizer, t5, clip, caps)
