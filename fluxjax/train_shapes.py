@@ -462,11 +462,11 @@ def main(argv=None) -> int:
         tokenizer = PromptTokenizer.from_folder(tokenizer_root)
         t5, clip = text_encoders(tokenizer, args.seed)
         text_start = time.perf_counter()
-        seen = [c for c in shapes.all_captions() if not shapes.is_held_out(c)]
-        held_out = [c for c in shapes.all_captions() if shapes.is_held_out(c)]
+        every = shapes.all_captions()
+        seen = [c for c in every if not shapes.is_held_out(c)]
+        held_out = [c for c in every if shapes.is_held_out(c)]
         # text only: every caption of the grammar, held-out ones included (see train_text_encoders)
-        t5, clip = train_text_encoders(tokenizer, t5, clip, shapes.all_captions(), args.text_steps, args.seed,
-                                       progress=progress)
+        t5, clip = train_text_encoders(tokenizer, t5, clip, every, args.text_steps, args.seed, progress=progress)
         sep = text_separation(tokenizer, t5, clip)
         readout = readout_accuracy(tokenizer, t5, clip, seen, held_out)
         print(f"text encoders: {time.perf_counter() - text_start:.0f} s; relative distance, swapped colours vs one "
