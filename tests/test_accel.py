@@ -31,12 +31,12 @@ def test_auto_on_an_nvidia_gpu_is_cudnn_where_it_applies_else_xla():
     assert resolve(backend="gpu", device_kind="AMD Instinct MI300X") == "xla"
 
 
-def test_auto_on_a_tpu_is_splash_for_unmasked_attention_on_one_device():
+def test_auto_on_a_tpu_is_splash_for_unmasked_attention_with_or_without_a_mesh():
     v5e = dict(backend="tpu", device_kind="TPU v5 lite")
     assert resolve(**v5e) == "splash"
     assert resolve(**v5e, dtype=F32, seq_len=4352) == "splash"
     assert resolve(**v5e, masked=True, seq_len=512) == "xla"
-    assert resolve(**v5e, mesh_size=4) == "xla"  # a Pallas call is not split by the partitioner
+    assert resolve(**v5e, mesh_size=4) == "splash"  # per shard, in a shard_map (layers.splash_attention)
 
 
 def test_auto_on_a_cpu_is_the_kernel_unmasked_on_one_device_else_blocked_xla():
@@ -184,3 +184,28 @@ def test_the_installed_xla_knows_the_gpu_flags():
     run = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "2.0" in run.stdout, run.stderr[-500:]
+
+
+def test_splash_runs_in_the_scanned_transformer_after_an_abstract_init_and_equals_xla():
+    # The TPU default crashed here (issue 30): the splash kernel, cached by shape, was first
+    # built inside the eval_shape of the parameter shapes under nn.scan and kept that trace's
+    # mask arrays; the next trace (this jit) met them as leaked tracers. 64 image + 16 text
+    # tokens are padded to 128 (segment ids mask the padding).
+    from fluxjax.loading import registry
+
+    cfg = FluxConfig.preset("tiny")
+    models = {impl: flux.Flux(cfg, dtype=F32, param_dtype=F32, attention_impl=impl) for impl in ("splash", "xla")}
+    registry.abstract_params("transformer", models["splash"])  # builds the kernel inside a trace
+    rng = np.random.default_rng(0)
+    b, l_img, l_txt = 2, 64, 16
+    img_ids = np.zeros((b, l_img, 3), np.float32)
+    img_ids[..., 1], img_ids[..., 2] = np.divmod(np.arange(l_img), 8)
+    inputs = (jnp.asarray(rng.standard_normal((b, l_img, cfg.in_channels)), F32), jnp.asarray(img_ids),
+              jnp.asarray(rng.standard_normal((b, l_txt, cfg.context_in_dim)), F32), jnp.zeros((b, l_txt, 3), F32),
+              jnp.asarray([0.3, 0.8], F32), jnp.asarray(rng.standard_normal((b, cfg.vec_in_dim)), F32),
+              jnp.asarray([3.5, 3.5], F32))
+    params = models["xla"].init(jax.random.key(0), *inputs)
+    with jax.default_matmul_precision("highest"):
+        got, want = (jax.jit(models[impl].apply)(params, *inputs) for impl in ("splash", "xla"))
+    err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    assert got.shape == (b, l_img, cfg.in_channels) and err < 1e-5, err

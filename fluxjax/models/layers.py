@@ -9,6 +9,7 @@ Numerics follow the reference: norms, RoPE and softmax statistics in float32, GE
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import Any, NamedTuple, Sequence
@@ -371,7 +372,7 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     elif implementation == "splash":
         if bias is not None or causal:
             raise ValueError('attention implementation "splash" has no bias or causal mask; use "xla" or "auto"')
-        out = splash_attention(q, k, v, scale, interpret=jax.default_backend() != "tpu")
+        out = splash_attention(q, k, v, scale, interpret=target_facts()["backend"] != "tpu")
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
@@ -382,12 +383,13 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
                       compute_capability: str | None = None) -> str:
     """The implementation "auto" stands for, from the facts of where and what is attended.
 
-    backend: jax.default_backend() ("cpu", "gpu", "tpu"); device_kind: the device's
-    `device_kind` ("NVIDIA H200", "TPU v5 lite", "cpu"); compute_capability: a CUDA device's
-    ("9.0"), None when unknown; dtype of q/k/v; head_dim; seq_len: tokens attended (L);
-    masked: a bias or a causal mask (T5's position bias, CLIP's causal mask); mesh_size: devices
-    of the mesh the attention is traced under (1, or 0, without one); cpu_kernel: whether fluxjax's
-    CPU kernel builds here (only read on a CPU).
+    backend: the platform the program is compiled for ("cpu", "gpu", "tpu"; see `target_facts`:
+    a TPU program compiled on a CPU host is "tpu"); device_kind: that platform's device kind
+    ("NVIDIA H200", "TPU v5 lite", "cpu"); compute_capability: a CUDA device's ("9.0"), None when
+    unknown; dtype of q/k/v; head_dim; seq_len: tokens attended (L); masked: a bias or a causal
+    mask (T5's position bias, CLIP's causal mask); mesh_size: devices the SPMD partitioner still
+    splits the attention over (1, or 0, without a mesh; inside a shard_map only the axes left
+    automatic count); cpu_kernel: whether fluxjax's CPU kernel builds here (only read on a CPU).
 
     - CPU: "cpu" (fluxjax's kernel) for unmasked attention without a multi-device mesh (a custom
       call cannot be split by the SPMD partitioner) when it builds, else "xla_blocked".
@@ -395,8 +397,9 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
       for unmasked bf16/fp16 attention with a head dim that is a multiple of 8 up to 128 (what
       cuDNN's flash kernel takes); else "xla". Masked attention stays on XLA: T5's float32
       position bias would be rounded to bf16 to enter cuDNN, and CLIP's 77 tokens gain nothing.
-    - TPU: "splash" for unmasked attention without a multi-device mesh (a Pallas call is not
-      split by the SPMD partitioner; under a mesh it would need a shard_map), else "xla".
+    - TPU: "splash" for unmasked attention, on one device or under a mesh (a Pallas call is not
+      split by the SPMD partitioner, so under a mesh `splash_attention` runs per shard in a
+      shard_map); "xla" for masked attention (T5, CLIP: splash here takes no bias).
     - anything else: "xla".
     seq_len does not change the choice today (splash pads to its blocks, see splash_block);
     it is an input so that a length rule lands here, in one place.
@@ -410,25 +413,52 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
         fits = dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
         return "cudnn" if recent and fits and not masked else "xla"
     if backend == "tpu":
-        return "splash" if not masked and mesh_size <= 1 else "xla"
+        return "splash" if not masked else "xla"
     return "xla"
 
 
 def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool, mesh_size: int | None = None) -> str:
-    """`resolve_attention` with the facts of where this runs: the default backend, its first
-    device, whether the CPU kernel builds, and mesh_size (None: the size of the abstract mesh
-    of the trace this is called in).
+    """`resolve_attention` with the facts of where this program runs (`target_facts`), whether
+    the CPU kernel builds, and mesh_size (None: the devices the abstract mesh of the trace this is
+    called in still splits over, see `partitioned_size`).
 
     Decided at trace time, not when a model is built: the same model is traced with and
-    without a mesh (one device, or a strategy's), and only the trace knows which.
+    without a mesh (one device, or a strategy's), and for this host or for a TPU target, and
+    only the trace knows which.
     """
-    facts = device_facts()
-    # Outside any mesh the abstract mesh is empty: size 0, one device.
-    mesh_size = max(1, jax.sharding.get_abstract_mesh().size if mesh_size is None else mesh_size)
+    facts = target_facts()
+    mesh_size = max(1, partitioned_size() if mesh_size is None else mesh_size)
     # Asked only where it decides: building the kernel (or warning that it cannot) is not free.
     cpu_kernel = facts["backend"] == "cpu" and not masked and mesh_size == 1 and cpu_attention.suits()
     return resolve_attention(**facts, mesh_size=mesh_size, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
                              masked=masked, cpu_kernel=cpu_kernel)
+
+
+def partitioned_size() -> int:
+    """Devices of the trace's abstract mesh over its automatic axes (0 without a mesh): the split
+    the SPMD partitioner still makes. Inside a shard_map the manual axes are already per device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 0
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return math.prod(size for name, size in mesh.shape.items() if name not in manual)
+
+
+def target_facts() -> dict:
+    """backend, device_kind and compute_capability of the platform the traced program is for.
+
+    Under a mesh, its devices' platform: a program traced under a mesh of TPU devices from a
+    topology description (`fluxjax plan --topology`) targets a TPU although this process runs
+    on a CPU. Without a mesh, this process's default backend and its first device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None) if not mesh.empty else None
+    if device is not None and getattr(device, "platform", None):
+        here = device_facts()
+        same = here["backend"] == device.platform
+        return dict(backend=device.platform, device_kind=device.device_kind,
+                    compute_capability=here["compute_capability"] if same else None)
+    return device_facts()
 
 
 def device_facts() -> dict:
@@ -500,12 +530,23 @@ def splash_block(seq_len: int, max_block: int = SPLASH_MAX_BLOCK) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
-    """One splash kernel (unmasked, every head) for this shape; built once per shape, on the host."""
+    """One splash kernel (unmasked, every head) for this shape, keyed by static facts only.
+
+    Built on a thread of its own, where no trace is active: the kernel holds its mask tables as
+    arrays, and built inside a trace (jit, eval_shape, or the partial evaluation Flax's nn.scan
+    runs, which `jax.ensure_compile_time_eval` does not reach) they would be that trace's
+    tracers, which this cache would hand to the next trace (UnexpectedTracerError). JAX keeps
+    its trace state per thread, so a fresh thread sees none.
+    """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    mask = splash.MultiHeadMask([splash.FullMask((seq_len, seq_len))] * heads)
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    def build():
+        mask = splash.MultiHeadMask([splash.FullMask((seq_len, seq_len))] * heads)
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(build).result()
 
 
 def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_block: int = SPLASH_MAX_BLOCK) -> jax.Array:
@@ -515,8 +556,38 @@ def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_bloc
     L is padded to a multiple of SPLASH_UNIT when it is not one; padded keys carry another
     segment id, so no real query attends to them, and padded query rows are dropped. Blocks of
     `splash_block(padded L, max_block)` tokens. interpret: run the kernel in Pallas's interpret
-    mode (any backend; for tests on a CPU).
+    mode (any backend; for tests on a CPU); else it lowers to a Mosaic TPU kernel.
+
+    Under a mesh whose automatic axes split the work (fsdp's batch, tp's heads) the kernel runs
+    per shard in a `shard_map`: the partitioner cannot split a Pallas call, and without the
+    shard_map it would gather q, k, v onto every device. The shards are those the active
+    logical rules give q, k, v (batch and heads; never the tokens: sequence-parallel strategies
+    split them before this, models/sequence_parallel.py).
     """
+    if partitioned_size() > 1:
+        spec = _per_shard_spec(q.shape)
+        local = functools.partial(_splash_local, scale=scale, interpret=interpret, max_block=max_block)
+        mesh = jax.sharding.get_abstract_mesh()
+        # check_vma off: the splash kernel declares its outputs without per-axis variance.
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+    return _splash_local(q, k, v, scale=scale, interpret=interpret, max_block=max_block)
+
+
+def _per_shard_spec(shape) -> jax.sharding.PartitionSpec:
+    """The PartitionSpec of q, k, v (B, L, H, d) for splash's shard_map: batch and heads as the
+    active rules give them where the mesh axes divide the dim, the tokens and head dim whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = nn.logical_to_mesh_axes(("activation_batch", None, "activation_heads", None))
+    dims = []
+    for axes_, size in zip(names, shape):
+        if axes_ is not None and size % math.prod(mesh.shape[a] for a in ((axes_,) if isinstance(axes_, str) else axes_)):
+            axes_ = None  # an uneven split: that dim stays whole on every device
+        dims.append(axes_)
+    return jax.sharding.PartitionSpec(*dims)
+
+
+def _splash_local(q, k, v, *, scale: float, interpret: bool, max_block: int) -> jax.Array:
+    """`splash_attention` of one device's q, k, v (B, L, H, d)."""
     b, l, h, d = q.shape
     padded = -(-l // SPLASH_UNIT) * SPLASH_UNIT
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
