@@ -97,6 +97,14 @@ class Component:
     params: Any
 
 
+def _settings(component: str, attention_impl: str) -> dict[str, Any]:
+    """The build options of `component` for the pipeline's `attention_impl`. The text encoders'
+    attention is masked (T5's position bias, CLIP's causal mask): implementations that take no
+    mask ("splash", "cpu") are the transformer's alone, and the encoders resolve "auto"."""
+    masked = component in ("t5", "clip") and attention_impl in ("splash", "cpu")
+    return COMPONENTS[component].select(dict(attention_impl="auto" if masked else attention_impl, layer_loop="auto"))
+
+
 class FluxPipeline:
     """Text to image with FLUX.1. Build with `FluxPipeline.from_pretrained(...)`, call with a prompt.
 
@@ -185,6 +193,7 @@ class FluxPipeline:
         if sharding is not None:
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
             mesh = strategy.make_mesh(devices)
+        layers.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
         placement = dict(strategy=strategy, mesh=mesh)
         if source is None:
             source, notice = default_source()
@@ -255,8 +264,7 @@ class FluxPipeline:
         sources = {name: os.path.join(root, spec.folder) for name, spec in COMPONENTS.items()}
         sources.update({k: v for k, v in (("transformer", transformer_file), ("vae", vae_file)) if v is not None})
         sharding = strategy.param_shardings(mesh) if strategy else None
-        settings = dict(attention_impl=attention_impl, layer_loop="auto")
-        components = {name: Component(*load(name, src, dtype, sharding, **COMPONENTS[name].select(settings)))
+        components = {name: Component(*load(name, src, dtype, sharding, **_settings(name, attention_impl)))
                       for name, src in sources.items()}
         guidance_embed = components["transformer"].model.config.guidance_embed
         kind = "dev" if guidance_embed else "schnell"
@@ -275,12 +283,11 @@ class FluxPipeline:
             make_tokenizers(folder)
             tokenizer = PromptTokenizer.from_folder(folder)
         sharding = strategy.param_shardings(mesh) if strategy else None
-        settings = dict(attention_impl=attention_impl, layer_loop="auto")
         components = {}
         for seed, (name, preset) in enumerate(PRESETS["tiny"].items()):  # fixed seeds: the same weights everywhere
             spec = COMPONENTS[name]
             components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
-                                                           **spec.select(settings)))
+                                                           **_settings(name, attention_impl)))
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, None, declared, "tiny")
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
                    strategy=strategy, mesh=mesh, variant=variant)

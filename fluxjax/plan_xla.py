@@ -25,15 +25,17 @@ from fluxjax.loading import registry
 from fluxjax.sharding import Strategy
 
 
-def step_memory(model: str, strategy: Strategy, batch: int, l_img: int, l_txt: int) -> dict:
-    """Compile x <- x + dt * v(x) for the whole batch on the strategy's mesh; report bytes per device."""
+def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l_txt: int, dtype=jnp.float32,
+                 attention_impl: str = "xla"):
+    """One denoise step, x <- x - 0.1 v(x), for the whole batch on `mesh`: (jitted step, its
+    abstract arguments). Parameters in `dtype` laid out as the strategy lays them; inputs float32,
+    batch-sharded. Shared by the CPU compile here and the TPU compile (fluxjax/plan_tpu.py).
+    """
     cfg = FluxConfig.preset(model)
-    # all logits at once (attention "xla", unblocked), as on an accelerator
-    flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan", attention_impl="xla")
-    mesh = strategy.make_mesh()
+    flux = registry.build("transformer", cfg, dtype, layer_loop="scan", attention_impl=attention_impl)
     boxed = registry.abstract_params("transformer", flux)
     shardings = strategy.param_shardings(mesh)(boxed)
-    params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s), boxed, shardings,
+    params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, dtype, sharding=s), boxed, shardings,
                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
     def arg(*shape):
@@ -45,9 +47,18 @@ def step_memory(model: str, strategy: Strategy, batch: int, l_img: int, l_txt: i
         v = flux.apply({"params": p}, img, img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None)
         return img - 0.1 * v
 
+    return jax.jit(step, donate_argnums=1), (params, *inputs)
+
+
+def step_memory(model: str, strategy: Strategy, batch: int, l_img: int, l_txt: int) -> dict:
+    """Compile `step_program` in float32 with XLA attention on the strategy's mesh of this
+    process's (simulated CPU) devices; report bytes per device."""
+    mesh = strategy.make_mesh()
+    # all logits at once (attention "xla", unblocked), as on an accelerator
+    step, args = step_program(model, strategy, mesh, batch, l_img, l_txt)
     start = time.perf_counter()
     with strategy.activate(mesh):
-        compiled = jax.jit(step, donate_argnums=1).lower(params, *inputs).compile()
+        compiled = step.lower(*args).compile()
     stats = compiled.memory_analysis()
     return dict(temp_bytes=int(stats.temp_size_in_bytes), argument_bytes=int(stats.argument_size_in_bytes),
                 compile_s=time.perf_counter() - start)

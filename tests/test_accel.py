@@ -2,6 +2,10 @@
 resolution function's inputs), splash attention in Pallas interpret mode against XLA attention,
 and float32 models at HIGHEST matmul precision in the lowered HLO."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +213,43 @@ def test_splash_runs_in_the_scanned_transformer_after_an_abstract_init_and_equal
         got, want = (jax.jit(models[impl].apply)(params, *inputs) for impl in ("splash", "xla"))
     err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
     assert got.shape == (b, l_img, cfg.in_channels) and err < 1e-5, err
+
+
+def test_an_attention_the_platform_cannot_run_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from fluxjax.errors import UsageError
+
+    cpu = SimpleNamespace(platform="cpu", device_kind="cpu")
+    h100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    with pytest.raises(UsageError, match='^attention "cudnn" runs on NVIDIA GPUs only, and this runs on cpu \\(cpu\\): use "auto"$'):
+        layers.check_implementation("cudnn", cpu)
+    with pytest.raises(UsageError, match="^attention \"cpu\" is fluxjax's CPU kernel, and this runs on NVIDIA H100"):
+        layers.check_implementation("cpu", h100)
+    with pytest.raises(UsageError, match="^attention 'flash': choose from auto, xla"):
+        layers.check_implementation("flash", cpu)
+    for impl in ("auto", "xla", "xla_blocked", "splash", "cpu"):
+        layers.check_implementation(impl, cpu)  # splash runs anywhere (interpret mode off a TPU)
+    layers.check_implementation("cudnn", h100)
+
+
+def test_cudnn_on_a_cpu_is_one_line_from_the_cli(tmp_path):
+    out = tmp_path / "x.png"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fluxjax.cli import main; sys.exit(main())",
+                           "generate", "a cat", "--model", "tiny", "--steps", "1", "--height", "64", "--width", "64",
+                           "--attention", "cudnn", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        'fluxjax generate: error: attention "cudnn" runs on NVIDIA GPUs only, and this runs on cpu (cpu): use "auto"')
+    assert "Traceback" not in proc.stderr
+
+
+def test_splash_is_the_transformers_alone_and_the_text_encoders_resolve_auto():
+    # The encoders' attention is masked, which splash does not take: asking for splash used to fail
+    # in T5 with a traceback (N182).
+    from fluxjax.pipeline import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("tiny", dtype="float32", attention_impl="splash")
+    assert pipe.attention_implementation == "splash"
+    assert pipe.t5.model.attention_impl == pipe.clip.model.attention_impl == "auto"

@@ -1,5 +1,8 @@
 """`fluxjax plan`: per-device memory of a sharding strategy, before a pod is booked.
 
+`fluxjax plan --topology v5e:2x4` compiles the denoising step for that TPU topology on this host
+(libtpu, the `tpu` extra) and reports the TPU compiler's own per-device figures (fluxjax/plan_tpu.py).
+
 `fluxjax plan --train` tabulates a training step instead (full fine-tuning and LoRA, with and
 without remat) for each strategy of --sharding (a comma-separated list; default dp,fsdp,tp,fsdp_tp).
 """
@@ -14,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharding", default=None,
                         help="strategy name from fluxjax/configs/sharding or a .toml path (default fsdp; "
                              "with --train a comma-separated list, default dp,fsdp,tp,fsdp_tp)")
-    parser.add_argument("--devices", type=int, required=True, help="number of devices (accelerators) in the mesh")
+    parser.add_argument("--devices", type=int, help="number of devices (accelerators) in the mesh (implied by --topology)")
+    parser.add_argument("--topology", help="compile for this TPU topology on this host (v5e:1x1, v5e:2x4, v6e:2x4, "
+                                           "v5p:2x2x1, ...; needs the tpu extra) and report the TPU compiler's figures")
+    parser.add_argument("--slices", type=int, default=1, help="with --topology: slices joined over DCN (default 1)")
+    parser.add_argument("--json", action="store_true", help="with --topology: print one JSON object")
     parser.add_argument("--hbm", help="memory per device, e.g. 16GiB: say whether the plan fits "
                                       "(with --train a comma-separated list, default 16GiB,80GiB)")
     parser.add_argument("--train", action="store_true", help="plan a training step (full and LoRA) instead of sampling")
@@ -31,6 +38,12 @@ def run(args) -> int:
     from fluxjax.plan import format_plan, make_plan, parse_bytes, parse_size
     from fluxjax.sharding import Strategy
 
+    if args.topology:
+        return _topology(args)
+    if args.json:
+        raise UsageError("--json goes with --topology")
+    if args.devices is None:
+        raise UsageError("--devices N is needed (or --topology NAME, which implies it)")
     if args.devices < 1:
         raise UsageError(f"--devices {args.devices}: must be at least 1")
     height, width = parse_size(args.size)
@@ -58,4 +71,55 @@ def _train(args, height: int, width: int) -> int:
     plans = [train_plan(args.model, s, args.devices, height, width, args.batch, rank, dtype)
              for s in strategies for rank in (None, args.lora_rank)]
     print(format_train_plans(plans, args.model, height, width, hbms))
+    return 0
+
+
+def _topology(args) -> int:
+    """The TPU compiler's figures for one denoise step on `args.topology` (fluxjax/plan_tpu.py)."""
+    import json
+
+    from fluxjax import plan_tpu
+    from fluxjax.errors import UsageError
+    from fluxjax.plan import GIB, PATCH, T5_LENGTHS, make_plan, parse_size
+    from fluxjax.sharding import Strategy
+
+    if args.train:
+        raise UsageError("--train with --topology is not built yet: plan a training step with --devices")
+    if args.model not in T5_LENGTHS:
+        raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
+    height, width = parse_size(args.size)
+    strategy = Strategy.load(args.sharding or "fsdp")
+    devices = plan_tpu.topology_devices(args.topology, args.slices)
+    if args.devices is not None and args.devices != len(devices):
+        raise UsageError(f"--devices {args.devices}: topology {args.topology} x {args.slices} slice(s) has {len(devices)}")
+    analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False)
+    l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[args.model]
+    got = plan_tpu.compile_step(args.model, strategy, devices, analytic.padded_batch, l_img, l_txt, args.dtype)
+    report = dict(topology=args.topology, slices=args.slices, device_kind=got["device_kind"], devices=len(devices),
+                  model=args.model, strategy=strategy.name, mesh=analytic.mesh_shape, size=f"{width}x{height}",
+                  batch=analytic.padded_batch, dtype=args.dtype, attention=got["attention"],
+                  mosaic_kernels=got["mosaic_kernels"], compiled=got["compiled"],
+                  analytic=dict(total_bytes=analytic.param_bytes - analytic.params["t5"].device_bytes
+                                - analytic.params["clip"].device_bytes - analytic.params["vae"].device_bytes
+                                + analytic.analytic_bytes),
+                  collectives={k: v["count"] for k, v in got["collectives"].items()},
+                  collective_bytes={k: v["bytes"] for k, v in got["collectives"].items()})
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    c = report["compiled"]
+    gib = lambda n: "?" if n is None else f"{n / GIB:.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{a}={n}" for a, n in report["mesh"].items())
+    print(f"model {args.model}, {args.dtype}, {width}x{height}, batch {report['batch']}; strategy {strategy.name} on "
+          f"{args.topology} ({len(devices)} x {report['device_kind']}): mesh {mesh}")
+    print(f"one denoising step, compiled by the TPU compiler in {c['compile_s']:.1f} s; per device:")
+    print(f"  arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])}, outputs {gib(c['output_bytes'])}, "
+          f"total {gib(c['total_bytes'])}  [transformer step; analytic {gib(report['analytic']['total_bytes'])}]")
+    kernels = report["mosaic_kernels"]
+    print(f"  attention {report['attention']}" + ("" if kernels is None else f" ({kernels} Mosaic kernel(s) in the program)"))
+    print("  collectives " + (", ".join(f"{k} {n} ({report['collective_bytes'][k] / 2**20:.1f} MiB)"
+                                        for k, n in report["collectives"].items()) or "none"))
+    if c["fits"] is not None:
+        verdict = "fits" if c["fits"] else "does NOT fit"
+        print(f"{verdict} in {gib(c['hbm_bytes'])} of HBM per chip" + (f": {c['refused']}" if c.get("refused") else ""))
     return 0

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxjax.errors import UsageError
 from fluxjax.kernels import cpu_attention
 from fluxjax.models import sequence_parallel
 
@@ -376,6 +377,20 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
+
+
+def check_implementation(implementation: str, device) -> None:
+    """Refuse, in one line, an attention implementation that cannot run on `device`'s platform
+    (before any loading: "cudnn" on a CPU would fail deep in the first trace)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise UsageError(f"attention {implementation!r}: choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    platform = device.platform
+    if implementation == "cudnn" and not (platform == "gpu" and "nvidia" in device.device_kind.lower()):
+        raise UsageError(f'attention "cudnn" runs on NVIDIA GPUs only, and this runs on {device.device_kind} '
+                         f'({platform}): use "auto"')
+    if implementation == "cpu" and platform != "cpu":
+        raise UsageError(f'attention "cpu" is fluxjax\'s CPU kernel, and this runs on {device.device_kind} '
+                         f'({platform}): use "auto"')
 
 
 def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim: int, seq_len: int,

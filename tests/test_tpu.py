@@ -1,0 +1,107 @@
+"""Compiled for TPUs on this host (issue 30): the tiny transformer's denoising step under each strategy
+goes through the TPU compiler for a TPU topology (libtpu's description, no hardware), with "auto"
+attention resolving to splash and a Mosaic kernel (`tpu_custom_call`) for each attention of the
+program (the double- and single-stream bodies of the scanned blocks: 2).
+
+libtpu is a large wheel that changes how JAX starts, so it lives in its own environment: the test
+runs its compiles in FLUXJAX_TPU_PYTHON (.ci/run makes a venv with `jax[tpu]` over the system's
+packages), or in this interpreter when libtpu is importable here. Without either it fails, saying
+how to get one: a missing test dependency never passes silently.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tpu_python() -> str:
+    found = os.environ.get("FLUXJAX_TPU_PYTHON") or (sys.executable if importlib.util.find_spec("libtpu") else None)
+    if not found:
+        pytest.fail('no libtpu: set FLUXJAX_TPU_PYTHON to a Python with `pip install "jax[tpu]==<this jax>"` '
+                    '(.ci/run makes one: python3 -m venv --system-site-packages .venv-tpu)')
+    return found
+
+
+def run_tpu(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env.pop("JAX_PLATFORMS", None)  # plan_tpu chooses the host backend itself
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([tpu_python(), "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+COMPILE_ALL = """
+    import json, sys
+    from fluxjax import plan_tpu
+    from fluxjax.sharding import Strategy
+
+    out = {}
+    for strategy, topology, batch in json.loads(sys.argv[1]):
+        devices = plan_tpu.topology_devices(topology)
+        got = plan_tpu.compile_step("tiny", Strategy.load(strategy), devices, batch, 256, 16)
+        out[f"{strategy}@{topology}"] = got
+    print(json.dumps(out))
+"""
+
+CASES = [("fsdp", "v5e:1x1", 1), ("dp", "v5e:2x2", 4), ("fsdp", "v5e:2x2", 4), ("tp", "v5e:2x2", 2),
+         ("fsdp_tp", "v6e:2x2", 2), ("sp_ulysses", "v5e:2x1", 1), ("sp_ring", "v5e:2x2", 1)]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    proc = run_tpu(COMPILE_ALL, json.dumps(CASES))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("strategy, topology, batch", [c for c in CASES if c[0] != "sp_ring"])
+def test_each_strategy_compiles_for_a_tpu_with_a_splash_kernel_per_attention(compiled, strategy, topology, batch):
+    got = compiled[f"{strategy}@{topology}"]
+    assert got["device_kind"].startswith("TPU v")
+    assert got["attention"] == "splash"
+    assert got["mosaic_kernels"] == 2  # the double- and the single-stream attention (scanned bodies)
+    c = got["compiled"]
+    assert c["fits"] is True and 0 < c["total_bytes"] <= c["hbm_bytes"]
+    assert c["argument_bytes"] > 0 and c["temp_bytes"] > 0
+
+
+def test_sharded_strategies_communicate_and_one_chip_does_not(compiled):
+    assert compiled["fsdp@v5e:1x1"]["collectives"] == {}
+    assert compiled["fsdp@v5e:2x2"]["collectives"]["all-gather"]["count"] > 0  # each block's weights
+    assert compiled["sp_ulysses@v5e:2x1"]["collectives"]["all-to-all"]["count"] > 0
+    assert compiled["sp_ring@v5e:2x2"]["collectives"]["collective-permute"]["count"] > 0
+
+
+def test_ring_attention_compiles_with_its_own_online_softmax(compiled):
+    # Ring attention folds key blocks with an online softmax in XLA ops, not through splash.
+    got = compiled["sp_ring@v5e:2x2"]
+    assert got["mosaic_kernels"] == 0 and got["compiled"]["fits"] is True
+
+
+def test_plan_topology_json_gives_the_tpu_compilers_figures():
+    proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
+                   "--sharding", "fsdp", "--topology", "v5e:2x2", "--size", "256x256", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["topology"] == "v5e:2x2" and report["device_kind"] == "TPU v5 lite" and report["devices"] == 4
+    assert report["attention"] == "splash" and report["mosaic_kernels"] == 2
+    assert set(report["compiled"]) >= {"argument_bytes", "temp_bytes", "output_bytes", "total_bytes", "hbm_bytes",
+                                       "fits", "compile_s"}
+    assert report["compiled"]["fits"] is True and report["analytic"]["total_bytes"] > 0
+    assert report["collectives"]["all-gather"] > 0
+    assert "WARNING" not in proc.stderr  # libtpu's host warnings are held back
+
+
+def test_a_bad_topology_is_one_line():
+    proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
+                   "--topology", "v5e-8")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "fluxjax plan: error: --topology 'v5e-8': expected a TPU topology such as v5e:1x1, v5e:2x4, v6e:2x4 or v5p:2x2x1"]
