@@ -97,7 +97,7 @@ class Component:
     params: Any
 
 
-def _settings(component: str, attention_impl: str) -> dict[str, Any]:
+def component_options(component: str, attention_impl: str) -> dict[str, Any]:
     """The build options of `component` for the pipeline's `attention_impl`. The text encoders'
     attention is masked (T5's position bias, CLIP's causal mask): implementations that take no
     mask ("splash", "cpu") are the transformer's alone, and the encoders resolve "auto"."""
@@ -264,7 +264,7 @@ class FluxPipeline:
         sources = {name: os.path.join(root, spec.folder) for name, spec in COMPONENTS.items()}
         sources.update({k: v for k, v in (("transformer", transformer_file), ("vae", vae_file)) if v is not None})
         sharding = strategy.param_shardings(mesh) if strategy else None
-        components = {name: Component(*load(name, src, dtype, sharding, **_settings(name, attention_impl)))
+        components = {name: Component(*load(name, src, dtype, sharding, **component_options(name, attention_impl)))
                       for name, src in sources.items()}
         guidance_embed = components["transformer"].model.config.guidance_embed
         kind = "dev" if guidance_embed else "schnell"
@@ -287,7 +287,7 @@ class FluxPipeline:
         for seed, (name, preset) in enumerate(PRESETS["tiny"].items()):  # fixed seeds: the same weights everywhere
             spec = COMPONENTS[name]
             components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
-                                                           **_settings(name, attention_impl)))
+                                                           **component_options(name, attention_impl)))
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, None, declared, "tiny")
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
                    strategy=strategy, mesh=mesh, variant=variant)
@@ -482,7 +482,7 @@ class FluxPipeline:
             start_time = time.perf_counter()
             # Checked before decoding too: the decoder clips, so an infinite latent would decode finite.
             check_output(_gather(latents_out)[:batch], "the denoised latents of images")
-            out = _gather(_decode(self.vae.model, self.vae.params, latents_out, height, width))[:batch]
+            out = _gather(decode_packed(self.vae.model, self.vae.params, latents_out, height, width))[:batch]
             check_output(out)
             self.timings["decode"] = time.perf_counter() - start_time
             bar.update(1)
@@ -606,7 +606,7 @@ class FluxPipeline:
             if output == "latents":
                 return np.asarray(sampling.unpack(_gather(edited)[:batch], height, width))
             start = time.perf_counter()
-            images = _gather(_decode(self.vae.model, self.vae.params, edited, height, width))[:batch]
+            images = _gather(decode_packed(self.vae.model, self.vae.params, edited, height, width))[:batch]
             check_output(images)
             self.timings["decode"] = time.perf_counter() - start
         if output == "np":
@@ -691,7 +691,7 @@ class FluxPipeline:
 
 
 @partial(jit_with_rules, static_argnames=("model", "height", "width"))
-def _decode(model: AutoEncoder, params, packed, height: int, width: int):
+def decode_packed(model: AutoEncoder, params, packed, height: int, width: int):
     """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1]."""
     latents = sampling.unpack(packed, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
     pixels = model.apply({"params": params}, latents, method="decode")

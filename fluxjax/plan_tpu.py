@@ -75,6 +75,9 @@ def topology_devices(name: str, slices: int = 1) -> list:
     if importlib.util.find_spec("libtpu") is None:
         raise UsageError(f"--topology {name}: compiling for a TPU needs libtpu, which is not installed: {TPU_EXTRA}")
     use_host_cpu()
+    # A topology description touches no chip, but libtpu takes a host-wide lock file on loading:
+    # without this a second process (two plans at once) is refused.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     dims = [int(d) for d in match.group(2).split("x")]
@@ -106,30 +109,84 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     return found
 
 
-def compile_step(model: str, strategy, devices: list, batch: int, l_img: int, l_txt: int, dtype: str = "bfloat16",
-                 attention: str = "auto") -> dict[str, Any]:
-    """Compile one denoise step of `model` for `devices` (a TPU topology's) under `strategy`.
+PROGRAMS = ("denoise", "encode", "decode", "vae_encode")
+"""The pipeline's jitted programs `compile_programs` compiles: the denoising loop (sampling.denoise),
+the prompt encoders (text.encode_prompts_jit: T5 and CLIP), the VAE decode (pipeline.decode_packed) and
+the VAE encode of img2img, inpainting and Kontext (conditioning.encode_packed)."""
 
-    Returns per device: compiled {argument_bytes, temp_bytes, output_bytes, total_bytes, hbm_bytes,
-    fits, compile_s}, collectives {kind: {count, bytes}}, attention (what "auto" resolved to in the
-    trace and how many Mosaic kernels the program holds; a scanned body counts once). When the
-    step does not fit, the TPU compiler refuses it; its figures come from its message.
-    """
+
+def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: int, t5_length: int,
+                   dtype: str = "bfloat16", attention: str = "auto") -> dict[str, tuple]:
+    """{program: (jitted function, args, kwargs)} of the pipeline's programs for `model`'s
+    components, with abstract parameters laid out as `strategy` lays them on `mesh` and inputs
+    batch-sharded as the pipeline places them: what the pipeline runs, without weights."""
     import jax
     import jax.numpy as jnp
+    import flax.linen as nn
 
-    from fluxjax import plan_xla
-    from fluxjax.models import layers
+    from fluxjax import conditioning, sampling
+    from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+    from fluxjax.loading import registry
+    from fluxjax.pipeline import component_options, decode_packed
+    from fluxjax.text import CLIP_MAX_LENGTH, encode_prompts_jit
 
+    dt = jnp.dtype(dtype)
+    configs = dict(transformer=FluxConfig, t5=T5Config, clip=CLIPConfig, vae=AutoEncoderConfig)
+    shard = strategy.param_shardings(mesh)
+    models, params = {}, {}
+    for name, preset in registry.PRESETS[model].items():
+        # stacked blocks, as on any accelerator (the unrolled layout is a CPU's)
+        options = {k: ("scan" if k == "layer_loop" else v) for k, v in component_options(name, attention).items()}
+        built = registry.build(name, configs[name].preset(preset), dt, **options)
+        boxed = registry.abstract_params(name, built)
+        models[name] = built
+        params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, dt, sharding=sh), boxed,
+                                    shard(boxed), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+    def arg(*shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=strategy.batch_sharding(mesh, 1 + len(shape)))
+
+    cfg = models["transformer"].config
+    l_img = (height // 16) * (width // 16)
+    steps = 28 if cfg.guidance_embed else 4
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=replicated)
+    guidance = arg() if cfg.guidance_embed else None
+    return {
+        "denoise": (sampling.denoise, (models["transformer"], params["transformer"], arg(l_img, cfg.in_channels),
+                                       arg(l_img, 3), arg(t5_length, cfg.context_in_dim, dtype=dt), arg(t5_length, 3),
+                                       arg(cfg.vec_in_dim, dtype=dt), sigmas, guidance), {}),
+        "encode": (encode_prompts_jit, (models["t5"], params["t5"], models["clip"], params["clip"],
+                                        arg(t5_length, dtype=jnp.int32), arg(CLIP_MAX_LENGTH, dtype=jnp.int32), dt), {}),
+        "decode": (decode_packed, (models["vae"], params["vae"], arg(l_img, 64), height, width), {}),
+        "vae_encode": (conditioning.encode_packed, (models["vae"], params["vae"], arg(height, width, 3)), {}),
+    }
+
+
+def compile_programs(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
+                     dtype: str = "bfloat16", attention: str = "auto", programs=PROGRAMS) -> dict[str, dict]:
+    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`."""
     mesh = strategy.make_mesh(devices)
-    step, args = plan_xla.step_program(model, strategy, mesh, batch, l_img, l_txt, jnp.dtype(dtype), attention)
-    kind = devices[0].device_kind
+    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention)
+    return {name: compile_program(strategy, mesh, *built[name]) for name in programs}
+
+
+def compile_program(strategy, mesh, fn, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Compile `fn(*args, **kwargs)` (a `jit_with_rules` function, abstract arguments) for the
+    devices of `mesh` under `strategy`, as the TPU compiler does on a TPU host.
+
+    Returns per device: compiled {argument_bytes, temp_bytes, output_bytes, total_bytes, hbm_bytes,
+    fits, compile_s}, collectives {kind: {count, bytes}}, mosaic_kernels (custom calls of Pallas
+    kernels in the compiled HLO: a scanned body counts once). When the program does not fit, the
+    TPU compiler refuses it; its figures come from its message (`refused`).
+    """
+    import jax
+
+    kind = mesh.devices.flat[0].device_kind
     hbm = HBM_BYTES.get(kind)
     start = time.perf_counter()
     with strategy.activate(mesh):
-        resolved = attention if attention != "auto" else layers.auto_implementation(
-            jnp.dtype(dtype), 0, l_img + l_txt, masked=False)
-        lowered = step.lower(*args)
+        lowered = fn.lower(*args, **kwargs)
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
@@ -139,7 +196,7 @@ def compile_step(model: str, strategy, devices: list, batch: int, l_img: int, l_
                 raise
             unit = {"G": 1 << 30, "M": 1 << 20, "K": 1 << 10}
             need, hbm = (int(float(refused.group(i)) * unit[refused.group(i + 1)]) for i in (1, 3))
-            return dict(device_kind=kind, attention=resolved, mosaic_kernels=None, collectives={},
+            return dict(device_kind=kind, mosaic_kernels=None, collectives={},
                         compiled=dict(argument_bytes=None, temp_bytes=need, output_bytes=None, total_bytes=None,
                                       hbm_bytes=hbm, fits=False, compile_s=time.perf_counter() - start,
                                       refused=str(e).splitlines()[0][:300]))
@@ -148,8 +205,19 @@ def compile_step(model: str, strategy, devices: list, batch: int, l_img: int, l_
     hlo = compiled.as_text()
     total = (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
              - stats.alias_size_in_bytes)
-    return dict(device_kind=kind, attention=resolved, mosaic_kernels=hlo.count("tpu_custom_call"),
-                collectives=collectives(hlo),
+    return dict(device_kind=kind, mosaic_kernels=hlo.count("tpu_custom_call"), collectives=collectives(hlo),
                 compiled=dict(argument_bytes=int(stats.argument_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
                               output_bytes=int(stats.output_size_in_bytes), total_bytes=int(total), hbm_bytes=hbm,
                               fits=None if hbm is None else bool(total <= hbm), compile_s=seconds))
+
+
+def transformer_attention(strategy, devices: list, dtype: str = "bfloat16") -> str:
+    """What "auto" attention resolves to for the transformer (unmasked) traced under `strategy`'s
+    mesh of `devices`: the implementation the compiled denoising loop holds."""
+    import jax.numpy as jnp
+
+    from fluxjax.models import layers
+
+    mesh = strategy.make_mesh(devices)
+    with strategy.activate(mesh):
+        return layers.auto_implementation(jnp.dtype(dtype), 128, 4096, masked=False)

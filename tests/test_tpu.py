@@ -43,15 +43,22 @@ COMPILE_ALL = """
     from fluxjax.sharding import Strategy
 
     out = {}
-    for strategy, topology, batch in json.loads(sys.argv[1]):
+    for strategy, topology, batch, size, programs in json.loads(sys.argv[1]):
         devices = plan_tpu.topology_devices(topology)
-        got = plan_tpu.compile_step("tiny", Strategy.load(strategy), devices, batch, 256, 16)
-        out[f"{strategy}@{topology}"] = got
+        got = plan_tpu.compile_programs("tiny", Strategy.load(strategy), devices, batch, size, size, 16,
+                                        programs=programs)
+        for name, g in got.items():
+            g["attention"] = plan_tpu.transformer_attention(Strategy.load(strategy), devices)
+            out[f"{name}:{strategy}@{topology}"] = g
     print(json.dumps(out))
 """
 
-CASES = [("fsdp", "v5e:1x1", 1), ("dp", "v5e:2x2", 4), ("fsdp", "v5e:2x2", 4), ("tp", "v5e:2x2", 2),
-         ("fsdp_tp", "v6e:2x2", 2), ("sp_ulysses", "v5e:2x1", 1), ("sp_ring", "v5e:2x2", 1)]
+# (strategy, topology, batch, image side, programs); the VAE's programs once, small (their compile
+# is the slowest here), the denoising loop and the prompt encoders under every strategy.
+CASES = [("fsdp", "v5e:1x1", 1, 64, ["denoise", "encode", "decode", "vae_encode"]),
+         ("dp", "v5e:2x2", 4, 128, ["denoise", "encode"]), ("fsdp", "v5e:2x2", 4, 128, ["denoise", "encode"]),
+         ("tp", "v5e:2x2", 2, 128, ["denoise", "encode"]), ("fsdp_tp", "v6e:2x2", 2, 128, ["denoise", "encode"]),
+         ("sp_ulysses", "v5e:2x1", 1, 128, ["denoise"]), ("sp_ring", "v5e:2x2", 1, 128, ["denoise"])]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +68,10 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("strategy, topology, batch", [c for c in CASES if c[0] != "sp_ring"])
-def test_each_strategy_compiles_for_a_tpu_with_a_splash_kernel_per_attention(compiled, strategy, topology, batch):
-    got = compiled[f"{strategy}@{topology}"]
+@pytest.mark.parametrize("strategy, topology", [c[:2] for c in CASES if c[0] != "sp_ring"])
+def test_each_strategy_compiles_the_denoising_loop_for_a_tpu_with_a_splash_kernel_per_attention(compiled, strategy,
+                                                                                                topology):
+    got = compiled[f"denoise:{strategy}@{topology}"]
     assert got["device_kind"].startswith("TPU v")
     assert got["attention"] == "splash"
     assert got["mosaic_kernels"] == 2  # the double- and the single-stream attention (scanned bodies)
@@ -72,22 +80,33 @@ def test_each_strategy_compiles_for_a_tpu_with_a_splash_kernel_per_attention(com
     assert c["argument_bytes"] > 0 and c["temp_bytes"] > 0
 
 
+@pytest.mark.parametrize("key", ["encode:fsdp@v5e:1x1", "encode:fsdp@v5e:2x2", "encode:tp@v5e:2x2",
+                                 "decode:fsdp@v5e:1x1", "vae_encode:fsdp@v5e:1x1"])
+def test_the_encoders_and_the_vae_compile_for_a_tpu_on_xla_attention(compiled, key):
+    # T5's position bias and CLIP's causal mask are masked attention, which splash here does not
+    # take: they stay on XLA's attention; the VAE has none of the transformer's attention.
+    got = compiled[key]
+    assert got["mosaic_kernels"] == 0
+    assert got["compiled"]["fits"] is True and got["compiled"]["argument_bytes"] > 0
+
+
 def test_sharded_strategies_communicate_and_one_chip_does_not(compiled):
-    assert compiled["fsdp@v5e:1x1"]["collectives"] == {}
-    assert compiled["fsdp@v5e:2x2"]["collectives"]["all-gather"]["count"] > 0  # each block's weights
-    assert compiled["sp_ulysses@v5e:2x1"]["collectives"]["all-to-all"]["count"] > 0
-    assert compiled["sp_ring@v5e:2x2"]["collectives"]["collective-permute"]["count"] > 0
+    assert compiled["denoise:fsdp@v5e:1x1"]["collectives"] == {}
+    assert compiled["denoise:fsdp@v5e:2x2"]["collectives"]["all-gather"]["count"] > 0  # each block's weights
+    assert compiled["denoise:sp_ulysses@v5e:2x1"]["collectives"]["all-to-all"]["count"] > 0
+    assert compiled["denoise:sp_ring@v5e:2x2"]["collectives"]["collective-permute"]["count"] > 0
 
 
 def test_ring_attention_compiles_with_its_own_online_softmax(compiled):
     # Ring attention folds key blocks with an online softmax in XLA ops, not through splash.
-    got = compiled["sp_ring@v5e:2x2"]
+    got = compiled["denoise:sp_ring@v5e:2x2"]
     assert got["mosaic_kernels"] == 0 and got["compiled"]["fits"] is True
 
 
 def test_plan_topology_json_gives_the_tpu_compilers_figures():
     proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
-                   "--sharding", "fsdp", "--topology", "v5e:2x2", "--size", "256x256", "--json")
+                   "--sharding", "fsdp", "--topology", "v5e:2x2", "--size", "128x128", "--programs", "denoise,encode",
+                   "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["topology"] == "v5e:2x2" and report["device_kind"] == "TPU v5 lite" and report["devices"] == 4
@@ -96,6 +115,8 @@ def test_plan_topology_json_gives_the_tpu_compilers_figures():
                                        "fits", "compile_s"}
     assert report["compiled"]["fits"] is True and report["analytic"]["total_bytes"] > 0
     assert report["collectives"]["all-gather"] > 0
+    assert set(report["programs"]) == {"denoise", "encode"} and report["programs"]["denoise"]["compiled"] == report["compiled"]
+    assert report["resident"]["fits"] is True and report["resident"]["total_bytes"] > report["resident"]["param_bytes"]
     assert "WARNING" not in proc.stderr  # libtpu's host warnings are held back
 
 

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", help="compile for this TPU topology on this host (v5e:1x1, v5e:2x4, v6e:2x4, "
                                            "v5p:2x2x1, ...; needs the tpu extra) and report the TPU compiler's figures")
     parser.add_argument("--slices", type=int, default=1, help="with --topology: slices joined over DCN (default 1)")
+    parser.add_argument("--programs", default="denoise,encode,decode,vae_encode",
+                        help="with --topology: the pipeline's programs to compile (default all: denoise, encode, "
+                             "decode, vae_encode)")
     parser.add_argument("--json", action="store_true", help="with --topology: print one JSON object")
     parser.add_argument("--hbm", help="memory per device, e.g. 16GiB: say whether the plan fits "
                                       "(with --train a comma-separated list, default 16GiB,80GiB)")
@@ -75,51 +78,66 @@ def _train(args, height: int, width: int) -> int:
 
 
 def _topology(args) -> int:
-    """The TPU compiler's figures for one denoise step on `args.topology` (fluxjax/plan_tpu.py)."""
+    """The TPU compiler's figures for the pipeline's programs on `args.topology` (fluxjax/plan_tpu.py)."""
     import json
 
     from fluxjax import plan_tpu
     from fluxjax.errors import UsageError
-    from fluxjax.plan import GIB, PATCH, T5_LENGTHS, make_plan, parse_size
+    from fluxjax.plan import GIB, T5_LENGTHS, make_plan, parse_size
     from fluxjax.sharding import Strategy
 
     if args.train:
         raise UsageError("--train with --topology is not built yet: plan a training step with --devices")
     if args.model not in T5_LENGTHS:
         raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
+    programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    if not programs or any(p not in plan_tpu.PROGRAMS for p in programs):
+        raise UsageError(f"--programs {args.programs!r}: choose from {', '.join(plan_tpu.PROGRAMS)}")
     height, width = parse_size(args.size)
     strategy = Strategy.load(args.sharding or "fsdp")
     devices = plan_tpu.topology_devices(args.topology, args.slices)
     if args.devices is not None and args.devices != len(devices):
         raise UsageError(f"--devices {args.devices}: topology {args.topology} x {args.slices} slice(s) has {len(devices)}")
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False)
-    l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[args.model]
-    got = plan_tpu.compile_step(args.model, strategy, devices, analytic.padded_batch, l_img, l_txt, args.dtype)
-    report = dict(topology=args.topology, slices=args.slices, device_kind=got["device_kind"], devices=len(devices),
+    got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
+                                    T5_LENGTHS[args.model], args.dtype, programs=programs)
+    first = got[programs[0]]
+    temps = [g["compiled"]["temp_bytes"] for g in got.values()]
+    hbm = first["compiled"]["hbm_bytes"]
+    # Every component stays on the device (exact per-device bytes from shapes and the table), and
+    # the programs run one at a time: the largest one's temporaries on top.
+    resident = analytic.param_bytes + max(temps)
+    report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
                   model=args.model, strategy=strategy.name, mesh=analytic.mesh_shape, size=f"{width}x{height}",
-                  batch=analytic.padded_batch, dtype=args.dtype, attention=got["attention"],
-                  mosaic_kernels=got["mosaic_kernels"], compiled=got["compiled"],
-                  analytic=dict(total_bytes=analytic.param_bytes - analytic.params["t5"].device_bytes
-                                - analytic.params["clip"].device_bytes - analytic.params["vae"].device_bytes
-                                + analytic.analytic_bytes),
-                  collectives={k: v["count"] for k, v in got["collectives"].items()},
-                  collective_bytes={k: v["bytes"] for k, v in got["collectives"].items()})
+                  batch=analytic.padded_batch, dtype=args.dtype,
+                  attention=plan_tpu.transformer_attention(strategy, devices, args.dtype),
+                  mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
+                  analytic=dict(total_bytes=analytic.params["transformer"].device_bytes + analytic.analytic_bytes),
+                  collectives={k: v["count"] for k, v in first["collectives"].items()},
+                  collective_bytes={k: v["bytes"] for k, v in first["collectives"].items()},
+                  programs={name: dict(compiled=g["compiled"], mosaic_kernels=g["mosaic_kernels"],
+                                       collectives={k: v["count"] for k, v in g["collectives"].items()})
+                            for name, g in got.items()},
+                  resident=dict(param_bytes=analytic.param_bytes, largest_temp_bytes=max(temps), total_bytes=resident,
+                                fits=None if hbm is None else resident <= hbm))
     if args.json:
         print(json.dumps(report))
         return 0
-    c = report["compiled"]
     gib = lambda n: "?" if n is None else f"{n / GIB:.2f} GiB"  # noqa: E731
     mesh = " x ".join(f"{a}={n}" for a, n in report["mesh"].items())
     print(f"model {args.model}, {args.dtype}, {width}x{height}, batch {report['batch']}; strategy {strategy.name} on "
-          f"{args.topology} ({len(devices)} x {report['device_kind']}): mesh {mesh}")
-    print(f"one denoising step, compiled by the TPU compiler in {c['compile_s']:.1f} s; per device:")
-    print(f"  arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])}, outputs {gib(c['output_bytes'])}, "
-          f"total {gib(c['total_bytes'])}  [transformer step; analytic {gib(report['analytic']['total_bytes'])}]")
-    kernels = report["mosaic_kernels"]
-    print(f"  attention {report['attention']}" + ("" if kernels is None else f" ({kernels} Mosaic kernel(s) in the program)"))
-    print("  collectives " + (", ".join(f"{k} {n} ({report['collective_bytes'][k] / 2**20:.1f} MiB)"
-                                        for k, n in report["collectives"].items()) or "none"))
-    if c["fits"] is not None:
-        verdict = "fits" if c["fits"] else "does NOT fit"
-        print(f"{verdict} in {gib(c['hbm_bytes'])} of HBM per chip" + (f": {c['refused']}" if c.get("refused") else ""))
+          f"{args.topology} ({len(devices)} x {report['device_kind']}): mesh {mesh}; attention {report['attention']}")
+    print("compiled by the TPU compiler; per device:")
+    for name, g in got.items():
+        c = g["compiled"]
+        kernels = "" if not g["mosaic_kernels"] else f", {g['mosaic_kernels']} Mosaic kernel(s)"
+        coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in g["collectives"].items()) or "none"
+        state = f"refused: {c['refused']}" if c.get("refused") else (
+            f"arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])}, outputs {gib(c['output_bytes'])}")
+        print(f"  {name:<10} {state}; {c['compile_s']:.1f} s{kernels}; collectives {coll}")
+    print(f"  resident   parameters of every component {gib(analytic.param_bytes)} [exact] + the largest temporaries "
+          f"{gib(max(temps))} = {gib(resident)}")
+    print(f"  analytic   transformer step {gib(report['analytic']['total_bytes'])} [fluxjax plan without --topology]")
+    if hbm is not None:
+        print(f"{'fits' if report['resident']['fits'] else 'does NOT fit'} in {gib(hbm)} of HBM per chip")
     return 0
