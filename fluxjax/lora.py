@@ -7,10 +7,11 @@ blocks are stacked: block 7's adapter is at index 7, as its kernel is):
   a      (in, R)      every LoRA's down matrices side by side (R = the sum of their ranks)
   b      (R, out)     their up matrices, each on the output rows it updates (zero elsewhere:
                       diffusers' separate to_q/to_k/to_v land on their thirds of the fused qkv)
-  scale  (n, R)       alpha/rank of LoRA k on its own rank columns, 0 on the others
-  bias   (n, out)     LoRA k's bias on the output (BFL control LoRAs), usually zeros
+  scale  (n, R)       alpha/rank of LoRA k on its own rank columns (rsLoRA: alpha/sqrt(rank)), 0 on the others
+  bias   (n, out)     LoRA k's lora_B.bias times its scale (BFL control LoRAs, PEFT's lora_bias), usually zeros
 so that with per-LoRA strengths s (n,), the update of that Linear is
-  kernel + a @ diag(s @ scale) @ b,  bias + s @ bias          (W + s * alpha/r * B A, stacked).
+  kernel + a @ diag(s @ scale) @ b,  bias + s @ bias    (W + s * alpha/r * B A, b + s * alpha/r * b_B, stacked:
+                                                         PEFT's lora_B(lora_A(x)) * scaling).
 Full replacement tensors (control LoRAs' QK-norm scales) are in `Adapters.replace`.
 A structural-control LoRA (FLUX.1-Canny/Depth-dev-lora) also widens img_in to 128 inputs (x and
 the control image's latents); `load_loras(..., widen=True)` accepts it (`Adapters.input_width`)
@@ -196,9 +197,9 @@ def _module_adapter(items: list[tuple[int, Piece]], kernel: tuple, n: int, stack
         rows = np.arange(out_dim) if p.rows is None else p.rows
         a[i, :, cols] += p.down.T
         b[i][cols][:, rows] += p.up.T  # (rank, rows): a view, so the update lands in b
-        scale[i, k, cols] = p.alpha / r
-        if p.bias is not None:
-            bias[i, k, rows] += p.bias
+        scale[i, k, cols] = p.scale
+        if p.bias is not None:  # B's bias is part of lora_B, so it takes the same scale (PEFT)
+            bias[i, k, rows] += p.scale * p.bias
     leaves = dict(a=a, b=b, scale=scale, bias=bias)
     return leaves if stacked else {k: v[0] for k, v in leaves.items()}
 

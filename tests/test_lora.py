@@ -86,16 +86,19 @@ def random_pair(gen, out_dim, in_dim, rank=RANK):
     return down, up
 
 
-def diffusers_lora(hub, name, seed, alpha=8.0):
-    """A LoRA on every Linear, made with PEFT on diffusers' transformer and saved by diffusers."""
+def diffusers_lora(hub, name, seed, alpha=8.0, **options):
+    """A LoRA on every Linear, made with PEFT on diffusers' transformer and saved by diffusers;
+    `options`: more of PEFT's LoraConfig (use_rslora, lora_bias)."""
     transformer = hub.reference.transformer
     config = LoraConfig(r=RANK, lora_alpha=alpha, target_modules=DIFFUSERS_TARGETS, alpha_pattern={"proj_mlp": 2.0},
-                        init_lora_weights=False)
+                        init_lora_weights=False, **options)
     transformer.add_adapter(config, adapter_name="make")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in transformer.named_parameters():
-            if "lora_" in n and "make" in n:
+            if "lora_" in n and "make" in n and p.ndim == 1:  # lora_B's bias (lora_bias=True)
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif "lora_" in n and "make" in n:
                 fan_in = p.shape[1]
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5 * (0.5 if "lora_B" in n else 1.0))
     state = get_peft_model_state_dict(transformer, adapter_name="make")
@@ -187,6 +190,26 @@ def both_ways(hub, loras):
 def test_diffusers_peft_format(hub):
     path = diffusers_lora(hub, "peft.safetensors", seed=1)
     assert lora.read_lora_file(path, hub.pipe.transformer.model.config)[0] == "diffusers"
+    both_ways(hub, [(path, 0.7)])
+
+
+def test_peft_rslora(hub):
+    """use_rslora: PEFT scales B A by alpha / sqrt(r) (4 here), not alpha / r (2)."""
+    path = diffusers_lora(hub, "rslora.safetensors", seed=13, use_rslora=True)
+    both_ways(hub, [(path, 0.7)])
+    scale = lora.load_loras([path], hub.pipe.transformer.model.config, hub.pipe.transformer.params).tree["img_in"]["scale"]
+    np.testing.assert_array_equal(scale, np.full((1, RANK), 8.0 / RANK**0.5, np.float32))
+
+
+# PEFT's save warns that a 1-D lora_B tensor may be an unsaved shard: here it is lora_B's bias.
+@pytest.mark.filterwarnings("ignore:Adapter 'make'")
+def test_peft_lora_bias(hub):
+    """lora_bias: PEFT adds lora_B(lora_A(x)) * scaling, so B's bias takes strength x alpha / r too."""
+    from safetensors import safe_open
+
+    path = diffusers_lora(hub, "lora_bias.safetensors", seed=14, lora_bias=True)
+    with safe_open(path, "np") as f:
+        assert sum(k.endswith("lora_B.bias") for k in f.keys()) == sum(k.endswith("lora_B.weight") for k in f.keys())
     both_ways(hub, [(path, 0.7)])
 
 
