@@ -130,7 +130,11 @@ class _Keys:
         if key not in self.unused:
             raise CheckpointError(f"{self.path}: key {key!r} is missing (its low-rank partner is in the file)")
         self.unused.discard(key)
-        return np.asarray(self.source.read(key), np.float32)
+        value = np.asarray(self.source.read(key), np.float32)
+        if not np.isfinite(value).all():  # fused or run live, one NaN would spread to every pixel
+            bad = int(value.size - np.isfinite(value).sum())
+            raise self.error(key, f"holds {bad} NaN or infinite value(s) of {value.size}: a damaged or overflowed LoRA")
+        return value
 
     def error(self, key: str, why: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: key {key!r} {why}")

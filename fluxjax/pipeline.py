@@ -220,6 +220,8 @@ class FluxPipeline:
         items = [loras] if isinstance(loras, (str, os.PathLike)) or (
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
         pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
+        for file, strength in pairs:  # before any file is read
+            lora.check_strengths(strength, f"load_lora {file}")
         t = self.transformer
         widen = self.variant == "base"  # a structural-control LoRA turns a base model into a control one
         if fuse:
