@@ -344,7 +344,8 @@ def check_fused_leaf(path: str, value, before, adapters: Adapters, strengths) ->
         return
     if not _all_finite(before):
         raise NonFiniteError(f"{path} holds NaN or infinite values in the model itself, before any LoRA is fused")
-    loras = ", ".join(f"{os.path.basename(n)}:{float(s):g}" for n, s in zip(adapters.names, np.asarray(strengths).reshape(-1)))
+    pairs = zip(adapters.names, np.asarray(strengths).reshape(-1))
+    loras = ", ".join(f"{os.path.basename(n)}:{float(s):g}" for n, s in pairs)
     raise NonFiniteError(f"fusing {loras} into {path} gave NaN or infinite values (the update overflows this weight); "
                          "lower the strength")
 

@@ -219,7 +219,8 @@ def _peft_scale(keys: _Keys, prefix: str):
     if "lora_alpha" not in config:
         return None
     patterns = config.get("alpha_pattern") or {}
-    for name, value in [("lora_alpha", config["lora_alpha"])] + [(f"alpha_pattern[{p!r}]", v) for p, v in patterns.items()]:
+    numbers = [("lora_alpha", config["lora_alpha"])] + [(f"alpha_pattern[{p!r}]", v) for p, v in patterns.items()]
+    for name, value in numbers:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise CheckpointError(f"{keys.path}: metadata lora_adapter_metadata {prefix}.{name} is {value!r}, "
                                   "not a finite number")

@@ -197,7 +197,8 @@ def test_peft_rslora(hub):
     """use_rslora: PEFT scales B A by alpha / sqrt(r) (4 here), not alpha / r (2)."""
     path = diffusers_lora(hub, "rslora.safetensors", seed=13, use_rslora=True)
     both_ways(hub, [(path, 0.7)])
-    scale = lora.load_loras([path], hub.pipe.transformer.model.config, hub.pipe.transformer.params).tree["img_in"]["scale"]
+    t = hub.pipe.transformer
+    scale = lora.load_loras([path], t.model.config, t.params).tree["img_in"]["scale"]
     np.testing.assert_array_equal(scale, np.full((1, RANK), 8.0 / RANK**0.5, np.float32))
 
 
@@ -468,7 +469,8 @@ def test_non_finite_strengths_refused_before_loading(hub, tmp_path, capsys):
     assert lora.parse_lora_arg(f"{good}:-1e4") == (good, -1e4)  # the bound itself is taken
 
     out = tmp_path / "nan.png"
-    code, err = cli_run(["generate", "a cat", "--model", str(hub.root), "--lora", f"{good}:nan", "--out", str(out)], capsys)
+    code, err = cli_run(["generate", "a cat", "--model", str(hub.root), "--lora", f"{good}:nan", "--out", str(out)],
+                        capsys)
     assert (code, err) == (2, f"fluxjax generate: error: --lora '{good}:nan': the LoRA strength nan is not a finite "
                               f"number {STRENGTH_NOTE}\n")
     dst = tmp_path / "conv"
@@ -523,7 +525,8 @@ def test_non_finite_lora_files_refused_naming_the_key(hub, tmp_path, capsys):
     peft = str(tmp_path / "peft_nan.safetensors")
     save_file({"transformer.x_embedder.lora_A.weight": np.zeros((RANK, 64), np.float32),
                "transformer.x_embedder.lora_B.weight": np.zeros((cfg.hidden_size, RANK), np.float32)}, peft,
-              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": float("nan")})})
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": RANK,
+                                                             "transformer.lora_alpha": float("nan")})})
     with pytest.raises(CheckpointError) as e:
         lora.read_lora_file(peft, cfg)
     assert str(e.value) == (f"{peft}: metadata lora_adapter_metadata transformer.lora_alpha is nan, "
