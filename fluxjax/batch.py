@@ -325,17 +325,18 @@ def _conditioned(job: Job, fields: dict, path: str) -> Job:
 
 
 def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:
-    from fluxjax.lora import parse_lora_arg
+    from fluxjax.lora import check_strengths, parse_lora_arg
 
     if not isinstance(value, list):
         raise UsageError(f"{where}: loras must be a list of \"FILE[:SCALE]\" or [FILE, SCALE], got {value!r}")
     out = []
     for item in value:
         if isinstance(item, str):
-            file, scale = parse_lora_arg(item)
+            file, scale = parse_lora_arg(item, f"{where}: loras item")
         elif (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
               and isinstance(item[1], (int, float)) and not isinstance(item[1], bool)):
             file, scale = item[0], float(item[1])
+            check_strengths(scale, f"{where}: loras item {item!r}")
         else:
             raise UsageError(f"{where}: loras item {item!r} is not \"FILE[:SCALE]\" or [FILE, SCALE]")
         file = os.path.abspath(os.path.join(os.path.dirname(path), file))

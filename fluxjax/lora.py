@@ -7,10 +7,11 @@ blocks are stacked: block 7's adapter is at index 7, as its kernel is):
   a      (in, R)      every LoRA's down matrices side by side (R = the sum of their ranks)
   b      (R, out)     their up matrices, each on the output rows it updates (zero elsewhere:
                       diffusers' separate to_q/to_k/to_v land on their thirds of the fused qkv)
-  scale  (n, R)       alpha/rank of LoRA k on its own rank columns, 0 on the others
-  bias   (n, out)     LoRA k's bias on the output (BFL control LoRAs), usually zeros
+  scale  (n, R)       alpha/rank of LoRA k on its own rank columns (rsLoRA: alpha/sqrt(rank)), 0 on the others
+  bias   (n, out)     LoRA k's lora_B.bias times its scale (BFL control LoRAs, PEFT's lora_bias), usually zeros
 so that with per-LoRA strengths s (n,), the update of that Linear is
-  kernel + a @ diag(s @ scale) @ b,  bias + s @ bias          (W + s * alpha/r * B A, stacked).
+  kernel + a @ diag(s @ scale) @ b,  bias + s @ bias    (W + s * alpha/r * B A, b + s * alpha/r * b_B, stacked:
+                                                         PEFT's lora_B(lora_A(x)) * scaling).
 Full replacement tensors (control LoRAs' QK-norm scales) are in `Adapters.replace`.
 A structural-control LoRA (FLUX.1-Canny/Depth-dev-lora) also widens img_in to 128 inputs (x and
 the control image's latents); `load_loras(..., widen=True)` accepts it (`Adapters.input_width`)
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import FluxConfig
-from fluxjax.errors import UsageError
+from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.lora_formats import STACKS, Piece, Replacement, read_lora_file
 from fluxjax.models.layers import unstack_layers
 
@@ -63,15 +64,36 @@ class Adapters:
         return len(self.names)
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """"FILE[:SCALE]" (the CLI's --lora) -> (file, scale); a missing scale is 1.0."""
+# The largest |strength| taken. Strengths in use lie within about +-2 (rarely 10): the update grows
+# linearly with it, so at 1e4 it is 1e4 times the LoRA's own and the image is noise long before;
+# beyond, products overflow (1e38 is finite in float32, its product with alpha/r is not). A bound
+# refuses such a strength in one line before anything loads, not with NaN images after the run.
+MAX_STRENGTH = 1e4
+
+
+def check_strengths(values, what: str) -> None:
+    """Refuse LoRA strengths that are NaN, infinite or beyond +-MAX_STRENGTH: a one-line UsageError
+    naming `what` (the argument) and the first bad value. Fused, such a strength writes NaN or
+    overflowed weights; live, every pixel comes out NaN."""
+    s = np.asarray(values, np.float64).reshape(-1)
+    bad = s[~(np.abs(s) <= MAX_STRENGTH)]
+    if bad.size:
+        why = "is not a finite number" if not np.isfinite(bad[0]) else f"is beyond +-{MAX_STRENGTH:g}"
+        raise UsageError(f"{what}: the LoRA strength {bad[0]:g} {why} (strengths in use lie within about +-2)")
+
+
+def parse_lora_arg(text: str, what: str = "--lora") -> tuple[str, float]:
+    """"FILE[:SCALE]" (the CLI's --lora) -> (file, scale); a missing scale is 1.0.
+    what: how errors name the argument (the CLI's "--lora", a batch line's "loras" item)."""
     path, sep, scale = text.rpartition(":")
     if not sep or os.path.exists(text):
         return text, 1.0
     try:
-        return path, float(scale)
+        value = float(scale)
     except ValueError:
-        raise UsageError(f"--lora {text!r}: expected FILE or FILE:SCALE with a number as SCALE") from None
+        raise UsageError(f"{what} {text!r}: expected FILE or FILE:SCALE with a number as SCALE") from None
+    check_strengths(value, f"{what} {text!r}")
+    return path, value
 
 
 def _shape_tree(params) -> dict:
@@ -196,9 +218,9 @@ def _module_adapter(items: list[tuple[int, Piece]], kernel: tuple, n: int, stack
         rows = np.arange(out_dim) if p.rows is None else p.rows
         a[i, :, cols] += p.down.T
         b[i][cols][:, rows] += p.up.T  # (rank, rows): a view, so the update lands in b
-        scale[i, k, cols] = p.alpha / r
-        if p.bias is not None:
-            bias[i, k, rows] += p.bias
+        scale[i, k, cols] = p.scale
+        if p.bias is not None:  # B's bias is part of lora_B, so it takes the same scale (PEFT)
+            bias[i, k, rows] += p.scale * p.bias
     leaves = dict(a=a, b=b, scale=scale, bias=bias)
     return leaves if stacked else {k: v[0] for k, v in leaves.items()}
 
@@ -275,12 +297,10 @@ def fuse(params, adapters: Adapters, strengths: Sequence[float]):
     it, in its own sharding (jit out_shardings = the kernel's): the low-rank factors are small and
     replicated, so no device ever holds a whole sharded kernel. Returns a new tree.
     """
-    strengths = np.asarray(strengths, np.float32).reshape(-1)
-    if strengths.shape[0] != adapters.count:
-        raise UsageError(f"{adapters.count} LoRAs but {strengths.shape[0]} strengths")
+    strengths = _fuse_strengths(adapters, strengths)
     out = with_replacements(params, adapters)
 
-    def walk(node, adapter):
+    def walk(node, adapter, prefix):
         for name, sub in adapter.items():
             if "a" in sub and not isinstance(sub["a"], dict):
                 kernel, bias = node[name]["kernel"], node[name].get("bias")
@@ -288,31 +308,65 @@ def fuse(params, adapters: Adapters, strengths: Sequence[float]):
                 fn = jax.jit(_fused, out_shardings=shardings)
                 node[name] = dict(node[name])
                 node[name]["kernel"], new_bias = fn(kernel, bias, sub["a"], sub["b"], sub["scale"], sub["bias"], strengths)
+                check_fused_leaf(f"{prefix}{name}/kernel", node[name]["kernel"], kernel, adapters, strengths)
                 if bias is not None:
                     node[name]["bias"] = new_bias
+                    check_fused_leaf(f"{prefix}{name}/bias", new_bias, bias, adapters, strengths)
             else:
                 node[name] = dict(node[name])
-                walk(node[name], sub)
+                walk(node[name], sub, f"{prefix}{name}/")
 
     out = dict(out)
-    walk(out, adapters.tree)
+    walk(out, adapters.tree, "")
     return out
+
+
+def _fuse_strengths(adapters: Adapters, strengths) -> np.ndarray:
+    """One checked strength per LoRA, float32 (n,)."""
+    check_strengths(strengths, "fuse strengths")
+    strengths = np.asarray(strengths, np.float32).reshape(-1)
+    if strengths.shape[0] != adapters.count:
+        raise UsageError(f"{adapters.count} LoRAs but {strengths.shape[0]} strengths")
+    return strengths
+
+
+def _all_finite(x) -> bool:
+    return bool(np.isfinite(x).all() if isinstance(x, np.ndarray) else jnp.isfinite(x).all())
+
+
+def check_fused_leaf(path: str, value, before, adapters: Adapters, strengths) -> None:
+    """Refuse a fused leaf (`path`, e.g. "double_blocks/img_attn/qkv/kernel") holding NaN or
+    infinite values, in one line naming it: the last guard before such weights are used or written
+    (`fluxjax convert --lora` writes each leaf only after this; its staging folder, and never DST,
+    holds the earlier ones). `before`: the leaf before fusing, read only on failure to say which
+    side is at fault."""
+    if _all_finite(value):
+        return
+    if not _all_finite(before):
+        raise NonFiniteError(f"{path} holds NaN or infinite values in the model itself, before any LoRA is fused")
+    pairs = zip(adapters.names, np.asarray(strengths).reshape(-1))
+    loras = ", ".join(f"{os.path.basename(n)}:{float(s):g}" for n, s in pairs)
+    raise NonFiniteError(f"fusing {loras} into {path} gave NaN or infinite values (the update overflows this weight); "
+                         "lower the strength")
 
 
 def fuse_leaves(leaves, adapters: Adapters, strengths: Sequence[float]):
     """Fuse while streaming: (Flax path "a/b/kernel", host array) pairs in the stacked layout, as
     fluxjax.loading's Plan.leaves yields them, each kernel and bias updated as `fuse` does."""
-    strengths = np.asarray(strengths, np.float32).reshape(-1)
+    strengths = _fuse_strengths(adapters, strengths)
     replace = {"/".join(leaf): (layer, value) for (leaf, layer), value in adapters.replace.items()}
     for path, value in leaves:
         node = adapters.tree
         for part in path.split("/")[:-1]:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         leaf = path.rsplit("/", 1)[-1]
+        before = value
         if "a" in node and leaf == "kernel":
             value = np.asarray(jax.jit(_fused_kernel)(value, node["a"], node["b"], node["scale"], strengths))
         elif "a" in node and leaf == "bias":
             value = np.asarray(jax.jit(_fused_bias)(value, node["bias"], strengths))
+        if value is not before:
+            check_fused_leaf(path, value, before, adapters, strengths)
         if path in replace:
             layer, new = replace[path]
             value = np.array(value)
@@ -369,6 +423,7 @@ def live(scales):
 
 def image_scales(strengths, batch: int, count: int) -> np.ndarray:
     """Per-image strengths (B, n) from one number per LoRA (n,) or per image and LoRA (B, n)."""
+    check_strengths(strengths, "lora_scales")
     s = np.asarray(strengths, np.float32)
     if s.ndim == 1:
         s = np.broadcast_to(s, (batch, s.shape[0]))

@@ -6,8 +6,9 @@ key into `Piece`s (a low-rank pair on one of fluxjax's Linear layers, in BFL nam
 maps to nothing raises a one-line CheckpointError naming the file and the key.
 
 Layouts (learnt from diffusers/loaders/lora_conversion_utils.py, the formats' public reader):
-  diffusers/PEFT  transformer.<diffusers module>.lora_A.weight / .lora_B.weight; alpha from the
-                  `lora_adapter_metadata` JSON (PEFT's lora_alpha, alpha_pattern) or `.alpha` keys.
+  diffusers/PEFT  transformer.<diffusers module>.lora_A.weight / .lora_B.weight (/ .lora_B.bias:
+                  PEFT's lora_bias); alpha from the `lora_adapter_metadata` JSON (PEFT's lora_alpha,
+                  alpha_pattern, use_rslora: scale alpha/sqrt(r)) or `.alpha` keys.
   kohya           lora_unet_<BFL module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
   comfyui         diffusion_model.<BFL module>.lora_A.weight / .lora_B.weight (or lora_down/up, .alpha)
   bfl_control     <BFL module>.lora_A.weight / .lora_B.weight / .lora_B.bias plus full tensors
@@ -43,14 +44,16 @@ STACKS = {"double_blocks": "depth", "single_blocks": "depth_single_blocks"}  # s
 
 @dataclass
 class Piece:
-    """One low-rank update of a Linear: W[rows] += (alpha / rank) * up @ down (+ bias on those rows).
+    """One low-rank update of a Linear: W[rows] += scale * up @ down, b[rows] += scale * bias.
 
     target: the Linear's Flax path in the stacked layout ("double_blocks/img_attn/qkv", "img_in").
     layer:  the block index within the stack, or None outside the blocks.
     down:   (rank, in) float32 (PyTorch layout, `lora_A` / `lora_down`).
     up:     (len(rows), rank) float32 (`lora_B` / `lora_up`).
     rows:   the Linear's output features the rows of `up` land on (int array), None for all.
-    bias:   (len(rows),) float32 added with the same scale (BFL control LoRAs' lora_B.bias), or None.
+    scale:  the factor on up @ down and on bias: alpha / rank (PEFT's rsLoRA: alpha / sqrt(rank)).
+    bias:   (len(rows),) float32, `lora_B.bias` (BFL control LoRAs, PEFT's lora_bias), or None:
+            PEFT computes lora_B(lora_A(x)) * scaling, so B's bias takes the scale as B does.
     key:    the file key that named it (for errors).
     """
 
@@ -58,7 +61,7 @@ class Piece:
     layer: int | None
     down: np.ndarray
     up: np.ndarray
-    alpha: float
+    scale: float
     rows: np.ndarray | None
     bias: np.ndarray | None
     key: str
@@ -127,7 +130,11 @@ class _Keys:
         if key not in self.unused:
             raise CheckpointError(f"{self.path}: key {key!r} is missing (its low-rank partner is in the file)")
         self.unused.discard(key)
-        return np.asarray(self.source.read(key), np.float32)
+        value = np.asarray(self.source.read(key), np.float32)
+        if not np.isfinite(value).all():  # fused or run live, one NaN would spread to every pixel
+            bad = int(value.size - np.isfinite(value).sum())
+            raise self.error(key, f"holds {bad} NaN or infinite value(s) of {value.size}: a damaged or overflowed LoRA")
+        return value
 
     def error(self, key: str, why: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: key {key!r} {why}")
@@ -146,19 +153,28 @@ def _alpha(keys: _Keys, key: str, rank: int) -> float:
     return float(keys.take(key).reshape(())) if key in keys.unused else float(rank)
 
 
+def _scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor on up @ down: alpha / rank, or rank-stabilised (PEFT's use_rslora) alpha / sqrt(rank)."""
+    return alpha / (rank**0.5 if rslora else rank)
+
+
 def _text_encoder_refusal(keys: _Keys, key: str) -> CheckpointError:
     return keys.error(key, "is a text-encoder LoRA (CLIP/T5): fluxjax applies LoRAs to the transformer only; "
                       "remove the text-encoder keys from the file to use its transformer part")
 
 
 def _module_pieces(keys: _Keys, module_key: str, target: tuple, down_key: str, up_key: str, alpha_key: str | None,
-                   alpha: float | None = None, bias_key: str | None = None) -> Piece:
+                   scale_of=None, bias_key: str | None = None) -> Piece:
+    """scale_of: rank -> the scale (PEFT's config), or None: alpha from `alpha_key` (else alpha = rank) / rank."""
     path, layer, rows = target
     down, up = _pair(keys, module_key, down_key, up_key)
-    if alpha is None:
-        alpha = _alpha(keys, alpha_key, down.shape[0]) if alpha_key else float(down.shape[0])
+    rank = down.shape[0]
+    if scale_of is not None:
+        scale = scale_of(rank)
+    else:
+        scale = _scale(_alpha(keys, alpha_key, rank) if alpha_key else float(rank), rank)
     bias = keys.take(bias_key) if bias_key and bias_key in keys.unused else None
-    return Piece(path, layer, down, up, alpha, rows, bias, up_key)
+    return Piece(path, layer, down, up, scale, rows, bias, up_key)
 
 
 def _resolve_module(keys: _Keys, table: dict, name: str, key: str, cfg: FluxConfig):
@@ -174,7 +190,7 @@ def _resolve_module(keys: _Keys, table: dict, name: str, key: str, cfg: FluxConf
 _LOW_RANK = re.compile(r"^(.*)\.(lora_A|lora_B|lora_down|lora_up)\.weight$")
 
 
-def _read_low_rank(keys: _Keys, cfg: FluxConfig, table: dict, strip: str, alpha_of=None) -> tuple[list, list]:
+def _read_low_rank(keys: _Keys, cfg: FluxConfig, table: dict, strip: str, scale_of=None) -> tuple[list, list]:
     """The readers' common loop: `<strip><module>.lora_{A,B,down,up}.weight` (+ `.alpha`, `.lora_B.bias`)."""
     pieces = []
     for key in sorted(keys.unused):
@@ -186,38 +202,47 @@ def _read_low_rank(keys: _Keys, cfg: FluxConfig, table: dict, strip: str, alpha_
         module = m.group(1)
         down_name, up_name = ("lora_A", "lora_B") if m.group(2) in ("lora_A", "lora_B") else ("lora_down", "lora_up")
         target = _resolve_module(keys, table, module[len(strip):], key, cfg)
-        alpha = alpha_of(module[len(strip):]) if alpha_of else None
+        scale = scale_of(module[len(strip):]) if scale_of else None
         pieces.append(_module_pieces(keys, module, target, f"{module}.{down_name}.weight", f"{module}.{up_name}.weight",
-                                     f"{module}.alpha", alpha, f"{module}.{up_name}.bias"))
+                                     f"{module}.alpha", scale, f"{module}.{up_name}.bias"))
     return pieces, []
 
 
-def _peft_alpha(metadata: dict, prefix: str):
-    """PEFT's adapter config from the file's metadata -> module name -> alpha (None: alpha = rank)."""
-    raw = metadata.get("lora_adapter_metadata")
+def _peft_scale(keys: _Keys, prefix: str):
+    """PEFT's adapter config from the file's metadata -> module name -> rank -> scale (None: no
+    lora_alpha there, so `.alpha` keys or alpha = rank). PEFT's scaling is lora_alpha / r, or
+    lora_alpha / sqrt(r) with use_rslora (rank-stabilised LoRA)."""
+    raw = keys.source.metadata().get("lora_adapter_metadata")
     if not raw:
         return None
     config = {k[len(prefix) + 1:]: v for k, v in json.loads(raw).items() if k.startswith(prefix + ".")}
     if "lora_alpha" not in config:
         return None
-    default, patterns = float(config["lora_alpha"]), config.get("alpha_pattern") or {}
+    patterns = config.get("alpha_pattern") or {}
+    numbers = [("lora_alpha", config["lora_alpha"])] + [(f"alpha_pattern[{p!r}]", v) for p, v in patterns.items()]
+    for name, value in numbers:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise CheckpointError(f"{keys.path}: metadata lora_adapter_metadata {prefix}.{name} is {value!r}, "
+                                  "not a finite number")
+    default, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora", False))
 
-    def alpha(module: str) -> float:
+    def scale(module: str):
+        alpha = default
         # PEFT's rule: a pattern applies to the modules whose name ends with it.
         for pattern, value in patterns.items():
             if re.match(rf"(.*\.)?({pattern})$", module):
-                return float(value)
-        return default
+                alpha = float(value)
+                break
+        return lambda rank: _scale(alpha, rank, rslora)
 
-    return alpha
+    return scale
 
 
 def read_diffusers(keys: _Keys, cfg: FluxConfig):
     for key in keys.unused:
         if key.startswith(("text_encoder", "lora_te")):
             raise _text_encoder_refusal(keys, key)
-    return _read_low_rank(keys, cfg, diffusers_linears(cfg), "transformer.",
-                          _peft_alpha(keys.source.metadata(), "transformer"))
+    return _read_low_rank(keys, cfg, diffusers_linears(cfg), "transformer.", _peft_scale(keys, "transformer"))
 
 
 def read_kohya(keys: _Keys, cfg: FluxConfig):

@@ -62,6 +62,39 @@ class OutOfGrammarWarning(UserWarning):
     generates, but the image need not show the prompt."""
 
 
+class PromptNormalizedWarning(UserWarning):
+    """The shapes model read a prompt lower-cased, without final punctuation (fluxjax.shapes.normalize)."""
+
+
+class NormalizingTokenizer(PromptTokenizer):
+    """Tokenizers that see each prompt as `normalize` writes it, saying so (a PromptNormalizedWarning,
+    one line per prompt it changed). The shapes model's: its grammar check (shapes.parse) ignores
+    case and final punctuation, its tokenizers learnt lower-case captions only, so both must read
+    "A RED CIRCLE ON A BLUE BACKGROUND." as "a red circle on a blue background"."""
+
+    def __init__(self, tokenizer: PromptTokenizer, normalize, name: str):
+        super().__init__(tokenizer.clip, tokenizer.t5, tokenizer.clip_length)
+        self.normalize, self.name = normalize, name
+
+    def _read(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        out = [self.normalize(p) if isinstance(p, str) else p for p in prompts]
+        for before, after in dict.fromkeys(zip(prompts, out)):
+            if before != after:
+                warnings.warn(f"{self.name} reads prompts in lower case without final punctuation, as it was trained: "
+                              f"{before!r} is read as {after!r}", PromptNormalizedWarning, stacklevel=4)
+        return out
+
+    def __call__(self, prompts, max_sequence_length: int):
+        return super().__call__(self._read(prompts), max_sequence_length)
+
+    def tokenize_t5(self, prompts, max_sequence_length: int):
+        return super().tokenize_t5(self._read(prompts), max_sequence_length)
+
+    def tokenize_clip(self, prompts):
+        return super().tokenize_clip(self._read(prompts))
+
+
 @dataclass(frozen=True)
 class Defaults:
     """What `pipe(...)` uses for an argument left at None."""
@@ -229,6 +262,8 @@ class FluxPipeline:
         items = [loras] if isinstance(loras, (str, os.PathLike)) or (
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
         pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
+        for file, strength in pairs:  # before any file is read
+            lora.check_strengths(strength, f"load_lora {file}")
         t = self.transformer
         widen = self.variant == "base"  # a structural-control LoRA turns a base model into a control one
         if fuse:
@@ -272,8 +307,14 @@ class FluxPipeline:
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, _pipeline_class(root),
                                           declared, where=transformer_file or os.path.join(root, "transformer"))
-        return cls(**components, tokenizer=PromptTokenizer.from_folder(root), schedule=schedule, kind=kind,
-                   name=os.path.basename(os.path.normpath(transformer_file or root)), strategy=strategy, mesh=mesh,
+        name = os.path.basename(os.path.normpath(transformer_file or root))
+        tokenizer = PromptTokenizer.from_folder(root)
+        if _is_packaged(root, "shapes"):  # its tokenizers read a prompt as its grammar check (shapes.parse) does
+            from fluxjax.shapes import normalize
+
+            tokenizer = NormalizingTokenizer(tokenizer, normalize, name)
+        return cls(**components, tokenizer=tokenizer, schedule=schedule, kind=kind, name=name, strategy=strategy,
+                   mesh=mesh,
                    variant=variant, defaults=_with_overrides(root, overrides, guidance_embed, kind_defaults(kind, variant)))
 
     @classmethod

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import string
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -120,14 +121,23 @@ class Caption:
         return (self.color, self.shape, self.background)
 
 
+def normalize(prompt: str) -> str:
+    """A prompt as this grammar's captions are written: lower case, single spaces, no final
+    punctuation ("A RED CIRCLE  ON A BLUE BACKGROUND." -> "a red circle on a blue background").
+    `parse` reads a caption so, and the shapes model's tokenizers must get it so: they learnt these
+    captions only, and their T5 knows no capitals or punctuation (its ids would all be unknown)."""
+    return " ".join(prompt.lower().split()).rstrip(string.punctuation + " ")
+
+
 def parse(caption: str | Caption) -> Caption:
     """The attributes of a caption; ValueError (one line, naming the caption and the grammar) if
-    it is outside the grammar. Case, runs of whitespace and one final period are ignored."""
+    it is outside the grammar. Read as `normalize` writes it: case, runs of whitespace and final
+    punctuation are ignored."""
     if isinstance(caption, Caption):
         return caption
     if not isinstance(caption, str):
         raise _grammar_error(f"caption {caption!r} (a {type(caption).__name__}, not a str)")
-    match = _CAPTION_RE.fullmatch(" ".join(caption.lower().split()).removesuffix("."))
+    match = _CAPTION_RE.fullmatch(normalize(caption))
     if match is None:
         raise _grammar_error(f"caption {caption!r}")
     color, shape, background, position = match.groups()

@@ -27,7 +27,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from fluxjax import lora, sampling  # noqa: E402
-from fluxjax.errors import UsageError  # noqa: E402
+from fluxjax.errors import NonFiniteError, UsageError  # noqa: E402
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402
 
@@ -86,16 +86,19 @@ def random_pair(gen, out_dim, in_dim, rank=RANK):
     return down, up
 
 
-def diffusers_lora(hub, name, seed, alpha=8.0):
-    """A LoRA on every Linear, made with PEFT on diffusers' transformer and saved by diffusers."""
+def diffusers_lora(hub, name, seed, alpha=8.0, **options):
+    """A LoRA on every Linear, made with PEFT on diffusers' transformer and saved by diffusers;
+    `options`: more of PEFT's LoraConfig (use_rslora, lora_bias)."""
     transformer = hub.reference.transformer
     config = LoraConfig(r=RANK, lora_alpha=alpha, target_modules=DIFFUSERS_TARGETS, alpha_pattern={"proj_mlp": 2.0},
-                        init_lora_weights=False)
+                        init_lora_weights=False, **options)
     transformer.add_adapter(config, adapter_name="make")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in transformer.named_parameters():
-            if "lora_" in n and "make" in n:
+            if "lora_" in n and "make" in n and p.ndim == 1:  # lora_B's bias (lora_bias=True)
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif "lora_" in n and "make" in n:
                 fan_in = p.shape[1]
                 p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5 * (0.5 if "lora_B" in n else 1.0))
     state = get_peft_model_state_dict(transformer, adapter_name="make")
@@ -187,6 +190,27 @@ def both_ways(hub, loras):
 def test_diffusers_peft_format(hub):
     path = diffusers_lora(hub, "peft.safetensors", seed=1)
     assert lora.read_lora_file(path, hub.pipe.transformer.model.config)[0] == "diffusers"
+    both_ways(hub, [(path, 0.7)])
+
+
+def test_peft_rslora(hub):
+    """use_rslora: PEFT scales B A by alpha / sqrt(r) (4 here), not alpha / r (2)."""
+    path = diffusers_lora(hub, "rslora.safetensors", seed=13, use_rslora=True)
+    both_ways(hub, [(path, 0.7)])
+    t = hub.pipe.transformer
+    scale = lora.load_loras([path], t.model.config, t.params).tree["img_in"]["scale"]
+    np.testing.assert_array_equal(scale, np.full((1, RANK), 8.0 / RANK**0.5, np.float32))
+
+
+# PEFT's save warns that a 1-D lora_B tensor may be an unsaved shard: here it is lora_B's bias.
+@pytest.mark.filterwarnings("ignore:Adapter 'make'")
+def test_peft_lora_bias(hub):
+    """lora_bias: PEFT adds lora_B(lora_A(x)) * scaling, so B's bias takes strength x alpha / r too."""
+    from safetensors import safe_open
+
+    path = diffusers_lora(hub, "lora_bias.safetensors", seed=14, lora_bias=True)
+    with safe_open(path, "np") as f:
+        assert sum(k.endswith("lora_B.bias") for k in f.keys()) == sum(k.endswith("lora_B.weight") for k in f.keys())
     both_ways(hub, [(path, 0.7)])
 
 
@@ -411,3 +435,131 @@ def test_bfl_control_format(hub):
     # tests/test_fill_control.py).
     with pytest.raises(UsageError, match=r"canny.safetensors: key 'img_in.lora_B.weight' widens img_in to 128"):
         lora.load_loras([wide], t.model.config, t.params)
+
+
+# --- non-finite inputs: refused in one line before they reach the weights -----------------------
+
+STRENGTH_NOTE = "(strengths in use lie within about +-2)"
+BAD_STRENGTHS = (("nan", "nan is not a finite number"), ("inf", "inf is not a finite number"),
+                 ("-inf", "-inf is not a finite number"), ("1e38", "1e+38 is beyond +-10000"),
+                 ("1e300", "1e+300 is beyond +-10000"))
+
+
+def cli_run(argv, capsys):
+    from fluxjax import cli
+
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def tree_bytes(root):
+    """{relative path: bytes} of every file below `root`."""
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def test_non_finite_strengths_refused_before_loading(hub, tmp_path, capsys):
+    """N72: nan, inf, -inf, 1e38, 1e300 as a strength: one line naming the argument, exit 2, before
+    any file is read (the Python API's file does not even exist), nothing written."""
+    good = save(hub, "good.safetensors", kohya_tensors(hub, seed=7))
+    for text, why in BAD_STRENGTHS:
+        with pytest.raises(UsageError) as e:
+            lora.parse_lora_arg(f"{good}:{text}")
+        assert str(e.value) == f"--lora '{good}:{text}': the LoRA strength {why} {STRENGTH_NOTE}"
+    assert lora.parse_lora_arg(f"{good}:-1e4") == (good, -1e4)  # the bound itself is taken
+
+    out = tmp_path / "nan.png"
+    code, err = cli_run(["generate", "a cat", "--model", str(hub.root), "--lora", f"{good}:nan", "--out", str(out)],
+                        capsys)
+    assert (code, err) == (2, f"fluxjax generate: error: --lora '{good}:nan': the LoRA strength nan is not a finite "
+                              f"number {STRENGTH_NOTE}\n")
+    dst = tmp_path / "conv"
+    code, err = cli_run(["convert", str(hub.root), str(dst), "--lora", f"{good}:1e38"], capsys)
+    assert (code, err) == (2, f"fluxjax convert: error: --lora '{good}:1e38': the LoRA strength 1e+38 is beyond "
+                              f"+-10000 {STRENGTH_NOTE} ({dst} not created)\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat", "loras": [[good, float("nan")]]}) + "\n")
+    code, err = cli_run(["batch", str(prompts), "--model", str(hub.root), "--out-dir", str(tmp_path / "out")], capsys)
+    assert (code, err) == (2, f"fluxjax batch: error: {prompts}:1: loras item [{good!r}, nan]: the LoRA strength nan "
+                              f"is not a finite number {STRENGTH_NOTE}\n")
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]
+
+    missing = str(tmp_path / "missing.safetensors")
+    with pytest.raises(UsageError, match=rf"^load_lora {missing}: the LoRA strength inf is not a finite number"):
+        FluxPipeline.from_pretrained(hub.root, dtype="float32", loras=[(missing, float("inf"))])
+    live = FluxPipeline.from_pretrained(hub.root, dtype="float32")
+    live.load_lora(good)
+    with pytest.raises(UsageError) as e:
+        run_ours(live, hub.noise, lora_scales=[[0.5], [float("nan")]])
+    assert str(e.value) == f"lora_scales: the LoRA strength nan is not a finite number {STRENGTH_NOTE}"
+
+
+def test_non_finite_lora_files_refused_naming_the_key(hub, tmp_path, capsys):
+    """N71: a NaN tensor, an fp16 inf, a NaN `.alpha`, a NaN lora_alpha in PEFT's metadata: one
+    line naming the file and key when the file is read, through the pipeline and the CLI."""
+    cfg = hub.pipe.transformer.model.config
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    size = RANK * cfg.hidden_size
+    nan = kohya_tensors(hub, seed=7)
+    nan[f"{key}.lora_down.weight"][0, :3] = float("nan")
+    inf16 = kohya_tensors(hub, seed=7)
+    inf16[f"{key}.lora_up.weight"] = inf16[f"{key}.lora_up.weight"].half()
+    inf16[f"{key}.lora_up.weight"][1, 1] = float("inf")
+    alpha = kohya_tensors(hub, seed=7)
+    alpha[f"{key}.alpha"] = torch.tensor(float("nan"))
+    for name, tensors, bad, count in (("nan", nan, "lora_down.weight", f"3 NaN or infinite value(s) of {size}"),
+                                      ("inf16", inf16, "lora_up.weight", f"1 NaN or infinite value(s) of {size}"),
+                                      ("alphanan", alpha, "alpha", "1 NaN or infinite value(s) of 1")):
+        path = save(hub, f"{name}.safetensors", tensors)
+        want = f"{path}: key '{key}.{bad}' holds {count}: a damaged or overflowed LoRA"
+        with pytest.raises(CheckpointError) as e:
+            hub.pipe.load_lora(path)
+        assert str(e.value) == want
+    out = tmp_path / "x.png"
+    code, err = cli_run(["generate", "a cat", "--model", str(hub.root), "--lora", path, "--out", str(out)], capsys)
+    # read after the model loads (its progress line first), before anything is computed
+    assert (code, err) == (2, f"loading {hub.root} ...\nfluxjax generate: error: {want}\n") and not out.exists()
+
+    from safetensors.numpy import save_file
+
+    peft = str(tmp_path / "peft_nan.safetensors")
+    save_file({"transformer.x_embedder.lora_A.weight": np.zeros((RANK, 64), np.float32),
+               "transformer.x_embedder.lora_B.weight": np.zeros((cfg.hidden_size, RANK), np.float32)}, peft,
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": RANK,
+                                                             "transformer.lora_alpha": float("nan")})})
+    with pytest.raises(CheckpointError) as e:
+        lora.read_lora_file(peft, cfg)
+    assert str(e.value) == (f"{peft}: metadata lora_adapter_metadata transformer.lora_alpha is nan, "
+                            "not a finite number")
+
+
+def overflowing(hub, name):
+    """A finite LoRA whose update overflows float32: up @ down = 4e40 on double block 0's img proj."""
+    d = hub.pipe.transformer.model.config.hidden_size
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    return save(hub, name, {f"{key}.lora_down.weight": torch.full((RANK, d), 1e20),
+                            f"{key}.lora_up.weight": torch.full((d, RANK), 1e20)})
+
+
+def test_non_finite_fused_leaf_never_written(hub, tmp_path, capsys):
+    """N73-N75: a fused leaf with NaN or infinite values is refused naming the leaf, in memory
+    and by `convert --lora`, which then writes no checkpoint and leaves a good one byte for byte."""
+    big = overflowing(hub, "huge.safetensors")
+    t = hub.pipe.transformer
+    with pytest.raises(NonFiniteError) as e:
+        lora.fuse(t.params, lora.load_loras([big], t.model.config, t.params), [1.0])
+    assert str(e.value) == ("fusing huge.safetensors:1 into double_blocks_0/img_attn/proj/kernel gave NaN or infinite "
+                            "values (the update overflows this weight); lower the strength")
+
+    good = save(hub, "good2.safetensors", kohya_tensors(hub, seed=7))
+    dst = tmp_path / "fused"
+    assert cli_run(["convert", str(hub.root), str(dst), "--lora", f"{good}:0.8"], capsys)[0] == 0
+    before = tree_bytes(dst)
+    for target, extra in ((dst, ["--overwrite"]), (tmp_path / "new", [])):
+        code, err = cli_run(["convert", str(hub.root), str(target), "--lora", big, *extra], capsys)
+        outcome = f"{target} left as it was" if extra else f"{target} not created"
+        assert (code, err) == (2, "fluxjax convert: error: fusing huge.safetensors:1 into double_blocks/img_attn/proj/"
+                                  "kernel gave NaN or infinite values (the update overflows this weight); lower the "
+                                  f"strength ({outcome})\n")
+    assert tree_bytes(dst) == before
+    assert sorted(os.listdir(tmp_path)) == ["fused"]  # no staging folder left, nothing at "new"

@@ -45,6 +45,20 @@ def test_parse(text, expected):
     assert shapes.parse(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("A RED CIRCLE ON A BLUE BACKGROUND.", "a red circle on a blue background"),
+    ("a Red Circle on a Blue background", "a red circle on a blue background"),
+    ("  an orange\tsquare on a white background in the left !?", "an orange square on a white background in the left"),
+    ("a red circle on a blue background", "a red circle on a blue background"),
+    ("A photo of a cat.", "a photo of a cat"),  # outside the grammar: normalised all the same
+])
+def test_normalize_is_what_parse_reads(text, expected):
+    """N166/N167: the text the shapes model's tokenizers get (normalize) is the text parse checks."""
+    assert shapes.normalize(text) == expected
+    if expected != "a photo of a cat":
+        assert shapes.parse(text).text == expected
+
+
 @pytest.mark.parametrize("text", [
     "a photo of a cat",
     "a red circle on a red background",  # the two colours must differ

@@ -52,6 +52,43 @@ def test_shipped_model_draws_the_prompts(shipped):
     assert right["shape"] >= 5, right
 
 
+def test_capitals_and_punctuation_draw_the_same_image_with_a_notice(shipped, tmp_path, monkeypatch, capsys):
+    """N166, N167: the tokenizers read a prompt as shapes.parse does (shapes.normalize), so capitals,
+    extra spaces and a final period give the lower-case prompt's image bit for bit, each changed
+    prompt said in one line (a PromptNormalizedWarning; the CLI prints it as one warning line)."""
+    import warnings
+
+    from PIL import Image
+
+    from fluxjax import cli
+    from fluxjax.pipeline import FluxPipeline, PromptNormalizedWarning, to_uint8
+
+    plain = "a red circle on a blue background"
+    want = shipped(plain, seed=3, output="np")
+    assert all(shapes.classify(want[0], plain).correct.values())
+    for prompt in ("A RED CIRCLE ON A BLUE BACKGROUND.", "a Red Circle on a  Blue background"):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            got = shipped(prompt, seed=3, output="np")
+        assert [(w.category, str(w.message)) for w in record] == [
+            (PromptNormalizedWarning, f"shapes reads prompts in lower case without final punctuation, as it was "
+                                      f"trained: {prompt!r} is read as {plain!r}")]
+        np.testing.assert_array_equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caption as written: no notice
+        shipped(plain, seed=3, output="np")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda cls, source, **k: shipped))
+    out = tmp_path / "upper.png"
+    capsys.readouterr()
+    assert cli.main(["generate", "A RED CIRCLE ON A BLUE BACKGROUND.", "--model", "shapes", "--seed", "3",
+                     "--out", str(out)]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert warned == ["fluxjax generate: warning: shapes reads prompts in lower case without final punctuation, as it "
+                      f"was trained: 'A RED CIRCLE ON A BLUE BACKGROUND.' is read as {plain!r}"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), to_uint8(want)[0])
+
+
 def test_training_command_writes_a_loadable_folder(tmp_path):
     from fluxjax import train_shapes
 
