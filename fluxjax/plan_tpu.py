@@ -180,26 +180,33 @@ def compile_program(strategy, mesh, fn, args: tuple, kwargs: dict) -> dict[str, 
     kernels in the compiled HLO: a scanned body counts once). When the program does not fit, the
     TPU compiler refuses it; its figures come from its message (`refused`).
     """
+    start = time.perf_counter()
+    with strategy.activate(mesh):
+        lowered = fn.lower(*args, **kwargs)
+    return compile_lowered(lowered, mesh, start)
+
+
+def compile_lowered(lowered, mesh, start: float | None = None) -> dict[str, Any]:
+    """`compile_program`'s figures for a program already lowered for the devices of `mesh`;
+    compile_s counts from `start` (default: now)."""
     import jax
 
     kind = mesh.devices.flat[0].device_kind
     hbm = HBM_BYTES.get(kind)
-    start = time.perf_counter()
-    with strategy.activate(mesh):
-        lowered = fn.lower(*args, **kwargs)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            refused = re.search(r"RESOURCE_EXHAUSTED.*?\(([0-9.]+)([GMK])\) exceeds available HBM \(([0-9.]+)([GMK])\)",
-                                str(e), re.S)
-            if not refused:
-                raise
-            unit = {"G": 1 << 30, "M": 1 << 20, "K": 1 << 10}
-            need, hbm = (int(float(refused.group(i)) * unit[refused.group(i + 1)]) for i in (1, 3))
-            return dict(device_kind=kind, mosaic_kernels=None, collectives={},
-                        compiled=dict(argument_bytes=None, temp_bytes=need, output_bytes=None, total_bytes=None,
-                                      hbm_bytes=hbm, fits=False, compile_s=time.perf_counter() - start,
-                                      refused=str(e).splitlines()[0][:300]))
+    start = time.perf_counter() if start is None else start
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        refused = re.search(r"RESOURCE_EXHAUSTED.*?\(([0-9.]+)([GMK])\) exceeds available HBM \(([0-9.]+)([GMK])\)",
+                            str(e), re.S)
+        if not refused:
+            raise
+        unit = {"G": 1 << 30, "M": 1 << 20, "K": 1 << 10}
+        need, hbm = (int(float(refused.group(i)) * unit[refused.group(i + 1)]) for i in (1, 3))
+        return dict(device_kind=kind, mosaic_kernels=None, collectives={},
+                    compiled=dict(argument_bytes=None, temp_bytes=need, output_bytes=None, total_bytes=None,
+                                  hbm_bytes=hbm, fits=False, compile_s=time.perf_counter() - start,
+                                  refused=str(e).splitlines()[0][:300]))
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     hlo = compiled.as_text()
@@ -221,3 +228,46 @@ def transformer_attention(strategy, devices: list, dtype: str = "bfloat16") -> s
     mesh = strategy.make_mesh(devices)
     with strategy.activate(mesh):
         return layers.auto_implementation(jnp.dtype(dtype), 128, 4096, masked=False)
+
+
+def compile_train_step(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
+                       lora_rank: int | None = None, remat: bool = False, compute_dtype: str = "bfloat16") -> dict:
+    """`compile_program`'s figures for one training step of `model`'s transformer as `fluxjax train`
+    runs it (fluxjax.train.Trainer: AdamW, float32 master weights, `compute_dtype` matmuls,
+    `remat`; with `lora_rank` a new LoRA of that rank on the frozen base), on `devices` under
+    `strategy`. The batch is cached latents and text embeddings (training keeps no encoder)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from fluxjax import sampling
+    from fluxjax.config import FluxConfig
+    from fluxjax.loading import registry
+    from fluxjax.train import TrainConfig, Trainer
+
+    mesh = strategy.make_mesh(devices)
+    cfg = TrainConfig(remat=remat, lora_rank=lora_rank, compute_dtype=compute_dtype)
+    flux = registry.build("transformer", FluxConfig.preset(registry.PRESETS[model]["transformer"]), jnp.float32,
+                          layer_loop="scan", attention_impl="auto")
+    trainer = Trainer(flux, cfg, sampling.Schedule.dev(), strategy=strategy, mesh=mesh)
+    boxed = registry.abstract_params("transformer", trainer.model)
+    shapes = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.value.shape, jnp.dtype(cfg.param_dtype)), boxed,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    state = trainer.abstract_state(shapes)
+    frozen = None
+    if lora_rank is not None:  # the frozen base in the compute dtype, placed by the strategy; fixed leaves replicated
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        base = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(compute_dtype), sharding=sh), shapes,
+                            trainer.param_shardings())
+        fixed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), trainer.fixed)
+        frozen = (base, fixed)
+    c = trainer.model.config
+    l_img = (height // 16) * (width // 16)
+
+    def arg(*shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=strategy.batch_sharding(mesh, 1 + len(shape)))
+
+    data = dict(latents=arg(l_img, c.in_channels), img_ids=arg(l_img, 3), txt=arg(t5_length, c.context_in_dim),
+                txt_ids=arg(t5_length, 3), vec=arg(c.vec_in_dim))
+    start = time.perf_counter()
+    return compile_lowered(trainer.lower_step(state, data, frozen), mesh, start)

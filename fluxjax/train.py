@@ -164,13 +164,17 @@ def ema_decay(decay: float, step) -> jax.Array:
     return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
-def training_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+def training_model(model: nn.Module, cfg: TrainConfig, platform: str | None = None) -> nn.Module:
     """`model` as the step runs it: cfg's dtypes and remat, and a differentiable attention.
 
     fluxjax's CPU attention kernel defines no gradient, and "auto" picks it on a CPU: both are
-    replaced by XLA's attention ("cudnn" and "xla" are kept).
+    replaced by XLA's attention ("cudnn" and "xla" are kept). On a TPU ("auto" is splash there,
+    whose backward is its own pair of kernels) "auto" stays. platform: where the step runs (the
+    mesh's devices'; None: this process's default backend).
     """
-    impl = "xla" if model.attention_impl in ("auto", "cpu") else model.attention_impl
+    platform = jax.default_backend() if platform is None else platform
+    keep_auto = model.attention_impl == "auto" and platform == "tpu"
+    impl = "xla" if model.attention_impl in ("auto", "cpu") and not keep_auto else model.attention_impl
     return model.clone(dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                        attention_impl=impl, remat=cfg.remat, layer_loop="scan")
 
@@ -194,7 +198,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, schedule: Schedule,
                  tx: optax.GradientTransformation | None = None, strategy=None, mesh=None):
         self.cfg, self.schedule = cfg, schedule
-        self.model = training_model(model, cfg)
+        self.model = training_model(model, cfg, None if mesh is None else mesh.devices.flat[0].platform)
         self.tx = make_optimizer(cfg) if tx is None else tx
         self.strategy, self.mesh = strategy, mesh
         self.lora = cfg.lora_rank is not None
@@ -325,6 +329,17 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, key=jax.random.key_data(key))
         return new, metrics
+
+    def lower_step(self, state: TrainState, batch: Mapping[str, Any], frozen=None):
+        """The step lowered for abstract `state` (see `abstract_state`), `batch` and, with LoRA,
+        `frozen` (ShapeDtypeStructs with shardings), ahead of time: `.compile()` it for the mesh's
+        devices, which may be a TPU topology's (fluxjax/plan_tpu.py). Nothing is placed."""
+        shardings = self.state_shardings(state.params)
+        step = jax.jit(self._update, donate_argnums=0, out_shardings=None if shardings is None else (shardings, None))
+        if self.strategy is None:
+            return step.lower(state, batch, frozen)
+        with self.strategy.activate(self.mesh):
+            return step.lower(state, batch, frozen)
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         """One update, compiled once per batch shape.

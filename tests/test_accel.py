@@ -253,3 +253,21 @@ def test_splash_is_the_transformers_alone_and_the_text_encoders_resolve_auto():
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32", attention_impl="splash")
     assert pipe.attention_implementation == "splash"
     assert pipe.t5.model.attention_impl == pipe.clip.model.attention_impl == "auto"
+
+
+def test_splash_gradients_in_interpret_mode_equal_xla_attentions():
+    # Training on a TPU differentiates through splash (its dq and dkv kernels): 200 tokens padded
+    # to 256, the padded keys masked by segment ids, in the backward too.
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 200, 2, 128)), F32) for _ in range(3))
+    w = jnp.asarray(rng.standard_normal((1, 200, 256)), F32)
+
+    def loss(impl):
+        return jax.jit(jax.grad(lambda q, k, v: (layers.dot_product_attention(q, k, v, implementation=impl) * w).sum(),
+                                argnums=(0, 1, 2)))
+
+    with jax.default_matmul_precision("highest"):
+        got, want = loss("splash")(q, k, v), loss("xla")(q, k, v)
+    for g, x in zip(got, want):
+        err = float(jnp.abs(g - x).max() / jnp.abs(x).max())
+        assert err < 1e-5, err

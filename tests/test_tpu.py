@@ -126,3 +126,32 @@ def test_a_bad_topology_is_one_line():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "fluxjax plan: error: --topology 'v5e-8': expected a TPU topology such as v5e:1x1, v5e:2x4, v6e:2x4 or v5p:2x2x1"]
+
+
+TRAIN = """
+    import json, sys
+    from fluxjax import plan_tpu
+    from fluxjax.sharding import Strategy
+
+    devices = plan_tpu.topology_devices("v5e:2x2")
+    out = {}
+    for rank in (None, 4):
+        out[str(rank)] = plan_tpu.compile_train_step("tiny", Strategy.load("fsdp"), devices, 4, 128, 128, 16,
+                                                     lora_rank=rank, remat=True)
+    print(json.dumps(out))
+"""
+
+
+def test_the_training_step_compiles_for_a_tpu_through_splash_and_its_backward_kernels():
+    # fluxjax train's step (AdamW, float32 master weights, bf16 compute, remat), full and LoRA, under
+    # fsdp: with remat each attention runs forward twice and its dq and dkv kernels once: 8 Mosaic
+    # kernels for the double- and single-stream bodies.
+    proc = run_tpu(TRAIN)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for rank in ("None", "4"):
+        assert got[rank]["mosaic_kernels"] == 8, (rank, got[rank]["mosaic_kernels"])
+        assert got[rank]["compiled"]["fits"] is True
+        assert got[rank]["collectives"]["all-gather"]["count"] > 0
+    # the LoRA step holds no optimizer state or gradient for the base weights
+    assert got["4"]["compiled"]["argument_bytes"] < got["None"]["compiled"]["argument_bytes"]

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "(with --train a comma-separated list, default 16GiB,80GiB)")
     parser.add_argument("--train", action="store_true", help="plan a training step (full and LoRA) instead of sampling")
     parser.add_argument("--lora-rank", type=int, default=16, help="with --train: the LoRA's rank (default 16)")
+    parser.add_argument("--remat", action="store_true",
+                        help="with --train --topology: compile the step with remat, as `fluxjax train --remat` runs it")
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT in pixels (default 1024x1024)")
     parser.add_argument("--batch", type=int, help="images per step (default: one per data shard)")
     parser.add_argument("--dtype", default="bfloat16", help="parameters and activations (default bfloat16)")
@@ -86,8 +88,6 @@ def _topology(args) -> int:
     from fluxjax.plan import GIB, T5_LENGTHS, make_plan, parse_size
     from fluxjax.sharding import Strategy
 
-    if args.train:
-        raise UsageError("--train with --topology is not built yet: plan a training step with --devices")
     if args.model not in T5_LENGTHS:
         raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
     programs = [p.strip() for p in args.programs.split(",") if p.strip()]
@@ -98,6 +98,8 @@ def _topology(args) -> int:
     devices = plan_tpu.topology_devices(args.topology, args.slices)
     if args.devices is not None and args.devices != len(devices):
         raise UsageError(f"--devices {args.devices}: topology {args.topology} x {args.slices} slice(s) has {len(devices)}")
+    if args.train:
+        return _train_topology(args, strategy, devices, height, width)
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
                                     T5_LENGTHS[args.model], args.dtype, programs=programs)
@@ -140,4 +142,51 @@ def _topology(args) -> int:
     print(f"  analytic   transformer step {gib(report['analytic']['total_bytes'])} [fluxjax plan without --topology]")
     if hbm is not None:
         print(f"{'fits' if report['resident']['fits'] else 'does NOT fit'} in {gib(hbm)} of HBM per chip")
+    return 0
+
+
+def _train_topology(args, strategy, devices, height: int, width: int) -> int:
+    """The TPU compiler's figures for `fluxjax train`'s step, full fine-tuning and LoRA."""
+    import json
+    from types import SimpleNamespace
+
+    from fluxjax import plan_tpu
+    from fluxjax.errors import UsageError
+    from fluxjax.plan import GIB, T5_LENGTHS, train_plan
+
+    if args.lora_rank < 1:
+        raise UsageError(f"--lora-rank {args.lora_rank}: must be at least 1")
+    dtype = "float32" if args.dtype == "float32" else "bfloat16"
+    got, analytic = {}, {}
+    for name, rank in (("train_full", None), ("train_lora", args.lora_rank)):
+        plan = train_plan(args.model, strategy, len(devices), height, width, args.batch, rank, dtype)
+        data = strategy.data_size(SimpleNamespace(shape=strategy.mesh_shape(len(devices))))
+        batch = -(-(args.batch or data) // data) * data  # as train_plan: one image per data shard by default
+        got[name] = plan_tpu.compile_train_step(args.model, strategy, devices, batch, height, width,
+                                                T5_LENGTHS[args.model], rank, args.remat, dtype)
+        analytic[name] = plan.total(args.remat)
+    first = got["train_full"]
+    report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
+                  model=args.model, strategy=strategy.name, size=f"{width}x{height}", batch=batch, remat=args.remat,
+                  attention=plan_tpu.transformer_attention(strategy, devices, dtype),
+                  mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
+                  analytic=dict(total_bytes=analytic["train_full"]),
+                  collectives={k: v["count"] for k, v in first["collectives"].items()},
+                  programs={name: dict(compiled=g["compiled"], mosaic_kernels=g["mosaic_kernels"],
+                                       analytic=dict(total_bytes=analytic[name]),
+                                       collectives={k: v["count"] for k, v in g["collectives"].items()})
+                            for name, g in got.items()})
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    gib = lambda n: "?" if n is None else f"{n / GIB:.2f} GiB"  # noqa: E731
+    print(f"training step of {args.model} at {width}x{height}, batch {batch}, {'remat' if args.remat else 'no remat'}; "
+          f"strategy {strategy.name} on {args.topology} ({len(devices)} x {report['device_kind']}); attention "
+          f"{report['attention']}; compiled by the TPU compiler, per device:")
+    for name, g in got.items():
+        c = g["compiled"]
+        state = f"refused: {c['refused']}" if c.get("refused") else (
+            f"total {gib(c['total_bytes'])} (arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])})")
+        verdict = "" if c["fits"] is None else ("fits" if c["fits"] else "does NOT fit") + f" in {gib(c['hbm_bytes'])}"
+        print(f"  {name:<10} {state}; {c['compile_s']:.1f} s; analytic {gib(analytic[name])}; {verdict}")
     return 0

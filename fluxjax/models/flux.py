@@ -233,4 +233,6 @@ def param_shapes(model: Flux) -> dict:
     c = model.config
     arg = lambda *shape: jax.ShapeDtypeStruct((1, *shape), jnp.float32)  # noqa: E731
     args = (arg(1, c.in_channels), arg(1, 3), arg(1, c.context_in_dim), arg(1, 3), arg(), arg(c.vec_in_dim), arg())
-    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+    # The key is made inside the trace: no array is placed, which also holds under a mesh of
+    # devices that are only described (a TPU topology compiled for from a CPU host).
+    return jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)["params"]

@@ -557,7 +557,9 @@ def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
 
     def build():
         mask = splash.MultiHeadMask([splash.FullMask((seq_len, seq_len))] * heads)
-        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+        # the backward's blocks too (training differentiates through the kernel): the same tiles
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
