@@ -4,8 +4,10 @@ embeddings, and a deterministic batch order.
 A folder holds images (.png, .jpg, .jpeg, .webp, .bmp) with captions either beside them
 (`cat.png` + `cat.txt`) or in a `metadata.jsonl` of {"file_name": ..., "text": ...} lines (the
 common image-folder layout). Every problem is found by `scan_folder` before any step runs and
-named in one line: an empty folder, an image without a caption, an unreadable image, a side
-below 16 pixels.
+named in one line: an empty folder, an image without a caption, an unreadable image (or one
+that is not a regular file: a FIFO would block the read forever), a side below 16 pixels.
+Images are read as fluxjax reads every input image (images.read_image: EXIF orientation
+applied, 16-bit scaled to 8-bit).
 
 Buckets: each image is resized (cover) and centre-cropped to the bucket of its aspect ratio,
 sides multiples of 16 with about `resolution`^2 pixels. A batch holds one bucket only.
@@ -33,10 +35,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from fluxjax.errors import UsageError
+from fluxjax.images import read_image
 from fluxjax.sampling import PIXELS_PER_TOKEN
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
+# How the pixels of an image file are read, part of a cached latent's key: latents cached before
+# images.read_image applied EXIF orientation and scaled 16-bit images are computed anew.
+PIXELS = "images.read_image 1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +53,6 @@ class Example:
     caption: str
     width: int
     height: int
-
-
-def _read_image_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()  # decodes the whole file: a truncated image fails here, not mid-training
-            return im.size
-    except Exception as e:  # PIL raises many types for a bad file
-        raise UsageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 def scan_folder(folder: str | os.PathLike) -> list[Example]:
@@ -94,7 +89,7 @@ def scan_folder(folder: str | os.PathLike) -> list[Example]:
                 raise UsageError(f"{path}: no caption (expected {os.path.basename(txt)} beside it or an entry in {METADATA})")
             with open(txt, encoding="utf-8") as f:
                 caption = f.read().strip()
-        width, height = _read_image_size(path)
+        width, height = read_image(path, "").size  # decoded in full: a bad image fails here, not mid-training
         if min(width, height) < PIXELS_PER_TOKEN:
             raise UsageError(f"{path}: {width}x{height} pixels, a side below the {PIXELS_PER_TOKEN} px minimum")
         examples.append(Example(path, caption, width, height))
@@ -110,17 +105,17 @@ def bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 
 def load_pixels(path: str, width: int, height: int) -> np.ndarray:
-    """(height, width, 3) float32 in [-1, 1]: the image scaled to cover the box (bicubic), centre-cropped."""
+    """(height, width, 3) float32 in [-1, 1]: the image (images.read_image: upright, 8-bit RGB)
+    scaled to cover the box (bicubic), centre-cropped."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(width / im.width, height / im.height)
-        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-        im = im.resize(size, Image.BICUBIC)
-        left, top = (size[0] - width) // 2, (size[1] - height) // 2
-        im = im.crop((left, top, left + width, top + height))
-        return np.asarray(im, np.float32) / 127.5 - 1.0
+    im = read_image(path, "")
+    scale = max(width / im.width, height / im.height)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(size, Image.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    return np.asarray(im, np.float32) / 127.5 - 1.0
 
 
 class Batches:
@@ -219,7 +214,7 @@ class EncodedDataset:
         from fluxjax.sampling import pack
 
         e, (w, h) = self.examples[i], self.buckets[i]
-        path = os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), e.caption, w, h)}.npz")
+        path = os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), PIXELS, e.caption, w, h)}.npz")
         if not os.path.isfile(path):
             pixels = load_pixels(e.path, w, h)[None]
             vae = self._pipe.vae

@@ -366,3 +366,21 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_images(tmp_path, calls, ca
     assert sorted(os.listdir(out)) == sorted(reference) + ["manifest-00000.jsonl"]
     got = pixels(out, reference)
     assert all(np.array_equal(got[n], reference[n]) for n in reference)
+
+
+@pytest.mark.parametrize("line", [{"prompt": "a cat", "image": "ok.png"},  # N151
+                                  {"image": "ok.png", "source_prompt": "a", "target_prompt": "b"}])  # N150
+def test_decompression_bomb_line_is_refused_before_loading(tmp_path, capsys, monkeypatch, line):
+    import bad_images
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", bad_images.BOMB_LIMIT)
+    files = bad_images.make(tmp_path)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(line) + "\n")
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["batch", str(jobs), "--out-dir", str(tmp_path / "out"), "--model", "tiny"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fluxjax batch: error: {jobs}:1: image {files['ok']}: unreadable image (DecompressionBombError: Image size "
+        "(1536 pixels) exceeds limit of 1000 pixels, could be decompression bomb DOS attack.)"]
+    assert sorted(os.listdir(tmp_path)) == before

@@ -4,6 +4,8 @@ jitted step (optax, EMA, remat, dtypes), sharding on 8 simulated CPU devices, ch
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -285,6 +287,40 @@ def test_metadata_jsonl_buckets_and_deterministic_order(tmp_path):
     assert len({tuple(Batches(buckets, 1, seed=s).indices(0) + Batches(buckets, 1, seed=s).indices(1)) for s in range(8)}) > 1
     with pytest.raises(Exception, match="no aspect bucket has that many"):
         Batches(buckets, 3, seed=0)
+
+
+def test_training_images_are_read_as_generate_reads_them(tmp_path):
+    """N17, N22 in training: the one reader (images.read_image), so a 16-bit image is not white and
+    an EXIF-rotated JPEG is upright."""
+    import bad_images
+
+    from fluxjax import conditioning
+    from fluxjax.data import load_pixels, scan_folder
+
+    files = bad_images.make(tmp_path / "data")
+    for name in ("g16", "exif6"):
+        open(os.path.splitext(files[name])[0] + ".txt", "w").write("a caption")
+    for name in ("ok", "trunc", "corrupt", "fifo"):
+        os.remove(files[name])
+    assert [(os.path.basename(e.path), e.width, e.height) for e in scan_folder(tmp_path / "data")] == [
+        ("exif6.jpg", 48, 32), ("g16.png", 48, 32)]
+    for name in ("g16", "exif6"):
+        want = conditioning.load_image(files[name]).astype(np.float32) / 127.5 - 1.0
+        np.testing.assert_array_equal(load_pixels(files[name], 48, 32), want)
+
+
+def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
+    """N103: opening a FIFO blocks forever; it is refused by its stat, in one line (a subprocess
+    with a timeout, so that a regression fails instead of hanging)."""
+    folder = make_folder(tmp_path / "data")
+    os.mkfifo(folder / "img4.png")
+    (folder / "img4.txt").write_text("a pipe")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "train", str(folder), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"fluxjax train: error: {folder / 'img4.png'}: is a FIFO (named pipe), not a regular file; refusing to open it"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
