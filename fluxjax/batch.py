@@ -58,7 +58,7 @@ from itertools import groupby
 from fluxjax.errors import UsageError
 from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling import check_dimension, check_seed
-from fluxjax.text import check_prompt
+from fluxjax.text import check_prompt, decode_line
 
 # Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
 # reference_images, control_image, negative_prompt, true_cfg_scale, prompt_2, sigmas.
@@ -211,7 +211,7 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
-            line = _decode(raw, where)
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
             fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
@@ -244,15 +244,6 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
     if edits and with_loras:  # LoRAs run live for the whole run, and FlowEdit takes none
         raise UsageError(f"{with_loras[0].where}: loras cannot be used in a file with edit jobs ({edits[0].where})")
     return jobs
-
-
-def _decode(raw: bytes, where: str) -> str:
-    """One line of the prompts file as text; UsageError "FILE:LINE: ..." unless it is UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{where}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                         "save the file as UTF-8") from None
 
 
 def _jsonl_fields(line: str, where: str) -> dict:

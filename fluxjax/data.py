@@ -5,9 +5,9 @@ A folder holds images (.png, .jpg, .jpeg, .webp, .bmp) with captions either besi
 (`cat.png` + `cat.txt`) or in a `metadata.jsonl` of {"file_name": ..., "text": ...} lines (the
 common image-folder layout). Every problem is found by `scan_folder` before any step runs and
 named in one line: an empty folder, an image without a caption, an unreadable image (or one
-that is not a regular file: a FIFO would block the read forever), a side below 16 pixels.
-Images are read as fluxjax reads every input image (images.read_image: EXIF orientation
-applied, 16-bit scaled to 8-bit).
+that is not a regular file: a FIFO would block the read forever), a side below 16 pixels, a
+caption file or metadata.jsonl that is not UTF-8. Images are read as fluxjax reads every input
+image (images.read_image: EXIF orientation applied, 16-bit scaled to 8-bit).
 
 Buckets: each image is resized (cover) and centre-cropped to the bucket of its aspect ratio,
 sides multiples of 16 with about `resolution`^2 pixels. A batch holds one bucket only.
@@ -34,9 +34,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fluxjax.errors import UsageError
+from fluxjax.errors import UsageError, check_regular_file
 from fluxjax.images import read_image
 from fluxjax.sampling import PIXELS_PER_TOKEN
+from fluxjax.text import decode_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -55,6 +56,14 @@ class Example:
     height: int
 
 
+def _read_text(path: str) -> list[str]:
+    """The lines of a caption file or metadata.jsonl; UsageError "FILE:LINE: ..." for one that is
+    not UTF-8 (the encoding every caption tool writes; the locale's would differ machine to machine)."""
+    check_regular_file(path)
+    with open(path, "rb") as f:
+        return [decode_line(raw, f"{path}:{number}") for number, raw in enumerate(f, 1)]
+
+
 def scan_folder(folder: str | os.PathLike) -> list[Example]:
     """The examples of `folder`, sorted by file name; UsageError naming the file on bad input."""
     folder = os.fspath(folder)
@@ -64,15 +73,14 @@ def scan_folder(folder: str | os.PathLike) -> list[Example]:
     meta_path = os.path.join(folder, METADATA)
     captions: dict[str, str] = {}
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    captions[record["file_name"]] = str(record["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UsageError(f"{meta_path}:{number}: expected a JSON object with file_name and text ({e})") from None
+        for number, line in enumerate(_read_text(meta_path), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                captions[record["file_name"]] = str(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UsageError(f"{meta_path}:{number}: expected a JSON object with file_name and text ({e})") from None
         unknown = sorted(set(captions) - set(images))
         if unknown:
             raise UsageError(f"{meta_path}: names {unknown[0]!r}, which is not an image in {folder}")
@@ -87,8 +95,7 @@ def scan_folder(folder: str | os.PathLike) -> list[Example]:
             txt = os.path.splitext(path)[0] + ".txt"
             if not os.path.isfile(txt):
                 raise UsageError(f"{path}: no caption (expected {os.path.basename(txt)} beside it or an entry in {METADATA})")
-            with open(txt, encoding="utf-8") as f:
-                caption = f.read().strip()
+            caption = "".join(_read_text(txt)).strip()
         width, height = read_image(path, "").size  # decoded in full: a bad image fails here, not mid-training
         if min(width, height) < PIXELS_PER_TOKEN:
             raise UsageError(f"{path}: {width}x{height} pixels, a side below the {PIXELS_PER_TOKEN} px minimum")

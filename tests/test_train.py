@@ -21,6 +21,7 @@ from test_transformer import CONFIGS, flux_args, make_inputs
 
 from fluxjax import lora
 from fluxjax.config import FluxConfig
+from fluxjax.errors import UsageError
 from fluxjax.loading.registry import load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
@@ -321,6 +322,24 @@ def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"fluxjax train: error: {folder / 'img4.png'}: is a FIFO (named pipe), not a regular file; refusing to open it"]
     assert not (tmp_path / "out").exists()
+
+
+def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """N100, N101: a Latin-1 caption file or metadata.jsonl is named, with the line and byte."""
+    from fluxjax.data import scan_folder
+
+    folder = make_folder(tmp_path / "captions")
+    (folder / "img1.txt").write_bytes("a caf\xe9 in the sun".encode("latin-1"))
+    with pytest.raises(UsageError) as e:
+        scan_folder(folder)
+    assert str(e.value) == f"{folder / 'img1.txt'}:1: not valid UTF-8 text (byte 0xe9 at column 6); save the file as UTF-8"
+    folder = make_folder(tmp_path / "meta", captions=False)
+    lines = [json.dumps({"file_name": f"img{i}.png", "text": f"caf\xe9 {i}"}, ensure_ascii=False) for i in range(4)]
+    (folder / "metadata.jsonl").write_bytes(("\n".join(lines[:1]) + "\n").encode() + "\n".join(lines[1:]).encode("latin-1"))
+    with pytest.raises(UsageError) as e:
+        scan_folder(folder)
+    assert str(e.value) == (f"{folder / 'metadata.jsonl'}:2: not valid UTF-8 text (byte 0xe9 at column 39); "
+                            "save the file as UTF-8")
 
 
 @pytest.fixture(scope="module")
