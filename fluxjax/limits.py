@@ -33,15 +33,16 @@ def transformer_config(model: str, transformer_file: str | None = None):
     """The FluxConfig a pipeline from `model` will run, read from its small JSON files only:
     "tiny"'s preset; a converted folder's transformer/fluxjax.json; a hub folder's
     transformer/config.json; else (a BFL file given, or a hub repo id) FLUX.1's own size."""
-    from fluxjax.checkpoint import is_component, read_marker
+    from fluxjax.checkpoint import is_component
     from fluxjax.config import FluxConfig
+    from fluxjax.loading.registry import marker_config
 
     if model == "tiny":
         return FluxConfig.preset("tiny")
     folder = os.path.join(model, "transformer")
     if transformer_file is None and os.path.isdir(folder):
         if is_component(folder):
-            return FluxConfig(**read_marker(folder, "flux")["config"])
+            return marker_config("transformer", folder)
         if os.path.isfile(os.path.join(folder, "config.json")):
             return FluxConfig.from_hf_config(folder)
     return FluxConfig.preset("dev")
