@@ -144,8 +144,9 @@ class Job:
                 cond[key] = [getattr(j, attr) for j in padded]
         if any(j.prompt_2 is not None for j in padded):  # prompt_2 defaults to the prompt, per image
             cond["prompt_2"] = [j.prompt if j.prompt_2 is None else j.prompt_2 for j in padded]
-        if self.references:  # each image's list (Kontext)
+        if self.references:  # each image's list (Kontext), made at the line's size (resolve)
             cond["reference_images"] = [list(j.references) for j in padded]
+            cond["max_area"] = self.height * self.width
         return pipe([j.prompt for j in padded], height=self.height, width=self.width, num_steps=self.steps,
                     guidance=self.guidance, seed=[j.seed for j in padded], output="pil", **lora, **cond)
 
@@ -420,9 +421,19 @@ def resolve(jobs: list[Job], pipe) -> list[Job]:
             steps, guidance, _ = pipe.settings(job.steps, job.guidance)
         except UsageError as e:
             raise UsageError(f"{job.where}: {e}") from None
-        out.append(replace(job, height=job.height or pipe.defaults.height, width=job.width or pipe.defaults.width,
-                           steps=steps, guidance=guidance))
+        out.append(replace(job, **dict(zip(("height", "width"), job_size(job, pipe.defaults))), steps=steps,
+                           guidance=guidance))
     return out
+
+
+def job_size(job: Job, defaults) -> tuple[int, int]:
+    """(height, width) a prompt line makes: its own, else the model's `defaults`; with references
+    (Kontext), as `fluxjax generate` makes it (conditioning.kontext_call_size)."""
+    if job.references:
+        from fluxjax.conditioning import kontext_call_size
+
+        return kontext_call_size(job.height, job.width, defaults.height, defaults.width)[:2]
+    return job.height or defaults.height, job.width or defaults.width
 
 
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:

@@ -372,6 +372,28 @@ def kontext_output_size(height: int, width: int, max_area: int = KONTEXT_MAX_ARE
     return h, w
 
 
+def kontext_call_size(height: int | None, width: int | None, default_height: int,
+                      default_width: int) -> tuple[int, int, int]:
+    """(height, width, max_area) of a Kontext call from the command line or a batch line.
+
+    An asked size (either side given; the other the model's) is made exactly: max_area is its
+    area, so `kontext_output_size` keeps it (diffusers' FluxKontextPipeline keeps only the asked
+    aspect ratio and makes max_area = 1024**2 pixels, a 64 x 64 request became 1024 x 1024). With
+    neither side given, diffusers' default: the model's aspect ratio at KONTEXT_MAX_AREA pixels.
+    """
+    if height is None and width is None:
+        height, width = kontext_output_size(default_height, default_width)
+    else:
+        height, width = height or default_height, width or default_width
+    return height, width, height * width
+
+
+def kontext_reference_sizes(references, name: str = "reference") -> list[tuple[int, int]]:
+    """(height, width) each reference file becomes (`kontext_reference_size` of its size, as
+    `kontext_inputs` resizes it): what its tokens cost, known before any model is loaded."""
+    return [kontext_reference_size(*original_size(r, name)) for r in references]
+
+
 def reference_pixels(image, auto_resize: bool = True, resize: str | None = None, name: str = "reference") -> np.ndarray:
     """A Kontext reference as uint8 (h, w, 3): resized (Lanczos) to `kontext_reference_size` when
     auto_resize (diffusers' `_auto_resize`), else brought to multiples of 16 by `resize` as

@@ -86,16 +86,29 @@ class SizeLimit:
             low, high = (mid, high) if self.step_bytes(mid) <= self.memory else (low, mid)
         return low
 
-    def check(self, name: str, height: int, width: int) -> None:
-        """UsageError naming `name` when a height x width image's step needs more than the memory."""
-        tokens = (height // 16) * (width // 16)
+    def check(self, name: str, height: int, width: int, references=()) -> None:
+        """UsageError naming `name` when a height x width image's step needs more than the memory.
+
+        references: the (height, width) of each Kontext reference as it is resized
+        (conditioning.kontext_reference_sizes): their tokens join the image's in every step's
+        sequence, and attention grows with the square of the whole.
+        """
+        reference_tokens = sum((h // 16) * (w // 16) for h, w in references)
+        tokens = (height // 16) * (width // 16) + reference_tokens
         need = self.step_bytes(tokens)
         if need <= self.memory:
             return
         most = self.largest_tokens()
         side = math.isqrt(most) * 16
+        if references:
+            asked = f"{name} {width}x{height} with {len(references)} reference image(s) ({reference_tokens:,} tokens)"
+            largest = (f"the most this model can take here is {most:,} tokens of image and references (a reference "
+                       "is resized to about 1024x1024 pixels, 4,096 tokens): give fewer references or a smaller size")
+        else:
+            asked = f"{name} {width}x{height}"
+            largest = (f"the largest image this model can make here has {most * PIXELS_PER_TOKEN:,} pixels "
+                       f"(e.g. {side}x{side})")
         raise UsageError(
-            f"{name} {width}x{height}: one denoising step needs {need / GIB:,.1f} GiB per device for its activations "
+            f"{asked}: one denoising step needs {need / GIB:,.1f} GiB per device for its activations "
             f"(fluxjax plan's analytic figure, {self.batch} image(s) per device), more than the {self.memory / GIB:.1f} "
-            f"GiB of {self.where}; the largest image this model can make here has {most * PIXELS_PER_TOKEN:,} pixels "
-            f"(e.g. {side}x{side})")
+            f"GiB of {self.where}; {largest}")

@@ -384,3 +384,24 @@ def test_decompression_bomb_line_is_refused_before_loading(tmp_path, capsys, mon
         f"fluxjax batch: error: {jobs}:1: image {files['ok']}: unreadable image (DecompressionBombError: Image size "
         "(1536 pixels) exceeds limit of 1000 pixels, could be decompression bomb DOS attack.)"]
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_kontext_lines_make_their_size_and_count_references_in_the_limit(tmp_path, capsys, monkeypatch):
+    """N35, N46 in batch: a line with references makes its own size (or diffusers' default), and
+    its references' tokens count in the size limit (an 8 GiB device, so this machine's RAM does not matter)."""
+    from fluxjax import limits
+    from fluxjax.pipeline import DEFAULTS
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    monkeypatch.setattr(limits, "device_memory", lambda device: (8 << 30, "this host's RAM"))
+    Image.new("RGB", (16, 16)).save(tmp_path / "ref.png")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a", "references": ["ref.png"], "height": 64, "width": 96}) + "\n"
+                    + json.dumps({"prompt": "b", "references": ["ref.png"]}) + "\n")
+    assert [batch.job_size(j, DEFAULTS["tiny"]) for j in batch.read_jobs(str(jobs))] == [(64, 96), (1024, 1024)]
+    jobs.write_text(json.dumps({"prompt": "a", "references": ["ref.png"] * 40, "height": 64, "width": 64}) + "\n")
+    assert cli.main(["batch", str(jobs), "--out-dir", str(tmp_path / "out"), "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"fluxjax batch: error: {jobs}:1: size 64x64 with 40 reference image(s) (163,840 tokens): one denoising step needs ")
+    assert sorted(os.listdir(tmp_path)) == ["jobs.jsonl", "ref.png"]
