@@ -56,7 +56,7 @@ from typing import ClassVar
 from itertools import groupby
 
 from fluxjax.errors import UsageError
-from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
+from fluxjax.images import LONGEST_NAME, fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling import check_dimension, check_seed
 from fluxjax.text import check_prompt, decode_line
 
@@ -402,7 +402,14 @@ def _png_name(name, where: str) -> str:
         raise UsageError(f"{where}: name must be a plain file name (no folders, not starting with '.'), got {name!r}")
     if name.startswith("manifest-"):
         raise UsageError(f"{where}: name {name!r}: names starting with 'manifest-' are kept for the manifests")
-    return name if name.lower().endswith(".png") else name + ".png"
+    if "\0" in name:  # no file name can hold one: open() would fail after the compute
+        raise UsageError(f"{where}: name {name!r} holds a NUL character, which no file name can")
+    name = name if name.lower().endswith(".png") else name + ".png"
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > LONGEST_NAME:  # refused now, not after the compute (OSError: File name too long)
+        raise UsageError(f"{where}: name is {size} bytes long as a file name ({name[:20]}...); the most is "
+                         f"{LONGEST_NAME} (255 less the temporary name's .NAME.PID.tmp)")
+    return name
 
 
 def resolve(jobs: list[Job], pipe) -> list[Job]:

@@ -25,6 +25,9 @@ from typing import Sequence
 from fluxjax.errors import UsageError, check_regular_file
 
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # ".NAME.PID.tmp"
+# The longest PNG name (in UTF-8 bytes) whose temporary ".NAME.PID.tmp" fits the 255 bytes a file
+# name has on Linux's file systems: a pid has at most 7 digits (pid_max is at most 4194304).
+LONGEST_NAME = 255 - len("..4194304.tmp")
 
 
 def read_image(path: str | os.PathLike, name: str = "image"):

@@ -405,3 +405,23 @@ def test_kontext_lines_make_their_size_and_count_references_in_the_limit(tmp_pat
     assert len(err) == 1 and err[0].startswith(
         f"fluxjax batch: error: {jobs}:1: size 64x64 with 40 reference image(s) (163,840 tokens): one denoising step needs ")
     assert sorted(os.listdir(tmp_path)) == ["jobs.jsonl", "ref.png"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("a\u0000b", ":1: name 'a\\x00b' holds a NUL character, which no file name can"),  # N157
+    ("x" * 300, ":1: name is 304 bytes long as a file name (xxxxxxxxxxxxxxxxxxxx...); the most is 242 "
+                "(255 less the temporary name's .NAME.PID.tmp)"),  # N158
+    ("é" * 120, ":1: name is 244 bytes long as a file name (éééééééééééééééééééé...); the most is 242 "
+                "(255 less the temporary name's .NAME.PID.tmp)"),  # bytes, not characters
+])
+def test_names_no_file_can_have_are_refused_up_front(tmp_path, capsys, name, message):
+    """N157, N158: refused with the file's other checks, not after the compute."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "name": name}) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(prompts), "--out-dir", str(out), *SIZE]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"fluxjax batch: error: {prompts}{message}"]
+    assert not out.exists()
+    # The longest name allowed: its temporary .NAME.PID.tmp is 255 bytes with a 7-digit pid.
+    prompts.write_text(json.dumps({"prompt": "a", "name": "x" * 238}) + "\n")
+    assert [j.name for j in batch.read_jobs(str(prompts))] == ["x" * 238 + ".png"]
