@@ -213,3 +213,21 @@ def test_sigkill_during_save_leaves_no_png_and_the_next_run_cleans_up(tmp_path, 
     assert f"removed 1 unfinished PNG temporary file(s) left by an interrupted run: {left[0]}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf") == ["cat.png"]
     Image.open(out).verify()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """N123: the PNG's write fails midway (ENOSPC): one line naming the file, exit 2, and neither
+    the PNG nor its temporary is left."""
+    import errno
+
+    def full(image, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")  # a partial file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a cat", *TINY, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fluxjax generate: error: {out}: could not write the PNG (No space left on device); no file was left")
+    assert list(tmp_path.iterdir()) == []

@@ -226,7 +226,10 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
 def save(image, path: str, text: dict[str, str], timings: dict[str, float]) -> str:
     """Write the PNG (fluxjax/images.py); return "in T s: stage s, ..." for the closing line."""
     start = time.perf_counter()
-    save_png(image, path, text)
+    try:
+        save_png(image, path, text)
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile: save_png removed its temporary
+        raise UsageError(f"{path}: could not write the PNG ({e.strerror or e}); no file was left") from None
     timings["save"] = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     return f"in {sum(timings.values()):.1f} s: {stages}"
