@@ -56,9 +56,9 @@ from typing import ClassVar
 from itertools import groupby
 
 from fluxjax.errors import UsageError
-from fluxjax.images import fsync_dir, png_text, remove_temporaries, save_png
+from fluxjax.images import LONGEST_NAME, fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling import check_dimension, check_seed
-from fluxjax.text import check_prompt
+from fluxjax.text import check_prompt, decode_line
 
 # Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
 # reference_images, control_image, negative_prompt, true_cfg_scale, prompt_2, sigmas.
@@ -144,8 +144,9 @@ class Job:
                 cond[key] = [getattr(j, attr) for j in padded]
         if any(j.prompt_2 is not None for j in padded):  # prompt_2 defaults to the prompt, per image
             cond["prompt_2"] = [j.prompt if j.prompt_2 is None else j.prompt_2 for j in padded]
-        if self.references:  # each image's list (Kontext)
+        if self.references:  # each image's list (Kontext), made at the line's size (resolve)
             cond["reference_images"] = [list(j.references) for j in padded]
+            cond["max_area"] = self.height * self.width
         return pipe([j.prompt for j in padded], height=self.height, width=self.width, num_steps=self.steps,
                     guidance=self.guidance, seed=[j.seed for j in padded], output="pil", **lora, **cond)
 
@@ -211,7 +212,7 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
-            line = _decode(raw, where)
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
             fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
@@ -244,15 +245,6 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
     if edits and with_loras:  # LoRAs run live for the whole run, and FlowEdit takes none
         raise UsageError(f"{with_loras[0].where}: loras cannot be used in a file with edit jobs ({edits[0].where})")
     return jobs
-
-
-def _decode(raw: bytes, where: str) -> str:
-    """One line of the prompts file as text; UsageError "FILE:LINE: ..." unless it is UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{where}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                         "save the file as UTF-8") from None
 
 
 def _jsonl_fields(line: str, where: str) -> dict:
@@ -411,7 +403,14 @@ def _png_name(name, where: str) -> str:
         raise UsageError(f"{where}: name must be a plain file name (no folders, not starting with '.'), got {name!r}")
     if name.startswith("manifest-"):
         raise UsageError(f"{where}: name {name!r}: names starting with 'manifest-' are kept for the manifests")
-    return name if name.lower().endswith(".png") else name + ".png"
+    if "\0" in name:  # no file name can hold one: open() would fail after the compute
+        raise UsageError(f"{where}: name {name!r} holds a NUL character, which no file name can")
+    name = name if name.lower().endswith(".png") else name + ".png"
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > LONGEST_NAME:  # refused now, not after the compute (OSError: File name too long)
+        raise UsageError(f"{where}: name is {size} bytes long as a file name ({name[:20]}...); the most is "
+                         f"{LONGEST_NAME} (255 less the temporary name's .NAME.PID.tmp)")
+    return name
 
 
 def resolve(jobs: list[Job], pipe) -> list[Job]:
@@ -430,9 +429,19 @@ def resolve(jobs: list[Job], pipe) -> list[Job]:
             steps, guidance, _ = pipe.settings(job.steps, job.guidance)
         except UsageError as e:
             raise UsageError(f"{job.where}: {e}") from None
-        out.append(replace(job, height=job.height or pipe.defaults.height, width=job.width or pipe.defaults.width,
-                           steps=steps, guidance=guidance))
+        out.append(replace(job, **dict(zip(("height", "width"), job_size(job, pipe.defaults))), steps=steps,
+                           guidance=guidance))
     return out
+
+
+def job_size(job: Job, defaults) -> tuple[int, int]:
+    """(height, width) a prompt line makes: its own, else the model's `defaults`; with references
+    (Kontext), as `fluxjax generate` makes it (conditioning.kontext_call_size)."""
+    if job.references:
+        from fluxjax.conditioning import kontext_call_size
+
+        return kontext_call_size(job.height, job.width, defaults.height, defaults.width)[:2]
+    return job.height or defaults.height, job.width or defaults.width
 
 
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:

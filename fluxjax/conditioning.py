@@ -29,6 +29,7 @@ import numpy as np
 
 from fluxjax import sampling
 from fluxjax.errors import UsageError
+from fluxjax.images import read_image, rgb8
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.sharding import jit_with_rules
 
@@ -36,31 +37,23 @@ RESIZE_POLICIES = ("crop", "scale")
 
 
 def image_size(image, resize: str | None = None, name: str = "image") -> tuple[int, int]:
-    """(height, width) `load_image(image, resize)` gives, reading only a file's header; UsageError
-    naming `name` for a missing or unreadable file or a size that needs a policy it lacks."""
+    """(height, width) `load_image(image, resize)` gives; UsageError naming `name` for a missing or
+    unreadable file or a size that needs a policy it lacks. A file is decoded in full
+    (images.read_image), so a truncated one is refused here, before any model is loaded."""
     height, width, name = _source_size(image, name)
     return _target_size(height, width, resize, name)
 
 
 def original_size(image, name: str = "image") -> tuple[int, int]:
-    """(height, width) of `image` as given (before any resize policy), reading only a file's header."""
+    """(height, width) of `image` as given (before any resize policy; after its EXIF orientation)."""
     return _source_size(image, name)[:2]
 
 
 def _source_size(image, name: str) -> tuple[int, int, str]:
     """(height, width, name for messages: with the file's path) of an image as given."""
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image, UnidentifiedImageError
-
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise UsageError(f"{name} {path}: no such file")
-        try:
-            with Image.open(path) as im:
-                width, height = im.size
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"{name} {path}: not an image PIL can read ({e})") from None
-        return height, width, f"{name} {path}"
+        width, height = read_image(image, name).size
+        return height, width, f"{name} {os.fspath(image)}"
     height, width = _as_array(image, name).shape[:2]
     return height, width, name
 
@@ -73,11 +66,7 @@ def load_image(image, resize: str | None = None, name: str = "image") -> np.ndar
     name: what error messages call the image (an argument or "FILE:LINE").
     """
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-
-        image_size(image, resize, name)  # one-line errors for a missing or unreadable file, a bad size
-        with Image.open(os.fspath(image)) as im:
-            image = im.convert("RGB")
+        image, name = read_image(image, name), f"{name} {os.fspath(image)}"
     pixels = _as_array(image, name)
     height, width = _target_size(*pixels.shape[:2], resize, name)
     if (height, width) == pixels.shape[:2]:
@@ -106,7 +95,7 @@ def load_images(images, resize: str | None = None, name: str = "image") -> list[
 def _as_array(image, name: str) -> np.ndarray:
     """uint8 (H, W, 3) from a PIL image or an array of uint8 or floats in [0, 1]."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(rgb8(image))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise UsageError(f"{name}: expected an RGB image (H, W, 3), got an array of shape {array.shape}")
@@ -179,15 +168,9 @@ def load_mask(mask, size: tuple[int, int], resize: str | None = None, name: str 
     then cropped or scaled as the image is. size: the image's (height, width) before resizing.
     """
     if isinstance(mask, (str, os.PathLike)):
-        from PIL import Image
-
-        path = os.fspath(mask)
-        if not os.path.isfile(path):
-            raise UsageError(f"{name} {path}: no such file")
-        with Image.open(path) as im:
-            mask = im.convert("L")
+        mask, name = read_image(mask, name), f"{name} {os.fspath(mask)}"
     if hasattr(mask, "convert") and hasattr(mask, "size"):
-        gray = np.asarray(mask.convert("L"))
+        gray = np.asarray(rgb8(mask).convert("L"))
     else:
         array = np.asarray(mask)
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
@@ -266,18 +249,24 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
         fail(message if not message.startswith("must") else f"{name('true_cfg')} {message}")
     if sigmas is not None and steps is not None and steps != len(sigmas):
         fail(f"{name('steps')} {steps} but {len(sigmas)} {name('sigmas')}: give one of them")
-    for key, path in [("image", image), ("mask", mask), ("control", control)] + [("references", r) for r in references]:
-        if path is not None and not os.path.isfile(path):
-            fail(f"{name(key)} {path}: no such file")
+    try:
+        # Each file decoded in full (images.read_image): a truncated image, a decompression bomb or
+        # a FIFO is refused here in one line, not after minutes of loading.
+        # (A mask needs an image, checked above; load_mask reads it below.)
+        files = [("image", image), ("control", control)] + [("references", r) for r in references]
+        sizes = [read_image(path, name(key)).size for key, path in files if path is not None]
+    except UsageError as e:
+        fail(str(e))
     if image is None:
         return height, width, sigmas
     try:
-        size = image_size(image, resize, name("image"))
+        given = sizes[0][::-1]  # the image's (height, width): it comes first
+        size = _target_size(*given, resize, f"{name('image')} {image}")
         if (height or size[0], width or size[1]) != size:
             raise UsageError(f"{name('image')} {image} is {size[1]}x{size[0]}: leave {name('height')}/{name('width')} "
                              "unset, or give its size")
         if mask is not None:
-            load_mask(mask, original_size(image, name("image")), resize, f"{name('mask')} {mask}")
+            load_mask(mask, given, resize, name("mask"))
     except UsageError as e:
         fail(str(e))
     return size[0], size[1], sigmas
@@ -383,6 +372,28 @@ def kontext_output_size(height: int, width: int, max_area: int = KONTEXT_MAX_ARE
     return h, w
 
 
+def kontext_call_size(height: int | None, width: int | None, default_height: int,
+                      default_width: int) -> tuple[int, int, int]:
+    """(height, width, max_area) of a Kontext call from the command line or a batch line.
+
+    An asked size (either side given; the other the model's) is made exactly: max_area is its
+    area, so `kontext_output_size` keeps it (diffusers' FluxKontextPipeline keeps only the asked
+    aspect ratio and makes max_area = 1024**2 pixels, a 64 x 64 request became 1024 x 1024). With
+    neither side given, diffusers' default: the model's aspect ratio at KONTEXT_MAX_AREA pixels.
+    """
+    if height is None and width is None:
+        height, width = kontext_output_size(default_height, default_width)
+    else:
+        height, width = height or default_height, width or default_width
+    return height, width, height * width
+
+
+def kontext_reference_sizes(references, name: str = "reference") -> list[tuple[int, int]]:
+    """(height, width) each reference file becomes (`kontext_reference_size` of its size, as
+    `kontext_inputs` resizes it): what its tokens cost, known before any model is loaded."""
+    return [kontext_reference_size(*original_size(r, name)) for r in references]
+
+
 def reference_pixels(image, auto_resize: bool = True, resize: str | None = None, name: str = "reference") -> np.ndarray:
     """A Kontext reference as uint8 (h, w, 3): resized (Lanczos) to `kontext_reference_size` when
     auto_resize (diffusers' `_auto_resize`), else brought to multiples of 16 by `resize` as
@@ -390,11 +401,7 @@ def reference_pixels(image, auto_resize: bool = True, resize: str | None = None,
     if not auto_resize:
         return load_image(image, resize, name)
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-
-        image_size(image, "crop", name)  # one-line errors for a missing or unreadable file
-        with Image.open(os.fspath(image)) as im:
-            image = im.convert("RGB")
+        image = read_image(image, name)
     pixels = _as_array(image, name)
     height, width = kontext_reference_size(*pixels.shape[:2])
     return _resized(pixels, height, width)

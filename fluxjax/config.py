@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from fluxjax.errors import check_regular_file
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or inconsistent."""
@@ -24,6 +26,8 @@ def _read_json(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     path = os.fspath(source)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+    if os.path.exists(path):  # (a missing one is named below) a FIFO would block the open forever
+        check_regular_file(path, error=ConfigError)
     try:
         with open(path) as f:
             return json.load(f)

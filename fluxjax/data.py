@@ -4,8 +4,10 @@ embeddings, and a deterministic batch order.
 A folder holds images (.png, .jpg, .jpeg, .webp, .bmp) with captions either beside them
 (`cat.png` + `cat.txt`) or in a `metadata.jsonl` of {"file_name": ..., "text": ...} lines (the
 common image-folder layout). Every problem is found by `scan_folder` before any step runs and
-named in one line: an empty folder, an image without a caption, an unreadable image, a side
-below 16 pixels.
+named in one line: an empty folder, an image without a caption, an unreadable image (or one
+that is not a regular file: a FIFO would block the read forever), a side below 16 pixels, a
+caption file or metadata.jsonl that is not UTF-8. Images are read as fluxjax reads every input
+image (images.read_image: EXIF orientation applied, 16-bit scaled to 8-bit).
 
 Buckets: each image is resized (cover) and centre-cropped to the bucket of its aspect ratio,
 sides multiples of 16 with about `resolution`^2 pixels. A batch holds one bucket only.
@@ -32,11 +34,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fluxjax.errors import UsageError
+from fluxjax.errors import UsageError, check_regular_file
+from fluxjax.images import read_image
 from fluxjax.sampling import PIXELS_PER_TOKEN
+from fluxjax.text import decode_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
+# How the pixels of an image file are read, part of a cached latent's key: latents cached before
+# images.read_image applied EXIF orientation and scaled 16-bit images are computed anew.
+PIXELS = "images.read_image 1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +56,12 @@ class Example:
     height: int
 
 
-def _read_image_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()  # decodes the whole file: a truncated image fails here, not mid-training
-            return im.size
-    except Exception as e:  # PIL raises many types for a bad file
-        raise UsageError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+def _read_text(path: str) -> list[str]:
+    """The lines of a caption file or metadata.jsonl; UsageError "FILE:LINE: ..." for one that is
+    not UTF-8 (the encoding every caption tool writes; the locale's would differ machine to machine)."""
+    check_regular_file(path)
+    with open(path, "rb") as f:
+        return [decode_line(raw, f"{path}:{number}") for number, raw in enumerate(f, 1)]
 
 
 def scan_folder(folder: str | os.PathLike) -> list[Example]:
@@ -69,15 +73,14 @@ def scan_folder(folder: str | os.PathLike) -> list[Example]:
     meta_path = os.path.join(folder, METADATA)
     captions: dict[str, str] = {}
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    captions[record["file_name"]] = str(record["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UsageError(f"{meta_path}:{number}: expected a JSON object with file_name and text ({e})") from None
+        for number, line in enumerate(_read_text(meta_path), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                captions[record["file_name"]] = str(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UsageError(f"{meta_path}:{number}: expected a JSON object with file_name and text ({e})") from None
         unknown = sorted(set(captions) - set(images))
         if unknown:
             raise UsageError(f"{meta_path}: names {unknown[0]!r}, which is not an image in {folder}")
@@ -92,9 +95,8 @@ def scan_folder(folder: str | os.PathLike) -> list[Example]:
             txt = os.path.splitext(path)[0] + ".txt"
             if not os.path.isfile(txt):
                 raise UsageError(f"{path}: no caption (expected {os.path.basename(txt)} beside it or an entry in {METADATA})")
-            with open(txt, encoding="utf-8") as f:
-                caption = f.read().strip()
-        width, height = _read_image_size(path)
+            caption = "".join(_read_text(txt)).strip()
+        width, height = read_image(path, "").size  # decoded in full: a bad image fails here, not mid-training
         if min(width, height) < PIXELS_PER_TOKEN:
             raise UsageError(f"{path}: {width}x{height} pixels, a side below the {PIXELS_PER_TOKEN} px minimum")
         examples.append(Example(path, caption, width, height))
@@ -110,17 +112,17 @@ def bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
 
 
 def load_pixels(path: str, width: int, height: int) -> np.ndarray:
-    """(height, width, 3) float32 in [-1, 1]: the image scaled to cover the box (bicubic), centre-cropped."""
+    """(height, width, 3) float32 in [-1, 1]: the image (images.read_image: upright, 8-bit RGB)
+    scaled to cover the box (bicubic), centre-cropped."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(width / im.width, height / im.height)
-        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
-        im = im.resize(size, Image.BICUBIC)
-        left, top = (size[0] - width) // 2, (size[1] - height) // 2
-        im = im.crop((left, top, left + width, top + height))
-        return np.asarray(im, np.float32) / 127.5 - 1.0
+    im = read_image(path, "")
+    scale = max(width / im.width, height / im.height)
+    size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(size, Image.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    return np.asarray(im, np.float32) / 127.5 - 1.0
 
 
 class Batches:
@@ -219,7 +221,7 @@ class EncodedDataset:
         from fluxjax.sampling import pack
 
         e, (w, h) = self.examples[i], self.buckets[i]
-        path = os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), e.caption, w, h)}.npz")
+        path = os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), PIXELS, e.caption, w, h)}.npz")
         if not os.path.isfile(path):
             pixels = load_pixels(e.path, w, h)[None]
             vae = self._pipe.vae

@@ -39,6 +39,15 @@ from fluxjax.errors import UsageError
 from fluxjax.sharding import jit_with_rules
 
 
+def check_variant(variant: str, name: str) -> None:
+    """UsageError (one line) for a model FlowEdit cannot run: a Fill or control model's transformer
+    takes extra input channels (the masked image, the control image) that an edit has none of."""
+    needs = {"fill": "a masked image and a mask", "control": "a control image"}
+    if variant in needs:
+        raise UsageError(f"FlowEdit runs on plain text-to-image models (FLUX.1-dev, -schnell, Kontext); {name} is a "
+                         f"{variant} model, whose transformer also needs {needs[variant]}")
+
+
 @dataclass(frozen=True)
 class EditSettings:
     """The hyperparameters of an edit (a field left None means the model's default).

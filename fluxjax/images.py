@@ -1,7 +1,13 @@
-"""PNG files as fluxjax writes them: the recipe in text chunks, written atomically, and the
-temporary files of a killed writer cleaned up by the next one.
+"""Image files: read as people see them, and PNGs written as fluxjax writes them (the recipe in
+text chunks, written atomically, the temporary files of a killed writer cleaned up by the next one).
 
-Used by `fluxjax generate` and `fluxjax batch` alike, so a PNG says the same about itself
+Reading (`read_image`) is the one reader of every input image: generate's and edit's images,
+masks, references and control images, batch's, and training's. It decodes the whole file (a
+truncated one fails at once, naming it, not after minutes of loading), applies the EXIF
+orientation (a phone's JPEG is stored sideways with an orientation tag; viewers, and diffusers'
+load_image, turn it upright), and brings every mode to 8-bit RGB by its range (`rgb8`).
+
+Writing: used by `fluxjax generate` and `fluxjax batch` alike, so a PNG says the same about itself
 whichever wrote it. A PNG is written as ".NAME.PID.tmp" beside NAME and renamed: NAME is either
 complete or absent. A process killed during the write (SIGKILL, power) leaves that hidden
 temporary file; `remove_temporaries` is what the next run calls to remove it.
@@ -13,9 +19,59 @@ import glob
 import os
 import re
 import sys
+import warnings
 from typing import Sequence
 
+from fluxjax.errors import UsageError, check_regular_file
+
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # ".NAME.PID.tmp"
+# The longest PNG name (in UTF-8 bytes) whose temporary ".NAME.PID.tmp" fits the 255 bytes a file
+# name has on Linux's file systems: a pid has at most 7 digits (pid_max is at most 4194304).
+LONGEST_NAME = 255 - len("..4194304.tmp")
+
+
+def read_image(path: str | os.PathLike, name: str = "image"):
+    """The image file at `path` as a PIL image in 8-bit RGB, decoded in full, EXIF orientation applied.
+
+    UsageError naming "NAME PATH" (PATH alone when name is "") in one line for a missing file, one
+    that is not a regular file (a FIFO would block the open forever), and one PIL cannot decode:
+    not an image, truncated, a decompression bomb (more than twice PIL's MAX_IMAGE_PIXELS; between
+    once and twice it only warns, and a 100-megapixel photo is a fair input, so that warning is
+    silenced).
+    """
+    from PIL import Image, ImageOps
+
+    check_regular_file(path, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # the whole file: a truncated one fails here
+                return rgb8(ImageOps.exif_transpose(im))
+    except Exception as e:  # PIL raises many types for a bad file (OSError, SyntaxError, ValueError, ...)
+        label = f"{name} {os.fspath(path)}" if name else os.fspath(path)
+        raise UsageError(f"{label}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def rgb8(image):
+    """A PIL image of any mode as 8-bit RGB, each mode scaled by its range, not clipped to 0..255
+    as PIL's convert("RGB") clips: 16-bit and 32-bit integers ("I;16*", "I": a 16-bit PNG's
+    0..65535) divided by 257, floats ("F") taken as 0..1. Alpha is dropped (the colour under it
+    kept), as diffusers' load_image does; a palette with transparency goes through RGBA, which
+    PIL asks for."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode == "F" or image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image, np.float64)
+        top, scale = (1.0, 255.0) if image.mode == "F" else (65535.0, 1 / 257)
+        gray = np.round(np.clip(np.nan_to_num(values), 0.0, top) * scale).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 def png_text(prompt: str, seed: int, steps: int, guidance: float | None, width: int, height: int,

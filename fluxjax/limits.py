@@ -33,15 +33,16 @@ def transformer_config(model: str, transformer_file: str | None = None):
     """The FluxConfig a pipeline from `model` will run, read from its small JSON files only:
     "tiny"'s preset; a converted folder's transformer/fluxjax.json; a hub folder's
     transformer/config.json; else (a BFL file given, or a hub repo id) FLUX.1's own size."""
-    from fluxjax.checkpoint import is_component, read_marker
+    from fluxjax.checkpoint import is_component
     from fluxjax.config import FluxConfig
+    from fluxjax.loading.registry import marker_config
 
     if model == "tiny":
         return FluxConfig.preset("tiny")
     folder = os.path.join(model, "transformer")
     if transformer_file is None and os.path.isdir(folder):
         if is_component(folder):
-            return FluxConfig(**read_marker(folder, "flux")["config"])
+            return marker_config("transformer", folder)
         if os.path.isfile(os.path.join(folder, "config.json")):
             return FluxConfig.from_hf_config(folder)
     return FluxConfig.preset("dev")
@@ -85,16 +86,29 @@ class SizeLimit:
             low, high = (mid, high) if self.step_bytes(mid) <= self.memory else (low, mid)
         return low
 
-    def check(self, name: str, height: int, width: int) -> None:
-        """UsageError naming `name` when a height x width image's step needs more than the memory."""
-        tokens = (height // 16) * (width // 16)
+    def check(self, name: str, height: int, width: int, references=()) -> None:
+        """UsageError naming `name` when a height x width image's step needs more than the memory.
+
+        references: the (height, width) of each Kontext reference as it is resized
+        (conditioning.kontext_reference_sizes): their tokens join the image's in every step's
+        sequence, and attention grows with the square of the whole.
+        """
+        reference_tokens = sum((h // 16) * (w // 16) for h, w in references)
+        tokens = (height // 16) * (width // 16) + reference_tokens
         need = self.step_bytes(tokens)
         if need <= self.memory:
             return
         most = self.largest_tokens()
         side = math.isqrt(most) * 16
+        if references:
+            asked = f"{name} {width}x{height} with {len(references)} reference image(s) ({reference_tokens:,} tokens)"
+            largest = (f"the most this model can take here is {most:,} tokens of image and references (a reference "
+                       "is resized to about 1024x1024 pixels, 4,096 tokens): give fewer references or a smaller size")
+        else:
+            asked = f"{name} {width}x{height}"
+            largest = (f"the largest image this model can make here has {most * PIXELS_PER_TOKEN:,} pixels "
+                       f"(e.g. {side}x{side})")
         raise UsageError(
-            f"{name} {width}x{height}: one denoising step needs {need / GIB:,.1f} GiB per device for its activations "
+            f"{asked}: one denoising step needs {need / GIB:,.1f} GiB per device for its activations "
             f"(fluxjax plan's analytic figure, {self.batch} image(s) per device), more than the {self.memory / GIB:.1f} "
-            f"GiB of {self.where}; the largest image this model can make here has {most * PIXELS_PER_TOKEN:,} pixels "
-            f"(e.g. {side}x{side})")
+            f"GiB of {self.where}; {largest}")

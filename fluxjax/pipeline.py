@@ -608,6 +608,7 @@ class FluxPipeline:
 
         if output not in ("np", "pil", "latents"):
             raise UsageError(f"output must be 'np', 'pil' or 'latents', got {output!r}")
+        flowedit.check_variant(self.variant, self.name)
         pixels = conditioning.load_images(image, resize, "image")
         batch, (height, width) = len(pixels), pixels[0].shape[:2]
         sources, targets = (_prompt_list(name, p, batch) for name, p in

@@ -28,6 +28,16 @@ from fluxjax.sharding import jit_with_rules
 CLIP_MAX_LENGTH = 77
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """One line of a text file the user wrote (a prompts file, a caption, metadata.jsonl) as text;
+    UsageError "FILE:LINE: ..." unless it is UTF-8 (Python's own error names neither)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         "save the file as UTF-8") from None
+
+
 def check_prompt(name: str, prompt) -> None:
     """Raise UsageError naming `name` unless `prompt` is a str that UTF-8 can encode.
 

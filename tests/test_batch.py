@@ -366,3 +366,62 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_images(tmp_path, calls, ca
     assert sorted(os.listdir(out)) == sorted(reference) + ["manifest-00000.jsonl"]
     got = pixels(out, reference)
     assert all(np.array_equal(got[n], reference[n]) for n in reference)
+
+
+@pytest.mark.parametrize("line", [{"prompt": "a cat", "image": "ok.png"},  # N151
+                                  {"image": "ok.png", "source_prompt": "a", "target_prompt": "b"}])  # N150
+def test_decompression_bomb_line_is_refused_before_loading(tmp_path, capsys, monkeypatch, line):
+    import bad_images
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", bad_images.BOMB_LIMIT)
+    files = bad_images.make(tmp_path)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(line) + "\n")
+    before = sorted(os.listdir(tmp_path))
+    assert cli.main(["batch", str(jobs), "--out-dir", str(tmp_path / "out"), "--model", "tiny"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fluxjax batch: error: {jobs}:1: image {files['ok']}: unreadable image (DecompressionBombError: Image size "
+        "(1536 pixels) exceeds limit of 1000 pixels, could be decompression bomb DOS attack.)"]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_kontext_lines_make_their_size_and_count_references_in_the_limit(tmp_path, capsys, monkeypatch):
+    """N35, N46 in batch: a line with references makes its own size (or diffusers' default), and
+    its references' tokens count in the size limit (an 8 GiB device, so this machine's RAM does not matter)."""
+    from fluxjax import limits
+    from fluxjax.pipeline import DEFAULTS
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    monkeypatch.setattr(limits, "device_memory", lambda device: (8 << 30, "this host's RAM"))
+    Image.new("RGB", (16, 16)).save(tmp_path / "ref.png")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a", "references": ["ref.png"], "height": 64, "width": 96}) + "\n"
+                    + json.dumps({"prompt": "b", "references": ["ref.png"]}) + "\n")
+    assert [batch.job_size(j, DEFAULTS["tiny"]) for j in batch.read_jobs(str(jobs))] == [(64, 96), (1024, 1024)]
+    jobs.write_text(json.dumps({"prompt": "a", "references": ["ref.png"] * 40, "height": 64, "width": 64}) + "\n")
+    assert cli.main(["batch", str(jobs), "--out-dir", str(tmp_path / "out"), "--model", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"fluxjax batch: error: {jobs}:1: size 64x64 with 40 reference image(s) (163,840 tokens): one denoising step needs ")
+    assert sorted(os.listdir(tmp_path)) == ["jobs.jsonl", "ref.png"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("a\u0000b", ":1: name 'a\\x00b' holds a NUL character, which no file name can"),  # N157
+    ("x" * 300, ":1: name is 304 bytes long as a file name (xxxxxxxxxxxxxxxxxxxx...); the most is 242 "
+                "(255 less the temporary name's .NAME.PID.tmp)"),  # N158
+    ("é" * 120, ":1: name is 244 bytes long as a file name (éééééééééééééééééééé...); the most is 242 "
+                "(255 less the temporary name's .NAME.PID.tmp)"),  # bytes, not characters
+])
+def test_names_no_file_can_have_are_refused_up_front(tmp_path, capsys, name, message):
+    """N157, N158: refused with the file's other checks, not after the compute."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "name": name}) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(prompts), "--out-dir", str(out), *SIZE]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"fluxjax batch: error: {prompts}{message}"]
+    assert not out.exists()
+    # The longest name allowed: its temporary .NAME.PID.tmp is 255 bytes with a 7-digit pid.
+    prompts.write_text(json.dumps({"prompt": "a", "name": "x" * 238}) + "\n")
+    assert [j.name for j in batch.read_jobs(str(prompts))] == ["x" * 238 + ".png"]

@@ -311,6 +311,24 @@ def test_invalid_config_json_is_named(hub, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path / "out")
 
 
+def test_a_fifo_weights_file_is_refused_not_opened(hub, tmp_path):
+    """N180: a weights file that is a FIFO would block its open forever; it is refused by its stat
+    (a subprocess with a timeout, so that a regression fails instead of hanging)."""
+    root, _ = hub
+    folder = tmp_path / "vae"
+    shutil.copytree(root / "vae", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "convert", str(folder), str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"fluxjax convert: error: {weights}: is a FIFO (named pipe), not a regular file; refusing to open it "
+        f"({tmp_path / 'out'} not created)"]
+    assert sorted(os.listdir(tmp_path)) == ["vae"]
+
+
 def test_overlapping_safetensors_offsets_are_refused(tmp_path, capsys):
     """Issue 14 item 12: the byte ranges of the tensors must tile the data section."""
     import struct

@@ -189,6 +189,33 @@ def bfl_control_to_diffusers(tensors, transformer):
     return out
 
 
+def test_flowedit_is_refused_on_fill_and_control_models(fill, control, tmp_path, capsys, monkeypatch):
+    """N90: FlowEdit on a Fill or control checkpoint is one line (the library's) and, from `fluxjax
+    edit`, before loading (read from the transformer's config), not a shape error mid-edit."""
+    from fluxjax import cli
+
+    src = tmp_path / "in.png"
+    random_image(0).save(src)
+    needs = {"fill": "a masked image and a mask", "control": "a control image"}
+    for hub in (fill, control):
+        with pytest.raises(UsageError) as e:
+            hub.pipe.edit(str(src), "a", "b", num_steps=2)
+        assert str(e.value) == (f"FlowEdit runs on plain text-to-image models (FLUX.1-dev, -schnell, Kontext); "
+                                f"{hub.pipe.name} is a {hub.pipe.variant} model, whose transformer also needs "
+                                f"{needs[hub.pipe.variant]}")
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    capsys.readouterr()
+    out = tmp_path / "out.png"
+    for hub in (fill, control):
+        assert cli.main(["edit", str(src), "--model", str(hub.root), "--source-prompt", "a", "--target-prompt", "b",
+                         "--out", str(out)]) == 2
+        variant = hub.pipe.variant
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"fluxjax edit: error: FlowEdit runs on plain text-to-image models (FLUX.1-dev, -schnell, Kontext); "
+            f"{hub.root} is a {variant} model, whose transformer also needs {needs[variant]}"]
+    assert sorted(os.listdir(tmp_path)) == ["in.png"]
+
+
 @pytest.fixture(scope="module")
 def control_lora(tmp_path_factory):
     """A base dev hub (saved as a FluxControlPipeline), a control LoRA file, diffusers' images with it."""

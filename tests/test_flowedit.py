@@ -263,6 +263,28 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.parametrize("kind", ["trunc", "bomb"])
+def test_cli_damaged_image_is_one_line_before_loading(tmp_path, capsys, monkeypatch, kind):
+    """N88, N89: a truncated image or a decompression bomb is decoded before the model loads."""
+    import bad_images
+    from PIL import Image
+
+    from fluxjax.pipeline import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    files = bad_images.make(tmp_path / "in")
+    path = files["ok" if kind == "bomb" else kind]
+    why = "OSError: image file is truncated"
+    if kind == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", bad_images.BOMB_LIMIT)
+        why = ("DecompressionBombError: Image size (1536 pixels) exceeds limit of 1000 pixels, could be decompression "
+               "bomb DOS attack.")
+    code = run_cli(path, "--model", "tiny", "--source-prompt", "a", "--target-prompt", "b", "--out", tmp_path / "out.png")
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"fluxjax edit: error: image {path}: unreadable image ({why})"]
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
 # --- 8 simulated devices ----------------------------------------------------------------------
 
 WORKER = os.path.join(os.path.dirname(__file__), "flowedit_sharding_worker.py")

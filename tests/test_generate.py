@@ -136,6 +136,27 @@ def test_size_beyond_memory_is_refused_before_loading(tmp_path, capsys, monkeypa
     assert re.search(r"needs [\d,.]+ GiB", message) and list(tmp_path.iterdir()) == []
 
 
+def test_an_invalid_config_in_fluxjax_json_names_the_file(tmp_path, capsys, monkeypatch):
+    """N184: a converted folder's fluxjax.json edited to a config FluxConfig refuses: one line
+    naming that file, before loading."""
+    import dataclasses
+    import json
+
+    from fluxjax.checkpoint import FORMAT
+    from fluxjax.config import FluxConfig
+    from fluxjax.pipeline import FluxPipeline
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    (tmp_path / "model" / "transformer" / "params").mkdir(parents=True)
+    config = dict(dataclasses.asdict(FluxConfig.preset("tiny")), hidden_size=64, num_heads=3)
+    marker = tmp_path / "model" / "transformer" / "fluxjax.json"
+    marker.write_text(json.dumps({"format": FORMAT, "model": "flux", "config": config, "dtype": "float32"}))
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a cat", "--model", str(tmp_path / "model"), "--out", str(out)]) == 2
+    assert one_line(capsys) == f"{marker}: not a valid FluxConfig (FluxConfig: hidden_size 64 is not divisible by num_heads 3)"
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def poisoned():
     """The tiny pipeline with NaN VAE weights: its images come out NaN."""
@@ -192,3 +213,21 @@ def test_sigkill_during_save_leaves_no_png_and_the_next_run_cleans_up(tmp_path, 
     assert f"removed 1 unfinished PNG temporary file(s) left by an interrupted run: {left[0]}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf") == ["cat.png"]
     Image.open(out).verify()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """N123: the PNG's write fails midway (ENOSPC): one line naming the file, exit 2, and neither
+    the PNG nor its temporary is left."""
+    import errno
+
+    def full(image, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")  # a partial file, as a full disk leaves it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a cat", *TINY, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fluxjax generate: error: {out}: could not write the PNG (No space left on device); no file was left")
+    assert list(tmp_path.iterdir()) == []

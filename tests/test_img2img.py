@@ -9,6 +9,7 @@ posterior mean), so both sides encode to the mean and the generator's first draw
 Limit: pixels within 1e-3 (the limit of tests/test_pipeline.py).
 """
 
+import os
 import types
 
 import jax
@@ -282,3 +283,51 @@ def test_batch_bad_conditioning_names_the_line(inputs, tmp_path, capsys, line, m
     assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "out"), "--model", "tiny"]) == 2
     assert message.format(inputs=inputs) in capsys.readouterr().err.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- input files as users have them (issue 31) --------------------------------------------------
+
+def test_image_files_are_read_as_people_see_them(tmp_path):
+    """N17, N22: a 16-bit PNG is scaled to 8 bits (PIL's convert("RGB") clipped it to white), an
+    EXIF orientation is applied (the stored 32 x 48 JPEG is shown, and read, 48 x 32); a mask too."""
+    import bad_images
+
+    from fluxjax import conditioning
+
+    files = bad_images.make(tmp_path)
+    want = np.round(bad_images.gradient16(48) / 257).astype(np.uint8)
+    np.testing.assert_array_equal(conditioning.load_image(files["g16"]), np.broadcast_to(want[None, :, None], (32, 48, 3)))
+    np.testing.assert_array_equal(conditioning.load_mask(files["g16"], (32, 48)), np.broadcast_to(want >= 128, (32, 48)))
+    assert conditioning.image_size(files["exif6"]) == (32, 48) and conditioning.load_image(files["exif6"]).shape == (32, 48, 3)
+
+
+BOMB = ("DecompressionBombError: Image size (1536 pixels) exceeds limit of 1000 pixels, could be decompression bomb "
+        "DOS attack.")
+
+
+@pytest.mark.parametrize("flag, kind, why", [
+    ("--image", "trunc", "OSError: image file is truncated"),  # N2 (N3: a JPEG, the same path)
+    ("--image", "bomb", BOMB),  # N15
+    ("--mask", "corrupt", "UnidentifiedImageError: cannot identify image file '{path}'"),  # N28
+    ("--mask", "trunc", "OSError: image file is truncated"),  # N29
+    ("--reference", "trunc", "OSError: image file is truncated"),  # N44
+    ("--reference", "bomb", BOMB),  # N45
+    ("--control", "trunc", "OSError: image file is truncated"),  # N50
+])
+def test_damaged_input_files_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flag, kind, why):
+    """Each input file is decoded in full before the model loads: one line naming it, exit 2, nothing written."""
+    import bad_images
+
+    from fluxjax import cli
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    files = bad_images.make(tmp_path / "in")
+    path = files["ok" if kind == "bomb" else kind]
+    if kind == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", bad_images.BOMB_LIMIT)
+    given = ["--image", files["ok"], "--mask", path] if flag == "--mask" else [flag, path]
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a cat", "--model", "tiny", "--out", str(out), *given]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fluxjax generate: error: {flag} {path}: unreadable image ({why.format(path=path)})"]
+    assert sorted(os.listdir(tmp_path)) == ["in"]

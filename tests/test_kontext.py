@@ -7,6 +7,7 @@ fluxjax's posterior mean): the same latents without patching. Limit: pixels on [
 1e-3 in float32, as the text-to-image pipeline (tests/test_pipeline.py).
 """
 
+import os
 import types
 
 import numpy as np
@@ -176,3 +177,69 @@ def test_references_per_image():
 
     with pytest.raises(UsageError, match=r"reference 0: the images of one call need references of one size, got 64x32, 80x48"):
         conditioning.kontext_inputs([[a], [random_image(20, 48, 80)]], 2, auto_resize=False)
+
+
+# --- the command line: the size made and its limit (issue 31, N35, N46) -------------------------
+
+class SizeSpy:
+    """A stand-in Kontext pipeline: records each call's keywords and returns an image of the size
+    the real pipeline makes from them (`_kontext_size`: conditioning.kontext_output_size)."""
+
+    name, timings, loras = "spy", {}, []
+
+    def __init__(self, defaults):
+        self.defaults, self.calls = defaults, []
+
+    def settings(self, steps, guidance, max_sequence_length=None):
+        return steps or 1, guidance, max_sequence_length
+
+    def __call__(self, prompts, **kw):
+        self.calls.append(kw)
+        height, width = conditioning.kontext_output_size(kw["height"], kw["width"], kw["max_area"])
+        return [Image.new("RGB", (width, height)) for _ in ([prompts] if isinstance(prompts, str) else prompts)]
+
+
+@pytest.mark.parametrize("asked, made", [([], (1024, 1024)), (["--height", "64", "--width", "96"], (64, 96)),
+                                         (["--height", "512"], (512, 256))])  # tiny: 256x256
+def test_generate_makes_the_asked_size(tmp_path, monkeypatch, asked, made):
+    """N35: an asked size is made exactly (diffusers keeps only its aspect ratio at 1024**2 pixels:
+    64x64 became 1024x1024); without one, diffusers' default for the model's size."""
+    from fluxjax import cli
+    from fluxjax.pipeline import DEFAULTS
+
+    spy = SizeSpy(DEFAULTS["tiny"])
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: spy))
+    random_image(0, 16, 16).save(tmp_path / "ref.png")
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", "snow", "--model", "tiny", "--reference", str(tmp_path / "ref.png"), "--out", str(out),
+                     *asked]) == 0
+    assert Image.open(out).size == made[::-1] and Image.open(out).text["size"] == f"{made[1]}x{made[0]}"
+    assert [(c["height"], c["width"], c["max_area"]) for c in spy.calls] == [(*made, made[0] * made[1])]
+
+
+def test_references_count_in_the_size_limit(tmp_path, capsys, monkeypatch):
+    """N46: 40 references of 16 x 16 are each resized to 1024 x 1024 (4,096 tokens) and join every
+    step's sequence; the limit counts them and refuses in one line before loading (an 8 GiB device
+    here, so the figures do not depend on this machine's RAM)."""
+    import jax
+
+    from fluxjax import cli, limits
+    from fluxjax.config import FluxConfig
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
+    monkeypatch.setattr(limits, "device_memory", lambda device: (8 << 30, "this host's RAM"))
+    random_image(0, 16, 16).save(tmp_path / "ref.png")
+    refs = [a for _ in range(40) for a in ("--reference", str(tmp_path / "ref.png"))]
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", "x", "--model", "tiny", "--height", "64", "--width", "64", *refs, "--out", str(out)]) == 2
+    limit = limits.SizeLimit(FluxConfig.preset("tiny"), 64, 1, "bfloat16", None, jax.devices()[:1])
+    need = limit.step_bytes(16 + 40 * 4096)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fluxjax generate: error: --width/--height 64x64 with 40 reference image(s) (163,840 tokens): one denoising "
+        f"step needs {need / 2**30:,.1f} GiB per device for its activations (fluxjax plan's analytic figure, 1 image(s) "
+        f"per device), more than the 8.0 GiB of this host's RAM; the most this model can take here is "
+        f"{limit.largest_tokens():,} tokens of image and references (a reference is resized to about 1024x1024 pixels, "
+        "4,096 tokens): give fewer references or a smaller size"]
+    assert sorted(os.listdir(tmp_path)) == ["ref.png"]
+    # One reference fits: the limit counts, it does not refuse references as such.
+    assert limit.step_bytes(16 + 4096) <= 8 << 30

@@ -4,6 +4,8 @@ jitted step (optax, EMA, remat, dtypes), sharding on 8 simulated CPU devices, ch
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from test_transformer import CONFIGS, flux_args, make_inputs
 
 from fluxjax import lora
 from fluxjax.config import FluxConfig
+from fluxjax.errors import UsageError
 from fluxjax.loading.registry import load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
@@ -285,6 +288,58 @@ def test_metadata_jsonl_buckets_and_deterministic_order(tmp_path):
     assert len({tuple(Batches(buckets, 1, seed=s).indices(0) + Batches(buckets, 1, seed=s).indices(1)) for s in range(8)}) > 1
     with pytest.raises(Exception, match="no aspect bucket has that many"):
         Batches(buckets, 3, seed=0)
+
+
+def test_training_images_are_read_as_generate_reads_them(tmp_path):
+    """N17, N22 in training: the one reader (images.read_image), so a 16-bit image is not white and
+    an EXIF-rotated JPEG is upright."""
+    import bad_images
+
+    from fluxjax import conditioning
+    from fluxjax.data import load_pixels, scan_folder
+
+    files = bad_images.make(tmp_path / "data")
+    for name in ("g16", "exif6"):
+        open(os.path.splitext(files[name])[0] + ".txt", "w").write("a caption")
+    for name in ("ok", "trunc", "corrupt", "fifo"):
+        os.remove(files[name])
+    assert [(os.path.basename(e.path), e.width, e.height) for e in scan_folder(tmp_path / "data")] == [
+        ("exif6.jpg", 48, 32), ("g16.png", 48, 32)]
+    for name in ("g16", "exif6"):
+        want = conditioning.load_image(files[name]).astype(np.float32) / 127.5 - 1.0
+        np.testing.assert_array_equal(load_pixels(files[name], 48, 32), want)
+
+
+def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
+    """N103: opening a FIFO blocks forever; it is refused by its stat, in one line (a subprocess
+    with a timeout, so that a regression fails instead of hanging)."""
+    folder = make_folder(tmp_path / "data")
+    os.mkfifo(folder / "img4.png")
+    (folder / "img4.txt").write_text("a pipe")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "train", str(folder), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"fluxjax train: error: {folder / 'img4.png'}: is a FIFO (named pipe), not a regular file; refusing to open it"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    """N100, N101: a Latin-1 caption file or metadata.jsonl is named, with the line and byte."""
+    from fluxjax.data import scan_folder
+
+    folder = make_folder(tmp_path / "captions")
+    (folder / "img1.txt").write_bytes("a caf\xe9 in the sun".encode("latin-1"))
+    with pytest.raises(UsageError) as e:
+        scan_folder(folder)
+    assert str(e.value) == f"{folder / 'img1.txt'}:1: not valid UTF-8 text (byte 0xe9 at column 6); save the file as UTF-8"
+    folder = make_folder(tmp_path / "meta", captions=False)
+    lines = [json.dumps({"file_name": f"img{i}.png", "text": f"caf\xe9 {i}"}, ensure_ascii=False) for i in range(4)]
+    (folder / "metadata.jsonl").write_bytes(("\n".join(lines[:1]) + "\n").encode() + "\n".join(lines[1:]).encode("latin-1"))
+    with pytest.raises(UsageError) as e:
+        scan_folder(folder)
+    assert str(e.value) == (f"{folder / 'metadata.jsonl'}:2: not valid UTF-8 text (byte 0xe9 at column 39); "
+                            "save the file as UTF-8")
 
 
 @pytest.fixture(scope="module")

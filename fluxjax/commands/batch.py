@@ -98,15 +98,19 @@ def run(args) -> int:
 def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
     """Refuse, before loading, any size whose denoising step cannot fit this host's devices
     (fluxjax/limits.py), naming the first line that asks for it."""
+    from fluxjax.batch import Job, job_size
     from fluxjax.commands.generate import model_settings
+    from fluxjax.conditioning import kontext_reference_sizes
     from fluxjax.limits import SizeLimit
 
     cfg, defaults = model_settings(model)
     seen = set()
     for job in jobs:  # an edit step runs 2 x n_avg rows per image (job.rows)
-        size = (job.height or defaults.height, job.width or defaults.width)
-        if (size, job.rows) not in seen:
-            seen.add((size, job.rows))
+        size = job_size(job, defaults) if isinstance(job, Job) else (job.height, job.width)
+        # Kontext references join every step's sequence (conditioning.kontext_reference_sizes)
+        references = tuple(kontext_reference_sizes(getattr(job, "references", ()), f"{job.where}: references"))
+        if (size, job.rows, references) not in seen:
+            seen.add((size, job.rows, references))
             limit = SizeLimit(cfg, defaults.max_sequence_length, args.batch_size * job.rows,
                               args.dtype, strategy, devices)
-            limit.check(f"{job.where}: size", *size)
+            limit.check(f"{job.where}: size", *size, references)

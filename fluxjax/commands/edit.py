@@ -79,12 +79,25 @@ def _check(args) -> tuple[int, int]:
     return image_size(args.image, args.resize, "image")
 
 
+def check_model(args) -> None:
+    """Refuse, before loading, a model FlowEdit cannot run (flowedit.check_variant), read from its
+    transformer's config: a Fill or control model has a wider input."""
+    from fluxjax.commands.generate import choose_model, model_settings
+    from fluxjax.conditioning import variant_of
+    from fluxjax.flowedit import check_variant
+
+    model = choose_model(args.model)[0]
+    cfg, _ = model_settings(model, args.transformer)
+    check_variant(variant_of(cfg.in_channels), model)
+
+
 def run(args) -> int:
     from fluxjax.commands.generate import load_pipeline, save
     from fluxjax.flowedit import EditSettings
     from fluxjax.images import edit_text
 
     args.height, args.width = _check(args)
+    check_model(args)
     # One edit step runs the transformer on 2 x n_avg rows (source and target, each draw).
     host, pipe, timings = load_pipeline(args, "edit", rows=2 * (args.n_avg or 1), size_name=f"image {args.image}")
     settings = EditSettings(args.steps, args.n_max, args.n_min, args.n_avg, args.source_guidance,

@@ -177,9 +177,15 @@ def model_settings(model: str, transformer_file: str | None = None):
 
 def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height") -> None:
     """Refuse, before loading, a size whose denoising step (`batch` rows) cannot fit the devices
-    (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width."""
+    (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width.
+
+    With --reference (Kontext), the size made is the one asked, or diffusers' default
+    (conditioning.kontext_call_size: args.height, args.width and args.max_area are set to it),
+    and each reference's tokens count too.
+    """
     import jax
 
+    from fluxjax.conditioning import kontext_call_size, kontext_reference_sizes
     from fluxjax.limits import SizeLimit
     from fluxjax.sharding import Strategy
 
@@ -187,7 +193,12 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
     limit = SizeLimit(cfg, defaults.max_sequence_length, batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
-    limit.check(name, args.height or defaults.height, args.width or defaults.width)
+    references = getattr(args, "reference", None) or []  # `fluxjax edit` takes none
+    if references:
+        args.height, args.width, args.max_area = kontext_call_size(args.height, args.width, defaults.height,
+                                                                   defaults.width)
+    limit.check(name, args.height or defaults.height, args.width or defaults.width,
+                kontext_reference_sizes(references, "--reference"))
 
 
 def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/--height"):
@@ -215,7 +226,10 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
 def save(image, path: str, text: dict[str, str], timings: dict[str, float]) -> str:
     """Write the PNG (fluxjax/images.py); return "in T s: stage s, ..." for the closing line."""
     start = time.perf_counter()
-    save_png(image, path, text)
+    try:
+        save_png(image, path, text)
+    except OSError as e:  # a full disk, a quota, a folder made read-only meanwhile: save_png removed its temporary
+        raise UsageError(f"{path}: could not write the PNG ({e.strerror or e}); no file was left") from None
     timings["save"] = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
     return f"in {sum(timings.values()):.1f} s: {stages}"
@@ -225,8 +239,9 @@ def run(args) -> int:
     _check(args)
     host, pipe, timings = load_pipeline(args, "generate")
     cond = conditioning_kwargs(args)
+    kontext = {"max_area": args.max_area} if args.reference else {}  # the size _check_size chose
     (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
-                    seed=args.seed, output="pil", progress=True, **cond)
+                    seed=args.seed, output="pil", progress=True, **cond, **kontext)
     timings.update(pipe.timings)
 
     if host != 0:

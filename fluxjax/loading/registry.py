@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fluxjax.checkpoint import PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker, restore_params
+from fluxjax.checkpoint import (MARKER, PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker,
+                                restore_params)
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading import clip, flux, t5, vae
 from fluxjax.loading.table import CheckpointTable, Plan
@@ -191,9 +192,8 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
         p = plan(component, path, dtype, config, **options)
         model = build(component, p.config, dtype, sharding, **options)
         return model, _place(component, model, p.shapes, p.leaves(dtype), sharding)
-    s = spec(component)
-    record = read_marker(path, s.kind)
-    model = build(component, config or s.config(**record["config"]), dtype, sharding, **options)
+    marked = marker_config(component, path)
+    model = build(component, config or marked, dtype, sharding, **options)
     shapes = abstract_params(component, model)
     folder = os.path.join(path, PARAMS)
     if not _per_block(component, model):
@@ -202,6 +202,19 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
     # stacked leaf released once its blocks are placed).
     leaves = flat(restore_params(folder, shapes, dtype))
     return model, _place(component, model, shapes, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+
+
+def marker_config(component: str, path: str | os.PathLike):
+    """The config a converted `component` folder's fluxjax.json records, as the component's config
+    class; ValueError naming that file when it makes none (an edited file: the config class's own
+    message names neither the file nor the folder)."""
+    s = spec(component)
+    record = read_marker(path, s.kind)
+    try:
+        return s.config(**record["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(os.fspath(path), MARKER)}: not a valid {s.config.__name__} "
+                         f"({type(e).__name__ + ': ' if isinstance(e, (KeyError, TypeError)) else ''}{e})") from None
 
 
 def random_component(component: str, config, dtype="float32", sharding: ShardingFn | None = None, seed: int = 0,

@@ -18,7 +18,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from fluxjax.errors import CheckpointError
+from fluxjax.errors import CheckpointError, check_regular_file
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -41,6 +41,7 @@ class _File:
 
     def __init__(self, path: str):
         self.path = path
+        check_regular_file(path, error=CheckpointError)  # a FIFO would block the open below forever
         try:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
@@ -136,20 +137,21 @@ class TensorSource:
 
     @staticmethod
     def _resolve(path: str) -> list[str]:
-        if os.path.isfile(path):
-            return [path]
+        if os.path.exists(path) and not os.path.isdir(path):
+            return [path]  # a file, or something else _File refuses by name (a FIFO)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such file or folder")
         indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
         if len(indexes) > 1:
             raise CheckpointError(f"{path}: several index files, cannot tell which to use: {indexes}")
         if indexes:
+            check_regular_file(indexes[0], error=CheckpointError)
             with open(indexes[0]) as f:
                 weight_map = json.load(f).get("weight_map")
             if not weight_map:
                 raise CheckpointError(f"{indexes[0]}: no 'weight_map'")
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            missing = [f for f in files if not os.path.exists(os.path.join(path, f))]  # _File refuses a FIFO
             if missing:
                 raise CheckpointError(f"{indexes[0]}: names shard files that are not in {path}: {missing}")
             return [os.path.join(path, f) for f in files]
