@@ -99,7 +99,7 @@ def param_memory(abstract: Any, strategy: Strategy, mesh_shape: dict[str, int]) 
 
 
 def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_split: int, act_bytes: int,
-                     seq_split: int = 1, seq_method: str | None = None) -> int:
+                     seq_split: int = 1, seq_method: str | None = None, attention: str = "xla") -> int:
     """Analytic peak bytes of one transformer step on one device (inference, no gradients).
 
     batch: images on this device; heads_split: ways the heads and MLP features are split (tp);
@@ -118,6 +118,10 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     sequence axis; RoPE tables in float32, split) and one float32 LayerNorm temporary (B,c,D).
     A double-stream block holds less (its MLP is narrower than linear1). Activations in
     `act_bytes` per element; t = heads_split.
+    attention: "xla" holds the logits as above; a flash kernel ("splash", "cudnn") holds one
+    tile of them at a time (a few MiB in on-chip memory), so the logits term is left out and
+    the attention output (B,c,D/t) counted instead (outside sequence parallelism, which keeps
+    its XLA terms: the ring folds blocks itself).
     """
     d, m, h, t, s, n = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes, seq_split
     b = batch
@@ -130,6 +134,8 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
         attn = 2 * qkv + b * -(-h // n) * seq * seq * (4 + s)
     elif seq_method == "ring":
         attn = qkv + 2 * b * c * d * s // t + b * c * d * 4 // t + b * -(-h // t) * c * c * (4 + s)
+    elif attention in ("splash", "cudnn"):
+        attn = qkv + b * c * d * s // t
     else:
         attn = qkv + b * -(-h // t) * seq * seq * (4 + s)
     projection = b * c * (d + m) * s * 2 // t
@@ -243,11 +249,14 @@ class Plan:
 
 
 def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
-              batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True) -> Plan:
+              batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True,
+              attention: str = "xla") -> Plan:
     """The memory plan of `model` ("dev", "schnell", "tiny") under `strategy` on `devices` devices.
 
     batch: images per step (default: the data size, one image per data shard). xla: also
     AOT-compile the step on `devices` simulated CPU devices in a child process (seconds for dev).
+    attention: the implementation the step runs ("xla", or a flash kernel: "splash" on a TPU,
+    "cudnn"), which decides whether the analytic figure holds the (B, H, L, L) logits.
     """
     if model not in T5_LENGTHS:
         raise UsageError(f"--model {model!r}: choose from {', '.join(T5_LENGTHS)}")
@@ -273,7 +282,8 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     heads_split = 1 if method == "ulysses" else math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
     split = dict(seq_split=seq_split, seq_method=method)
     l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
-    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize, **split) + gathered
+    analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize, **split,
+                                attention=attention) + gathered
     table = sequence_table(cfg, method, seq_split * heads_split if method == "ring" else seq_split, l_txt, dt.itemsize) if method else ()
     traffic = sequence_traffic(cfg, padded // data, l_img, l_txt, seq_split, method, dt.itemsize) if method else 0
     measured = None

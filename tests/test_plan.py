@@ -114,3 +114,23 @@ def test_plan_train_command_prints_every_strategy(capsys):
     assert "LoRA r8" in out and "16GiB remat/no" in out and "80GiB remat/no" in out
     assert main(["plan", "--train", "--sharding", "sp_ring", "--devices", "8"]) == 2
     assert "not planned for training" in capsys.readouterr().err
+
+
+def test_a_flash_attention_step_holds_no_logits():
+    # Splash (TPU) and cuDNN hold one tile of the logits at a time: the (B, H, L, L) float32 logits
+    # and bf16 probabilities of XLA's attention leave the analytic peak, the attention output joins.
+    from fluxjax.config import FluxConfig
+    from fluxjax.plan import step_activations
+
+    cfg = FluxConfig.preset("dev")
+    l_img, l_txt, b = 4096, 512, 1
+    xla = step_activations(cfg, b, l_img, l_txt, 1, 2)
+    flash = step_activations(cfg, b, l_img, l_txt, 1, 2, attention="splash")
+    assert step_activations(cfg, b, l_img, l_txt, 1, 2, attention="cudnn") == flash
+    length, d, m = l_img + l_txt, cfg.hidden_size, cfg.mlp_hidden_dim
+    qkv = 3 * b * length * d * 2
+    logits = b * cfg.num_heads * length * length * (4 + 2)
+    projection = b * length * (d + m) * 2 * 2
+    # at 4608 tokens the XLA peak is the attention moment; with a flash kernel, the projection's
+    assert xla - flash == qkv + logits - max(qkv + b * length * d * 2, projection)
+    assert flash < xla / 3

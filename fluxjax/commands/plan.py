@@ -100,7 +100,9 @@ def _topology(args) -> int:
         raise UsageError(f"--devices {args.devices}: topology {args.topology} x {args.slices} slice(s) has {len(devices)}")
     if args.train:
         return _train_topology(args, strategy, devices, height, width)
-    analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False)
+    attention = plan_tpu.transformer_attention(strategy, devices, args.dtype)
+    analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
+                         attention=attention)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
                                     T5_LENGTHS[args.model], args.dtype, programs=programs)
     first = got[programs[0]]
@@ -112,8 +114,7 @@ def _topology(args) -> int:
     report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
                   model=args.model, strategy=strategy.name, mesh=analytic.mesh_shape, size=f"{width}x{height}",
                   batch=analytic.padded_batch, dtype=args.dtype,
-                  attention=plan_tpu.transformer_attention(strategy, devices, args.dtype),
-                  mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
+                  attention=attention, mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
                   analytic=dict(total_bytes=analytic.params["transformer"].device_bytes + analytic.analytic_bytes),
                   collectives={k: v["count"] for k, v in first["collectives"].items()},
                   collective_bytes={k: v["bytes"] for k, v in first["collectives"].items()},
