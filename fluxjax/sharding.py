@@ -189,7 +189,12 @@ class Strategy:
         """
         devices = list(jax.devices() if devices is None else devices)
         tpu_slices = {getattr(d, "slice_index", None) for d in devices} - {None}
-        slices = len(tpu_slices) if tpu_slices else len({d.process_index for d in devices})
+        if devices[0].platform == "tpu":
+            # ICI spans a whole TPU slice, over all of its hosts: only slices are DCN granules. (The
+            # devices of a one-slice topology description carry no slice_index at all.)
+            slices = max(1, len(tpu_slices))
+        else:
+            slices = len(tpu_slices) if tpu_slices else len({d.process_index for d in devices})
         ici, dcn = self.factors(len(devices), slices)
         if slices == 1:
             grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
