@@ -62,7 +62,10 @@ def bfl_weights(cfg, seed=0):
     out = {}
     for key, shape in shapes.items():
         noise = rng.standard_normal(shape).astype(np.float32)
-        out[key] = noise / np.sqrt(shape[-1]) if len(shape) > 1 else (1 + 0.3 * noise if key.endswith("scale") else 0.3 * noise)
+        if len(shape) > 1:
+            out[key] = noise / np.sqrt(shape[-1])
+        else:  # norm scales near 1, biases near 0
+            out[key] = 1 + 0.3 * noise if key.endswith("scale") else 0.3 * noise
     return out
 
 
@@ -124,7 +127,8 @@ def test_each_ggml_type_dequantizes_as_the_reference_bit_for_bit(name, monkeypat
         raw = random_blocks(rng, qtype, 3, 40 * block)
     else:  # F32, F16, BF16: finite values of every magnitude
         values = (rng.standard_normal((3, 40)) * 10.0 ** rng.integers(-6, 4, (3, 40))).astype(np.float32)
-        raw = gguf.quants.quantize(values, qtype) if qtype == Q.BF16 else values.astype({4: np.float32, 2: np.float16}[size])
+        stored = {4: np.float32, 2: np.float16}[size]
+        raw = gguf.quants.quantize(values, qtype) if qtype == Q.BF16 else values.astype(stored)
         raw = raw.view(np.uint8)
     reference = gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(-1)
     monkeypatch.setattr(ggml, "CHUNK", 7 * block)  # chunks that do not divide the tensor
@@ -297,7 +301,8 @@ def fp8_file(path, weights, scaled: bool, prefix=""):
             continue
         fp8 = torch.float8_e5m2 if i % 3 == 0 else torch.float8_e4m3fn
         if scaled and i % 2:
-            scale = torch.tensor(float(np.abs(w).max()) / 200.0, dtype=torch.float32).reshape(() if i % 4 == 1 else (1,))
+            scale = torch.tensor(float(np.abs(w).max()) / 200.0, dtype=torch.float32)
+            scale = scale.reshape(() if i % 4 == 1 else (1,))
             tensors[prefix + key] = (t / scale).to(fp8)
             tensors[prefix + key.replace(".weight", ".scale_weight")] = scale
             expected[key] = tensors[prefix + key].float().numpy() * np.float32(scale.item())
@@ -320,6 +325,10 @@ def test_fp8_file_loads_as_its_float32_values(tmp_path, scaled):
     model, params = load_transformer(tmp_path / "flux-fp8.safetensors", dtype="float32")
     assert model.config == CFG
     assert_same(params, load_transformer(tmp_path / "ref.safetensors", dtype="float32")[1])
+    if scaled:  # fluxjax convert reads it through the same reader
+        assert main(["convert", str(tmp_path / "flux-fp8.safetensors"), str(tmp_path / "out")]) == 0
+        assert_same(load_transformer(tmp_path / "out", dtype="bfloat16")[1],
+                    load_transformer(tmp_path / "ref.safetensors", dtype="bfloat16")[1])
 
 
 @pytest.mark.parametrize("extra, want", [
