@@ -192,6 +192,13 @@ def test_pipeline_takes_a_gguf_transformer(files, hub):
     assert_same(pipe.transformer.params, ref.transformer.params)
 
 
+def test_generate_takes_a_gguf_transformer(files, hub, tmp_path, capsys):
+    png = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(hub), "--transformer", str(files[0] / "flux.gguf"),
+                 "--out", str(png), "--width", "64", "--height", "64", "--steps", "1", "--dtype", "float32"]) == 0
+    assert png.is_file() and "flux.gguf, 1 steps" in capsys.readouterr().err  # the model it ran, named
+
+
 def test_convert_reads_a_gguf(files, tmp_path):
     folder, _ = files
     assert main(["convert", str(folder / "flux.gguf"), str(tmp_path / "out")]) == 0
