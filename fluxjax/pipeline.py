@@ -207,7 +207,8 @@ class FluxPipeline:
             process, each weight is read straight into its shard, and batches are split along
             the strategy's data axes (padded when they do not divide, the padding dropped).
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
-            those components of `source`.
+            those components of `source`; the transformer may be an fp8 safetensors file or a
+            GGUF (docs/quantized_files.md), dequantized to `dtype` as it is read.
         attention_impl: "auto" (default: cuDNN flash attention on NVIDIA GPUs where it applies,
                         splash on a TPU, the CPU kernel on a CPU; `pipe.attention_implementation`
                         says which), "xla", "xla_blocked", "cudnn", "splash" or "cpu"; see

@@ -8,7 +8,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="a hub folder (model_index.json), one model folder, flux1-*.safetensors or ae.safetensors")
+    parser.add_argument("src", help="a hub folder (model_index.json), one model folder, flux1-*.safetensors (fp8 too), a FLUX .gguf or ae.safetensors")
     parser.add_argument("dst", help="the folder to write; it appears only once complete")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="stored parameter dtype")
     parser.add_argument("--overwrite", action="store_true",

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a hub-layout folder, a hub repo id, or 'tiny' (default: FLUX.1-schnell from the local "
                              "hub cache when present, else tiny)")
-    parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors) replacing the model's")
+    parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors, fp8 or .gguf) replacing the model's")
     parser.add_argument("--vae", default=None, help="a BFL autoencoder file (ae.safetensors) replacing the model's")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,

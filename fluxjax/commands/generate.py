@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a hub-layout folder, a hub repo id, 'shapes' (the built-in model) or 'tiny' (random "
                              "weights, for tests) (default: FLUX.1-schnell, else -dev, from the local hub cache when "
                              "present, else shapes)")
-    parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors) replacing the model's")
+    parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors, fp8 or .gguf) replacing the model's")
     parser.add_argument("--vae", default=None, help="a BFL autoencoder file (ae.safetensors) replacing the model's")
     parser.add_argument("--out", default="flux.png", help="the PNG to write (default: flux.png)")
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")

@@ -2,7 +2,9 @@
 
 Flax paths are BFL's module names with '/' (docs/architecture.md, "The transformer, BFL single
 file"), so the BFL table is the identity on names; the diffusers table is the correspondence of
-"The transformer, diffusers folder" there.
+"The transformer, diffusers folder" there. A single file in BFL's keys may be safetensors (fp8
+weights dequantized by fluxjax.loading.fp8) or GGUF (city96's, by fluxjax.loading.gguf):
+`single_file` tells them apart (docs/quantized_files.md).
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import re
 
 from fluxjax.config import FluxConfig
 from fluxjax.errors import CheckpointError
+from fluxjax.loading import fp8, gguf
 from fluxjax.loading.safetensors_io import TensorSource
 from fluxjax.loading.table import LAYER, CheckpointTable, Rule, fused_linear, linear, strip_prefix
 
 BFL_PREFIXES = ("model.diffusion_model.",)  # added by some redistributions (ComfyUI)
+# The general.architecture of FLUX GGUFs: city96's "flux"; "pig" (calcuis' gguf-node) names no
+# model, and a file without one (stable-diffusion.cpp's) is judged by its keys, as ComfyUI-GGUF does.
+GGUF_ARCHITECTURES = ("flux", "pig")
 
 # Linear layers outside the blocks: BFL module name (also the Flax path, '.' -> '/').
 TOP_LINEARS = (
@@ -113,7 +119,7 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
     return rules
 
 
-def config_from_bfl(source: TensorSource) -> FluxConfig:
+def config_from_bfl(source) -> FluxConfig:
     """Infer the FluxConfig of a BFL single file from its tensor shapes."""
     prefix = strip_prefix(source.keys(), BFL_PREFIXES)
     keys = {k[len(prefix):]: k for k in source.keys()}
@@ -145,9 +151,19 @@ def config_from_bfl(source: TensorSource) -> FluxConfig:
         raise CheckpointError(f"{source.path}: not a BFL FLUX transformer file (no key {e.args[0]!r})") from None
 
 
+def single_file(path: str):
+    """The tensors of a single transformer file, told apart by its contents: a GGUF (named .gguf
+    or starting with its magic; quantized tensors dequantized to float32), else safetensors (fp8
+    weights read as float32, times their scale_weight)."""
+    if gguf.is_gguf(path):
+        return gguf.GGUFSource(path, GGUF_ARCHITECTURES)
+    return fp8.dequantized(TensorSource(path))
+
+
 def read_table(path: str, config: FluxConfig | None = None) -> CheckpointTable:
-    """A diffusers transformer folder (config.json + safetensors) or a BFL single .safetensors
-    file (config inferred from its shapes unless `config` is given): its config, tensors and table."""
+    """A diffusers transformer folder (config.json + safetensors) or a BFL single file
+    (.safetensors in bf16/fp32/fp8, or .gguf; `single_file`), its config inferred from its shapes
+    unless `config` is given: its config, tensors and table."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise CheckpointError(f"{path}: a transformer folder needs config.json (diffusers layout)")
@@ -155,6 +171,6 @@ def read_table(path: str, config: FluxConfig | None = None) -> CheckpointTable:
         return CheckpointTable(cfg, TensorSource(path), diffusers_rules(cfg))
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    tensors = TensorSource(path)
+    tensors = single_file(path)
     cfg = config or config_from_bfl(tensors)
     return CheckpointTable(cfg, tensors, bfl_rules(cfg), BFL_PREFIXES)

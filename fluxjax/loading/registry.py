@@ -236,9 +236,11 @@ def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxCon
     """Load a FLUX transformer checkpoint into `(model, params)`.
 
     source:   a diffusers transformer folder (config.json + safetensors, sharded or not), a BFL
-              single .safetensors file (config inferred from its shapes unless `config` is given),
-              or what `fluxjax convert` wrote: a transformer component folder, or the converted
-              hub folder holding one in transformer/.
+              single file (config inferred from its shapes unless `config` is given): .safetensors
+              in bf16/fp32 or fp8 (ComfyUI/Kijai, with or without scale_weight) or a GGUF
+              (city96's; docs/quantized_files.md), dequantized to `dtype` as it is read; or what
+              `fluxjax convert` wrote: a transformer component folder, or the converted hub
+              folder holding one in transformer/.
     dtype:    parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
     sharding: a callable from the boxed abstract params to a matching tree of Shardings
               (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.

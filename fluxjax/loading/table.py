@@ -155,7 +155,7 @@ def strip_prefix(keys: list[str], prefixes: Sequence[str]) -> str:
     return ""
 
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be stored as (fp8 needs scales)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # what a weight may be read as (fp8 and GGUF files read as F32)
 
 
 def iter_leaves(
@@ -169,7 +169,7 @@ def iter_leaves(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(Flax path, host array) for every leaf of the table, one at a time.
 
-    source:  a TensorSource or a path to one.
+    source:  a TensorSource (or a reader offering its methods: GGUFSource, Fp8Source) or a path to one.
     rules:   the layout's key table.
     shapes:  the model's parameter tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape`).
     dtype:   the dtype of every leaf (None: each leaf's dtype in `shapes`).
@@ -179,7 +179,7 @@ def iter_leaves(
     filled block by block into one array of its final shape, never through a second copy.
     progress: called with the bytes of each tensor once it is read.
     """
-    if not isinstance(source, TensorSource):
+    if isinstance(source, (str, os.PathLike)):  # else a TensorSource or a reader like it (gguf, fp8)
         source = TensorSource(source)
     flat_shapes = traverse_util.flatten_dict(meta.unbox(shapes), sep="/")
     prefix = check_source(source, rules, flat_shapes, strip_prefixes, ignore)

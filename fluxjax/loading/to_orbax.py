@@ -6,8 +6,8 @@
     model_index.json are copied, so DST is self-contained;
   * one model folder (config.json of a FluxTransformer2DModel, AutoencoderKL, CLIPTextModel or
     T5EncoderModel): DST is one component folder;
-  * a BFL single file (flux1-*.safetensors) or a VAE file (ae.safetensors): DST is one
-    transformer or vae component folder.
+  * a BFL single file (flux1-*.safetensors, an fp8 one, or a GGUF: docs/quantized_files.md) or a
+    VAE file (ae.safetensors): DST is one transformer or vae component folder.
 The layout of a component folder is in fluxjax/checkpoint.py.
 
 Tensors are read one at a time through the key tables of fluxjax/loading (every check runs before the
@@ -42,9 +42,8 @@ from tqdm.auto import tqdm
 
 from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
 from fluxjax.errors import CheckpointError
-from fluxjax.loading.flux import BFL_PREFIXES
-from fluxjax.loading import registry
-from fluxjax.loading.safetensors_io import TensorSource
+from fluxjax.loading.flux import BFL_PREFIXES, single_file
+from fluxjax.loading import gguf, registry
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
 from fluxjax.images import fsync_dir, process_alive
@@ -193,8 +192,8 @@ def inventory(src: str, dtype) -> tuple[list[tuple[str, Plan]], list[str]]:
         raise CheckpointError(f"{src}: neither a hub folder (model_index.json) nor a model folder (config.json)")
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
-    if not src.endswith(".safetensors"):
-        raise CheckpointError(f"{src}: not a .safetensors file; fluxjax converts safetensors only")
+    if not src.endswith(".safetensors") and not gguf.is_gguf(src):
+        raise CheckpointError(f"{src}: not a .safetensors file; fluxjax converts safetensors and GGUF (.gguf) only")
     return [(".", _file_plan(src, dtype))], []
 
 
@@ -227,8 +226,8 @@ def _folder_plan(folder: str, dtype) -> Plan:
 
 
 def _file_plan(path: str, dtype) -> Plan:
-    """A BFL transformer or a VAE single file, told apart by its keys."""
-    keys = TensorSource(path).keys()
+    """A BFL transformer (safetensors, fp8 or GGUF) or a VAE single file, told apart by its keys."""
+    keys = single_file(path).keys()
     flux = [k[len(strip_prefix(keys, BFL_PREFIXES)):] for k in keys]
     vae = [k[len(strip_prefix(keys, VAE_PREFIXES)):] for k in keys]
     if any(k.startswith("double_blocks.") for k in flux):
