@@ -109,22 +109,32 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
     return found
 
 
-PROGRAMS = ("denoise", "encode", "decode", "vae_encode")
-"""The pipeline's jitted programs `compile_programs` compiles: the denoising loop (sampling.denoise),
-the prompt encoders (text.encode_prompts_jit: T5 and CLIP), the VAE decode (pipeline.decode_packed) and
-the VAE encode of img2img, inpainting and Kontext (conditioning.encode_packed)."""
+PROGRAMS = ("denoise", "encode", "decode", "vae_encode", "flowedit")
+"""The pipeline's jitted programs `compile_programs` compiles: the denoising loop (sampling.denoise,
+with the variant's conditioning), the prompt encoders (text.encode_prompts_jit: T5 and CLIP), the VAE
+decode (pipeline.decode_packed), the VAE encode of img2img, inpainting, Kontext, Fill and Control
+(conditioning.encode_packed) and FlowEdit's loop (flowedit.edit, one draw per step)."""
+VARIANTS = ("base", "kontext", "fill", "control")
+# What each variant adds to the denoising loop's transformer input: (extra input channels, reference
+# images). Fill concatenates masked-image latents (64) and the packed 8x8 mask (256) to the 64 latent
+# features; Control the control image's latents (64); Kontext appends one reference image's tokens.
+VARIANT_INPUTS = {"base": (0, 0), "kontext": (0, 1), "fill": (320, 0), "control": (64, 0)}
 
 
 def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: int, t5_length: int,
-                   dtype: str = "bfloat16", attention: str = "auto") -> dict[str, tuple]:
+                   dtype: str = "bfloat16", attention: str = "auto", variant: str = "base") -> dict[str, tuple]:
     """{program: (jitted function, args, kwargs)} of the pipeline's programs for `model`'s
     components, with abstract parameters laid out as `strategy` lays them on `mesh` and inputs
-    batch-sharded as the pipeline places them: what the pipeline runs, without weights."""
+    batch-sharded as the pipeline places them: what the pipeline runs, without weights.
+    variant: the checkpoint's kind (VARIANTS): its transformer's input width and the
+    conditioning its denoising loop takes (a Kontext reference the size of the image)."""
+    import dataclasses
+
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import flax.linen as nn
 
-    from fluxjax import conditioning, sampling
+    from fluxjax import conditioning, flowedit, sampling
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading import registry
     from fluxjax.pipeline import component_options, decode_packed
@@ -137,7 +147,10 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     for name, preset in registry.PRESETS[model].items():
         # stacked blocks, as on any accelerator (the unrolled layout is a CPU's)
         options = {k: ("scan" if k == "layer_loop" else v) for k, v in component_options(name, attention).items()}
-        built = registry.build(name, configs[name].preset(preset), dt, **options)
+        config = configs[name].preset(preset)
+        if name == "transformer" and VARIANT_INPUTS[variant][0]:
+            config = dataclasses.replace(config, in_channels=config.in_channels + VARIANT_INPUTS[variant][0])
+        built = registry.build(name, config, dt, **options)
         boxed = registry.abstract_params(name, built)
         models[name] = built
         params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, dt, sharding=sh), boxed,
@@ -152,23 +165,36 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=replicated)
     guidance = arg() if cfg.guidance_embed else None
-    return {
-        "denoise": (sampling.denoise, (models["transformer"], params["transformer"], arg(l_img, cfg.in_channels),
-                                       arg(l_img, 3), arg(t5_length, cfg.context_in_dim, dtype=dt), arg(t5_length, 3),
-                                       arg(cfg.vec_in_dim, dtype=dt), sigmas, guidance), {}),
+    extra, references = VARIANT_INPUTS[variant]
+    cond = sampling.Conditioning(
+        channels=arg(l_img, extra) if extra else None,
+        ref_img=arg(references * l_img, 64) if references else None,
+        ref_ids=arg(references * l_img, 3) if references else None)
+    txt, vec, txt_ids = arg(t5_length, cfg.context_in_dim, dtype=dt), arg(cfg.vec_in_dim, dtype=dt), arg(t5_length, 3)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    programs = {
+        "denoise": (sampling.denoise, (models["transformer"], params["transformer"], arg(l_img, 64), arg(l_img, 3),
+                                       txt, txt_ids, vec, sigmas, guidance), dict(cond=cond)),
         "encode": (encode_prompts_jit, (models["t5"], params["t5"], models["clip"], params["clip"],
                                         arg(t5_length, dtype=jnp.int32), arg(CLIP_MAX_LENGTH, dtype=jnp.int32), dt), {}),
         "decode": (decode_packed, (models["vae"], params["vae"], arg(l_img, 64), height, width), {}),
         "vae_encode": (conditioning.encode_packed, (models["vae"], params["vae"], arg(height, width, 3)), {}),
     }
+    if variant == "base":  # FlowEdit runs on plain text-to-image models (flowedit.check_variant)
+        programs["flowedit"] = (flowedit.edit, (models["transformer"], params["transformer"], arg(l_img, 64),
+                                                arg(l_img, 3), txt, vec, txt, vec, txt_ids, sigmas,
+                                                arg(2, dtype=jnp.uint32), guidance, guidance, scalar, scalar, 1), {})
+    return programs
 
 
 def compile_programs(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
-                     dtype: str = "bfloat16", attention: str = "auto", programs=PROGRAMS) -> dict[str, dict]:
-    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`."""
+                     dtype: str = "bfloat16", attention: str = "auto", programs=PROGRAMS,
+                     variant: str = "base") -> dict[str, dict]:
+    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`;
+    a program the variant does not run (FlowEdit on Fill, Control or Kontext) is left out."""
     mesh = strategy.make_mesh(devices)
-    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention)
-    return {name: compile_program(strategy, mesh, *built[name]) for name in programs}
+    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention, variant)
+    return {name: compile_program(strategy, mesh, *built[name]) for name in programs if name in built}
 
 
 def compile_program(strategy, mesh, fn, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -43,23 +43,27 @@ COMPILE_ALL = """
     from fluxjax.sharding import Strategy
 
     out = {}
-    for strategy, topology, batch, size, programs in json.loads(sys.argv[1]):
+    for strategy, topology, batch, size, programs, variant in json.loads(sys.argv[1]):
         devices = plan_tpu.topology_devices(topology)
         got = plan_tpu.compile_programs("tiny", Strategy.load(strategy), devices, batch, size, size, 16,
-                                        programs=programs)
+                                        programs=programs, variant=variant)
         for name, g in got.items():
             g["attention"] = plan_tpu.transformer_attention(Strategy.load(strategy), devices)
-            out[f"{name}:{strategy}@{topology}"] = g
+            out[f"{name}:{strategy}@{topology}" + ("" if variant == "base" else f"/{variant}")] = g
     print(json.dumps(out))
 """
 
 # (strategy, topology, batch, image side, programs); the VAE's programs once, small (their compile
 # is the slowest here), the denoising loop and the prompt encoders under every strategy.
-CASES = [("fsdp", "v5e:1x1", 1, 64, ["denoise", "encode", "decode", "vae_encode"]),
-         ("dp", "v5e:2x2", 4, 128, ["denoise", "encode"]), ("fsdp", "v5e:2x2", 4, 128, ["denoise", "encode"]),
+CASES = [("fsdp", "v5e:1x1", 1, 64, ["denoise", "encode", "decode", "vae_encode"], "base"),
+         ("dp", "v5e:2x2", 4, 128, ["denoise", "encode"], "base"),
+         ("fsdp", "v5e:2x2", 4, 128, ["denoise", "encode", "flowedit"], "base"),
          # 8 chips described as 2 hosts of 2x2 in one slice: ICI spans both (tp's data axis is DCN only)
-         ("tp", "v6e:2x4", 1, 128, ["denoise", "encode"]), ("fsdp_tp", "v6e:2x2", 2, 128, ["denoise", "encode"]),
-         ("sp_ulysses", "v5e:2x1", 1, 128, ["denoise"]), ("sp_ring", "v5e:2x2", 1, 128, ["denoise"])]
+         ("tp", "v6e:2x4", 1, 128, ["denoise", "encode"], "base"),
+         ("fsdp_tp", "v6e:2x2", 2, 128, ["denoise", "encode"], "base"),
+         ("sp_ulysses", "v5e:2x1", 1, 128, ["denoise"], "base"), ("sp_ring", "v5e:2x2", 1, 128, ["denoise"], "base"),
+         ("fsdp", "v5e:2x2", 4, 128, ["denoise"], "kontext"), ("fsdp", "v5e:2x2", 4, 128, ["denoise"], "fill"),
+         ("fsdp", "v5e:2x2", 4, 128, ["denoise"], "control")]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("strategy, topology", [c[:2] for c in CASES if c[0] != "sp_ring"])
+@pytest.mark.parametrize("strategy, topology", [c[:2] for c in CASES if c[0] != "sp_ring" and c[5] == "base"])
 def test_each_strategy_compiles_the_denoising_loop_for_a_tpu_with_a_splash_kernel_per_attention(compiled, strategy,
                                                                                                 topology):
     got = compiled[f"denoise:{strategy}@{topology}"]
@@ -89,6 +93,23 @@ def test_the_encoders_and_the_vae_compile_for_a_tpu_on_xla_attention(compiled, k
     got = compiled[key]
     assert got["mosaic_kernels"] == 0
     assert got["compiled"]["fits"] is True and got["compiled"]["argument_bytes"] > 0
+
+
+@pytest.mark.parametrize("variant", ["kontext", "fill", "control"])
+def test_the_variants_denoising_loops_compile_for_a_tpu_on_splash(compiled, variant):
+    got = compiled[f"denoise:fsdp@v5e:2x2/{variant}"]
+    base = compiled["denoise:fsdp@v5e:2x2"]
+    assert got["mosaic_kernels"] == 2 and got["compiled"]["fits"] is True
+    if variant == "kontext":  # the reference's tokens double the sequence: more activations
+        assert got["compiled"]["temp_bytes"] > base["compiled"]["temp_bytes"]
+    else:  # a wider img_in: more weights
+        assert got["compiled"]["argument_bytes"] > base["compiled"]["argument_bytes"]
+
+
+def test_flowedit_compiles_for_a_tpu_with_its_two_loops_on_splash(compiled):
+    got = compiled["flowedit:fsdp@v5e:2x2"]
+    assert got["mosaic_kernels"] == 4  # the edit loop and the sampling loop, two block kinds each
+    assert got["compiled"]["fits"] is True
 
 
 def test_sharded_strategies_communicate_and_one_chip_does_not(compiled):

@@ -21,9 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", help="compile for this TPU topology on this host (v5e:1x1, v5e:2x4, v6e:2x4, "
                                            "v5p:2x2x1, ...; needs the tpu extra) and report the TPU compiler's figures")
     parser.add_argument("--slices", type=int, default=1, help="with --topology: slices joined over DCN (default 1)")
-    parser.add_argument("--programs", default="denoise,encode,decode,vae_encode",
+    parser.add_argument("--programs", default="denoise,encode,decode,vae_encode,flowedit",
                         help="with --topology: the pipeline's programs to compile (default all: denoise, encode, "
-                             "decode, vae_encode)")
+                             "decode, vae_encode, flowedit)")
+    parser.add_argument("--variant", default="base", choices=("base", "kontext", "fill", "control"),
+                        help="with --topology: the checkpoint kind whose denoising loop is compiled (kontext: with "
+                             "one reference of the image's size; fill, control: their wider input)")
     parser.add_argument("--json", action="store_true", help="with --topology: print one JSON object")
     parser.add_argument("--hbm", help="memory per device, e.g. 16GiB: say whether the plan fits "
                                       "(with --train a comma-separated list, default 16GiB,80GiB)")
@@ -104,16 +107,16 @@ def _topology(args) -> int:
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
                          attention=attention)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
-                                    T5_LENGTHS[args.model], args.dtype, programs=programs)
-    first = got[programs[0]]
+                                    T5_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant)
+    first = next(iter(got.values()))
     temps = [g["compiled"]["temp_bytes"] for g in got.values()]
     hbm = first["compiled"]["hbm_bytes"]
     # Every component stays on the device (exact per-device bytes from shapes and the table), and
     # the programs run one at a time: the largest one's temporaries on top.
     resident = analytic.param_bytes + max(temps)
     report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
-                  model=args.model, strategy=strategy.name, mesh=analytic.mesh_shape, size=f"{width}x{height}",
-                  batch=analytic.padded_batch, dtype=args.dtype,
+                  model=args.model, variant=args.variant, strategy=strategy.name, mesh=analytic.mesh_shape,
+                  size=f"{width}x{height}", batch=analytic.padded_batch, dtype=args.dtype,
                   attention=attention, mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
                   analytic=dict(total_bytes=analytic.params["transformer"].device_bytes + analytic.analytic_bytes),
                   collectives={k: v["count"] for k, v in first["collectives"].items()},
