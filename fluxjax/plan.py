@@ -120,8 +120,8 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     `act_bytes` per element; t = heads_split.
     attention: "xla" holds the logits as above; a flash kernel ("splash", "cudnn") holds one
     tile of them at a time (a few MiB in on-chip memory), so the logits term is left out and
-    the attention output (B,c,D/t) counted instead (outside sequence parallelism, which keeps
-    its XLA terms: the ring folds blocks itself).
+    the attention output counted instead: (B,c,D/t), or under Ulysses (B,L,D/n) per device. The
+    ring keeps its terms: it folds key blocks itself, without the kernel.
     """
     d, m, h, t, s, n = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes, seq_split
     b = batch
@@ -130,7 +130,9 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     x = b * c * d * s
     linear1 = b * c * (3 * d + m) * s // t
     qkv = 3 * b * c * d * s // t
-    if seq_method == "ulysses":
+    if seq_method == "ulysses" and attention in ("splash", "cudnn"):  # the kernel runs per device on H/n heads
+        attn = 2 * qkv + b * seq * d * s // n
+    elif seq_method == "ulysses":
         attn = 2 * qkv + b * -(-h // n) * seq * seq * (4 + s)
     elif seq_method == "ring":
         attn = qkv + 2 * b * c * d * s // t + b * c * d * 4 // t + b * -(-h // t) * c * c * (4 + s)

@@ -10,6 +10,8 @@ import platform
 import sys
 
 BENCHMARKS = ("transformer", "t5", "vae", "pipeline", "convert", "fullsize", "endtoend", "lora", "shapes")
+# Run only when named: `tpu` compiles full-size programs for TPU topologies (libtpu) and rewrites docs/tpu.md.
+BY_NAME = ("tpu",)
 
 # Small configs for `--quick`: every section in a few minutes on a 2-core CPU.
 QUICK = {
@@ -27,8 +29,8 @@ QUICK = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", default="all", choices=BENCHMARKS + ("all",),
-                        help="which benchmark (default all: every one in turn)")
+    parser.add_argument("name", nargs="?", default="all", choices=BENCHMARKS + BY_NAME + ("all",),
+                        help="which benchmark (default all: every one in turn but tpu, which writes docs/tpu.md)")
     parser.add_argument("--quick", action="store_true", help="small configs: every section in a few minutes on a CPU")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     parser.add_argument("options", nargs=argparse.REMAINDER,
@@ -52,7 +54,7 @@ def run(args) -> int:
             return 2
         print(f"== {name} ==", flush=True)
         start = len(RESULTS)
-        module.main((QUICK[name] if args.quick else []) + list(args.options))
+        module.main((QUICK.get(name, []) if args.quick else []) + list(args.options))
         sections[name] = RESULTS[start:]
     print(table(sections))
     if args.json:

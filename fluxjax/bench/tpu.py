@@ -1,0 +1,204 @@
+"""`fluxjax bench tpu`: the TPU compiler's figures for FLUX on TPU topologies, written to docs/tpu.md.
+
+Each case is `fluxjax plan --topology T --sharding S --json --programs denoise` in a child process
+(libtpu, the `tpu` extra; no TPU needed): the denoising loop compiled for that topology, its
+per-chip memory, whether it fits, the compile seconds, and the planner's analytic figure beside it.
+A roofline estimate of ms per step is added: the larger of (analytic FLOPs per chip / the chip's
+bf16 peak) and (weight bytes a chip reads per step / its HBM bandwidth). It is an estimate, not a
+measurement: no TPU ran anything. maxdiffusion's published step times are printed beside it.
+
+Results are kept in a JSON-lines cache (--cache), so a long matrix can be stopped and resumed; the
+table is rewritten from every cached case each time. `--full` runs the matrix of issue 30 (hours
+on a 2-core host: hundreds of full-size compiles); the default is a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+from fluxjax.bench.fullsize import BF16_PEAK, step_flops
+
+# Published HBM bandwidth per chip, bytes/s (Cloud TPU system architecture pages).
+HBM_BANDWIDTH = {"TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5": 2765e9, "TPU v6 lite": 1640e9}
+# Users' names for slices -> libtpu's topology names (v5p-8 is 4 chips: 8 TensorCores).
+TOPOLOGIES = {"v5e-1": "v5e:1x1", "v6e-1": "v6e:1x1", "v5e-8": "v5e:2x4", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1",
+              "v5e-256": "v5e:16x16", "v5p-128": "v5p:4x4x4"}
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp", "sp_ulysses", "sp_ring", "sp_ulysses_fsdp", "sp_ring_fsdp")
+SP = ("sp_ulysses", "sp_ring", "sp_ulysses_fsdp", "sp_ring_fsdp")
+# maxdiffusion's published figures (its README, read 2026-12-05), for the reader's comparison only.
+PUBLISHED = [
+    ("maxdiffusion, FLUX.1-dev, v6e-4, dp, batch 4", "196 ms per chip per image"),
+    ("maxdiffusion, FLUX.1-dev, v6e-8", "152.84 ms/step"),
+]
+
+
+def full_matrix() -> list[dict]:
+    """Issue 30's table: dev and schnell at 1024 and 2048 (4096 with sp), 1 and 4 images per data
+    shard, every strategy, on v5e-1, v6e-1, v5e-8, v6e-8, v5p-8, v5e-256 and v5p-128."""
+    cases = []
+    for model in ("dev", "schnell"):
+        for slice_name in TOPOLOGIES:
+            for strategy in STRATEGIES:
+                for size in (1024, 2048, 4096):
+                    if size == 4096 and strategy not in SP:
+                        continue
+                    for per_shard in (1, 4):
+                        cases.append(dict(model=model, slice=slice_name, strategy=strategy, size=size, per_shard=per_shard))
+    return cases
+
+
+def quick_matrix() -> list[dict]:
+    """The subset this repo's docs/tpu.md shows: dev, one image per data shard; every 2D strategy
+    on the 8-chip slices, fsdp on one chip of each kind, sequence parallelism at 2048 and 4096."""
+    cases = [dict(model="dev", slice=s, strategy="fsdp", size=1024, per_shard=1) for s in ("v5e-1", "v6e-1")]
+    for slice_name in ("v5e-8", "v6e-8", "v5p-8"):
+        for strategy in ("dp", "fsdp", "tp", "fsdp_tp"):
+            cases.append(dict(model="dev", slice=slice_name, strategy=strategy, size=1024, per_shard=1))
+    for size in (2048, 4096):
+        for strategy in ("sp_ulysses", "sp_ring"):
+            cases.append(dict(model="dev", slice="v6e-8", strategy=strategy, size=size, per_shard=1))
+    cases.append(dict(model="schnell", slice="v5e-8", strategy="fsdp", size=1024, per_shard=4))
+    return cases
+
+
+def key(case: dict) -> str:
+    return "{model} {slice} {strategy} {size} {per_shard}".format(**case)
+
+
+def run_case(case: dict, python: str, timeout: int) -> dict:
+    """One case in a child process (`fluxjax plan --topology ... --json`); the JSON, or an error."""
+    from fluxjax.sharding import Strategy
+
+    topology = TOPOLOGIES[case["slice"]]
+    strategy = Strategy.load(case["strategy"])
+    devices = _chips(topology)
+    data = strategy.data_size(_Shape(strategy.mesh_shape(devices)))
+    batch = case["per_shard"] * data
+    argv = ["plan", "--model", case["model"], "--sharding", case["strategy"], "--topology", topology,
+            "--size", f"{case['size']}x{case['size']}", "--batch", str(batch), "--programs", "denoise", "--json"]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([python, "-c", "import sys; from fluxjax.cli import main; sys.exit(main())", *argv],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(case, error=f"no answer in {timeout} s")
+    if proc.returncode:
+        return dict(case, error=(proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+    return dict(case, report=json.loads(proc.stdout), wall_s=time.perf_counter() - start)
+
+
+class _Shape:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _chips(topology: str) -> int:
+    dims = topology.split(":")[1].split("x")
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def roofline_ms(row: dict) -> float | None:
+    """max(FLOPs per chip / bf16 peak, weight bytes read per chip / HBM bandwidth), ms per step: a
+    lower bound of the step time on that chip (labelled an estimate wherever it is shown)."""
+    from fluxjax.config import FluxConfig
+
+    report = row["report"]
+    kind = report["device_kind"]
+    peak = next((v for k, v in BF16_PEAK.items() if k.lower() == kind.lower()), None)
+    bandwidth = HBM_BANDWIDTH.get(kind)
+    if peak is None or bandwidth is None:
+        return None
+    cfg = FluxConfig.preset(row["model"])
+    tokens = (row["size"] // 16) ** 2
+    flops = step_flops(cfg, report["batch"], tokens, {"dev": 512, "schnell": 256}[row["model"]]) / report["devices"]
+    # Every chip reads the weights it multiplies with: all of them under dp/fsdp/sp (gathered or
+    # whole), its tensor share under tp.
+    tensor = report["mesh"].get("tensor", 1)
+    weights = 2 * 11.9e9 / tensor
+    return 1e3 * max(flops / peak, weights / bandwidth)
+
+
+def format_table(rows: list[dict], commit: str, host: str) -> str:
+    gib = lambda n: "?" if n is None else f"{n / 2**30:.2f}"  # noqa: E731
+    lines = [
+        "# FLUX on TPUs: what the TPU compiler says",
+        "",
+        "Regenerate with `fluxjax bench tpu` (needs `pip install \"fluxjax[tpu]\"`; no TPU: libtpu compiles for a",
+        "topology description on any host). Each row is `fluxjax plan --topology T --sharding S --json --programs",
+        "denoise`: the pipeline's denoising loop compiled for that slice in bf16 with the attention `auto` chooses",
+        "there (splash). **No TPU ran these programs**: memory and fit are the compiler's own figures; the",
+        "roofline column is an estimate (max of analytic FLOPs / bf16 peak and weight bytes / HBM bandwidth, per",
+        "chip), a lower bound on the step time, not a measurement.",
+        "",
+        f"Generated {datetime.date.today().isoformat()} at commit {commit} on {host}.",
+        "",
+        "| model | slice | strategy | size | images | compiled GiB/chip (args + temps) | analytic GiB/chip | fits | "
+        "compile s | roofline ms/step (estimate) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["model"], list(TOPOLOGIES).index(r["slice"]), r["size"],
+                                           STRATEGIES.index(r["strategy"]), r["per_shard"])):
+        head = f"| {row['model']} | {row['slice']} | {row['strategy']} | {row['size']} |"
+        if "error" in row:
+            lines.append(f"{head} {row['per_shard']}/shard | error: {row['error']} | | | | |")
+            continue
+        r = row["report"]
+        c = r["compiled"]
+        used = c["total_bytes"] if c["total_bytes"] is not None else c["temp_bytes"]
+        split = "" if c["argument_bytes"] is None else f" ({gib(c['argument_bytes'])} + {gib(c['temp_bytes'])})"
+        state = "yes" if c["fits"] else f"no (HBM {gib(c['hbm_bytes'])})"
+        ms = roofline_ms(row)
+        lines.append(f"{head} {r['batch']} | {gib(used)}{split}{' temps alone' if c['total_bytes'] is None else ''} | "
+                     f"{gib(r['analytic']['total_bytes'])} | {state} | {c['compile_s']:.0f} | "
+                     f"{'?' if ms is None else f'{ms:.0f}'} |")
+    lines += ["", "Published figures of a peer, for comparison (not measured here):", ""]
+    lines += [f"- {what}: {figure}" for what, figure in PUBLISHED]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fluxjax bench tpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="issue 30's whole matrix (hours on a small host)")
+    parser.add_argument("--cache", default="tpu_bench.jsonl", help="JSON lines of finished cases (resumable)")
+    parser.add_argument("--out", default=os.path.join("docs", "tpu.md"), help="the markdown table to write")
+    parser.add_argument("--python", default=sys.executable, help="the Python with libtpu to compile in")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds one case may take")
+    parser.add_argument("--quick", action="store_true", help="(ignored: the default is the subset)")
+    args = parser.parse_args(argv)
+    cases = full_matrix() if args.full else quick_matrix()
+    done = {}
+    if os.path.exists(args.cache):
+        with open(args.cache) as f:
+            for line in f:
+                row = json.loads(line)
+                done[key(row)] = row
+    for i, case in enumerate(cases):
+        if key(case) in done:
+            continue
+        print(f"[{i + 1}/{len(cases)}] {key(case)} ...", flush=True)
+        row = run_case(case, args.python, args.timeout)
+        done[key(case)] = row
+        with open(args.cache, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print("   ", row.get("error") or f"{row['report']['compiled']['compile_s']:.0f} s", flush=True)
+    rows = [done[key(c)] for c in cases if key(c) in done]
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "?"
+    host = f"{os.cpu_count()} CPU cores ({sys.platform})"
+    with open(args.out, "w") as f:
+        f.write(format_table(rows, commit, host))
+    print(f"wrote {args.out}: {len(rows)} of {len(cases)} cases")
+
+
+if __name__ == "__main__":
+    main()
