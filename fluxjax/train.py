@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import lora
+from fluxjax import folders, lora
 from fluxjax.errors import UsageError
 from fluxjax.sampling import Schedule
 
@@ -571,29 +571,28 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
     """A hub-layout folder `FluxPipeline.from_pretrained(folder)` loads: transformer/ holds
     `transformer_params` as a fluxjax component; the frozen components are symlinks into
     `source` (a hub folder), or, when source is None (the tiny preset), written as components
-    beside locally made tokenizers. Written under a temporary name and renamed."""
+    beside locally made tokenizers. Staged and swapped in by fluxjax.folders.staged, which
+    replaces an existing `folder` only when it is entirely one fluxjax train wrote (its manifest
+    says so: `fluxjax convert --overwrite` refuses such a folder in turn)."""
     from fluxjax.checkpoint import PARAMS, save_params, write_marker
 
-    tmp = f"{folder}.partial"
-    for path in (tmp, folder):
-        if os.path.lexists(path):
-            shutil.rmtree(path)
-    os.makedirs(os.path.join(tmp, "transformer"))
-    dtype = jax.tree.leaves(transformer_params)[0].dtype
-    write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
-    save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
-    if source is not None:
-        source = os.path.abspath(os.fspath(source))
-        for name in sorted(os.listdir(source)):
-            if name != "transformer":
-                os.symlink(os.path.join(source, name), os.path.join(tmp, name))
-    else:
-        from fluxjax.tiny_tokenizers import make_tokenizers
+    with folders.staged(folder, "train", overwrite=True) as tmp:
+        os.makedirs(os.path.join(tmp, "transformer"))
+        dtype = jax.tree.leaves(transformer_params)[0].dtype
+        write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
+        save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
+        if source is not None:
+            source = os.path.abspath(os.fspath(source))
+            for name in sorted(os.listdir(source)):
+                if name != "transformer":
+                    os.symlink(os.path.join(source, name), os.path.join(tmp, name))
+        else:
+            from fluxjax.tiny_tokenizers import make_tokenizers
 
-        make_tokenizers(tmp)
-        for hub_name, attr in FROZEN.items():
-            component = getattr(pipe, attr)
-            os.makedirs(os.path.join(tmp, hub_name))
-            write_marker(os.path.join(tmp, hub_name), attr, component.model.config, jax.tree.leaves(component.params)[0].dtype)
-            save_params(os.path.join(tmp, hub_name, PARAMS), component.params)
-    os.rename(tmp, folder)
+            make_tokenizers(tmp)
+            for hub_name, attr in FROZEN.items():
+                component = getattr(pipe, attr)
+                os.makedirs(os.path.join(tmp, hub_name))
+                write_marker(os.path.join(tmp, hub_name), attr, component.model.config,
+                             jax.tree.leaves(component.params)[0].dtype)
+                save_params(os.path.join(tmp, hub_name, PARAMS), component.params)
