@@ -662,3 +662,51 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
                         rf"read \(.+\), and no older checkpoint can: remove {re.escape(str(out_d / 'checkpoints'))} to "
                         "start the run again", lines[1]), err
 
+
+def test_background_aftermath_of_a_reported_error_is_quiet():
+    """N116, N117, N125: the CLI's one line is not buried under absl's log of each failed Orbax
+    write (230-395 lines on a full disk) or the tracebacks of Orbax's leftover threads and
+    coroutines after Ctrl-C or a failed read; any other error still reaches the hooks."""
+    import logging
+    import sys
+    import threading
+    import types
+
+    from fluxjax.cli import quiet_libraries
+
+    absl = logging.getLogger("absl")
+    saved = sys.unraisablehook, sys.excepthook, threading.excepthook, absl.level, logging.getLogger("asyncio").filters[:]
+    reached = []
+    sys.unraisablehook = lambda u: reached.append(("unraisable", str(u.exc_value)))
+    sys.excepthook = lambda t, v, tb: reached.append(("except", str(v)))
+    threading.excepthook = lambda a: reached.append(("thread", str(a.exc_value)))
+    try:
+        quiet_libraries()
+        assert not absl.isEnabledFor(logging.ERROR) and absl.isEnabledFor(logging.CRITICAL)
+        task = "Task exception was never retrieved\nfuture: <Task finished name='Task-483' coro=<{}() done, defined at {}>"
+        asyncio_log = logging.getLogger("asyncio")
+        assert not asyncio_log.filter(asyncio_log.makeRecord(
+            "asyncio", logging.ERROR, "", 0, task.format("_read_array_index_and_device_put", "/x/orbax/checkpoint/a.py"),
+            (), None))
+        assert asyncio_log.filter(asyncio_log.makeRecord("asyncio", logging.ERROR, "", 0, task.format("mine", "/x/app.py"),
+                                                         (), None))
+
+        async def _read_array_index_and_device_put():  # stands for Orbax's own coroutine
+            pass
+
+        coroutine = _read_array_index_and_device_put()
+        coroutine.close()
+        orbax_code = coroutine.cr_code.replace(co_filename="/site-packages/orbax/checkpoint/serialization.py")
+        orbax_coroutine = types.SimpleNamespace(cr_code=orbax_code)
+        for exc, obj in [(RuntimeError("Event loop is closed"), None), (ValueError("DATA_LOSS"), orbax_coroutine),
+                         (RuntimeError("real trouble"), None)]:
+            sys.unraisablehook(types.SimpleNamespace(exc_value=exc, object=obj))
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+        sys.excepthook(OSError, OSError("real trouble"), None)
+        for message in ("cannot schedule new futures after interpreter shutdown", "real trouble"):
+            threading.excepthook(types.SimpleNamespace(exc_value=RuntimeError(message)))
+    finally:
+        sys.unraisablehook, sys.excepthook, threading.excepthook = saved[:3]
+        absl.setLevel(saved[3])
+        logging.getLogger("asyncio").filters[:] = saved[4]
+    assert reached == [("unraisable", "real trouble"), ("except", "real trouble"), ("thread", "real trouble")]
