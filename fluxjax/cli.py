@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
 import sys
+import threading
 import warnings
 
 from fluxjax.errors import UsageError
@@ -56,6 +58,49 @@ def one_line_warnings(prefix: str):
         yield
 
 
+# What Orbax/TensorStore's background threads and coroutines raise once the command has stopped
+# them (an error already reported, Ctrl-C): hundreds of lines after the one line that matters.
+_AFTERMATH = ("Event loop is closed", "cannot schedule new futures after interpreter shutdown")
+
+
+def _orbax_task_filter(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" about one of Orbax's tasks."""
+    message = record.getMessage()
+    return not ("Task exception was never retrieved" in message and "orbax" in message)
+
+
+def quiet_libraries() -> None:
+    """Keep a command's one-line error the only thing the user reads (not with FLUXJAX_DEBUG):
+    absl's log (Orbax logs each failed write with its traceback, 230-395 lines on a full disk)
+    shows only critical records, and the tracebacks of Orbax's leftover async reads and writes,
+    which fail once the command has stopped them, are dropped (asyncio logs a task of Orbax's whose
+    error nobody retrieved, 100 lines each). Other errors print as before."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").addFilter(_orbax_task_filter)
+
+    def aftermath(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) in _AFTERMATH
+
+    def orbax_coroutine(obj) -> bool:
+        return "orbax" in getattr(getattr(obj, "cr_code", None), "co_filename", "")
+
+    if getattr(sys.excepthook, "fluxjax", False):  # installed by an earlier main() of this process
+        return
+    unraisable, excepthook, thread_hook = sys.unraisablehook, sys.excepthook, threading.excepthook
+
+    def on_unraisable(u):
+        return None if aftermath(u.exc_value) or orbax_coroutine(u.object) else unraisable(u)
+
+    def on_exception(t, v, tb):
+        return None if aftermath(v) else excepthook(t, v, tb)
+
+    def on_thread_exception(a):
+        return None if aftermath(a.exc_value) else thread_hook(a)
+
+    on_exception.fluxjax = True
+    sys.unraisablehook, sys.excepthook, threading.excepthook = on_unraisable, on_exception, on_thread_exception
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = COMMANDS
@@ -68,6 +113,8 @@ def main(argv=None) -> int:
     sub = Parser(prog=f"fluxjax {name}", description=commands[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    if not os.environ.get(DEBUG_ENV):
+        quiet_libraries()
     try:
         with one_line_warnings(f"fluxjax {name}"):
             return int(module.run(args) or 0)

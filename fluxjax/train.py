@@ -28,8 +28,11 @@ Use:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import shutil
+import warnings
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -39,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import lora
-from fluxjax.errors import UsageError
+from fluxjax import folders, lora
+from fluxjax.errors import CheckpointError, UsageError
 from fluxjax.sampling import Schedule
 
 
@@ -81,6 +84,10 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = lora.DEFAULT_TRAIN_TARGETS
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # a NaN or infinite rate trains a NaN model without a word
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{field.name} must be a finite number, got {value}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise UsageError(f"lora_rank must be at least 1, got {self.lora_rank}")
         if self.total_steps < 1:
@@ -427,12 +434,52 @@ def checkpoint_path(root: str | os.PathLike, step: int) -> str:
 def latest_checkpoint(root: str | os.PathLike) -> str | None:
     """The complete checkpoint of the most steps under root, or None (temporary folders of an
     interrupted save are not complete checkpoints)."""
+    done = complete_checkpoints(root)
+    return done[0] if done else None
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[str]:
+    """The complete checkpoints under root, newest first."""
     root = os.fspath(root)
     if not os.path.isdir(root):
-        return None
+        return []
     done = [n for n in os.listdir(root) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()
             and _ocp().is_orbax_checkpoint(os.path.join(root, n))]
-    return os.path.join(root, max(done)) if done else None
+    return [os.path.join(root, n) for n in sorted(done, reverse=True)]
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint of a run could not be read; an older one was resumed from."""
+
+
+def restore_newest_intact(trainer: "Trainer", root: str | os.PathLike, params) -> TrainState:
+    """The state of the newest checkpoint under root that reads back whole: a damaged newest one
+    (a data file lost or cut, its metadata gone) is passed over, saying so in one warning, for the
+    one before it (a run keeps two). CheckpointError when none can be read."""
+    found = complete_checkpoints(root)
+    for i, path in enumerate(found):
+        try:
+            return trainer.restore(path, params)
+        except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, RuntimeError or their own
+            reason = _first_line(e)
+            if "tree structures do not match" in str(e):  # the run's state has another shape: not damage
+                raise UsageError(f"{path}: holds a train state of another shape than this run's (a LoRA or EMA "
+                                 "setting differs from the run that wrote it); resume with that run's "
+                                 "settings") from None
+            if i + 1 == len(found):
+                raise CheckpointError(f"{path}: cannot be read ({reason}), and no older checkpoint can: remove "
+                                      f"{os.fspath(root)} to start the run again") from None
+            warnings.warn(f"{path}: cannot be read ({reason}); resuming from {found[i + 1]}", CheckpointFallbackWarning)
+    raise CheckpointError(f"{os.fspath(root)}: holds no complete checkpoint")
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of the error's root cause: Orbax wraps TensorStore's precise one (DATA_LOSS:
+    ... "opt_state.1.0.mu..." ...) in a generic one holding a repr of the whole array spec."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int = 2) -> None:
@@ -449,6 +496,21 @@ CHECKPOINTS, CACHE, MODEL, MODEL_EMA = "checkpoints", "cache", "model", "model_e
 LORA_FILE, LORA_EMA_FILE = "lora.safetensors", "lora_ema.safetensors"
 LOSS_CSV, LOSS_PNG = "loss.csv", "loss.png"
 FROZEN = {"vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}  # hub folder -> pipeline component
+RUN_MARKER = "fluxjax-train.json"  # in --out: written by fluxjax train, with the settings --resume must keep
+# Everything a run writes directly in --out (model/'s staging folder aside: fluxjax.folders).
+RUN_ENTRIES = {CHECKPOINTS, CACHE, MODEL, MODEL_EMA, LORA_FILE, LORA_EMA_FILE, f"{LORA_FILE}.partial",
+               f"{LORA_EMA_FILE}.partial", LOSS_CSV, LOSS_PNG, RUN_MARKER}
+# The settings --resume must keep, as each changes the result, and their `fluxjax train` flags
+# (--steps may change: a resumed run may go further).
+RESUME_FLAGS = {
+    "batch_size": "--batch-size", "seed": "--seed", "resolution": "--resolution",
+    "max_sequence_length": "--max-sequence-length", "learning_rate": "--lr", "warmup_steps": "--warmup",
+    "weight_decay": "--weight-decay", "clip_norm": "--clip-norm", "ema_decay": "--ema", "guidance": "--guidance",
+    "caption_dropout": "--caption-dropout", "param_dtype": "--param-dtype", "compute_dtype": "--dtype",
+    "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+    "final_lr_fraction": "final_lr_fraction", "b1": "b1", "b2": "b2", "logit_mean": "logit_mean",
+    "logit_std": "logit_std",
+}
 
 
 def stack_layers(params: dict, names: Sequence[str]) -> dict:
@@ -463,13 +525,74 @@ def stack_layers(params: dict, names: Sequence[str]) -> dict:
     return out
 
 
-def check_out_dir(out_dir: str | os.PathLike, resume: bool) -> str | None:
-    """The newest checkpoint of the run in out_dir (None for a new run); UsageError when out_dir
-    holds a run and `resume` is False (a new run must not overwrite another's checkpoints)."""
-    latest = latest_checkpoint(os.path.join(os.fspath(out_dir), CHECKPOINTS))
+def run_settings(cfg: TrainConfig, batch_size: int, seed: int, resolution: int,
+                 max_sequence_length: int | None) -> dict:
+    """The settings of a run that --resume must keep (RESUME_FLAGS), as JSON values."""
+    given = dict(dataclasses.asdict(cfg), batch_size=batch_size, seed=seed, resolution=resolution,
+                 max_sequence_length=max_sequence_length)
+    return json.loads(json.dumps({name: given[name] for name in RESUME_FLAGS}))
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool, settings: dict | None = None) -> str | None:
+    """The newest checkpoint of the run in out_dir (None for a new run), or UsageError in one line:
+
+    out_dir must be new, empty or a run fluxjax train wrote (RUN_MARKER, or an older fluxjax's
+    checkpoints/; nothing but RUN_ENTRIES in it), and its model/ and model_ema/, which the run
+    replaces at the end, each entirely fluxjax train's (fluxjax.folders.owned_why). A run's
+    checkpoints are continued only with `resume` (a new run must not overwrite another's) and with
+    the `settings` (run_settings) the run was started with, where it recorded them.
+    """
+    out = os.fspath(out_dir)
+    if not os.path.lexists(out):
+        folders.check_creatable(out, "--out")
+        return None
+    if not os.path.isdir(out):
+        raise UsageError(f"{out}: is a file; --out names the run's folder")
+    entries = set(os.listdir(out))
+    staging = tuple(f"{name}{folders.STAGING}" for name in (MODEL, MODEL_EMA))
+    extra = sorted(e for e in entries if e not in RUN_ENTRIES and not e.startswith(staging))
+    why = (f"it holds {folders.shown(extra)}, which fluxjax train does not write" if extra else
+           f"no {RUN_MARKER} or {CHECKPOINTS}/ in it" if entries and not entries & {RUN_MARKER, CHECKPOINTS} else "")
+    if why:
+        raise UsageError(f"{out}: already exists and was not written by fluxjax train ({why}); fluxjax train writes "
+                         "into a new or empty folder or continues its own run: choose another --out")
+    for name in (MODEL, MODEL_EMA):
+        path = os.path.join(out, name)
+        why = os.path.lexists(path) and folders.owned_why(path, "train")
+        if why:
+            raise UsageError(f"{path}: not written by fluxjax train ({why}), and the run replaces it at the end: "
+                             "move it elsewhere or choose another --out")
+    latest = latest_checkpoint(os.path.join(out, CHECKPOINTS))
     if latest is not None and not resume:
-        raise UsageError(f"{os.fspath(out_dir)}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+        raise UsageError(f"{out}: holds checkpoints of a run; pass --resume to continue it or choose another --out")
+    recorded = _read_run_marker(out).get("settings")
+    if latest is not None and settings is not None and isinstance(recorded, dict):
+        changed = [f"{RESUME_FLAGS[k]} {_shown_setting(settings[k])} (the run has {_shown_setting(recorded.get(k))})"
+                   for k in RESUME_FLAGS if k in recorded and settings[k] != recorded[k]]
+        if changed:
+            raise UsageError(f"{out}: --resume with settings that change the run: {', '.join(changed)}; resume with "
+                             "the run's settings, or start a new run in another --out")
     return latest
+
+
+def _shown_setting(value) -> str:
+    return "none" if value is None else ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _read_run_marker(out: str) -> dict:
+    try:
+        with open(os.path.join(out, RUN_MARKER), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_run_marker(out: str, settings: dict | None) -> None:
+    path = os.path.join(out, RUN_MARKER)
+    with open(f"{path}.partial", "w", encoding="utf-8") as f:
+        json.dump({"writer": "train", "settings": settings}, f, indent=1)
+    os.replace(f"{path}.partial", path)
 
 
 def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_size: int = 1, seed: int = 0,
@@ -488,26 +611,38 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     `loras=` read (with EMA also lora_ema.safetensors).
     resume: continue from the newest checkpoint, bit for bit as if never stopped.
     The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
+    out_dir must be new, empty or this run's (`check_out_dir`); a second run on it at the same
+    time is refused (fluxjax.folders.locked).
     """
+    out_dir = os.fspath(out_dir)
+    with folders.locked(out_dir, "--out"):  # one run at a time in out_dir
+        return _fit(pipe, examples, out_dir, cfg, batch_size, seed, save_every, resume, resolution,
+                    max_sequence_length, source, tx, progress)
+
+
+def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_every, resume, resolution,
+         max_sequence_length, source, tx, progress) -> TrainState:
     from tqdm import tqdm
 
     from fluxjax.data import Batches, EncodedDataset, bucket
     from fluxjax.models.flux import BLOCK_STACKS
 
-    out_dir = os.fspath(out_dir)
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
-    latest = check_out_dir(out_dir, resume)
+    settings = run_settings(cfg, batch_size, seed, resolution, max_sequence_length)
+    latest = check_out_dir(out_dir, resume, settings)
     if save_every < 1:
         raise UsageError(f"save_every must be at least 1, got {save_every}")
     batches = Batches([bucket(e.width, e.height, resolution) for e in examples], batch_size, seed)
     os.makedirs(out_dir, exist_ok=True)
+    if latest is None or not os.path.exists(os.path.join(out_dir, RUN_MARKER)):
+        _write_run_marker(out_dir, settings if latest is None else None)  # an older fluxjax's run: settings unknown
     length = max_sequence_length or pipe.defaults.max_sequence_length
     data = EncodedDataset(examples, pipe, resolution, length, os.path.join(out_dir, CACHE), progress)
 
     params = stack_layers(pipe.transformer.params, BLOCK_STACKS)
     trainer = Trainer(pipe.transformer.model, cfg, pipe.schedule, tx, pipe.strategy, pipe.mesh)
     if latest is not None:
-        state = trainer.restore(latest, params)
+        state = restore_newest_intact(trainer, ckpt_root, params)
     else:
         state = trainer.init(params, seed)
     del params
@@ -529,9 +664,13 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
         if state.ema is not None:
             write_lora(os.path.join(out_dir, LORA_EMA_FILE), trainer, state.ema)
         return state
-    write_model(os.path.join(out_dir, MODEL), pipe, state.params, source)
-    if state.ema is not None:
-        write_model(os.path.join(out_dir, MODEL_EMA), pipe, state.ema, source)
+    try:
+        write_model(os.path.join(out_dir, MODEL), pipe, state.params, source)
+        if state.ema is not None:
+            write_model(os.path.join(out_dir, MODEL_EMA), pipe, state.ema, source)
+    except FileExistsError as e:  # model/ changed during the run: the state is safe in the last checkpoint
+        raise FileExistsError(f"{e}; the trained state is in {checkpoint_path(ckpt_root, int(state.step))}: move "
+                              "the folder aside and run again with --resume to write it") from None
     return state
 
 
@@ -586,29 +725,28 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
     """A hub-layout folder `FluxPipeline.from_pretrained(folder)` loads: transformer/ holds
     `transformer_params` as a fluxjax component; the frozen components are symlinks into
     `source` (a hub folder), or, when source is None (the tiny preset), written as components
-    beside locally made tokenizers. Written under a temporary name and renamed."""
+    beside locally made tokenizers. Staged and swapped in by fluxjax.folders.staged, which
+    replaces an existing `folder` only when it is entirely one fluxjax train wrote (its manifest
+    says so: `fluxjax convert --overwrite` refuses such a folder in turn)."""
     from fluxjax.checkpoint import PARAMS, save_params, write_marker
 
-    tmp = f"{folder}.partial"
-    for path in (tmp, folder):
-        if os.path.lexists(path):
-            shutil.rmtree(path)
-    os.makedirs(os.path.join(tmp, "transformer"))
-    dtype = jax.tree.leaves(transformer_params)[0].dtype
-    write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
-    save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
-    if source is not None:
-        source = os.path.abspath(os.fspath(source))
-        for name in sorted(os.listdir(source)):
-            if name != "transformer":
-                os.symlink(os.path.join(source, name), os.path.join(tmp, name))
-    else:
-        from fluxjax.tiny_tokenizers import make_tokenizers
+    with folders.staged(folder, "train", overwrite=True) as tmp:
+        os.makedirs(os.path.join(tmp, "transformer"))
+        dtype = jax.tree.leaves(transformer_params)[0].dtype
+        write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
+        save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
+        if source is not None:
+            source = os.path.abspath(os.fspath(source))
+            for name in sorted(os.listdir(source)):
+                if name != "transformer":
+                    os.symlink(os.path.join(source, name), os.path.join(tmp, name))
+        else:
+            from fluxjax.tiny_tokenizers import make_tokenizers
 
-        make_tokenizers(tmp)
-        for hub_name, attr in FROZEN.items():
-            component = getattr(pipe, attr)
-            os.makedirs(os.path.join(tmp, hub_name))
-            write_marker(os.path.join(tmp, hub_name), attr, component.model.config, jax.tree.leaves(component.params)[0].dtype)
-            save_params(os.path.join(tmp, hub_name, PARAMS), component.params)
-    os.rename(tmp, folder)
+            make_tokenizers(tmp)
+            for hub_name, attr in FROZEN.items():
+                component = getattr(pipe, attr)
+                os.makedirs(os.path.join(tmp, hub_name))
+                write_marker(os.path.join(tmp, hub_name), attr, component.model.config,
+                             jax.tree.leaves(component.params)[0].dtype)
+                save_params(os.path.join(tmp, hub_name, PARAMS), component.params)

@@ -27,6 +27,7 @@ from fluxjax.loading.registry import load_clip, load_t5, load_transformer, load_
 from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.cli import main
 from fluxjax.config import AutoEncoderConfig
+from fluxjax.folders import MANIFEST
 from fluxjax.reference import MODEL_INDEX, randomize_
 from fluxjax.tiny_tokenizers import make_tokenizers
 from test_t5 import CONFIG_A, hf_config
@@ -117,7 +118,7 @@ def test_hub_conversion_is_bit_identical_to_safetensors(hub, converted, sub):
 
 def test_hub_layout_is_mirrored_and_self_contained(hub, converted):
     root, _ = hub
-    assert sorted(os.listdir(converted)) == sorted(os.listdir(root))
+    assert sorted(os.listdir(converted)) == sorted(os.listdir(root) + [MANIFEST])  # + the list of what fluxjax wrote
     for sub in LOADERS:
         assert {"fluxjax.json", "params", "config.json"} <= set(os.listdir(converted / sub))
         assert not glob.glob(str(converted / sub / "*.safetensors*"))
@@ -445,11 +446,11 @@ def test_restore_into_shardings_on_8_devices(hub, converted):
 
 REPLACE_KILL_SCRIPT = """
 import os, signal, sys
-import fluxjax.loading.to_orbax as to_orbax
+import fluxjax.folders as folders
 from fluxjax.cli import main
 
 STEP, SRC, DST = sys.argv[1:]
-exchange, unlink, swapped, unlinked = to_orbax.exchange, os.unlink, [], []
+exchange, unlink, swapped, unlinked = folders.exchange, os.unlink, [], []
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -471,7 +472,7 @@ def unlink_then_die(*args, **kw):
             die()
     unlink(*args, **kw)
 
-to_orbax.exchange, os.unlink = exchange_then_die, unlink_then_die
+folders.exchange, os.unlink = exchange_then_die, unlink_then_die
 sys.exit(main(["convert", SRC, DST, "--overwrite"]))
 """
 

@@ -1,8 +1,10 @@
 """Training (fluxjax.train): the loss's gradient against diffusers' FluxTransformer2DModel, the
 jitted step (optax, EMA, remat, dtypes), sharding on 8 simulated CPU devices, checkpoints."""
 
+import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -567,3 +569,198 @@ def _safetensors_contents(data: bytes) -> tuple[dict, dict]:
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     tensors = {k: (str(v.dtype), v.shape, v.tobytes()) for k, v in load(data).items()}
     return header.get("__metadata__", {}), tensors
+
+
+# -- --out: the folder rule of fluxjax.folders, --resume's settings and damaged checkpoints (issue 31) --
+
+
+def _train_error(capsys, *argv) -> str:
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and "\n" not in err and err.startswith("fluxjax train: error: "), err
+    return err[len("fluxjax train: error: "):]
+
+
+def test_out_not_written_by_fluxjax_train_is_refused_before_loading(tmp_path, capsys):
+    """N118-N120 (and N109): the user's folder, their lora.safetensors, a model/ link, a file in
+    the way, a NaN rate: one line, exit 2, before the model loads; every file of theirs, at every
+    depth, is as it was and no lock file is left."""
+    from test_convert import tree_bytes
+
+    from fluxjax.train import _write_run_marker
+
+    data = make_folder(tmp_path / "data", sizes=((40, 24),))
+    proj = tmp_path / "proj"
+    (proj / "model").mkdir(parents=True)
+    (proj / "notes").mkdir()
+    (proj / "model" / "README.md").write_text("notes")
+    (proj / "loss.csv").write_text("log")
+    lproj = tmp_path / "lproj"
+    lproj.mkdir()
+    (lproj / "lora.safetensors").write_bytes(b"the user's LoRA")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine.txt").write_text("mine")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(tmp_path / "elsewhere", linked / "model")
+    owned = tmp_path / "owned"  # a run of fluxjax train's whose model/ became a link
+    owned.mkdir()
+    _write_run_marker(str(owned), None)
+    os.symlink(tmp_path / "elsewhere", owned / "model")
+    (tmp_path / "afile").write_text("a file")
+    not_train = "already exists and was not written by fluxjax train ({}); fluxjax train writes into a new or empty " \
+                "folder or continues its own run: choose another --out"
+    cases = [
+        (proj, [], f"{proj}: " + not_train.format("it holds notes, which fluxjax train does not write")),
+        (lproj, ["--lora-rank", "4"], f"{lproj}: " + not_train.format("no fluxjax-train.json or checkpoints/ in it")),
+        (linked, [], f"{linked}: " + not_train.format("no fluxjax-train.json or checkpoints/ in it")),
+        (owned, [], f"{owned / 'model'}: not written by fluxjax train (it is a symbolic link), and the run replaces "
+                    "it at the end: move it elsewhere or choose another --out"),
+        (tmp_path / "afile" / "sub", [], f"{tmp_path / 'afile' / 'sub'}: cannot be created: {tmp_path / 'afile'} is a "
+                                         "file, not a folder; choose another --out"),
+        (tmp_path / "new", ["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (tmp_path / "new", ["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    ]
+    before = tree_bytes(tmp_path)
+    for out, extra, message in cases:
+        assert _train_error(capsys, data, "--out", out, "--steps", "2", "--resolution", "32", *extra) == message
+        assert tree_bytes(tmp_path) == before
+    with pytest.raises(UsageError, match="learning_rate must be a finite number, got inf"):
+        TrainConfig(learning_rate=float("inf"))
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys, tiny):
+    """N110-N112: --resume with another batch size, rate, parameter dtype, resolution, or adding a
+    LoRA or an EMA: one line naming each changed setting and the run's, before the model loads
+    (not Orbax's 34 KB tree diff after it); --steps may change (a resumed run may go further)."""
+    from test_convert import tree_bytes
+
+    from fluxjax.train import _write_run_marker, run_settings
+
+    model, params, batch = tiny
+    data = make_folder(tmp_path / "data", sizes=((40, 24),))
+    out = tmp_path / "out"
+    save_state(out / "checkpoints" / "step_00000002", Trainer(model, TrainConfig(), Schedule.dev()).init(params))
+    _write_run_marker(str(out), run_settings(TrainConfig(total_steps=4), 1, 0, 64, None))
+    before = tree_bytes(out)
+    common = [data, "--out", out, "--steps", "6", "--resolution", "64", "--resume"]
+    tail = "; resume with the run's settings, or start a new run in another --out"
+    cases = [
+        (["--batch-size", "2", "--lr", "0.5"], "--batch-size 2 (the run has 1), --lr 0.5 (the run has 0.0001)"),
+        (["--param-dtype", "bfloat16"], "--param-dtype bfloat16 (the run has float32)"),
+        (["--resolution", "32"], "--resolution 32 (the run has 64)"),
+        (["--lora-rank", "4"], "--lora-rank 4 (the run has none)"),
+        (["--ema", "0.9"], "--ema 0.9 (the run has none)"),
+    ]
+    for extra, changed in cases:
+        message = _train_error(capsys, *common, *extra)
+        assert message == f"{out}: --resume with settings that change the run: {changed}{tail}"
+        assert tree_bytes(out) == before
+
+
+def test_a_second_run_on_one_out_is_refused_naming_the_first(tmp_path, capsys):
+    """N122: while a run holds --out (its lock), another is refused in one line naming its
+    process, before its model loads; the lock goes with the run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cc"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fluxjax.folders import locked\n"
+         "with locked(sys.argv[1], '--out'):\n    print('held', flush=True); time.sleep(300)", str(out)],
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        message = _train_error(capsys, make_folder(tmp_path / "data", sizes=((40, 24),)), "--out", out, "--steps", "2")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert message.startswith(f"{out}: another fluxjax run is writing it (process {holder.pid} on ")
+    assert message.endswith(f"{out}); wait for it to end or choose another --out")
+    assert not out.exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    """N113, N114: the newest checkpoint with its largest data file deleted, or its metadata: the
+    run resumes from the one before, saying so in one line, and ends bit-identical to the
+    undamaged run; with no readable checkpoint left, one line naming it."""
+    data = make_folder(tmp_path / "data", sizes=((40, 24),))
+    out = tmp_path / "run"
+    argv = ["--resolution", "32", "--steps", "4", "--save-every", "2", "--dtype", "float32", "--max-sequence-length", "16"]
+    assert run_cli(capsys, data, "--out", out, *argv)[0] == 0
+    want, loss = _final_state(out), (out / "loss.csv").read_text()
+
+    def largest_data_file(step):
+        return max(glob.glob(str(out_d / "checkpoints" / step / "state" / "ocdbt.process_*" / "d" / "*")),
+                   key=os.path.getsize)
+
+    for damage in ("data_file", "metadata"):
+        out_d = tmp_path / damage
+        shutil.copytree(out, out_d, symlinks=True)
+        newest = out_d / "checkpoints" / "step_00000004"
+        os.remove(largest_data_file("step_00000004") if damage == "data_file" else newest / "_CHECKPOINT_METADATA")
+        code, err = run_cli(capsys, data, "--out", out_d, *argv, "--resume")
+        assert code == 0 and "\n" not in err, err
+        assert re.fullmatch(rf"fluxjax train: warning: {re.escape(str(newest))}: cannot be read \(.+\); resuming from "
+                            rf"{re.escape(str(out_d / 'checkpoints' / 'step_00000002'))}", err), err
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(want, _final_state(out_d)))
+        assert (out_d / "loss.csv").read_text() == loss
+
+    out_d = tmp_path / "both"
+    shutil.copytree(out, out_d, symlinks=True)
+    os.remove(out_d / "checkpoints" / "step_00000004" / "_CHECKPOINT_METADATA")
+    os.remove(largest_data_file("step_00000002"))
+    code, err = run_cli(capsys, data, "--out", out_d, *argv, "--resume")
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 2 and lines[0].startswith("fluxjax train: warning: "), err
+    assert re.fullmatch(rf"fluxjax train: error: {re.escape(str(out_d / 'checkpoints' / 'step_00000002'))}: cannot be "
+                        rf"read \(.+\), and no older checkpoint can: remove {re.escape(str(out_d / 'checkpoints'))} to "
+                        "start the run again", lines[1]), err
+
+
+def test_background_aftermath_of_a_reported_error_is_quiet():
+    """N116, N117, N125: the CLI's one line is not buried under absl's log of each failed Orbax
+    write (230-395 lines on a full disk) or the tracebacks of Orbax's leftover threads and
+    coroutines after Ctrl-C or a failed read; any other error still reaches the hooks."""
+    import logging
+    import sys
+    import threading
+    import types
+
+    from fluxjax.cli import quiet_libraries
+
+    absl = logging.getLogger("absl")
+    saved = sys.unraisablehook, sys.excepthook, threading.excepthook, absl.level, logging.getLogger("asyncio").filters[:]
+    reached = []
+    sys.unraisablehook = lambda u: reached.append(("unraisable", str(u.exc_value)))
+    sys.excepthook = lambda t, v, tb: reached.append(("except", str(v)))
+    threading.excepthook = lambda a: reached.append(("thread", str(a.exc_value)))
+    try:
+        quiet_libraries()
+        assert not absl.isEnabledFor(logging.ERROR) and absl.isEnabledFor(logging.CRITICAL)
+        task = "Task exception was never retrieved\nfuture: <Task finished name='Task-483' coro=<{}() done, defined at {}>"
+        asyncio_log = logging.getLogger("asyncio")
+        assert not asyncio_log.filter(asyncio_log.makeRecord(
+            "asyncio", logging.ERROR, "", 0, task.format("_read_array_index_and_device_put", "/x/orbax/checkpoint/a.py"),
+            (), None))
+        assert asyncio_log.filter(asyncio_log.makeRecord("asyncio", logging.ERROR, "", 0, task.format("mine", "/x/app.py"),
+                                                         (), None))
+
+        async def _read_array_index_and_device_put():  # stands for Orbax's own coroutine
+            pass
+
+        coroutine = _read_array_index_and_device_put()
+        coroutine.close()
+        orbax_code = coroutine.cr_code.replace(co_filename="/site-packages/orbax/checkpoint/serialization.py")
+        orbax_coroutine = types.SimpleNamespace(cr_code=orbax_code)
+        for exc, obj in [(RuntimeError("Event loop is closed"), None), (ValueError("DATA_LOSS"), orbax_coroutine),
+                         (RuntimeError("real trouble"), None)]:
+            sys.unraisablehook(types.SimpleNamespace(exc_value=exc, object=obj))
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+        sys.excepthook(OSError, OSError("real trouble"), None)
+        for message in ("cannot schedule new futures after interpreter shutdown", "real trouble"):
+            threading.excepthook(types.SimpleNamespace(exc_value=RuntimeError(message)))
+    finally:
+        sys.unraisablehook, sys.excepthook, threading.excepthook = saved[:3]
+        absl.setLevel(saved[3])
+        logging.getLogger("asyncio").filters[:] = saved[4]
+    assert reached == [("unraisable", "real trouble"), ("except", "real trouble"), ("thread", "real trouble")]

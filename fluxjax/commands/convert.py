@@ -40,7 +40,7 @@ def _identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of `path` itself (a link is not followed), or None when nothing is there."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file where a folder of the path should be
         return None
     return st.st_dev, st.st_ino
 

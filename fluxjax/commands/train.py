@@ -43,14 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import math
+
     from fluxjax.data import scan_folder
     from fluxjax.errors import UsageError
+    from fluxjax.folders import locked
     from fluxjax.sampling import check_dimension
-    from fluxjax.train import LORA_FILE, MODEL, TrainConfig, check_out_dir, fit
+    from fluxjax.train import LORA_FILE, MODEL, TrainConfig, check_out_dir, fit, run_settings
 
     for name in ("steps", "batch_size", "save_every", "lora_rank"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "weight_decay", "clip_norm", "ema", "guidance", "caption_dropout", "lora_alpha"):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):  # argparse's float takes "nan"
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     check_dimension("--resolution", args.resolution)
     cfg = TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup, total_steps=args.steps, weight_decay=args.weight_decay,
@@ -64,14 +70,17 @@ def run(args) -> int:
     examples = scan_folder(args.data)  # before the model: bad data fails in a second, not after loading
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
-    check_out_dir(args.out, args.resume)
+    settings = run_settings(cfg, args.batch_size, args.seed, args.resolution, args.max_sequence_length)
+    check_out_dir(args.out, args.resume, settings)  # before the lock: a refused --out gets no lock file beside it
 
     from fluxjax.pipeline import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype, sharding=args.sharding)
-    state = fit(pipe, examples, args.out, cfg, batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,
-                resume=args.resume, resolution=args.resolution, max_sequence_length=args.max_sequence_length,
-                source=None if args.model == "tiny" else args.model, progress=True)
+    with locked(args.out, "--out"):  # before the model loads: a second run on --out is refused at once
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype, sharding=args.sharding)
+        state = fit(pipe, examples, args.out, cfg, batch_size=args.batch_size, seed=args.seed,
+                    save_every=args.save_every, resume=args.resume, resolution=args.resolution,
+                    max_sequence_length=args.max_sequence_length,
+                    source=None if args.model == "tiny" else args.model, progress=True)
     written = LORA_FILE if cfg.lora_rank is not None else MODEL
     print(f"trained {int(state.step)} steps; {'LoRA' if cfg.lora_rank is not None else 'model'} written to "
           f"{os.path.join(args.out, written)}")

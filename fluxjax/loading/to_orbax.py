@@ -16,27 +16,20 @@ first read); each leaf is written to Orbax and released, so memory is bounded by
 (DST.converting-PID) that becomes DST only at the end: a failure, Ctrl-C or SIGTERM removes it
 and leaves DST as it was.
 
-Replacing (`overwrite=True`) takes only a folder fluxjax itself wrote (`owned_by_fluxjax`), never
-SRC, a folder holding SRC or one inside it. The new folder and the old DST swap names in one
-atomic step (renameat2 RENAME_EXCHANGE), so at every instant DST is either the old folder or the
-new one, complete; the old one is then removed under the staging name. Whatever a killed
-conversion leaves (DST.converting-PID, or DST.replaced-PID from fluxjax before the swap) is
-removed, and reported, by the next conversion to the same DST.
+Replacing (`overwrite=True`) takes only a folder fluxjax convert itself wrote, every file of it
+at every depth (its manifest, `owned_by_fluxjax`), never SRC, a folder holding SRC or one inside
+it. The staging, the swap, the lock against a second conversion to the same DST and the removal
+of what a killed conversion left follow fluxjax.folders, the rule every folder fluxjax replaces
+follows: at every instant DST is either the old folder or the new one, complete, and nothing
+that appears at DST during the conversion is removed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import glob
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 from tqdm.auto import tqdm
 
@@ -46,14 +39,12 @@ from fluxjax.loading.flux import BFL_PREFIXES, single_file
 from fluxjax.loading import gguf, registry
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
-from fluxjax.images import fsync_dir, process_alive
+from fluxjax.folders import MANIFEST, check_creatable, locked, owned_why, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
 # Top-level modules of a diffusers FluxTransformer2DModel: a file with them is not a BFL file.
 DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.")
-STAGING = ".converting-"  # DST + STAGING + pid: where a conversion writes before the final rename
-LEFTOVERS = (STAGING, ".replaced-")  # DST + one of these + pid: what a killed conversion can leave
 COMPONENT_ENTRIES = {MARKER, PARAMS, "config.json"}  # all a component folder written here holds
 
 
@@ -74,8 +65,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
     check_destination(src, dst, overwrite)
     jobs, copies = inventory(src, dtype)
     total = sum(plan.nbytes() for _, plan in jobs)
-    with staged(dst) as tmp, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                  desc=f"converting {os.path.basename(src)}", disable=None if progress is None else not progress) as bar:
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"converting {os.path.basename(src)}",
+               disable=None if progress is None else not progress)
+    with locked(dst, "DST"), staged(dst, "convert", overwrite) as tmp, bar:
         for rel, plan in jobs:
             write_component(plan, os.path.join(tmp, rel), dtype, bar.update, loras if plan.kind == "flux" else ())
         for rel in copies:
@@ -99,6 +91,7 @@ def check_destination(src: str, dst: str, overwrite: bool) -> None:
     if os.path.commonpath([real_src, real_dst]) == real_src:
         raise FileExistsError(f"{dst}: is inside the source {src}; write the conversion to another folder")
     if not os.path.lexists(dst):
+        check_creatable(dst, "DST")
         return
     if os.path.islink(dst):
         raise FileExistsError(f"{dst}: is a symbolic link; fluxjax writes a new folder, or replaces one it wrote, "
@@ -117,14 +110,25 @@ def check_destination(src: str, dst: str, overwrite: bool) -> None:
 def owned_by_fluxjax(folder: str) -> str:
     """Why `folder` (an existing folder) is not one fluxjax convert wrote, or "" when it is.
 
-    Its own: an empty folder (nothing to lose); a component folder (a fluxjax.json of fluxjax's
-    format beside params/, config.json at most); or a converted hub folder, which holds
-    model_index.json, only the entries that file names, and at least one component folder.
-    Anything else in it (a file of the user's, a safetensors source) makes it not fluxjax's.
+    Its own: an empty folder (nothing to lose), or one whose every entry, at every depth, is in
+    the manifest fluxjax wrote into it (fluxjax.folders.owned_why). A folder without a manifest
+    is told apart by its top level (`_unlisted_why`): a project folder or a converted folder with
+    the user's file beside its components is named as such; one that looks like an older
+    fluxjax's conversion is still refused, since files of the user's below its top level (a note
+    in tokenizer/, a VAE swapped for the user's own) cannot be told apart.
     """
     entries = set(os.listdir(folder))
-    if not entries:
-        return ""
+    if not entries or MANIFEST in entries:
+        return owned_why(folder, "convert")
+    return _unlisted_why(folder, entries) or (
+        f"it has no {MANIFEST}, the list of the files fluxjax wrote, which fluxjax keeps since 2026-12: files of "
+        "yours below its top level cannot be told apart; if it holds nothing of yours, remove it yourself")
+
+
+def _unlisted_why(folder: str, entries: set[str]) -> str:
+    """Why a folder without a manifest is not a conversion by its top level, or "" when it looks like one:
+    a component folder (a fluxjax.json of fluxjax's format beside params/, config.json at most) or
+    a converted hub folder (model_index.json, only the entries it names, one component at least)."""
     if MARKER in entries:
         return _component_why(folder) or _extra_why(entries - COMPONENT_ENTRIES)
     if "model_index.json" not in entries:
@@ -260,101 +264,3 @@ def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], ob
     source_dir = plan.source.path if os.path.isdir(plan.source.path) else None
     if source_dir and os.path.isfile(os.path.join(source_dir, "config.json")):
         shutil.copy2(os.path.join(source_dir, "config.json"), os.path.join(folder, "config.json"))
-
-
-@contextlib.contextmanager
-def staged(dst: str) -> Iterator[str]:
-    """A fresh folder beside `dst` that becomes `dst` when the block ends without error.
-
-    An existing `dst` is swapped with the new one in one atomic step once the new one is
-    complete, then removed; on a filesystem that cannot swap two folders atomically an existing
-    `dst` is refused before the block runs. On an exception, KeyboardInterrupt or SIGTERM the
-    staging folder (the new one, or after the swap the old DST) is removed and the error propagates.
-    """
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    remove_leftovers(dst)
-    tmp = f"{dst}{STAGING}{os.getpid()}"
-    os.makedirs(tmp)
-    try:
-        with _sigterm_raises():
-            if os.path.exists(dst):
-                _check_exchange(tmp, dst)
-            yield tmp
-            if os.path.exists(dst):
-                exchange(tmp, dst)  # DST is now the new folder, tmp the old DST
-                fsync_dir(parent)
-                shutil.rmtree(tmp)
-            else:
-                os.rename(tmp, dst)
-                fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def exchange(a: str, b: str) -> None:
-    """Swap the names of folders `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE): no
-    instant exists at which either name is missing. OSError when the system cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None)
-    if renameat2 is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not in this C library", a)
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), a, None, b)
-
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _check_exchange(tmp: str, dst: str) -> None:
-    """Refuse --overwrite where the filesystem cannot swap folders (e.g. NFS, most FUSE mounts),
-    before the conversion runs: two renames would leave a moment with no DST at all."""
-    a, b = os.path.join(tmp, ".swap-a"), os.path.join(tmp, ".swap-b")
-    os.makedirs(a)
-    os.makedirs(b)
-    try:
-        exchange(a, b)
-    except OSError as e:
-        raise FileExistsError(f"{dst}: cannot be replaced safely: this filesystem cannot swap two folders in one "
-                              f"step ({e.strerror}); remove {dst} yourself, or convert to a new folder") from None
-    finally:
-        os.rmdir(a)
-        os.rmdir(b)
-
-
-def remove_leftovers(dst: str) -> list[str]:
-    """Remove what conversions to `dst` killed with SIGKILL left beside it (DST.converting-PID,
-    DST.replaced-PID of processes that are gone), saying so on stderr; returns their paths.
-
-    Never DST itself: after the atomic swap the staging name holds the old DST, so a leftover is
-    always either an unfinished new folder or an old one already replaced.
-    """
-    removed = []
-    for marker in LEFTOVERS:
-        for path in sorted(glob.glob(glob.escape(dst) + marker + "*")):
-            pid = path.rsplit(marker, 1)[1]
-            if pid.isdigit() and not process_alive(int(pid)):
-                print(f"removing {path}, left by an interrupted conversion (process {pid})", file=sys.stderr)
-                shutil.rmtree(path)
-                removed.append(path)
-    return removed
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """Turn SIGTERM into KeyboardInterrupt for the block, so the staging folder gets removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
