@@ -101,6 +101,33 @@ def compiled_attention(name: str, n: int, length: int) -> dict:
             "count": len(ops), "shapes": shapes}
 
 
+def splash_errors() -> list[dict]:
+    """One attention call with "splash" (Pallas interpret mode here) under sp_ring at degrees 2 and
+    4 and sp_ulysses at 2, its output and its gradients (q, k, v) against XLA's on one device; 29
+    tokens (padded in the ring's blocks and in splash's)."""
+    rng = np.random.default_rng(2)
+    b, length, h, d = 2, 29, HEADS, 16
+    q, k, v = (rng.standard_normal((b, length, h, d)).astype(np.float32) for _ in range(3))
+    cos, sin = (rng.standard_normal((b, length, d // 2)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal((b, length, h * d)).astype(np.float32)
+
+    def run(impl):
+        value = lambda q, k, v: attention(q, k, v, cos, sin, implementation=impl)  # noqa: E731
+        grads = jax.grad(lambda q, k, v: (value(q, k, v) * w).sum(), argnums=(0, 1, 2))
+        return [np.asarray(x) for x in (jax.jit(value)(q, k, v), *jax.jit(grads)(q, k, v))]
+
+    reference = run("xla")
+    out = []
+    for name, degrees in (("sp_ring", (2, 4)), ("sp_ulysses", (2,))):  # interpret mode is slow: few cases
+        for n in degrees:
+            strategy, mesh = mesh_of(Strategy.load(name), (1, n))
+            with strategy.activate(mesh):
+                got = run("splash")
+            errors = [float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(got, reference)]
+            out.append({"strategy": name, "degree": n, "errors": dict(zip(("out", "dq", "dk", "dv"), errors))})
+    return out
+
+
 def pipeline_errors(hub: str) -> list[dict]:
     single = FluxPipeline.from_pretrained(hub, dtype="float32")
     reference = {size: single(PROMPTS[:1], **kw, **KW) for size, kw in SIZES.items()}
@@ -126,8 +153,10 @@ def pipeline_errors(hub: str) -> list[dict]:
 def main(hub: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     hlo = [compiled_attention(f"sp_{m}", n, 40) for m in ("ring", "ulysses") for n in (2, 8)]
+    with jax.default_matmul_precision("highest"):
+        splash = splash_errors()
     print(json.dumps({"devices": jax.device_count(), "transformer": transformer_errors(), "hlo": hlo,
-                      "pipeline": pipeline_errors(hub)}))
+                      "splash": splash, "pipeline": pipeline_errors(hub)}))
 
 
 if __name__ == "__main__":

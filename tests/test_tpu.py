@@ -62,6 +62,8 @@ CASES = [("fsdp", "v5e:1x1", 1, 64, ["denoise", "encode", "decode", "vae_encode"
          ("tp", "v6e:2x4", 1, 128, ["denoise", "encode"], "base"),
          ("fsdp_tp", "v6e:2x2", 2, 128, ["denoise", "encode"], "base"),
          ("sp_ulysses", "v5e:2x1", 1, 128, ["denoise"], "base"), ("sp_ring", "v5e:2x2", 1, 128, ["denoise"], "base"),
+         ("sp_ulysses_fsdp", "v5e:2x2", 2, 128, ["denoise"], "base"),
+         ("sp_ring_fsdp", "v5e:2x2", 2, 128, ["denoise"], "base"),
          ("fsdp", "v5e:2x2", 4, 128, ["denoise"], "kontext"), ("fsdp", "v5e:2x2", 4, 128, ["denoise"], "fill"),
          ("fsdp", "v5e:2x2", 4, 128, ["denoise"], "control")]
 
@@ -73,7 +75,7 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("strategy, topology", [c[:2] for c in CASES if c[0] != "sp_ring" and c[5] == "base"])
+@pytest.mark.parametrize("strategy, topology", [c[:2] for c in CASES if "ring" not in c[0] and c[5] == "base"])
 def test_each_strategy_compiles_the_denoising_loop_for_a_tpu_with_a_splash_kernel_per_attention(compiled, strategy,
                                                                                                 topology):
     got = compiled[f"denoise:{strategy}@{topology}"]
@@ -119,10 +121,12 @@ def test_sharded_strategies_communicate_and_one_chip_does_not(compiled):
     assert compiled["denoise:sp_ring@v5e:2x2"]["collectives"]["collective-permute"]["count"] > 0
 
 
-def test_ring_attention_compiles_with_its_own_online_softmax(compiled):
-    # Ring attention folds key blocks with an online softmax in XLA ops, not through splash.
-    got = compiled["denoise:sp_ring@v5e:2x2"]
-    assert got["mosaic_kernels"] == 0 and got["compiled"]["fits"] is True
+@pytest.mark.parametrize("strategy", ["sp_ring", "sp_ring_fsdp"])
+def test_ring_attention_runs_each_block_through_splash(compiled, strategy):
+    # The ring folds key blocks by their logsumexp; each block's attention is a splash kernel,
+    # traced twice per block kind (in the loop of hops and for the last block): 4.
+    got = compiled[f"denoise:{strategy}@v5e:2x2"]
+    assert got["attention"] == "splash" and got["mosaic_kernels"] == 4 and got["compiled"]["fits"] is True
 
 
 def test_plan_topology_json_gives_the_tpu_compilers_figures():

@@ -544,7 +544,7 @@ def splash_block(seq_len: int, max_block: int = SPLASH_MAX_BLOCK) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
+def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool, residuals: bool = False):
     """One splash kernel (unmasked, every head) for this shape, keyed by static facts only.
 
     Built on a thread of its own, where no trace is active: the kernel holds its mask tables as
@@ -552,6 +552,7 @@ def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
     runs, which `jax.ensure_compile_time_eval` does not reach) they would be that trace's
     tracers, which this cache would hand to the next trace (UnexpectedTracerError). JAX keeps
     its trace state per thread, so a fresh thread sees none.
+    residuals: the kernel also returns each query's logsumexp (ring attention folds blocks with it).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -560,7 +561,8 @@ def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool):
         # the backward's blocks too (training differentiates through the kernel): the same tiles
         sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                      save_residuals=residuals)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(build).result()
@@ -604,20 +606,49 @@ def _per_shard_spec(shape) -> jax.sharding.PartitionSpec:
 
 
 def _splash_local(q, k, v, *, scale: float, interpret: bool, max_block: int) -> jax.Array:
-    """`splash_attention` of one device's q, k, v (B, L, H, d)."""
+    """`splash_attention` of one device's q (B, Lq, H, d) and k, v (B, Lk, H, d): Lq may exceed Lk
+    (Ulysses keeps its padded queries and cuts the padded keys). Both are padded to one length P,
+    a multiple of SPLASH_UNIT; padded keys carry segment id 1, so only padded queries (dropped)
+    see them."""
     b, l, h, d = q.shape
-    padded = -(-l // SPLASH_UNIT) * SPLASH_UNIT
+    lk = k.shape[1]
+    padded = -(-max(l, lk) // SPLASH_UNIT) * SPLASH_UNIT
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
+    q = jnp.pad(q, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    k, v = (jnp.pad(t, ((0, 0), (0, padded - lk), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (k, v))
     kernel = _splash_kernel(h, padded, splash_block(padded, max_block), interpret)
-    if padded == l:
+    if padded == l == lk:
         out = jax.vmap(kernel)(q, k, v)
     else:
         from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
-        ids = jnp.asarray(np.arange(padded) >= l, jnp.int32)
-        out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=SegmentIds(ids, ids)))(q, k, v)
+        ids = SegmentIds(jnp.asarray(np.arange(padded) >= l, jnp.int32), jnp.asarray(np.arange(padded) >= lk, jnp.int32))
+        out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=ids))(q, k, v)
     return out.transpose(0, 2, 1, 3)[:, :l].astype(v.dtype)
+
+
+def splash_block_attention(q, k, v, kv_valid, *, scale: float, interpret: bool,
+                           max_block: int = SPLASH_MAX_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """One block of ring attention by splash: q (B, c, H, d) against the keys and values k, v
+    (B, c, H, d) of which `kv_valid` (c,) bool are real (the rest padding).
+
+    Returns the attention output (B, c, H, d) normalised over this block's valid keys, float32,
+    and each query's logsumexp of its scaled logits over them (B, c, H, 1) float32: what an
+    online softmax needs to fold blocks (models/sequence_parallel.py). c is padded to a multiple
+    of SPLASH_UNIT inside (padded keys masked by segment ids, padded query rows dropped).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    b, c, h, d = q.shape
+    padded = -(-c // SPLASH_UNIT) * SPLASH_UNIT
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - c), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
+    kernel = _splash_kernel(h, padded, splash_block(padded, max_block), interpret, residuals=True)
+    kv_ids = jnp.where(jnp.pad(kv_valid, (0, padded - c)), 0, 1).astype(jnp.int32)
+    ids = SegmentIds(jnp.zeros((padded,), jnp.int32), kv_ids)
+    out, (lse,) = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=ids))(q, k, v)  # (B,H,P,d), (B,H,P)
+    out = out.transpose(0, 2, 1, 3)[:, :c].astype(jnp.float32)
+    return out, lse.transpose(0, 2, 1)[:, :c, :, None].astype(jnp.float32)
 
 
 def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
@@ -632,5 +663,12 @@ def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
     q, k, v = (nn.with_logical_constraint(t, sequence_parallel.QKV_AXES) for t in (q, k, v))
     if sequence_parallel.active_method():
         local = lambda q, k, v: dot_product_attention(q, k, v, implementation=implementation)  # noqa: E731
-        return sequence_parallel.attention(q, k, v, local)
+        # The ring folds key blocks itself: with splash, each block through the kernel (per device).
+        b, l, h, d = q.shape
+        per_device = implementation if implementation != "auto" else auto_implementation(q.dtype, d, l, False, 1)
+        block = None
+        if per_device == "splash":
+            block = functools.partial(splash_block_attention, scale=1 / math.sqrt(d),
+                                      interpret=target_facts()["backend"] != "tpu")
+        return sequence_parallel.attention(q, k, v, local, block_attention=block)
     return dot_product_attention(q, k, v, implementation=implementation)

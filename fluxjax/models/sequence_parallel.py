@@ -71,13 +71,16 @@ def method_of(seq: tuple[str, ...], heads: tuple[str, ...]) -> str | None:
     return "ulysses" if heads == seq else "ring"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callable) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callable,
+              block_attention: Callable | None = None) -> jax.Array:
     """Attention of q, k, v (B, L, H, d), RoPE already applied, split over the active strategy's
     sequence axis (see the module docstring). Returns (B, L, H*d) in v's dtype.
 
     local_attention(q, k, v) -> (B, Lq, H*d): unmasked attention of a device's whole problem,
     used by Ulysses (layers.dot_product_attention with the model's implementation). It is
     called with no logical rules in force: inside `shard_map` arrays are per device.
+    block_attention(q, k, v, kv_valid) -> (out, logsumexp): one ring block by a kernel (splash on
+    a TPU, layers.splash_block_attention), or None for the ring's own XLA fold (see `_ring`).
     """
     method, seq = active_method()
     mesh = jax.sharding.get_abstract_mesh()
@@ -98,8 +101,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callabl
     axis = seq if len(seq) > 1 else seq[0]
     if method == "ulysses":
         body = functools.partial(_ulysses, axis=axis, length=l, local_attention=local_attention)
-    else:
+    elif block_attention is None:
         body = functools.partial(_ring, axis=axis, n=n, length=l, scale=1 / math.sqrt(d))
+    else:
+        body = functools.partial(_ring_by_blocks, axis=axis, n=n, length=l, scale=1 / math.sqrt(d),
+                                 block_attention=block_attention)
     # check_vma off: the ring's running max/sum/accumulator start as constants but become
     # per-device values in the loop; every output is per device anyway (out_specs = in_specs).
     out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
@@ -156,3 +162,46 @@ def _ring(q, k, v, *, axis, n: int, length: int, scale: float):
     carry = jax.lax.fori_loop(0, n - 1, hop, init)
     _, _, _, total, acc = fold(n - 1, carry)  # the last block needs no hop onward
     return (acc / total).astype(v.dtype).transpose(0, 2, 1, 3)
+
+
+def _ring_by_blocks(q, k, v, *, axis, n: int, length: int, scale: float, block_attention: Callable):
+    """`_ring`'s result with each block's attention by `block_attention` (a flash kernel that
+    gives the block's normalised output and each query's logsumexp), folded by logsumexp:
+    lse' = logaddexp(lse, lse_b), out' = out e^(lse - lse') + out_b e^(lse_b - lse').
+
+    Differentiated through `_ring` (a custom VJP): the kernel's residual output has no gradient
+    rule of its own, and `_ring`'s backward is the same function's exactly.
+    """
+
+    @jax.custom_vjp
+    def ring(q, k, v):
+        b, c, h, d = q.shape
+        me = jax.lax.axis_index(axis)
+        shift = [(i, (i + 1) % n) for i in range(n)]
+
+        def fold(step, carry):
+            k_blk, v_blk, lse, out = carry
+            origin = (me - step) % n
+            out_b, lse_b = block_attention(q, k_blk, v_blk, origin * c + jnp.arange(c) < length)
+            new = jnp.logaddexp(lse, lse_b)
+            out = out * jnp.exp(lse - new) + out_b * jnp.exp(lse_b - new)
+            return k_blk, v_blk, new, out
+
+        def hop(step, carry):
+            k_blk, v_blk, lse, out = fold(step, carry)
+            k_blk, v_blk = (jax.lax.ppermute(t, axis, shift) for t in (k_blk, v_blk))
+            return k_blk, v_blk, lse, out
+
+        init = (k, v, jnp.full((b, c, h, 1), MASKED, jnp.float32), jnp.zeros((b, c, h, d), jnp.float32))
+        _, _, _, out = fold(n - 1, jax.lax.fori_loop(0, n - 1, hop, init))
+        return out.astype(v.dtype)
+
+    def forward(q, k, v):
+        return ring(q, k, v), (q, k, v)
+
+    def backward(saved, grad):
+        _, pullback = jax.vjp(functools.partial(_ring, axis=axis, n=n, length=length, scale=scale), *saved)
+        return pullback(grad)
+
+    ring.defvjp(forward, backward)
+    return ring(q, k, v)
