@@ -63,9 +63,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def abstract_params(model: str, dtype: Any) -> dict[str, Any]:
-    """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`."""
-    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype))
+def abstract_params(model: str, dtype: Any, quantize: str | None = None) -> dict[str, Any]:
+    """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`
+    (the Linears of the components that take `quantize` in its dtype and float32 scales)."""
+    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype,
+                                                                 **registry.COMPONENTS[name].select(dict(quantize=quantize))))
             for name, preset in registry.PRESETS[model].items()}
 
 
@@ -243,11 +245,13 @@ class Plan:
 
 
 def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
-              batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True) -> Plan:
+              batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True,
+              quantize: str | None = None) -> Plan:
     """The memory plan of `model` ("dev", "schnell", "tiny") under `strategy` on `devices` devices.
 
     batch: images per step (default: the data size, one image per data shard). xla: also
     AOT-compile the step on `devices` simulated CPU devices in a child process (seconds for dev).
+    quantize: None, "int8" or "fp8": parameter bytes of the quantized pipeline (FluxPipeline's quantize).
     """
     if model not in T5_LENGTHS:
         raise UsageError(f"--model {model!r}: choose from {', '.join(T5_LENGTHS)}")
@@ -263,7 +267,7 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
         raise UsageError(f"--batch {batch}: must be at least 1")
     padded = -(-batch // data) * data
     cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
-    abstract = abstract_params(model, dt)
+    abstract = abstract_params(model, dt, quantize)
     params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
     gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
     seq_axes = strategy.mesh_axes("activation_seq")

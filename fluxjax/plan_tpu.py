@@ -116,10 +116,12 @@ the VAE encode of img2img, inpainting and Kontext (conditioning.encode_packed)."
 
 
 def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: int, t5_length: int,
-                   dtype: str = "bfloat16", attention: str = "auto") -> dict[str, tuple]:
+                   dtype: str = "bfloat16", attention: str = "auto", quantize: str | None = None) -> dict[str, tuple]:
     """{program: (jitted function, args, kwargs)} of the pipeline's programs for `model`'s
     components, with abstract parameters laid out as `strategy` lays them on `mesh` and inputs
-    batch-sharded as the pipeline places them: what the pipeline runs, without weights."""
+    batch-sharded as the pipeline places them: what the pipeline runs, without weights.
+    quantize: None, "int8" or "fp8", as FluxPipeline.from_pretrained takes it: the quantized
+    Linears' parameters are then int8 (fp8) values and float32 scales."""
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
@@ -136,11 +138,11 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     models, params = {}, {}
     for name, preset in registry.PRESETS[model].items():
         # stacked blocks, as on any accelerator (the unrolled layout is a CPU's)
-        options = {k: ("scan" if k == "layer_loop" else v) for k, v in component_options(name, attention).items()}
+        options = {k: ("scan" if k == "layer_loop" else v) for k, v in component_options(name, attention, quantize).items()}
         built = registry.build(name, configs[name].preset(preset), dt, **options)
         boxed = registry.abstract_params(name, built)
         models[name] = built
-        params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, dt, sharding=sh), boxed,
+        params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=sh), boxed,
                                     shard(boxed), is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
     def arg(*shape, dtype=jnp.float32):
@@ -164,10 +166,12 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
 
 
 def compile_programs(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
-                     dtype: str = "bfloat16", attention: str = "auto", programs=PROGRAMS) -> dict[str, dict]:
-    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`."""
+                     dtype: str = "bfloat16", attention: str = "auto", programs=PROGRAMS,
+                     quantize: str | None = None) -> dict[str, dict]:
+    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`
+    (quantize: as program_inputs)."""
     mesh = strategy.make_mesh(devices)
-    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention)
+    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention, quantize)
     return {name: compile_program(strategy, mesh, *built[name]) for name in programs}
 
 

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT in pixels (default 1024x1024)")
     parser.add_argument("--batch", type=int, help="images per step (default: one per data shard)")
     parser.add_argument("--dtype", default="bfloat16", help="parameters and activations (default bfloat16)")
+    parser.add_argument("--quantize", choices=("int8", "fp8"),
+                        help="with --topology: the transformer's and T5's Linears weight-only int8 or fp8, as "
+                             "`fluxjax generate --quantize` loads them (docs/quantization.md)")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="skip the AOT compile on simulated CPU devices (analytic activations only)")
 
@@ -47,6 +50,8 @@ def run(args) -> int:
         return _topology(args)
     if args.json:
         raise UsageError("--json goes with --topology")
+    if args.quantize:
+        raise UsageError("--quantize goes with --topology (the compiled figures of the quantized pipeline)")
     if args.devices is None:
         raise UsageError("--devices N is needed (or --topology NAME, which implies it)")
     if args.devices < 1:
@@ -99,10 +104,13 @@ def _topology(args) -> int:
     if args.devices is not None and args.devices != len(devices):
         raise UsageError(f"--devices {args.devices}: topology {args.topology} x {args.slices} slice(s) has {len(devices)}")
     if args.train:
+        if args.quantize:
+            raise UsageError("--quantize plans sampling: training keeps float32 master weights (leave out --train)")
         return _train_topology(args, strategy, devices, height, width)
-    analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False)
+    analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
+                         quantize=args.quantize)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
-                                    T5_LENGTHS[args.model], args.dtype, programs=programs)
+                                    T5_LENGTHS[args.model], args.dtype, programs=programs, quantize=args.quantize)
     first = got[programs[0]]
     temps = [g["compiled"]["temp_bytes"] for g in got.values()]
     hbm = first["compiled"]["hbm_bytes"]
@@ -111,7 +119,7 @@ def _topology(args) -> int:
     resident = analytic.param_bytes + max(temps)
     report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
                   model=args.model, strategy=strategy.name, mesh=analytic.mesh_shape, size=f"{width}x{height}",
-                  batch=analytic.padded_batch, dtype=args.dtype,
+                  batch=analytic.padded_batch, dtype=args.dtype, quantize=args.quantize,
                   attention=plan_tpu.transformer_attention(strategy, devices, args.dtype),
                   mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
                   analytic=dict(total_bytes=analytic.params["transformer"].device_bytes + analytic.analytic_bytes),
@@ -127,7 +135,7 @@ def _topology(args) -> int:
         return 0
     gib = lambda n: "?" if n is None else f"{n / GIB:.2f} GiB"  # noqa: E731
     mesh = " x ".join(f"{a}={n}" for a, n in report["mesh"].items())
-    print(f"model {args.model}, {args.dtype}, {width}x{height}, batch {report['batch']}; strategy {strategy.name} on "
+    print(f"model {args.model}, {args.dtype}{', ' + args.quantize + ' weights' if args.quantize else ''}, {width}x{height}, batch {report['batch']}; strategy {strategy.name} on "
           f"{args.topology} ({len(devices)} x {report['device_kind']}): mesh {mesh}; attention {report['attention']}")
     print("compiled by the TPU compiler; per device:")
     for name, g in got.items():
