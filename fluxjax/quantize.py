@@ -48,6 +48,11 @@ def check_mode(quantize: str | None, what: str = "quantize") -> str | None:
     return quantize
 
 
+def mode_of(dtype) -> str:
+    """The mode whose stored dtype is `dtype` (a quantized kernel's)."""
+    return next(mode for mode, (stored, _) in MODES.items() if stored == np.dtype(dtype))
+
+
 def quantize_kernel(w, mode: str, xp=np):
     """A kernel (..., in, out) -> (values (..., in, out) in MODES[mode]'s dtype, scale (..., out) float32).
 
