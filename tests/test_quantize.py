@@ -45,11 +45,12 @@ def test_quantize_kernel_per_output_channel():
 
 
 def test_layer_and_model_error_within_measured_bounds():
-    """Per Linear and whole transformer (tiny config, random weights), against float32.
+    """Per Linear and whole transformer (the tiny preset, random weights), against float32.
 
     Measured (2026-12-05, docs/quantization.md): per Linear, bf16 1.6e-3 to 1.7e-3, int8 5.9e-3 to
-    7.1e-3 (at most 4.3x bf16), fp8 2.4e-2 to 2.7e-2 (at most 16.3x bf16); whole model, bf16 vs float32
-    6.0e-2, int8 and fp8 (bf16 compute) vs float32 6.2e-2 (1.04x), against bf16 9.5e-3 and 2.8e-2."""
+    7.1e-3 (3.5x to 4.2x bf16), fp8 2.4e-2 to 2.7e-2 (14.7x to 16.2x); whole model (bf16 compute)
+    against float32: bf16 5.96e-2, int8 6.16e-2 (1.03x), fp8 6.82e-2 (1.15x); against the bf16
+    model: int8 1.18e-2 (0.20x bf16's own error), fp8 2.81e-2 (0.47x)."""
     from fluxjax.bench.quantization import model_errors
     from fluxjax.config import FluxConfig
 
@@ -59,9 +60,10 @@ def test_layer_and_model_error_within_measured_bounds():
         assert row["int8"] <= 5 * row["bfloat16"], (path, row)
         assert row["fp8"] <= 18 * row["bfloat16"], (path, row)
     yardstick = whole["bfloat16"]["relative"]
-    for mode in MODES:
-        assert whole[mode]["relative"] <= 1.1 * yardstick, (mode, whole)
-        assert 1e-3 < whole[mode]["relative_to_bf16"] <= 0.5 * yardstick, (mode, whole)  # quantization happened
+    bounds = {"int8": (1.1, 0.3), "fp8": (1.25, 0.6)}  # (against float32, against bf16) in units of the yardstick
+    for mode, (to_f32, to_bf16) in bounds.items():
+        assert whole[mode]["relative"] <= to_f32 * yardstick, (mode, whole)
+        assert 1e-3 < whole[mode]["relative_to_bf16"] <= to_bf16 * yardstick, (mode, whole)  # quantization happened
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +170,19 @@ def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
 
 
 def test_loader_quantizes_a_checkpoint_on_the_host(tmp_path):
-    """From a hub folder: each quantized kernel is exactly the host quantization of the bf16 weight
-    the unquantized load gives, the rest equal."""
+    """From a hub folder and from the Orbax folder `fluxjax convert` writes: each quantized kernel
+    is exactly the host quantization of the bf16 weight the unquantized load gives, the rest equal."""
+    from fluxjax.cli import main
     from fluxjax.loading.registry import load
     from fluxjax.reference import make_hub_pipeline
 
-    make_hub_pipeline(tmp_path, "schnell")
-    for component, folder in (("transformer", "transformer"), ("t5", "text_encoder_2")):
-        _, plain = load(component, tmp_path / folder, "bfloat16")
-        _, quant = load(component, tmp_path / folder, "bfloat16", quantize="fp8")
+    make_hub_pipeline(tmp_path / "hub", "schnell")
+    assert main(["convert", str(tmp_path / "hub"), str(tmp_path / "orbax")]) == 0
+    cases = [(c, root / f) for root in (tmp_path / "hub", tmp_path / "orbax")
+             for c, f in (("transformer", "transformer"), ("t5", "text_encoder_2"))]
+    for component, folder in cases:
+        _, plain = load(component, folder, "bfloat16")
+        _, quant = load(component, folder, "bfloat16", quantize="fp8")
         p, q = flat(plain), flat(quant)
         assert set(q) - set(p) == {k for k in q if k.endswith("/" + SCALE)} and set(p) <= set(q)
         for key, value in p.items():

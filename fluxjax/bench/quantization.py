@@ -80,6 +80,74 @@ def model_errors(cfg: FluxConfig, seed: int = 0, grid: tuple[int, int] = (8, 8),
     return whole, layer_errors(params_f32, quantized_kernels(flat(shapes)))
 
 
+def bf16_kernel_copies(hlo: str, leaves: dict) -> dict[str, int]:
+    """{kernel shape: count} of the bf16 arrays that a compiled program (its HLO text) makes
+    outside fusions with the per-layer shape of a quantized kernel among `leaves` (the flat
+    abstract parameters, stacked layout): converted copies of the weights that the matmul did not
+    fuse. Shapes that an unquantized parameter also has (its bf16 weight is itself such an array)
+    are left out."""
+    import re
+
+    kernels = quantized_kernels(leaves)
+    quantized = {tuple(leaves[k].shape[-2:]) for k in kernels}
+    plain = {tuple(v.shape[-2:]) for k, v in leaves.items() if k not in kernels and len(v.shape) >= 2}
+    found = {}
+    # computations are separated by blank lines; a fused one is named %fused... or ...fusion...
+    for comp in hlo.split("\n\n"):
+        head = comp.lstrip().split(" ", 2)
+        name = head[1] if head[0] == "ENTRY" else head[0]
+        if "fused" in name or "fusion" in name:
+            continue
+        for shape in quantized - plain:
+            count = len(re.findall(r"= bf16\[%s\]" % ",".join(map(str, shape)), comp))
+            if count:
+                key = "x".join(map(str, shape))
+                found[key] = found.get(key, 0) + count
+    return found
+
+
+def step_memory(cfg: FluxConfig, tokens: int = 1024, txt_len: int = 64) -> dict[str, dict]:
+    """One forward step of `cfg` (batch 1) compiled for this process's first device, bf16 and with
+    int8 / fp8 weights: {precision: {argument_bytes, temp_bytes, bf16_kernel_copies}}."""
+    import flax.linen as nn
+
+    from fluxjax.loading.registry import abstract_params, build
+
+    out = {}
+    for p in PRECISIONS:
+        flux = build("transformer", cfg, "bfloat16", layer_loop="scan", attention_impl="xla",
+                     quantize=None if p == "bfloat16" else p)
+        params = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
+                              abstract_params("transformer", flux), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        arg = lambda *shape: jax.ShapeDtypeStruct((1, *shape), jnp.float32)  # noqa: E731
+        args = (arg(tokens, cfg.in_channels), arg(tokens, 3), arg(txt_len, cfg.context_in_dim), arg(txt_len, 3), arg(),
+                arg(cfg.vec_in_dim), arg() if cfg.guidance_embed else None)
+        compiled = jax.jit(flux.apply).lower({"params": params}, *args).compile()
+        stats = compiled.memory_analysis()
+        out[p] = dict(argument_bytes=int(stats.argument_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
+                      bf16_kernel_copies=bf16_kernel_copies(compiled.as_text(), flat(params)))
+    return out
+
+
+def topology_copies(topology: str, mode: str) -> dict:
+    """dev's denoising loop (1024x1024, batch 1) with `mode` weights compiled for TPU `topology`
+    (fluxjax/plan_tpu.py): {argument_bytes, temp_bytes, bf16_kernel_copies}."""
+    from fluxjax import plan_tpu
+    from fluxjax.plan import T5_LENGTHS
+    from fluxjax.sharding import Strategy
+
+    devices = plan_tpu.topology_devices(topology)
+    strategy = Strategy.load("fsdp")
+    mesh = strategy.make_mesh(devices)
+    fn, args, kwargs = plan_tpu.program_inputs("dev", strategy, mesh, 1, 1024, 1024, T5_LENGTHS["dev"],
+                                               quantize=mode)["denoise"]
+    with strategy.activate(mesh):
+        compiled = fn.lower(*args, **kwargs).compile()
+    stats = compiled.memory_analysis()
+    return dict(argument_bytes=int(stats.argument_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
+                bf16_kernel_copies=bf16_kernel_copies(compiled.as_text(), flat(args[1])))
+
+
 def main(argv=None) -> None:
     from fluxjax.bench.common import record, rope_axes
 
@@ -89,10 +157,23 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=4, help="double blocks (default 4)")
     parser.add_argument("--single", type=int, default=8, help="single blocks (default 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: compile one step (1024 image tokens) on this device, bf16 vs int8 vs fp8, and "
+                             "report its memory and the bf16 copies of quantized weights it makes")
+    parser.add_argument("--topology", help="instead: the same for dev's denoising loop with int8 weights compiled "
+                                           "for this TPU topology (e.g. v5e:1x1; needs libtpu)")
     args = parser.parse_args(argv)
+    if args.topology:
+        print(topology_copies(args.topology, "int8"))
+        return
     axes = rope_axes(args.hidden // args.heads)
     cfg = FluxConfig(vec_in_dim=64, context_in_dim=128, hidden_size=args.hidden, num_heads=args.heads,
                      depth=args.depth, depth_single_blocks=args.single, axes_dim=axes, guidance_embed=True)
+    if args.memory:
+        for p, m in step_memory(cfg).items():
+            print(f"  {p:<9} arguments {m['argument_bytes'] / 1e6:.1f} MB, temporaries {m['temp_bytes'] / 1e6:.1f} MB, "
+                  f"bf16 copies of quantized weights outside fusions {m['bf16_kernel_copies'] or 'none'}")
+        return
     whole, layers = model_errors(cfg, args.seed)
     print(f"transformer hidden {args.hidden}, {args.depth}+{args.single} blocks, random weights (seed {args.seed}); "
           "relative error against float32 (max abs in brackets):")

@@ -203,7 +203,7 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
         return model, _place(component, model, p.leaves(dtype), sharding)
     marked = marker_config(component, path)
     model = build(component, config or marked, dtype, sharding, **options)
-    plain = model.clone(quantize=None) if getattr(model, "quantize", None) else model
+    plain = _unquantized(model)
     shapes = abstract_params(component, plain)
     folder = os.path.join(path, PARAMS)
     if plain is model and not _per_block(component, model):
@@ -213,6 +213,11 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
     # released once placed).
     leaves = flat(restore_params(folder, shapes, dtype, _on_host))
     return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+
+
+def _unquantized(model):
+    """`model` with its Linears unquantized: the layout checkpoints and random weights come in."""
+    return model.clone(quantize=None) if getattr(model, "quantize", None) else model
 
 
 def _on_host(shapes):
@@ -243,8 +248,7 @@ def random_component(component: str, config, dtype="float32", sharding: Sharding
     a seed, whatever layout and sharding they are placed in. For small models (the tiny preset).
     """
     model = build(component, config, dtype, sharding, **options)
-    plain = model.clone(quantize=None) if getattr(model, "quantize", None) else model
-    host = host_random_params(abstract_params(component, plain), seed, neutral_vectors=True)
+    host = host_random_params(abstract_params(component, _unquantized(model)), seed, neutral_vectors=True)
     return model, _place(component, model, flat(host).items(), sharding)
 
 
