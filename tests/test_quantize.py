@@ -125,6 +125,10 @@ def test_cli_quantize_flag(tmp_path, capsys):
         main(["generate", "x", "--model", "tiny", "--quantize", "int4", "--out", str(tmp_path / "no.png")])
     assert e.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
+    for command in (["edit", "x.png", "--source-prompt", "a", "--target-prompt", "b"], ["batch", "p.txt", "--out-dir", "o"]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--quantize", "int4"])
+        assert e.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
     assert main(["plan", "--devices", "1", "--quantize", "int8", "--no-xla"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "--quantize goes with --topology (the compiled figures of the quantized pipeline)")
@@ -229,3 +233,31 @@ def test_program_inputs_give_quantized_abstract_params():
         leaves = flat(built[program][1][component])
         kernels = [p for p in leaves if p.endswith("/" + SCALE)]
         assert kernels and all(leaves[p[: -len(SCALE)] + "kernel"].dtype == jnp.int8 for p in kernels), program
+
+
+def test_batch_records_quantize_and_keeps_one_setting_per_folder(tmp_path, capsys):
+    """The weights' quantization changes the pixels, so `fluxjax batch` records it with each image
+    and refuses to resume a folder with another; manifests written before it existed read as none."""
+    from fluxjax.cli import main
+
+    prompts, out = tmp_path / "p.txt", tmp_path / "out"
+    prompts.write_text("a red square\na blue circle\n")
+    args = ["batch", str(prompts), "--out-dir", str(out), "--model", "tiny", "--height", "32", "--width", "32",
+            "--steps", "1"]
+    manifest = out / "manifest-00000.jsonl"
+    assert main([*args, "--quantize", "int8"]) == 0
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["quantize"] for r in records] == ["int8", "int8"]
+    (out / records[1]["name"]).unlink()
+    manifest.write_text(json.dumps(records[0]) + "\n")
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fluxjax batch: error: 000000.png in the output folder was made with quantize 'int8', this run's is 'none'; an "
+        "image's pixels depend on it, so resume with the same settings or use a new --out-dir")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    old = {k: v for k, v in records[0].items() if k != "quantize"}  # a manifest from before the setting
+    manifest.write_text(json.dumps(old) + "\n")
+    assert main(args) == 0
+    assert json.loads(manifest.read_text().splitlines()[-1])["quantize"] == "none"
