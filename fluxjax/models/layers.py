@@ -22,7 +22,7 @@ import numpy as np
 from fluxjax.errors import UsageError
 from fluxjax.kernels import cpu_attention
 from fluxjax.models import sequence_parallel
-from fluxjax.quantize import MODES as QUANTIZED_DTYPES
+from fluxjax.quantize import MODES as QUANTIZE_MODES
 
 Dtype = Any
 
@@ -99,7 +99,7 @@ class QuantizedDense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs):
-        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), QUANTIZED_DTYPES[self.quantize][0])
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), QUANTIZE_MODES[self.quantize][0])
         scale = self.param("kernel_scale", self.scale_init, (self.features,), jnp.float32)
         x = inputs.astype(self.dtype)
         y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())),

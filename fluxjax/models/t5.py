@@ -171,7 +171,8 @@ class T5Encoder(nn.Module):
     """T5 v1.1 encoder: input_ids (B, L) integer -> last_hidden_state (B, L, d_model) in `dtype`.
 
     dtype: activations and matmuls; param_dtype: stored parameters. Norm statistics, attention
-    logits, the position bias and the softmax are float32 whatever `dtype` is.
+    logits, the position bias and the softmax are float32 whatever `dtype` is. quantize: None, or
+    "int8" / "fp8": the layers' Linears stored weight-only quantized (fluxjax/quantize.py).
     """
 
     config: T5Config
