@@ -230,6 +230,7 @@ class Plan:
     seq_split: int = 1
     seq_traffic_bytes: int = 0  # sequence_traffic: attention's bytes sent per device per step
     sequence: tuple[SequenceRow, ...] = ()  # sequence_table for the strategy's method
+    quantize: str | None = None  # the Linears' weight quantization ("int8", "fp8"), as in params
 
     @property
     def param_bytes(self) -> int:
@@ -286,7 +287,7 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
         ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4, **split) + gathered * 4 // dt.itemsize)
         measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
     return Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
-                analytic, gathered, measured, hbm, method, seq_split, traffic, table)
+                analytic, gathered, measured, hbm, method, seq_split, traffic, table, quantize)
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
@@ -314,7 +315,8 @@ def format_plan(plan: Plan) -> str:
     """The plan as the lines `fluxjax plan` prints."""
     mesh = " x ".join(f"{a}={n}" for a, n in plan.mesh_shape.items())
     lines = [
-        f"model {plan.model}, {plan.dtype}, {plan.width}x{plan.height}, batch {plan.batch}"
+        f"model {plan.model}, {plan.dtype}{f', {plan.quantize} weights' if plan.quantize else ''}, "
+        f"{plan.width}x{plan.height}, batch {plan.batch}"
         + (f" (padded to {plan.padded_batch})" if plan.padded_batch != plan.batch else "")
         + f"; strategy {plan.strategy} on {plan.devices} devices: mesh {mesh}",
         "per device:",

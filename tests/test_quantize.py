@@ -129,9 +129,12 @@ def test_cli_quantize_flag(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([*command, "--quantize", "int4"])
         assert e.value.code == 2 and "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
-    assert main(["plan", "--devices", "1", "--quantize", "int8", "--no-xla"]) == 2
+    assert main(["plan", "--devices", "1", "--quantize", "int8", "--train"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        "--quantize goes with --topology (the compiled figures of the quantized pipeline)")
+        "--quantize plans sampling: training keeps float32 master weights (leave out --train)")
+    assert main(["plan", "--devices", "1", "--quantize", "int8", "--no-xla"]) == 0
+    out = capsys.readouterr().out  # dev's parameter bytes with int8 Linears (docs/quantization.md)
+    assert "11.981 GB" in out and "4.898 GB" in out, out
 
 
 def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):

@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="images per step (default: one per data shard)")
     parser.add_argument("--dtype", default="bfloat16", help="parameters and activations (default bfloat16)")
     parser.add_argument("--quantize", choices=("int8", "fp8"),
-                        help="with --topology: the transformer's and T5's Linears weight-only int8 or fp8, as "
-                             "`fluxjax generate --quantize` loads them (docs/quantization.md)")
+                        help="the transformer's and T5's Linears weight-only int8 or fp8, as `fluxjax generate "
+                             "--quantize` loads them (docs/quantization.md): their parameter bytes, and with --topology "
+                             "the programs compiled so (not with --train)")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="skip the AOT compile on simulated CPU devices (analytic activations only)")
 
@@ -46,12 +47,12 @@ def run(args) -> int:
     from fluxjax.plan import format_plan, make_plan, parse_bytes, parse_size
     from fluxjax.sharding import Strategy
 
+    if args.quantize and args.train:
+        raise UsageError("--quantize plans sampling: training keeps float32 master weights (leave out --train)")
     if args.topology:
         return _topology(args)
     if args.json:
         raise UsageError("--json goes with --topology")
-    if args.quantize:
-        raise UsageError("--quantize goes with --topology (the compiled figures of the quantized pipeline)")
     if args.devices is None:
         raise UsageError("--devices N is needed (or --topology NAME, which implies it)")
     if args.devices < 1:
@@ -61,7 +62,8 @@ def run(args) -> int:
         return _train(args, height, width)
     args.sharding = args.sharding or "fsdp"
     hbm = parse_bytes(args.hbm) if args.hbm else None
-    plan = make_plan(args.model, Strategy.load(args.sharding), args.devices, height, width, args.batch, args.dtype, hbm, args.xla)
+    plan = make_plan(args.model, Strategy.load(args.sharding), args.devices, height, width, args.batch, args.dtype, hbm, args.xla,
+                     quantize=args.quantize)
     print(format_plan(plan))
     return 0
 
@@ -104,8 +106,6 @@ def _topology(args) -> int:
     if args.devices is not None and args.devices != len(devices):
         raise UsageError(f"--devices {args.devices}: topology {args.topology} x {args.slices} slice(s) has {len(devices)}")
     if args.train:
-        if args.quantize:
-            raise UsageError("--quantize plans sampling: training keeps float32 master weights (leave out --train)")
         return _train_topology(args, strategy, devices, height, width)
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
                          quantize=args.quantize)
