@@ -12,7 +12,7 @@ size is the image's, and its recipe includes the image's SHA-256 (edits take no 
 (the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
 `seed + k` unless it gives its own: an image's noise depends on its job only (sampling.noise
 draws each image's noise from its own seed). Its pixels also depend on the run's settings
-(RUN_KEYS: the compiled batch size, dtype, devices, sharding, JAX version), since XLA picks
+(RUN_KEYS: the compiled batch size, dtype, devices, sharding, JAX version, weight quantization), since XLA picks
 other kernels and summation orders for another batch shape or device; not on the number of
 hosts, nor on which jobs share its batch. Every manifest record carries those settings, and
 a resume with other settings is refused: one folder never mixes two runs' pixels. "loras" is a
@@ -73,7 +73,9 @@ RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras", 
                "sigmas")
 # What else an image's pixels depend on (measured: README, "Many prompts"), recorded with every
 # image in the manifest; a resume that would change one of them is refused.
-RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax")
+RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax", "quantize")
+# A RUN_KEY that manifests written before it existed lack, with the value those runs had.
+RUN_KEY_BEFORE = {"quantize": "none"}
 
 
 @dataclass(frozen=True)
@@ -505,18 +507,20 @@ def _drop_unfinished_line(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def run_settings(batch_size: int, dtype, sharding: str | None, devices) -> dict[str, str]:
+def run_settings(batch_size: int, dtype, sharding: str | None, devices, quantize: str | None = None) -> dict[str, str]:
     """The RUN_KEYS of a run, as the manifest records them.
 
     dtype: the pipeline's ("bfloat16", "float32"); sharding: the strategy's name or None;
-    devices: those its mesh spans (one device without a strategy).
+    devices: those its mesh spans (one device without a strategy); quantize: the pipeline's
+    weight quantization ("int8", "fp8" or None).
     """
     import jax
     import numpy as np
 
     devices = list(devices)
     return {"batch_size": str(batch_size), "dtype": np.dtype(dtype).name, "sharding": sharding or "none",
-            "devices": f"{len(devices)} x {devices[0].device_kind}", "jax": jax.__version__}
+            "devices": f"{len(devices)} x {devices[0].device_kind}", "jax": jax.__version__,
+            "quantize": quantize or "none"}
 
 
 def pipeline_settings(pipe, batch_size: int) -> dict[str, str]:
@@ -524,14 +528,15 @@ def pipeline_settings(pipe, batch_size: int) -> dict[str, str]:
     import jax
 
     devices = pipe.mesh.devices.flat if pipe.mesh is not None else jax.local_devices()[:1]
-    return run_settings(batch_size, pipe.transformer.model.dtype, pipe.strategy.name if pipe.strategy else None, devices)
+    return run_settings(batch_size, pipe.transformer.model.dtype, pipe.strategy.name if pipe.strategy else None, devices,
+                        pipe.transformer.model.quantize)
 
 
 def check_settings(done: dict[str, dict], settings: dict[str, str]) -> None:
     """Refuse to add images to a folder whose recorded images were made with other RUN_KEYS:
     the same job would give other pixels, so the folder would mix two runs' images."""
     for name, record in done.items():
-        differ = [k for k in RUN_KEYS if record.get(k) != settings[k]]
+        differ = [k for k in RUN_KEYS if record.get(k, RUN_KEY_BEFORE.get(k)) != settings[k]]
         if differ:
             k = differ[0]
             raise UsageError(f"{name} in the output folder was made with {k} {record.get(k)!r}, this run's is "

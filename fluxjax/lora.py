@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxjax import quantize
 from fluxjax.config import FluxConfig
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.lora_formats import STACKS, Piece, Replacement, read_lora_file
@@ -289,13 +290,23 @@ def _fused(kernel, bias, a, b, scale, lbias, strengths):
     return _fused_kernel(kernel, a, b, scale, strengths), new_bias
 
 
+def _fused_quantized(values, kernel_scale, bias, a, b, scale, lbias, strengths):
+    """(values, kernel_scale, new bias or None) of a quantized Linear (fluxjax/quantize.py) with the
+    update added: dequantized in float32, updated as _fused does, quantized again per output channel
+    (an update moves each channel's largest weight, so its scale is recomputed)."""
+    kernel, new_bias = _fused(quantize.dequantize(values, kernel_scale, jnp.float32, jnp), bias, a, b, scale, lbias,
+                              strengths)
+    return (*quantize.quantize_kernel(kernel, quantize.mode_of(values.dtype), jnp), new_bias)
+
+
 def fuse(params, adapters: Adapters, strengths: Sequence[float]):
     """params with W + s_k * alpha_k/r_k * B_k A_k of every LoRA k folded into its Linears.
 
     params: the transformer's parameters (stacked or per-block, on one device or sharded).
     strengths: one number per LoRA (n,). Each updated kernel is computed on the devices that hold
     it, in its own sharding (jit out_shardings = the kernel's): the low-rank factors are small and
-    replicated, so no device ever holds a whole sharded kernel. Returns a new tree.
+    replicated, so no device ever holds a whole sharded kernel. A quantized kernel (int8 or fp8
+    with its kernel_scale) is quantized again with the update in (_fused_quantized). Returns a new tree.
     """
     strengths = _fuse_strengths(adapters, strengths)
     out = with_replacements(params, adapters)
@@ -304,11 +315,20 @@ def fuse(params, adapters: Adapters, strengths: Sequence[float]):
         for name, sub in adapter.items():
             if "a" in sub and not isinstance(sub["a"], dict):
                 kernel, bias = node[name]["kernel"], node[name].get("bias")
-                shardings = (kernel.sharding, None if bias is None else bias.sharding)
-                fn = jax.jit(_fused, out_shardings=shardings)
                 node[name] = dict(node[name])
-                node[name]["kernel"], new_bias = fn(kernel, bias, sub["a"], sub["b"], sub["scale"], sub["bias"], strengths)
-                check_fused_leaf(f"{prefix}{name}/kernel", node[name]["kernel"], kernel, adapters, strengths)
+                args = (bias, sub["a"], sub["b"], sub["scale"], sub["bias"], strengths)
+                bias_sharding = None if bias is None else bias.sharding
+                if quantize.SCALE in node[name]:
+                    old_scale = node[name][quantize.SCALE]
+                    fn = jax.jit(_fused_quantized, out_shardings=(kernel.sharding, old_scale.sharding, bias_sharding))
+                    node[name]["kernel"], node[name][quantize.SCALE], new_bias = fn(kernel, old_scale, *args)
+                    # int8/fp8 values are finite by construction: an overflowing update shows in the scale
+                    check_fused_leaf(f"{prefix}{name}/{quantize.SCALE}", node[name][quantize.SCALE], old_scale,
+                                     adapters, strengths)
+                else:
+                    fn = jax.jit(_fused, out_shardings=(kernel.sharding, bias_sharding))
+                    node[name]["kernel"], new_bias = fn(kernel, *args)
+                    check_fused_leaf(f"{prefix}{name}/kernel", node[name]["kernel"], kernel, adapters, strengths)
                 if bias is not None:
                     node[name]["bias"] = new_bias
                     check_fused_leaf(f"{prefix}{name}/bias", new_bias, bias, adapters, strengths)

@@ -33,6 +33,7 @@ from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models import layers
 from fluxjax.models.autoencoder import AutoEncoder
+from fluxjax.quantize import check_mode
 from fluxjax.sharding import Strategy, jit_with_rules
 from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
 from fluxjax.tiny_tokenizers import make_tokenizers
@@ -130,12 +131,15 @@ class Component:
     params: Any
 
 
-def component_options(component: str, attention_impl: str) -> dict[str, Any]:
-    """The build options of `component` for the pipeline's `attention_impl`. The text encoders'
-    attention is masked (T5's position bias, CLIP's causal mask): implementations that take no
-    mask ("splash", "cpu") are the transformer's alone, and the encoders resolve "auto"."""
+def component_options(component: str, attention_impl: str, quantize: str | None = None) -> dict[str, Any]:
+    """The build options of `component` for the pipeline's `attention_impl` and `quantize`. The text
+    encoders' attention is masked (T5's position bias, CLIP's causal mask): implementations that
+    take no mask ("splash", "cpu") are the transformer's alone, and the encoders resolve "auto".
+    quantize reaches the components that take it (the transformer and T5; CLIP and the VAE, 0.2
+    and 0.1 of the 12B+4.8B weights, stay in the pipeline's dtype)."""
     masked = component in ("t5", "clip") and attention_impl in ("splash", "cpu")
-    return COMPONENTS[component].select(dict(attention_impl="auto" if masked else attention_impl, layer_loop="auto"))
+    return COMPONENTS[component].select(dict(attention_impl="auto" if masked else attention_impl, layer_loop="auto",
+                                             quantize=quantize))
 
 
 class FluxPipeline:
@@ -189,7 +193,7 @@ class FluxPipeline:
     def from_pretrained(cls, source: str | os.PathLike | None = None, dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
                         attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True,
-                        variant: str | None = None) -> "FluxPipeline":
+                        variant: str | None = None, quantize: str | None = None) -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -220,7 +224,13 @@ class FluxPipeline:
             fill, 128 control; model_index.json's FluxKontextPipeline kontext; else base); "kontext"
             declares a Kontext transformer given as a single file (its shapes are dev's), "base" uses
             a Kontext model without references. A declaration the checkpoint contradicts is refused.
+        quantize: None (default), "int8" or "fp8": the Linears of the transformer's blocks and of
+            T5 held weight-only quantized on the devices (values + a float32 scale per output
+            channel, quantized on the host as they are read; about half the bf16 bytes), the
+            embedders, final layer, norms, CLIP and the VAE in `dtype`. Error and memory
+            measured in docs/quantization.md.
         """
+        check_mode(quantize)
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)
         strategy = mesh = None
@@ -228,7 +238,7 @@ class FluxPipeline:
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
             mesh = strategy.make_mesh(devices)
         layers.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
-        placement = dict(strategy=strategy, mesh=mesh)
+        settings = dict(strategy=strategy, mesh=mesh, quantize=quantize)
         if source is None:
             source, notice = default_source()
             if notice is not None:
@@ -236,10 +246,10 @@ class FluxPipeline:
         if os.fspath(source) == "tiny":
             if transformer is not None or vae is not None:
                 raise UsageError("the tiny preset has random weights: transformer= / vae= need a real `source`")
-            pipe = cls._tiny(dtype, attention_impl, variant, **placement)
+            pipe = cls._tiny(dtype, attention_impl, variant, **settings)
         else:
             root = _resolve_source(os.fspath(source))
-            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **placement)
+            pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **settings)
             if _is_packaged(root, "shapes"):
                 from fluxjax.shapes import parse
 
@@ -287,7 +297,7 @@ class FluxPipeline:
 
     @classmethod
     def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, declared, strategy,
-                     mesh) -> "FluxPipeline":
+                     mesh, quantize) -> "FluxPipeline":
         needed = [f for f in HUB_FOLDERS if not (f == "transformer" and transformer_file) and not (f == "vae" and vae_file)]
         missing = [f for f in needed if not os.path.isdir(os.path.join(root, f))]
         if missing:
@@ -300,7 +310,7 @@ class FluxPipeline:
         sources = {name: os.path.join(root, spec.folder) for name, spec in COMPONENTS.items()}
         sources.update({k: v for k, v in (("transformer", transformer_file), ("vae", vae_file)) if v is not None})
         sharding = strategy.param_shardings(mesh) if strategy else None
-        components = {name: Component(*load(name, src, dtype, sharding, **component_options(name, attention_impl)))
+        components = {name: Component(*load(name, src, dtype, sharding, **component_options(name, attention_impl, quantize)))
                       for name, src in sources.items()}
         guidance_embed = components["transformer"].model.config.guidance_embed
         kind = "dev" if guidance_embed else "schnell"
@@ -319,7 +329,7 @@ class FluxPipeline:
                    variant=variant, defaults=_with_overrides(root, overrides, guidance_embed, kind_defaults(kind, variant)))
 
     @classmethod
-    def _tiny(cls, dtype, attention_impl, declared, strategy, mesh) -> "FluxPipeline":
+    def _tiny(cls, dtype, attention_impl, declared, strategy, mesh, quantize) -> "FluxPipeline":
         """Small random models and locally trained tokenizers: for demos and tests, not images."""
         with tempfile.TemporaryDirectory() as folder:
             make_tokenizers(folder)
@@ -329,7 +339,7 @@ class FluxPipeline:
         for seed, (name, preset) in enumerate(PRESETS["tiny"].items()):  # fixed seeds: the same weights everywhere
             spec = COMPONENTS[name]
             components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
-                                                           **component_options(name, attention_impl)))
+                                                           **component_options(name, attention_impl, quantize)))
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, None, declared, "tiny")
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
                    strategy=strategy, mesh=mesh, variant=variant)

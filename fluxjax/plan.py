@@ -63,9 +63,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def abstract_params(model: str, dtype: Any) -> dict[str, Any]:
-    """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`."""
-    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype))
+def abstract_params(model: str, dtype: Any, quantize: str | None = None) -> dict[str, Any]:
+    """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`
+    (the Linears of the components that take `quantize` in its dtype and float32 scales)."""
+    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype,
+                                                                 **registry.COMPONENTS[name].select(dict(quantize=quantize))))
             for name, preset in registry.PRESETS[model].items()}
 
 
@@ -236,6 +238,7 @@ class Plan:
     seq_split: int = 1
     seq_traffic_bytes: int = 0  # sequence_traffic: attention's bytes sent per device per step
     sequence: tuple[SequenceRow, ...] = ()  # sequence_table for the strategy's method
+    quantize: str | None = None  # the Linears' weight quantization ("int8", "fp8"), as in params
 
     @property
     def param_bytes(self) -> int:
@@ -252,13 +255,14 @@ class Plan:
 
 def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
               batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True,
-              attention: str = "xla") -> Plan:
+              attention: str = "xla", quantize: str | None = None) -> Plan:
     """The memory plan of `model` ("dev", "schnell", "tiny") under `strategy` on `devices` devices.
 
     batch: images per step (default: the data size, one image per data shard). xla: also
     AOT-compile the step on `devices` simulated CPU devices in a child process (seconds for dev).
     attention: the implementation the step runs ("xla", or a flash kernel: "splash" on a TPU,
     "cudnn"), which decides whether the analytic figure holds the (B, H, L, L) logits.
+    quantize: None, "int8" or "fp8": parameter bytes of the quantized pipeline (FluxPipeline's quantize).
     """
     if model not in T5_LENGTHS:
         raise UsageError(f"--model {model!r}: choose from {', '.join(T5_LENGTHS)}")
@@ -274,7 +278,7 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
         raise UsageError(f"--batch {batch}: must be at least 1")
     padded = -(-batch // data) * data
     cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
-    abstract = abstract_params(model, dt)
+    abstract = abstract_params(model, dt, quantize)
     params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
     gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
     seq_axes = strategy.mesh_axes("activation_seq")
@@ -294,7 +298,7 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
         ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4, **split) + gathered * 4 // dt.itemsize)
         measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
     return Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
-                analytic, gathered, measured, hbm, method, seq_split, traffic, table)
+                analytic, gathered, measured, hbm, method, seq_split, traffic, table, quantize)
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
@@ -322,7 +326,8 @@ def format_plan(plan: Plan) -> str:
     """The plan as the lines `fluxjax plan` prints."""
     mesh = " x ".join(f"{a}={n}" for a, n in plan.mesh_shape.items())
     lines = [
-        f"model {plan.model}, {plan.dtype}, {plan.width}x{plan.height}, batch {plan.batch}"
+        f"model {plan.model}, {plan.dtype}{f', {plan.quantize} weights' if plan.quantize else ''}, "
+        f"{plan.width}x{plan.height}, batch {plan.batch}"
         + (f" (padded to {plan.padded_batch})" if plan.padded_batch != plan.batch else "")
         + f"; strategy {plan.strategy} on {plan.devices} devices: mesh {mesh}",
         "per device:",

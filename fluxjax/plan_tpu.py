@@ -122,12 +122,15 @@ VARIANT_INPUTS = {"base": (0, 0), "kontext": (0, 1), "fill": (320, 0), "control"
 
 
 def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: int, t5_length: int,
-                   dtype: str = "bfloat16", attention: str = "auto", variant: str = "base") -> dict[str, tuple]:
+                   dtype: str = "bfloat16", attention: str = "auto", variant: str = "base",
+                   quantize: str | None = None) -> dict[str, tuple]:
     """{program: (jitted function, args, kwargs)} of the pipeline's programs for `model`'s
     components, with abstract parameters laid out as `strategy` lays them on `mesh` and inputs
     batch-sharded as the pipeline places them: what the pipeline runs, without weights.
     variant: the checkpoint's kind (VARIANTS): its transformer's input width and the
-    conditioning its denoising loop takes (a Kontext reference the size of the image)."""
+    conditioning its denoising loop takes (a Kontext reference the size of the image).
+    quantize: None, "int8" or "fp8", as FluxPipeline.from_pretrained takes it: the quantized
+    Linears' parameters are then int8 (fp8) values and float32 scales."""
     import dataclasses
 
     import flax.linen as nn
@@ -146,14 +149,15 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     models, params = {}, {}
     for name, preset in registry.PRESETS[model].items():
         # stacked blocks, as on any accelerator (the unrolled layout is a CPU's)
-        options = {k: ("scan" if k == "layer_loop" else v) for k, v in component_options(name, attention).items()}
+        options = {k: ("scan" if k == "layer_loop" else v)
+                   for k, v in component_options(name, attention, quantize).items()}
         config = configs[name].preset(preset)
         if name == "transformer" and VARIANT_INPUTS[variant][0]:
             config = dataclasses.replace(config, in_channels=config.in_channels + VARIANT_INPUTS[variant][0])
         built = registry.build(name, config, dt, **options)
         boxed = registry.abstract_params(name, built)
         models[name] = built
-        params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, dt, sharding=sh), boxed,
+        params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=sh), boxed,
                                     shard(boxed), is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
     def arg(*shape, dtype=jnp.float32):
@@ -189,11 +193,12 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
 
 def compile_programs(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
                      dtype: str = "bfloat16", attention: str = "auto", programs=PROGRAMS,
-                     variant: str = "base") -> dict[str, dict]:
-    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`;
-    a program the variant does not run (FlowEdit on Fill, Control or Kontext) is left out."""
+                     variant: str = "base", quantize: str | None = None) -> dict[str, dict]:
+    """`compile_program` for each of `programs` (names in PROGRAMS) on `devices` under `strategy`
+    (variant, quantize: as program_inputs); a program the variant does not run (FlowEdit on Fill,
+    Control or Kontext) is left out."""
     mesh = strategy.make_mesh(devices)
-    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention, variant)
+    built = program_inputs(model, strategy, mesh, batch, height, width, t5_length, dtype, attention, variant, quantize)
     return {name: compile_program(strategy, mesh, *built[name]) for name in programs if name in built}
 
 

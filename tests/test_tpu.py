@@ -146,6 +146,23 @@ def test_plan_topology_json_gives_the_tpu_compilers_figures():
     assert "WARNING" not in proc.stderr  # libtpu's host warnings are held back
 
 
+def test_plan_topology_quantize_compiles_int8_weights():
+    """`plan --topology --quantize int8`: the same programs with int8 weights and float32 scales
+    (docs/quantization.md has dev on v5e:1x1), fewer argument bytes than bf16."""
+    reports = {}
+    for extra in ((), ("--quantize", "int8")):
+        proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
+                       "--topology", "v5e:1x1", "--size", "128x128", "--programs", "denoise,encode", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[extra[-1] if extra else None] = json.loads(proc.stdout)
+    bf16, int8 = reports[None], reports["int8"]
+    assert bf16["quantize"] is None and int8["quantize"] == "int8" and int8["mosaic_kernels"] == 2
+    for program in ("denoise", "encode"):
+        assert int8["programs"][program]["compiled"]["fits"] is True
+        assert int8["programs"][program]["compiled"]["argument_bytes"] < bf16["programs"][program]["compiled"]["argument_bytes"]
+    assert int8["resident"]["param_bytes"] < bf16["resident"]["param_bytes"]
+
+
 def test_a_bad_topology_is_one_line():
     proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
                    "--topology", "v5e-8")

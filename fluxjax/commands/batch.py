@@ -21,6 +21,8 @@ from fluxjax.sampling import SEEDS, check_dimension, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fluxjax.commands.generate import add_quantize_argument
+
     parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line: "
                                         "prompt, and optional seed, height, width, steps, guidance, name, loras, and "
                                         "image, strength, mask, resize, references, control, negative_prompt, "
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a hub-layout folder, an Orbax folder from fluxjax convert, a hub repo id, or 'tiny' "
                              "(default: FLUX.1-schnell from the local hub cache when present, else tiny)")
     parser.add_argument("--sharding", default=None, help="a sharding strategy name or file (default: one device)")
+    add_quantize_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per compiled batch (default 1)")
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
@@ -74,11 +77,13 @@ def run(args) -> int:
     if os.path.isdir(args.out_dir):
         done = batch.read_manifests(args.out_dir)
         if any(job.name not in done for job in jobs if job.index % hosts == host):
-            batch.check_settings(done, batch.run_settings(args.batch_size, args.dtype, strategy and strategy.name, devices))
+            batch.check_settings(done, batch.run_settings(args.batch_size, args.dtype, strategy and strategy.name, devices,
+                                                            args.quantize))
     if notice is not None and host == 0:
         print(f"fluxjax batch: {notice}", file=sys.stderr)
     start = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices())
+    pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices(),
+                                        quantize=args.quantize)
     if args.guidance is not None:
         try:
             pipe.settings(guidance=args.guidance)

@@ -9,7 +9,7 @@ import json
 import platform
 import sys
 
-BENCHMARKS = ("transformer", "t5", "vae", "pipeline", "convert", "fullsize", "endtoend", "lora", "shapes")
+BENCHMARKS = ("transformer", "t5", "vae", "pipeline", "convert", "fullsize", "endtoend", "lora", "shapes", "quantization")
 # Run only when named: `tpu` compiles full-size programs for TPU topologies (libtpu) and rewrites docs/tpu.md.
 BY_NAME = ("tpu",)
 
@@ -25,6 +25,7 @@ QUICK = {
     "endtoend": ["--model", "tiny", "--sizes", "128", "--batches", "1,2", "--steps", "2", "--repeat", "1"],
     "lora": ["--hidden", "128", "--heads", "2", "--size", "128", "--t5-length", "64", "--repeat", "3"],
     "shapes": ["--combos", "8"],
+    "quantization": ["--hidden", "64", "--heads", "2", "--depth", "2", "--single", "2"],
 }
 
 

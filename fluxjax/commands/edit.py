@@ -21,6 +21,7 @@ from fluxjax.sampling import SEEDS, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fluxjax.commands.generate import add_quantize_argument
     from fluxjax.conditioning import RESIZE_POLICIES
 
     parser.add_argument("image", help="the image to edit (PNG, JPEG, ...), sides multiples of 16 unless --resize")
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
                         help="a strategy of fluxjax/configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
+    add_quantize_argument(parser)
 
 
 def _check(args) -> tuple[int, int]:

@@ -47,7 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA .safetensors (diffusers/PEFT, kohya, ComfyUI, XLabs or BFL control) fused into the "
                              "transformer at strength SCALE (default 1); repeatable")
+    add_quantize_argument(parser)
     add_conditioning_arguments(parser)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """--quantize of generate, edit and batch (FluxPipeline.from_pretrained's quantize)."""
+    from fluxjax.quantize import MODES
+
+    parser.add_argument("--quantize", default=None, choices=tuple(MODES),
+                        help="hold the transformer's and T5's Linears as int8 or fp8 weights with a scale per "
+                             "output channel (about half the memory of bf16; error in docs/quantization.md)")
 
 
 def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,7 +229,8 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
     start = time.perf_counter()
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
-                                        vae=args.vae, attention_impl=args.attention, loras=_loras(args), fuse=True)
+                                        vae=args.vae, attention_impl=args.attention, loras=_loras(args), fuse=True,
+                                        quantize=args.quantize)
     return host, pipe, {"load": time.perf_counter() - start}
 
 

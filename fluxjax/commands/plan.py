@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT in pixels (default 1024x1024)")
     parser.add_argument("--batch", type=int, help="images per step (default: one per data shard)")
     parser.add_argument("--dtype", default="bfloat16", help="parameters and activations (default bfloat16)")
+    parser.add_argument("--quantize", choices=("int8", "fp8"),
+                        help="the transformer's and T5's Linears weight-only int8 or fp8, as `fluxjax generate "
+                             "--quantize` loads them (docs/quantization.md): their parameter bytes, and with --topology "
+                             "the programs compiled so (not with --train)")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="skip the AOT compile on simulated CPU devices (analytic activations only)")
 
@@ -46,6 +50,8 @@ def run(args) -> int:
     from fluxjax.plan import format_plan, make_plan, parse_bytes, parse_size
     from fluxjax.sharding import Strategy
 
+    if args.quantize and args.train:
+        raise UsageError("--quantize plans sampling: training keeps float32 master weights (leave out --train)")
     if args.topology:
         return _topology(args)
     if args.json:
@@ -59,7 +65,8 @@ def run(args) -> int:
         return _train(args, height, width)
     args.sharding = args.sharding or "fsdp"
     hbm = parse_bytes(args.hbm) if args.hbm else None
-    plan = make_plan(args.model, Strategy.load(args.sharding), args.devices, height, width, args.batch, args.dtype, hbm, args.xla)
+    plan = make_plan(args.model, Strategy.load(args.sharding), args.devices, height, width, args.batch, args.dtype, hbm, args.xla,
+                     quantize=args.quantize)
     print(format_plan(plan))
     return 0
 
@@ -105,9 +112,10 @@ def _topology(args) -> int:
         return _train_topology(args, strategy, devices, height, width)
     attention = plan_tpu.transformer_attention(strategy, devices, args.dtype)
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
-                         attention=attention)
+                         attention=attention, quantize=args.quantize)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
-                                    T5_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant)
+                                    T5_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant,
+                                    quantize=args.quantize)
     first = next(iter(got.values()))
     temps = [g["compiled"]["temp_bytes"] for g in got.values()]
     hbm = first["compiled"]["hbm_bytes"]
@@ -116,7 +124,7 @@ def _topology(args) -> int:
     resident = analytic.param_bytes + max(temps)
     report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
                   model=args.model, variant=args.variant, strategy=strategy.name, mesh=analytic.mesh_shape,
-                  size=f"{width}x{height}", batch=analytic.padded_batch, dtype=args.dtype,
+                  size=f"{width}x{height}", batch=analytic.padded_batch, dtype=args.dtype, quantize=args.quantize,
                   attention=attention, mosaic_kernels=first["mosaic_kernels"], compiled=first["compiled"],
                   analytic=dict(total_bytes=analytic.params["transformer"].device_bytes + analytic.analytic_bytes),
                   collectives={k: v["count"] for k, v in first["collectives"].items()},
@@ -131,7 +139,7 @@ def _topology(args) -> int:
         return 0
     gib = lambda n: "?" if n is None else f"{n / GIB:.2f} GiB"  # noqa: E731
     mesh = " x ".join(f"{a}={n}" for a, n in report["mesh"].items())
-    print(f"model {args.model}, {args.dtype}, {width}x{height}, batch {report['batch']}; strategy {strategy.name} on "
+    print(f"model {args.model}, {args.dtype}{', ' + args.quantize + ' weights' if args.quantize else ''}, {width}x{height}, batch {report['batch']}; strategy {strategy.name} on "
           f"{args.topology} ({len(devices)} x {report['device_kind']}): mesh {mesh}; attention {report['attention']}")
     print("compiled by the TPU compiler; per device:")
     for name, g in got.items():

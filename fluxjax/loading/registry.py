@@ -32,6 +32,7 @@ from fluxjax.models import autoencoder as autoencoder_model
 from fluxjax.models import clip as clip_model
 from fluxjax.models import flux as flux_model
 from fluxjax.models import t5 as t5_model
+from fluxjax.quantize import check_mode, quantize_leaves, quantized_kernels
 from fluxjax.random_weights import host_random_params
 
 
@@ -66,10 +67,10 @@ class ComponentSpec:
 
 COMPONENTS: dict[str, ComponentSpec] = {
     "transformer": ComponentSpec("flux", "transformer", "FluxTransformer2DModel", flux_model.Flux, FluxConfig,
-                                 flux.read_table, flux_model.param_shapes, ("attention_impl", "layer_loop"),
+                                 flux.read_table, flux_model.param_shapes, ("attention_impl", "layer_loop", "quantize"),
                                  flux_model.BLOCK_STACKS),
     "t5": ComponentSpec("t5", "text_encoder_2", "T5EncoderModel", t5_model.T5Encoder, T5Config,
-                        t5.read_table, t5_model.param_shapes, ("attention_impl",)),
+                        t5.read_table, t5_model.param_shapes, ("attention_impl", "quantize")),
     "clip": ComponentSpec("clip", "text_encoder", "CLIPTextModel", clip_model.CLIPTextEncoder, CLIPConfig,
                           clip.read_table, clip_model.param_shapes, ("attention_impl",)),
     "vae": ComponentSpec("vae", "vae", "AutoencoderKL", autoencoder_model.AutoEncoder, AutoEncoderConfig,
@@ -112,6 +113,7 @@ def build(component: str, config, dtype="float32", sharding: ShardingFn | None =
         raise TypeError(f"{component}: no setting {', '.join(unknown)} (it takes {', '.join(s.options) or 'none'})")
     if options.get("layer_loop") == "auto":
         options["layer_loop"] = default_layer_loop(sharding)
+    check_mode(options.get("quantize"))
     dt = jnp.dtype(dtype)
     return s.model(config, dtype=dt, param_dtype=dt, **options)
 
@@ -138,11 +140,14 @@ def _split(component: str, model, path: str, value) -> Iterable[tuple[str, Any]]
     return [(f"{entry}_{i}/{rest}", value[i]) for i in range(value.shape[0])]
 
 
-def _place(component: str, model, shapes, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None) -> dict:
-    """Host leaves of the stacked layout -> the parameter tree `model` runs, each leaf on its devices.
-
-    shapes: the boxed abstract tree of the stacked layout (`abstract_params`).
+def _place(component: str, model, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None) -> dict:
+    """Host leaves of the stacked, unquantized layout -> the parameter tree `model` runs, each leaf
+    on its devices: per block for layer_loop="unrolled"; the Linears `model` quantizes quantized
+    here on the host, one leaf at a time, so their unquantized weights never reach a device.
     """
+    shapes = abstract_params(component, model)
+    if getattr(model, "quantize", None) is not None:
+        leaves = quantize_leaves(leaves, model.quantize, quantized_kernels(flat(shapes)))
     if _per_block(component, model):
         shapes = spec(component).shapes(model)
     shardings = leaf_shardings(shapes, sharding)
@@ -163,7 +168,9 @@ def _in_pipeline_folder(component: str, path: str) -> str:
 
 
 def plan(component: str, source: str | os.PathLike, dtype="float32", config=None, **options) -> Plan:
-    """The conversion plan of a PyTorch checkpoint of `component` (every check run, nothing read)."""
+    """The conversion plan of a PyTorch checkpoint of `component` (every check run, nothing read):
+    its leaves are the checkpoint's, unquantized (`load` quantizes them as it places them)."""
+    options.pop("quantize", None)
     table = spec(component).read_table(os.fspath(source), config)
     model = stacked(component, build(component, table.config, dtype, **options))
     return Plan(spec(component).kind, model, abstract_params(component, model), table)
@@ -181,7 +188,9 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
               (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
     config:   the component's config instead of the one the checkpoint gives.
     options:  the component's settings (attention_impl; the transformer's layer_loop "scan",
-              "unrolled" or "auto", see `default_layer_loop`).
+              "unrolled" or "auto", see `default_layer_loop`; the transformer's and T5's quantize
+              None, "int8" or "fp8": their Linears quantized on the host as they are read, see
+              fluxjax/quantize.py).
     Params are read one tensor at a time into the shapes `jax.eval_shape` gives (never
     initialised), in the layout the model runs. Raises CheckpointError naming the file and key
     on a missing or extra key or a wrong shape.
@@ -191,17 +200,30 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
     if not is_component(path):
         p = plan(component, path, dtype, config, **options)
         model = build(component, p.config, dtype, sharding, **options)
-        return model, _place(component, model, p.shapes, p.leaves(dtype), sharding)
+        return model, _place(component, model, p.leaves(dtype), sharding)
     marked = marker_config(component, path)
     model = build(component, config or marked, dtype, sharding, **options)
-    shapes = abstract_params(component, model)
+    plain = _unquantized(model)
+    shapes = abstract_params(component, plain)
     folder = os.path.join(path, PARAMS)
-    if not _per_block(component, model):
+    if plain is model and not _per_block(component, model):
         return model, restore_params(folder, shapes, dtype, sharding)
-    # Orbax holds the stacks: restored whole on one device, then split one leaf at a time (each
-    # stacked leaf released once its blocks are placed).
-    leaves = flat(restore_params(folder, shapes, dtype))
-    return model, _place(component, model, shapes, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+    # Orbax holds the stacks, unquantized: restored whole into host memory (the CPU device, also
+    # beside an accelerator), then split and quantized one leaf at a time (each stacked leaf
+    # released once placed).
+    leaves = flat(restore_params(folder, shapes, dtype, _on_host))
+    return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+
+
+def _unquantized(model):
+    """`model` with its Linears unquantized: the layout checkpoints and random weights come in."""
+    return model.clone(quantize=None) if getattr(model, "quantize", None) else model
+
+
+def _on_host(shapes):
+    """A ShardingFn placing every leaf on this process's CPU device (host memory)."""
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    return jax.tree.map(lambda _: host, shapes)
 
 
 def marker_config(component: str, path: str | os.PathLike):
@@ -226,9 +248,8 @@ def random_component(component: str, config, dtype="float32", sharding: Sharding
     a seed, whatever layout and sharding they are placed in. For small models (the tiny preset).
     """
     model = build(component, config, dtype, sharding, **options)
-    shapes = abstract_params(component, model)
-    host = host_random_params(shapes, seed, neutral_vectors=True)
-    return model, _place(component, model, shapes, flat(host).items(), sharding)
+    host = host_random_params(abstract_params(component, _unquantized(model)), seed, neutral_vectors=True)
+    return model, _place(component, model, flat(host).items(), sharding)
 
 
 def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None,

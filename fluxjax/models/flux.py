@@ -43,10 +43,11 @@ class SelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     def setup(self):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         self.qkv = dense(3 * c.hidden_size, axes=("embed", "qkv"), use_bias=c.qkv_bias, **kw)
         self.norm = QKNorm(param_dtype=self.param_dtype)
         self.proj = dense(c.hidden_size, axes=("heads", "embed"), **kw)
@@ -68,11 +69,12 @@ class MLP(nn.Module):
     config: FluxConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantize: str | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         x = dense(c.mlp_hidden_dim, axes=("embed", "mlp"), name="0", **kw)(x)
         return dense(c.hidden_size, axes=("mlp", "embed"), name="2", **kw)(nn.gelu(x, approximate=True))
 
@@ -88,12 +90,13 @@ class DoubleStreamBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    quantize: str | None = None
 
     @nn.compact
     def __call__(self, carry, vec, cos, sin):
         img, txt = carry
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         img_mod1, img_mod2 = Modulation(c.hidden_size, double=True, name="img_mod", **kw)(vec)
         txt_mod1, txt_mod2 = Modulation(c.hidden_size, double=True, name="txt_mod", **kw)(vec)
         img_attn = SelfAttention(c, attention_impl=self.attention_impl, name="img_attn", **kw)
@@ -122,12 +125,13 @@ class SingleStreamBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    quantize: str | None = None
 
     @nn.compact
     def __call__(self, x, vec, cos, sin):
         c = self.config
         d = c.hidden_size
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         mod, _ = Modulation(d, double=False, name="modulation", **kw)(vec)
         linear1 = dense(3 * d + c.mlp_hidden_dim, axes=("embed", "qkv"), name="linear1", **kw)
         qkv, mlp = jnp.split(linear1(modulate(x, mod.shift, mod.scale)), [3 * d], axis=-1)
@@ -181,7 +185,9 @@ class Flux(nn.Module):
     CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts), remat
     (recompute each block's activations in the backward pass instead of keeping them: training
     memory for one more forward; parameters and outputs are unchanged), precision (of every
-    matmul; None: "highest" for float32, JAX's default otherwise; see layers.matmul_precision).
+    matmul; None: "highest" for float32, JAX's default otherwise; see layers.matmul_precision),
+    quantize (None, or "int8" / "fp8": the blocks' Linears stored weight-only quantized, see
+    fluxjax/quantize.py; their params are then `kernel` int8/fp8 + `kernel_scale`).
     """
 
     config: FluxConfig
@@ -191,6 +197,7 @@ class Flux(nn.Module):
     layer_loop: str = "scan"
     remat: bool = False
     precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
+    quantize: str | None = None  # the blocks' Linears weight-only "int8" or "fp8" (fluxjax/quantize.py)
 
     @with_precision
     @nn.compact
@@ -214,7 +221,9 @@ class Flux(nn.Module):
         txt = dense(c.hidden_size, axes=("in_features", "embed"), name="txt_in", **kw)(txt.astype(self.dtype))
 
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
-        block_kw = dict(config=c, attention_impl=self.attention_impl, **kw)
+        # Only the blocks' Linears are quantized (docs/quantization.md): the embedders and the
+        # final layer, a small part of the weights, stay in `dtype`.
+        block_kw = dict(config=c, attention_impl=self.attention_impl, quantize=self.quantize, **kw)
         double_name, single_name = BLOCK_STACKS
         double_block, single_block = DoubleStreamBlock, SingleStreamBlock
         if self.remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away

@@ -22,6 +22,7 @@ import numpy as np
 from fluxjax.errors import UsageError
 from fluxjax.kernels import cpu_attention
 from fluxjax.models import sequence_parallel
+from fluxjax.quantize import MODES as QUANTIZE_MODES
 
 Dtype = Any
 
@@ -59,9 +60,18 @@ def with_precision(method):
 
 
 def dense(features: int, *, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, use_bias: bool = True,
-          name: str | None = None):
+          quantize: str | None = None, name: str | None = None):
     """nn.Dense whose kernel (in, out) and bias (out,) carry the logical axis names `axes`
-    (kernel) and `axes[1:]` (bias). `name` may be left out in `setup`, where the attribute names it."""
+    (kernel) and `axes[1:]` (bias). `name` may be left out in `setup`, where the attribute names it.
+    quantize: None, or "int8" / "fp8" for a weight-only quantized Linear (QuantizedDense)."""
+    if quantize is not None:
+        return QuantizedDense(
+            features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, quantize=quantize,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), axes[1:]),
+            name=name,
+        )
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -71,6 +81,33 @@ def dense(features: int, *, axes: tuple[str, str], dtype: Dtype, param_dtype: Dt
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
         name=name,
     )
+
+
+class QuantizedDense(nn.Dense):
+    """A Linear whose kernel is stored weight-only quantized (fluxjax/quantize.py): `kernel`
+    (in, out) int8 or float8_e4m3fn and `kernel_scale` (out,) float32, the scale's logical axis the
+    kernel's output axis. y = (x @ kernel) * kernel_scale + bias.
+
+    The matmul takes the stored values converted to the compute dtype (exact: int8 and e4m3 values
+    are bf16 numbers), accumulates in float32, and scales the float32 product per column before the
+    one rounding to `dtype`. A subclass of nn.Dense, so live LoRA (fluxjax.lora.live) adds its
+    low-rank branch to it as to any Linear. Weights are never initialised: the loader fills them.
+    """
+
+    quantize: str = "int8"
+    scale_init: Any = nn.initializers.ones_init()
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), QUANTIZE_MODES[self.quantize][0])
+        scale = self.param("kernel_scale", self.scale_init, (self.features,), jnp.float32)
+        x = inputs.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        y = y * scale
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
@@ -304,12 +341,13 @@ class Modulation(nn.Module):
     double: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantize: str | None = None  # see dense
 
     @nn.compact
     def __call__(self, vec) -> tuple[ModulationOut, ModulationOut | None]:
         n = 6 if self.double else 3
         out = dense(n * self.dim, axes=("embed", "modulation"), name="lin", dtype=self.dtype,
-                    param_dtype=self.param_dtype)(nn.silu(vec))
+                    param_dtype=self.param_dtype, quantize=self.quantize)(nn.silu(vec))
         chunks = jnp.split(out[:, None, :], n, axis=-1)
         return ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:]) if self.double else None
 

@@ -75,6 +75,7 @@ class T5Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"  # see layers.dot_product_attention
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
@@ -82,7 +83,7 @@ class T5Attention(nn.Module):
         inner = cfg.num_heads * cfg.d_kv
         b, l, _ = x.shape
 
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, quantize=self.quantize)
 
         def proj(name):
             y = dense(inner, axes=("embed", "heads"), name=name, **kw)(x)
@@ -99,11 +100,12 @@ class T5DenseGatedGelu(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, quantize=self.quantize)
         gate = dense(cfg.d_ff, axes=("embed", "mlp"), name="wi_0", **kw)(x)
         lin = dense(cfg.d_ff, axes=("embed", "mlp"), name="wi_1", **kw)(x)
         # Elementwise in float32 (free next to the matmuls): bf16 tanh would add its own error.
@@ -118,12 +120,13 @@ class T5LayerSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"  # see layers.dot_product_attention
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:
         h = RMSNorm(eps=self.config.layer_norm_epsilon, param_dtype=self.param_dtype, axis="norm", name="layer_norm")(x)
         attn = T5Attention(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                           attention_impl=self.attention_impl, name="SelfAttention")
+                           attention_impl=self.attention_impl, quantize=self.quantize, name="SelfAttention")
         return x + attn(h, position_bias)
 
 
@@ -133,11 +136,13 @@ class T5LayerFF(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = RMSNorm(eps=self.config.layer_norm_epsilon, param_dtype=self.param_dtype, axis="norm", name="layer_norm")(x)
-        mlp = T5DenseGatedGelu(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="DenseReluDense")
+        mlp = T5DenseGatedGelu(self.config, dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize,
+                               name="DenseReluDense")
         return x + mlp(h)
 
 
@@ -152,10 +157,11 @@ class T5Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"  # see layers.dot_product_attention
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
     def __call__(self, x: jax.Array, position_bias: jax.Array):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         x = T5LayerSelfAttention(self.config, attention_impl=self.attention_impl, name="layer_0", **kw)(x, position_bias)
         x = T5LayerFF(self.config, name="layer_1", **kw)(constrain(x))
         return constrain(x), None
@@ -165,13 +171,15 @@ class T5Encoder(nn.Module):
     """T5 v1.1 encoder: input_ids (B, L) integer -> last_hidden_state (B, L, d_model) in `dtype`.
 
     dtype: activations and matmuls; param_dtype: stored parameters. Norm statistics, attention
-    logits, the position bias and the softmax are float32 whatever `dtype` is.
+    logits, the position bias and the softmax are float32 whatever `dtype` is. quantize: None, or
+    "int8" / "fp8": the layers' Linears stored weight-only quantized (fluxjax/quantize.py).
     """
 
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"  # see layers.dot_product_attention
+    quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
     precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
     @with_precision
@@ -195,7 +203,8 @@ class T5Encoder(nn.Module):
         position_bias = jnp.transpose(bias, (2, 0, 1))  # (H, L, L)
 
         blocks = scan_layers(T5Block, cfg.num_layers, 1)
-        x, _ = blocks(cfg, attention_impl=self.attention_impl, name="block", **kw)(x, position_bias)
+        # The layers' Linears are quantized when asked; the embeddings and norms stay in `dtype`.
+        x, _ = blocks(cfg, attention_impl=self.attention_impl, quantize=self.quantize, name="block", **kw)(x, position_bias)
         return RMSNorm(cfg.layer_norm_epsilon, self.param_dtype, "norm", name="final_layer_norm")(x)
 
 
