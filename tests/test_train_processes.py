@@ -103,8 +103,11 @@ def test_two_processes_train_full_weights_as_one_and_resume(runs):
     # Resumed from the step-2 checkpoint, the 2 x 4 run ends where it ended uninterrupted.
     losses, weights = (two / "loss.csv").read_text(), got
     state = _load(two / "checkpoints" / "step_00000004")
+    kept = (two / "checkpoints" / "step_00000002").stat()
     shutil.rmtree(two / "checkpoints" / "step_00000004")
     _train(data, two, 2, "--resume")
+    after = (two / "checkpoints" / "step_00000002").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # resumed from it, not redone
     assert (two / "loss.csv").read_text() == losses
     again = _load(two / "model" / "transformer" / "params")
     assert all(np.array_equal(again[k], weights[k]) for k in weights)
