@@ -158,10 +158,12 @@ def fingerprint(*trees: Any) -> str:
     leaf and of its squares): what the cache keys on to notice a different model."""
     import jax
 
+    from fluxjax import distributed
+
     h = hashlib.sha256()
     for tree in trees:
         for path, leaf in jax.tree.flatten_with_path(tree)[0]:
-            x = np.asarray(leaf, np.float64)
+            x = distributed.host_array(leaf).astype(np.float64)
             h.update(f"{jax.tree_util.keystr(path)}{x.shape}{leaf.dtype}{x.sum()!r}{np.square(x).sum()!r}".encode())
     return h.hexdigest()
 
@@ -180,6 +182,11 @@ class EncodedDataset:
     pipe: a fluxjax FluxPipeline whose frozen T5, CLIP and VAE (and tokenizer) encode the data;
     they run only here, never inside the train step. resolution: the bucket area's side.
     max_sequence_length: T5 tokens per caption. cache_dir: where the .npz files go.
+
+    Several processes (one job, a shared cache_dir): the frozen models are sharded over all
+    their devices, so an encoder call is a collective every process joins; which entries are
+    missing is decided once, by process 0, all compute them together, process 0 alone writes
+    them (no two writers of one file), and the others read the files once it is done.
     """
 
     def __init__(self, examples: Sequence[Example], pipe, resolution: int, max_sequence_length: int,
@@ -188,49 +195,62 @@ class EncodedDataset:
         self.buckets = [bucket(e.width, e.height, resolution) for e in self.examples]
         self.max_sequence_length = max_sequence_length
         self.cache_dir = os.fspath(cache_dir)
-        os.makedirs(self.cache_dir, exist_ok=True)
         self._pipe = pipe
         self._model_key = fingerprint(pipe.vae.params, pipe.t5.params, pipe.clip.params) + repr(
             (pipe.vae.model.config, pipe.t5.model.config, pipe.clip.model.config, str(pipe.transformer.model.dtype)))
         self.computed = 0  # how many entries this object encoded (the rest came from the cache)
         from tqdm import tqdm
 
-        self.files = [self._entry(i) for i in tqdm(range(len(self.examples)), desc="caching latents", disable=not progress or None)]
-        self.empty = self._text_entry("")
+        from fluxjax import distributed
+
+        self.files = [self._entry_path(i) for i in range(len(self.examples))]
+        empty = os.path.join(self.cache_dir, f"text-{self._key('text', '')}.npz")
+        cached = distributed.on_primary(_cached, self.cache_dir, self.files + [empty])
+        for i in tqdm(range(len(self.examples)), desc="caching latents", disable=not progress or None):
+            if not cached[i]:
+                self._encode_entry(i)
+        if not cached[-1]:
+            txt, vec = self._encode_text("")
+            self._save(empty, txt=txt, vec=vec)
+        distributed.barrier("fluxjax-cache")  # process 0's files are written before any process reads them
+        with np.load(empty) as z:
+            self.empty = {"txt": z["txt"], "vec": z["vec"]}
 
     def _key(self, *parts: Any) -> str:
         return hashlib.sha256(repr((self._model_key, self.max_sequence_length) + parts).encode()).hexdigest()[:32]
 
     def _encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+        from fluxjax import distributed
+
         t5_ids, clip_ids = self._pipe.tokenizer([caption], self.max_sequence_length)
         txt, vec = self._pipe.encode(t5_ids, clip_ids)
-        return np.asarray(txt[0], np.float32), np.asarray(vec[0], np.float32)
+        return (distributed.host_array(txt)[0].astype(np.float32),
+                distributed.host_array(vec)[0].astype(np.float32))
 
-    def _text_entry(self, caption: str) -> dict:
-        path = os.path.join(self.cache_dir, f"text-{self._key('text', caption)}.npz")
-        if not os.path.isfile(path):
-            txt, vec = self._encode_text(caption)
-            _save_npz(path, txt=txt, vec=vec)
-            self.computed += 1
-        with np.load(path) as z:
-            return {"txt": z["txt"], "vec": z["vec"]}
+    def _save(self, path: str, **arrays: np.ndarray) -> None:
+        from fluxjax import distributed
 
-    def _entry(self, i: int) -> str:
+        if distributed.is_primary():
+            _save_npz(path, **arrays)
+        self.computed += 1
+
+    def _entry_path(self, i: int) -> str:
+        e, (w, h) = self.examples[i], self.buckets[i]
+        return os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), PIXELS, e.caption, w, h)}.npz")
+
+    def _encode_entry(self, i: int) -> None:
         import jax
 
+        from fluxjax import distributed
         from fluxjax.sampling import pack
 
         e, (w, h) = self.examples[i], self.buckets[i]
-        path = os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), PIXELS, e.caption, w, h)}.npz")
-        if not os.path.isfile(path):
-            pixels = load_pixels(e.path, w, h)[None]
-            vae = self._pipe.vae
-            z = jax.jit(lambda p, x: vae.model.apply({"params": p}, x, method="encode"))(vae.params, pixels)
-            latents = pack(np.asarray(z, np.float32).transpose(0, 3, 1, 2))[0]  # NHWC -> NCHW -> (L, 64)
-            txt, vec = self._encode_text(e.caption)
-            _save_npz(path, latents=np.asarray(latents, np.float32), txt=txt, vec=vec)
-            self.computed += 1
-        return path
+        pixels = load_pixels(e.path, w, h)[None]
+        vae = self._pipe.vae
+        z = jax.jit(lambda p, x: vae.model.apply({"params": p}, x, method="encode"))(vae.params, pixels)
+        latents = pack(distributed.host_array(z).astype(np.float32).transpose(0, 3, 1, 2))[0]  # NHWC -> NCHW -> (L, 64)
+        txt, vec = self._encode_text(e.caption)
+        self._save(self.files[i], latents=np.asarray(latents, np.float32), txt=txt, vec=vec)
 
     def batch(self, indices: Sequence[int]) -> dict:
         """The host batch of `Trainer.step` for these example indices (one bucket)."""
@@ -250,6 +270,12 @@ class EncodedDataset:
             "empty_txt": self.empty["txt"][None],
             "empty_vec": self.empty["vec"][None],
         }
+
+
+def _cached(cache_dir: str, paths: list[str]) -> list[bool]:
+    """Make cache_dir; which of `paths` it holds."""
+    os.makedirs(cache_dir, exist_ok=True)
+    return [os.path.isfile(p) for p in paths]
 
 
 def _save_npz(path: str, **arrays: np.ndarray) -> None:

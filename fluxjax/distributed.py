@@ -16,11 +16,14 @@ fix the process to a single-process backend.
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any, Callable
 
 import jax
+import numpy as np
 
-from fluxjax.errors import UsageError
+from fluxjax.errors import CheckpointError, UsageError
 
 COORDINATOR_ENV = "FLUXJAX_COORDINATOR"
 NUM_PROCESSES_ENV = "FLUXJAX_NUM_PROCESSES"
@@ -51,6 +54,83 @@ def initialize() -> tuple[int, int]:
     else:
         return 0, 1
     return jax.process_index(), jax.process_count()
+
+
+# The one-line errors a process-0-only step may raise; every process raises the same one.
+_SHARED_ERRORS = {cls.__name__: cls for cls in (UsageError, CheckpointError, FileExistsError, FileNotFoundError)}
+
+
+def is_primary() -> bool:
+    """Whether this process writes the files of a multi-process job (process 0), or is the only one."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to do for a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def on_primary(fn: Callable[..., Any], *args) -> Any:
+    """fn(*args) run by process 0 only, its JSON-able result returned on every process.
+
+    A step that reads or writes the shared files once for the whole job (checking --out, taking
+    its lock, swapping a folder in) runs here. The others wait for its outcome, so none runs
+    ahead of it, and if it fails with a one-line error (UsageError, FileExistsError, ...) every
+    process raises that same error rather than waiting forever at the next collective. A single
+    process just calls fn.
+    """
+    if jax.process_count() == 1:
+        return fn(*args)
+    failure = None
+    record = None
+    if is_primary():
+        try:
+            record = {"value": fn(*args)}
+        except Exception as e:  # reported to the others, then raised here as it is
+            failure = e
+            record = {"error": type(e).__name__, "message": str(e)}
+    record = json.loads(_broadcast_text(json.dumps(record) if is_primary() else ""))
+    if failure is not None:
+        raise failure
+    if "error" in record:
+        cls = _SHARED_ERRORS.get(record["error"])
+        raise cls(record["message"]) if cls else RuntimeError(f"process 0 failed: {record['error']}: {record['message']}")
+    return record["value"]
+
+
+def everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.bool_))))
+
+
+def host_array(x) -> np.ndarray:
+    """A whole array as NumPy on this process: gathered from the others (a collective: all must
+    call it) where it is split over devices of several processes; else read where it is."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _broadcast_text(text: str) -> str:
+    """Process 0's `text` on every process."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int32)))
+    # Padded to a multiple of 256 bytes: broadcasts of similar lengths reuse one compiled program.
+    buffer = np.zeros(-(-max(size, 1) // 256) * 256, np.uint8)
+    if is_primary():
+        buffer[:size] = data
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size]).decode("utf-8")
 
 
 def _launcher_with_several_processes() -> bool:

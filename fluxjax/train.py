@@ -27,6 +27,7 @@ Use:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import folders, lora
+from fluxjax import distributed, folders, lora
 from fluxjax.errors import CheckpointError, UsageError
 from fluxjax.sampling import Schedule
 
@@ -408,10 +409,14 @@ def save_state(folder: str | os.PathLike, state: TrainState) -> None:
     Orbax writes into a temporary folder and renames it when complete, so `folder` either holds
     a whole checkpoint or does not exist; a kill mid-save leaves only a temporary folder, which
     `latest_checkpoint` ignores. An existing `folder` is replaced.
+
+    With several processes every one calls this (each writes its own shards); process 0 alone
+    removes an existing `folder`, and none starts writing before that is done.
     """
     folder = os.path.abspath(os.fspath(folder))
-    if os.path.exists(folder):
+    if distributed.is_primary() and os.path.exists(folder):
         shutil.rmtree(folder)
+    distributed.barrier("fluxjax-train-save")
     _ocp().save(folder, _as_tree(state))
 
 
@@ -458,18 +463,23 @@ def restore_newest_intact(trainer: "Trainer", root: str | os.PathLike, params) -
     one before it (a run keeps two). CheckpointError when none can be read."""
     found = complete_checkpoints(root)
     for i, path in enumerate(found):
+        error = None
         try:
-            return trainer.restore(path, params)
+            state = trainer.restore(path, params)
         except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, RuntimeError or their own
-            reason = _first_line(e)
-            if "tree structures do not match" in str(e):  # the run's state has another shape: not damage
-                raise UsageError(f"{path}: holds a train state of another shape than this run's (a LoRA or EMA "
-                                 "setting differs from the run that wrote it); resume with that run's "
-                                 "settings") from None
-            if i + 1 == len(found):
-                raise CheckpointError(f"{path}: cannot be read ({reason}), and no older checkpoint can: remove "
-                                      f"{os.fspath(root)} to start the run again") from None
-            warnings.warn(f"{path}: cannot be read ({reason}); resuming from {found[i + 1]}", CheckpointFallbackWarning)
+            error = e
+        # Each process reads its own shards: all must have read theirs, or all pass to the next.
+        if distributed.everywhere(error is None):
+            return state
+        reason = "another process of the run could not read its part" if error is None else _first_line(error)
+        if error is not None and "tree structures do not match" in str(error):  # another shape: not damage
+            raise UsageError(f"{path}: holds a train state of another shape than this run's (a LoRA or EMA "
+                             "setting differs from the run that wrote it); resume with that run's "
+                             "settings") from None
+        if i + 1 == len(found):
+            raise CheckpointError(f"{path}: cannot be read ({reason}), and no older checkpoint can: remove "
+                                  f"{os.fspath(root)} to start the run again") from None
+        warnings.warn(f"{path}: cannot be read ({reason}); resuming from {found[i + 1]}", CheckpointFallbackWarning)
     raise CheckpointError(f"{os.fspath(root)}: holds no complete checkpoint")
 
 
@@ -613,9 +623,15 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
     out_dir must be new, empty or this run's (`check_out_dir`); a second run on it at the same
     time is refused (fluxjax.folders.locked).
+
+    Several processes (jax.distributed; the strategy's mesh spans all their devices) run `fit`
+    together with the same arguments on a shared filesystem: each takes part in every collective
+    (the steps, the encoders, the Orbax saves and restores of sharded arrays), and process 0
+    alone checks and locks out_dir and writes every other file (cache, loss.csv/png, the run
+    marker, the LoRA file, model/'s files besides the weights, its manifest and the swap).
     """
     out_dir = os.fspath(out_dir)
-    with folders.locked(out_dir, "--out"):  # one run at a time in out_dir
+    with locked_on_primary(out_dir):  # one run at a time in out_dir
         return _fit(pipe, examples, out_dir, cfg, batch_size, seed, save_every, resume, resolution,
                     max_sequence_length, source, tx, progress)
 
@@ -628,14 +644,14 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
     from fluxjax.models.flux import BLOCK_STACKS
 
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
+    check_processes(pipe.strategy)
+    progress = progress and distributed.is_primary()  # one progress bar per job
     settings = run_settings(cfg, batch_size, seed, resolution, max_sequence_length)
-    latest = check_out_dir(out_dir, resume, settings)
+    latest = distributed.on_primary(check_out_dir, out_dir, resume, settings)
     if save_every < 1:
         raise UsageError(f"save_every must be at least 1, got {save_every}")
     batches = Batches([bucket(e.width, e.height, resolution) for e in examples], batch_size, seed)
-    os.makedirs(out_dir, exist_ok=True)
-    if latest is None or not os.path.exists(os.path.join(out_dir, RUN_MARKER)):
-        _write_run_marker(out_dir, settings if latest is None else None)  # an older fluxjax's run: settings unknown
+    distributed.on_primary(_start_run, out_dir, latest, settings)
     length = max_sequence_length or pipe.defaults.max_sequence_length
     data = EncodedDataset(examples, pipe, resolution, length, os.path.join(out_dir, CACHE), progress)
 
@@ -647,18 +663,22 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
         state = trainer.init(params, seed)
     del params
     start = int(state.step)
-    log = _LossLog(os.path.join(out_dir, LOSS_CSV), start)
+    primary = distributed.is_primary()
+    log = _LossLog(os.path.join(out_dir, LOSS_CSV), start) if primary else None
     with tqdm(total=cfg.total_steps, initial=start, desc="training", unit="step", disable=not progress or None) as bar:
         for step in range(start, cfg.total_steps):
             state, metrics = trainer.step(state, data.batch(batches.indices(step)))
-            loss = float(metrics["loss"])
-            log.add(step + 1, loss, float(metrics["grad_norm"]))
+            loss = float(metrics["loss"])  # replicated: every process holds it
+            if log is not None:
+                log.add(step + 1, loss, float(metrics["grad_norm"]))
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
             if (step + 1) % save_every == 0 or step + 1 == cfg.total_steps:
                 save_state(checkpoint_path(ckpt_root, step + 1), state)
-                prune_checkpoints(ckpt_root)
-    log.plot(os.path.join(out_dir, LOSS_PNG))
+                if primary:  # after save_state: every process has written its part of the new one
+                    prune_checkpoints(ckpt_root)
+    if log is not None:
+        log.plot(os.path.join(out_dir, LOSS_PNG))
     if trainer.lora:
         write_lora(os.path.join(out_dir, LORA_FILE), trainer, state.params)
         if state.ema is not None:
@@ -676,10 +696,50 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
 
 def write_lora(path: str, trainer: Trainer, factors) -> None:
     """A LoRA Trainer's trained `factors` as a diffusers/PEFT LoRA file, written under a
-    temporary name and renamed (a reader never sees half a file)."""
-    tree = lora.join_factors(jax.tree.map(np.asarray, factors), trainer.fixed)
-    lora.save_diffusers(f"{path}.partial", tree, trainer.model.config)
-    os.replace(f"{path}.partial", path)
+    temporary name and renamed (a reader never sees half a file). With several processes every
+    one calls it (the factors are gathered collectively); process 0 writes."""
+    tree = lora.join_factors(jax.tree.map(distributed.host_array, factors), trainer.fixed)
+    if distributed.is_primary():
+        lora.save_diffusers(f"{path}.partial", tree, trainer.model.config)
+        os.replace(f"{path}.partial", path)
+    distributed.barrier("fluxjax-train-lora")  # the file is whole when any process returns
+
+
+def check_processes(strategy) -> None:
+    """UsageError unless the run can span this job's processes: several need a strategy, whose
+    mesh spreads the state over all their devices (without one it would sit on process 0's)."""
+    if strategy is None and jax.process_count() > 1:
+        raise UsageError(f"training on {jax.process_count()} processes needs --sharding (e.g. fsdp) to place the "
+                         "train state on the devices of all of them")
+
+
+def _start_run(out_dir: str, latest: str | None, settings: dict) -> None:
+    """Make out_dir and its run marker (process 0, after check_out_dir)."""
+    os.makedirs(out_dir, exist_ok=True)
+    if latest is None or not os.path.exists(os.path.join(out_dir, RUN_MARKER)):
+        _write_run_marker(out_dir, settings if latest is None else None)  # an older fluxjax's run: settings unknown
+
+
+@contextlib.contextmanager
+def locked_on_primary(out_dir: str):
+    """folders.locked(out_dir) taken by process 0 only (one lock per run, not one per process);
+    a refusal is raised on every process."""
+    with contextlib.ExitStack() as stack:
+        distributed.on_primary(lambda: stack.enter_context(folders.locked(out_dir, "--out")))
+        yield
+
+
+@contextlib.contextmanager
+def _staged_everywhere(folder: str):
+    """fluxjax.folders.staged(folder) for every process: process 0 checks `folder`, makes the
+    staging folder (named by its PID, so one for the whole job) and, once every process has
+    written its part into it, writes the manifest and swaps it in. The others write into that
+    same folder. A single process: just folders.staged."""
+    with contextlib.ExitStack() as stack:
+        tmp = distributed.on_primary(lambda: stack.enter_context(folders.staged(folder, "train", overwrite=True)))
+        yield tmp
+        distributed.barrier("fluxjax-train-staged")  # every process's part is written
+        distributed.on_primary(stack.close)
 
 
 class _LossLog:
@@ -727,26 +787,33 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
     `source` (a hub folder), or, when source is None (the tiny preset), written as components
     beside locally made tokenizers. Staged and swapped in by fluxjax.folders.staged, which
     replaces an existing `folder` only when it is entirely one fluxjax train wrote (its manifest
-    says so: `fluxjax convert --overwrite` refuses such a folder in turn)."""
-    from fluxjax.checkpoint import PARAMS, save_params, write_marker
+    says so: `fluxjax convert --overwrite` refuses such a folder in turn).
 
-    with folders.staged(folder, "train", overwrite=True) as tmp:
-        os.makedirs(os.path.join(tmp, "transformer"))
-        dtype = jax.tree.leaves(transformer_params)[0].dtype
-        write_marker(os.path.join(tmp, "transformer"), "flux", pipe.transformer.model.config, dtype)
-        save_params(os.path.join(tmp, "transformer", PARAMS), transformer_params)
-        if source is not None:
+    With several processes every one calls it: each writes its shards of the weights (one
+    collective Orbax save per component); process 0 writes the rest (see _staged_everywhere).
+    """
+    from fluxjax.checkpoint import PARAMS, flat, write_marker
+
+    primary = distributed.is_primary()
+    with _staged_everywhere(folder) as tmp:
+        components = [("transformer", "flux", pipe.transformer.model.config, transformer_params)]
+        if source is None:
+            components += [(hub_name, attr, getattr(pipe, attr).model.config, getattr(pipe, attr).params)
+                           for hub_name, attr in FROZEN.items()]
+        for hub_name, kind, config, params in components:
+            if primary:
+                os.makedirs(os.path.join(tmp, hub_name))
+                write_marker(os.path.join(tmp, hub_name), kind, config, jax.tree.leaves(params)[0].dtype)
+            distributed.barrier("fluxjax-train-component")  # its folder exists before anyone saves into it
+            # Orbax straight from the devices: each process saves its own shards, none gathers the whole.
+            _ocp().save(os.path.abspath(os.path.join(tmp, hub_name, PARAMS)),  # Orbax takes no relative path
+                        flax.traverse_util.unflatten_dict(flat(params), sep="/"))
+        if primary and source is not None:
             source = os.path.abspath(os.fspath(source))
             for name in sorted(os.listdir(source)):
                 if name != "transformer":
                     os.symlink(os.path.join(source, name), os.path.join(tmp, name))
-        else:
+        elif primary:
             from fluxjax.tiny_tokenizers import make_tokenizers
 
             make_tokenizers(tmp)
-            for hub_name, attr in FROZEN.items():
-                component = getattr(pipe, attr)
-                os.makedirs(os.path.join(tmp, hub_name))
-                write_marker(os.path.join(tmp, hub_name), attr, component.model.config,
-                             jax.tree.leaves(component.params)[0].dtype)
-                save_params(os.path.join(tmp, hub_name, PARAMS), component.params)

@@ -45,11 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import math
 
+    from fluxjax import distributed
     from fluxjax.data import scan_folder
     from fluxjax.errors import UsageError
-    from fluxjax.folders import locked
     from fluxjax.sampling import check_dimension
-    from fluxjax.train import LORA_FILE, MODEL, TrainConfig, check_out_dir, fit, run_settings
+    from fluxjax.train import (
+        LORA_FILE, MODEL, TrainConfig, check_out_dir, check_processes, fit, locked_on_primary, run_settings,
+    )
 
     for name in ("steps", "batch_size", "save_every", "lora_rank"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -71,17 +73,24 @@ def run(args) -> int:
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
     settings = run_settings(cfg, args.batch_size, args.seed, args.resolution, args.max_sequence_length)
-    check_out_dir(args.out, args.resume, settings)  # before the lock: a refused --out gets no lock file beside it
+    # Several processes (fluxjax.distributed): each joins before any JAX work; process 0 checks and
+    # locks --out for all of them, and each raises its refusal.
+    distributed.initialize()
+    check_processes(args.sharding)
+    # before the lock: a refused --out gets no lock file beside it
+    distributed.on_primary(check_out_dir, args.out, args.resume, settings)
 
     from fluxjax.pipeline import FluxPipeline
 
-    with locked(args.out, "--out"):  # before the model loads: a second run on --out is refused at once
+    with locked_on_primary(args.out):  # before the model loads: a second run on --out is refused at once
         pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype, sharding=args.sharding)
         state = fit(pipe, examples, args.out, cfg, batch_size=args.batch_size, seed=args.seed,
                     save_every=args.save_every, resume=args.resume, resolution=args.resolution,
                     max_sequence_length=args.max_sequence_length,
                     source=None if args.model == "tiny" else args.model, progress=True)
     written = LORA_FILE if cfg.lora_rank is not None else MODEL
+    if not distributed.is_primary():  # one line per job, not per process
+        return 0
     print(f"trained {int(state.step)} steps; {'LoRA' if cfg.lora_rank is not None else 'model'} written to "
           f"{os.path.join(args.out, written)}")
     return 0
