@@ -18,7 +18,6 @@ import torch
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
-from fluxjax.checkpoint import flat
 from fluxjax.cli import main
 from fluxjax.config import FluxConfig
 from fluxjax.errors import CheckpointError
@@ -26,6 +25,7 @@ from fluxjax.loading import flux, ggml, registry
 from fluxjax.loading.gguf import GGUFSource
 from fluxjax.loading.registry import load_transformer
 from fluxjax.loading.table import key_shapes
+from test_convert import assert_bit_identical
 
 Q = gguf.GGMLQuantizationType
 # FLUX's head dim 128 (what a single file's config is inferred with), widths of the tiny pipeline
@@ -108,15 +108,6 @@ def files(tmp_path_factory):
     return folder, written
 
 
-def assert_same(a, b):
-    fa, fb = flat(a), flat(b)
-    assert sorted(fa) == sorted(fb)
-    for path in fa:
-        x, y = np.asarray(fa[path]), np.asarray(fb[path])
-        assert x.dtype == y.dtype and x.shape == y.shape, path
-        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), f"{path} differs"
-
-
 # --- GGML types -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [t.name for t in ggml.TYPES.values()])
@@ -166,9 +157,9 @@ def test_model_from_gguf_equals_model_from_its_dequantized_safetensors(files):
     model_q, from_gguf = load_transformer(folder / "flux.gguf", dtype="float32")
     model_f, from_ref = load_transformer(folder / "ref.safetensors", dtype="float32")
     assert model_q.config == model_f.config == CFG
-    assert_same(from_gguf, from_ref)
+    assert_bit_identical(from_gguf, from_ref)
     # in bfloat16 each float32 value is rounded once, as the float32 file's are
-    assert_same(load_transformer(folder / "flux.gguf", dtype="bfloat16")[1],
+    assert_bit_identical(load_transformer(folder / "flux.gguf", dtype="bfloat16")[1],
                 load_transformer(folder / "ref.safetensors", dtype="bfloat16")[1])
 
 
@@ -189,7 +180,7 @@ def test_pipeline_takes_a_gguf_transformer(files, hub):
     pipe = FluxPipeline.from_pretrained(root, transformer=folder / "flux.gguf")
     ref = FluxPipeline.from_pretrained(root, transformer=folder / "ref.safetensors")
     assert pipe.transformer.model.config == CFG and pipe.name == "flux.gguf"
-    assert_same(pipe.transformer.params, ref.transformer.params)
+    assert_bit_identical(pipe.transformer.params, ref.transformer.params)
 
 
 def test_generate_takes_a_gguf_transformer(files, hub, tmp_path, capsys):
@@ -202,7 +193,7 @@ def test_generate_takes_a_gguf_transformer(files, hub, tmp_path, capsys):
 def test_convert_reads_a_gguf(files, tmp_path):
     folder, _ = files
     assert main(["convert", str(folder / "flux.gguf"), str(tmp_path / "out")]) == 0
-    assert_same(load_transformer(tmp_path / "out", dtype="bfloat16")[1],
+    assert_bit_identical(load_transformer(tmp_path / "out", dtype="bfloat16")[1],
                 load_transformer(folder / "flux.gguf", dtype="bfloat16")[1])
 
 
@@ -331,10 +322,10 @@ def test_fp8_file_loads_as_its_float32_values(tmp_path, scaled):
     np_save_file(expected, str(tmp_path / "ref.safetensors"))
     model, params = load_transformer(tmp_path / "flux-fp8.safetensors", dtype="float32")
     assert model.config == CFG
-    assert_same(params, load_transformer(tmp_path / "ref.safetensors", dtype="float32")[1])
+    assert_bit_identical(params, load_transformer(tmp_path / "ref.safetensors", dtype="float32")[1])
     if scaled:  # fluxjax convert reads it through the same reader
         assert main(["convert", str(tmp_path / "flux-fp8.safetensors"), str(tmp_path / "out")]) == 0
-        assert_same(load_transformer(tmp_path / "out", dtype="bfloat16")[1],
+        assert_bit_identical(load_transformer(tmp_path / "out", dtype="bfloat16")[1],
                     load_transformer(tmp_path / "ref.safetensors", dtype="bfloat16")[1])
 
 
