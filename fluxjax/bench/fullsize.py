@@ -26,7 +26,8 @@ from fluxjax.config import FluxConfig
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-             "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+             "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+             "TPU v5": 459e12}  # last: JAX names a v5p chip "TPU v5", which the names above do not contain
 STEPS = {"dev": 28, "schnell": 4, "tiny": 4}
 T5_LENGTH = {"dev": 512, "schnell": 256, "tiny": 64}
 
