@@ -112,3 +112,34 @@ class SizeLimit:
             f"{asked}: one denoising step needs {need / GIB:,.1f} GiB per device for its activations "
             f"(fluxjax plan's analytic figure, {self.batch} image(s) per device), more than the {self.memory / GIB:.1f} "
             f"GiB of {self.where}; {largest}")
+
+
+def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "bfloat16",
+              device=None) -> tuple[bool, str]:
+    """Whether `model`'s whole pipeline ("dev", "schnell") fits one `device` (default: this
+    process's first), from the plan: every component's exact parameter bytes plus one denoising
+    step's analytic activations with the attention "auto" picks there; and one line saying so.
+    The device's memory is its own limit (an accelerator), or this host's RAM for a CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    from fluxjax.config import FluxConfig
+    from fluxjax.loading import registry
+    from fluxjax.models import layers
+    from fluxjax.plan import PATCH, make_plan
+    from fluxjax.sharding import Strategy
+
+    device = jax.devices()[0] if device is None else device
+    dt = jnp.dtype(dtype)
+    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
+    facts = dict(backend=device.platform, device_kind=device.device_kind,
+                 compute_capability=getattr(device, "compute_capability", None))
+    attention = layers.resolve_attention(**facts, dtype=dt, head_dim=cfg.hidden_size // cfg.num_heads,
+                                         seq_len=(height // PATCH) * (width // PATCH), masked=False, cpu_kernel=False)
+    plan = make_plan(model, Strategy.load("fsdp"), 1, height, width, 1, dt.name, xla=False, attention=attention)
+    memory, where = device_memory(device)
+    fits = plan.total_bytes <= memory
+    line = (f"{model} in {dt.name} at {width}x{height} needs {plan.total_bytes / GIB:.1f} GiB on one device "
+            f"(every component's weights {plan.param_bytes / GIB:.1f} GiB + one step {plan.activation_bytes / GIB:.1f} "
+            f"GiB, fluxjax.plan.make_plan); {where} has {memory / GIB:.1f} GiB: {'it fits' if fits else 'it does not fit'}")
+    return fits, line

@@ -501,27 +501,3 @@ def format_train_plans(plans: list[TrainPlan], model: str, height: int, width: i
         lines.append(f"  {p.strategy:<9} {kind:<9} remat {gb(p.total(True))}   no remat {gb(p.total(False))}")
     return "\n".join(lines)
 
-
-def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "bfloat16",
-              device=None) -> tuple[bool, str]:
-    """Whether `model`'s whole pipeline ("dev", "schnell") fits one `device` (default: this
-    process's first), from the plan: every component's exact parameter bytes plus one denoising
-    step's analytic activations with the attention "auto" picks there; and one line saying so.
-    The device's memory is its own limit (an accelerator), or this host's RAM for a CPU."""
-    from fluxjax.limits import device_memory
-    from fluxjax.models import layers
-
-    device = jax.devices()[0] if device is None else device
-    dt = jnp.dtype(dtype)
-    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
-    facts = dict(backend=device.platform, device_kind=device.device_kind,
-                 compute_capability=getattr(device, "compute_capability", None))
-    attention = layers.resolve_attention(**facts, dtype=dt, head_dim=cfg.hidden_size // cfg.num_heads,
-                                         seq_len=(height // PATCH) * (width // PATCH), masked=False, cpu_kernel=False)
-    plan = make_plan(model, Strategy.load("fsdp"), 1, height, width, 1, dt.name, xla=False, attention=attention)
-    memory, where = device_memory(device)
-    fits = plan.total_bytes <= memory
-    line = (f"{model} in {dt.name} at {width}x{height} needs {plan.total_bytes / GIB:.1f} GiB on one device "
-            f"(every component's weights {plan.param_bytes / GIB:.1f} GiB + one step {plan.activation_bytes / GIB:.1f} "
-            f"GiB, fluxjax.plan); {where} has {memory / GIB:.1f} GiB: {'it fits' if fits else 'it does not fit'}")
-    return fits, line

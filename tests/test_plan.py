@@ -140,16 +140,16 @@ def test_fits_here_says_what_fits_one_chip(monkeypatch):
     # The quickstart notebook picks its model from this on an accelerator (issue 30, item 6).
     from types import SimpleNamespace
 
-    from fluxjax import plan
+    from fluxjax import limits
 
     def chip(gib):
         return SimpleNamespace(platform="tpu", device_kind="TPU v5 lite", id=0,
                                memory_stats=lambda: {"bytes_limit": gib << 30})
 
-    fits, line = plan.fits_here("dev", device=chip(16))
+    fits, line = limits.fits_here("dev", device=chip(16))
     assert not fits and line.startswith("dev in bfloat16 at 1024x1024 needs ")
     assert line.endswith("TPU v5 lite 0 has 16.0 GiB: it does not fit")
-    fits, line = plan.fits_here("schnell", device=chip(80))
+    fits, line = limits.fits_here("schnell", device=chip(80))
     assert fits and line.endswith("TPU v5 lite 0 has 80.0 GiB: it fits")
     # every component resident: T5-XXL's 9.5 GB beside the transformer's 23.8 GB
     need = float(line.split(" needs ")[1].split(" GiB")[0])
