@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from fluxjax import distributed, folders, lora
-from fluxjax.errors import CheckpointError, UsageError
+from fluxjax.errors import CheckpointError, NonFiniteError, UsageError
 from fluxjax.sampling import Schedule
 
 
@@ -466,6 +466,9 @@ def restore_newest_intact(trainer: "Trainer", root: str | os.PathLike, params) -
         error = None
         try:
             state = trainer.restore(path, params)
+            bad = first_non_finite(state)
+            if bad is not None:  # damage the file format does not catch (zeroed bytes that still decode)
+                error = CheckpointError(f"{bad} holds NaN or infinite values")
         except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, RuntimeError or their own
             error = e
         # Each process reads its own shards: all must have read theirs, or all pass to the next.
@@ -481,6 +484,18 @@ def restore_newest_intact(trainer: "Trainer", root: str | os.PathLike, params) -
                                   f"{os.fspath(root)} to start the run again") from None
         warnings.warn(f"{path}: cannot be read ({reason}); resuming from {found[i + 1]}", CheckpointFallbackWarning)
     raise CheckpointError(f"{os.fspath(root)}: holds no complete checkpoint")
+
+
+def first_non_finite(tree) -> str | None:
+    """The path of the first floating-point leaf of `tree` holding NaN or infinite values, or None.
+    Checked on the devices (one scalar per leaf comes back), so sharded state is not gathered."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    floats = [(path, x) for path, x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    finite = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x)) for x in xs])([x for _, x in floats])
+    for (path, _), ok in zip(floats, finite):
+        if not bool(ok):
+            return jax.tree_util.keystr(path)
+    return None
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -668,7 +683,11 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
     with tqdm(total=cfg.total_steps, initial=start, desc="training", unit="step", disable=not progress or None) as bar:
         for step in range(start, cfg.total_steps):
             state, metrics = trainer.step(state, data.batch(batches.indices(step)))
-            loss = float(metrics["loss"])  # replicated: every process holds it
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):  # nothing after this step is worth keeping: stop before writing it
+                last = latest_checkpoint(ckpt_root)
+                raise NonFiniteError(f"training diverged at step {step + 1}: the loss is {loss}; no model was written"
+                                     + (f", the last checkpoint is {last}" if last else ""))  # replicated: every process holds it
             if log is not None:
                 log.add(step + 1, loss, float(metrics["grad_norm"]))
             bar.set_postfix(loss=f"{loss:.4f}")

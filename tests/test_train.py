@@ -693,11 +693,28 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
         return max(glob.glob(str(out_d / "checkpoints" / step / "state" / "ocdbt.process_*" / "d" / "*")),
                    key=os.path.getsize)
 
-    for damage in ("data_file", "metadata"):
+    def poison(newest):
+        """Damage that still decodes (the re-run of N113 zeroed 2 KiB of a data file and read back
+        802 changed values, some non-finite): one moment of Adam's first leaf set to NaN."""
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        tree = ocp.load(str(newest))
+        path, leaf = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+                          if "mu" in jax.tree_util.keystr(p) and np.asarray(x).size)
+        leaf = np.array(leaf)
+        leaf.flat[0] = np.nan
+        tree = jax.tree_util.tree_map_with_path(lambda p, x: leaf if p == path else x, tree)
+        shutil.rmtree(newest)
+        ocp.save(str(newest), tree)
+
+    for damage in ("data_file", "metadata", "nan"):
         out_d = tmp_path / damage
         shutil.copytree(out, out_d, symlinks=True)
         newest = out_d / "checkpoints" / "step_00000004"
-        os.remove(largest_data_file("step_00000004") if damage == "data_file" else newest / "_CHECKPOINT_METADATA")
+        if damage == "nan":
+            poison(newest)
+        else:
+            os.remove(largest_data_file("step_00000004") if damage == "data_file" else newest / "_CHECKPOINT_METADATA")
         code, err = run_cli(capsys, data, "--out", out_d, *argv, "--resume")
         assert code == 0 and "\n" not in err, err
         assert re.fullmatch(rf"fluxjax train: warning: {re.escape(str(newest))}: cannot be read \(.+\); resuming from "
@@ -715,6 +732,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     assert re.fullmatch(rf"fluxjax train: error: {re.escape(str(out_d / 'checkpoints' / 'step_00000002'))}: cannot be "
                         rf"read \(.+\), and no older checkpoint can: remove {re.escape(str(out_d / 'checkpoints'))} to "
                         "start the run again", lines[1]), err
+
+
+def test_a_diverging_run_stops_in_one_line_and_writes_no_model(tmp_path, capsys):
+    """A loss that turns NaN or infinite (here an absurd learning rate) stops the run at that step
+    in one line: no NaN row in loss.csv, no model/ written (the re-run of N113 trained past a
+    damaged checkpoint to a NaN model with exit 0)."""
+    data = make_folder(tmp_path / "data", sizes=((40, 24),))
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, data, "--out", out, "--resolution", "32", "--steps", "6", "--save-every", "2",
+                        "--dtype", "float32", "--max-sequence-length", "16", "--lr", "1e30")
+    assert code == 2, err
+    match = re.fullmatch(r"fluxjax train: error: training diverged at step (\d+): the loss is (nan|inf); no model "
+                         r"was written(, the last checkpoint is .+)?", err.strip())
+    assert match, err
+    rows = (out / "loss.csv").read_text().splitlines()[1:]
+    assert len(rows) == int(match.group(1)) - 1 and all(np.isfinite(float(r.split(",")[1])) for r in rows)
+    assert not (out / "model").exists()
 
 
 def test_background_aftermath_of_a_reported_error_is_quiet():

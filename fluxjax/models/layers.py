@@ -454,7 +454,7 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
       split by the SPMD partitioner, so under a mesh `splash_attention` runs per shard in a
       shard_map); "xla" for masked attention (T5, CLIP: splash here takes no bias).
     - anything else: "xla".
-    seq_len does not change the choice today (splash pads to its blocks, see splash_block);
+    seq_len does not change the choice today (splash pads to its blocks, see splash_tiling);
     it is an input so that a length rule lands here, in one place.
     """
     del seq_len
@@ -558,27 +558,32 @@ def _xla_attention(q, k, v, bias, scale: float, query_block: int | None) -> jax.
 
 
 SPLASH_UNIT = 128  # splash blocks are whole TPU lane tiles of tokens
-# The largest splash block: its float32 logits tile (block x block x 4 bytes, 18 MiB at 2176)
-# must fit a TPU core's VMEM beside the q/k/v tiles. Not tuned on a TPU here (none was at hand);
-# with it FLUX's lengths split as maxdiffusion splits them: 4608 = 3 x 1536, 4352 = 2 x 2176.
-SPLASH_MAX_BLOCK = 2176
+# The largest splash block. Its float32 logits tile (block x block x 4 bytes), the q/k/v tiles and,
+# with padding, the segment ids must fit the kernel's scoped VMEM: on a v5e (16 MiB of scope) the
+# TPU compiler refused 2176 (30.3 MiB asked) and 1536 with segment ids (16.3 MiB;
+# `fluxjax plan --topology v5e:2x4 --model schnell`), and takes 1024.
+SPLASH_MAX_BLOCK = 1024
+SPLASH_PAD = 1 / 16  # the padding splash_tiling accepts for a larger block, of the sequence's length
 
 
-def splash_block(seq_len: int, max_block: int = SPLASH_MAX_BLOCK) -> int:
-    """The splash block size for `seq_len` tokens: the fewest equal blocks, each a multiple of
-    SPLASH_UNIT and at most `max_block` tokens (4608 -> 1536, 4352 -> 2176, 16896 -> 1536).
-
-    seq_len must be a multiple of SPLASH_UNIT (splash_attention pads to one first); a block of
-    SPLASH_UNIT always divides it, so there is always an answer.
+def splash_tiling(seq_len: int, max_block: int = SPLASH_MAX_BLOCK) -> tuple[int, int]:
+    """(padded length, block) of splash's tiling for `seq_len` tokens: the largest block, a
+    multiple of SPLASH_UNIT up to `max_block`, whose padding of the sequence to a whole number of
+    blocks adds at most SPLASH_PAD of it (padded keys are masked by segment ids); else the block
+    with the least padding. 4608 (dev at 1024) -> (4608, 768); 4352 (schnell) -> (4480, 896): 3%
+    more tokens in blocks of 896 rather than 17 of 256; 16896 -> (17408, 1024).
     """
-    if seq_len <= 0 or seq_len % SPLASH_UNIT:
-        raise ValueError(f"splash_block: seq_len must be a positive multiple of {SPLASH_UNIT}, got {seq_len}")
+    if seq_len <= 0:
+        raise ValueError(f"splash_tiling: seq_len must be positive, got {seq_len}")
     if max_block < SPLASH_UNIT:
-        raise ValueError(f"splash_block: max_block must be at least {SPLASH_UNIT}, got {max_block}")
-    n = -(-seq_len // max_block)
-    while seq_len % n or (seq_len // n) % SPLASH_UNIT:
-        n += 1
-    return seq_len // n
+        raise ValueError(f"splash_tiling: max_block must be at least {SPLASH_UNIT}, got {max_block}")
+    blocks = range(max_block // SPLASH_UNIT * SPLASH_UNIT, 0, -SPLASH_UNIT)  # largest first
+    padded = {block: -(-seq_len // block) * block for block in blocks}
+    for block in blocks:
+        if padded[block] - seq_len <= SPLASH_PAD * seq_len:
+            return padded[block], block
+    block = min(blocks, key=lambda b: (padded[b], -b))
+    return padded[block], block
 
 
 @functools.lru_cache(maxsize=None)
@@ -610,9 +615,9 @@ def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_bloc
     """Unmasked attention by Pallas splash attention: (B, L, H, d) -> (B, L, H, d) in v's dtype.
 
     q is scaled before the kernel (splash takes no scale), in float32 and then cast to q's dtype.
-    L is padded to a multiple of SPLASH_UNIT when it is not one; padded keys carry another
-    segment id, so no real query attends to them, and padded query rows are dropped. Blocks of
-    `splash_block(padded L, max_block)` tokens. interpret: run the kernel in Pallas's interpret
+    L is padded to splash's tiling (`splash_tiling`) when it is not one; padded keys carry
+    another segment id, so no real query attends to them, and padded query rows are dropped.
+    interpret: run the kernel in Pallas's interpret
     mode (any backend; for tests on a CPU); else it lowers to a Mosaic TPU kernel.
 
     Under a mesh whose automatic axes split the work (fsdp's batch, tp's heads) the kernel runs
@@ -650,11 +655,11 @@ def _splash_local(q, k, v, *, scale: float, interpret: bool, max_block: int) -> 
     see them."""
     b, l, h, d = q.shape
     lk = k.shape[1]
-    padded = -(-max(l, lk) // SPLASH_UNIT) * SPLASH_UNIT
+    padded, block = splash_tiling(max(l, lk), max_block)
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
     q = jnp.pad(q, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     k, v = (jnp.pad(t, ((0, 0), (0, padded - lk), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (k, v))
-    kernel = _splash_kernel(h, padded, splash_block(padded, max_block), interpret)
+    kernel = _splash_kernel(h, padded, block, interpret)
     if padded == l == lk:
         out = jax.vmap(kernel)(q, k, v)
     else:
@@ -672,16 +677,16 @@ def splash_block_attention(q, k, v, kv_valid, *, scale: float, interpret: bool,
 
     Returns the attention output (B, c, H, d) normalised over this block's valid keys, float32,
     and each query's logsumexp of its scaled logits over them (B, c, H, 1) float32: what an
-    online softmax needs to fold blocks (models/sequence_parallel.py). c is padded to a multiple
-    of SPLASH_UNIT inside (padded keys masked by segment ids, padded query rows dropped).
+    online softmax needs to fold blocks (models/sequence_parallel.py). c is padded to splash's
+    tiling inside (padded keys masked by segment ids, padded query rows dropped).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     b, c, h, d = q.shape
-    padded = -(-c // SPLASH_UNIT) * SPLASH_UNIT
+    padded, block = splash_tiling(c, max_block)
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
     q, k, v = (jnp.pad(t, ((0, 0), (0, padded - c), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
-    kernel = _splash_kernel(h, padded, splash_block(padded, max_block), interpret, residuals=True)
+    kernel = _splash_kernel(h, padded, block, interpret, residuals=True)
     kv_ids = jnp.where(jnp.pad(kv_valid, (0, padded - c)), 0, 1).astype(jnp.int32)
     ids = SegmentIds(jnp.zeros((padded,), jnp.int32), kv_ids)
     out, (lse,) = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=ids))(q, k, v)  # (B,H,P,d), (B,H,P)
