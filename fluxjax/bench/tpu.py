@@ -90,7 +90,14 @@ def run_case(case: dict, python: str, timeout: int) -> dict:
         return dict(case, error=f"no answer in {timeout} s")
     if proc.returncode:
         return dict(case, error=(proc.stderr.strip().splitlines() or ["?"])[-1][:300])
-    return dict(case, report=json.loads(proc.stdout), wall_s=time.perf_counter() - start)
+    return dict(case, report=json.loads(proc.stdout), wall_s=time.perf_counter() - start, commit=_commit())
+
+
+def _commit() -> str:
+    """The commit of the fluxjax source that runs (a row of the table says which it came from)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
 
 
 class _Shape:
@@ -139,17 +146,19 @@ def format_table(rows: list[dict], commit: str, host: str) -> str:
         "roofline column is an estimate (max of analytic FLOPs / bf16 peak and weight bytes / HBM bandwidth, per",
         "chip), a lower bound on the step time, not a measurement.",
         "",
-        f"Generated {datetime.date.today().isoformat()} at commit {commit} on {host}.",
+        f"Table written {datetime.date.today().isoformat()} at commit {commit} on {host}; each row names the commit",
+        "it was compiled at (rows before 1b14650 ran splash with blocks up to 2176 tokens: the compiler refused",
+        "those for schnell, and since then blocks are at most 1024, `layers.splash_tiling`).",
         "",
         "| model | slice | strategy | size | images | compiled GiB/chip (args + temps) | analytic GiB/chip | fits | "
-        "compile s | roofline ms/step (estimate) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "compile s | roofline ms/step (estimate) | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: (r["model"], list(TOPOLOGIES).index(r["slice"]), r["size"],
                                            STRATEGIES.index(r["strategy"]), r["per_shard"])):
         head = f"| {row['model']} | {row['slice']} | {row['strategy']} | {row['size']} |"
         if "error" in row:
-            lines.append(f"{head} {row['per_shard']}/shard | error: {row['error']} | | | | |")
+            lines.append(f"{head} {row['per_shard']}/shard | error: {row['error']} | | | | | {row.get('commit', '?')} |")
             continue
         r = row["report"]
         c = r["compiled"]
@@ -159,7 +168,7 @@ def format_table(rows: list[dict], commit: str, host: str) -> str:
         ms = roofline_ms(row)
         lines.append(f"{head} {r['batch']} | {gib(used)}{split}{' temps alone' if c['total_bytes'] is None else ''} | "
                      f"{gib(r['analytic']['total_bytes'])} | {state} | {c['compile_s']:.0f} | "
-                     f"{'?' if ms is None else f'{ms:.0f}'} |")
+                     f"{'?' if ms is None else f'{ms:.0f}'} | {row.get('commit', '?')} |")
     lines += ["", "Published figures of a peer, for comparison (not measured here):", ""]
     lines += [f"- {what}: {figure}" for what, figure in PUBLISHED]
     return "\n".join(lines) + "\n"
@@ -191,9 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(row) + "\n")
         print("   ", row.get("error") or f"{row['report']['compiled']['compile_s']:.0f} s", flush=True)
     rows = [done[key(c)] for c in cases if key(c) in done]
-    here = os.path.dirname(os.path.abspath(__file__))
-    commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "?"
+    commit = _commit()
     host = f"{os.cpu_count()} CPU cores ({sys.platform})"
     with open(args.out, "w") as f:
         f.write(format_table(rows, commit, host))
