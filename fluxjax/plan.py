@@ -372,7 +372,7 @@ def format_sequence_table(rows: tuple[SequenceRow, ...], dtype: str) -> list[str
 
 
 def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_split: int, act_bytes: int,
-                      remat: bool) -> int:
+                      remat: bool, attention: str = "xla") -> int:
     """Analytic bytes a training step keeps from the forward for the backward, on one device.
 
     With L = l_img + l_txt tokens, D = hidden_size, M = mlp_hidden_dim, H heads, t = heads_split,
@@ -388,12 +388,13 @@ def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads
                     (for the softmax's backward) and their cast to s (for the matmul's)
     Without remat every block's residuals are kept. With remat (nn.remat per block) only each
     block's input is kept (s L D, both streams together), and one block's residuals are
-    recomputed at a time in the backward. Under a flash kernel ("cudnn") the L^2 term is not
-    kept (it recomputes it), so these figures are an upper bound there.
+    recomputed at a time in the backward. Under a flash kernel (attention "splash" or "cudnn")
+    the L^2 term is not kept: the kernel saves each query's float32 logsumexp, (H/t) L 4 bytes.
     """
     d, m, h, t, s = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes
     seq = l_img + l_txt
-    attention = -(-h // t) * seq * seq * (4 + s)
+    flash = attention in ("splash", "cudnn")
+    attention = -(-h // t) * seq * (4 if flash else seq * (4 + s))
     single = s * seq * (2 * d + ((3 * d + m) + 3 * d + m + (d + m)) // t) + attention
     double = s * seq * (4 * d + (3 * d + 3 * d + d + 2 * m) // t) + attention
     blocks = cfg.depth + cfg.depth_single_blocks
@@ -442,7 +443,8 @@ class TrainPlan:
 
 
 def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
-               batch: int | None = None, lora_rank: int | None = None, compute_dtype: str = "bfloat16") -> TrainPlan:
+               batch: int | None = None, lora_rank: int | None = None, compute_dtype: str = "bfloat16",
+               attention: str = "xla") -> TrainPlan:
     """The training step's memory of `model`'s transformer under `strategy` on `devices` devices.
 
     The T5, CLIP and VAE are not resident: training reads cached latents and text embeddings
@@ -461,9 +463,9 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
     master, low = _abstract_transformer(model, "float32"), _abstract_transformer(model, compute.name)
     heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
     l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
-    peak = step_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize)
-    act = {remat: saved_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize, remat) + peak
-           for remat in (False, True)}
+    peak = step_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize, attention=attention)
+    act = {remat: saved_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize, remat, attention)
+           + peak for remat in (False, True)}
     gathered = gathered_block_bytes(low, strategy, mesh_shape)
     if lora_rank is None:
         trained = param_memory(master, strategy, mesh_shape).device_bytes

@@ -154,3 +154,20 @@ def test_fits_here_says_what_fits_one_chip(monkeypatch):
     # every component resident: T5-XXL's 9.5 GB beside the transformer's 23.8 GB
     need = float(line.split(" needs ")[1].split(" GiB")[0])
     assert 31 < need < 34
+
+
+def test_a_flash_attention_training_step_saves_logsumexps_not_probabilities():
+    # splash's backward recomputes the probabilities from each query's float32 logsumexp: per block
+    # (H/t) L 4 bytes are saved instead of XLA's (H/t) L^2 (4 + s). dev on v5p:4x4x4 (fsdp, batch 64,
+    # remat, LoRA 16): the TPU compiler allocated 5.02 GiB per chip, this plan says 5.04 (docs/tpu.md).
+    from fluxjax.config import FluxConfig
+    from fluxjax.plan import saved_activations, train_plan
+
+    cfg = FluxConfig.preset("dev")
+    l_img, l_txt, s = 4096, 512, 2
+    length, blocks = l_img + l_txt, cfg.depth + cfg.depth_single_blocks
+    xla = saved_activations(cfg, 1, l_img, l_txt, 1, s, remat=False)
+    flash = saved_activations(cfg, 1, l_img, l_txt, 1, s, remat=False, attention="splash")
+    assert xla - flash == blocks * cfg.num_heads * (length * length * (4 + s) - length * 4)
+    lora = train_plan("dev", Strategy.load("fsdp"), 64, 1024, 1024, 64, 16, "bfloat16", attention="splash")
+    assert abs(lora.total(True) / 2**30 - 5.02) < 0.05 * 5.02

@@ -171,7 +171,8 @@ def _train_topology(args, strategy, devices, height: int, width: int) -> int:
     dtype = "float32" if args.dtype == "float32" else "bfloat16"
     got, analytic = {}, {}
     for name, rank in (("train_full", None), ("train_lora", args.lora_rank)):
-        plan = train_plan(args.model, strategy, len(devices), height, width, args.batch, rank, dtype)
+        plan = train_plan(args.model, strategy, len(devices), height, width, args.batch, rank, dtype,
+                          attention=plan_tpu.transformer_attention(strategy, devices, dtype))
         data = strategy.data_size(SimpleNamespace(shape=strategy.mesh_shape(len(devices))))
         batch = -(-(args.batch or data) // data) * data  # as train_plan: one image per data shard by default
         got[name] = plan_tpu.compile_train_step(args.model, strategy, devices, batch, height, width,
