@@ -348,14 +348,17 @@ KONTEXT_RESOLUTIONS = (
 KONTEXT_MAX_AREA = 1024 ** 2
 
 
-def kontext_reference_size(height: int, width: int, resolutions=KONTEXT_RESOLUTIONS) -> tuple[int, int]:
+def kontext_reference_size(height: int, width: int, resolutions=KONTEXT_RESOLUTIONS,
+                           name: str | None = None) -> tuple[int, int]:
     """(height, width) a reference of height x width pixels is resized to: the resolution of
     `resolutions` ((width, height) pairs) nearest its aspect ratio, taken after flooring its sides
-    to multiples of 16 as diffusers does (ties to the narrower); then floored to multiples of 16."""
+    to multiples of 16 as diffusers does (ties to the narrower); then floored to multiples of 16.
+    name: the reference as the messages call it (with its file's path), if known."""
     step = sampling.PIXELS_PER_TOKEN
     h, w = height - height % step, width - width % step
     if min(h, w) < step:
-        raise UsageError(f"a {width}x{height} reference is smaller than {step}x{step} pixels")
+        what = f"{name} is {width}x{height}:" if name else f"a {width}x{height} reference is"
+        raise UsageError(f"{what} smaller than {step}x{step} pixels")
     _, w, h = min((abs(w / h - rw / rh), rw, rh) for rw, rh in resolutions)
     return h // step * step, w // step * step
 
@@ -391,7 +394,11 @@ def kontext_call_size(height: int | None, width: int | None, default_height: int
 def kontext_reference_sizes(references, name: str = "reference") -> list[tuple[int, int]]:
     """(height, width) each reference file becomes (`kontext_reference_size` of its size, as
     `kontext_inputs` resizes it): what its tokens cost, known before any model is loaded."""
-    return [kontext_reference_size(*original_size(r, name)) for r in references]
+    sizes = []
+    for reference in references:
+        height, width, named = _source_size(reference, name)
+        sizes.append(kontext_reference_size(height, width, name=named))
+    return sizes
 
 
 def reference_pixels(image, auto_resize: bool = True, resize: str | None = None, name: str = "reference") -> np.ndarray:

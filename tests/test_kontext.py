@@ -243,3 +243,17 @@ def test_references_count_in_the_size_limit(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ref.png"]
     # One reference fits: the limit counts, it does not refuse references as such.
     assert limit.step_bytes(16 + 4096) <= 8 << 30
+
+
+def test_a_reference_too_small_is_named_with_its_file(tmp_path):
+    # The probe's N39, re-run: the refusal came before loading but no longer named the file.
+    from PIL import Image
+
+    from fluxjax import conditioning
+    from fluxjax.errors import UsageError
+
+    path = tmp_path / "1x1.png"
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(path)
+    with pytest.raises(UsageError) as e:
+        conditioning.kontext_reference_sizes([path], "--reference")
+    assert str(e.value) == f"--reference {path} is 1x1: smaller than 16x16 pixels"
