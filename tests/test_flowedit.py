@@ -19,8 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
@@ -222,9 +221,8 @@ def run_cli(*args):
     return main(["edit", *map(str, args)])
 
 
+@pytest.mark.parametrize("hub", ["dev"], indirect=True)  # one model suffices for the command line
 def test_cli_writes_the_edit_with_its_settings(hub, tmp_path, capsys):
-    if hub.kind != "dev":
-        pytest.skip("one model suffices for the command line")
     from PIL import Image
 
     src = tmp_path / "in.png"
@@ -312,9 +310,8 @@ def write_jsonl(path, lines):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@pytest.mark.parametrize("hub", ["dev"], indirect=True)  # one model suffices for the command line
 def test_batch_runs_edit_jobs_beside_prompts(hub, tmp_path, capsys):
-    if hub.kind != "dev":
-        pytest.skip("one model suffices for the command line")
     from PIL import Image
 
     from fluxjax.cli import main

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
 
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline  # noqa: E402
 from diffusers.pipelines.flux import pipeline_flux_img2img, pipeline_flux_inpaint  # noqa: E402

@@ -16,9 +16,7 @@ import types
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
+import torch
 
 from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402
 from fluxjax.reference import make_hub_pipeline  # noqa: E402

@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402

@@ -17,8 +17,8 @@ import pytest
 from flax import traverse_util
 from flax.core import meta as flax_meta
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
