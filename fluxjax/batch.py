@@ -71,7 +71,7 @@ EDIT_KEYS = {"image", "source_prompt", "target_prompt", "seed", "steps", "n_max"
 RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras", "image_sha256", "mask_sha256",
                "references_sha256", "control_sha256", "strength", "resize", "negative_prompt", "true_cfg", "prompt_2",
                "sigmas")
-# What else an image's pixels depend on (measured: README, "Many prompts"), recorded with every
+# What else an image's pixels depend on (measured: docs/usage.md, "Many prompts"), recorded with every
 # image in the manifest; a resume that would change one of them is refused.
 RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax", "quantize")
 # A RUN_KEY that manifests written before it existed lack, with the value those runs had.

@@ -16,7 +16,7 @@ Parameters (`TrainConfig.param_dtype`): "float32" master weights (default) with 
 compute, or "bfloat16" parameters and optimizer state. float32 is the default because a
 bfloat16 weight has 8 significant bits: an AdamW update smaller than about 1/256 of the weight
 is rounded away entirely, and at fine-tuning learning rates (1e-5..1e-4) that is most updates
-(the README's training section gives the measured fractions).
+(docs/training.md gives the measured fractions).
 
 Use:
     trainer = Trainer(model, TrainConfig(...), schedule)          # or tx=any optax transform

@@ -1,6 +1,6 @@
 """XLA flags fluxjax sets for itself on NVIDIA GPUs when the user has set no XLA_FLAGS.
 
-Only flags with a measured gain go here (README, "Performance", has the figures and commands):
+Only flags with a measured gain go here (docs/performance.md has the figures and commands):
   --xla_gpu_enable_triton_gemm=false   cuBLAS instead of Triton for the GEMMs: FLUX.1-dev's
                                        1024x1024 step 2.9% faster on an H200 (issue 21's table).
 
