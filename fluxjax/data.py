@@ -239,16 +239,14 @@ class EncodedDataset:
         return os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), PIXELS, e.caption, w, h)}.npz")
 
     def _encode_entry(self, i: int) -> None:
-        import jax
-
         from fluxjax import distributed
-        from fluxjax.sampling import pack
+        from fluxjax.conditioning import encode_packed
 
         e, (w, h) = self.examples[i], self.buckets[i]
         pixels = load_pixels(e.path, w, h)[None]
         vae = self._pipe.vae
-        z = jax.jit(lambda p, x: vae.model.apply({"params": p}, x, method="encode"))(vae.params, pixels)
-        latents = pack(distributed.host_array(z).astype(np.float32).transpose(0, 3, 1, 2))[0]  # NHWC -> NCHW -> (L, 64)
+        # The pipeline's own encode, compiled once per bucket shape (not a new jit per image).
+        latents = distributed.host_array(encode_packed(vae.model, vae.params, pixels)).astype(np.float32)[0]  # (L, 64)
         txt, vec = self._encode_text(e.caption)
         self._save(self.files[i], latents=np.asarray(latents, np.float32), txt=txt, vec=vec)
 

@@ -78,16 +78,6 @@ def write_manifest(folder: str, writer: str) -> None:
         os.fsync(f.fileno())
 
 
-def manifest_writer(folder: str) -> str | None:
-    """The command named by `folder`'s manifest ("convert", "train"), or None without a readable one."""
-    try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return record.get("writer") if isinstance(record, dict) else None
-
-
 def owned_why(folder: str, writer: str) -> str:
     """Why `folder` is not entirely what `fluxjax <writer>` wrote, or "" when it is (an empty folder
     is: nothing can be lost). Checked over the whole tree against its manifest."""

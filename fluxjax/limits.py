@@ -132,9 +132,7 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     device = jax.devices()[0] if device is None else device
     dt = jnp.dtype(dtype)
     cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
-    facts = dict(backend=device.platform, device_kind=device.device_kind,
-                 compute_capability=getattr(device, "compute_capability", None))
-    attention = layers.resolve_attention(**facts, dtype=dt, head_dim=cfg.hidden_size // cfg.num_heads,
+    attention = layers.resolve_attention(**layers.device_facts(device), dtype=dt, head_dim=cfg.hidden_size // cfg.num_heads,
                                          seq_len=(height // PATCH) * (width // PATCH), masked=False, cpu_kernel=False)
     plan = make_plan(model, Strategy.load("fsdp"), 1, height, width, 1, dt.name, xla=False, attention=attention)
     memory, where = device_memory(device)

@@ -571,9 +571,9 @@ class FluxPipeline:
         given = list(image) if isinstance(image, (list, tuple)) else [image]
         names = ["image"] if len(given) == 1 else [f"image {i}" for i in range(len(given))]
         pixels = conditioning.load_images(image, resize, "image")
-        sizes = [conditioning.original_size(im, n) for im, n in zip(given, names)]
         masks = None
-        if mask_image is not None:
+        if mask_image is not None:  # masks are brought to their image's size as given (read only then)
+            sizes = [conditioning.original_size(im, n) for im, n in zip(given, names)]
             masks = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
             if len(masks) not in (1, len(given)) and len(given) != 1:
                 raise UsageError(f"{len(masks)} mask_images for {len(given)} images (give one, or one per image)")

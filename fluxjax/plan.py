@@ -122,8 +122,8 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     `act_bytes` per element; t = heads_split.
     attention: "xla" holds the logits as above; a flash kernel ("splash", "cudnn") holds one
     tile of them at a time (a few MiB in on-chip memory), so the logits term is left out and
-    the attention output counted instead: (B,c,D/t), or under Ulysses (B,L,D/n) per device. The
-    ring keeps its terms: it folds key blocks itself, without the kernel.
+    the attention output counted instead: (B,c,D/t), or under Ulysses (B,L,D/n) per device; the
+    ring runs each hop's block through the kernel, so its (c, c) logits go too.
     """
     d, m, h, t, s, n = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes, seq_split
     b = batch
@@ -136,8 +136,9 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
         attn = 2 * qkv + b * seq * d * s // n
     elif seq_method == "ulysses":
         attn = 2 * qkv + b * -(-h // n) * seq * seq * (4 + s)
-    elif seq_method == "ring":
-        attn = qkv + 2 * b * c * d * s // t + b * c * d * 4 // t + b * -(-h // t) * c * c * (4 + s)
+    elif seq_method == "ring":  # a flash kernel holds no (c, c) logits of the hop's block
+        logits = 0 if attention in ("splash", "cudnn") else b * -(-h // t) * c * c * (4 + s)
+        attn = qkv + 2 * b * c * d * s // t + b * c * d * 4 // t + logits
     elif attention in ("splash", "cudnn"):
         attn = qkv + b * c * d * s // t
     else:

@@ -3,8 +3,8 @@
 libtpu (the `tpu` extra: pip install "fluxjax[tpu]") describes a TPU topology without the hardware:
 `jax.experimental.topologies.get_topology_desc("v5e:2x4", "tpu")` gives its devices, and a program
 lowered with shardings over them compiles for that target on this host (MaxText's AOT
-train_compile works so). The step is the one `plan_xla.step_program` builds, traced under the
-strategy's mesh of TPU devices, so "auto" attention resolves for the TPU (splash, a Mosaic kernel:
+train_compile works so). The programs are the pipeline's own jitted functions (`program_inputs`),
+traced under the strategy's mesh of TPU devices, so "auto" attention resolves for the TPU (splash, a Mosaic kernel:
 `tpu_custom_call` in the compiled HLO) and the memory is what the TPU compiler allocates per chip.
 
 The host backend is chosen explicitly (the CPU): with libtpu installed and no TPU attached, JAX

@@ -25,17 +25,16 @@ from fluxjax.loading import registry
 from fluxjax.sharding import Strategy
 
 
-def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l_txt: int, dtype=jnp.float32,
-                 attention_impl: str = "xla"):
+def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l_txt: int):
     """One denoise step, x <- x - 0.1 v(x), for the whole batch on `mesh`: (jitted step, its
-    abstract arguments). Parameters in `dtype` laid out as the strategy lays them; inputs float32,
-    batch-sharded. Shared by the CPU compile here and the TPU compile (fluxjax/plan_tpu.py).
+    abstract arguments). float32 parameters laid out as the strategy lays them; inputs float32,
+    batch-sharded. (The TPU compile, fluxjax/plan_tpu.py, compiles the pipeline's own programs.)
     """
     cfg = FluxConfig.preset(model)
-    flux = registry.build("transformer", cfg, dtype, layer_loop="scan", attention_impl=attention_impl)
+    flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan", attention_impl="xla")
     boxed = registry.abstract_params("transformer", flux)
     shardings = strategy.param_shardings(mesh)(boxed)
-    params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, dtype, sharding=s), boxed, shardings,
+    params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s), boxed, shardings,
                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
     def arg(*shape):

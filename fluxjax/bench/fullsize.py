@@ -26,8 +26,9 @@ from fluxjax.config import FluxConfig
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-             "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-             "TPU v5": 459e12}  # last: JAX names a v5p chip "TPU v5", which the names above do not contain
+             "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+# JAX's device_kind of a v5p chip is plain "TPU v5" (a v5e is "TPU v5 lite").
+DEVICE_KINDS = {"TPU v5": "TPU v5p"}
 STEPS = {"dev": 28, "schnell": 4, "tiny": 4}
 T5_LENGTH = {"dev": 512, "schnell": 256, "tiny": 64}
 
@@ -48,8 +49,10 @@ def step_flops(cfg: FluxConfig, batch: int, l_img: int, l_txt: int) -> float:
     return float(batch * (cfg.depth * double + cfg.depth_single_blocks * single + embed + vectors))
 
 
-def chip_peak() -> float | None:
-    kind = jax.devices()[0].device_kind
+def chip_peak(kind: str | None = None) -> float | None:
+    """The bf16 peak FLOP/s of a chip of `kind` (default: this process's first device), None if unknown."""
+    kind = jax.devices()[0].device_kind if kind is None else kind
+    kind = DEVICE_KINDS.get(kind, kind)
     return next((peak for name, peak in BF16_PEAK.items() if name.lower() in kind.lower()), None)
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 
-from fluxjax.bench.fullsize import BF16_PEAK, step_flops
+from fluxjax.bench.fullsize import chip_peak, step_flops
 
 # Published HBM bandwidth per chip, bytes/s (Cloud TPU system architecture pages).
 HBM_BANDWIDTH = {"TPU v4": 1228e9, "TPU v5 lite": 819e9, "TPU v5": 2765e9, "TPU v6 lite": 1640e9}
@@ -73,13 +74,14 @@ def key(case: dict) -> str:
 
 def run_case(case: dict, python: str, timeout: int) -> dict:
     """One case in a child process (`fluxjax plan --topology ... --json`); the JSON, or an error."""
+    from types import SimpleNamespace
+
     from fluxjax.sharding import Strategy
 
     topology = TOPOLOGIES[case["slice"]]
     strategy = Strategy.load(case["strategy"])
-    devices = _chips(topology)
-    data = strategy.data_size(_Shape(strategy.mesh_shape(devices)))
-    batch = case["per_shard"] * data
+    chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
+    batch = case["per_shard"] * strategy.data_size(SimpleNamespace(shape=strategy.mesh_shape(chips)))
     argv = ["plan", "--model", case["model"], "--sharding", case["strategy"], "--topology", topology,
             "--size", f"{case['size']}x{case['size']}", "--batch", str(batch), "--programs", "denoise", "--json"]
     start = time.perf_counter()
@@ -100,38 +102,25 @@ def _commit() -> str:
                           text=True).stdout.strip() or "?"
 
 
-class _Shape:
-    def __init__(self, shape):
-        self.shape = shape
-
-
-def _chips(topology: str) -> int:
-    dims = topology.split(":")[1].split("x")
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
 def roofline_ms(row: dict) -> float | None:
     """max(FLOPs per chip / bf16 peak, weight bytes read per chip / HBM bandwidth), ms per step: a
     lower bound of the step time on that chip (labelled an estimate wherever it is shown)."""
     from fluxjax.config import FluxConfig
+    from fluxjax.plan import T5_LENGTHS, abstract_params, param_memory
+    from fluxjax.sharding import Strategy
 
     report = row["report"]
-    kind = report["device_kind"]
-    peak = next((v for k, v in BF16_PEAK.items() if k.lower() == kind.lower()), None)
-    bandwidth = HBM_BANDWIDTH.get(kind)
+    peak, bandwidth = chip_peak(report["device_kind"]), HBM_BANDWIDTH.get(report["device_kind"])
     if peak is None or bandwidth is None:
         return None
-    cfg = FluxConfig.preset(row["model"])
     tokens = (row["size"] // 16) ** 2
-    flops = step_flops(cfg, report["batch"], tokens, {"dev": 512, "schnell": 256}[row["model"]]) / report["devices"]
+    flops = step_flops(FluxConfig.preset(row["model"]), report["batch"], tokens, T5_LENGTHS[row["model"]])
     # Every chip reads the weights it multiplies with: all of them under dp/fsdp/sp (gathered or
     # whole), its tensor share under tp.
-    tensor = report["mesh"].get("tensor", 1)
-    weights = 2 * 11.9e9 / tensor
-    return 1e3 * max(flops / peak, weights / bandwidth)
+    total = param_memory(abstract_params(row["model"], report["dtype"])["transformer"], Strategy.load(report["strategy"]),
+                         report["mesh"]).total_bytes
+    weights = total / report["mesh"].get("tensor", 1)
+    return 1e3 * max(flops / report["devices"] / peak, weights / bandwidth)
 
 
 def format_table(rows: list[dict], commit: str, host: str) -> str:
@@ -181,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join("docs", "tpu.md"), help="the markdown table to write")
     parser.add_argument("--python", default=sys.executable, help="the Python with libtpu to compile in")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one case may take")
-    parser.add_argument("--quick", action="store_true", help="(ignored: the default is the subset)")
     args = parser.parse_args(argv)
     cases = full_matrix() if args.full else quick_matrix()
     done = {}

@@ -86,9 +86,6 @@ class Fp8Source:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.source.shape(key)
 
-    def stored_dtype(self, key: str) -> str:
-        return self.source.dtype(key)
-
     def dtype(self, key: str) -> str:
         """What `read` gives: "F32" for an fp8 or scaled weight, else the stored dtype."""
         return "F32" if key in self._scales or self.source.dtype(key) in FP8 else self.source.dtype(key)

@@ -196,12 +196,11 @@ OTHER_TYPES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS"
 CHUNK = 1 << 20  # elements dequantized at a time: 4 MB of float32, a few times that in temporaries
 
 
-def dequantize(raw: np.ndarray, ggml_type: GGMLType, out: np.ndarray | None = None) -> np.ndarray:
+def dequantize(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
     """The bytes `raw` (uint8, whole blocks) of a tensor of `ggml_type` -> its values as a float32
-    vector (written into `out` when given), CHUNK elements at a time."""
+    vector, CHUNK elements at a time."""
     blocks = raw.reshape(-1, ggml_type.block_bytes)
-    if out is None:
-        out = np.empty(blocks.shape[0] * ggml_type.block, np.float32)
+    out = np.empty(blocks.shape[0] * ggml_type.block, np.float32)
     values = out.reshape(-1, ggml_type.block)
     step = max(1, CHUNK // ggml_type.block)
     for start in range(0, blocks.shape[0], step):

@@ -170,7 +170,6 @@ def _in_pipeline_folder(component: str, path: str) -> str:
 def plan(component: str, source: str | os.PathLike, dtype="float32", config=None, **options) -> Plan:
     """The conversion plan of a PyTorch checkpoint of `component` (every check run, nothing read):
     its leaves are the checkpoint's, unquantized (`load` quantizes them as it places them)."""
-    options.pop("quantize", None)
     table = spec(component).read_table(os.fspath(source), config)
     model = stacked(component, build(component, table.config, dtype, **options))
     return Plan(spec(component).kind, model, abstract_params(component, model), table)
@@ -198,7 +197,7 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
     path = _in_pipeline_folder(component, os.fspath(source))
     dtype = jnp.dtype(dtype)
     if not is_component(path):
-        p = plan(component, path, dtype, config, **options)
+        p = plan(component, path, dtype, config, **{k: v for k, v in options.items() if k != "quantize"})
         model = build(component, p.config, dtype, sharding, **options)
         return model, _place(component, model, p.leaves(dtype), sharding)
     marked = marker_config(component, path)

@@ -411,7 +411,7 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
     elif implementation == "splash":
         if bias is not None or causal:
             raise ValueError('attention implementation "splash" has no bias or causal mask; use "xla" or "auto"')
-        out = splash_attention(q, k, v, scale, interpret=target_facts()["backend"] != "tpu")
+        out = splash_attention(q, k, v, scale, interpret=splash_interpret())
     else:
         raise ValueError(f"attention implementation {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     return out.reshape(b, l, h * d)
@@ -514,12 +514,17 @@ def target_facts() -> dict:
     return device_facts()
 
 
-def device_facts() -> dict:
-    """backend, device_kind and compute_capability of this process's default backend, as
-    `resolve_attention` takes them."""
-    device = jax.devices()[0]
-    return dict(backend=jax.default_backend(), device_kind=device.device_kind,
+def device_facts(device=None) -> dict:
+    """backend, device_kind and compute_capability of `device` (default: this process's first),
+    as `resolve_attention` takes them."""
+    device = jax.devices()[0] if device is None else device
+    return dict(backend=device.platform, device_kind=device.device_kind,
                 compute_capability=getattr(device, "compute_capability", None))
+
+
+def splash_interpret() -> bool:
+    """Whether splash runs in Pallas's interpret mode: off a TPU target (a Mosaic kernel needs one)."""
+    return target_facts()["backend"] != "tpu"
 
 
 QUERY_BLOCK = 128  # queries per block of "xla_blocked"
@@ -648,50 +653,44 @@ def _per_shard_spec(shape) -> jax.sharding.PartitionSpec:
     return jax.sharding.PartitionSpec(*dims)
 
 
-def _splash_local(q, k, v, *, scale: float, interpret: bool, max_block: int) -> jax.Array:
-    """`splash_attention` of one device's q (B, Lq, H, d) and k, v (B, Lk, H, d): Lq may exceed Lk
-    (Ulysses keeps its padded queries and cuts the padded keys). Both are padded to one length P,
-    a multiple of SPLASH_UNIT; padded keys carry segment id 1, so only padded queries (dropped)
-    see them."""
+def _splash_local(q, k, v, *, scale: float, interpret: bool, max_block: int, kv_valid=None, residuals: bool = False):
+    """Splash attention of one device's q (B, Lq, H, d) and k, v (B, Lk, H, d): Lq may exceed Lk
+    (Ulysses keeps its padded queries and cuts the padded keys). Both are padded to splash's
+    tiling, P tokens; padded keys, and keys where `kv_valid` (Lk,) bool is False, carry segment
+    id 1, which no real query (segment 0) attends to; padded query rows are dropped.
+
+    Returns the output (B, Lq, H, d) in v's dtype; with `residuals`, the output in float32 and each
+    query's logsumexp of its scaled logits (B, Lq, H, 1) float32 (ring attention folds blocks
+    with it, models/sequence_parallel.py).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
     b, l, h, d = q.shape
     lk = k.shape[1]
     padded, block = splash_tiling(max(l, lk), max_block)
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
     q = jnp.pad(q, ((0, 0), (0, padded - l), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
     k, v = (jnp.pad(t, ((0, 0), (0, padded - lk), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (k, v))
-    kernel = _splash_kernel(h, padded, block, interpret)
-    if padded == l == lk:
+    kernel = _splash_kernel(h, padded, block, interpret, residuals)
+    if padded == l == lk and kv_valid is None:
         out = jax.vmap(kernel)(q, k, v)
     else:
-        from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
-        ids = SegmentIds(jnp.asarray(np.arange(padded) >= l, jnp.int32), jnp.asarray(np.arange(padded) >= lk, jnp.int32))
+        valid = np.arange(padded) < lk if kv_valid is None else jnp.pad(kv_valid, (0, padded - lk))
+        ids = SegmentIds(jnp.asarray(np.arange(padded) >= l, jnp.int32), jnp.where(valid, 0, 1).astype(jnp.int32))
         out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=ids))(q, k, v)
-    return out.transpose(0, 2, 1, 3)[:, :l].astype(v.dtype)
+    if not residuals:
+        return out.transpose(0, 2, 1, 3)[:, :l].astype(v.dtype)
+    out, (lse,) = out  # (B, H, P, d), (B, H, P)
+    return out.transpose(0, 2, 1, 3)[:, :l].astype(jnp.float32), lse.transpose(0, 2, 1)[:, :l, :, None]
 
 
 def splash_block_attention(q, k, v, kv_valid, *, scale: float, interpret: bool,
                            max_block: int = SPLASH_MAX_BLOCK) -> tuple[jax.Array, jax.Array]:
-    """One block of ring attention by splash: q (B, c, H, d) against the keys and values k, v
-    (B, c, H, d) of which `kv_valid` (c,) bool are real (the rest padding).
-
-    Returns the attention output (B, c, H, d) normalised over this block's valid keys, float32,
-    and each query's logsumexp of its scaled logits over them (B, c, H, 1) float32: what an
-    online softmax needs to fold blocks (models/sequence_parallel.py). c is padded to splash's
-    tiling inside (padded keys masked by segment ids, padded query rows dropped).
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
-    b, c, h, d = q.shape
-    padded, block = splash_tiling(c, max_block)
-    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - c), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
-    kernel = _splash_kernel(h, padded, block, interpret, residuals=True)
-    kv_ids = jnp.where(jnp.pad(kv_valid, (0, padded - c)), 0, 1).astype(jnp.int32)
-    ids = SegmentIds(jnp.zeros((padded,), jnp.int32), kv_ids)
-    out, (lse,) = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=ids))(q, k, v)  # (B,H,P,d), (B,H,P)
-    out = out.transpose(0, 2, 1, 3)[:, :c].astype(jnp.float32)
-    return out, lse.transpose(0, 2, 1)[:, :c, :, None].astype(jnp.float32)
+    """One block of ring attention by splash: q (B, c, H, d) against k, v (B, c, H, d) of which
+    `kv_valid` (c,) bool are real keys. Returns the output normalised over this block's valid keys
+    (B, c, H, d) float32 and each query's logsumexp (B, c, H, 1) float32 (see `_splash_local`)."""
+    return _splash_local(q, k, v, scale=scale, interpret=interpret, max_block=max_block, kv_valid=kv_valid,
+                         residuals=True)
 
 
 def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
@@ -711,7 +710,6 @@ def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
         per_device = implementation if implementation != "auto" else auto_implementation(q.dtype, d, l, False, 1)
         block = None
         if per_device == "splash":
-            block = functools.partial(splash_block_attention, scale=1 / math.sqrt(d),
-                                      interpret=target_facts()["backend"] != "tpu")
+            block = functools.partial(splash_block_attention, scale=1 / math.sqrt(d), interpret=splash_interpret())
         return sequence_parallel.attention(q, k, v, local, block_attention=block)
     return dot_product_attention(q, k, v, implementation=implementation)

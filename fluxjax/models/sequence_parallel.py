@@ -170,7 +170,9 @@ def _ring_by_blocks(q, k, v, *, axis, n: int, length: int, scale: float, block_a
     lse' = logaddexp(lse, lse_b), out' = out e^(lse - lse') + out_b e^(lse_b - lse').
 
     Differentiated through `_ring` (a custom VJP): the kernel's residual output has no gradient
-    rule of its own, and `_ring`'s backward is the same function's exactly.
+    rule of its own, and `_ring`'s backward is the same function's exactly. That backward redoes
+    the ring's forward in XLA ops, with each hop's (c, c) logits: training under sp_ring keeps the
+    XLA ring's memory (fluxjax plan --train does not plan sequence-parallel strategies).
     """
 
     @jax.custom_vjp
