@@ -7,6 +7,7 @@ Qwen2-style BPE made locally (fluxjax.models.qwen3_tokenizer.make_tokenizer); no
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -105,6 +106,20 @@ def test_hidden_states_match_transformers(which, saved_a, saved_b, tokenizer):
         err = rel_err(out[i], ref[i])
         # Measured up to 1.1e-6 (float32 rounding); the issue asks for 1e-4.
         assert err <= 1e-5, f"hidden state {i}: max abs error / max |ref| = {err:.3g}"
+
+
+def test_left_padding_matches_sdpa(saved_a, tokenizer):
+    """Pads before the prompt: their query rows see no key, and get zeros from attention as in
+    PyTorch's sdpa (transformers' default, what diffusers runs)."""
+    path, ref_model = saved_a
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "left"
+    ids, mask = _ids(tokenizer)
+    assert mask[0, 0] == 0 and mask[0, -1] == 1
+    assert ref_model.config._attn_implementation == "sdpa"
+    ref = reference_hidden_states(ref_model, ids, mask)
+    out = run_fluxjax(path, ids, mask, tuple(range(5)))
+    assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)  # measured about 1e-6
 
 
 def _ids(tokenizer, repeat: int = 1):

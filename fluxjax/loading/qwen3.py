@@ -73,7 +73,7 @@ def read_table(path: str, config: Qwen3Config | None = None) -> CheckpointTable:
 def load_qwen3(source: str | os.PathLike, dtype="float32", sharding: ShardingFn | None = None,
                config: Qwen3Config | None = None):
     """A Qwen3Encoder and its parameters from a transformers Qwen3 folder (the hub's klein
-    text_encoder/, or a pipeline folder holding one).
+    text_encoder/: config.json + safetensors, single or sharded with its index json).
 
     dtype: parameters and activations ("float32", "bfloat16", ...). sharding: a callable from the
     boxed abstract params to a tree of Shardings (fluxjax.checkpoint.ShardingFn), None: one device.
@@ -81,12 +81,8 @@ def load_qwen3(source: str | os.PathLike, dtype="float32", sharding: ShardingFn 
     a time, each placed on its devices as it comes.
     Returns (model, params) for `model.apply({"params": params}, ids, mask, layers)`.
     """
-    path = os.fspath(source)
-    sub = os.path.join(path, "text_encoder")
-    if os.path.isdir(sub) and not os.path.isfile(os.path.join(path, "config.json")):
-        path = sub
     dtype = jnp.dtype(dtype)
-    table = read_table(path, config)
+    table = read_table(source, config)
     model = Qwen3Encoder(table.config, dtype=dtype, param_dtype=dtype)
     shapes = param_shapes(model)
     shardings = leaf_shardings(shapes, sharding)

@@ -51,7 +51,11 @@ KLEIN_MAX_SEQUENCE_LENGTH = 512  # diffusers' max_sequence_length for klein
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config(_Preset):
-    """Qwen3 (transformers' `Qwen3Config`, the fields the encoder uses). Defaults: Qwen3-4B, klein-4B's."""
+    """Qwen3 (transformers' `Qwen3Config`, the fields the encoder uses). Defaults: Qwen3-4B, klein-4B's.
+
+    The presets give the sizes (for planning and random weights); a checkpoint's own config.json
+    (`from_hf_config`) is what loading uses, rope_theta included (Qwen3 releases differ in it).
+    """
 
     vocab_size: int = 151936
     hidden_size: int = 2560
@@ -179,6 +183,11 @@ class Qwen3Attention(nn.Module):
         # per prompt, so this is JAX's attention with a (B, 1, L, L) mask. Its XLA form takes the
         # k/v head groups as they are, with float32 logits and softmax, like the reference.
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5, implementation="xla")
+        # A query with no key to attend to (a pad before the first token, under left padding)
+        # gets zeros, as PyTorch's sdpa gives them and so diffusers' encoding (transformers'
+        # default attention); its eager attention spreads such a row evenly over every key.
+        # Right padding, the tokenizer's default, leaves no such row.
+        out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0)
         out = out.reshape(b, l, cfg.num_attention_heads * cfg.head_dim)
         return dense(cfg.hidden_size, axes=("heads", "embed"), name="o_proj", **kw)(out)
 
@@ -235,7 +244,9 @@ class Qwen3Encoder(nn.Module):
     1..num_hidden_layers - 1 the output of layer i (counting from 1), num_hidden_layers the last
     layer's output after the final `norm` (transformers' last_hidden_state).
 
-    Positions are 0..L-1 whatever the padding (as transformers without position_ids). Every
+    Positions are 0..L-1 whatever the padding (as transformers without position_ids); a pad
+    before the first token (left padding) has nothing to attend to and gets zeros from
+    attention, as in PyTorch's sdpa (see Qwen3Attention). Every
     layer runs, also those after the last one asked for (klein's 27 of 36: about a quarter of
     the encoder's work is then unused).
     dtype: activations and matmuls; param_dtype: stored parameters. Norm statistics, RoPE,
