@@ -58,8 +58,7 @@ def tokenizer(tmp_path_factory):
     return transformers.Qwen2TokenizerFast.from_pretrained(folder)  # as diffusers loads it
 
 
-def _saved(tmp_path_factory, name, cls, fields, seed, **save):
-    path = tmp_path_factory.mktemp(name)
+def _saved(path, cls, fields, seed, **save):
     model = cls(transformers.Qwen3Config(**fields, pad_token_id=456)).eval()
     randomize_(model, seed)
     model.save_pretrained(path, **save)
@@ -68,12 +67,12 @@ def _saved(tmp_path_factory, name, cls, fields, seed, **save):
 
 @pytest.fixture(scope="module")
 def saved_a(tmp_path_factory):
-    return _saved(tmp_path_factory, "qwen3_a", transformers.Qwen3ForCausalLM, CONFIG_A, 0)
+    return _saved(tmp_path_factory.mktemp("qwen3_a"), transformers.Qwen3ForCausalLM, CONFIG_A, 0)
 
 
 @pytest.fixture(scope="module")
 def saved_b(tmp_path_factory):
-    return _saved(tmp_path_factory, "qwen3_b", transformers.Qwen3Model, CONFIG_B, 1, max_shard_size="20KB")
+    return _saved(tmp_path_factory.mktemp("qwen3_b"), transformers.Qwen3Model, CONFIG_B, 1, max_shard_size="20KB")
 
 
 def reference_hidden_states(model, ids, mask) -> np.ndarray:
@@ -143,6 +142,28 @@ def test_prompt_embeds_match_diffusers(saved_a, tokenizer):
     err = rel_err(out, ref)
     assert err <= 1e-5, f"prompt_embeds: max abs error / max |ref| = {err:.3g}"  # measured about 1e-6
     np.testing.assert_array_equal(text_ids(*out.shape[:2]), ref_ids)
+
+
+def test_klein_defaults_match_diffusers_defaults(tmp_path, tokenizer):
+    """Every default as klein's pipeline has it: 512 tokens, hidden states (9, 18, 27) of a
+    (narrow) 28-layer Qwen3ForCausalLM, called with no arguments but the prompts."""
+    fields = dict(CONFIG_A, hidden_size=16, intermediate_size=24, num_hidden_layers=28, head_dim=8)
+    path, ref_model = _saved(tmp_path, transformers.Qwen3ForCausalLM, fields, 2)
+    with torch.no_grad():
+        ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(ref_model, tokenizer, PROMPTS).numpy()
+    model, params = load_qwen3(path)
+    out = np.asarray(encode_prompts_jit(model, params, *tokenize(tokenizer, PROMPTS)))
+    assert out.shape == ref.shape == (2, 512, 3 * 16)
+    assert rel_err(out, ref) <= 1e-5, rel_err(out, ref)  # measured about 1e-6
+
+
+def test_a_tokenizer_without_chat_template_is_refused(tokenizer):
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(UsageError, match="no chat template"):
+        tokenize(bare, "a cat")
+    with pytest.raises(UsageError, match="max_sequence_length must be a positive integer, got 0"):
+        tokenize(tokenizer, "a cat", 0)
 
 
 def test_chat_template_has_qwen3s_structure(tokenizer):
