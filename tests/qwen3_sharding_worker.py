@@ -20,9 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fluxjax.models.qwen3 import Qwen3Config, Qwen3Encoder, encode_prompts_jit, param_shapes  # noqa: E402
+from fluxjax.models.qwen3 import Qwen3Config, Qwen3Encoder, encode_prompts, param_shapes  # noqa: E402
 from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sharding import Strategy, available  # noqa: E402
+from fluxjax.sharding import Strategy, available, jit_with_rules  # noqa: E402
+
+encode_prompts_jit = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
 
 # 8 query heads in 4 k/v groups: tp over up to 8 devices splits whole heads (and k/v features).
 CONFIG = Qwen3Config.preset("tiny").replace(num_attention_heads=8, num_key_value_heads=4, head_dim=8)

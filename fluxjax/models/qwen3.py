@@ -41,12 +41,10 @@ import numpy as np
 from fluxjax.config import ConfigError, _Preset, _read_json, _require
 from fluxjax.errors import UsageError
 from fluxjax.models.layers import RMSNorm, constrain, dense, embedding, scan_layers, with_precision
-from fluxjax.sharding import jit_with_rules
 
 Dtype = Any
 
 KLEIN_LAYERS = (9, 18, 27)  # the hidden states klein stacks (diffusers' text_encoder_out_layers)
-KLEIN_MAX_SEQUENCE_LENGTH = 512  # diffusers' max_sequence_length for klein
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +92,8 @@ class Qwen3Config(_Preset):
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: hidden_act {cfg['hidden_act']!r} is not Qwen3's 'silu'")
         if cfg.get("use_sliding_window", False):
-            raise ConfigError(f"{where}: use_sliding_window=true is not supported (Qwen3 attends to every earlier token)")
+            raise ConfigError(f"{where}: use_sliding_window=true is not supported "
+                              "(klein's Qwen3 attends to every earlier token)")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ConfigError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
@@ -144,7 +143,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
-def attention_mask_bias(attention_mask: jax.Array) -> jax.Array:
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     """(B, L) tokenizer mask (1 = token, 0 = padding) -> (B, 1, L, L) bool: query q may attend to
     key k where k <= q and k is a token, as transformers' create_causal_mask."""
     length = attention_mask.shape[1]
@@ -233,7 +232,8 @@ class Qwen3DecoderLayer(nn.Module):
         x = constrain(x + Qwen3MLP(cfg, name="mlp", **kw)(h))
         # A select per kept slot (elementwise, small beside the layer's matmuls) instead of
         # scanning out every layer's output: only K hidden states are ever held.
-        kept = jnp.stack([jnp.where(index + 1 == n, x, kept[j]) for j, n in enumerate(self.keep)]) if self.keep else kept
+        if self.keep:
+            kept = jnp.stack([jnp.where(index + 1 == n, x, kept[j]) for j, n in enumerate(self.keep)])
         return (x, kept, index + 1), None
 
 
@@ -246,9 +246,8 @@ class Qwen3Encoder(nn.Module):
 
     Positions are 0..L-1 whatever the padding (as transformers without position_ids); a pad
     before the first token (left padding) has nothing to attend to and gets zeros from
-    attention, as in PyTorch's sdpa (see Qwen3Attention). Every
-    layer runs, also those after the last one asked for (klein's 27 of 36: about a quarter of
-    the encoder's work is then unused).
+    attention, as in PyTorch's sdpa (see Qwen3Attention). Every layer runs, also those after
+    the last one asked for (klein's 27 of 36: about a quarter of the encoder's work unused).
     dtype: activations and matmuls; param_dtype: stored parameters. Norm statistics, RoPE,
     attention logits and softmax are float32 whatever `dtype` is.
     """
@@ -272,7 +271,7 @@ class Qwen3Encoder(nn.Module):
                       **kw)(input_ids)
         x = constrain(x)
         cos, sin = (jnp.asarray(t) for t in rope_tables(length, cfg.head_dim, cfg.rope_theta))
-        mask = attention_mask_bias(attention_mask)
+        mask = causal_padding_mask(attention_mask)
 
         inner = tuple(n for n in layers if 0 < n < cfg.num_hidden_layers)  # made inside the scan
         kept = jnp.zeros((len(inner),) + x.shape, x.dtype)
@@ -317,14 +316,13 @@ def encode_prompts(model: Qwen3Encoder, params, input_ids, attention_mask, layer
     """Token ids and mask (B, L) from qwen3_tokenizer.tokenize -> klein's prompt_embeds
     (B, L, K * hidden), in the encoder's compute dtype or `dtype` when given.
 
-    Pure and jit-friendly with `model`, `layers` (a tuple) and `dtype` static: `encode_prompts_jit` is
-    that, keyed on the active sharding strategy too.
+    Pure and jit-friendly with `model`, `layers` (a tuple) and `dtype` static; under a sharding
+    strategy jit it with fluxjax.sharding.jit_with_rules (as text.encode_prompts_jit), so that
+    each strategy's constraints get their own executable.
     """
     out = stack_hidden_states(model.apply({"params": params}, input_ids, attention_mask, tuple(layers)))
     return out if dtype is None else out.astype(dtype)
 
-
-encode_prompts_jit = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
 
 
 def param_shapes(model: Qwen3Encoder) -> dict:

@@ -27,6 +27,7 @@ from fluxjax.errors import UsageError
 PAD = "<|endoftext|>"  # Qwen's pad (and eos) token
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
+KLEIN_MAX_SEQUENCE_LENGTH = 512  # diffusers' max_sequence_length for klein
 
 # Qwen3's template reduced to what klein's call reaches: user/assistant turns, the generation
 # prompt, and the empty think block enable_thinking=False adds to it.
@@ -49,7 +50,8 @@ def chat_text(tokenizer: Any, prompt: str) -> str:
                                          add_generation_prompt=True, enable_thinking=False)
 
 
-def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_sequence_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: Any, prompts: str | Sequence[str],
+             max_sequence_length: int = KLEIN_MAX_SEQUENCE_LENGTH) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask), each (B, max_sequence_length) int32, for klein's encoder.
 
     A chat longer than max_sequence_length tokens is cut at its end (as diffusers does: the cut
