@@ -148,9 +148,12 @@ def test_prompt_embeds_match_diffusers(saved_a, tokenizer):
 
 def test_klein_defaults_match_diffusers_defaults(tmp_path, tokenizer):
     """Every default as klein's pipeline has it: 512 tokens, hidden states (9, 18, 27) of a
-    (narrow) 28-layer Qwen3ForCausalLM, called with no arguments but the prompts."""
-    fields = dict(CONFIG_A, hidden_size=16, intermediate_size=24, num_hidden_layers=28, head_dim=8)
+    (narrow) 28-layer Qwen3ForCausalLM, called with no arguments but the prompts. Its lm_head is
+    tied to the embedding, as Qwen3-4B's: the file then holds no head."""
+    fields = dict(CONFIG_A, hidden_size=16, intermediate_size=24, num_hidden_layers=28, head_dim=8,
+                  tie_word_embeddings=True)
     path, ref_model = _saved(tmp_path, transformers.Qwen3ForCausalLM, fields, 2)
+    assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
     with torch.no_grad():
         ref = Flux2KleinPipeline._get_qwen3_prompt_embeds(ref_model, tokenizer, PROMPTS).numpy()
     model, params = load_qwen3(path)
