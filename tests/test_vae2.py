@@ -11,6 +11,7 @@ sizes, and the tokens path must match the pipeline's own helpers (`_encode_vae_i
 
 from __future__ import annotations
 
+import copy
 import types
 
 import jax
@@ -163,6 +164,23 @@ def test_latent_path_matches_pipeline(ref, fns, h, w):
         errs.append(rel_err(ours, nhwc(pixels_ref)))
     print(f"{h}x{w}: tokens rel err {tok_err:.2e}, pixels rel err from encoded {errs[0]:.2e}, from noise {errs[1]:.2e}")
     assert tok_err <= TOL and max(errs) <= TOL
+
+
+def test_bf16_decode_error_within_reference_bf16_error(ref):
+    """In bfloat16 (parameters, statistics and compute), fluxjax's decode of tokens is no further
+    from the fp32 reference than diffusers' own bf16 pipeline path is (the FLUX.1 test's bound)."""
+    model, params = load_vae(ref["folder"], dtype="bfloat16")
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(params))
+    h, w = SIZES[0]
+    rows, cols = h // 16, w // 16
+    tokens = torch.randn((BATCH, rows * cols, 128), generator=torch.Generator().manual_seed(6))
+    expected = nhwc(_pipeline_pixels(ref["vae"], tokens, rows, cols))
+    z = latents2.from_tokens(jnp.asarray(tokens.numpy()), params["bn"], model.config.batch_norm_eps, rows, cols)
+    ours = rel_err(jax.jit(lambda p, z: model.apply({"params": p}, z, method="decode"))(params, z), expected)
+    vae16 = copy.deepcopy(ref["vae"]).to(torch.bfloat16)
+    theirs = rel_err(nhwc(_pipeline_pixels(vae16, tokens.to(torch.bfloat16), rows, cols)), expected)
+    print(f"decode bf16 rel err: fluxjax {ours:.2e}, diffusers {theirs:.2e}")
+    assert ours <= 1.5 * theirs
 
 
 def test_latent_functions_are_diffusers_helpers():

@@ -9,7 +9,7 @@ Two checkpoint layouts (docs/architecture.md, "Checkpoint keys", "The autoencode
 
 The FLUX.2 VAE (diffusers `AutoencoderKLFlux2`, read in its diffusers layout only) adds top-level
 `quant_conv`, `post_quant_conv` (1x1 convs) and `bn.running_mean` / `bn.running_var`, whose Flax
-paths are the same names; `bn.num_batches_tracked` (a training counter) is read and left unused.
+paths are the same names; `bn.num_batches_tracked` (a training counter) is allowed and left unused.
 
 Both tables come from one walk over the model's modules (`_modules`), so they cannot disagree
 on the model's structure; each layout only names the modules and says how a tensor turns around.
