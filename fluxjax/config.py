@@ -149,6 +149,10 @@ class AutoEncoderConfig(_Preset):
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
     norm_num_groups: int = 32
+    # FLUX.2 (diffusers AutoencoderKLFlux2): 1x1 `quant_conv` / `post_quant_conv` around the latent, and
+    # `bn`, the running mean and variance that normalise 2x2-patchified latents with this eps.
+    quant_conv: bool = False
+    batch_norm_eps: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -167,22 +171,29 @@ class AutoEncoderConfig(_Preset):
         return {
             "flux": AutoEncoderConfig(),
             "tiny": AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16, norm_num_groups=8),
+            "flux2": AutoEncoderConfig(z_channels=32, scale_factor=1.0, shift_factor=0.0, quant_conv=True,
+                                       batch_norm_eps=1e-4),
         }
 
     @classmethod
     def from_hf_config(cls, source: str | os.PathLike | Mapping[str, Any]) -> "AutoEncoderConfig":
-        """From a diffusers `AutoencoderKL` config.json (path, folder or dict)."""
+        """From a diffusers `AutoencoderKL` (FLUX.1) or `AutoencoderKLFlux2` config.json (path, folder or dict)."""
         cfg = _read_json(source)
         where = "vae config" if isinstance(source, Mapping) else os.fspath(source)
         widths = list(_require(cfg, "block_out_channels", where))
         ch = widths[0]
         if any(w % ch for w in widths):
             raise ConfigError(f"{where}: block_out_channels {widths} are not multiples of the first")
-        for key in ("use_quant_conv", "use_post_quant_conv"):
-            if cfg.get(key, True):
-                raise ConfigError(f"{where}: {key}=true is not the FLUX VAE (it has no quant convs)")
         if not cfg.get("mid_block_add_attention", True):
             raise ConfigError(f"{where}: mid_block_add_attention=false is not the FLUX VAE")
+        if cfg.get("_class_name") == "AutoencoderKLFlux2":
+            family = _flux2_vae_fields(cfg, where, widths)
+        else:
+            for key in ("use_quant_conv", "use_post_quant_conv"):
+                if cfg.get(key, True):
+                    raise ConfigError(f"{where}: {key}=true is not the FLUX VAE (it has no quant convs)")
+            family = dict(scale_factor=_require(cfg, "scaling_factor", where),
+                          shift_factor=_require(cfg, "shift_factor", where))
         return cls(
             in_channels=cfg.get("in_channels", 3),
             ch=ch,
@@ -190,10 +201,25 @@ class AutoEncoderConfig(_Preset):
             ch_mult=tuple(w // ch for w in widths),
             num_res_blocks=_require(cfg, "layers_per_block", where),
             z_channels=_require(cfg, "latent_channels", where),
-            scale_factor=_require(cfg, "scaling_factor", where),
-            shift_factor=_require(cfg, "shift_factor", where),
             norm_num_groups=cfg.get("norm_num_groups", 32),
+            **family,
         )
+
+
+def _flux2_vae_fields(cfg: Mapping[str, Any], where: str, widths: list[int]) -> dict[str, Any]:
+    """AutoencoderKLFlux2's own settings, with the class's defaults for absent keys. It has no
+    scaling or shift factor (the pipeline normalises with `bn` instead): 1.0 and 0.0 leave z as is."""
+    quant, post_quant = cfg.get("use_quant_conv", True), cfg.get("use_post_quant_conv", True)
+    if quant != post_quant:
+        raise ConfigError(f"{where}: use_quant_conv={quant} with use_post_quant_conv={post_quant} is not supported")
+    if list(cfg.get("patch_size", (2, 2))) != [2, 2]:
+        raise ConfigError(f"{where}: patch_size {cfg['patch_size']} is not supported (FLUX.2 uses [2, 2])")
+    decoder = cfg.get("decoder_block_out_channels")
+    if decoder is not None and list(decoder) != widths:
+        raise ConfigError(f"{where}: decoder_block_out_channels {list(decoder)} differ from block_out_channels "
+                          f"{widths}, which is not supported")
+    return dict(scale_factor=1.0, shift_factor=0.0, quant_conv=bool(quant),
+                batch_norm_eps=float(cfg.get("batch_norm_eps", 1e-4)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Key tables for the FLUX VAE.
+"""Key tables for the FLUX VAE and the FLUX.2 VAE.
 
 Two checkpoint layouts (docs/architecture.md, "Checkpoint keys", "The autoencoder"):
   BFL       `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `encoder.mid.attn_1.q` (1x1 conv
@@ -6,6 +6,10 @@ Two checkpoint layouts (docs/architecture.md, "Checkpoint keys", "The autoencode
   diffusers `vae/` folder of `AutoencoderKL`: `encoder.down_blocks.{i}.resnets.{j}`,
             `mid_block.attentions.0.to_q` (Linear [C, C]), `decoder.up_blocks.{n-1-i}` (index
             reversed), `conv_shortcut`, `group_norm`, `conv_norm_out`.
+
+The FLUX.2 VAE (diffusers `AutoencoderKLFlux2`, read in its diffusers layout only) adds top-level
+`quant_conv`, `post_quant_conv` (1x1 convs) and `bn.running_mean` / `bn.running_var`, whose Flax
+paths are the same names; `bn.num_batches_tracked` (a training counter) is allowed and left unused.
 
 Both tables come from one walk over the model's modules (`_modules`), so they cannot disagree
 on the model's structure; each layout only names the modules and says how a tensor turns around.
@@ -23,13 +27,16 @@ from fluxjax.loading.table import CheckpointTable, Rule
 
 # Prefixes some redistributions put before every VAE key (SD-style single files, ComfyUI).
 STRIP_PREFIXES = ("first_stage_model.", "vae.")
+# Left unused if present in a FLUX.2 VAE: its batch norm's step counter (only the statistics matter).
+IGNORE = frozenset({"bn.num_batches_tracked"})
 
 
 def _modules(cfg: AutoEncoderConfig) -> Iterator[tuple[str, str, str, str]]:
     """Every parameterised module: (flax path, kind, BFL module name, diffusers module name).
 
-    kind: "conv" (kernel/bias), "norm" (scale/bias) or "attn" (an attention projection: a Dense
-    kernel/bias in fluxjax, a 1x1 conv in BFL, a Linear in diffusers).
+    kind: "conv" (kernel/bias), "norm" (scale/bias), "attn" (an attention projection: a Dense
+    kernel/bias in fluxjax, a 1x1 conv in BFL, a Linear in diffusers) or "stats" (FLUX.2's batch
+    norm running_mean/running_var). BFL names are None where fluxjax knows no BFL layout (FLUX.2).
     """
     n = len(cfg.ch_mult)
 
@@ -63,6 +70,11 @@ def _modules(cfg: AutoEncoderConfig) -> Iterator[tuple[str, str, str, str]]:
     yield from mid("encoder/mid", "encoder.mid", "encoder.mid_block", c_in)
     yield "encoder/norm_out", "norm", "encoder.norm_out", "encoder.conv_norm_out"
     yield "encoder/conv_out", "conv", "encoder.conv_out", "encoder.conv_out"
+    if cfg.quant_conv:
+        yield "quant_conv", "conv", None, "quant_conv"
+        yield "post_quant_conv", "conv", None, "post_quant_conv"
+    if cfg.batch_norm_eps is not None:
+        yield "bn", "stats", None, "bn"
 
     # decoder: BFL stores level i as up.i; diffusers runs up_blocks in execution order (n-1-i).
     c_in = cfg.ch * cfg.ch_mult[-1]
@@ -88,6 +100,11 @@ def _rules(cfg: AutoEncoderConfig, layout: str) -> list[Rule]:
     rules = []
     for flax_path, kind, bfl, diffusers in _modules(cfg):
         src = bfl if layout == "bfl" else diffusers
+        if src is None:
+            raise ValueError(f"{flax_path}: no {layout} key for it (the FLUX.2 VAE has a diffusers table only)")
+        if kind == "stats":
+            rules += [Rule(f"{flax_path}/{name}", (f"{src}.{name}",), "copy") for name in ("running_mean", "running_var")]
+            continue
         if kind == "norm":
             rules.append(Rule(f"{flax_path}/scale", (f"{src}.weight",), "copy"))
         else:
@@ -102,7 +119,8 @@ def bfl_vae_rules(cfg: AutoEncoderConfig) -> list[Rule]:
 
 
 def diffusers_vae_rules(cfg: AutoEncoderConfig) -> list[Rule]:
-    """Key table for a diffusers `AutoencoderKL` (use_quant_conv / use_post_quant_conv false)."""
+    """Key table for a diffusers `AutoencoderKL` (use_quant_conv / use_post_quant_conv false) or,
+    for a config with quant convs and a batch norm, `AutoencoderKLFlux2`."""
     return _rules(cfg, "diffusers")
 
 
@@ -111,9 +129,9 @@ def _is_diffusers_layout(keys: list[str]) -> bool:
 
 
 def read_table(path: str, config: AutoEncoderConfig | None = None) -> CheckpointTable:
-    """A diffusers AutoencoderKL folder or a single VAE .safetensors file in BFL (`ae.safetensors`)
-    or diffusers layout, told apart by its keys: its config (the folder's config.json, for a
-    single file the "flux" preset, unless `config` is given), tensors and table."""
+    """A diffusers AutoencoderKL or AutoencoderKLFlux2 folder, or a single VAE .safetensors file in
+    BFL (`ae.safetensors`) or diffusers layout, told apart by its keys: its config (the folder's
+    config.json, for a single file the "flux" preset, unless `config` is given), tensors and table."""
     if os.path.isdir(path):
         if config is None:
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -125,5 +143,9 @@ def read_table(path: str, config: AutoEncoderConfig | None = None) -> Checkpoint
         config = AutoEncoderConfig.preset("flux")
     tensors = TensorSource(path)
     layout = "diffusers" if _is_diffusers_layout(tensors.keys()) else "bfl"
+    if layout == "bfl" and (config.quant_conv or config.batch_norm_eps is not None):
+        raise CheckpointError(f"{path}: not in the diffusers layout; the FLUX.2 VAE is read from an "
+                              "AutoencoderKLFlux2 folder or file only")
     rules = diffusers_vae_rules(config) if layout == "diffusers" else bfl_vae_rules(config)
-    return CheckpointTable(config, tensors, rules, STRIP_PREFIXES)
+    ignore = IGNORE if config.batch_norm_eps is not None else frozenset()
+    return CheckpointTable(config, tensors, rules, STRIP_PREFIXES, ignore=ignore)

@@ -1,4 +1,10 @@
-"""The FLUX VAE (docs/architecture.md, "The autoencoder"): a KL autoencoder with 16 latent channels.
+"""The FLUX VAE (docs/architecture.md, "The autoencoder"): a KL autoencoder with 16 latent channels,
+and the FLUX.2 VAE (diffusers `AutoencoderKLFlux2`) as a configuration of the same blocks.
+
+FLUX.2 (AutoEncoderConfig preset "flux2": 32 latent channels, `quant_conv`, `batch_norm_eps`) adds
+1x1 convs `quant_conv` (on the moments, after the encoder) and `post_quant_conv` (before the
+decoder), and `bn`: the running mean and variance of the 2x2-patchified latents, which
+fluxjax/models/latents2.py applies between the VAE and the transformer. It has no scale or shift.
 
 Module names mirror BFL's `modules/autoencoder.py`, so the BFL key table is nearly the
 identity (fluxjax/loading/vae.py): BFL `encoder.down.{i}.block.{j}.conv1` is the Flax path
@@ -29,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import AutoEncoderConfig
+from fluxjax.models import latents2
 from fluxjax.models.layers import affine_params, dense, standardize, with_precision
 
 Dtype = Any
@@ -251,10 +258,27 @@ class Decoder(nn.Module):
         return conv(cfg.out_ch, 3, name="conv_out", **kw)(h)
 
 
+class LatentBatchNorm(nn.Module):
+    """FLUX.2's `bn` (a BatchNorm2d without affine part): `running_mean` (zeros) and `running_var`
+    (ones), each (features,) with logical axis "norm". Only the statistics; never updated here.
+
+    Calling it returns them as the mapping latents2.normalize / denormalize take.
+    """
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        init = {"running_mean": nn.initializers.zeros_init(), "running_var": nn.initializers.ones_init()}
+        return {name: self.param(name, nn.with_logical_partitioning(fn, ("norm",)), (self.features,), self.param_dtype)
+                for name, fn in init.items()}
+
+
 class AutoEncoder(nn.Module):
     """The FLUX VAE: `encoder` and `decoder`, with the latent normalisation of the reference.
 
-    config:      AutoEncoderConfig (preset "flux" for the real model).
+    config:      AutoEncoderConfig (preset "flux" for FLUX.1's VAE, "flux2" for FLUX.2's).
     dtype:       compute dtype of convolutions and attention matmuls (float32 or bfloat16).
     param_dtype: dtype of the parameters.
     precision:   of every convolution and matmul (None: "highest" for float32, JAX's default
@@ -270,8 +294,14 @@ class AutoEncoder(nn.Module):
     precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 
     def setup(self):
-        self.encoder = Encoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.decoder = Decoder(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(cfg, **kw)
+        self.decoder = Decoder(cfg, **kw)
+        if cfg.quant_conv:
+            self.quant_conv = conv(2 * cfg.z_channels, 1, name=None, **kw)
+            self.post_quant_conv = conv(cfg.z_channels, 1, name=None, **kw)
+        if cfg.batch_norm_eps is not None:
+            self.bn = LatentBatchNorm(latents2.PATCH * latents2.PATCH * cfg.z_channels, param_dtype=self.param_dtype)
 
     @with_precision
     def encode(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -283,9 +313,14 @@ class AutoEncoder(nn.Module):
              PRNG key to sample `mean + exp(0.5*logvar) * eps` instead (diffusers'
              `latent_dist.sample()`), logvar clamped to [-30, 20] as diffusers does, with
              eps = jax.random.normal(key, mean.shape, float32) drawn in this NHWC layout.
-        Returns (B, H/8, W/8, z_channels) float32: `scale_factor * (z - shift_factor)`.
+        The moments pass `quant_conv` first when the config has one (FLUX.2).
+        Returns (B, H/8, W/8, z_channels) float32: `scale_factor * (z - shift_factor)` (z itself
+        for FLUX.2, whose normalisation is latents2's batch norm on patchified latents).
         """
-        moments = self.encoder(x).astype(jnp.float32)
+        moments = self.encoder(x)
+        if self.config.quant_conv:
+            moments = self.quant_conv(moments)
+        moments = moments.astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         z = mean
         if key is not None:
@@ -299,23 +334,35 @@ class AutoEncoder(nn.Module):
 
         z: (B, h, w, z_channels) NHWC normalised latents (what `encode` returns and the flow
            model samples), any float dtype. `z / scale_factor + shift_factor` is applied first
-           (in float32), before the decoder's conv_in, as in BFL's `AutoEncoder.decode` and the
-           diffusers Flux pipelines.
+           (in float32), before `post_quant_conv` (FLUX.2) and the decoder's conv_in, as in BFL's
+           `AutoEncoder.decode` and the diffusers Flux pipelines.
         Returns (B, h*8, w*8, out_ch) float32 pixels, nominally in [-1, 1] but **not clamped**
         (clip to [-1, 1] before converting to u8, as the reference does).
         """
         z = z.astype(jnp.float32) / self.config.scale_factor + self.config.shift_factor
+        if self.config.quant_conv:
+            z = self.post_quant_conv(z.astype(self.dtype))
         return self.decoder(z).astype(jnp.float32)
 
     @with_precision
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """decode(encode(x, key)): (B, H, W, in_channels) -> (B, H, W, out_ch) float32."""
-        return self.decode(self.encode(x, key))
+        """decode(encode(x, key)): (B, H, W, in_channels) -> (B, H, W, out_ch) float32.
+
+        With a latent batch norm (FLUX.2) the latents go to the transformer's tokens and back
+        (latents2.to_tokens / from_tokens) in between, so `init` creates `bn` too; H and W are
+        then multiples of 16.
+        """
+        z = self.encode(x, key)
+        if self.config.batch_norm_eps is not None:
+            _, h, w, _ = z.shape
+            bn, eps = self.bn(), self.config.batch_norm_eps
+            z = latents2.from_tokens(latents2.to_tokens(z, bn, eps), bn, eps, h // latents2.PATCH, w // latents2.PATCH)
+        return self.decode(z)
 
 
 def param_shapes(model: AutoEncoder) -> dict:
     """The model's parameter tree of jax.ShapeDtypeStruct (boxed with logical axis names), without
     allocating or initialising anything: `jax.eval_shape` of `init` on the smallest valid image."""
-    f = model.config.downsample_factor
+    f = model.config.downsample_factor * (latents2.PATCH if model.config.batch_norm_eps is not None else 1)
     x = jax.ShapeDtypeStruct((1, f, f, model.config.in_channels), jnp.float32)
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
