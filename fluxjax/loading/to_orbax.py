@@ -34,6 +34,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
+from fluxjax.config import FLUX2_CLASS
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.flux import BFL_PREFIXES, single_file
 from fluxjax.loading import gguf, registry
@@ -43,8 +44,10 @@ from fluxjax.folders import MANIFEST, check_creatable, locked, owned_why, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
-# Top-level modules of a diffusers FluxTransformer2DModel: a file with them is not a BFL file.
-DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.")
+PLANS[FLUX2_CLASS] = "transformer"  # FLUX.2's transformer: the same model, by its config (fluxjax.config)
+# Top-level modules of a diffusers Flux(2)Transformer2DModel: a file with them is not a BFL file.
+DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                         "time_text_embed.", "time_guidance_embed.")
 COMPONENT_ENTRIES = {MARKER, PARAMS, "config.json"}  # all a component folder written here holds
 
 
