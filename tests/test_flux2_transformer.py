@@ -195,6 +195,18 @@ def test_bfl_flux2_config_is_inferred_from_shapes(tmp_path):
     assert flux.config == FluxConfig.from_hf_config(folder)
 
 
+@pytest.mark.parametrize("ref", ["klein_like"], indirect=True)
+def test_orbax_conversion_restores_the_same_model(ref, tmp_path):
+    from fluxjax.cli import main
+
+    dst = tmp_path / "klein-orbax"
+    assert main(["convert", str(ref.folder), str(dst), "--dtype", "float32"]) == 0
+    model_st, direct = load_transformer(ref.folder)
+    model_ob, restored = load_transformer(dst)
+    assert model_ob.config == model_st.config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored, direct)
+
+
 def _one_line_error(path, match):
     with pytest.raises(CheckpointError, match=match) as e:
         load_transformer(path)
