@@ -58,23 +58,42 @@ class _Preset:
         return dataclasses.replace(self, **changes)
 
 
+MLP_KINDS = ("gelu", "swiglu")
+
+# FLUX.2 (diffusers Flux2Transformer2DModel, BFL flux2 `Flux2`) is the FLUX.1 transformer with these
+# settings; only the sizes differ between [klein] 4B, 9B and [dev]. From diffusers'
+# Flux2Transformer2DModel.__init__ and BFL's flux2 `Flux2Params` (src/flux2/model.py).
+FLUX2_SETTINGS = dict(
+    in_channels=128, out_channels=128, vec_in_dim=0, mlp_ratio=3.0, axes_dim=(32, 32, 32, 32), theta=2000,
+    qkv_bias=False, bias=False, mlp="swiglu", shared_modulation=True,
+)
+FLUX2_CLASS = "Flux2Transformer2DModel"  # config.json's _class_name of a diffusers FLUX.2 transformer
+
+
 @dataclasses.dataclass(frozen=True)
 class FluxConfig(_Preset):
-    """The FLUX.1 flow transformer (BFL `FluxParams`)."""
+    """The FLUX.1 flow transformer (BFL `FluxParams`), and FLUX.2 through the settings below
+    (FLUX2_SETTINGS; docs in each field). FLUX.1 configs leave them at their defaults."""
 
     in_channels: int = 64
     out_channels: int = 64
-    vec_in_dim: int = 768
+    vec_in_dim: int = 768  # the pooled text vector (CLIP); 0: none, vec is the time (+ guidance) embedding (FLUX.2)
     context_in_dim: int = 4096
     hidden_size: int = 3072
     mlp_ratio: float = 4.0
     num_heads: int = 24
     depth: int = 19
     depth_single_blocks: int = 38
-    axes_dim: tuple[int, ...] = (16, 56, 56)
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims per position-id column: 3 columns in FLUX.1, 4 in FLUX.2
     theta: int = 10_000
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # the fused q/k/v Linears (double blocks' qkv, single blocks' linear1) have biases
     guidance_embed: bool = True
+    bias: bool = True  # every other Linear has a bias (FLUX.2: none at all)
+    # "gelu": Linear, GELU(tanh), Linear. "swiglu" (FLUX.2): the first Linear gives gate and value
+    # side by side, then silu(gate) * value.
+    mlp: str = "gelu"
+    # FLUX.2: the adaLN modulation computed once per block kind and shared by its blocks, not per block.
+    shared_modulation: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -89,9 +108,12 @@ class FluxConfig(_Preset):
             )
         if any(a % 2 for a in self.axes_dim):
             raise ConfigError(f"FluxConfig: every axes_dim entry must be even, got {list(self.axes_dim)}")
+        if self.mlp not in MLP_KINDS:
+            raise ConfigError(f"FluxConfig: mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "depth", "depth_single_blocks"):
-            if getattr(self, name) < (0 if name.startswith("depth") else 1):
-                raise ConfigError(f"FluxConfig: {name} must be positive, got {getattr(self, name)}")
+            least = 0 if name in ("vec_in_dim", "depth", "depth_single_blocks") else 1
+            if getattr(self, name) < least:
+                raise ConfigError(f"FluxConfig: {name} must be at least {least}, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -101,8 +123,19 @@ class FluxConfig(_Preset):
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    @property
+    def mlp_up_dim(self) -> int:
+        """Output features of the MLP's first Linear: mlp_hidden_dim, twice that for SwiGLU (gate, value)."""
+        return self.mlp_hidden_dim * (2 if self.mlp == "swiglu" else 1)
+
+    @property
+    def id_columns(self) -> int:
+        """Columns of img_ids / txt_ids: one position per RoPE axis (3 in FLUX.1, 4 in FLUX.2)."""
+        return len(self.axes_dim)
+
     @staticmethod
     def presets() -> dict[str, "FluxConfig"]:
+        flux2 = lambda **sizes: FluxConfig(**FLUX2_SETTINGS, **sizes)  # noqa: E731
         return {
             "dev": FluxConfig(guidance_embed=True),
             "schnell": FluxConfig(guidance_embed=False),
@@ -111,26 +144,57 @@ class FluxConfig(_Preset):
                 vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=2, depth=2,
                 depth_single_blocks=2, axes_dim=(8, 12, 12), guidance_embed=True,
             ),
+            # FLUX.2 sizes from diffusers' scripts/convert_flux2_to_diffusers.py,
+            # get_flux2_transformer_config (huggingface/diffusers 58eb52c0): "klein-4b", "klein-9b",
+            # "flux2-dev"; klein-4B also as published in a FLUX.2-klein-base-4B transformer/config.json.
+            # Every one has attention_head_dim 128, mlp_ratio 3.0, axes (32,)*4, theta 2000.
+            # context_in_dim (joint_attention_dim) is 3 stacked text-encoder layers: 3 x 2560
+            # (Qwen3-4B), 3 x 4096 (Qwen3-8B), 3 x 5120 (Mistral-Small-3.1).
+            # klein (distilled and base) has no guidance embedding; [dev] has one (diffusers' default).
+            "flux2-klein-4b": flux2(context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5,
+                                    depth_single_blocks=20, guidance_embed=False),
+            "flux2-klein-9b": flux2(context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8,
+                                    depth_single_blocks=24, guidance_embed=False),
+            "flux2-dev": flux2(context_in_dim=15360, hidden_size=6144, num_heads=48, depth=8,
+                               depth_single_blocks=48, guidance_embed=True),
         }
 
     @classmethod
     def from_hf_config(cls, source: str | os.PathLike | Mapping[str, Any]) -> "FluxConfig":
-        """From a diffusers `FluxTransformer2DModel` config.json (path, folder or dict)."""
+        """From a diffusers `FluxTransformer2DModel` or `Flux2Transformer2DModel` config.json (path,
+        folder or dict; told apart by `_class_name`)."""
         cfg = _read_json(source)
         where = "transformer config" if isinstance(source, Mapping) else os.fspath(source)
         if cfg.get("patch_size", 1) != 1:
             raise ConfigError(f"{where}: patch_size {cfg['patch_size']} is not supported (FLUX uses 1)")
         heads = _require(cfg, "num_attention_heads", where)
         in_channels = _require(cfg, "in_channels", where)
-        return cls(
+        sizes = dict(
             in_channels=in_channels,
             out_channels=cfg.get("out_channels") or in_channels,
-            vec_in_dim=_require(cfg, "pooled_projection_dim", where),
             context_in_dim=_require(cfg, "joint_attention_dim", where),
             hidden_size=heads * _require(cfg, "attention_head_dim", where),
             num_heads=heads,
             depth=_require(cfg, "num_layers", where),
             depth_single_blocks=_require(cfg, "num_single_layers", where),
+        )
+        if cfg.get("_class_name") == FLUX2_CLASS:
+            # Fixed in fluxjax (as in BFL's flux2): a config that changes them is another model.
+            for key, value in (("timestep_guidance_channels", 256), ("eps", 1e-6)):
+                if cfg.get(key, value) != value:
+                    raise ConfigError(f"{where}: {key} {cfg[key]} is not supported (FLUX.2 uses {value})")
+            settings = {k: v for k, v in FLUX2_SETTINGS.items() if k not in sizes}
+            return cls(**{
+                **settings, **sizes,
+                "mlp_ratio": cfg.get("mlp_ratio", settings["mlp_ratio"]),
+                "axes_dim": tuple(cfg.get("axes_dims_rope", settings["axes_dim"])),
+                "theta": cfg.get("rope_theta", settings["theta"]),
+                # diffusers' default, as Flux2Transformer2DModel's __init__ has it
+                "guidance_embed": bool(cfg.get("guidance_embeds", True)),
+            })
+        return cls(
+            **sizes,
+            vec_in_dim=_require(cfg, "pooled_projection_dim", where),
             axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
             guidance_embed=bool(cfg.get("guidance_embeds", False)),
         )

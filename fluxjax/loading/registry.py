@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from fluxjax.checkpoint import (MARKER, PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker,
                                 restore_params)
-from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
+from fluxjax.config import FLUX2_CLASS, AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading import clip, flux, t5, vae
 from fluxjax.loading.table import CheckpointTable, Plan
 from fluxjax.models import autoencoder as autoencoder_model
@@ -43,6 +43,7 @@ class ComponentSpec:
     kind:    what an Orbax component folder records ("flux", "t5", "clip", "vae").
     folder:  its subfolder in a hub (diffusers) pipeline folder.
     hf_class: the class name hub configs give it (model_index.json, config.json).
+    hf_aliases: other class names of the same model, told apart by their config (FLUX.2's transformer).
     model, config: the linen module and its config dataclass.
     read_table: (path, config or None) -> CheckpointTable, the key tables of its layouts.
     shapes:  model -> its boxed abstract parameter tree (the `param_shapes` beside the model).
@@ -59,6 +60,7 @@ class ComponentSpec:
     shapes: Callable[[Any], Any]
     options: tuple[str, ...] = ()
     stacks: tuple[str, ...] = ()
+    hf_aliases: tuple[str, ...] = ()
 
     def select(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline-wide settings in `options` that this component takes (the VAE has no attention)."""
@@ -68,7 +70,7 @@ class ComponentSpec:
 COMPONENTS: dict[str, ComponentSpec] = {
     "transformer": ComponentSpec("flux", "transformer", "FluxTransformer2DModel", flux_model.Flux, FluxConfig,
                                  flux.read_table, flux_model.param_shapes, ("attention_impl", "layer_loop", "quantize"),
-                                 flux_model.BLOCK_STACKS),
+                                 flux_model.BLOCK_STACKS, (FLUX2_CLASS,)),
     "t5": ComponentSpec("t5", "text_encoder_2", "T5EncoderModel", t5_model.T5Encoder, T5Config,
                         t5.read_table, t5_model.param_shapes, ("attention_impl", "quantize")),
     "clip": ComponentSpec("clip", "text_encoder", "CLIPTextModel", clip_model.CLIPTextEncoder, CLIPConfig,

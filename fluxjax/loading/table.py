@@ -133,13 +133,14 @@ def linear(target: str, source: str, layers: int = 0, bias: bool = True) -> list
     return rules
 
 
-def fused_linear(target: str, sources: Sequence[str], rows: Sequence[int], layers: int = 0) -> list[Rule]:
+def fused_linear(target: str, sources: Sequence[str], rows: Sequence[int], layers: int = 0,
+                 bias: bool = True) -> list[Rule]:
     """One Dense filled from several nn.Linear whose output rows are concatenated."""
     rows = tuple(rows)
-    return [
-        Rule(f"{target}/kernel", tuple(f"{s}.weight" for s in sources), "linear", rows, layers),
-        Rule(f"{target}/bias", tuple(f"{s}.bias" for s in sources), "copy", rows, layers),
-    ]
+    rules = [Rule(f"{target}/kernel", tuple(f"{s}.weight" for s in sources), "linear", rows, layers)]
+    if bias:
+        rules.append(Rule(f"{target}/bias", tuple(f"{s}.bias" for s in sources), "copy", rows, layers))
+    return rules
 
 
 def table_keys(rules: Iterable[Rule]) -> list[str]:

@@ -43,8 +43,12 @@ from fluxjax.folders import MANIFEST, check_creatable, locked, owned_why, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
-# Top-level modules of a diffusers FluxTransformer2DModel: a file with them is not a BFL file.
-DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.", "time_text_embed.")
+# ... and the other class names of the same components (FLUX.2's transformer: FLUX.1's model by its config).
+CLASSES: dict[str, str] = {**PLANS, **{alias: name for name, spec in registry.COMPONENTS.items()
+                                        for alias in spec.hf_aliases}}
+# Top-level modules of a diffusers Flux(2)Transformer2DModel: a file with them is not a BFL file.
+DIFFUSERS_TRANSFORMER = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                         "time_text_embed.", "time_guidance_embed.")
 COMPONENT_ENTRIES = {MARKER, PARAMS, "config.json"}  # all a component folder written here holds
 
 
@@ -210,23 +214,23 @@ def _hub_jobs(src: str, index: str, dtype):
         folder = os.path.join(src, name)
         if not os.path.isdir(folder):
             raise CheckpointError(f"{index}: names component {name!r} ({value[-1]}), but {folder} is missing")
-        if value[-1] in PLANS:
+        if value[-1] in CLASSES:
             if os.path.isfile(os.path.join(folder, "config.json")):
                 _read_json(os.path.join(folder, "config.json"))  # a broken one is named here, by its path
-            jobs.append((name, registry.plan(PLANS[value[-1]], folder, dtype)))
+            jobs.append((name, registry.plan(CLASSES[value[-1]], folder, dtype)))
         else:
             copies.append(name)
     if not jobs:
-        raise CheckpointError(f"{index}: names none of the models fluxjax converts ({', '.join(PLANS)})")
+        raise CheckpointError(f"{index}: names none of the models fluxjax converts ({', '.join(CLASSES)})")
     return jobs, copies
 
 
 def _folder_plan(folder: str, dtype) -> Plan:
     cfg = _read_json(os.path.join(folder, "config.json"))
     cls = cfg.get("_class_name") or (cfg.get("architectures") or [None])[0]
-    if cls not in PLANS:
-        raise CheckpointError(f"{folder}/config.json: model class {cls!r} is not one fluxjax converts ({', '.join(PLANS)})")
-    return registry.plan(PLANS[cls], folder, dtype)
+    if cls not in CLASSES:
+        raise CheckpointError(f"{folder}/config.json: model class {cls!r} is not one fluxjax converts ({', '.join(CLASSES)})")
+    return registry.plan(CLASSES[cls], folder, dtype)
 
 
 def _file_plan(path: str, dtype) -> Plan:

@@ -1,6 +1,9 @@
-"""The FLUX.1 flow transformer (BFL `Flux`; docs/architecture.md, "The transformer").
+"""The FLUX.1 flow transformer (BFL `Flux`; docs/architecture.md, "The transformer"), and FLUX.2
+(BFL flux2 `Flux2`, diffusers `Flux2Transformer2DModel`) through FluxConfig's settings: no
+biases (`bias`, `qkv_bias`), SwiGLU MLPs (`mlp`), modulation shared by all blocks of a kind
+(`shared_modulation`), no pooled text vector (`vec_in_dim` 0) and RoPE over 4 id columns (`axes_dim`).
 
-Module names are the BFL checkpoint keys: `double_blocks/img_attn/qkv/kernel` is
+Module names are the BFL checkpoint keys (FLUX.1's and flux2's alike): `double_blocks/img_attn/qkv/kernel` is
 `double_blocks.{i}.img_attn.qkv.weight` transposed, stacked over blocks by nn.scan (with
 layer_loop="unrolled", block i's parameters are `double_blocks_{i}/...` instead; see
 layers.unstack_layers).
@@ -17,6 +20,7 @@ from fluxjax.models.layers import (
     Dtype,
     MLPEmbedder,
     Modulation,
+    ModulationOut,
     QKNorm,
     attention,
     constrain,
@@ -24,6 +28,7 @@ from fluxjax.models.layers import (
     modulate,
     rope,
     layer_stack,
+    mlp_activation,
     split_heads,
     timestep_embedding,
     with_precision,
@@ -50,7 +55,7 @@ class SelfAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
         self.qkv = dense(3 * c.hidden_size, axes=("embed", "qkv"), use_bias=c.qkv_bias, **kw)
         self.norm = QKNorm(param_dtype=self.param_dtype)
-        self.proj = dense(c.hidden_size, axes=("heads", "embed"), **kw)
+        self.proj = dense(c.hidden_size, axes=("heads", "embed"), use_bias=c.bias, **kw)
 
     def qkv_heads(self, x):
         """(B, L, D) -> q, k, v each (B, L, H, d), q and k RMS-normed and cast to v's dtype."""
@@ -64,7 +69,7 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear -> GELU(tanh) -> Linear, named `0` and `2` like BFL's nn.Sequential."""
+    """Linear -> GELU(tanh) or SwiGLU (config.mlp) -> Linear, named `0` and `2` like BFL's nn.Sequential."""
 
     config: FluxConfig
     dtype: Dtype = jnp.float32
@@ -75,15 +80,18 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
-        x = dense(c.mlp_hidden_dim, axes=("embed", "mlp"), name="0", **kw)(x)
-        return dense(c.hidden_size, axes=("mlp", "embed"), name="2", **kw)(nn.gelu(x, approximate=True))
+        kw["use_bias"] = c.bias
+        x = dense(c.mlp_up_dim, axes=("embed", "mlp"), name="0", **kw)(x)
+        return dense(c.hidden_size, axes=("mlp", "embed"), name="2", **kw)(mlp_activation(x, c.mlp))
 
 
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights, joined only in attention (text first).
 
-    Called as a layer_stack body: ((img (B, L_img, D), txt (B, L_txt, D)), vec (B, D), cos, sin
-    (B, L_txt + L_img, d/2)) -> ((img, txt), None).
+    Called as a layer_stack body: ((img (B, L_img, D), txt (B, L_txt, D)), cond, cos, sin
+    (B, L_txt + L_img, d/2)) -> ((img, txt), None). cond: vec (B, D), from which the block computes
+    its own modulation; with config.shared_modulation, the ((img_mod1, img_mod2), (txt_mod1,
+    txt_mod2)) ModulationOut pairs Flux computed once for every double block.
     """
 
     config: FluxConfig
@@ -93,12 +101,15 @@ class DoubleStreamBlock(nn.Module):
     quantize: str | None = None
 
     @nn.compact
-    def __call__(self, carry, vec, cos, sin):
+    def __call__(self, carry, cond, cos, sin):
         img, txt = carry
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
-        img_mod1, img_mod2 = Modulation(c.hidden_size, double=True, name="img_mod", **kw)(vec)
-        txt_mod1, txt_mod2 = Modulation(c.hidden_size, double=True, name="txt_mod", **kw)(vec)
+        if c.shared_modulation:
+            (img_mod1, img_mod2), (txt_mod1, txt_mod2) = cond
+        else:
+            img_mod1, img_mod2 = Modulation(c.hidden_size, double=True, use_bias=c.bias, name="img_mod", **kw)(cond)
+            txt_mod1, txt_mod2 = Modulation(c.hidden_size, double=True, use_bias=c.bias, name="txt_mod", **kw)(cond)
         img_attn = SelfAttention(c, attention_impl=self.attention_impl, name="img_attn", **kw)
         txt_attn = SelfAttention(c, attention_impl=self.attention_impl, name="txt_attn", **kw)
 
@@ -118,7 +129,9 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One fused projection for q, k, v and the MLP on the joint [text ; image] sequence.
 
-    Called as a layer_stack body: (x (B, L, D), vec (B, D), cos, sin (B, L, d/2)) -> (x, None).
+    Called as a layer_stack body: (x (B, L, D), cond, cos, sin (B, L, d/2)) -> (x, None). cond:
+    vec (B, D), or with config.shared_modulation the ModulationOut Flux computed once for every
+    single block.
     """
 
     config: FluxConfig
@@ -128,18 +141,21 @@ class SingleStreamBlock(nn.Module):
     quantize: str | None = None
 
     @nn.compact
-    def __call__(self, x, vec, cos, sin):
+    def __call__(self, x, cond, cos, sin):
         c = self.config
         d = c.hidden_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
-        mod, _ = Modulation(d, double=False, name="modulation", **kw)(vec)
-        linear1 = dense(3 * d + c.mlp_hidden_dim, axes=("embed", "qkv"), name="linear1", **kw)
+        if c.shared_modulation:
+            mod = cond
+        else:
+            mod, _ = Modulation(d, double=False, use_bias=c.bias, name="modulation", **kw)(cond)
+        linear1 = dense(3 * d + c.mlp_up_dim, axes=("embed", "qkv"), use_bias=c.qkv_bias, name="linear1", **kw)
         qkv, mlp = jnp.split(linear1(modulate(x, mod.shift, mod.scale)), [3 * d], axis=-1)
         q, k, v = split_heads(qkv, c.num_heads, 3)
         q, k = QKNorm(param_dtype=self.param_dtype, name="norm")(q, k, v.dtype)
         attn = attention(q, k, v, cos, sin, implementation=self.attention_impl)
-        linear2 = dense(d, axes=("mlp", "embed"), name="linear2", **kw)
-        out = linear2(jnp.concatenate([attn, nn.gelu(mlp, approximate=True)], axis=-1))
+        linear2 = dense(d, axes=("mlp", "embed"), use_bias=c.bias, name="linear2", **kw)
+        out = linear2(jnp.concatenate([attn, mlp_activation(mlp, c.mlp)], axis=-1))
         return constrain(x + mod.gate * out), None
 
 
@@ -154,7 +170,7 @@ class AdaLNModulation(nn.Module):
     def __call__(self, vec):
         d = self.config.hidden_size
         return dense(2 * d, axes=("embed", "modulation"), name="1", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(nn.silu(vec))
+                     param_dtype=self.param_dtype, use_bias=self.config.bias)(nn.silu(vec))
 
 
 class LastLayer(nn.Module):
@@ -170,14 +186,14 @@ class LastLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift, scale = jnp.split(AdaLNModulation(c, name="adaLN_modulation", **kw)(vec)[:, None, :], 2, axis=-1)
         x = modulate(x, shift, scale)
-        return dense(c.out_channels, axes=("embed", "out_features"), name="linear", **kw)(x)
+        return dense(c.out_channels, axes=("embed", "out_features"), name="linear", use_bias=c.bias, **kw)(x)
 
 
 BLOCK_STACKS = ("double_blocks", "single_blocks")  # the parameter entries of the two block stacks
 
 
 class Flux(nn.Module):
-    """FLUX.1 transformer; `apply` takes BFL `Flux.forward`'s arguments.
+    """FLUX.1 transformer, or FLUX.2 by its config; `apply` takes BFL `Flux.forward`'s arguments.
 
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
     (one of layers.ATTENTION_IMPLEMENTATIONS: see layers.dot_product_attention), layer_loop ("scan":
@@ -204,21 +220,33 @@ class Flux(nn.Module):
     def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         """Predict the flow velocity of the packed image tokens.
 
-        img (B, L_img, in_channels), img_ids (B, L_img, 3), txt (B, L_txt, context_in_dim),
-        txt_ids (B, L_txt, 3), timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) or
-        None (required when config.guidance_embed). Returns (B, L_img, out_channels) in dtype.
+        img (B, L_img, in_channels), img_ids (B, L_img, n), txt (B, L_txt, context_in_dim),
+        txt_ids (B, L_txt, n) with n = config.id_columns (3 in FLUX.1, 4 in FLUX.2), timesteps
+        (B,) in [0, 1], y (B, vec_in_dim), or None when vec_in_dim is 0 (FLUX.2), guidance (B,)
+        or None (required when config.guidance_embed). Returns (B, L_img, out_channels) in dtype.
         """
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if c.guidance_embed and guidance is None:
             raise ValueError("this model has a guidance embedding (dev): pass guidance, e.g. 3.5")
-        img = dense(c.hidden_size, axes=("in_features", "embed"), name="img_in", **kw)(img.astype(self.dtype))
+        if (y is None) != (c.vec_in_dim == 0):
+            raise ValueError(f"this model takes y (B, {c.vec_in_dim})" if c.vec_in_dim else
+                             "this model has no pooled text vector (FLUX.2): pass y=None")
+        for name, ids in (("img_ids", img_ids), ("txt_ids", txt_ids)):
+            if ids.shape[-1] != c.id_columns:
+                raise ValueError(f"{name} has {ids.shape[-1]} columns; this model's RoPE takes {c.id_columns}")
+        embed_in = lambda name: dense(  # noqa: E731
+            c.hidden_size, axes=("in_features", "embed"), name=name, use_bias=c.bias, **kw)
+        img = embed_in("img_in")(img.astype(self.dtype))
         # t*1000 is rounded in the activation dtype first, as both references do in bf16.
-        vec = MLPEmbedder(c.hidden_size, name="time_in", **kw)(timestep_embedding(timesteps.astype(self.dtype)))
+        embedder = lambda name: MLPEmbedder(c.hidden_size, use_bias=c.bias, name=name, **kw)  # noqa: E731
+        vec = embedder("time_in")(timestep_embedding(timesteps.astype(self.dtype)))
         if c.guidance_embed:
-            vec = vec + MLPEmbedder(c.hidden_size, name="guidance_in", **kw)(timestep_embedding(guidance.astype(self.dtype)))
-        vec = vec + MLPEmbedder(c.hidden_size, name="vector_in", **kw)(y.astype(self.dtype))
-        txt = dense(c.hidden_size, axes=("in_features", "embed"), name="txt_in", **kw)(txt.astype(self.dtype))
+            vec = vec + embedder("guidance_in")(timestep_embedding(guidance.astype(self.dtype)))
+        if c.vec_in_dim:
+            vec = vec + embedder("vector_in")(y.astype(self.dtype))
+        txt = embed_in("txt_in")(txt.astype(self.dtype))
+        double_cond, single_cond = _block_conditioning(c, vec, kw)
 
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         # Only the blocks' Linears are quantized (docs/quantization.md): the embedders and the
@@ -230,9 +258,25 @@ class Flux(nn.Module):
             double_block, single_block = (nn.remat(b, prevent_cse=False) for b in (double_block, single_block))
         double = layer_stack(double_block, c.depth, 3, self.layer_loop, double_name, **block_kw)
         single = layer_stack(single_block, c.depth_single_blocks, 3, self.layer_loop, single_name, **block_kw)
-        img, txt = double((constrain(img), constrain(txt)), vec, cos, sin)
-        x = single(jnp.concatenate([txt, img], axis=1), vec, cos, sin)
+        img, txt = double((constrain(img), constrain(txt)), double_cond, cos, sin)
+        x = single(jnp.concatenate([txt, img], axis=1), single_cond, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
+
+
+def _block_conditioning(c: FluxConfig, vec: jax.Array, kw: dict) -> tuple:
+    """What the double and the single blocks take as `cond`: vec (B, D) for both (each block
+    computes its own modulation), or with c.shared_modulation the modulation computed here once,
+    by the modules `double_stream_modulation_img`, `double_stream_modulation_txt` and
+    `single_stream_modulation` (BFL flux2's names): ((img_mod1, img_mod2), (txt_mod1, txt_mod2))
+    and the single blocks' ModulationOut, each vector (B, 1, D)."""
+    if not c.shared_modulation:
+        return vec, vec
+    def modulation(double: bool, name: str):
+        return Modulation(c.hidden_size, double=double, use_bias=c.bias, name=name, **kw)(vec)
+
+    double = (modulation(True, "double_stream_modulation_img"), modulation(True, "double_stream_modulation_txt"))
+    single: ModulationOut = modulation(False, "single_stream_modulation")[0]
+    return double, single
 
 
 def param_shapes(model: Flux) -> dict:
@@ -241,7 +285,9 @@ def param_shapes(model: Flux) -> dict:
     for "unrolled". `jax.eval_shape` of `init` on one image token and one text token."""
     c = model.config
     arg = lambda *shape: jax.ShapeDtypeStruct((1, *shape), jnp.float32)  # noqa: E731
-    args = (arg(1, c.in_channels), arg(1, 3), arg(1, c.context_in_dim), arg(1, 3), arg(), arg(c.vec_in_dim), arg())
+    ids = arg(1, c.id_columns)
+    y = arg(c.vec_in_dim) if c.vec_in_dim else None
+    args = (arg(1, c.in_channels), ids, arg(1, c.context_in_dim), ids, arg(), y, arg())
     # The key is made inside the trace: no array is placed, which also holds under a mesh of
     # devices that are only described (a TPU topology compiled for from a CPU host).
     return jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), *args)["params"]

@@ -233,10 +233,11 @@ class MLPEmbedder(nn.Module):
     hidden_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
         x = dense(self.hidden_dim, axes=("in_features", "embed"), name="in_layer", **kw)(x)
         return dense(self.hidden_dim, axes=("embed", "embed"), name="out_layer", **kw)(nn.silu(x))
 
@@ -342,12 +343,13 @@ class Modulation(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     quantize: str | None = None  # see dense
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, vec) -> tuple[ModulationOut, ModulationOut | None]:
         n = 6 if self.double else 3
         out = dense(n * self.dim, axes=("embed", "modulation"), name="lin", dtype=self.dtype,
-                    param_dtype=self.param_dtype, quantize=self.quantize)(nn.silu(vec))
+                    param_dtype=self.param_dtype, use_bias=self.use_bias, quantize=self.quantize)(nn.silu(vec))
         chunks = jnp.split(out[:, None, :], n, axis=-1)
         return ModulationOut(*chunks[:3]), ModulationOut(*chunks[3:]) if self.double else None
 
@@ -355,6 +357,18 @@ class Modulation(nn.Module):
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """(1 + scale) * LN(x) + shift, LN non-affine with eps 1e-6."""
     return (1 + scale) * layer_norm(x) + shift
+
+
+def mlp_activation(x: jax.Array, kind: str) -> jax.Array:
+    """The MLP nonlinearity on its first Linear's output x (..., F), in x's dtype.
+
+    kind "gelu": GELU(tanh), (..., F) (FLUX.1). "swiglu": silu(gate) * value of the halves
+    x = [gate | value], (..., F/2) (FLUX.2, whose first Linear holds both side by side).
+    """
+    if kind == "swiglu":
+        gate, value = jnp.split(x, 2, axis=-1)
+        return nn.silu(gate) * value
+    return nn.gelu(x, approximate=True)
 
 
 def split_heads(x: jax.Array, num_heads: int, parts: int) -> list[jax.Array]:
