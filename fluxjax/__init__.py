@@ -6,9 +6,9 @@ restored from the Orbax folders `fluxjax convert` writes; `sharding=` places eve
 straight into its sharding. Modules depend one way: models <- loading <- pipeline <- commands.
 """
 
-from fluxjax.xla_flags import apply_gpu_defaults
+from fluxjax.runtime import apply_gpu_defaults
 
-apply_gpu_defaults()  # before JAX starts a backend; see fluxjax/xla_flags.py
+apply_gpu_defaults()  # before JAX starts a backend; see fluxjax/runtime.py
 
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, ConfigError, FluxConfig, T5Config
 from fluxjax.errors import CheckpointError

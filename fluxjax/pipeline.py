@@ -3,7 +3,7 @@
 Three compiled functions, each compiled once per shape and reused: text encoding (per batch
 size and T5 length), denoising (per batch, size and number of steps; latents, text, schedule
 and guidance are arguments), decoding (per batch and size). A new seed, prompt or guidance of
-a known shape runs without compiling; JAX's persistent cache (fluxjax.cache) keeps the
+a known shape runs without compiling; JAX's persistent cache (fluxjax.runtime) keeps the
 executables across processes.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fluxjax import conditioning, sampling
-from fluxjax.cache import enable_compilation_cache
+from fluxjax.runtime import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component

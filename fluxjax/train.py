@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import distributed, folders, lora
+from fluxjax import distributed, lora
+from fluxjax import files as folders
 from fluxjax.errors import CheckpointError, NonFiniteError, UsageError
 from fluxjax.sampling import Schedule
 
@@ -522,7 +523,7 @@ LORA_FILE, LORA_EMA_FILE = "lora.safetensors", "lora_ema.safetensors"
 LOSS_CSV, LOSS_PNG = "loss.csv", "loss.png"
 FROZEN = {"vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}  # hub folder -> pipeline component
 RUN_MARKER = "fluxjax-train.json"  # in --out: written by fluxjax train, with the settings --resume must keep
-# Everything a run writes directly in --out (model/'s staging folder aside: fluxjax.folders).
+# Everything a run writes directly in --out (model/'s staging folder aside: fluxjax.files).
 RUN_ENTRIES = {CHECKPOINTS, CACHE, MODEL, MODEL_EMA, LORA_FILE, LORA_EMA_FILE, f"{LORA_FILE}.partial",
                f"{LORA_EMA_FILE}.partial", LOSS_CSV, LOSS_PNG, RUN_MARKER}
 # The settings --resume must keep, as each changes the result, and their `fluxjax train` flags
@@ -563,7 +564,7 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, settings: dict | Non
 
     out_dir must be new, empty or a run fluxjax train wrote (RUN_MARKER, or an older fluxjax's
     checkpoints/; nothing but RUN_ENTRIES in it), and its model/ and model_ema/, which the run
-    replaces at the end, each entirely fluxjax train's (fluxjax.folders.owned_why). A run's
+    replaces at the end, each entirely fluxjax train's (fluxjax.files.owned_why). A run's
     checkpoints are continued only with `resume` (a new run must not overwrite another's) and with
     the `settings` (run_settings) the run was started with, where it recorded them.
     """
@@ -637,7 +638,7 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     resume: continue from the newest checkpoint, bit for bit as if never stopped.
     The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
     out_dir must be new, empty or this run's (`check_out_dir`); a second run on it at the same
-    time is refused (fluxjax.folders.locked).
+    time is refused (fluxjax.files.locked).
 
     Several processes (jax.distributed; the strategy's mesh spans all their devices) run `fit`
     together with the same arguments on a shared filesystem: each takes part in every collective
@@ -750,7 +751,7 @@ def locked_on_primary(out_dir: str):
 
 @contextlib.contextmanager
 def _staged_everywhere(folder: str):
-    """fluxjax.folders.staged(folder) for every process: process 0 checks `folder`, makes the
+    """fluxjax.files.staged(folder) for every process: process 0 checks `folder`, makes the
     staging folder (named by its PID, so one for the whole job) and, once every process has
     written its part into it, writes the manifest and swaps it in. The others write into that
     same folder. A single process: just folders.staged."""
@@ -804,7 +805,7 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
     """A hub-layout folder `FluxPipeline.from_pretrained(folder)` loads: transformer/ holds
     `transformer_params` as a fluxjax component; the frozen components are symlinks into
     `source` (a hub folder), or, when source is None (the tiny preset), written as components
-    beside locally made tokenizers. Staged and swapped in by fluxjax.folders.staged, which
+    beside locally made tokenizers. Staged and swapped in by fluxjax.files.staged, which
     replaces an existing `folder` only when it is entirely one fluxjax train wrote (its manifest
     says so: `fluxjax convert --overwrite` refuses such a folder in turn).
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxjax import batch, cli
+from fluxjax import batch
+from fluxjax.commands import cli
 from fluxjax.pipeline import FluxPipeline
 
 import processes
@@ -329,7 +330,7 @@ def test_nan_output_is_a_failed_image_not_a_done_one(tmp_path, monkeypatch, caps
 BATCH_KILL_SCRIPT = """
 import os, signal, sys
 import fluxjax.batch as batch
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 from fluxjax.images import temporary_path
 
 save, saved = batch.save_png, []

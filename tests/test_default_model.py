@@ -97,7 +97,7 @@ def test_generate_without_model_and_no_flux_uses_shapes(tmp_path, monkeypatch, c
     out-of-grammar prompt warned about in one line. (.ci/smoke.sh runs it from a wheel with HF_HOME empty.)"""
     from huggingface_hub import constants
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     loaded = []

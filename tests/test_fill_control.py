@@ -191,7 +191,7 @@ def bfl_control_to_diffusers(tensors, transformer):
 def test_flowedit_is_refused_on_fill_and_control_models(fill, control, tmp_path, capsys, monkeypatch):
     """N90: FlowEdit on a Fill or control checkpoint is one line (the library's) and, from `fluxjax
     edit`, before loading (read from the transformer's config), not a shape error mid-edit."""
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     src = tmp_path / "in.png"
     random_image(0).save(src)

@@ -216,7 +216,7 @@ def test_resize_policies(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 def run_cli(*args):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     return main(["edit", *map(str, args)])
 
@@ -314,7 +314,7 @@ def write_jsonl(path, lines):
 def test_batch_runs_edit_jobs_beside_prompts(hub, tmp_path, capsys):
     from PIL import Image
 
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     Image.fromarray(source_image()).save(tmp_path / "a.png")
     Image.fromarray(source_image(phase=2.0)).save(tmp_path / "b.png")
@@ -354,7 +354,7 @@ def test_batch_refuses_bad_edit_lines_before_loading(tmp_path, capsys, line, mat
 
     from PIL import Image
 
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     Image.fromarray(source_image()).save(tmp_path / "a.png")
     Image.fromarray(source_image(50, WIDTH)).save(tmp_path / "odd.png")

@@ -1,4 +1,4 @@
-"""Issue 31 items 1, 2 and 4: the folders fluxjax writes and replaces (fluxjax.folders), through
+"""Issue 31 items 1, 2 and 4: the folders fluxjax writes and replaces (fluxjax.files), through
 `fluxjax convert` and fluxjax.train.write_model. Every refusal is one line, exit 2, and the
 user's files (at every depth) survive byte for byte; a folder appearing at DST during a
 conversion (another process, a real race) is never removed; two conversions to one DST are
@@ -18,8 +18,8 @@ import pytest
 
 from test_convert import REPO, convert_cli, hub, one_line_error, tree_bytes  # noqa: F401 (hub: a fixture)
 
-from fluxjax import folders
-from fluxjax.cli import main
+from fluxjax import files as folders
+from fluxjax.commands.cli import main
 
 NOT_CONVERTS = "already exists and was not written by fluxjax convert ({}); fluxjax replaces only its own folders: choose another DST"
 
@@ -133,7 +133,7 @@ def test_dst_under_a_file_is_one_line(hub, tmp_path, capsys):
 SLOW_SCRIPT = """
 import sys, time
 import fluxjax.checkpoint as checkpoint
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 
 add = checkpoint.ParamsWriter.add
 def slow_add(self, path, value):

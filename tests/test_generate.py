@@ -8,15 +8,15 @@ import jax
 import pytest
 from PIL import Image
 
-from fluxjax import cli
-from fluxjax.cache import CACHE_ENV, enable_compilation_cache
+from fluxjax.commands import cli
+from fluxjax.runtime import CACHE_ENV, enable_compilation_cache
 
 
 def test_generate_tiny_writes_png_with_metadata(tmp_path):
     out = tmp_path / "cat.png"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", CACHE_ENV: "off", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run(
-        [sys.executable, "-m", "fluxjax.cli", "generate", "a photo of a cat", "--out", str(out), "--model", "tiny",
+        [sys.executable, "-m", "fluxjax.commands.cli", "generate", "a photo of a cat", "--out", str(out), "--model", "tiny",
          "--height", "64", "--width", "96", "--steps", "2", "--seed", "5"],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -186,7 +186,7 @@ def test_nan_weights_are_an_error_not_a_black_png(tmp_path, capsys, monkeypatch,
 GENERATE_KILL_SCRIPT = """
 import os, signal, sys
 import PIL.Image
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 
 def save_then_die(self, fp, *args, **kw):  # a SIGKILL in the middle of writing the PNG
     with open(fp, "wb") as f:

@@ -184,7 +184,7 @@ def inputs(tmp_path_factory):
 def test_generate_inpaints_with_true_cfg_and_records_it(inputs, tmp_path):
     import hashlib
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     out = tmp_path / "out.png"
     args = ["generate", "a cat", "--model", "tiny", "--dtype", "float32", "--out", str(out),
@@ -215,7 +215,7 @@ def test_generate_inpaints_with_true_cfg_and_records_it(inputs, tmp_path):
     (["--reference", "{inputs}/nope.png"], "--reference {inputs}/nope.png: no such file"),
 ])
 def test_generate_bad_conditioning_writes_nothing(inputs, tmp_path, capsys, args, message):
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     out = tmp_path / "x.png"
     args = [a.format(inputs=inputs) for a in args]
@@ -226,7 +226,7 @@ def test_generate_bad_conditioning_writes_nothing(inputs, tmp_path, capsys, args
 
 
 def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, capsys):
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     out = tmp_path / "x.png"
     args = ["generate", "a cat", "--model", "tiny", "--out", str(out), "--height", "32", "--width", "32",
@@ -241,7 +241,7 @@ def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, caps
 def test_batch_conditioned_lines(inputs, tmp_path):
     import json
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     lines = [{"prompt": "a cat", "image": "in.png", "mask": "mask.png", "strength": 0.9, "negative_prompt": "a dog",
               "true_cfg": 3.0, "name": "a"},
@@ -275,7 +275,7 @@ def test_batch_conditioned_lines(inputs, tmp_path):
 def test_batch_bad_conditioning_names_the_line(inputs, tmp_path, capsys, line, message):
     import json
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     prompts = inputs / "p.jsonl"
     prompts.write_text(json.dumps(line) + "\n")
@@ -317,7 +317,7 @@ def test_damaged_input_files_are_one_line_before_loading(tmp_path, capsys, monke
     """Each input file is decoded in full before the model loads: one line naming it, exit 2, nothing written."""
     import bad_images
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     files = bad_images.make(tmp_path / "in")

@@ -203,7 +203,7 @@ class SizeSpy:
 def test_generate_makes_the_asked_size(tmp_path, monkeypatch, asked, made):
     """N35: an asked size is made exactly (diffusers keeps only its aspect ratio at 1024**2 pixels:
     64x64 became 1024x1024); without one, diffusers' default for the model's size."""
-    from fluxjax import cli
+    from fluxjax.commands import cli
     from fluxjax.pipeline import DEFAULTS
 
     spy = SizeSpy(DEFAULTS["tiny"])
@@ -222,7 +222,8 @@ def test_references_count_in_the_size_limit(tmp_path, capsys, monkeypatch):
     here, so the figures do not depend on this machine's RAM)."""
     import jax
 
-    from fluxjax import cli, limits
+    from fluxjax import limits
+    from fluxjax.commands import cli
     from fluxjax.config import FluxConfig
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))

@@ -335,7 +335,7 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
     JSONL "loras" field (live, strengths per image, one batch) against the Python API."""
     from PIL import Image
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
     from fluxjax.loading.registry import load_transformer
     from fluxjax.pipeline import to_uint8
 
@@ -444,7 +444,7 @@ BAD_STRENGTHS = (("nan", "nan is not a finite number"), ("inf", "inf is not a fi
 
 
 def cli_run(argv, capsys):
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     code = cli.main(argv)
     return code, capsys.readouterr().err

@@ -183,7 +183,7 @@ def test_noise_shape_and_seed_independence():
 
 def test_orbax_checkpoint_gives_the_same_image(hub, tmp_path):
     """`fluxjax convert` of the hub folder, then the pipeline on the Orbax folder: the same pixels."""
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     dst = tmp_path / "orbax"
     assert main(["convert", str(hub.root), str(dst), "--dtype", "float32"]) == 0

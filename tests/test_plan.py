@@ -6,7 +6,7 @@ import sys
 import jax
 import pytest
 
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 from fluxjax.plan import abstract_params, param_memory, parse_bytes, parse_size
 from fluxjax.sharding import Strategy
 
@@ -59,7 +59,7 @@ def test_plan_command_prints_and_fits(capsys):
 
 def test_plan_command_with_xla_compile():
     """The XLA figure comes from a child process with 8 simulated devices (tiny model: fast)."""
-    proc = subprocess.run([sys.executable, "-m", "fluxjax.cli", "plan", "--model", "tiny", "--sharding", "fsdp_tp",
+    proc = subprocess.run([sys.executable, "-m", "fluxjax.commands.cli", "plan", "--model", "tiny", "--sharding", "fsdp_tp",
                            "--devices", "8", "--size", "64x64", "--hbm", "1GiB"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[xla: CPU AOT compile in float32" in proc.stdout and "mesh fsdp=4 x tensor=2" in proc.stdout

@@ -115,7 +115,7 @@ def test_quantize_is_refused_in_one_line():
 
 
 def test_cli_quantize_flag(tmp_path, capsys):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     out = tmp_path / "q.png"
     assert main(["generate", "a red square", "--model", "tiny", "--quantize", "int8", "--height", "32", "--width", "32",
@@ -179,7 +179,7 @@ def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
 def test_loader_quantizes_a_checkpoint_on_the_host(tmp_path):
     """From a hub folder and from the Orbax folder `fluxjax convert` writes: each quantized kernel
     is exactly the host quantization of the bf16 weight the unquantized load gives, the rest equal."""
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
     from fluxjax.loading.registry import load
     from fluxjax.reference import make_hub_pipeline
 
@@ -241,7 +241,7 @@ def test_program_inputs_give_quantized_abstract_params():
 def test_batch_records_quantize_and_keeps_one_setting_per_folder(tmp_path, capsys):
     """The weights' quantization changes the pixels, so `fluxjax batch` records it with each image
     and refuses to resume a folder with another; manifests written before it existed read as none."""
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text("a red square\na blue circle\n")

@@ -18,7 +18,7 @@ import torch
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 from fluxjax.config import FluxConfig
 from fluxjax.errors import CheckpointError
 from fluxjax.loading import flux, ggml, registry

@@ -60,7 +60,7 @@ def test_capitals_and_punctuation_draw_the_same_image_with_a_notice(shipped, tmp
 
     from PIL import Image
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
     from fluxjax.pipeline import FluxPipeline, PromptNormalizedWarning, to_uint8
 
     plain = "a red circle on a blue background"

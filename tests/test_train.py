@@ -246,7 +246,7 @@ def make_folder(root, sizes=((40, 24), (24, 40), (32, 32), (40, 24)), captions=T
 
 
 def run_cli(capsys, *argv):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     code = main(["train", *map(str, argv)])
     return code, capsys.readouterr().err.strip()
@@ -319,7 +319,7 @@ def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
     os.mkfifo(folder / "img4.png")
     (folder / "img4.txt").write_text("a pipe")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "train", str(folder), "--out", str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, "-m", "fluxjax.commands.cli", "train", str(folder), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"fluxjax train: error: {folder / 'img4.png'}: is a FIFO (named pipe), not a regular file; refusing to open it"]
@@ -381,7 +381,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, tiny, ema_trainer):
 def _cli(*argv) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "fluxjax.cli", "train", *map(str, argv)]
+    return [sys.executable, "-m", "fluxjax.commands.cli", "train", *map(str, argv)]
 
 
 def _final_state(out) -> list[np.ndarray]:
@@ -571,7 +571,7 @@ def _safetensors_contents(data: bytes) -> tuple[dict, dict]:
     return header.get("__metadata__", {}), tensors
 
 
-# -- --out: the folder rule of fluxjax.folders, --resume's settings and damaged checkpoints (issue 31) --
+# -- --out: the folder rule of fluxjax.files, --resume's settings and damaged checkpoints (issue 31) --
 
 
 def _train_error(capsys, *argv) -> str:
@@ -665,7 +665,7 @@ def test_a_second_run_on_one_out_is_refused_naming_the_first(tmp_path, capsys):
 
     out = tmp_path / "cc"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fluxjax.folders import locked\n"
+        [sys.executable, "-c", "import sys, time; from fluxjax.files import locked\n"
          "with locked(sys.argv[1], '--out'):\n    print('held', flush=True); time.sleep(300)", str(out)],
         env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)), stdout=subprocess.PIPE, text=True)
     try:
@@ -760,7 +760,7 @@ def test_background_aftermath_of_a_reported_error_is_quiet():
     import threading
     import types
 
-    from fluxjax.cli import quiet_libraries
+    from fluxjax.commands.cli import quiet_libraries
 
     absl = logging.getLogger("absl")
     saved = sys.unraisablehook, sys.excepthook, threading.excepthook, absl.level, logging.getLogger("asyncio").filters[:]

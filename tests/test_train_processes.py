@@ -14,7 +14,7 @@ import pytest
 import processes
 from test_train import make_folder
 
-from fluxjax import folders
+from fluxjax import files as folders
 
 # One bucket of 8 images (batch 8 divides fsdp's 8-way data axis), 4 steps, checkpoints at 2 and 4.
 ARGS = ["--resolution", "32", "--steps", "4", "--save-every", "2", "--lr", "1e-3", "--warmup", "1", "--dtype", "float32",

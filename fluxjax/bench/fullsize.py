@@ -6,7 +6,7 @@ chip's bf16 peak (FLOPs counted from the shapes of docs/architecture.md: 74.4 TF
 1024x1024), and peak device memory; each attention implementation asked for ("auto" printed with
 what it resolves to here); with `--compare-diffusers`, diffusers' bf16 transformer on the same GPU
 in the same run, eager and under torch.compile (its compile time reported). The XLA_FLAGS in force
-are printed, and whether fluxjax set them (fluxjax/xla_flags.py).
+are printed, and whether fluxjax set them (fluxjax/runtime.py).
 
 On a CPU the full model does not fit: the section then runs the `tiny` preset, which exercises
 every line of the harness (MFU is not given: a CPU has no bf16 peak in the table).
@@ -112,12 +112,12 @@ def xla_flags_line() -> str:
     """The XLA_FLAGS in force and who set them, for a benchmark's header."""
     import os
 
-    from fluxjax import xla_flags
+    from fluxjax import runtime
 
     flags = os.environ.get("XLA_FLAGS")
     if flags is None:
         return "XLA_FLAGS unset"
-    who = "set by fluxjax (fluxjax/xla_flags.py)" if xla_flags.APPLIED == flags else "the user's"
+    who = "set by fluxjax (fluxjax/runtime.py)" if runtime.APPLIED == flags else "the user's"
     return f"XLA_FLAGS={flags!r} ({who})"
 
 

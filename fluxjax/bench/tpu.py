@@ -86,7 +86,7 @@ def run_case(case: dict, python: str, timeout: int) -> dict:
             "--size", f"{case['size']}x{case['size']}", "--batch", str(batch), "--programs", "denoise", "--json"]
     start = time.perf_counter()
     try:
-        proc = subprocess.run([python, "-c", "import sys; from fluxjax.cli import main; sys.exit(main())", *argv],
+        proc = subprocess.run([python, "-c", "import sys; from fluxjax.commands.cli import main; sys.exit(main())", *argv],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(case, error=f"no answer in {timeout} s")

@@ -19,7 +19,7 @@ and leaves DST as it was.
 Replacing (`overwrite=True`) takes only a folder fluxjax convert itself wrote, every file of it
 at every depth (its manifest, `owned_by_fluxjax`), never SRC, a folder holding SRC or one inside
 it. The staging, the swap, the lock against a second conversion to the same DST and the removal
-of what a killed conversion left follow fluxjax.folders, the rule every folder fluxjax replaces
+of what a killed conversion left follow fluxjax.files, the rule every folder fluxjax replaces
 follows: at every instant DST is either the old folder or the new one, complete, and nothing
 that appears at DST during the conversion is removed.
 """
@@ -39,7 +39,7 @@ from fluxjax.loading.flux import BFL_PREFIXES, single_file
 from fluxjax.loading import gguf, registry
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
-from fluxjax.folders import MANIFEST, check_creatable, locked, owned_why, staged
+from fluxjax.files import MANIFEST, check_creatable, locked, owned_why, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
@@ -111,7 +111,7 @@ def owned_by_fluxjax(folder: str) -> str:
     """Why `folder` (an existing folder) is not one fluxjax convert wrote, or "" when it is.
 
     Its own: an empty folder (nothing to lose), or one whose every entry, at every depth, is in
-    the manifest fluxjax wrote into it (fluxjax.folders.owned_why). A folder without a manifest
+    the manifest fluxjax wrote into it (fluxjax.files.owned_why). A folder without a manifest
     is told apart by its top level (`_unlisted_why`): a project folder or a converted folder with
     the user's file beside its components is named as such; one that looks like an older
     fluxjax's conversion is still refused, since files of the user's below its top level (a note
