@@ -39,7 +39,7 @@ export FLUXJAX_COMPILATION_CACHE="$WORK/xla" FLUXJAX_KERNEL_CACHE="$WORK/kernels
 "$PY" - <<'EOF'
 import os, sys
 import fluxjax
-from fluxjax.sharding import Strategy, available
+from fluxjax.parallel.strategies import Strategy, available
 
 site = os.path.dirname(os.path.dirname(fluxjax.__file__))
 assert site.startswith(sys.prefix), f"fluxjax imported from {site}, not the venv {sys.prefix}"

@@ -31,7 +31,7 @@ from fluxjax import sampling
 from fluxjax.errors import UsageError
 from fluxjax.images import read_image, rgb8
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.sharding import jit_with_rules
+from fluxjax.parallel.strategies import jit_with_rules
 
 RESIZE_POLICIES = ("crop", "scale")
 

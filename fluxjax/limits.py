@@ -33,7 +33,7 @@ def transformer_config(model: str, transformer_file: str | None = None):
     """The FluxConfig a pipeline from `model` will run, read from its small JSON files only:
     "tiny"'s preset; a converted folder's transformer/fluxjax.json; a hub folder's
     transformer/config.json; else (a BFL file given, or a hub repo id) FLUX.1's own size."""
-    from fluxjax.checkpoint import is_component
+    from fluxjax.loading.checkpoint import is_component
     from fluxjax.config import FluxConfig
     from fluxjax.loading.registry import marker_config
 
@@ -52,14 +52,14 @@ class SizeLimit:
     """Per-device step memory of one model on one set of devices, and the sizes that fit.
 
     cfg: the transformer's FluxConfig; t5_length: its text tokens; batch: images per call;
-    dtype: activations' dtype; strategy: a fluxjax.sharding.Strategy or None (one device);
+    dtype: activations' dtype; strategy: a fluxjax.parallel.strategies.Strategy or None (one device);
     devices: the devices the pipeline will span (their count sets the mesh).
     """
 
     def __init__(self, cfg, t5_length: int, batch: int, dtype, strategy, devices):
         import jax.numpy as jnp
 
-        from fluxjax.sharding import BATCH_AXIS
+        from fluxjax.parallel.strategies import BATCH_AXIS
 
         self.cfg, self.t5_length, self.act_bytes = cfg, t5_length, jnp.dtype(dtype).itemsize
         self.batch, self.heads_split = batch, 1
@@ -127,7 +127,7 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     from fluxjax.loading import registry
     from fluxjax.models import layers
     from fluxjax.plan import PATCH, make_plan
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     device = jax.devices()[0] if device is None else device
     dt = jnp.dtype(dtype)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax import quantize
+from fluxjax.models import quantize
 from fluxjax.config import FluxConfig
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.lora_formats import STACKS, Piece, Replacement, read_lora_file
@@ -291,7 +291,7 @@ def _fused(kernel, bias, a, b, scale, lbias, strengths):
 
 
 def _fused_quantized(values, kernel_scale, bias, a, b, scale, lbias, strengths):
-    """(values, kernel_scale, new bias or None) of a quantized Linear (fluxjax/quantize.py) with the
+    """(values, kernel_scale, new bias or None) of a quantized Linear (fluxjax/models/quantize.py) with the
     update added: dequantized in float32, updated as _fused does, quantized again per output channel
     (an update moves each channel's largest weight, so its scale is recomputed)."""
     kernel, new_bias = _fused(quantize.dequantize(values, kernel_scale, jnp.float32, jnp), bias, a, b, scale, lbias,

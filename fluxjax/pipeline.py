@@ -33,8 +33,8 @@ from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models import layers
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.quantize import check_mode
-from fluxjax.sharding import Strategy, jit_with_rules
+from fluxjax.models.quantize import check_mode
+from fluxjax.parallel.strategies import Strategy, jit_with_rules
 from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
 from fluxjax.tiny_tokenizers import make_tokenizers
 
@@ -207,7 +207,7 @@ class FluxPipeline:
             DefaultModelWarning saying so).
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         sharding: None (one device), or a strategy of fluxjax/configs/sharding ("dp", "fsdp", "tp",
-            "fsdp_tp"), a path to a strategy file, or a `fluxjax.sharding.Strategy`: the mesh spans every device of every
+            "fsdp_tp"), a path to a strategy file, or a `fluxjax.parallel.strategies.Strategy`: the mesh spans every device of every
             process, each weight is read straight into its shard, and batches are split along
             the strategy's data axes (padded when they do not divide, the padding dropped).
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing

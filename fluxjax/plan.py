@@ -32,7 +32,7 @@ from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading import registry
 from fluxjax.models import sequence_parallel
-from fluxjax.sharding import BATCH_AXIS, Strategy
+from fluxjax.parallel.strategies import BATCH_AXIS, Strategy
 
 # The T5 length of each --model (its components are fluxjax.loading.registry.PRESETS[model]).
 T5_LENGTHS = {"dev": 512, "schnell": 256, "tiny": 16}

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from fluxjax.config import FluxConfig
 from fluxjax.loading import registry
-from fluxjax.sharding import Strategy
+from fluxjax.parallel.strategies import Strategy
 
 
 def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l_txt: int):

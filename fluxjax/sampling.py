@@ -24,7 +24,7 @@ import numpy as np
 
 from fluxjax import lora
 from fluxjax.errors import UsageError
-from fluxjax.sharding import jit_with_rules
+from fluxjax.parallel.strategies import jit_with_rules
 
 LATENT_CHANNELS = 16
 PATCH = 2  # latents are packed in 2x2 patches

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import distributed, lora
-from fluxjax import files as folders
+from fluxjax import lora
+from fluxjax.parallel import distributed
+from fluxjax import files
 from fluxjax.errors import CheckpointError, NonFiniteError, UsageError
 from fluxjax.sampling import Schedule
 
@@ -194,7 +195,7 @@ class Trainer:
     model: a fluxjax Flux module (its dtype/attention are replaced, see `training_model`).
     cfg: TrainConfig. schedule: the model's sampling.Schedule (its shift is used for t).
     tx: any optax GradientTransformation (default `make_optimizer(cfg)`).
-    strategy, mesh: a fluxjax.sharding.Strategy and its mesh to shard parameters, gradients,
+    strategy, mesh: a fluxjax.parallel.strategies.Strategy and its mesh to shard parameters, gradients,
     optimizer state and batch as the strategy's table says; None for one device.
 
     With cfg.lora_rank the state trains a new LoRA's factors (lora.new_adapters, the adapter
@@ -570,21 +571,21 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, settings: dict | Non
     """
     out = os.fspath(out_dir)
     if not os.path.lexists(out):
-        folders.check_creatable(out, "--out")
+        files.check_creatable(out, "--out")
         return None
     if not os.path.isdir(out):
         raise UsageError(f"{out}: is a file; --out names the run's folder")
     entries = set(os.listdir(out))
-    staging = tuple(f"{name}{folders.STAGING}" for name in (MODEL, MODEL_EMA))
+    staging = tuple(f"{name}{files.STAGING}" for name in (MODEL, MODEL_EMA))
     extra = sorted(e for e in entries if e not in RUN_ENTRIES and not e.startswith(staging))
-    why = (f"it holds {folders.shown(extra)}, which fluxjax train does not write" if extra else
+    why = (f"it holds {files.shown(extra)}, which fluxjax train does not write" if extra else
            f"no {RUN_MARKER} or {CHECKPOINTS}/ in it" if entries and not entries & {RUN_MARKER, CHECKPOINTS} else "")
     if why:
         raise UsageError(f"{out}: already exists and was not written by fluxjax train ({why}); fluxjax train writes "
                          "into a new or empty folder or continues its own run: choose another --out")
     for name in (MODEL, MODEL_EMA):
         path = os.path.join(out, name)
-        why = os.path.lexists(path) and folders.owned_why(path, "train")
+        why = os.path.lexists(path) and files.owned_why(path, "train")
         if why:
             raise UsageError(f"{path}: not written by fluxjax train ({why}), and the run replaces it at the end: "
                              "move it elsewhere or choose another --out")
@@ -742,10 +743,10 @@ def _start_run(out_dir: str, latest: str | None, settings: dict) -> None:
 
 @contextlib.contextmanager
 def locked_on_primary(out_dir: str):
-    """folders.locked(out_dir) taken by process 0 only (one lock per run, not one per process);
+    """files.locked(out_dir) taken by process 0 only (one lock per run, not one per process);
     a refusal is raised on every process."""
     with contextlib.ExitStack() as stack:
-        distributed.on_primary(lambda: stack.enter_context(folders.locked(out_dir, "--out")))
+        distributed.on_primary(lambda: stack.enter_context(files.locked(out_dir, "--out")))
         yield
 
 
@@ -754,9 +755,9 @@ def _staged_everywhere(folder: str):
     """fluxjax.files.staged(folder) for every process: process 0 checks `folder`, makes the
     staging folder (named by its PID, so one for the whole job) and, once every process has
     written its part into it, writes the manifest and swaps it in. The others write into that
-    same folder. A single process: just folders.staged."""
+    same folder. A single process: just files.staged."""
     with contextlib.ExitStack() as stack:
-        tmp = distributed.on_primary(lambda: stack.enter_context(folders.staged(folder, "train", overwrite=True)))
+        tmp = distributed.on_primary(lambda: stack.enter_context(files.staged(folder, "train", overwrite=True)))
         yield tmp
         distributed.barrier("fluxjax-train-staged")  # every process's part is written
         distributed.on_primary(stack.close)
@@ -812,7 +813,7 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
     With several processes every one calls it: each writes its shards of the weights (one
     collective Orbax save per component); process 0 writes the rest (see _staged_everywhere).
     """
-    from fluxjax.checkpoint import PARAMS, flat, write_marker
+    from fluxjax.loading.checkpoint import PARAMS, flat, write_marker
 
     primary = distributed.is_primary()
     with _staged_everywhere(folder) as tmp:

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from fluxjax import sampling, shapes
-from fluxjax.checkpoint import PARAMS, save_params, write_marker
+from fluxjax.loading.checkpoint import PARAMS, save_params, write_marker
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading.registry import random_component
 from fluxjax.models.autoencoder import AutoEncoder

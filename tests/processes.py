@@ -1,5 +1,5 @@
 """Test helper: run one fluxjax command as several local JAX processes (a local coordinator,
-gloo CPU collectives; see fluxjax.distributed), as a multi-host launcher would."""
+gloo CPU collectives; see fluxjax.parallel.distributed), as a multi-host launcher would."""
 
 import os
 import socket

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fluxjax.checkpoint import flat  # noqa: E402
+from fluxjax.loading.checkpoint import flat  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]  # 3: padded to the 8 data shards

@@ -233,7 +233,7 @@ def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, ca
     ({"FLUXJAX_NUM_PROCESSES": "2", "FLUXJAX_PROCESS_ID": "2"}, "FLUXJAX_PROCESS_ID=2 must be below FLUXJAX_NUM_PROCESSES=2"),
 ])
 def test_distributed_settings_are_checked(monkeypatch, env, message):
-    from fluxjax import distributed
+    from fluxjax.parallel import distributed
 
     for name in ("FLUXJAX_NUM_PROCESSES", "FLUXJAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)

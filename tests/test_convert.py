@@ -24,7 +24,7 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
 from fluxjax.loading.registry import load_clip, load_t5, load_transformer, load_vae
-from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
+from fluxjax.loading.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.commands.cli import main
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.files import MANIFEST
@@ -352,7 +352,7 @@ def test_overlapping_safetensors_offsets_are_refused(tmp_path, capsys):
 
 KILL_SCRIPT = """
 import os, signal, sys
-import fluxjax.checkpoint as checkpoint
+import fluxjax.loading.checkpoint as checkpoint
 from fluxjax.commands.cli import main
 from fluxjax.config import AutoEncoderConfig
 
@@ -395,7 +395,7 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 import flax.linen as nn
-from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
+from fluxjax.loading.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.loading.registry import load_t5, load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.t5 import param_shapes as t5_param_shapes

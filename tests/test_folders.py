@@ -18,7 +18,7 @@ import pytest
 
 from test_convert import REPO, convert_cli, hub, one_line_error, tree_bytes  # noqa: F401 (hub: a fixture)
 
-from fluxjax import files as folders
+from fluxjax import files
 from fluxjax.commands.cli import main
 
 NOT_CONVERTS = "already exists and was not written by fluxjax convert ({}); fluxjax replaces only its own folders: choose another DST"
@@ -73,7 +73,7 @@ def test_overwrite_refuses_user_files_at_every_depth(hub, converted_hub, tmp_pat
     clean = tmp_path / "clean"
     shutil.copytree(converted_hub, clean, symlinks=True)
     assert convert_cli(root, clean, "--overwrite", capsys=capsys)[0] == 0
-    assert folders.owned_why(str(clean), "convert") == "" and not glob.glob(f"{clean}.*")
+    assert files.owned_why(str(clean), "convert") == "" and not glob.glob(f"{clean}.*")
 
 
 def test_folder_without_manifest_is_refused_saying_how_to_proceed(hub, converted_hub, tmp_path, capsys):
@@ -82,7 +82,7 @@ def test_folder_without_manifest_is_refused_saying_how_to_proceed(hub, converted
     root, _ = hub
     old = tmp_path / "old"
     shutil.copytree(converted_hub, old, symlinks=True)
-    (old / folders.MANIFEST).unlink()
+    (old / files.MANIFEST).unlink()
     before = tree_bytes(old)
     code, err = convert_cli(root, old, "--overwrite", capsys=capsys)
     assert code == 2 and one_line_error(err) == f"{old}: " + NOT_CONVERTS.format(
@@ -132,7 +132,7 @@ def test_dst_under_a_file_is_one_line(hub, tmp_path, capsys):
 # A conversion slowed down (every leaf written waits), so another process can act while it runs.
 SLOW_SCRIPT = """
 import sys, time
-import fluxjax.checkpoint as checkpoint
+import fluxjax.loading.checkpoint as checkpoint
 from fluxjax.commands.cli import main
 
 add = checkpoint.ParamsWriter.add
@@ -152,7 +152,7 @@ def _slow_convert(*argv):
 
 def _wait_for_staging(dst, proc):
     deadline = time.time() + 120
-    while not glob.glob(f"{dst}{folders.STAGING}*"):
+    while not glob.glob(f"{dst}{files.STAGING}*"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
 

@@ -142,7 +142,7 @@ def test_an_invalid_config_in_fluxjax_json_names_the_file(tmp_path, capsys, monk
     import dataclasses
     import json
 
-    from fluxjax.checkpoint import FORMAT
+    from fluxjax.loading.checkpoint import FORMAT
     from fluxjax.config import FluxConfig
     from fluxjax.pipeline import FluxPipeline
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.loading import registry
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load_transformer

@@ -8,7 +8,7 @@ import pytest
 
 from fluxjax.commands.cli import main
 from fluxjax.plan import abstract_params, param_memory, parse_bytes, parse_size
-from fluxjax.sharding import Strategy
+from fluxjax.parallel.strategies import Strategy
 
 DEV_PARAMS = 11_901_408_320  # docs/architecture.md, "Sizes"
 # Leaves fsdp leaves whole, having no axis it splits: the QK-norm scales (128,) (head_dim; 2 norms

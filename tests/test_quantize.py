@@ -1,4 +1,4 @@
-"""Weight-only int8 / fp8 Linears (fluxjax/quantize.py, models/layers.QuantizedDense).
+"""Weight-only int8 / fp8 Linears (fluxjax/models/quantize.py, models/layers.QuantizedDense).
 
 Error bounds are set from measurements on these same fixtures (docs/quantization.md), with bf16
 against float32 as the yardstick: what quantizing adds is compared with what bf16 already costs.
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.errors import UsageError
-from fluxjax.quantize import MODES, SCALE, dequantize, quantize_kernel
+from fluxjax.models.quantize import MODES, SCALE, dequantize, quantize_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KW = dict(height=64, width=64, num_steps=4, seed=0, output="np", max_sequence_length=16)
@@ -227,7 +227,7 @@ def test_fsdp_on_8_devices_equals_one_device_and_splits_weights_and_scales():
 def test_program_inputs_give_quantized_abstract_params():
     """`fluxjax plan --topology --quantize` compiles the pipeline's programs with int8 parameters."""
     from fluxjax.plan_tpu import program_inputs
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     strategy = Strategy.load("fsdp")
     mesh = strategy.make_mesh(jax.devices()[:1])

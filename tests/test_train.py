@@ -28,7 +28,7 @@ from fluxjax.loading.registry import load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
 from fluxjax.pipeline import FluxPipeline
-from fluxjax.random_weights import host_random_params
+from fluxjax.loading.random_weights import host_random_params
 from fluxjax.reference import randomize_
 from fluxjax.sampling import Schedule
 from fluxjax.train import (

@@ -70,7 +70,7 @@ def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
 def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, attention: str, peak: float | None) -> None:
     from fluxjax import sampling
     from fluxjax.models.flux import Flux, param_shapes
-    from fluxjax.random_weights import device_random_params
+    from fluxjax.loading.random_weights import device_random_params
 
     model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention)
     l_txt = T5_LENGTH[model_name]

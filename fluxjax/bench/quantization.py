@@ -1,4 +1,4 @@
-"""`fluxjax bench quantization`: the error of int8 and fp8 weights (fluxjax/quantize.py) beside the
+"""`fluxjax bench quantization`: the error of int8 and fp8 weights (fluxjax/models/quantize.py) beside the
 error bf16 itself makes, on a random transformer (docs/quantization.md has the figures).
 
 The yardstick is float32: for each quantized Linear, and for the whole transformer, the relative
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.config import FluxConfig
-from fluxjax.quantize import MODES, dequantize, quantize_kernel, quantized_kernels
+from fluxjax.models.quantize import MODES, dequantize, quantize_kernel, quantized_kernels
 
 PRECISIONS = ("bfloat16",) + tuple(MODES)  # what each error is measured for, against float32
 
@@ -134,7 +134,7 @@ def topology_copies(topology: str, mode: str) -> dict:
     (fluxjax/plan_tpu.py): {argument_bytes, temp_bytes, bf16_kernel_copies}."""
     from fluxjax import plan_tpu
     from fluxjax.plan import T5_LENGTHS
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     devices = plan_tpu.topology_devices(topology)
     strategy = Strategy.load("fsdp")

@@ -76,7 +76,7 @@ def run_case(case: dict, python: str, timeout: int) -> dict:
     """One case in a child process (`fluxjax plan --topology ... --json`); the JSON, or an error."""
     from types import SimpleNamespace
 
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     topology = TOPOLOGIES[case["slice"]]
     strategy = Strategy.load(case["strategy"])
@@ -107,7 +107,7 @@ def roofline_ms(row: dict) -> float | None:
     lower bound of the step time on that chip (labelled an estimate wherever it is shown)."""
     from fluxjax.config import FluxConfig
     from fluxjax.plan import T5_LENGTHS, abstract_params, param_memory
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     report = row["report"]
     peak, bandwidth = chip_peak(report["device_kind"]), HBM_BANDWIDTH.get(report["device_kind"])

@@ -1,7 +1,7 @@
 """`fluxjax batch PROMPTS --out-dir DIR [...]`: every prompt of a file to a PNG, resumable, over hosts.
 
 The file is checked in full before anything is loaded or written. Run the same command on every
-host (with jax.distributed set up: see fluxjax.distributed); each makes its share. Run it again
+host (with jax.distributed set up: see fluxjax.parallel.distributed); each makes its share. Run it again
 after a crash or a kill and it makes only what is missing. The format, the split over hosts and
 the manifest are described in fluxjax/batch.py.
 """
@@ -46,10 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from fluxjax import batch, distributed
+    from fluxjax import batch
+    from fluxjax.parallel import distributed
     from fluxjax.commands.generate import choose_model
     from fluxjax.pipeline import FluxPipeline, check_source
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     """--quantize of generate, edit and batch (FluxPipeline.from_pretrained's quantize)."""
-    from fluxjax.quantize import MODES
+    from fluxjax.models.quantize import MODES
 
     parser.add_argument("--quantize", default=None, choices=tuple(MODES),
                         help="hold the transformer's and T5's Linears as int8 or fp8 weights with a scale per "
@@ -136,7 +136,7 @@ def conditioning_kwargs(args) -> dict:
 def check_output_and_model(args) -> None:
     """--out, --model, --sharding, --transformer, --vae (shared with `fluxjax edit`), before loading."""
     from fluxjax.pipeline import check_source
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the output is a PNG, give a name ending in .png")
@@ -197,7 +197,7 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
 
     from fluxjax.conditioning import kontext_call_size, kontext_reference_sizes
     from fluxjax.limits import SizeLimit
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     cfg, defaults = model_settings(model, args.transformer)
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
@@ -215,7 +215,7 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
     """The start `fluxjax generate` and `fluxjax edit` share, after their checks: join the
     processes, remove host 0's leftover temporaries of --out, choose the model, refuse a size
     whose step (`rows` transformer rows) cannot fit, load. Returns (host, pipe, timings)."""
-    from fluxjax import distributed
+    from fluxjax.parallel import distributed
     from fluxjax.pipeline import FluxPipeline
 
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes

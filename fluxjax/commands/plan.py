@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from fluxjax.errors import UsageError
     from fluxjax.plan import format_plan, make_plan, parse_bytes, parse_size
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     if args.quantize and args.train:
         raise UsageError("--quantize plans sampling: training keeps float32 master weights (leave out --train)")
@@ -74,7 +74,7 @@ def run(args) -> int:
 def _train(args, height: int, width: int) -> int:
     from fluxjax.errors import UsageError
     from fluxjax.plan import T5_LENGTHS, format_train_plans, parse_bytes, train_plan
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     if args.model not in T5_LENGTHS:
         raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
@@ -96,7 +96,7 @@ def _topology(args) -> int:
     from fluxjax import plan_tpu
     from fluxjax.errors import UsageError
     from fluxjax.plan import GIB, T5_LENGTHS, make_plan, parse_size
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     if args.model not in T5_LENGTHS:
         raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")

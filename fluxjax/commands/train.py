@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import math
 
-    from fluxjax import distributed
+    from fluxjax.parallel import distributed
     from fluxjax.data import scan_folder
     from fluxjax.errors import UsageError
     from fluxjax.sampling import check_dimension
@@ -73,7 +73,7 @@ def run(args) -> int:
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
     settings = run_settings(cfg, args.batch_size, args.seed, args.resolution, args.max_sequence_length)
-    # Several processes (fluxjax.distributed): each joins before any JAX work; process 0 checks and
+    # Several processes (fluxjax.parallel.distributed): each joins before any JAX work; process 0 checks and
     # locks --out for all of them, and each raises its refusal.
     distributed.initialize()
     check_processes(args.sharding)

@@ -8,7 +8,7 @@
     T5EncoderModel): DST is one component folder;
   * a BFL single file (flux1-*.safetensors, an fp8 one, or a GGUF: docs/quantized_files.md) or a
     VAE file (ae.safetensors): DST is one transformer or vae component folder.
-The layout of a component folder is in fluxjax/checkpoint.py.
+The layout of a component folder is in fluxjax/loading/checkpoint.py.
 
 Tensors are read one at a time through the key tables of fluxjax/loading (every check runs before the
 first read); each leaf is written to Orbax and released, so memory is bounded by the largest
@@ -33,7 +33,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
+from fluxjax.loading.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.flux import BFL_PREFIXES, single_file
 from fluxjax.loading import gguf, registry

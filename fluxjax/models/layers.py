@@ -22,7 +22,7 @@ import numpy as np
 from fluxjax.errors import UsageError
 from fluxjax.kernels import cpu_attention
 from fluxjax.models import sequence_parallel
-from fluxjax.quantize import MODES as QUANTIZE_MODES
+from fluxjax.models.quantize import MODES as QUANTIZE_MODES
 
 Dtype = Any
 
@@ -84,7 +84,7 @@ def dense(features: int, *, axes: tuple[str, str], dtype: Dtype, param_dtype: Dt
 
 
 class QuantizedDense(nn.Dense):
-    """A Linear whose kernel is stored weight-only quantized (fluxjax/quantize.py): `kernel`
+    """A Linear whose kernel is stored weight-only quantized (fluxjax/models/quantize.py): `kernel`
     (in, out) int8 or float8_e4m3fn and `kernel_scale` (out,) float32, the scale's logical axis the
     kernel's output axis. y = (x @ kernel) * kernel_scale + bias.
 
