@@ -5,7 +5,7 @@ Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object 
 conditioning keys "image", "strength", "mask", "resize", "references", "control",
 "negative_prompt", "true_cfg", "prompt_2", "sigmas" of `fluxjax generate`'s flags (paths relative
 to the JSONL file's folder; the PNG records the inputs' SHA-256)); blank lines are skipped. A
-JSONL line with "image" and no "prompt" is an edit job (FlowEdit, fluxjax/flowedit.py): "image" (a
+JSONL line with "image" and no "prompt" is an edit job (FlowEdit, fluxjax/sampling/flowedit.py): "image" (a
 path, relative to the JSONL file's folder), "source_prompt", "target_prompt" and optional "seed",
 "steps", "n_max", "n_min", "n_avg", "source_guidance", "target_guidance", "resize", "name"; its
 size is the image's, and its recipe includes the image's SHA-256 (edits take no LoRAs). Job k
@@ -57,7 +57,7 @@ from itertools import groupby
 
 from fluxjax.errors import UsageError
 from fluxjax.images import LONGEST_NAME, fsync_dir, png_text, remove_temporaries, save_png
-from fluxjax.sampling import check_dimension, check_seed
+from fluxjax.sampling.sampler import check_dimension, check_seed
 from fluxjax.text import check_prompt, decode_line
 
 # Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
@@ -319,7 +319,7 @@ def _conditioned(job: Job, fields: dict, path: str) -> Job:
 
 
 def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:
-    from fluxjax.lora import check_strengths, parse_lora_arg
+    from fluxjax.lora.adapters import check_strengths, parse_lora_arg
 
     if not isinstance(value, list):
         raise UsageError(f"{where}: loras must be a list of \"FILE[:SCALE]\" or [FILE, SCALE], got {value!r}")
@@ -378,7 +378,7 @@ def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int
     read from its header and its content hashed, the settings checked as far as they go without
     the model (`resolve` fills in its defaults)."""
     from fluxjax.conditioning import image_size
-    from fluxjax.flowedit import EditSettings
+    from fluxjax.sampling.flowedit import EditSettings
 
     image = os.path.join(os.path.dirname(os.path.abspath(path)), fields["image"])
     height, width = image_size(image, fields.get("resize"), f"{where}: image")

@@ -36,7 +36,7 @@ import numpy as np
 
 from fluxjax.errors import UsageError, check_regular_file
 from fluxjax.images import read_image
-from fluxjax.sampling import PIXELS_PER_TOKEN
+from fluxjax.sampling.sampler import PIXELS_PER_TOKEN
 from fluxjax.text import decode_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -252,7 +252,7 @@ class EncodedDataset:
 
     def batch(self, indices: Sequence[int]) -> dict:
         """The host batch of `Trainer.step` for these example indices (one bucket)."""
-        from fluxjax.sampling import image_ids, text_ids
+        from fluxjax.sampling.sampler import image_ids, text_ids
 
         rows = []
         for i in indices:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fluxjax import conditioning, sampling
+from fluxjax import conditioning
+from fluxjax.sampling import sampler as sampling
 from fluxjax.runtime import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
@@ -170,7 +171,7 @@ class FluxPipeline:
         self.grammar = None
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
-        self.adapters = None  # their fluxjax.lora.Adapters, on the device
+        self.adapters = None  # their fluxjax.lora.adapters.Adapters, on the device
         self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
         self._before_widening = None  # the base transformer before a control LoRA widened its img_in
 
@@ -259,7 +260,7 @@ class FluxPipeline:
         return pipe
 
     def load_lora(self, loras, fuse: bool = False) -> None:
-        """Apply LoRAs to the transformer (any format of fluxjax.lora_formats).
+        """Apply LoRAs to the transformer (any format of fluxjax.lora.formats).
 
         loras: a file, a (file, strength) pair, or a list of either (strength 1.0 when omitted).
         fuse: True folds W + strength * alpha/r * B A into the weights (on the device, in each
@@ -268,7 +269,7 @@ class FluxPipeline:
             call and per image with `pipe(..., lora_scales=...)` without recompiling.
         Full replacement tensors (control LoRAs' QK-norm scales) replace the weights either way.
         """
-        from fluxjax import lora
+        from fluxjax.lora import adapters as lora
 
         items = [loras] if isinstance(loras, (str, os.PathLike)) or (
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
@@ -347,7 +348,7 @@ class FluxPipeline:
     def _widened(self, t: Component, adapters) -> Component:
         """`t` with img_in as wide as a structural-control LoRA among `adapters` needs (the new
         inputs at zero); the pipeline becomes a "control" one. `t` itself when none needs it."""
-        from fluxjax import lora
+        from fluxjax.lora import adapters as lora
 
         if adapters.input_width is None:
             return t
@@ -486,7 +487,7 @@ class FluxPipeline:
         if reference_images is not None:
             inputs["variant"] = conditioning.kontext_inputs(reference_images, batch, auto_resize is not False, resize)
         if self.adapters is not None:
-            from fluxjax.lora import image_scales
+            from fluxjax.lora.adapters import image_scales
 
             strengths = [s for _, s in self.loras] if lora_scales is None else lora_scales
             inputs["lora_scales"] = image_scales(strengths, batch, self.adapters.count)
@@ -601,7 +602,7 @@ class FluxPipeline:
              n_avg: int | None = None, source_guidance: float | None = None, target_guidance: float | None = None,
              seed: int | Sequence[int] = 0, resize: str | None = None, max_sequence_length: int | None = None,
              output: str = "pil"):
-        """Edit real images with FlowEdit (fluxjax/flowedit.py): the source prompt describes the
+        """Edit real images with FlowEdit (fluxjax/sampling/flowedit.py): the source prompt describes the
         image, the target prompt what it should become; no inversion.
 
         image: a path, PIL image or array (H, W, 3) (uint8, or floats in [0, 1]), or a list of B of
@@ -615,7 +616,8 @@ class FluxPipeline:
         output: "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]) or "latents"
             (the edited latents, float32 (B, 16, H/8, W/8), NCHW as `pipe(latents=)` takes them).
         """
-        from fluxjax import conditioning, flowedit
+        from fluxjax import conditioning
+        from fluxjax.sampling import flowedit
 
         if output not in ("np", "pil", "latents"):
             raise UsageError(f"output must be 'np', 'pil' or 'latents', got {output!r}")

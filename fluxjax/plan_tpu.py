@@ -137,7 +137,9 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     import jax
     import jax.numpy as jnp
 
-    from fluxjax import conditioning, flowedit, sampling
+    from fluxjax import conditioning
+    from fluxjax.sampling import flowedit
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading import registry
     from fluxjax.pipeline import component_options, decode_packed
@@ -271,7 +273,7 @@ def compile_train_step(model: str, strategy, devices: list, batch: int, height: 
     import jax
     import jax.numpy as jnp
 
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.config import FluxConfig
     from fluxjax.loading import registry
     from fluxjax.train import TrainConfig, Trainer

@@ -43,11 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import lora
+from fluxjax.lora import adapters as lora
 from fluxjax.parallel import distributed
 from fluxjax import files
 from fluxjax.errors import CheckpointError, NonFiniteError, UsageError
-from fluxjax.sampling import Schedule
+from fluxjax.sampling.sampler import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,7 @@ def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_i
 
     x0, eps: (B, L_img, 64) packed clean latents and noise; t: (B,) in [0, 1]; the rest are
     `Flux.apply`'s arguments (guidance (B,) or None). adapters: a LoRA adapter tree (n = 1,
-    fluxjax.lora's layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
+    fluxjax.lora.adapters's layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
     """
     x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
     tb = t.astype(jnp.float32)[:, None, None]

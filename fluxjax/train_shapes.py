@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import sampling, shapes
+from fluxjax import shapes
+from fluxjax.sampling import sampler as sampling
 from fluxjax.loading.checkpoint import PARAMS, save_params, write_marker
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading.registry import random_component

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from fluxjax import lora  # noqa: E402
+from fluxjax.lora import adapters as lora  # noqa: E402
 from fluxjax.bench.lora import write_random_lora  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import param_shapes  # noqa: E402

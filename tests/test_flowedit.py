@@ -1,4 +1,4 @@
-"""FlowEdit (fluxjax/flowedit.py, pipe.edit, `fluxjax edit`) against the paper's algorithm in PyTorch.
+"""FlowEdit (fluxjax/sampling/flowedit.py, pipe.edit, `fluxjax edit`) against the paper's algorithm in PyTorch.
 
 The reference is written here straight from Algorithm 1 of Kulikov et al. (arXiv 2412.08629) as
 the authors' FLUX code runs it: a plain Python loop around diffusers' FluxTransformer2DModel of
@@ -25,7 +25,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from fluxjax.reference import make_hub_pipeline  # noqa: E402
 
-from fluxjax import conditioning, flowedit, sampling  # noqa: E402
+from fluxjax import conditioning  # noqa: E402
+from fluxjax.sampling import flowedit  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402
 

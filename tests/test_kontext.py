@@ -20,7 +20,8 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 from fluxjax.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fluxjax import conditioning, sampling  # noqa: E402
+from fluxjax import conditioning  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80

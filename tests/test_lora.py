@@ -24,7 +24,8 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fluxjax import lora, sampling  # noqa: E402
+from fluxjax.lora import adapters as lora  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import NonFiniteError, UsageError  # noqa: E402
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
 from fluxjax.pipeline import FluxPipeline  # noqa: E402

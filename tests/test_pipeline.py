@@ -20,7 +20,7 @@ from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from fluxjax.reference import SCHEDULERS, make_hub_pipeline  # noqa: E402
 
-from fluxjax import sampling  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
 from fluxjax.pipeline import FluxPipeline, to_uint8  # noqa: E402
 

@@ -140,7 +140,7 @@ def test_cli_quantize_flag(tmp_path, capsys):
 def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
     """Live: the LoRA's branch is added to the quantized Linear's output. Fused: each kernel is
     quantized again with the update in, within one quantization step of base + update."""
-    from fluxjax import lora
+    from fluxjax.lora import adapters as lora
     from fluxjax.bench.lora import write_random_lora
     from fluxjax.pipeline import FluxPipeline
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from conftest import rel_err
 from test_transformer import CONFIGS, flux_args, make_inputs
 
-from fluxjax import lora
+from fluxjax.lora import adapters as lora
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading.registry import load_transformer
@@ -30,7 +30,7 @@ from fluxjax.models.flux import Flux
 from fluxjax.pipeline import FluxPipeline
 from fluxjax.loading.random_weights import host_random_params
 from fluxjax.reference import randomize_
-from fluxjax.sampling import Schedule
+from fluxjax.sampling.sampler import Schedule
 from fluxjax.train import (
     Trainer, TrainConfig, ema_decay, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
 )

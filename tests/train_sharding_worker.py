@@ -22,7 +22,7 @@ from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.loading.random_weights import host_random_params  # noqa: E402
-from fluxjax.sampling import Schedule  # noqa: E402
+from fluxjax.sampling.sampler import Schedule  # noqa: E402
 from fluxjax.parallel.strategies import Strategy  # noqa: E402
 from fluxjax.train import Trainer, TrainConfig  # noqa: E402
 

@@ -31,7 +31,7 @@ def random_pipeline(preset: str, dtype=jnp.bfloat16, attention_impl: str = "auto
     """fluxjax's FluxPipeline of preset `preset` ("dev", "schnell", "tiny") with random weights drawn
     on the default device (fluxjax.loading.random_weights.device_random_params), the tiny tokenizers (their
     ids fit every vocabulary) and the preset's schedule and defaults."""
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.loading.registry import COMPONENTS, PRESETS, abstract_params, build
     from fluxjax.pipeline import Component, FluxPipeline
     from fluxjax.loading.random_weights import device_random_params

@@ -57,7 +57,7 @@ def chip_peak(kind: str | None = None) -> float | None:
 
 
 def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
 
     rng = np.random.default_rng(0)
     img = sampling.pack(rng.standard_normal((batch, 16, size // 8, size // 8), np.float32))
@@ -68,7 +68,7 @@ def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
 
 
 def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, attention: str, peak: float | None) -> None:
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.models.flux import Flux, param_shapes
     from fluxjax.loading.random_weights import device_random_params
 

@@ -24,7 +24,7 @@ def write_random_lora(path: str, cfg: FluxConfig, rank: int, seed: int = 0) -> N
     sized so that it visibly changes the output."""
     from safetensors.numpy import save_file
 
-    from fluxjax.lora_formats import STACKS
+    from fluxjax.lora.formats import STACKS
     from fluxjax.models.flux import param_shapes
     from fluxjax.models.flux import Flux
 

@@ -53,7 +53,7 @@ def model_errors(cfg: FluxConfig, seed: int = 0, grid: tuple[int, int] = (8, 8),
     {precision: {relative, max_abs, relative_to_bf16}}: against the float32 model (max_abs over the
     output, whose scale is about 1) and, relative_to_bf16, against the bf16 model (what quantizing
     changes); and `layer_errors` of its quantized Linears."""
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.loading.registry import abstract_params, build, random_component
 
     rng = np.random.default_rng(seed + 1)

@@ -17,7 +17,7 @@ import time
 import jax
 
 from fluxjax.errors import UsageError
-from fluxjax.sampling import SEEDS, check_dimension, check_seed
+from fluxjax.sampling.sampler import SEEDS, check_dimension, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

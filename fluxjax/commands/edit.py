@@ -1,6 +1,6 @@
 """`fluxjax edit IN.png --source-prompt "..." --target-prompt "..." --out OUT.png [...]`: FlowEdit.
 
-Edits a real image towards the target prompt without inverting it to noise (fluxjax/flowedit.py).
+Edits a real image towards the target prompt without inverting it to noise (fluxjax/sampling/flowedit.py).
 Everything that can be checked is checked before loading (the image's size is read from its
 header); on bad input the command prints one line, exits 2 and writes nothing. The PNG records
 the edit's settings and the source image's name and SHA-256 in text chunks (fluxjax/images.py),
@@ -17,7 +17,7 @@ import sys
 
 from fluxjax.errors import UsageError
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling import SEEDS, check_seed
+from fluxjax.sampling.sampler import SEEDS, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +86,7 @@ def check_model(args) -> None:
     transformer's config: a Fill or control model has a wider input."""
     from fluxjax.commands.generate import choose_model, model_settings
     from fluxjax.conditioning import variant_of
-    from fluxjax.flowedit import check_variant
+    from fluxjax.sampling.flowedit import check_variant
 
     model = choose_model(args.model)[0]
     cfg, _ = model_settings(model, args.transformer)
@@ -95,7 +95,7 @@ def check_model(args) -> None:
 
 def run(args) -> int:
     from fluxjax.commands.generate import load_pipeline, save
-    from fluxjax.flowedit import EditSettings
+    from fluxjax.sampling.flowedit import EditSettings
     from fluxjax.images import edit_text
 
     args.height, args.width = _check(args)

@@ -16,7 +16,7 @@ import time
 from fluxjax.errors import UsageError
 from fluxjax.images import conditioning_text, png_text, remove_temporaries, save_png
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling import SEEDS, check_dimension, check_seed
+from fluxjax.sampling.sampler import SEEDS, check_dimension, check_seed
 
 TINY_NOTICE = (
     "using the tiny preset: a small model with RANDOM weights, so the image is noise. For real images, "
@@ -159,7 +159,7 @@ def check_output_and_model(args) -> None:
 
 
 def _loras(args) -> list[tuple[str, float]]:
-    from fluxjax.lora import parse_lora_arg
+    from fluxjax.lora.adapters import parse_lora_arg
 
     return [parse_lora_arg(x) for x in getattr(args, "lora", None) or ()]  # `fluxjax edit` takes no --lora
 

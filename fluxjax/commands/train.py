@@ -48,7 +48,7 @@ def run(args) -> int:
     from fluxjax.parallel import distributed
     from fluxjax.data import scan_folder
     from fluxjax.errors import UsageError
-    from fluxjax.sampling import check_dimension
+    from fluxjax.sampling.sampler import check_dimension
     from fluxjax.train import (
         LORA_FILE, MODEL, TrainConfig, check_out_dir, check_processes, fit, locked_on_primary, run_settings,
     )
