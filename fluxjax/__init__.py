@@ -13,7 +13,7 @@ apply_gpu_defaults()  # before JAX starts a backend; see fluxjax/runtime.py
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, ConfigError, FluxConfig, T5Config
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.registry import load_clip, load_t5, load_transformer, load_vae
-from fluxjax.pipeline import FluxPipeline
+from fluxjax.pipeline.pipeline import FluxPipeline
 
 __all__ = [
     "FluxConfig", "AutoEncoderConfig", "T5Config", "CLIPConfig", "ConfigError", "CheckpointError",

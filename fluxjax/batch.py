@@ -58,7 +58,7 @@ from itertools import groupby
 from fluxjax.errors import UsageError
 from fluxjax.images import LONGEST_NAME, fsync_dir, png_text, remove_temporaries, save_png
 from fluxjax.sampling.sampler import check_dimension, check_seed
-from fluxjax.text import check_prompt, decode_line
+from fluxjax.pipeline.text import check_prompt, decode_line
 
 # Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
 # reference_images, control_image, negative_prompt, true_cfg_scale, prompt_2, sigmas.
@@ -287,7 +287,7 @@ def _is_edit(fields: dict) -> bool:
 def _conditioned(job: Job, fields: dict, path: str) -> Job:
     """`job` with the conditioning of its line: types checked, paths made absolute (relative to the
     prompts file's folder), the rest checked by conditioning.check_request; the size is the image's."""
-    from fluxjax.conditioning import check_request
+    from fluxjax.pipeline.conditioning import check_request
 
     where = job.where
     folder = os.path.dirname(os.path.abspath(path))
@@ -303,7 +303,7 @@ def _conditioned(job: Job, fields: dict, path: str) -> Job:
     if not all(isinstance(r, str) for r in fields.get("references", [])):
         raise UsageError(f"{where}: references must be a list of image paths, got {fields['references']!r}")
     if fields.get("resize") is not None and "image" in fields:
-        from fluxjax.conditioning import RESIZE_POLICIES
+        from fluxjax.pipeline.conditioning import RESIZE_POLICIES
 
         if fields["resize"] not in RESIZE_POLICIES:
             raise UsageError(f"{where}: resize must be one of {', '.join(RESIZE_POLICIES)}, got {fields['resize']!r}")
@@ -377,7 +377,7 @@ def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int
     """An EditJob from an edit line: the image found (relative to the JSONL file's folder), its size
     read from its header and its content hashed, the settings checked as far as they go without
     the model (`resolve` fills in its defaults)."""
-    from fluxjax.conditioning import image_size
+    from fluxjax.pipeline.conditioning import image_size
     from fluxjax.sampling.flowedit import EditSettings
 
     image = os.path.join(os.path.dirname(os.path.abspath(path)), fields["image"])
@@ -440,7 +440,7 @@ def job_size(job: Job, defaults) -> tuple[int, int]:
     """(height, width) a prompt line makes: its own, else the model's `defaults`; with references
     (Kontext), as `fluxjax generate` makes it (conditioning.kontext_call_size)."""
     if job.references:
-        from fluxjax.conditioning import kontext_call_size
+        from fluxjax.pipeline.conditioning import kontext_call_size
 
         return kontext_call_size(job.height, job.width, defaults.height, defaults.width)[:2]
     return job.height or defaults.height, job.width or defaults.width

@@ -37,7 +37,7 @@ import numpy as np
 from fluxjax.errors import UsageError, check_regular_file
 from fluxjax.images import read_image
 from fluxjax.sampling.sampler import PIXELS_PER_TOKEN
-from fluxjax.text import decode_line
+from fluxjax.pipeline.text import decode_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -240,7 +240,7 @@ class EncodedDataset:
 
     def _encode_entry(self, i: int) -> None:
         from fluxjax.parallel import distributed
-        from fluxjax.conditioning import encode_packed
+        from fluxjax.pipeline.conditioning import encode_packed
 
         e, (w, h) = self.examples[i], self.buckets[i]
         pixels = load_pixels(e.path, w, h)[None]

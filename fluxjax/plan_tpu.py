@@ -137,13 +137,13 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     import jax
     import jax.numpy as jnp
 
-    from fluxjax import conditioning
+    from fluxjax.pipeline import conditioning
     from fluxjax.sampling import flowedit
     from fluxjax.sampling import sampler as sampling
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading import registry
-    from fluxjax.pipeline import component_options, decode_packed
-    from fluxjax.text import CLIP_MAX_LENGTH, encode_prompts_jit
+    from fluxjax.pipeline.pipeline import component_options, decode_packed
+    from fluxjax.pipeline.text import CLIP_MAX_LENGTH, encode_prompts_jit
 
     dt = jnp.dtype(dtype)
     configs = dict(transformer=FluxConfig, t5=T5Config, clip=CLIPConfig, vae=AutoEncoderConfig)

@@ -835,6 +835,6 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
                 if name != "transformer":
                     os.symlink(os.path.join(source, name), os.path.join(tmp, name))
         elif primary:
-            from fluxjax.tiny_tokenizers import make_tokenizers
+            from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
             make_tokenizers(tmp)

@@ -155,7 +155,7 @@ def test_vae_encode_and_decode_methods_lower_at_highest_precision_in_float32():
 
 
 def test_the_pipeline_says_which_attention_its_transformer_runs():
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
     c = pipe.transformer.model.config
@@ -254,7 +254,7 @@ def test_cudnn_on_a_cpu_is_one_line_from_the_cli(tmp_path):
 def test_splash_is_the_transformers_alone_and_the_text_encoders_resolve_auto():
     # The encoders' attention is masked, which splash does not take: asking for splash used to fail
     # in T5 with a traceback (N182).
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32", attention_impl="splash")
     assert pipe.attention_implementation == "splash"

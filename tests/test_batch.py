@@ -16,7 +16,7 @@ from PIL import Image
 
 from fluxjax import batch
 from fluxjax.commands import cli
-from fluxjax.pipeline import FluxPipeline
+from fluxjax.pipeline.pipeline import FluxPipeline
 
 import processes
 
@@ -312,7 +312,7 @@ def test_nan_output_is_a_failed_image_not_a_done_one(tmp_path, monkeypatch, caps
 
     import jax
 
-    from fluxjax.pipeline import Component
+    from fluxjax.pipeline.pipeline import Component
 
     poisoned = copy.copy(tiny)
     poisoned.vae = Component(tiny.vae.model, jax.tree.map(lambda x: x * np.nan, tiny.vae.params))
@@ -391,7 +391,7 @@ def test_kontext_lines_make_their_size_and_count_references_in_the_limit(tmp_pat
     """N35, N46 in batch: a line with references makes its own size (or diffusers' default), and
     its references' tokens count in the size limit (an 8 GiB device, so this machine's RAM does not matter)."""
     from fluxjax import limits
-    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.pipeline.pipeline import DEFAULTS
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     monkeypatch.setattr(limits, "device_memory", lambda device: (8 << 30, "this host's RAM"))

@@ -29,7 +29,7 @@ from fluxjax.commands.cli import main
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.files import MANIFEST
 from fluxjax.reference import MODEL_INDEX, randomize_
-from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 from test_t5 import CONFIG_A, hf_config
 from test_transformer import CONFIGS, to_bfl
 from test_vae import SMALL, bfl_state_dict

@@ -11,12 +11,13 @@ import warnings
 import pytest
 from PIL import Image
 
-from fluxjax import pipeline, shapes
+from fluxjax.pipeline import pipeline
+from fluxjax.shapes import dataset as shapes
 from fluxjax.errors import UsageError
-from fluxjax.pipeline import (DEFAULTS, DefaultModelWarning, Defaults, FluxPipeline, OutOfGrammarWarning,
+from fluxjax.pipeline.pipeline import (DEFAULTS, DefaultModelWarning, Defaults, FluxPipeline, OutOfGrammarWarning,
                               default_source, folder_defaults, packaged_folder)
 
-SHIPPED = pathlib.Path(os.fspath(importlib.resources.files("fluxjax") / "weights" / "shapes"))
+SHIPPED = pathlib.Path(os.fspath(importlib.resources.files("fluxjax") / "shapes" / "weights"))
 
 
 def shipped_defaults() -> dict:
@@ -30,7 +31,7 @@ def shapes_pipe():
 
 def test_shapes_loads_the_packaged_folder(shapes_pipe):
     assert packaged_folder("shapes") == os.fspath(SHIPPED)
-    assert SHIPPED.parent.parent == pathlib.Path(pipeline.__file__).parent  # inside the package: fluxjax/weights/shapes
+    assert SHIPPED.parent.parent == pathlib.Path(pipeline.__file__).parent.parent  # inside the package: fluxjax/shapes/weights
     assert shapes_pipe.name == "shapes" and shapes_pipe.grammar is shapes.parse
     # its defaults are the ones defaults.json states (those at which its accuracy is measured)
     expected = Defaults(**{**DEFAULTS[shapes_pipe.kind].__dict__, **shipped_defaults()})

@@ -25,9 +25,9 @@ from fluxjax.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fluxjax import conditioning  # noqa: E402
+from fluxjax.pipeline import conditioning  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 from test_lora import control_norm_scales  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80

@@ -25,11 +25,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from fluxjax.reference import make_hub_pipeline  # noqa: E402
 
-from fluxjax import conditioning  # noqa: E402
+from fluxjax.pipeline import conditioning  # noqa: E402
 from fluxjax.sampling import flowedit  # noqa: E402
 from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80  # 3 x 5 tokens: a swapped height and width shows
 TOKENS = (HEIGHT // 16) * (WIDTH // 16)
@@ -269,7 +269,7 @@ def test_cli_damaged_image_is_one_line_before_loading(tmp_path, capsys, monkeypa
     import bad_images
     from PIL import Image
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     files = bad_images.make(tmp_path / "in")

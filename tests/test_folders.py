@@ -96,7 +96,7 @@ def test_convert_refuses_a_trained_model_and_train_refuses_user_files(hub, tmp_p
     train wrote it: the trained transformer would be lost). N118 at the swap: write_model replaces
     its own model/ but not one the user put a file into meanwhile."""
     from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
     from fluxjax.train import stack_layers, write_model
 
     root, _ = hub

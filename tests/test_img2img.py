@@ -24,7 +24,7 @@ from fluxjax.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
@@ -291,7 +291,7 @@ def test_image_files_are_read_as_people_see_them(tmp_path):
     EXIF orientation is applied (the stored 32 x 48 JPEG is shown, and read, 48 x 32); a mask too."""
     import bad_images
 
-    from fluxjax import conditioning
+    from fluxjax.pipeline import conditioning
 
     files = bad_images.make(tmp_path)
     want = np.round(bad_images.gradient16(48) / 257).astype(np.uint8)

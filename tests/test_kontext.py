@@ -20,9 +20,9 @@ from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RES
 from fluxjax.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fluxjax import conditioning  # noqa: E402
+from fluxjax.pipeline import conditioning  # noqa: E402
 from fluxjax.sampling import sampler as sampling  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
@@ -205,7 +205,7 @@ def test_generate_makes_the_asked_size(tmp_path, monkeypatch, asked, made):
     """N35: an asked size is made exactly (diffusers keeps only its aspect ratio at 1024**2 pixels:
     64x64 became 1024x1024); without one, diffusers' default for the model's size."""
     from fluxjax.commands import cli
-    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.pipeline.pipeline import DEFAULTS
 
     spy = SizeSpy(DEFAULTS["tiny"])
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: spy))
@@ -250,7 +250,7 @@ def test_a_reference_too_small_is_named_with_its_file(tmp_path):
     # The probe's N39, re-run: the refusal came before loading but no longer named the file.
     from PIL import Image
 
-    from fluxjax import conditioning
+    from fluxjax.pipeline import conditioning
     from fluxjax.errors import UsageError
 
     path = tmp_path / "1x1.png"

@@ -28,7 +28,7 @@ from fluxjax.lora import adapters as lora  # noqa: E402
 from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import NonFiniteError, UsageError  # noqa: E402
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEIGHT, WIDTH = 48, 80
@@ -338,7 +338,7 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
 
     from fluxjax.commands import cli
     from fluxjax.loading.registry import load_transformer
-    from fluxjax.pipeline import to_uint8
+    from fluxjax.pipeline.pipeline import to_uint8
 
     peft = diffusers_lora(hub, "peft10.safetensors", seed=10)
     kohya = save(hub, "kohya11.safetensors", kohya_tensors(hub, seed=11))

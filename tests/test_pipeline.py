@@ -22,7 +22,7 @@ from fluxjax.reference import SCHEDULERS, make_hub_pipeline  # noqa: E402
 
 from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline, to_uint8  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline, to_uint8  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80  # 3 x 5 tokens: a swapped height and width shows
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]

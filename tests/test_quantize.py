@@ -69,7 +69,7 @@ def test_layer_and_model_error_within_measured_bounds():
 @pytest.fixture(scope="module")
 def tiny_images():
     """The tiny pipeline's images in float32 and bf16 (the yardstick) and with quantized weights."""
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     out, pipes = {}, {}
     for dtype, mode in (("float32", None), ("bfloat16", None), ("float32", "int8"), ("float32", "fp8"),
@@ -105,7 +105,7 @@ def test_pipeline_holds_quantized_weights_and_changes_the_image_within_bounds(ti
 def test_quantize_is_refused_in_one_line():
     from fluxjax.config import AutoEncoderConfig
     from fluxjax.loading.registry import build
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     with pytest.raises(UsageError) as e:
         FluxPipeline.from_pretrained("tiny", quantize="int4")
@@ -142,7 +142,7 @@ def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
     quantized again with the update in, within one quantization step of base + update."""
     from fluxjax.lora import adapters as lora
     from fluxjax.bench.lora import write_random_lora
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     images, _ = tiny_images
     path = str(tmp_path / "lora.safetensors")

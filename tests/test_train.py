@@ -27,7 +27,7 @@ from fluxjax.errors import UsageError
 from fluxjax.loading.registry import load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
-from fluxjax.pipeline import FluxPipeline
+from fluxjax.pipeline.pipeline import FluxPipeline
 from fluxjax.loading.random_weights import host_random_params
 from fluxjax.reference import randomize_
 from fluxjax.sampling.sampler import Schedule
@@ -297,7 +297,7 @@ def test_training_images_are_read_as_generate_reads_them(tmp_path):
     an EXIF-rotated JPEG is upright."""
     import bad_images
 
-    from fluxjax import conditioning
+    from fluxjax.pipeline import conditioning
     from fluxjax.data import load_pixels, scan_folder
 
     files = bad_images.make(tmp_path / "data")
@@ -346,7 +346,7 @@ def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     return FluxPipeline.from_pretrained("tiny", dtype="float32")
 
@@ -430,7 +430,7 @@ def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
     losses = np.loadtxt(whole / "loss.csv", delimiter=",", skiprows=1)[:, 1]
     assert losses[-15:].mean() < 0.8 * losses[:15].mean()
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(whole / "model", dtype="float32")
     trained = stack_params(pipe)

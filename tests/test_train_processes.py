@@ -98,7 +98,7 @@ def test_two_processes_train_full_weights_as_one_and_resume(runs):
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=WEIGHT_ATOL, err_msg=k)
     # What 2 processes wrote loads in one, as fluxjax generate --model would load it.
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
     from test_train import stack_params
 
     pipe = FluxPipeline.from_pretrained(two / "model", dtype="float32")

@@ -33,10 +33,10 @@ def random_pipeline(preset: str, dtype=jnp.bfloat16, attention_impl: str = "auto
     ids fit every vocabulary) and the preset's schedule and defaults."""
     from fluxjax.sampling import sampler as sampling
     from fluxjax.loading.registry import COMPONENTS, PRESETS, abstract_params, build
-    from fluxjax.pipeline import Component, FluxPipeline
+    from fluxjax.pipeline.pipeline import Component, FluxPipeline
     from fluxjax.loading.random_weights import device_random_params
-    from fluxjax.text import PromptTokenizer
-    from fluxjax.tiny_tokenizers import make_tokenizers
+    from fluxjax.pipeline.text import PromptTokenizer
+    from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
     with tempfile.TemporaryDirectory() as folder:
         make_tokenizers(folder)
@@ -99,7 +99,7 @@ def reference_pipeline(preset: str, device: str):
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading.registry import PRESETS
     from fluxjax.reference import SCHEDULERS
-    from fluxjax.tiny_tokenizers import make_tokenizers
+    from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
     names = PRESETS[preset]
     f, t, c, v = (FluxConfig.preset(names["transformer"]), T5Config.preset(names["t5"]),

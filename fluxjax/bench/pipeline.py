@@ -38,7 +38,7 @@ def _steps(args) -> None:
     import torch
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
     from fluxjax.reference import make_hub_pipeline
 
     torch.set_num_threads(args.threads)

@@ -49,7 +49,7 @@ def run(args) -> int:
     from fluxjax import batch
     from fluxjax.parallel import distributed
     from fluxjax.commands.generate import choose_model
-    from fluxjax.pipeline import FluxPipeline, check_source
+    from fluxjax.pipeline.pipeline import FluxPipeline, check_source
     from fluxjax.parallel.strategies import Strategy
 
     if args.batch_size < 1:
@@ -106,7 +106,7 @@ def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
     (fluxjax/limits.py), naming the first line that asks for it."""
     from fluxjax.batch import Job, job_size
     from fluxjax.commands.generate import model_settings
-    from fluxjax.conditioning import kontext_reference_sizes
+    from fluxjax.pipeline.conditioning import kontext_reference_sizes
     from fluxjax.limits import SizeLimit
 
     cfg, defaults = model_settings(model)

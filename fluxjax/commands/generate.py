@@ -62,7 +62,7 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
     """The image-conditioning and guidance flags; each forwards to the FluxPipeline keyword of its name."""
-    from fluxjax.conditioning import RESIZE_POLICIES
+    from fluxjax.pipeline.conditioning import RESIZE_POLICIES
 
     group = parser.add_argument_group("conditioning (img2img, inpainting, references, control, true CFG)")
     group.add_argument("--image", default=None, help="start from this image (img2img; the output has its size)")
@@ -83,7 +83,7 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
     """Everything that can be checked before minutes of loading."""
-    from fluxjax.text import check_prompt
+    from fluxjax.pipeline.text import check_prompt
 
     check_prompt("PROMPT", args.prompt)
     if args.steps is not None and args.steps < 1:
@@ -104,7 +104,7 @@ def check_conditioning(args) -> None:
     With --image and no --height/--width, those become the image's size (checked against the
     devices' limit); --sigmas becomes args.sigma_values.
     """
-    from fluxjax.conditioning import check_request
+    from fluxjax.pipeline.conditioning import check_request
 
     flags = {"references": "--reference", "true_cfg": "--true-cfg"}
     sigmas = None
@@ -127,7 +127,7 @@ def conditioning_kwargs(args) -> dict:
               negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, prompt_2=args.prompt_2,
               sigmas=getattr(args, "sigma_values", None))
     if args.image is not None and args.strength is None:  # recorded in the PNG as the value used
-        from fluxjax.conditioning import DEFAULT_STRENGTH
+        from fluxjax.pipeline.conditioning import DEFAULT_STRENGTH
 
         kw["strength"] = DEFAULT_STRENGTH
     return {k: v for k, v in kw.items() if v is not None}
@@ -135,7 +135,7 @@ def conditioning_kwargs(args) -> dict:
 
 def check_output_and_model(args) -> None:
     """--out, --model, --sharding, --transformer, --vae (shared with `fluxjax edit`), before loading."""
-    from fluxjax.pipeline import check_source
+    from fluxjax.pipeline.pipeline import check_source
     from fluxjax.parallel.strategies import Strategy
 
     if not args.out.lower().endswith(".png"):
@@ -167,7 +167,7 @@ def _loras(args) -> list[tuple[str, float]]:
 def choose_model(model: str | None) -> tuple[str, str | None]:
     """(model, notice): --model as given, or pipeline.default_source() without it; notice is the
     one line to print first (the tiny preset's, or why the shapes model was taken), or None."""
-    from fluxjax.pipeline import default_source
+    from fluxjax.pipeline.pipeline import default_source
 
     model, notice = (model, None) if model is not None else default_source()
     return model, TINY_NOTICE if model == "tiny" else notice
@@ -178,7 +178,7 @@ def model_settings(model: str, transformer_file: str | None = None):
     (before loading): the tiny preset's; else the folder's (a packaged model's by name) transformer
     config and defaults.json (folder_defaults); else FLUX.1-dev's."""
     from fluxjax.limits import transformer_config
-    from fluxjax.pipeline import DEFAULTS, folder_defaults, packaged_folder
+    from fluxjax.pipeline.pipeline import DEFAULTS, folder_defaults, packaged_folder
 
     folder = packaged_folder(model) or model
     cfg = transformer_config(folder, transformer_file)
@@ -195,7 +195,7 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
     """
     import jax
 
-    from fluxjax.conditioning import kontext_call_size, kontext_reference_sizes
+    from fluxjax.pipeline.conditioning import kontext_call_size, kontext_reference_sizes
     from fluxjax.limits import SizeLimit
     from fluxjax.parallel.strategies import Strategy
 
@@ -216,7 +216,7 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
     processes, remove host 0's leftover temporaries of --out, choose the model, refuse a size
     whose step (`rows` transformer rows) cannot fit, load. Returns (host, pipe, timings)."""
     from fluxjax.parallel import distributed
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
     if host == 0:

@@ -80,7 +80,7 @@ def run(args) -> int:
     # before the lock: a refused --out gets no lock file beside it
     distributed.on_primary(check_out_dir, args.out, args.resume, settings)
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     with locked_on_primary(args.out):  # before the model loads: a second run on --out is refused at once
         pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype, sharding=args.sharding)

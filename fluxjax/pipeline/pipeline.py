@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fluxjax import conditioning
+from fluxjax.pipeline import conditioning
 from fluxjax.sampling import sampler as sampling
 from fluxjax.runtime import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
@@ -36,19 +36,19 @@ from fluxjax.models import layers
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.quantize import check_mode
 from fluxjax.parallel.strategies import Strategy, jit_with_rules
-from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
-from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.pipeline.text import PromptTokenizer, check_prompt, encode_prompts_jit
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 DEV_REPO = "black-forest-labs/FLUX.1-dev"
-# Hub-layout folders shipped inside the package as fluxjax/weights/NAME, loaded by NAME (package
+# Hub-layout folders shipped inside the package as fluxjax/NAME/weights, loaded by NAME (package
 # data, found through importlib.resources, so a wheel install has them too). A name here wins over
 # a local folder of the same name, as "tiny" does: "./shapes" reaches such a folder.
 PACKAGED_MODELS = ("shapes",)
 DEFAULTS_FILE = "defaults.json"  # a pipeline folder's own defaults (see folder_defaults)
 SHAPES_NOTICE = (
-    "no FLUX.1 weights in the local hub cache, so this uses the built-in `shapes` model (fluxjax/weights/shapes), "
+    "no FLUX.1 weights in the local hub cache, so this uses the built-in `shapes` model (fluxjax/shapes/weights), "
     "which draws only 'a {color} {shape} on a {color} background[ in the {position}]'; for FLUX.1, run "
     "huggingface_hub.snapshot_download('black-forest-labs/FLUX.1-schnell') on a machine with network "
     "(it is then found in the hub cache) or pass its folder (--model PATH)"
@@ -60,12 +60,12 @@ class DefaultModelWarning(UserWarning):
 
 
 class OutOfGrammarWarning(UserWarning):
-    """A prompt the shapes model was not trained on (outside fluxjax.shapes.GRAMMAR): it still
+    """A prompt the shapes model was not trained on (outside fluxjax.shapes.dataset.GRAMMAR): it still
     generates, but the image need not show the prompt."""
 
 
 class PromptNormalizedWarning(UserWarning):
-    """The shapes model read a prompt lower-cased, without final punctuation (fluxjax.shapes.normalize)."""
+    """The shapes model read a prompt lower-cased, without final punctuation (fluxjax.shapes.dataset.normalize)."""
 
 
 class NormalizingTokenizer(PromptTokenizer):
@@ -148,10 +148,10 @@ class FluxPipeline:
 
     Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
     (sampling.Schedule), kind ("dev", "schnell" or "tiny"), variant ("base", "fill", "control" or
-    "kontext": read from the checkpoint, fluxjax.conditioning.variant_of), defaults (Defaults: the
+    "kontext": read from the checkpoint, fluxjax.pipeline.conditioning.variant_of), defaults (Defaults: the
     kind's and variant's, or a folder's defaults.json), name (str), timings (seconds of each stage of
     the last call: encode, denoise, decode), grammar (None, or a function that raises ValueError for
-    a prompt outside the language the model was trained on: `fluxjax.shapes.parse` for the packaged
+    a prompt outside the language the model was trained on: `fluxjax.shapes.dataset.parse` for the packaged
     shapes model; such a prompt still generates, with an OutOfGrammarWarning).
 
     On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
@@ -202,7 +202,7 @@ class FluxPipeline:
             `huggingface_hub.snapshot_download` leaves it, whose optional defaults.json sets the
             defaults of `pipe(...)` (folder_defaults); a hub repo id (downloaded with
             huggingface_hub when the network allows); "shapes" (the small model shipped in the
-            package, trained on fluxjax.shapes' captions); "tiny" (random weights, no files); or
+            package, trained on fluxjax.shapes.dataset' captions); "tiny" (random weights, no files); or
             None (default): what `fluxjax generate` takes without --model (default_source:
             FLUX.1-schnell, else -dev, from the local hub cache, else "shapes" with a
             DefaultModelWarning saying so).
@@ -252,7 +252,7 @@ class FluxPipeline:
             root = _resolve_source(os.fspath(source))
             pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **settings)
             if _is_packaged(root, "shapes"):
-                from fluxjax.shapes import parse
+                from fluxjax.shapes.dataset import parse
 
                 pipe.grammar = parse
         if loras:
@@ -319,10 +319,12 @@ class FluxPipeline:
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, _pipeline_class(root),
                                           declared, where=transformer_file or os.path.join(root, "transformer"))
-        name = os.path.basename(os.path.normpath(transformer_file or root))
+        # a packaged model is named by its package (fluxjax/shapes/weights is "shapes"), any other by its folder
+        name = (None if transformer_file else next((n for n in PACKAGED_MODELS if _is_packaged(root, n)), None)) \
+            or os.path.basename(os.path.normpath(transformer_file or root))
         tokenizer = PromptTokenizer.from_folder(root)
         if _is_packaged(root, "shapes"):  # its tokenizers read a prompt as its grammar check (shapes.parse) does
-            from fluxjax.shapes import normalize
+            from fluxjax.shapes.dataset import normalize
 
             tokenizer = NormalizingTokenizer(tokenizer, normalize, name)
         return cls(**components, tokenizer=tokenizer, schedule=schedule, kind=kind, name=name, strategy=strategy,
@@ -399,7 +401,7 @@ class FluxPipeline:
             (B, n) table, one row per image (a batch may mix LoRAs and strengths); default:
             the strengths they were loaded with.
         image: img2img's start (diffusers' FluxImg2ImgPipeline): a path, PIL image or array
-            (H, W, 3) (fluxjax/conditioning.py), or a list of 1 or B of them of one size; the
+            (H, W, 3) (fluxjax/pipeline/conditioning.py), or a list of 1 or B of them of one size; the
             output has its size. Encoded to the VAE posterior's mean; the run takes the last
             int(num_steps x strength) steps from sigma_s noise + (1 - sigma_s) image latents.
         strength: in (0, 1] (default 0.6, as diffusers); 1 starts from pure noise.
@@ -407,7 +409,7 @@ class FluxPipeline:
             path, PIL image or (H, W) array of the image's size, one or B of them. The kept
             region is re-noised to each step's time and blended in after every step.
         resize: None, "crop" or "scale": how an image (and its mask) whose sides are not
-            multiples of 16 is brought to them (fluxjax/conditioning.py).
+            multiples of 16 is brought to them (fluxjax/pipeline/conditioning.py).
         negative_prompt, true_cfg_scale: true classifier-free guidance (diffusers' FluxPipeline):
             v = v_neg + s (v - v_neg) with a second transformer call per step; s > 1, one number
             or B. negative_prompt_2 is the negative prompt's T5 text (default: negative_prompt).
@@ -416,7 +418,7 @@ class FluxPipeline:
             negative_pooled_prompt_embeds likewise instead of `negative_prompt`.
         sigmas: N custom timesteps in (0, 1], decreasing, instead of the schedule's linspace; shifted
             by the schedule as diffusers' scheduler shifts given sigmas (N steps, 0 appended).
-        The model variants (`pipe.variant`, fluxjax/conditioning.py; a wrong combination is refused):
+        The model variants (`pipe.variant`, fluxjax/pipeline/conditioning.py; a wrong combination is refused):
         image, mask_image on a Fill model: the image and the region to repaint (white), as
             FluxFillPipeline: the masked image's latents and the packed mask are extra input
             channels at every step; strength defaults to 1 (from pure noise) as there.
@@ -607,7 +609,7 @@ class FluxPipeline:
 
         image: a path, PIL image or array (H, W, 3) (uint8, or floats in [0, 1]), or a list of B of
             them of one size; sides multiples of 16 unless `resize` is "crop" or "scale"
-            (fluxjax/conditioning.py).
+            (fluxjax/pipeline/conditioning.py).
         source_prompt, target_prompt: a string (used for every image) or a list of B strings.
         num_steps (T), n_max, n_min, n_avg, source_guidance, target_guidance: default to the
             model's (flowedit.DEFAULTS; dev: 28, 24, 0, 1, 1.5, 5.5); guidance is refused by
@@ -616,7 +618,7 @@ class FluxPipeline:
         output: "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]) or "latents"
             (the edited latents, float32 (B, 16, H/8, W/8), NCHW as `pipe(latents=)` takes them).
         """
-        from fluxjax import conditioning
+        from fluxjax.pipeline import conditioning
         from fluxjax.sampling import flowedit
 
         if output not in ("np", "pil", "latents"):
@@ -952,7 +954,8 @@ def default_source() -> tuple[str, str | None]:
     return "shapes", SHAPES_NOTICE
 
 
-WEIGHTS = importlib.resources.files("fluxjax") / "weights"  # the packaged models' folders
+# the packaged models' folders: model NAME's is fluxjax/NAME/weights, beside the code that made it
+WEIGHTS = importlib.resources.files("fluxjax")
 
 
 def packaged_folder(name: str) -> str | None:
@@ -960,7 +963,7 @@ def packaged_folder(name: str) -> str | None:
     UsageError when this installation lacks it."""
     if name not in PACKAGED_MODELS:
         return None
-    folder = WEIGHTS / name
+    folder = WEIGHTS / name / "weights"
     if not folder.is_dir():
         raise UsageError(f"the built-in model {name!r} is missing from this installation ({folder}): reinstall fluxjax")
     return os.fspath(folder)  # a wheel installs unpacked: a real folder on disk
@@ -968,7 +971,7 @@ def packaged_folder(name: str) -> str | None:
 
 def _is_packaged(root: str, name: str) -> bool:
     """Whether folder `root` is the packaged model `name` (by name or by any path to it)."""
-    folder = WEIGHTS / name
+    folder = WEIGHTS / name / "weights"
     return folder.is_dir() and os.path.samefile(root, os.fspath(folder))
 
 

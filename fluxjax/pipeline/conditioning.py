@@ -220,7 +220,7 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
     if height/width say another), else those given. What depends on the checkpoint (a reference
     on a base model) is the pipeline's to refuse once loaded.
     """
-    from fluxjax.text import check_prompt
+    from fluxjax.pipeline.text import check_prompt
 
     def fail(message: str):
         raise UsageError(prefix + message)
