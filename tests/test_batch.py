@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxjax import batch
+from fluxjax.batch import runner as batch
 from fluxjax.commands import cli
 from fluxjax.pipeline.pipeline import FluxPipeline
 
@@ -329,7 +329,7 @@ def test_nan_output_is_a_failed_image_not_a_done_one(tmp_path, monkeypatch, caps
 
 BATCH_KILL_SCRIPT = """
 import os, signal, sys
-import fluxjax.batch as batch
+import fluxjax.batch.runner as batch
 from fluxjax.commands.cli import main
 from fluxjax.images import temporary_path
 
@@ -390,7 +390,7 @@ def test_decompression_bomb_line_is_refused_before_loading(tmp_path, capsys, mon
 def test_kontext_lines_make_their_size_and_count_references_in_the_limit(tmp_path, capsys, monkeypatch):
     """N35, N46 in batch: a line with references makes its own size (or diffusers' default), and
     its references' tokens count in the size limit (an 8 GiB device, so this machine's RAM does not matter)."""
-    from fluxjax import limits
+    from fluxjax.plan import limits
     from fluxjax.pipeline.pipeline import DEFAULTS
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))

@@ -28,7 +28,7 @@ from fluxjax.loading.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.commands.cli import main
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.files import MANIFEST
-from fluxjax.reference import MODEL_INDEX, randomize_
+from fluxjax.testing.reference import MODEL_INDEX, randomize_
 from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 from test_t5 import CONFIG_A, hf_config
 from test_transformer import CONFIGS, to_bfl
@@ -506,8 +506,8 @@ def test_sigkill_during_replacement_leaves_old_or_new_dst(hub, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def pipeline_hub(tmp_path_factory):
-    """A small dev-like hub folder whose components fit together (fluxjax.reference)."""
-    from fluxjax.reference import make_hub_pipeline
+    """A small dev-like hub folder whose components fit together (fluxjax.testing.reference)."""
+    from fluxjax.testing.reference import make_hub_pipeline
 
     root = tmp_path_factory.mktemp("pipeline_hub")
     make_hub_pipeline(root, "dev")

@@ -3,7 +3,7 @@ FluxControlPipeline, and BFL's control LoRAs on a base model against FluxControl
 load_lora_weights.
 
 Each reference is diffusers' own pipeline on a small random hub folder it saved itself
-(fluxjax/reference.py), run from the same noise (`latents=`). Same encoded latents: both
+(fluxjax/testing/reference.py), run from the same noise (`latents=`). Same encoded latents: both
 pipelines sample the VAE posterior (`latent_dist.sample(generator)`), fluxjax encodes with the
 posterior mean (BFL's choice); the reference's `DiagonalGaussianDistribution.sample` is patched to
 return that mean, so both sides condition on the same latents. Limit: pixels on [0, 1] within
@@ -21,7 +21,7 @@ import peft  # noqa: F401 (diffusers' LoRA loading needs it; the test extra inst
 
 from diffusers import FluxControlPipeline, FluxFillPipeline  # noqa: E402
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 

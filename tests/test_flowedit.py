@@ -2,7 +2,7 @@
 
 The reference is written here straight from Algorithm 1 of Kulikov et al. (arXiv 2412.08629) as
 the authors' FLUX code runs it: a plain Python loop around diffusers' FluxTransformer2DModel of
-a small random hub-layout folder (fluxjax/reference.py), the same weights, the same noise draws
+a small random hub-layout folder (fluxjax/testing/reference.py), the same weights, the same noise draws
 (fluxjax's per-step draws handed to it), diffusers' own VAE, text encoders and scheduler.
 Limits (the issue's): edited latents within 1e-4 relative (max abs error / max abs value) in
 float32, pixels on [0, 1] within 1e-3. Measured: latents 1.5e-5 to 2.6e-5 dev-like, 1.1e-6 to
@@ -23,7 +23,7 @@ import torch
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 
 from fluxjax.pipeline import conditioning  # noqa: E402
 from fluxjax.sampling import flowedit  # noqa: E402

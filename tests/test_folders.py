@@ -1,5 +1,5 @@
 """Issue 31 items 1, 2 and 4: the folders fluxjax writes and replaces (fluxjax.files), through
-`fluxjax convert` and fluxjax.train.write_model. Every refusal is one line, exit 2, and the
+`fluxjax convert` and fluxjax.training.trainer.write_model. Every refusal is one line, exit 2, and the
 user's files (at every depth) survive byte for byte; a folder appearing at DST during a
 conversion (another process, a real race) is never removed; two conversions to one DST are
 refused by a lock naming the other process."""
@@ -97,7 +97,7 @@ def test_convert_refuses_a_trained_model_and_train_refuses_user_files(hub, tmp_p
     its own model/ but not one the user put a file into meanwhile."""
     from fluxjax.models.flux import BLOCK_STACKS
     from fluxjax.pipeline.pipeline import FluxPipeline
-    from fluxjax.train import stack_layers, write_model
+    from fluxjax.training.trainer import stack_layers, write_model
 
     root, _ = hub
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")

@@ -114,7 +114,7 @@ def test_size_beyond_memory_is_refused_before_loading(tmp_path, capsys, monkeypa
     import re
 
     from fluxjax.config import FluxConfig
-    from fluxjax.limits import SizeLimit, device_memory
+    from fluxjax.plan.limits import SizeLimit, device_memory
     from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))

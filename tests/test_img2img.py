@@ -1,7 +1,7 @@
 """img2img, base-model inpainting, true CFG, prompt_2, embeddings and custom sigmas against diffusers.
 
 The reference is diffusers' own FluxImg2ImgPipeline / FluxInpaintPipeline / FluxPipeline on the
-small random dev-like hub folder it saved (fluxjax/reference.py), fp32. The same noise on both
+small random dev-like hub folder it saved (fluxjax/testing/reference.py), fp32. The same noise on both
 sides: diffusers draws it from a seeded torch.Generator, and fluxjax gets that draw as `latents=`.
 The same image latents: diffusers samples the VAE posterior with that generator where fluxjax
 takes its mean; here diffusers' retrieve_latents is replaced by its own "argmax" mode (the
@@ -20,7 +20,7 @@ import torch
 
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline  # noqa: E402
 from diffusers.pipelines.flux import pipeline_flux_img2img, pipeline_flux_inpaint  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fluxjax.errors import UsageError  # noqa: E402

@@ -1,7 +1,7 @@
 """Kontext reference images against diffusers' FluxKontextPipeline.
 
 The reference is diffusers' own pipeline on a small random hub folder it saved itself
-(fluxjax/reference.py, saved as a FluxKontextPipeline), run from the same noise (`latents=`).
+(fluxjax/testing/reference.py, saved as a FluxKontextPipeline), run from the same noise (`latents=`).
 Both encode the reference with the VAE posterior's mode (diffusers' `sample_mode="argmax"`,
 fluxjax's posterior mean): the same latents without patching. Limit: pixels on [0, 1] within
 1e-3 in float32, as the text-to-image pipeline (tests/test_pipeline.py).
@@ -17,7 +17,7 @@ import torch
 
 from diffusers import FluxKontextPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fluxjax.pipeline import conditioning  # noqa: E402
@@ -223,7 +223,7 @@ def test_references_count_in_the_size_limit(tmp_path, capsys, monkeypatch):
     here, so the figures do not depend on this machine's RAM)."""
     import jax
 
-    from fluxjax import limits
+    from fluxjax.plan import limits
     from fluxjax.commands import cli
     from fluxjax.config import FluxConfig
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402

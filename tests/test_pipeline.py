@@ -1,7 +1,7 @@
 """FluxPipeline and the sampling pieces against diffusers' FluxPipeline, end to end.
 
 The reference is diffusers' own pipeline on a small random hub-layout folder it saved itself
-(fluxjax/reference.py); both start from the same noise (`latents=`). Limits: pixels on [0, 1]
+(fluxjax/testing/reference.py); both start from the same noise (`latents=`). Limits: pixels on [0, 1]
 within 1e-3 in float32 (measured: about 5e-6 dev-like, 2e-6 schnell-like); the schedule within
 1e-6 of BFL's formula and of diffusers' sigmas.
 """
@@ -18,7 +18,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
-from fluxjax.reference import SCHEDULERS, make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import SCHEDULERS, make_hub_pipeline  # noqa: E402
 
 from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402

@@ -181,7 +181,7 @@ def test_loader_quantizes_a_checkpoint_on_the_host(tmp_path):
     is exactly the host quantization of the bf16 weight the unquantized load gives, the rest equal."""
     from fluxjax.commands.cli import main
     from fluxjax.loading.registry import load
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     make_hub_pipeline(tmp_path / "hub", "schnell")
     assert main(["convert", str(tmp_path / "hub"), str(tmp_path / "orbax")]) == 0
@@ -226,7 +226,7 @@ def test_fsdp_on_8_devices_equals_one_device_and_splits_weights_and_scales():
 
 def test_program_inputs_give_quantized_abstract_params():
     """`fluxjax plan --topology --quantize` compiles the pipeline's programs with int8 parameters."""
-    from fluxjax.plan_tpu import program_inputs
+    from fluxjax.plan.tpu import program_inputs
     from fluxjax.parallel.strategies import Strategy
 
     strategy = Strategy.load("fsdp")

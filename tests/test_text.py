@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxjax.reference import MODEL_INDEX
+from fluxjax.testing.reference import MODEL_INDEX
 from fluxjax.pipeline.text import PromptTokenizer, PromptTruncatedWarning, encode_prompts, encode_prompts_jit
 from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 

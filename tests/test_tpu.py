@@ -39,7 +39,7 @@ def run_tpu(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 COMPILE_ALL = """
     import json, sys
-    from fluxjax import plan_tpu
+    from fluxjax.plan import tpu as plan_tpu
     from fluxjax.parallel.strategies import Strategy
 
     out = {}
@@ -173,7 +173,7 @@ def test_a_bad_topology_is_one_line():
 
 TRAIN = """
     import json, sys
-    from fluxjax import plan_tpu
+    from fluxjax.plan import tpu as plan_tpu
     from fluxjax.parallel.strategies import Strategy
 
     devices = plan_tpu.topology_devices("v5e:2x2")

@@ -1,4 +1,4 @@
-"""Training (fluxjax.train): the loss's gradient against diffusers' FluxTransformer2DModel, the
+"""Training (fluxjax.training.trainer): the loss's gradient against diffusers' FluxTransformer2DModel, the
 jitted step (optax, EMA, remat, dtypes), sharding on 8 simulated CPU devices, checkpoints."""
 
 import glob
@@ -29,9 +29,9 @@ from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
 from fluxjax.pipeline.pipeline import FluxPipeline
 from fluxjax.loading.random_weights import host_random_params
-from fluxjax.reference import randomize_
+from fluxjax.testing.reference import randomize_
 from fluxjax.sampling.sampler import Schedule
-from fluxjax.train import (
+from fluxjax.training.trainer import (
     Trainer, TrainConfig, ema_decay, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
 )
 
@@ -275,7 +275,7 @@ def test_bad_data_is_named_in_one_line_before_loading(tmp_path, capsys):
 
 
 def test_metadata_jsonl_buckets_and_deterministic_order(tmp_path):
-    from fluxjax.data import Batches, bucket, scan_folder
+    from fluxjax.training.data import Batches, bucket, scan_folder
 
     folder = make_folder(tmp_path / "meta", captions=False)
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "text": f"c{i}"}) + "\n" for i in range(4)))
@@ -298,7 +298,7 @@ def test_training_images_are_read_as_generate_reads_them(tmp_path):
     import bad_images
 
     from fluxjax.pipeline import conditioning
-    from fluxjax.data import load_pixels, scan_folder
+    from fluxjax.training.data import load_pixels, scan_folder
 
     files = bad_images.make(tmp_path / "data")
     for name in ("g16", "exif6"):
@@ -328,7 +328,7 @@ def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
 
 def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
     """N100, N101: a Latin-1 caption file or metadata.jsonl is named, with the line and byte."""
-    from fluxjax.data import scan_folder
+    from fluxjax.training.data import scan_folder
 
     folder = make_folder(tmp_path / "captions")
     (folder / "img1.txt").write_bytes("a caf\xe9 in the sun".encode("latin-1"))
@@ -352,7 +352,7 @@ def tiny_pipe():
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tiny_pipe):
-    from fluxjax.data import EncodedDataset, scan_folder
+    from fluxjax.training.data import EncodedDataset, scan_folder
 
     folder = make_folder(tmp_path / "data")
     kw = dict(pipe=tiny_pipe, resolution=32, max_sequence_length=16, cache_dir=tmp_path / "cache")
@@ -387,7 +387,7 @@ def _cli(*argv) -> list[str]:
 def _final_state(out) -> list[np.ndarray]:
     import orbax.checkpoint.experimental.v1 as ocp
 
-    from fluxjax.train import latest_checkpoint as latest
+    from fluxjax.training.trainer import latest_checkpoint as latest
 
     return [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest(out / "checkpoints")))]
 
@@ -442,7 +442,7 @@ def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
 
 def stack_params(pipe):
     from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.train import stack_layers
+    from fluxjax.training.trainer import stack_layers
 
     return stack_layers(pipe.transformer.params, BLOCK_STACKS)
 
@@ -502,7 +502,7 @@ def test_trained_lora_gives_diffusers_the_same_image(hub):
     from test_lora import check, run_ours, run_reference
 
     from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.train import stack_layers, write_lora
+    from fluxjax.training.trainer import stack_layers, write_lora
 
     t = hub.pipe.transformer
     params = stack_layers(t.params, BLOCK_STACKS)
@@ -586,7 +586,7 @@ def test_out_not_written_by_fluxjax_train_is_refused_before_loading(tmp_path, ca
     depth, is as it was and no lock file is left."""
     from test_convert import tree_bytes
 
-    from fluxjax.train import _write_run_marker
+    from fluxjax.training.trainer import _write_run_marker
 
     data = make_folder(tmp_path / "data", sizes=((40, 24),))
     proj = tmp_path / "proj"
@@ -634,7 +634,7 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys, tiny):
     (not Orbax's 34 KB tree diff after it); --steps may change (a resumed run may go further)."""
     from test_convert import tree_bytes
 
-    from fluxjax.train import _write_run_marker, run_settings
+    from fluxjax.training.trainer import _write_run_marker, run_settings
 
     model, params, batch = tiny
     data = make_folder(tmp_path / "data", sizes=((40, 24),))

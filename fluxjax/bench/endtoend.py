@@ -98,7 +98,7 @@ def reference_pipeline(preset: str, device: str):
 
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading.registry import PRESETS
-    from fluxjax.reference import SCHEDULERS
+    from fluxjax.testing.reference import SCHEDULERS
     from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
     names = PRESETS[preset]

@@ -47,7 +47,7 @@ def write_random_lora(path: str, cfg: FluxConfig, rank: int, seed: int = 0) -> N
 def main(argv=None) -> None:
     from fluxjax.bench.pipeline import _per_step
     from fluxjax.pipeline.pipeline import FluxPipeline
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     parser = argparse.ArgumentParser(prog="fluxjax bench lora", description=__doc__.split("\n\n")[0])
     add_model_size_arguments(parser, hidden=256, heads=4)

@@ -39,7 +39,7 @@ def _steps(args) -> None:
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 
     from fluxjax.pipeline.pipeline import FluxPipeline
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     torch.set_num_threads(args.threads)
     head_dim = args.hidden // args.heads

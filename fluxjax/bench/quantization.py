@@ -131,9 +131,9 @@ def step_memory(cfg: FluxConfig, tokens: int = 1024, txt_len: int = 64) -> dict[
 
 def topology_copies(topology: str, mode: str) -> dict:
     """dev's denoising loop (1024x1024, batch 1) with `mode` weights compiled for TPU `topology`
-    (fluxjax/plan_tpu.py): {argument_bytes, temp_bytes, bf16_kernel_copies}."""
-    from fluxjax import plan_tpu
-    from fluxjax.plan import T5_LENGTHS
+    (fluxjax/plan/tpu.py): {argument_bytes, temp_bytes, bf16_kernel_copies}."""
+    from fluxjax.plan import tpu as plan_tpu
+    from fluxjax.plan.planner import T5_LENGTHS
     from fluxjax.parallel.strategies import Strategy
 
     devices = plan_tpu.topology_devices(topology)

@@ -106,7 +106,7 @@ def roofline_ms(row: dict) -> float | None:
     """max(FLOPs per chip / bf16 peak, weight bytes read per chip / HBM bandwidth), ms per step: a
     lower bound of the step time on that chip (labelled an estimate wherever it is shown)."""
     from fluxjax.config import FluxConfig
-    from fluxjax.plan import T5_LENGTHS, abstract_params, param_memory
+    from fluxjax.plan.planner import T5_LENGTHS, abstract_params, param_memory
     from fluxjax.parallel.strategies import Strategy
 
     report = row["report"]

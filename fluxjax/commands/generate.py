@@ -177,7 +177,7 @@ def model_settings(model: str, transformer_file: str | None = None):
     """(FluxConfig, pipeline.Defaults) a pipeline from `model` will run, from its small files only
     (before loading): the tiny preset's; else the folder's (a packaged model's by name) transformer
     config and defaults.json (folder_defaults); else FLUX.1-dev's."""
-    from fluxjax.limits import transformer_config
+    from fluxjax.plan.limits import transformer_config
     from fluxjax.pipeline.pipeline import DEFAULTS, folder_defaults, packaged_folder
 
     folder = packaged_folder(model) or model
@@ -187,7 +187,7 @@ def model_settings(model: str, transformer_file: str | None = None):
 
 def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height") -> None:
     """Refuse, before loading, a size whose denoising step (`batch` rows) cannot fit the devices
-    (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width.
+    (fluxjax/plan/limits.py); `fluxjax edit` passes its image's size as args.height, args.width.
 
     With --reference (Kontext), the size made is the one asked, or diffusers' default
     (conditioning.kontext_call_size: args.height, args.width and args.max_area are set to it),
@@ -196,7 +196,7 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
     import jax
 
     from fluxjax.pipeline.conditioning import kontext_call_size, kontext_reference_sizes
-    from fluxjax.limits import SizeLimit
+    from fluxjax.plan.limits import SizeLimit
     from fluxjax.parallel.strategies import Strategy
 
     cfg, defaults = model_settings(model, args.transformer)

@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the data (an empty folder, an image without a caption, an
 unreadable image, a side below 16 px) is reported in one line before the model is loaded.
-See fluxjax.train.fit for what DIR receives; `--resume` continues a stopped run exactly.
+See fluxjax.training.trainer.fit for what DIR receives; `--resume` continues a stopped run exactly.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def run(args) -> int:
     import math
 
     from fluxjax.parallel import distributed
-    from fluxjax.data import scan_folder
+    from fluxjax.training.data import scan_folder
     from fluxjax.errors import UsageError
     from fluxjax.sampling.sampler import check_dimension
-    from fluxjax.train import (
+    from fluxjax.training.trainer import (
         LORA_FILE, MODEL, TrainConfig, check_out_dir, check_processes, fit, locked_on_primary, run_settings,
     )
 

@@ -215,7 +215,7 @@ class Schedule:
         """The schedule's shift applied to timesteps t in (0, 1] (NumPy or jax arrays, any shape).
 
         The one shift rule of fluxjax: the sampler's `sigmas` and the training loss's timestep
-        draw (fluxjax.train) both call it, so a model is trained on the times it is sampled at.
+        draw (fluxjax.training.trainer) both call it, so a model is trained on the times it is sampled at.
         """
         if self.use_dynamic_shifting:
             mu = self.mu(image_seq_len)

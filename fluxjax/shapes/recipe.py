@@ -16,7 +16,7 @@ were pretrained on text apart from the images FLUX learnt:
    little noise (see `train_vae`); then its latent normalisation (shift_factor, scale_factor)
    is set from the posterior means of the pool, so the flow model sees latents of mean 0 and
    variance 1, as FLUX's VAE gives;
-3. the transformer, trained with fluxjax.train's Trainer (rectified flow, logit-normal t, AdamW,
+3. the transformer, trained with fluxjax.training.trainer's Trainer (rectified flow, logit-normal t, AdamW,
    EMA) on the VAE's posterior-mean latents of a fixed pool of drawn images and the frozen
    encoders' embeddings of their captions;
 4. a hub-layout folder (model_index.json, scheduler/, transformer/, vae/, text_encoder/,
@@ -50,7 +50,7 @@ from fluxjax.loading.registry import random_component
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.pipeline.text import PromptTokenizer, encode_prompts_jit
 from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
-from fluxjax.train import Trainer, TrainConfig
+from fluxjax.training.trainer import Trainer, TrainConfig
 
 SIZE = 128  # image side: 8 x 8 image tokens; a shape (46-51 px) spans about 6 x 6 latent pixels, 3 x 3 tokens
 MAX_SEQUENCE_LENGTH = 16  # the longest caption is 14 T5 tokens plus </s>
@@ -344,7 +344,7 @@ def packed_latents(vae_config: AutoEncoderConfig, vae_params, images: np.ndarray
 
 def train_transformer(latents: np.ndarray, caption_index: np.ndarray, txt: np.ndarray, vec: np.ndarray,
                       cfg: TrainConfig, batch: int, seed: int, progress: bool = True):
-    """Train a FLUX_CONFIG transformer with fluxjax.train's Trainer.
+    """Train a FLUX_CONFIG transformer with fluxjax.training.trainer's Trainer.
 
     latents: (N, L_img, 64) packed clean latents; caption_index: (N,) the row of txt (C, L, 64) and
     vec (C, 64) each latent's caption was encoded into. Batches are drawn uniformly from the pool

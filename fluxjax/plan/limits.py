@@ -1,6 +1,6 @@
 """The largest image a model can make on the devices at hand, known before anything is loaded.
 
-One denoising step holds the activations `fluxjax.plan.step_activations` gives (the planner's
+One denoising step holds the activations `fluxjax.plan.planner.step_activations` gives (the planner's
 analytic figure: the peak of a single-stream block, with XLA attention's (B, H, L, L) logits),
 which grow with the square of the image's token count. An image whose step alone needs more than
 a device's memory cannot be made there, whatever else fits: `check_image_size` refuses it in one
@@ -72,7 +72,7 @@ class SizeLimit:
 
     def step_bytes(self, tokens: int) -> int:
         """The planner's analytic activation bytes of one step on `tokens` image tokens, per device."""
-        from fluxjax.plan import step_activations
+        from fluxjax.plan.planner import step_activations
 
         return step_activations(self.cfg, self.batch, tokens, self.t5_length, self.heads_split, self.act_bytes)
 
@@ -126,7 +126,7 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     from fluxjax.config import FluxConfig
     from fluxjax.loading import registry
     from fluxjax.models import layers
-    from fluxjax.plan import PATCH, make_plan
+    from fluxjax.plan.planner import PATCH, make_plan
     from fluxjax.parallel.strategies import Strategy
 
     device = jax.devices()[0] if device is None else device
@@ -139,5 +139,5 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     fits = plan.total_bytes <= memory
     line = (f"{model} in {dt.name} at {width}x{height} needs {plan.total_bytes / GIB:.1f} GiB on one device "
             f"(every component's weights {plan.param_bytes / GIB:.1f} GiB + one step {plan.activation_bytes / GIB:.1f} "
-            f"GiB, fluxjax.plan.make_plan); {where} has {memory / GIB:.1f} GiB: {'it fits' if fits else 'it does not fit'}")
+            f"GiB, fluxjax.plan.planner.make_plan); {where} has {memory / GIB:.1f} GiB: {'it fits' if fits else 'it does not fit'}")
     return fits, line

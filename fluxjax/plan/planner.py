@@ -6,7 +6,7 @@ Three figures, each labelled with how it was obtained:
   activations  of one denoise step, two sources:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
                plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
-    xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan_xla.py,
+    xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan/xla.py,
                a child process). The CPU backend computes bf16 matmuls in float32 and so holds
                float32 copies the accelerator never makes; the step is therefore compiled in
                float32 (where nothing is upcast) and scaled by the analytic bf16/float32 ratio.
@@ -303,16 +303,16 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
-    """Run fluxjax/plan_xla.py in a child process with `devices` simulated CPU devices.
+    """Run fluxjax/plan/xla.py in a child process with `devices` simulated CPU devices.
 
     Returns its JSON: temp_bytes, argument_bytes (float32 compile), compile_s.
     """
     spec = dict(model=registry.PRESETS[model]["transformer"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above fluxjax/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "fluxjax.plan_xla", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "fluxjax.plan.xla", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"AOT compile of the step failed:\n{proc.stderr[-3000:]}")
@@ -425,7 +425,7 @@ def _abstract_transformer(model: str, dtype: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    """Per-device bytes of one training step (fluxjax.train's Trainer, AdamW, no EMA)."""
+    """Per-device bytes of one training step (fluxjax.training.trainer's Trainer, AdamW, no EMA)."""
 
     strategy: str
     mesh_shape: dict[str, int]
@@ -449,7 +449,7 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
     """The training step's memory of `model`'s transformer under `strategy` on `devices` devices.
 
     The T5, CLIP and VAE are not resident: training reads cached latents and text embeddings
-    (fluxjax.data). batch: images per step (default one per data shard). Parameters, gradients
+    (fluxjax.training.data). batch: images per step (default one per data shard). Parameters, gradients
     and optimizer state are exact (shapes over the strategy's table, param_memory); activations
     are analytic (saved_activations, plus step_activations for the peak inside the block being
     differentiated).

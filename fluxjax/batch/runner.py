@@ -108,7 +108,7 @@ class Job:
     prompt_2: str | None = None
     sigmas: tuple[float, ...] | None = None
     RECIPE: ClassVar[tuple[str, ...]] = RECIPE_KEYS
-    rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/limits.py)
+    rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/plan/limits.py)
 
     @property
     def shape(self) -> tuple:

@@ -266,7 +266,7 @@ def transformer_attention(strategy, devices: list, dtype: str = "bfloat16") -> s
 def compile_train_step(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
                        lora_rank: int | None = None, remat: bool = False, compute_dtype: str = "bfloat16") -> dict:
     """`compile_program`'s figures for one training step of `model`'s transformer as `fluxjax train`
-    runs it (fluxjax.train.Trainer: AdamW, float32 master weights, `compute_dtype` matmuls,
+    runs it (fluxjax.training.trainer.Trainer: AdamW, float32 master weights, `compute_dtype` matmuls,
     `remat`; with `lora_rank` a new LoRA of that rank on the frozen base), on `devices` under
     `strategy`. The batch is cached latents and text embeddings (training keeps no encoder)."""
     import flax.linen as nn
@@ -276,7 +276,7 @@ def compile_train_step(model: str, strategy, devices: list, batch: int, height: 
     from fluxjax.sampling import sampler as sampling
     from fluxjax.config import FluxConfig
     from fluxjax.loading import registry
-    from fluxjax.train import TrainConfig, Trainer
+    from fluxjax.training.trainer import TrainConfig, Trainer
 
     mesh = strategy.make_mesh(devices)
     cfg = TrainConfig(remat=remat, lora_rank=lora_rank, compute_dtype=compute_dtype)

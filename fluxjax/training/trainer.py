@@ -1,7 +1,7 @@
 """Rectified-flow fine-tuning of the FLUX transformer with optax: the loss, the train state, one
 jitted step, optional EMA, sharding by the strategy files, and Orbax train checkpoints.
 
-The loss (FLUX_REFERENCE.md section 4's flow convention, as in sampling.py):
+The loss (FLUX_REFERENCE.md section 4's flow convention, as in sampling/sampler.py):
     x_t = (1 - t) x0 + t eps,   target v = eps - x0,   loss = mean((model(x_t, t) - v)^2)
 over the packed latent tokens (B, L_img, 64), in float32. t is drawn logit-normal
 (t = sigmoid(mean + std * n), n ~ N(0, 1)), then shifted by the model's schedule with
@@ -10,7 +10,7 @@ embedding (dev) get a constant guidance input (default 1.0, as common FLUX fine-
 use). Caption dropout replaces a sample's text with the empty prompt's.
 
 Only the transformer is trained: the T5, CLIP and VAE outputs enter as cached arrays
-(fluxjax.data), so the frozen encoders are never part of the gradient computation.
+(fluxjax.training.data), so the frozen encoders are never part of the gradient computation.
 
 Parameters (`TrainConfig.param_dtype`): "float32" master weights (default) with bfloat16
 compute, or "bfloat16" parameters and optimizer state. float32 is the default because a
@@ -122,7 +122,7 @@ class TrainState:
     """Everything a resumed run needs, as one pytree (what a train checkpoint holds).
 
     step: int32 scalar, the number of updates done; it is also the data position (batch `step`
-    of fluxjax.data's deterministic order comes next). params: the trained parameters (with
+    of fluxjax.training.data's deterministic order comes next). params: the trained parameters (with
     TrainConfig.lora_rank, the LoRA's a/b factors only: lora.split_factors of its adapter tree).
     opt_state: the optax state. ema: the EMA of params, or None. key: uint32 PRNG key data (the
     step's noise, timesteps and caption dropout are drawn from it).
@@ -343,7 +343,7 @@ class Trainer:
     def lower_step(self, state: TrainState, batch: Mapping[str, Any], frozen=None):
         """The step lowered for abstract `state` (see `abstract_state`), `batch` and, with LoRA,
         `frozen` (ShapeDtypeStructs with shardings), ahead of time: `.compile()` it for the mesh's
-        devices, which may be a TPU topology's (fluxjax/plan_tpu.py). Nothing is placed."""
+        devices, which may be a TPU topology's (fluxjax/plan/tpu.py). Nothing is placed."""
         shardings = self.state_shardings(state.params)
         step = jax.jit(self._update, donate_argnums=0, out_shardings=None if shardings is None else (shardings, None))
         if self.strategy is None:
@@ -626,7 +626,7 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
         save_every: int = 100, resume: bool = False, resolution: int = 512, max_sequence_length: int | None = None,
         source: str | os.PathLike | None = None, tx: optax.GradientTransformation | None = None,
         progress: bool = False) -> TrainState:
-    """Fine-tune `pipe`'s transformer on `examples` (fluxjax.data.scan_folder) for cfg.total_steps.
+    """Fine-tune `pipe`'s transformer on `examples` (fluxjax.training.data.scan_folder) for cfg.total_steps.
 
     out_dir receives: cache/ (latents and embeddings), checkpoints/step_N (the whole TrainState
     every `save_every` steps and at the end, the two newest kept), loss.csv (step, loss,
@@ -657,7 +657,7 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
          max_sequence_length, source, tx, progress) -> TrainState:
     from tqdm import tqdm
 
-    from fluxjax.data import Batches, EncodedDataset, bucket
+    from fluxjax.training.data import Batches, EncodedDataset, bucket
     from fluxjax.models.flux import BLOCK_STACKS
 
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
