@@ -3,7 +3,8 @@
 Loaders return `(model, params)`: a linen module and its parameters read straight from a
 PyTorch checkpoint (diffusers/transformers folders or BFL single files), strictly checked, or
 restored from the Orbax folders `fluxjax convert` writes; `sharding=` places every leaf
-straight into its sharding. Modules depend one way: models <- loading <- pipeline <- commands.
+straight into its sharding. Packages depend one way (tests/test_imports.py ranks them): models <-
+parallel, loading <- lora <- sampling <- pipeline <- training <- plan, batch <- commands.
 """
 
 from fluxjax.runtime import apply_gpu_defaults
