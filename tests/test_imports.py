@@ -11,7 +11,8 @@ import re
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fluxjax"
-# The small base files every layer may use; nothing else sits directly under fluxjax/.
+# The small base files every layer may use; nothing else sits directly under fluxjax/. images.py (PNGs
+# written atomically with their recipe) is one: files.py, the pipeline, training, batch and the commands use it.
 BASE = ("config", "errors", "runtime", "files", "images")
 # Lower layers never import higher ones. A module takes the rank of the longest prefix that names it
 # (fluxjax/configs/ holds data only: the strategies' TOML files, read by parallel/strategies.py).
