@@ -16,13 +16,13 @@ mkdir "$WORK/src"
 tar --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' --exclude=./.venv -cf - . \
     | tar -xf - -C "$WORK/src"
 python3 -m pip wheel --no-deps --quiet --wheel-dir "$WORK/dist" "$WORK/src"
-# Every file of the packaged models (fluxjax/weights) is in the wheel: package-data globs miss quietly.
+# Every file of the packaged models (fluxjax/shapes/weights) is in the wheel: package-data globs miss quietly.
 python3 - "$WORK"/dist/fluxjax-*.whl <<'EOF'
 import os, sys, zipfile
-held = {n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("fluxjax/weights/")}
-tree = {os.path.join(d, f) for d, _, fs in os.walk("fluxjax/weights") for f in fs}
+held = {n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("fluxjax/shapes/weights/")}
+tree = {os.path.join(d, f) for d, _, fs in os.walk("fluxjax/shapes/weights") for f in fs}
 assert tree and held == tree, f"the wheel lacks {sorted(tree - held)[:5]} and has {sorted(held - tree)[:5]} extra"
-print(f"smoke: the wheel holds the {len(tree)} files of fluxjax/weights")
+print(f"smoke: the wheel holds the {len(tree)} files of fluxjax/shapes/weights")
 EOF
 python3 -m venv "$WORK/venv"  # no system site-packages: only what the wheel declares
 "$WORK/venv/bin/pip" install --quiet "$WORK"/dist/fluxjax-*.whl
@@ -39,7 +39,7 @@ export FLUXJAX_COMPILATION_CACHE="$WORK/xla" FLUXJAX_KERNEL_CACHE="$WORK/kernels
 "$PY" - <<'EOF'
 import os, sys
 import fluxjax
-from fluxjax.sharding import Strategy, available
+from fluxjax.parallel.strategies import Strategy, available
 
 site = os.path.dirname(os.path.dirname(fluxjax.__file__))
 assert site.startswith(sys.prefix), f"fluxjax imported from {site}, not the venv {sys.prefix}"
@@ -62,7 +62,7 @@ grep -q "^fluxjax generate: no FLUX.1 weights in the local hub cache, so this us
 import json, sys
 from importlib.resources import files
 from PIL import Image
-d = json.loads((files("fluxjax") / "weights" / "shapes" / "defaults.json").read_text())
+d = json.loads((files("fluxjax") / "shapes" / "weights" / "defaults.json").read_text())
 im = Image.open(sys.argv[1])
 assert im.size == (d["width"], d["height"]) and im.text["model"] == "shapes", (im.size, im.text)
 EOF

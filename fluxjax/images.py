@@ -124,7 +124,7 @@ def file_sha256(path: str) -> str:
 
 def edit_text(source_image: str, source_sha256: str, source_prompt: str, target_prompt: str, seed: int,
               settings, width: int, height: int, model: str, resize: str | None = None) -> dict[str, str]:
-    """The text chunks of a FlowEdit result (fluxjax/flowedit.py): what was edited and how.
+    """The text chunks of a FlowEdit result (fluxjax/sampling/flowedit.py): what was edited and how.
 
     source_image: the source file's name; source_sha256: its content's digest (the name alone
     does not say which image it was); settings: a resolved flowedit.EditSettings; resize: the

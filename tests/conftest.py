@@ -1,4 +1,4 @@
-"""Shared test helpers. Random weights for reference models: fluxjax.reference.randomize_."""
+"""Shared test helpers. Random weights for reference models: fluxjax.testing.reference.randomize_."""
 
 import os
 

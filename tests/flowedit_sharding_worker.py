@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
 
 # (strategy, ici mesh shape, batch): batches that divide the data axes and ones (3) that are padded.
 CASES = [("dp", (8,), 3), ("fsdp", (8,), 2), ("tp", (2, 4), 2), ("fsdp_tp", (4, 2), 3)]

@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from fluxjax import lora  # noqa: E402
+from fluxjax.lora import adapters as lora  # noqa: E402
 from fluxjax.bench.lora import write_random_lora  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
-from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
+from fluxjax.loading.random_weights import host_random_params  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
 from transformer_inputs import random_inputs  # noqa: E402
 
 BATCH, GRID, L_TXT, RANK = 8, (4, 6), 5, 4

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
 
 # (strategy, ici mesh shape, batch sizes): one batch that divides the data axes where the
 # compile time allows, and one (3) that divides none above 1, so it is padded.

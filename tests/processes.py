@@ -1,5 +1,5 @@
 """Test helper: run one fluxjax command as several local JAX processes (a local coordinator,
-gloo CPU collectives; see fluxjax.distributed), as a multi-host launcher would."""
+gloo CPU collectives; see fluxjax.parallel.distributed), as a multi-host launcher would."""
 
 import os
 import socket
@@ -23,9 +23,9 @@ def base_env(devices: int | None = None, **extra: str) -> dict:
 
 
 def start_processes(args: list[str], processes: int, env: dict) -> list[subprocess.Popen]:
-    """`python -m fluxjax.cli *args` as process 0..processes-1 of one distributed job."""
+    """`python -m fluxjax.commands.cli *args` as process 0..processes-1 of one distributed job."""
     env = {**env, "FLUXJAX_COORDINATOR": f"localhost:{free_port()}", "FLUXJAX_NUM_PROCESSES": str(processes)}
-    return [subprocess.Popen([sys.executable, "-m", "fluxjax.cli", *args], env={**env, "FLUXJAX_PROCESS_ID": str(i)},
+    return [subprocess.Popen([sys.executable, "-m", "fluxjax.commands.cli", *args], env={**env, "FLUXJAX_PROCESS_ID": str(i)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
 
 

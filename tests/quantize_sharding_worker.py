@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fluxjax.checkpoint import flat  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.loading.checkpoint import flat  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]  # 3: padded to the 8 data shards
 KW = dict(height=32, width=48, num_steps=2, seed=0, max_sequence_length=16, output="np")

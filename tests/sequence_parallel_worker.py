@@ -27,9 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.models.layers import attention  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
-from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.loading.random_weights import host_random_params  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
 from transformer_inputs import random_inputs  # noqa: E402
 
 HEADS = 8  # divisible by every degree tested, so Ulysses runs at 2, 4 and 8

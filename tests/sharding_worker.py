@@ -27,8 +27,8 @@ from fluxjax.models.clip import CLIPTextEncoder  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
 from fluxjax.models.layers import dot_product_attention  # noqa: E402
 from fluxjax.models.t5 import T5Encoder  # noqa: E402
-from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
+from fluxjax.loading.random_weights import host_random_params  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
 from transformer_inputs import random_inputs  # noqa: E402
 
 # (strategy, ici shape, whether the text encoders and VAE run too: they are checked once per
@@ -48,7 +48,7 @@ GRID, L_TXT = (4, 6), 5
 
 
 def init(model, *inputs):
-    """(boxed abstract params, random params) of `model`: fluxjax.random_weights' rule, nonzero
+    """(boxed abstract params, random params) of `model`: fluxjax.loading.random_weights' rule, nonzero
     everywhere, so a misplaced shard would show in the result."""
     boxed = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
     return boxed, host_random_params(boxed, seed=1)

@@ -155,7 +155,7 @@ def test_vae_encode_and_decode_methods_lower_at_highest_precision_in_float32():
 
 
 def test_the_pipeline_says_which_attention_its_transformer_runs():
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
     c = pipe.transformer.model.config
@@ -168,17 +168,17 @@ def test_the_pipeline_says_which_attention_its_transformer_runs():
 
 
 def test_gpu_xla_flags_are_set_only_on_cuda_and_never_over_the_users():
-    from fluxjax import xla_flags
+    from fluxjax import runtime
 
-    flags = " ".join(xla_flags.GPU_FLAGS)
-    assert xla_flags.gpu_default_flags({}, cuda_plugin=True) == flags
-    assert xla_flags.gpu_default_flags({"JAX_PLATFORMS": "cuda,cpu"}, cuda_plugin=True) == flags
-    assert xla_flags.gpu_default_flags({}, cuda_plugin=False) is None
-    assert xla_flags.gpu_default_flags({"JAX_PLATFORMS": "cpu"}, cuda_plugin=True) is None
-    assert xla_flags.gpu_default_flags({"XLA_FLAGS": ""}, cuda_plugin=True) is None
-    assert xla_flags.gpu_default_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, cuda_plugin=True) is None
+    flags = " ".join(runtime.GPU_FLAGS)
+    assert runtime.gpu_default_flags({}, cuda_plugin=True) == flags
+    assert runtime.gpu_default_flags({"JAX_PLATFORMS": "cuda,cpu"}, cuda_plugin=True) == flags
+    assert runtime.gpu_default_flags({}, cuda_plugin=False) is None
+    assert runtime.gpu_default_flags({"JAX_PLATFORMS": "cpu"}, cuda_plugin=True) is None
+    assert runtime.gpu_default_flags({"XLA_FLAGS": ""}, cuda_plugin=True) is None
+    assert runtime.gpu_default_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, cuda_plugin=True) is None
     environ = {"XLA_FLAGS": "--mine"}
-    xla_flags.apply_gpu_defaults(environ)
+    runtime.apply_gpu_defaults(environ)
     assert environ == {"XLA_FLAGS": "--mine"}
 
 
@@ -188,9 +188,9 @@ def test_the_installed_xla_knows_the_gpu_flags():
     import subprocess
     import sys
 
-    from fluxjax import xla_flags
+    from fluxjax import runtime
 
-    env = {**os.environ, "XLA_FLAGS": " ".join(xla_flags.GPU_FLAGS), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": " ".join(runtime.GPU_FLAGS), "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(2).sum())"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "2.0" in run.stdout, run.stderr[-500:]
@@ -241,7 +241,7 @@ def test_an_attention_the_platform_cannot_run_is_refused_in_one_line():
 
 def test_cudnn_on_a_cpu_is_one_line_from_the_cli(tmp_path):
     out = tmp_path / "x.png"
-    proc = subprocess.run([sys.executable, "-c", "import sys; from fluxjax.cli import main; sys.exit(main())",
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fluxjax.commands.cli import main; sys.exit(main())",
                            "generate", "a cat", "--model", "tiny", "--steps", "1", "--height", "64", "--width", "64",
                            "--attention", "cudnn", "--out", str(out)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -254,7 +254,7 @@ def test_cudnn_on_a_cpu_is_one_line_from_the_cli(tmp_path):
 def test_splash_is_the_transformers_alone_and_the_text_encoders_resolve_auto():
     # The encoders' attention is masked, which splash does not take: asking for splash used to fail
     # in T5 with a traceback (N182).
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32", attention_impl="splash")
     assert pipe.attention_implementation == "splash"

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxjax import batch, cli
-from fluxjax.pipeline import FluxPipeline
+from fluxjax.batch import runner as batch
+from fluxjax.commands import cli
+from fluxjax.pipeline.pipeline import FluxPipeline
 
 import processes
 
@@ -232,7 +233,7 @@ def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, ca
     ({"FLUXJAX_NUM_PROCESSES": "2", "FLUXJAX_PROCESS_ID": "2"}, "FLUXJAX_PROCESS_ID=2 must be below FLUXJAX_NUM_PROCESSES=2"),
 ])
 def test_distributed_settings_are_checked(monkeypatch, env, message):
-    from fluxjax import distributed
+    from fluxjax.parallel import distributed
 
     for name in ("FLUXJAX_NUM_PROCESSES", "FLUXJAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -311,7 +312,7 @@ def test_nan_output_is_a_failed_image_not_a_done_one(tmp_path, monkeypatch, caps
 
     import jax
 
-    from fluxjax.pipeline import Component
+    from fluxjax.pipeline.pipeline import Component
 
     poisoned = copy.copy(tiny)
     poisoned.vae = Component(tiny.vae.model, jax.tree.map(lambda x: x * np.nan, tiny.vae.params))
@@ -328,8 +329,8 @@ def test_nan_output_is_a_failed_image_not_a_done_one(tmp_path, monkeypatch, caps
 
 BATCH_KILL_SCRIPT = """
 import os, signal, sys
-import fluxjax.batch as batch
-from fluxjax.cli import main
+import fluxjax.batch.runner as batch
+from fluxjax.commands.cli import main
 from fluxjax.images import temporary_path
 
 save, saved = batch.save_png, []
@@ -389,8 +390,8 @@ def test_decompression_bomb_line_is_refused_before_loading(tmp_path, capsys, mon
 def test_kontext_lines_make_their_size_and_count_references_in_the_limit(tmp_path, capsys, monkeypatch):
     """N35, N46 in batch: a line with references makes its own size (or diffusers' default), and
     its references' tokens count in the size limit (an 8 GiB device, so this machine's RAM does not matter)."""
-    from fluxjax import limits
-    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.plan import limits
+    from fluxjax.pipeline.pipeline import DEFAULTS
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     monkeypatch.setattr(limits, "device_memory", lambda device: (8 << 30, "this host's RAM"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fluxjax import cli
+from fluxjax.commands import cli
 from fluxjax.bench import fullsize
 from fluxjax.config import FluxConfig
 

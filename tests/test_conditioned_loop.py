@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fluxjax import sampling
+from fluxjax.sampling import sampler as sampling
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.models.flux import Flux

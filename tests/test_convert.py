@@ -24,12 +24,12 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
 from fluxjax.loading.registry import load_clip, load_t5, load_transformer, load_vae
-from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
-from fluxjax.cli import main
+from fluxjax.loading.checkpoint import PARAMS, flat, save_params, write_marker
+from fluxjax.commands.cli import main
 from fluxjax.config import AutoEncoderConfig
-from fluxjax.folders import MANIFEST
-from fluxjax.reference import MODEL_INDEX, randomize_
-from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.files import MANIFEST
+from fluxjax.testing.reference import MODEL_INDEX, randomize_
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 from test_t5 import CONFIG_A, hf_config
 from test_transformer import CONFIGS, to_bfl
 from test_vae import SMALL, bfl_state_dict
@@ -322,7 +322,7 @@ def test_a_fifo_weights_file_is_refused_not_opened(hub, tmp_path):
     weights.unlink()
     os.mkfifo(weights)
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "convert", str(folder), str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, "-m", "fluxjax.commands.cli", "convert", str(folder), str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"fluxjax convert: error: {weights}: is a FIFO (named pipe), not a regular file; refusing to open it "
@@ -352,8 +352,8 @@ def test_overlapping_safetensors_offsets_are_refused(tmp_path, capsys):
 
 KILL_SCRIPT = """
 import os, signal, sys
-import fluxjax.checkpoint as checkpoint
-from fluxjax.cli import main
+import fluxjax.loading.checkpoint as checkpoint
+from fluxjax.commands.cli import main
 from fluxjax.config import AutoEncoderConfig
 
 add, seen = checkpoint.ParamsWriter.add, []
@@ -395,7 +395,7 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
 import flax.linen as nn
-from fluxjax.checkpoint import PARAMS, flat, save_params, write_marker
+from fluxjax.loading.checkpoint import PARAMS, flat, save_params, write_marker
 from fluxjax.loading.registry import load_t5, load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.t5 import param_shapes as t5_param_shapes
@@ -446,8 +446,8 @@ def test_restore_into_shardings_on_8_devices(hub, converted):
 
 REPLACE_KILL_SCRIPT = """
 import os, signal, sys
-import fluxjax.folders as folders
-from fluxjax.cli import main
+import fluxjax.files as folders
+from fluxjax.commands.cli import main
 
 STEP, SRC, DST = sys.argv[1:]
 exchange, unlink, swapped, unlinked = folders.exchange, os.unlink, [], []
@@ -506,8 +506,8 @@ def test_sigkill_during_replacement_leaves_old_or_new_dst(hub, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def pipeline_hub(tmp_path_factory):
-    """A small dev-like hub folder whose components fit together (fluxjax.reference)."""
-    from fluxjax.reference import make_hub_pipeline
+    """A small dev-like hub folder whose components fit together (fluxjax.testing.reference)."""
+    from fluxjax.testing.reference import make_hub_pipeline
 
     root = tmp_path_factory.mktemp("pipeline_hub")
     make_hub_pipeline(root, "dev")

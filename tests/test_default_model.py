@@ -11,12 +11,13 @@ import warnings
 import pytest
 from PIL import Image
 
-from fluxjax import pipeline, shapes
+from fluxjax.pipeline import pipeline
+from fluxjax.shapes import dataset as shapes
 from fluxjax.errors import UsageError
-from fluxjax.pipeline import (DEFAULTS, DefaultModelWarning, Defaults, FluxPipeline, OutOfGrammarWarning,
+from fluxjax.pipeline.pipeline import (DEFAULTS, DefaultModelWarning, Defaults, FluxPipeline, OutOfGrammarWarning,
                               default_source, folder_defaults, packaged_folder)
 
-SHIPPED = pathlib.Path(os.fspath(importlib.resources.files("fluxjax") / "weights" / "shapes"))
+SHIPPED = pathlib.Path(os.fspath(importlib.resources.files("fluxjax") / "shapes" / "weights"))
 
 
 def shipped_defaults() -> dict:
@@ -30,7 +31,7 @@ def shapes_pipe():
 
 def test_shapes_loads_the_packaged_folder(shapes_pipe):
     assert packaged_folder("shapes") == os.fspath(SHIPPED)
-    assert SHIPPED.parent.parent == pathlib.Path(pipeline.__file__).parent  # inside the package: fluxjax/weights/shapes
+    assert SHIPPED.parent.parent == pathlib.Path(pipeline.__file__).parent.parent  # inside the package: fluxjax/shapes/weights
     assert shapes_pipe.name == "shapes" and shapes_pipe.grammar is shapes.parse
     # its defaults are the ones defaults.json states (those at which its accuracy is measured)
     expected = Defaults(**{**DEFAULTS[shapes_pipe.kind].__dict__, **shipped_defaults()})
@@ -97,7 +98,7 @@ def test_generate_without_model_and_no_flux_uses_shapes(tmp_path, monkeypatch, c
     out-of-grammar prompt warned about in one line. (.ci/smoke.sh runs it from a wheel with HF_HOME empty.)"""
     from huggingface_hub import constants
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     loaded = []

@@ -3,7 +3,7 @@ FluxControlPipeline, and BFL's control LoRAs on a base model against FluxControl
 load_lora_weights.
 
 Each reference is diffusers' own pipeline on a small random hub folder it saved itself
-(fluxjax/reference.py), run from the same noise (`latents=`). Same encoded latents: both
+(fluxjax/testing/reference.py), run from the same noise (`latents=`). Same encoded latents: both
 pipelines sample the VAE posterior (`latent_dist.sample(generator)`), fluxjax encodes with the
 posterior mean (BFL's choice); the reference's `DiagonalGaussianDistribution.sample` is patched to
 return that mean, so both sides condition on the same latents. Limit: pixels on [0, 1] within
@@ -21,13 +21,13 @@ import peft  # noqa: F401 (diffusers' LoRA loading needs it; the test extra inst
 
 from diffusers import FluxControlPipeline, FluxFillPipeline  # noqa: E402
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fluxjax import conditioning  # noqa: E402
+from fluxjax.pipeline import conditioning  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 from test_lora import control_norm_scales  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80
@@ -191,7 +191,7 @@ def bfl_control_to_diffusers(tensors, transformer):
 def test_flowedit_is_refused_on_fill_and_control_models(fill, control, tmp_path, capsys, monkeypatch):
     """N90: FlowEdit on a Fill or control checkpoint is one line (the library's) and, from `fluxjax
     edit`, before loading (read from the transformer's config), not a shape error mid-edit."""
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     src = tmp_path / "in.png"
     random_image(0).save(src)

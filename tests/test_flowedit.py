@@ -1,8 +1,8 @@
-"""FlowEdit (fluxjax/flowedit.py, pipe.edit, `fluxjax edit`) against the paper's algorithm in PyTorch.
+"""FlowEdit (fluxjax/sampling/flowedit.py, pipe.edit, `fluxjax edit`) against the paper's algorithm in PyTorch.
 
 The reference is written here straight from Algorithm 1 of Kulikov et al. (arXiv 2412.08629) as
 the authors' FLUX code runs it: a plain Python loop around diffusers' FluxTransformer2DModel of
-a small random hub-layout folder (fluxjax/reference.py), the same weights, the same noise draws
+a small random hub-layout folder (fluxjax/testing/reference.py), the same weights, the same noise draws
 (fluxjax's per-step draws handed to it), diffusers' own VAE, text encoders and scheduler.
 Limits (the issue's): edited latents within 1e-4 relative (max abs error / max abs value) in
 float32, pixels on [0, 1] within 1e-3. Measured: latents 1.5e-5 to 2.6e-5 dev-like, 1.1e-6 to
@@ -23,11 +23,13 @@ import torch
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 
-from fluxjax import conditioning, flowedit, sampling  # noqa: E402
+from fluxjax.pipeline import conditioning  # noqa: E402
+from fluxjax.sampling import flowedit  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80  # 3 x 5 tokens: a swapped height and width shows
 TOKENS = (HEIGHT // 16) * (WIDTH // 16)
@@ -216,7 +218,7 @@ def test_resize_policies(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 def run_cli(*args):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     return main(["edit", *map(str, args)])
 
@@ -267,7 +269,7 @@ def test_cli_damaged_image_is_one_line_before_loading(tmp_path, capsys, monkeypa
     import bad_images
     from PIL import Image
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     files = bad_images.make(tmp_path / "in")
@@ -314,7 +316,7 @@ def write_jsonl(path, lines):
 def test_batch_runs_edit_jobs_beside_prompts(hub, tmp_path, capsys):
     from PIL import Image
 
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     Image.fromarray(source_image()).save(tmp_path / "a.png")
     Image.fromarray(source_image(phase=2.0)).save(tmp_path / "b.png")
@@ -354,7 +356,7 @@ def test_batch_refuses_bad_edit_lines_before_loading(tmp_path, capsys, line, mat
 
     from PIL import Image
 
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     Image.fromarray(source_image()).save(tmp_path / "a.png")
     Image.fromarray(source_image(50, WIDTH)).save(tmp_path / "odd.png")

@@ -1,5 +1,5 @@
-"""Issue 31 items 1, 2 and 4: the folders fluxjax writes and replaces (fluxjax.folders), through
-`fluxjax convert` and fluxjax.train.write_model. Every refusal is one line, exit 2, and the
+"""Issue 31 items 1, 2 and 4: the folders fluxjax writes and replaces (fluxjax.files), through
+`fluxjax convert` and fluxjax.training.trainer.write_model. Every refusal is one line, exit 2, and the
 user's files (at every depth) survive byte for byte; a folder appearing at DST during a
 conversion (another process, a real race) is never removed; two conversions to one DST are
 refused by a lock naming the other process."""
@@ -18,8 +18,8 @@ import pytest
 
 from test_convert import REPO, convert_cli, hub, one_line_error, tree_bytes  # noqa: F401 (hub: a fixture)
 
-from fluxjax import folders
-from fluxjax.cli import main
+from fluxjax import files
+from fluxjax.commands.cli import main
 
 NOT_CONVERTS = "already exists and was not written by fluxjax convert ({}); fluxjax replaces only its own folders: choose another DST"
 
@@ -73,7 +73,7 @@ def test_overwrite_refuses_user_files_at_every_depth(hub, converted_hub, tmp_pat
     clean = tmp_path / "clean"
     shutil.copytree(converted_hub, clean, symlinks=True)
     assert convert_cli(root, clean, "--overwrite", capsys=capsys)[0] == 0
-    assert folders.owned_why(str(clean), "convert") == "" and not glob.glob(f"{clean}.*")
+    assert files.owned_why(str(clean), "convert") == "" and not glob.glob(f"{clean}.*")
 
 
 def test_folder_without_manifest_is_refused_saying_how_to_proceed(hub, converted_hub, tmp_path, capsys):
@@ -82,7 +82,7 @@ def test_folder_without_manifest_is_refused_saying_how_to_proceed(hub, converted
     root, _ = hub
     old = tmp_path / "old"
     shutil.copytree(converted_hub, old, symlinks=True)
-    (old / folders.MANIFEST).unlink()
+    (old / files.MANIFEST).unlink()
     before = tree_bytes(old)
     code, err = convert_cli(root, old, "--overwrite", capsys=capsys)
     assert code == 2 and one_line_error(err) == f"{old}: " + NOT_CONVERTS.format(
@@ -96,8 +96,8 @@ def test_convert_refuses_a_trained_model_and_train_refuses_user_files(hub, tmp_p
     train wrote it: the trained transformer would be lost). N118 at the swap: write_model replaces
     its own model/ but not one the user put a file into meanwhile."""
     from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.pipeline import FluxPipeline
-    from fluxjax.train import stack_layers, write_model
+    from fluxjax.pipeline.pipeline import FluxPipeline
+    from fluxjax.training.trainer import stack_layers, write_model
 
     root, _ = hub
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
@@ -132,8 +132,8 @@ def test_dst_under_a_file_is_one_line(hub, tmp_path, capsys):
 # A conversion slowed down (every leaf written waits), so another process can act while it runs.
 SLOW_SCRIPT = """
 import sys, time
-import fluxjax.checkpoint as checkpoint
-from fluxjax.cli import main
+import fluxjax.loading.checkpoint as checkpoint
+from fluxjax.commands.cli import main
 
 add = checkpoint.ParamsWriter.add
 def slow_add(self, path, value):
@@ -152,7 +152,7 @@ def _slow_convert(*argv):
 
 def _wait_for_staging(dst, proc):
     deadline = time.time() + 120
-    while not glob.glob(f"{dst}{folders.STAGING}*"):
+    while not glob.glob(f"{dst}{files.STAGING}*"):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
 

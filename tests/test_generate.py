@@ -8,15 +8,15 @@ import jax
 import pytest
 from PIL import Image
 
-from fluxjax import cli
-from fluxjax.cache import CACHE_ENV, enable_compilation_cache
+from fluxjax.commands import cli
+from fluxjax.runtime import CACHE_ENV, enable_compilation_cache
 
 
 def test_generate_tiny_writes_png_with_metadata(tmp_path):
     out = tmp_path / "cat.png"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", CACHE_ENV: "off", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run(
-        [sys.executable, "-m", "fluxjax.cli", "generate", "a photo of a cat", "--out", str(out), "--model", "tiny",
+        [sys.executable, "-m", "fluxjax.commands.cli", "generate", "a photo of a cat", "--out", str(out), "--model", "tiny",
          "--height", "64", "--width", "96", "--steps", "2", "--seed", "5"],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -87,7 +87,7 @@ def one_line(capsys, command="generate"):
 ])
 def test_bad_arguments_are_one_line_before_loading(tmp_path, capsys, monkeypatch, args, message):
     """Issue 14 items 7, 10, 13: refused in one line, exit 2, before loading, nothing written."""
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     (tmp_path / "folder.png").mkdir()
@@ -114,8 +114,8 @@ def test_size_beyond_memory_is_refused_before_loading(tmp_path, capsys, monkeypa
     import re
 
     from fluxjax.config import FluxConfig
-    from fluxjax.limits import SizeLimit, device_memory
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.plan.limits import SizeLimit, device_memory
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     assert cli.main(["generate", "a cat", "--model", "tiny", "--height", "100000", "--width", "100000",
@@ -142,9 +142,9 @@ def test_an_invalid_config_in_fluxjax_json_names_the_file(tmp_path, capsys, monk
     import dataclasses
     import json
 
-    from fluxjax.checkpoint import FORMAT
+    from fluxjax.loading.checkpoint import FORMAT
     from fluxjax.config import FluxConfig
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     (tmp_path / "model" / "transformer" / "params").mkdir(parents=True)
@@ -164,7 +164,7 @@ def poisoned():
 
     import numpy as np
 
-    from fluxjax.pipeline import Component, FluxPipeline
+    from fluxjax.pipeline.pipeline import Component, FluxPipeline
 
     pipe = copy.copy(FluxPipeline.from_pretrained("tiny"))
     pipe.vae = Component(pipe.vae.model, jax.tree.map(lambda x: x * np.nan, pipe.vae.params))
@@ -173,7 +173,7 @@ def poisoned():
 
 def test_nan_weights_are_an_error_not_a_black_png(tmp_path, capsys, monkeypatch, poisoned):
     """Issue 14 item 13: non-finite output is refused, no PNG written."""
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: poisoned))
     assert cli.main(["generate", "a cat", *TINY, "--out", str(tmp_path / "x.png")]) == 2
@@ -186,7 +186,7 @@ def test_nan_weights_are_an_error_not_a_black_png(tmp_path, capsys, monkeypatch,
 GENERATE_KILL_SCRIPT = """
 import os, signal, sys
 import PIL.Image
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 
 def save_then_die(self, fp, *args, **kw):  # a SIGKILL in the middle of writing the PNG
     with open(fp, "wb") as f:

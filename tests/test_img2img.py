@@ -1,7 +1,7 @@
 """img2img, base-model inpainting, true CFG, prompt_2, embeddings and custom sigmas against diffusers.
 
 The reference is diffusers' own FluxImg2ImgPipeline / FluxInpaintPipeline / FluxPipeline on the
-small random dev-like hub folder it saved (fluxjax/reference.py), fp32. The same noise on both
+small random dev-like hub folder it saved (fluxjax/testing/reference.py), fp32. The same noise on both
 sides: diffusers draws it from a seeded torch.Generator, and fluxjax gets that draw as `latents=`.
 The same image latents: diffusers samples the VAE posterior with that generator where fluxjax
 takes its mean; here diffusers' retrieve_latents is replaced by its own "argmax" mode (the
@@ -20,11 +20,11 @@ import torch
 
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline  # noqa: E402
 from diffusers.pipelines.flux import pipeline_flux_img2img, pipeline_flux_inpaint  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
@@ -184,7 +184,7 @@ def inputs(tmp_path_factory):
 def test_generate_inpaints_with_true_cfg_and_records_it(inputs, tmp_path):
     import hashlib
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     out = tmp_path / "out.png"
     args = ["generate", "a cat", "--model", "tiny", "--dtype", "float32", "--out", str(out),
@@ -215,7 +215,7 @@ def test_generate_inpaints_with_true_cfg_and_records_it(inputs, tmp_path):
     (["--reference", "{inputs}/nope.png"], "--reference {inputs}/nope.png: no such file"),
 ])
 def test_generate_bad_conditioning_writes_nothing(inputs, tmp_path, capsys, args, message):
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     out = tmp_path / "x.png"
     args = [a.format(inputs=inputs) for a in args]
@@ -226,7 +226,7 @@ def test_generate_bad_conditioning_writes_nothing(inputs, tmp_path, capsys, args
 
 
 def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, capsys):
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     out = tmp_path / "x.png"
     args = ["generate", "a cat", "--model", "tiny", "--out", str(out), "--height", "32", "--width", "32",
@@ -241,7 +241,7 @@ def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, caps
 def test_batch_conditioned_lines(inputs, tmp_path):
     import json
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     lines = [{"prompt": "a cat", "image": "in.png", "mask": "mask.png", "strength": 0.9, "negative_prompt": "a dog",
               "true_cfg": 3.0, "name": "a"},
@@ -275,7 +275,7 @@ def test_batch_conditioned_lines(inputs, tmp_path):
 def test_batch_bad_conditioning_names_the_line(inputs, tmp_path, capsys, line, message):
     import json
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     prompts = inputs / "p.jsonl"
     prompts.write_text(json.dumps(line) + "\n")
@@ -291,7 +291,7 @@ def test_image_files_are_read_as_people_see_them(tmp_path):
     EXIF orientation is applied (the stored 32 x 48 JPEG is shown, and read, 48 x 32); a mask too."""
     import bad_images
 
-    from fluxjax import conditioning
+    from fluxjax.pipeline import conditioning
 
     files = bad_images.make(tmp_path)
     want = np.round(bad_images.gradient16(48) / 257).astype(np.uint8)
@@ -317,7 +317,7 @@ def test_damaged_input_files_are_one_line_before_loading(tmp_path, capsys, monke
     """Each input file is decoded in full before the model loads: one line naming it, exit 2, nothing written."""
     import bad_images
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
     files = bad_images.make(tmp_path / "in")

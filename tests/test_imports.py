@@ -1,5 +1,6 @@
-"""One import root: fluxjax's modules import each other without a cycle, in one direction
-(models <- loading <- pipeline <- commands), and nothing imports a top-level `convert`.
+"""One import root: fluxjax's modules import each other without a cycle, in one direction (every
+package ranked in LAYERS, a module imports only modules of its rank or below), the top level holds
+only the base files, and nothing imports a top-level `convert`.
 
 Read from the source with ast, so every import counts, function-local ones included.
 """
@@ -10,8 +11,31 @@ import re
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "fluxjax"
-# Lower layers never import higher ones.
-LAYERS = (("fluxjax.models", 0), ("fluxjax.loading", 1), ("fluxjax.pipeline", 2), ("fluxjax.commands", 3))
+# The small base files every layer may use; nothing else sits directly under fluxjax/. images.py (PNGs
+# written atomically with their recipe) is one: files.py, the pipeline, training, batch and the commands use it.
+BASE = ("config", "errors", "runtime", "files", "images")
+# Lower layers never import higher ones. A module takes the rank of the longest prefix that names it
+# (fluxjax/configs/ holds data only: the strategies' TOML files, read by parallel/strategies.py).
+LAYERS = (
+    *((f"fluxjax.{name}", 0) for name in BASE),
+    ("fluxjax.kernels", 10),          # the CPU attention kernel and its build
+    ("fluxjax.models", 20),           # Flax modules, and the quantized weights they consume
+    ("fluxjax.parallel", 30),         # strategies (meshes, logical axis rules), multi-host runs
+    ("fluxjax.loading", 40),          # checkpoint files -> parameter trees
+    ("fluxjax.lora", 50),             # LoRA files (read with loading's key tables) and adapters
+    ("fluxjax.loading.to_orbax", 55),  # the converter fuses LoRAs into what it writes: above lora
+    ("fluxjax.sampling", 60),         # the loop (live LoRA inside), FlowEdit
+    ("fluxjax.shapes", 70),           # the shapes dataset and weights: the pipeline reads its grammar
+    ("fluxjax.pipeline", 80),         # FluxPipeline, text encoding, conditioning
+    ("fluxjax", 90),                  # the package itself (__init__.py): the public names, re-exported
+    ("fluxjax.training", 100),        # the trainer and its data
+    ("fluxjax.shapes.recipe", 105),   # the recipe that trains the shapes model: above training
+    ("fluxjax.plan", 110),            # plans and AOT compiles of what the pipeline and trainer run
+    ("fluxjax.batch", 120),           # JSONL jobs and the multi-host batch runner
+    ("fluxjax.testing", 130),         # PyTorch references (torch): tests and benchmarks only
+    ("fluxjax.bench", 140),           # `fluxjax bench`
+    ("fluxjax.commands", 150),        # the command line
+)
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -71,10 +95,10 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 
 
 def rank(module: str) -> int | None:
-    for prefix, level in LAYERS:
-        if module == prefix or module.startswith(prefix + "."):
-            return level
-    return None
+    """The rank of the longest LAYERS prefix naming `module`; "fluxjax" ranks only the package itself."""
+    found = [(len(prefix), level) for prefix, level in LAYERS
+             if module == prefix or (prefix != "fluxjax" and module.startswith(prefix + "."))]
+    return max(found)[1] if found else None
 
 
 def test_the_checker_finds_a_cycle():
@@ -84,16 +108,35 @@ def test_the_checker_finds_a_cycle():
 
 def test_no_import_cycle_between_fluxjax_modules():
     edges = graph()
-    assert {"fluxjax", "fluxjax.pipeline", "fluxjax.loading.registry"} <= set(edges)
+    assert {"fluxjax", "fluxjax.pipeline.pipeline", "fluxjax.loading.registry"} <= set(edges)
     assert "fluxjax.loading.registry" in edges["fluxjax"]  # the public loaders, imported eagerly
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_every_module_is_ranked():
+    assert rank("fluxjax.pipeline.pipeline") == 80 and rank("fluxjax.shapes.recipe") == 105 and rank("fluxjax.x") is None
+    unranked = [m for m in modules() if rank(m) is None]
+    assert not unranked, unranked
+
+
 def test_dependencies_point_one_way():
-    wrong = [f"{a} imports {b}" for a, deps in graph().items() for b in deps
-             if rank(a) is not None and rank(b) is not None and rank(a) < rank(b)]
+    wrong = [f"{a} ({rank(a)}) imports {b} ({rank(b)})" for a, deps in graph().items() for b in deps if rank(a) < rank(b)]
     assert not wrong, wrong
+
+
+def test_the_top_level_holds_only_the_base_files():
+    top = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p.is_file() and not p.name.startswith(".")))
+    assert top == sorted(["__init__.py", *(f"{name}.py" for name in BASE)]), top
+
+
+def test_every_package_says_its_responsibility():
+    """Each folder of Python code is a package whose __init__.py has a docstring (its one-line job)."""
+    folders = sorted({p.parent for p in PACKAGE.rglob("*.py")})
+    assert len(folders) > 10
+    silent = [str(f) for f in folders if not (f / "__init__.py").exists()
+              or not ast.get_docstring(ast.parse((f / "__init__.py").read_text()))]
+    assert not silent, silent
 
 
 def test_no_lazy_attributes_on_the_package():

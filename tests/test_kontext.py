@@ -1,7 +1,7 @@
 """Kontext reference images against diffusers' FluxKontextPipeline.
 
 The reference is diffusers' own pipeline on a small random hub folder it saved itself
-(fluxjax/reference.py, saved as a FluxKontextPipeline), run from the same noise (`latents=`).
+(fluxjax/testing/reference.py, saved as a FluxKontextPipeline), run from the same noise (`latents=`).
 Both encode the reference with the VAE posterior's mode (diffusers' `sample_mode="argmax"`,
 fluxjax's posterior mean): the same latents without patching. Limit: pixels on [0, 1] within
 1e-3 in float32, as the text-to-image pipeline (tests/test_pipeline.py).
@@ -17,11 +17,12 @@ import torch
 
 from diffusers import FluxKontextPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fluxjax import conditioning, sampling  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline import conditioning  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
@@ -203,8 +204,8 @@ class SizeSpy:
 def test_generate_makes_the_asked_size(tmp_path, monkeypatch, asked, made):
     """N35: an asked size is made exactly (diffusers keeps only its aspect ratio at 1024**2 pixels:
     64x64 became 1024x1024); without one, diffusers' default for the model's size."""
-    from fluxjax import cli
-    from fluxjax.pipeline import DEFAULTS
+    from fluxjax.commands import cli
+    from fluxjax.pipeline.pipeline import DEFAULTS
 
     spy = SizeSpy(DEFAULTS["tiny"])
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: spy))
@@ -222,7 +223,8 @@ def test_references_count_in_the_size_limit(tmp_path, capsys, monkeypatch):
     here, so the figures do not depend on this machine's RAM)."""
     import jax
 
-    from fluxjax import cli, limits
+    from fluxjax.plan import limits
+    from fluxjax.commands import cli
     from fluxjax.config import FluxConfig
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
@@ -248,7 +250,7 @@ def test_a_reference_too_small_is_named_with_its_file(tmp_path):
     # The probe's N39, re-run: the refusal came before loading but no longer named the file.
     from PIL import Image
 
-    from fluxjax import conditioning
+    from fluxjax.pipeline import conditioning
     from fluxjax.errors import UsageError
 
     path = tmp_path / "1x1.png"

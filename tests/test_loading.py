@@ -6,13 +6,13 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.loading import registry
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load_transformer
 from fluxjax.loading.to_orbax import PLANS, convert
 from fluxjax.models.flux import BLOCK_STACKS
-from fluxjax.reference import randomize_
+from fluxjax.testing.reference import randomize_
 from test_transformer import CONFIGS, flux_args, make_inputs
 
 CFG = CONFIGS["dev_like"]

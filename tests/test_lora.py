@@ -19,15 +19,16 @@ import pytest
 import torch
 
 from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fluxjax import lora, sampling  # noqa: E402
+from fluxjax.lora import adapters as lora  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import NonFiniteError, UsageError  # noqa: E402
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEIGHT, WIDTH = 48, 80
@@ -335,9 +336,9 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
     JSONL "loras" field (live, strengths per image, one batch) against the Python API."""
     from PIL import Image
 
-    from fluxjax import cli
+    from fluxjax.commands import cli
     from fluxjax.loading.registry import load_transformer
-    from fluxjax.pipeline import to_uint8
+    from fluxjax.pipeline.pipeline import to_uint8
 
     peft = diffusers_lora(hub, "peft10.safetensors", seed=10)
     kohya = save(hub, "kohya11.safetensors", kohya_tensors(hub, seed=11))
@@ -444,7 +445,7 @@ BAD_STRENGTHS = (("nan", "nan is not a finite number"), ("inf", "inf is not a fi
 
 
 def cli_run(argv, capsys):
-    from fluxjax import cli
+    from fluxjax.commands import cli
 
     code = cli.main(argv)
     return code, capsys.readouterr().err

@@ -1,7 +1,7 @@
 """FluxPipeline and the sampling pieces against diffusers' FluxPipeline, end to end.
 
 The reference is diffusers' own pipeline on a small random hub-layout folder it saved itself
-(fluxjax/reference.py); both start from the same noise (`latents=`). Limits: pixels on [0, 1]
+(fluxjax/testing/reference.py); both start from the same noise (`latents=`). Limits: pixels on [0, 1]
 within 1e-3 in float32 (measured: about 5e-6 dev-like, 2e-6 schnell-like); the schedule within
 1e-6 of BFL's formula and of diffusers' sigmas.
 """
@@ -18,11 +18,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers import FluxPipeline as DiffusersFluxPipeline  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
-from fluxjax.reference import SCHEDULERS, make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import SCHEDULERS, make_hub_pipeline  # noqa: E402
 
-from fluxjax import sampling  # noqa: E402
+from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import UsageError  # noqa: E402
-from fluxjax.pipeline import FluxPipeline, to_uint8  # noqa: E402
+from fluxjax.pipeline.pipeline import FluxPipeline, to_uint8  # noqa: E402
 
 HEIGHT, WIDTH = 48, 80  # 3 x 5 tokens: a swapped height and width shows
 PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps over the lazy dog"]
@@ -183,7 +183,7 @@ def test_noise_shape_and_seed_independence():
 
 def test_orbax_checkpoint_gives_the_same_image(hub, tmp_path):
     """`fluxjax convert` of the hub folder, then the pipeline on the Orbax folder: the same pixels."""
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     dst = tmp_path / "orbax"
     assert main(["convert", str(hub.root), str(dst), "--dtype", "float32"]) == 0

@@ -14,7 +14,7 @@ import pytest
 
 import diffusers  # noqa: F401 (a test dependency: the test extra installs it; missing, this file fails)
 
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "pipeline_sharding_worker.py")
 

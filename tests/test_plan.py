@@ -6,9 +6,9 @@ import sys
 import jax
 import pytest
 
-from fluxjax.cli import main
-from fluxjax.plan import abstract_params, param_memory, parse_bytes, parse_size
-from fluxjax.sharding import Strategy
+from fluxjax.commands.cli import main
+from fluxjax.plan.planner import abstract_params, param_memory, parse_bytes, parse_size
+from fluxjax.parallel.strategies import Strategy
 
 DEV_PARAMS = 11_901_408_320  # docs/architecture.md, "Sizes"
 # Leaves fsdp leaves whole, having no axis it splits: the QK-norm scales (128,) (head_dim; 2 norms
@@ -59,7 +59,7 @@ def test_plan_command_prints_and_fits(capsys):
 
 def test_plan_command_with_xla_compile():
     """The XLA figure comes from a child process with 8 simulated devices (tiny model: fast)."""
-    proc = subprocess.run([sys.executable, "-m", "fluxjax.cli", "plan", "--model", "tiny", "--sharding", "fsdp_tp",
+    proc = subprocess.run([sys.executable, "-m", "fluxjax.commands.cli", "plan", "--model", "tiny", "--sharding", "fsdp_tp",
                            "--devices", "8", "--size", "64x64", "--hbm", "1GiB"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[xla: CPU AOT compile in float32" in proc.stdout and "mesh fsdp=4 x tensor=2" in proc.stdout
@@ -82,10 +82,10 @@ def test_train_plan_parts_are_exact_for_dev_and_tiny():
     makes; remat keeps less than no remat; the LoRA trains far less state than full fine-tuning."""
     import numpy as np
 
-    from fluxjax import lora
+    from fluxjax.lora import adapters as lora
     from fluxjax.config import FluxConfig
     from fluxjax.models.flux import Flux, param_shapes
-    from fluxjax.plan import lora_param_count, saved_activations, train_plan
+    from fluxjax.plan.planner import lora_param_count, saved_activations, train_plan
 
     full = train_plan("dev", Strategy.load("fsdp"), 8)
     assert full.weights == 4 * ((DEV_PARAMS - DEV_UNSPLIT_PARAMS) // 8 + DEV_UNSPLIT_PARAMS)
@@ -120,7 +120,7 @@ def test_a_flash_attention_step_holds_no_logits():
     # Splash (TPU) and cuDNN hold one tile of the logits at a time: the (B, H, L, L) float32 logits
     # and bf16 probabilities of XLA's attention leave the analytic peak, the attention output joins.
     from fluxjax.config import FluxConfig
-    from fluxjax.plan import step_activations
+    from fluxjax.plan.planner import step_activations
 
     cfg = FluxConfig.preset("dev")
     l_img, l_txt, b = 4096, 512, 1
@@ -140,7 +140,7 @@ def test_fits_here_says_what_fits_one_chip(monkeypatch):
     # The quickstart notebook picks its model from this on an accelerator (issue 30, item 6).
     from types import SimpleNamespace
 
-    from fluxjax import limits
+    from fluxjax.plan import limits
 
     def chip(gib):
         return SimpleNamespace(platform="tpu", device_kind="TPU v5 lite", id=0,
@@ -161,7 +161,7 @@ def test_a_flash_attention_training_step_saves_logsumexps_not_probabilities():
     # (H/t) L 4 bytes are saved instead of XLA's (H/t) L^2 (4 + s). dev on v5p:4x4x4 (fsdp, batch 64,
     # remat, LoRA 16): the TPU compiler allocated 5.02 GiB per chip, this plan says 5.04 (docs/tpu.md).
     from fluxjax.config import FluxConfig
-    from fluxjax.plan import saved_activations, train_plan
+    from fluxjax.plan.planner import saved_activations, train_plan
 
     cfg = FluxConfig.preset("dev")
     l_img, l_txt, s = 4096, 512, 2

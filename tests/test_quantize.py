@@ -1,4 +1,4 @@
-"""Weight-only int8 / fp8 Linears (fluxjax/quantize.py, models/layers.QuantizedDense).
+"""Weight-only int8 / fp8 Linears (fluxjax/models/quantize.py, models/layers.QuantizedDense).
 
 Error bounds are set from measurements on these same fixtures (docs/quantization.md), with bf16
 against float32 as the yardstick: what quantizing adds is compared with what bf16 already costs.
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.errors import UsageError
-from fluxjax.quantize import MODES, SCALE, dequantize, quantize_kernel
+from fluxjax.models.quantize import MODES, SCALE, dequantize, quantize_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KW = dict(height=64, width=64, num_steps=4, seed=0, output="np", max_sequence_length=16)
@@ -69,7 +69,7 @@ def test_layer_and_model_error_within_measured_bounds():
 @pytest.fixture(scope="module")
 def tiny_images():
     """The tiny pipeline's images in float32 and bf16 (the yardstick) and with quantized weights."""
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     out, pipes = {}, {}
     for dtype, mode in (("float32", None), ("bfloat16", None), ("float32", "int8"), ("float32", "fp8"),
@@ -105,7 +105,7 @@ def test_pipeline_holds_quantized_weights_and_changes_the_image_within_bounds(ti
 def test_quantize_is_refused_in_one_line():
     from fluxjax.config import AutoEncoderConfig
     from fluxjax.loading.registry import build
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     with pytest.raises(UsageError) as e:
         FluxPipeline.from_pretrained("tiny", quantize="int4")
@@ -115,7 +115,7 @@ def test_quantize_is_refused_in_one_line():
 
 
 def test_cli_quantize_flag(tmp_path, capsys):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     out = tmp_path / "q.png"
     assert main(["generate", "a red square", "--model", "tiny", "--quantize", "int8", "--height", "32", "--width", "32",
@@ -140,9 +140,9 @@ def test_cli_quantize_flag(tmp_path, capsys):
 def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
     """Live: the LoRA's branch is added to the quantized Linear's output. Fused: each kernel is
     quantized again with the update in, within one quantization step of base + update."""
-    from fluxjax import lora
+    from fluxjax.lora import adapters as lora
     from fluxjax.bench.lora import write_random_lora
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     images, _ = tiny_images
     path = str(tmp_path / "lora.safetensors")
@@ -179,9 +179,9 @@ def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
 def test_loader_quantizes_a_checkpoint_on_the_host(tmp_path):
     """From a hub folder and from the Orbax folder `fluxjax convert` writes: each quantized kernel
     is exactly the host quantization of the bf16 weight the unquantized load gives, the rest equal."""
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
     from fluxjax.loading.registry import load
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     make_hub_pipeline(tmp_path / "hub", "schnell")
     assert main(["convert", str(tmp_path / "hub"), str(tmp_path / "orbax")]) == 0
@@ -226,8 +226,8 @@ def test_fsdp_on_8_devices_equals_one_device_and_splits_weights_and_scales():
 
 def test_program_inputs_give_quantized_abstract_params():
     """`fluxjax plan --topology --quantize` compiles the pipeline's programs with int8 parameters."""
-    from fluxjax.plan_tpu import program_inputs
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan.tpu import program_inputs
+    from fluxjax.parallel.strategies import Strategy
 
     strategy = Strategy.load("fsdp")
     mesh = strategy.make_mesh(jax.devices()[:1])
@@ -241,7 +241,7 @@ def test_program_inputs_give_quantized_abstract_params():
 def test_batch_records_quantize_and_keeps_one_setting_per_folder(tmp_path, capsys):
     """The weights' quantization changes the pixels, so `fluxjax batch` records it with each image
     and refuses to resume a folder with another; manifests written before it existed read as none."""
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text("a red square\na blue circle\n")

@@ -18,7 +18,7 @@ import torch
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
-from fluxjax.cli import main
+from fluxjax.commands.cli import main
 from fluxjax.config import FluxConfig
 from fluxjax.errors import CheckpointError
 from fluxjax.loading import flux, ggml, registry
@@ -166,7 +166,7 @@ def test_model_from_gguf_equals_model_from_its_dequantized_safetensors(files):
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """A small hub folder whose encoders and VAE fit CFG's widths."""
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     root = tmp_path_factory.mktemp("hub")
     make_hub_pipeline(root, "dev", attention_head_dim=128, num_attention_heads=1, axes_dims_rope=(16, 56, 56))

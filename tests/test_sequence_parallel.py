@@ -17,7 +17,7 @@ import pytest
 
 import diffusers  # noqa: F401 (a test dependency: the test extra installs it; missing, this file fails)
 
-from fluxjax.reference import make_hub_pipeline  # noqa: E402
+from fluxjax.testing.reference import make_hub_pipeline  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "sequence_parallel_worker.py")
 LENGTH, HEADS, BATCH, HEAD_DIM = 40, 8, 2, 16  # the worker's compiled attention

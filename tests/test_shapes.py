@@ -1,4 +1,4 @@
-"""fluxjax.shapes: the caption grammar, the drawings, the held-out split and the classifier.
+"""fluxjax.shapes.dataset: the caption grammar, the drawings, the held-out split and the classifier.
 
 The classifier is the grader of a model trained on these images, so it is checked both ways:
 every drawn caption is classified right (at two sizes, at the extremes of the jitter too), and
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from fluxjax import shapes
-from fluxjax.shapes import CENTER, PALETTE, POSITIONS, SHAPES, Caption
+from fluxjax.shapes import dataset as shapes
+from fluxjax.shapes.dataset import CENTER, PALETTE, POSITIONS, SHAPES, Caption
 
 PLACES = (CENTER, *POSITIONS)
 

@@ -1,4 +1,4 @@
-"""The built-in `shapes` model (fluxjax/weights/shapes, written by fluxjax/train_shapes.py): it
+"""The built-in `shapes` model (fluxjax/shapes/weights, written by fluxjax/shapes/recipe.py): it
 loads, fits the size budget, draws what a handful of prompts ask (graded by shapes.classify at its
 defaults.json), and the training command writes a loadable folder end to end."""
 
@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from fluxjax import shapes
+from fluxjax.shapes import dataset as shapes
 from fluxjax.bench import shapes as bench
-from fluxjax.pipeline import FluxPipeline
+from fluxjax.pipeline.pipeline import FluxPipeline
 
 MAX_BYTES = 8 * 2**20  # the issue's budget for the shipped weights, every file counted
 
@@ -30,7 +30,7 @@ def shipped():
 
 
 def test_shipped_folder_fits_budget_and_names_its_defaults():
-    from fluxjax.train_shapes import folder_bytes
+    from fluxjax.shapes.recipe import folder_bytes
 
     assert folder_bytes(bench.DEFAULT_MODEL) <= MAX_BYTES
     defaults = bench.load_defaults(bench.DEFAULT_MODEL)
@@ -60,8 +60,8 @@ def test_capitals_and_punctuation_draw_the_same_image_with_a_notice(shipped, tmp
 
     from PIL import Image
 
-    from fluxjax import cli
-    from fluxjax.pipeline import FluxPipeline, PromptNormalizedWarning, to_uint8
+    from fluxjax.commands import cli
+    from fluxjax.pipeline.pipeline import FluxPipeline, PromptNormalizedWarning, to_uint8
 
     plain = "a red circle on a blue background"
     want = shipped(plain, seed=3, output="np")
@@ -90,7 +90,7 @@ def test_capitals_and_punctuation_draw_the_same_image_with_a_notice(shipped, tmp
 
 
 def test_training_command_writes_a_loadable_folder(tmp_path):
-    from fluxjax import train_shapes
+    from fluxjax.shapes import recipe as train_shapes
 
     out = tmp_path / "model"
     train_shapes.main(["--seed", "1", "--out", str(out), "--images", "8", "--text-steps", "1", "--vae-steps", "1", "--vae-batch", "2",
@@ -105,7 +105,7 @@ def test_training_command_writes_a_loadable_folder(tmp_path):
 
 
 def test_vae_edge_mask_marks_the_outline_and_nothing_flat():
-    from fluxjax.train_shapes import edge_mask, to_model_pixels
+    from fluxjax.shapes.recipe import edge_mask, to_model_pixels
 
     image = shapes.draw("a red square on a blue background", size=64, seed=0)
     mask = np.asarray(edge_mask(to_model_pixels(image[None])))[0, ..., 0]

@@ -23,7 +23,7 @@ from fluxjax.models.axes import ACTIVATION_AXES, AXES, PARAMETER_AXES
 from fluxjax.models.clip import CLIPTextEncoder
 from fluxjax.models.flux import Flux, param_shapes
 from fluxjax.models.t5 import T5Encoder
-from fluxjax.sharding import Strategy, available, jit_with_rules, pad_batch
+from fluxjax.parallel.strategies import Strategy, available, jit_with_rules, pad_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = ("dp", "fsdp", "tp", "fsdp_tp")
@@ -190,7 +190,7 @@ def test_fallback_is_a_second_choice_after_every_rule(tmp_path, caplog):
     specs, notes = s.param_specs(boxed, mesh)
     assert tuple(specs["bias"]) == (None, "fsdp") and tuple(specs["kernel"]) == ("tensor", "fsdp")
     assert notes == ["bias: heads=4 not divisible by tensor=8: on fsdp instead"]
-    with caplog.at_level("INFO", logger="fluxjax.sharding"):  # the loaders' sharding= logs the choice
+    with caplog.at_level("INFO", logger="fluxjax.parallel.strategies"):  # the loaders' sharding= logs the choice
         shardings = s.param_shardings(jax.sharding.AbstractMesh((2, 8), ("fsdp", "tensor")))(boxed)
     assert shardings["bias"].spec == specs["bias"]
     assert [r.getMessage() for r in caplog.records] == ["sharding mine: bias: heads=4 not divisible by tensor=8: on fsdp instead"]

@@ -1,6 +1,6 @@
 """Prompt tokenization: fluxjax's ids are the ids diffusers' FluxPipeline feeds its encoders.
 
-The tokenizers are built locally by fluxjax/tiny_tokenizers.py. The reference is a real
+The tokenizers are built locally by fluxjax/pipeline/tiny_tokenizers.py. The reference is a real
 diffusers FluxPipeline loaded from the same folders; its text encoders are replaced by stubs
 that record the ids `encode_prompt` passes them, so the reference is the pipeline's own
 tokenizer calls, not a copy of them.
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from fluxjax.reference import MODEL_INDEX
-from fluxjax.text import PromptTokenizer, PromptTruncatedWarning, encode_prompts, encode_prompts_jit
-from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.testing.reference import MODEL_INDEX
+from fluxjax.pipeline.text import PromptTokenizer, PromptTruncatedWarning, encode_prompts, encode_prompts_jit
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
 import diffusers
 import transformers

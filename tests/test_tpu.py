@@ -39,8 +39,8 @@ def run_tpu(code: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 COMPILE_ALL = """
     import json, sys
-    from fluxjax import plan_tpu
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan import tpu as plan_tpu
+    from fluxjax.parallel.strategies import Strategy
 
     out = {}
     for strategy, topology, batch, size, programs, variant in json.loads(sys.argv[1]):
@@ -130,7 +130,7 @@ def test_ring_attention_runs_each_block_through_splash(compiled, strategy):
 
 
 def test_plan_topology_json_gives_the_tpu_compilers_figures():
-    proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
+    proc = run_tpu("import sys; from fluxjax.commands.cli import main; sys.exit(main())", "plan", "--model", "tiny",
                    "--sharding", "fsdp", "--topology", "v5e:2x2", "--size", "128x128", "--programs", "denoise,encode",
                    "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -151,7 +151,7 @@ def test_plan_topology_quantize_compiles_int8_weights():
     (docs/quantization.md has dev on v5e:1x1), fewer argument bytes than bf16."""
     reports = {}
     for extra in ((), ("--quantize", "int8")):
-        proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
+        proc = run_tpu("import sys; from fluxjax.commands.cli import main; sys.exit(main())", "plan", "--model", "tiny",
                        "--topology", "v5e:1x1", "--size", "128x128", "--programs", "denoise,encode", "--json", *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[extra[-1] if extra else None] = json.loads(proc.stdout)
@@ -164,7 +164,7 @@ def test_plan_topology_quantize_compiles_int8_weights():
 
 
 def test_a_bad_topology_is_one_line():
-    proc = run_tpu("import sys; from fluxjax.cli import main; sys.exit(main())", "plan", "--model", "tiny",
+    proc = run_tpu("import sys; from fluxjax.commands.cli import main; sys.exit(main())", "plan", "--model", "tiny",
                    "--topology", "v5e-8")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
@@ -173,8 +173,8 @@ def test_a_bad_topology_is_one_line():
 
 TRAIN = """
     import json, sys
-    from fluxjax import plan_tpu
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan import tpu as plan_tpu
+    from fluxjax.parallel.strategies import Strategy
 
     devices = plan_tpu.topology_devices("v5e:2x2")
     out = {}

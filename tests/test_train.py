@@ -1,4 +1,4 @@
-"""Training (fluxjax.train): the loss's gradient against diffusers' FluxTransformer2DModel, the
+"""Training (fluxjax.training.trainer): the loss's gradient against diffusers' FluxTransformer2DModel, the
 jitted step (optax, EMA, remat, dtypes), sharding on 8 simulated CPU devices, checkpoints."""
 
 import glob
@@ -21,17 +21,17 @@ from safetensors.torch import save_file
 from conftest import rel_err
 from test_transformer import CONFIGS, flux_args, make_inputs
 
-from fluxjax import lora
+from fluxjax.lora import adapters as lora
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading.registry import load_transformer
 from fluxjax.models.flux import param_shapes
 from fluxjax.models.flux import Flux
-from fluxjax.pipeline import FluxPipeline
-from fluxjax.random_weights import host_random_params
-from fluxjax.reference import randomize_
-from fluxjax.sampling import Schedule
-from fluxjax.train import (
+from fluxjax.pipeline.pipeline import FluxPipeline
+from fluxjax.loading.random_weights import host_random_params
+from fluxjax.testing.reference import randomize_
+from fluxjax.sampling.sampler import Schedule
+from fluxjax.training.trainer import (
     Trainer, TrainConfig, ema_decay, flow_matching_loss, latest_checkpoint, restore_state, sample_timesteps, save_state,
 )
 
@@ -246,7 +246,7 @@ def make_folder(root, sizes=((40, 24), (24, 40), (32, 32), (40, 24)), captions=T
 
 
 def run_cli(capsys, *argv):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     code = main(["train", *map(str, argv)])
     return code, capsys.readouterr().err.strip()
@@ -275,7 +275,7 @@ def test_bad_data_is_named_in_one_line_before_loading(tmp_path, capsys):
 
 
 def test_metadata_jsonl_buckets_and_deterministic_order(tmp_path):
-    from fluxjax.data import Batches, bucket, scan_folder
+    from fluxjax.training.data import Batches, bucket, scan_folder
 
     folder = make_folder(tmp_path / "meta", captions=False)
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "text": f"c{i}"}) + "\n" for i in range(4)))
@@ -297,8 +297,8 @@ def test_training_images_are_read_as_generate_reads_them(tmp_path):
     an EXIF-rotated JPEG is upright."""
     import bad_images
 
-    from fluxjax import conditioning
-    from fluxjax.data import load_pixels, scan_folder
+    from fluxjax.pipeline import conditioning
+    from fluxjax.training.data import load_pixels, scan_folder
 
     files = bad_images.make(tmp_path / "data")
     for name in ("g16", "exif6"):
@@ -319,7 +319,7 @@ def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
     os.mkfifo(folder / "img4.png")
     (folder / "img4.txt").write_text("a pipe")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "train", str(folder), "--out", str(tmp_path / "out")],
+    run = subprocess.run([sys.executable, "-m", "fluxjax.commands.cli", "train", str(folder), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"fluxjax train: error: {folder / 'img4.png'}: is a FIFO (named pipe), not a regular file; refusing to open it"]
@@ -328,7 +328,7 @@ def test_a_fifo_among_the_images_is_refused_not_opened(tmp_path):
 
 def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
     """N100, N101: a Latin-1 caption file or metadata.jsonl is named, with the line and byte."""
-    from fluxjax.data import scan_folder
+    from fluxjax.training.data import scan_folder
 
     folder = make_folder(tmp_path / "captions")
     (folder / "img1.txt").write_bytes("a caf\xe9 in the sun".encode("latin-1"))
@@ -346,13 +346,13 @@ def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     return FluxPipeline.from_pretrained("tiny", dtype="float32")
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, tiny_pipe):
-    from fluxjax.data import EncodedDataset, scan_folder
+    from fluxjax.training.data import EncodedDataset, scan_folder
 
     folder = make_folder(tmp_path / "data")
     kw = dict(pipe=tiny_pipe, resolution=32, max_sequence_length=16, cache_dir=tmp_path / "cache")
@@ -381,13 +381,13 @@ def test_checkpoint_round_trip_is_exact(tmp_path, tiny, ema_trainer):
 def _cli(*argv) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "fluxjax.cli", "train", *map(str, argv)]
+    return [sys.executable, "-m", "fluxjax.commands.cli", "train", *map(str, argv)]
 
 
 def _final_state(out) -> list[np.ndarray]:
     import orbax.checkpoint.experimental.v1 as ocp
 
-    from fluxjax.train import latest_checkpoint as latest
+    from fluxjax.training.trainer import latest_checkpoint as latest
 
     return [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest(out / "checkpoints")))]
 
@@ -430,7 +430,7 @@ def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
     losses = np.loadtxt(whole / "loss.csv", delimiter=",", skiprows=1)[:, 1]
     assert losses[-15:].mean() < 0.8 * losses[:15].mean()
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(whole / "model", dtype="float32")
     trained = stack_params(pipe)
@@ -442,7 +442,7 @@ def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
 
 def stack_params(pipe):
     from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.train import stack_layers
+    from fluxjax.training.trainer import stack_layers
 
     return stack_layers(pipe.transformer.params, BLOCK_STACKS)
 
@@ -502,7 +502,7 @@ def test_trained_lora_gives_diffusers_the_same_image(hub):
     from test_lora import check, run_ours, run_reference
 
     from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.train import stack_layers, write_lora
+    from fluxjax.training.trainer import stack_layers, write_lora
 
     t = hub.pipe.transformer
     params = stack_layers(t.params, BLOCK_STACKS)
@@ -571,7 +571,7 @@ def _safetensors_contents(data: bytes) -> tuple[dict, dict]:
     return header.get("__metadata__", {}), tensors
 
 
-# -- --out: the folder rule of fluxjax.folders, --resume's settings and damaged checkpoints (issue 31) --
+# -- --out: the folder rule of fluxjax.files, --resume's settings and damaged checkpoints (issue 31) --
 
 
 def _train_error(capsys, *argv) -> str:
@@ -586,7 +586,7 @@ def test_out_not_written_by_fluxjax_train_is_refused_before_loading(tmp_path, ca
     depth, is as it was and no lock file is left."""
     from test_convert import tree_bytes
 
-    from fluxjax.train import _write_run_marker
+    from fluxjax.training.trainer import _write_run_marker
 
     data = make_folder(tmp_path / "data", sizes=((40, 24),))
     proj = tmp_path / "proj"
@@ -634,7 +634,7 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, capsys, tiny):
     (not Orbax's 34 KB tree diff after it); --steps may change (a resumed run may go further)."""
     from test_convert import tree_bytes
 
-    from fluxjax.train import _write_run_marker, run_settings
+    from fluxjax.training.trainer import _write_run_marker, run_settings
 
     model, params, batch = tiny
     data = make_folder(tmp_path / "data", sizes=((40, 24),))
@@ -665,7 +665,7 @@ def test_a_second_run_on_one_out_is_refused_naming_the_first(tmp_path, capsys):
 
     out = tmp_path / "cc"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fluxjax.folders import locked\n"
+        [sys.executable, "-c", "import sys, time; from fluxjax.files import locked\n"
          "with locked(sys.argv[1], '--out'):\n    print('held', flush=True); time.sleep(300)", str(out)],
         env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)), stdout=subprocess.PIPE, text=True)
     try:
@@ -760,7 +760,7 @@ def test_background_aftermath_of_a_reported_error_is_quiet():
     import threading
     import types
 
-    from fluxjax.cli import quiet_libraries
+    from fluxjax.commands.cli import quiet_libraries
 
     absl = logging.getLogger("absl")
     saved = sys.unraisablehook, sys.excepthook, threading.excepthook, absl.level, logging.getLogger("asyncio").filters[:]

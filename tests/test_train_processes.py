@@ -14,7 +14,7 @@ import pytest
 import processes
 from test_train import make_folder
 
-from fluxjax import folders
+from fluxjax import files
 
 # One bucket of 8 images (batch 8 divides fsdp's 8-way data axis), 4 steps, checkpoints at 2 and 4.
 ARGS = ["--resolution", "32", "--steps", "4", "--save-every", "2", "--lr", "1e-3", "--warmup", "1", "--dtype", "float32",
@@ -72,7 +72,7 @@ def _assert_same_run(one, two) -> None:
     assert _files(one) == _files(two)
     for out in (one, two):  # nothing of the run left beside --out or in it: no lock, no staging folder
         assert not [n for n in os.listdir(out.parent) if n.startswith(out.name) and n != out.name], out
-        assert not [n for n in os.listdir(out) if folders.STAGING in n or n.endswith(folders.LOCK)], out
+        assert not [n for n in os.listdir(out) if files.STAGING in n or n.endswith(files.LOCK)], out
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +92,13 @@ def test_two_processes_train_full_weights_as_one_and_resume(runs):
     _assert_same_run(one, two)
     # model/'s manifest names every file of it, each process's Orbax shards included: written
     # by process 0 after all of them had saved.
-    assert folders.owned_why(str(two / "model"), "train") == ""
+    assert files.owned_why(str(two / "model"), "train") == ""
     want, got = _load(one / "model" / "transformer" / "params"), _load(two / "model" / "transformer" / "params")
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=WEIGHT_ATOL, err_msg=k)
     # What 2 processes wrote loads in one, as fluxjax generate --model would load it.
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
     from test_train import stack_params
 
     pipe = FluxPipeline.from_pretrained(two / "model", dtype="float32")
@@ -120,7 +120,7 @@ def test_two_processes_train_full_weights_as_one_and_resume(runs):
     again = _load(two / "model" / "transformer" / "params")
     assert all(np.array_equal(again[k], weights[k]) for k in weights)
     assert all(np.array_equal(v, state[k]) for k, v in _load(two / "checkpoints" / "step_00000004").items())
-    assert folders.owned_why(str(two / "model"), "train") == ""
+    assert files.owned_why(str(two / "model"), "train") == ""
 
 
 def test_two_processes_train_a_lora_as_one(runs):

@@ -24,7 +24,7 @@ from fluxjax.config import ConfigError, FluxConfig
 from fluxjax.models import layers
 from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SelfAttention, SingleStreamBlock
 from fluxjax.models.flux import param_shapes
-from fluxjax.reference import randomize_
+from fluxjax.testing.reference import randomize_
 
 FP32_TOL = 1e-5  # x max|reference|: what the issue asks; diffusers itself is within 5e-7 of float64
 

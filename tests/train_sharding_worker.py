@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import param_shapes  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
-from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sampling import Schedule  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
-from fluxjax.train import Trainer, TrainConfig  # noqa: E402
+from fluxjax.loading.random_weights import host_random_params  # noqa: E402
+from fluxjax.sampling.sampler import Schedule  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
+from fluxjax.training.trainer import Trainer, TrainConfig  # noqa: E402
 
 CASES = [("dp", (8,)), ("fsdp", (8,)), ("tp", (1, 8)), ("fsdp_tp", (4, 2))]
 STEPS, BATCH = 3, 8

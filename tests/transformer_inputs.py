@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fluxjax import sampling
+from fluxjax.sampling import sampler as sampling
 from fluxjax.config import FluxConfig
 
 

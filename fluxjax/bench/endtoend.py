@@ -29,14 +29,14 @@ PROMPT = "a photo of a red fox in the snow, golden hour"
 
 def random_pipeline(preset: str, dtype=jnp.bfloat16, attention_impl: str = "auto"):
     """fluxjax's FluxPipeline of preset `preset` ("dev", "schnell", "tiny") with random weights drawn
-    on the default device (fluxjax.random_weights.device_random_params), the tiny tokenizers (their
+    on the default device (fluxjax.loading.random_weights.device_random_params), the tiny tokenizers (their
     ids fit every vocabulary) and the preset's schedule and defaults."""
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.loading.registry import COMPONENTS, PRESETS, abstract_params, build
-    from fluxjax.pipeline import Component, FluxPipeline
-    from fluxjax.random_weights import device_random_params
-    from fluxjax.text import PromptTokenizer
-    from fluxjax.tiny_tokenizers import make_tokenizers
+    from fluxjax.pipeline.pipeline import Component, FluxPipeline
+    from fluxjax.loading.random_weights import device_random_params
+    from fluxjax.pipeline.text import PromptTokenizer
+    from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
     with tempfile.TemporaryDirectory() as folder:
         make_tokenizers(folder)
@@ -98,8 +98,8 @@ def reference_pipeline(preset: str, device: str):
 
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading.registry import PRESETS
-    from fluxjax.reference import SCHEDULERS
-    from fluxjax.tiny_tokenizers import make_tokenizers
+    from fluxjax.testing.reference import SCHEDULERS
+    from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
     names = PRESETS[preset]
     f, t, c, v = (FluxConfig.preset(names["transformer"]), T5Config.preset(names["t5"]),

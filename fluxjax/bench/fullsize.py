@@ -6,7 +6,7 @@ chip's bf16 peak (FLOPs counted from the shapes of docs/architecture.md: 74.4 TF
 1024x1024), and peak device memory; each attention implementation asked for ("auto" printed with
 what it resolves to here); with `--compare-diffusers`, diffusers' bf16 transformer on the same GPU
 in the same run, eager and under torch.compile (its compile time reported). The XLA_FLAGS in force
-are printed, and whether fluxjax set them (fluxjax/xla_flags.py).
+are printed, and whether fluxjax set them (fluxjax/runtime.py).
 
 On a CPU the full model does not fit: the section then runs the `tiny` preset, which exercises
 every line of the harness (MFU is not given: a CPU has no bf16 peak in the table).
@@ -57,7 +57,7 @@ def chip_peak(kind: str | None = None) -> float | None:
 
 
 def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
 
     rng = np.random.default_rng(0)
     img = sampling.pack(rng.standard_normal((batch, 16, size // 8, size // 8), np.float32))
@@ -68,9 +68,9 @@ def _inputs(cfg: FluxConfig, batch: int, size: int, l_txt: int):
 
 
 def _fluxjax(model_name: str, cfg: FluxConfig, sizes, batches, steps: int, attention: str, peak: float | None) -> None:
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.models.flux import Flux, param_shapes
-    from fluxjax.random_weights import device_random_params
+    from fluxjax.loading.random_weights import device_random_params
 
     model = Flux(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention)
     l_txt = T5_LENGTH[model_name]
@@ -112,12 +112,12 @@ def xla_flags_line() -> str:
     """The XLA_FLAGS in force and who set them, for a benchmark's header."""
     import os
 
-    from fluxjax import xla_flags
+    from fluxjax import runtime
 
     flags = os.environ.get("XLA_FLAGS")
     if flags is None:
         return "XLA_FLAGS unset"
-    who = "set by fluxjax (fluxjax/xla_flags.py)" if xla_flags.APPLIED == flags else "the user's"
+    who = "set by fluxjax (fluxjax/runtime.py)" if runtime.APPLIED == flags else "the user's"
     return f"XLA_FLAGS={flags!r} ({who})"
 
 

@@ -24,7 +24,7 @@ def write_random_lora(path: str, cfg: FluxConfig, rank: int, seed: int = 0) -> N
     sized so that it visibly changes the output."""
     from safetensors.numpy import save_file
 
-    from fluxjax.lora_formats import STACKS
+    from fluxjax.lora.formats import STACKS
     from fluxjax.models.flux import param_shapes
     from fluxjax.models.flux import Flux
 
@@ -46,8 +46,8 @@ def write_random_lora(path: str, cfg: FluxConfig, rank: int, seed: int = 0) -> N
 
 def main(argv=None) -> None:
     from fluxjax.bench.pipeline import _per_step
-    from fluxjax.pipeline import FluxPipeline
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     parser = argparse.ArgumentParser(prog="fluxjax bench lora", description=__doc__.split("\n\n")[0])
     add_model_size_arguments(parser, hidden=256, heads=4)

@@ -38,8 +38,8 @@ def _steps(args) -> None:
     import torch
     from diffusers import FluxPipeline as DiffusersFluxPipeline
 
-    from fluxjax.pipeline import FluxPipeline
-    from fluxjax.reference import make_hub_pipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
+    from fluxjax.testing.reference import make_hub_pipeline
 
     torch.set_num_threads(args.threads)
     head_dim = args.hidden // args.heads
@@ -76,7 +76,7 @@ def _end_to_end(args) -> None:
     env = {**os.environ, "FLUXJAX_COMPILATION_CACHE": "off", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "fluxjax.cli", "generate", "a photo of a cat", "--model", "tiny",
+        run = subprocess.run([sys.executable, "-m", "fluxjax.commands.cli", "generate", "a photo of a cat", "--model", "tiny",
                               "--out", os.path.join(folder, "tiny.png")], capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
     if run.returncode:

@@ -1,4 +1,4 @@
-"""`fluxjax bench quantization`: the error of int8 and fp8 weights (fluxjax/quantize.py) beside the
+"""`fluxjax bench quantization`: the error of int8 and fp8 weights (fluxjax/models/quantize.py) beside the
 error bf16 itself makes, on a random transformer (docs/quantization.md has the figures).
 
 The yardstick is float32: for each quantized Linear, and for the whole transformer, the relative
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.config import FluxConfig
-from fluxjax.quantize import MODES, dequantize, quantize_kernel, quantized_kernels
+from fluxjax.models.quantize import MODES, dequantize, quantize_kernel, quantized_kernels
 
 PRECISIONS = ("bfloat16",) + tuple(MODES)  # what each error is measured for, against float32
 
@@ -53,7 +53,7 @@ def model_errors(cfg: FluxConfig, seed: int = 0, grid: tuple[int, int] = (8, 8),
     {precision: {relative, max_abs, relative_to_bf16}}: against the float32 model (max_abs over the
     output, whose scale is about 1) and, relative_to_bf16, against the bf16 model (what quantizing
     changes); and `layer_errors` of its quantized Linears."""
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.loading.registry import abstract_params, build, random_component
 
     rng = np.random.default_rng(seed + 1)
@@ -131,10 +131,10 @@ def step_memory(cfg: FluxConfig, tokens: int = 1024, txt_len: int = 64) -> dict[
 
 def topology_copies(topology: str, mode: str) -> dict:
     """dev's denoising loop (1024x1024, batch 1) with `mode` weights compiled for TPU `topology`
-    (fluxjax/plan_tpu.py): {argument_bytes, temp_bytes, bf16_kernel_copies}."""
-    from fluxjax import plan_tpu
-    from fluxjax.plan import T5_LENGTHS
-    from fluxjax.sharding import Strategy
+    (fluxjax/plan/tpu.py): {argument_bytes, temp_bytes, bf16_kernel_copies}."""
+    from fluxjax.plan import tpu as plan_tpu
+    from fluxjax.plan.planner import T5_LENGTHS
+    from fluxjax.parallel.strategies import Strategy
 
     devices = plan_tpu.topology_devices(topology)
     strategy = Strategy.load("fsdp")

@@ -1,12 +1,12 @@
-"""Accuracy of a `shapes` model (fluxjax/train_shapes.py) through the real FluxPipeline.
+"""Accuracy of a `shapes` model (fluxjax/shapes/recipe.py) through the real FluxPipeline.
 
-For a fixed prompt list (`prompt_list`: every held-out combination of fluxjax.shapes and as many
+For a fixed prompt list (`prompt_list`: every held-out combination of fluxjax.shapes.dataset and as many
 seen ones, spread evenly, each at every position, centred included), generate with
 `FluxPipeline.from_pretrained(model)` at the settings of the model's defaults.json, grade every
 image with `shapes.classify`, and print the accuracy per attribute for seen and held-out
 prompts, and images/s (after one warm-up batch that compiles).
 
-    fluxjax bench shapes [--model fluxjax/weights/shapes] [--combos N] [--grid grid.png]
+    fluxjax bench shapes [--model fluxjax/shapes/weights] [--combos N] [--grid grid.png]
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
-from fluxjax import shapes
+from fluxjax.shapes import dataset as shapes
 from fluxjax.bench.common import record
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "shapes")
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "shapes", "weights")
 DEFAULTS_FILE = "defaults.json"
 
 
@@ -47,7 +47,7 @@ def prompt_list(combos: int | None = None) -> list[str]:
 
 def generate(pipe, prompts: list[str], defaults: dict, seed: int = 0, batch: int = 40) -> np.ndarray:
     """uint8 images (N, H, W, 3) of `prompts` at `defaults`; prompt i gets seed `seed + i`."""
-    from fluxjax.pipeline import to_uint8
+    from fluxjax.pipeline.pipeline import to_uint8
 
     out = []
     for start in range(0, len(prompts), batch):
@@ -70,7 +70,7 @@ def grade(images: np.ndarray, prompts: list[str]) -> dict[str, dict[str, float]]
 def evaluate(model: str = DEFAULT_MODEL, combos: int | None = None, seed: int = 0, batch: int = 40):
     """Load `model`, generate `prompt_list(combos)`, grade. Returns (accuracy as `grade` gives it,
     images (N, H, W, 3) uint8, prompts, images/s of the timed generation)."""
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     defaults = load_defaults(model)
     pipe = FluxPipeline.from_pretrained(model)

@@ -76,7 +76,7 @@ def run_case(case: dict, python: str, timeout: int) -> dict:
     """One case in a child process (`fluxjax plan --topology ... --json`); the JSON, or an error."""
     from types import SimpleNamespace
 
-    from fluxjax.sharding import Strategy
+    from fluxjax.parallel.strategies import Strategy
 
     topology = TOPOLOGIES[case["slice"]]
     strategy = Strategy.load(case["strategy"])
@@ -86,7 +86,7 @@ def run_case(case: dict, python: str, timeout: int) -> dict:
             "--size", f"{case['size']}x{case['size']}", "--batch", str(batch), "--programs", "denoise", "--json"]
     start = time.perf_counter()
     try:
-        proc = subprocess.run([python, "-c", "import sys; from fluxjax.cli import main; sys.exit(main())", *argv],
+        proc = subprocess.run([python, "-c", "import sys; from fluxjax.commands.cli import main; sys.exit(main())", *argv],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(case, error=f"no answer in {timeout} s")
@@ -106,8 +106,8 @@ def roofline_ms(row: dict) -> float | None:
     """max(FLOPs per chip / bf16 peak, weight bytes read per chip / HBM bandwidth), ms per step: a
     lower bound of the step time on that chip (labelled an estimate wherever it is shown)."""
     from fluxjax.config import FluxConfig
-    from fluxjax.plan import T5_LENGTHS, abstract_params, param_memory
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan.planner import T5_LENGTHS, abstract_params, param_memory
+    from fluxjax.parallel.strategies import Strategy
 
     report = row["report"]
     peak, bandwidth = chip_peak(report["device_kind"]), HBM_BANDWIDTH.get(report["device_kind"])

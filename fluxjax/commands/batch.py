@@ -1,9 +1,9 @@
 """`fluxjax batch PROMPTS --out-dir DIR [...]`: every prompt of a file to a PNG, resumable, over hosts.
 
 The file is checked in full before anything is loaded or written. Run the same command on every
-host (with jax.distributed set up: see fluxjax.distributed); each makes its share. Run it again
+host (with jax.distributed set up: see fluxjax.parallel.distributed); each makes its share. Run it again
 after a crash or a kill and it makes only what is missing. The format, the split over hosts and
-the manifest are described in fluxjax/batch.py.
+the manifest are described in fluxjax/batch/runner.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import jax
 
 from fluxjax.errors import UsageError
-from fluxjax.sampling import SEEDS, check_dimension, check_seed
+from fluxjax.sampling.sampler import SEEDS, check_dimension, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from fluxjax import batch, distributed
+    from fluxjax.batch import runner as batch
+    from fluxjax.parallel import distributed
     from fluxjax.commands.generate import choose_model
-    from fluxjax.pipeline import FluxPipeline, check_source
-    from fluxjax.sharding import Strategy
+    from fluxjax.pipeline.pipeline import FluxPipeline, check_source
+    from fluxjax.parallel.strategies import Strategy
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -102,11 +103,11 @@ def run(args) -> int:
 
 def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
     """Refuse, before loading, any size whose denoising step cannot fit this host's devices
-    (fluxjax/limits.py), naming the first line that asks for it."""
-    from fluxjax.batch import Job, job_size
+    (fluxjax/plan/limits.py), naming the first line that asks for it."""
+    from fluxjax.batch.runner import Job, job_size
     from fluxjax.commands.generate import model_settings
-    from fluxjax.conditioning import kontext_reference_sizes
-    from fluxjax.limits import SizeLimit
+    from fluxjax.pipeline.conditioning import kontext_reference_sizes
+    from fluxjax.plan.limits import SizeLimit
 
     cfg, defaults = model_settings(model)
     seen = set()

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from fluxjax.lora import parse_lora_arg
+    from fluxjax.lora.adapters import parse_lora_arg
     from fluxjax.loading.to_orbax import convert
 
     before = _identity(args.dst)

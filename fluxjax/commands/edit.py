@@ -1,6 +1,6 @@
 """`fluxjax edit IN.png --source-prompt "..." --target-prompt "..." --out OUT.png [...]`: FlowEdit.
 
-Edits a real image towards the target prompt without inverting it to noise (fluxjax/flowedit.py).
+Edits a real image towards the target prompt without inverting it to noise (fluxjax/sampling/flowedit.py).
 Everything that can be checked is checked before loading (the image's size is read from its
 header); on bad input the command prints one line, exits 2 and writes nothing. The PNG records
 the edit's settings and the source image's name and SHA-256 in text chunks (fluxjax/images.py),
@@ -17,12 +17,12 @@ import sys
 
 from fluxjax.errors import UsageError
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling import SEEDS, check_seed
+from fluxjax.sampling.sampler import SEEDS, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fluxjax.commands.generate import add_quantize_argument
-    from fluxjax.conditioning import RESIZE_POLICIES
+    from fluxjax.pipeline.conditioning import RESIZE_POLICIES
 
     parser.add_argument("image", help="the image to edit (PNG, JPEG, ...), sides multiples of 16 unless --resize")
     parser.add_argument("--source-prompt", required=True, help="what the image shows")
@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args) -> tuple[int, int]:
     """Everything that can be checked before loading; returns the (height, width) the edit runs at."""
     from fluxjax.commands.generate import check_output_and_model
-    from fluxjax.conditioning import image_size
-    from fluxjax.text import check_prompt
+    from fluxjax.pipeline.conditioning import image_size
+    from fluxjax.pipeline.text import check_prompt
 
     check_prompt("--source-prompt", args.source_prompt)
     check_prompt("--target-prompt", args.target_prompt)
@@ -85,8 +85,8 @@ def check_model(args) -> None:
     """Refuse, before loading, a model FlowEdit cannot run (flowedit.check_variant), read from its
     transformer's config: a Fill or control model has a wider input."""
     from fluxjax.commands.generate import choose_model, model_settings
-    from fluxjax.conditioning import variant_of
-    from fluxjax.flowedit import check_variant
+    from fluxjax.pipeline.conditioning import variant_of
+    from fluxjax.sampling.flowedit import check_variant
 
     model = choose_model(args.model)[0]
     cfg, _ = model_settings(model, args.transformer)
@@ -95,7 +95,7 @@ def check_model(args) -> None:
 
 def run(args) -> int:
     from fluxjax.commands.generate import load_pipeline, save
-    from fluxjax.flowedit import EditSettings
+    from fluxjax.sampling.flowedit import EditSettings
     from fluxjax.images import edit_text
 
     args.height, args.width = _check(args)

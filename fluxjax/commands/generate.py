@@ -16,7 +16,7 @@ import time
 from fluxjax.errors import UsageError
 from fluxjax.images import conditioning_text, png_text, remove_temporaries, save_png
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling import SEEDS, check_dimension, check_seed
+from fluxjax.sampling.sampler import SEEDS, check_dimension, check_seed
 
 TINY_NOTICE = (
     "using the tiny preset: a small model with RANDOM weights, so the image is noise. For real images, "
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     """--quantize of generate, edit and batch (FluxPipeline.from_pretrained's quantize)."""
-    from fluxjax.quantize import MODES
+    from fluxjax.models.quantize import MODES
 
     parser.add_argument("--quantize", default=None, choices=tuple(MODES),
                         help="hold the transformer's and T5's Linears as int8 or fp8 weights with a scale per "
@@ -62,7 +62,7 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
     """The image-conditioning and guidance flags; each forwards to the FluxPipeline keyword of its name."""
-    from fluxjax.conditioning import RESIZE_POLICIES
+    from fluxjax.pipeline.conditioning import RESIZE_POLICIES
 
     group = parser.add_argument_group("conditioning (img2img, inpainting, references, control, true CFG)")
     group.add_argument("--image", default=None, help="start from this image (img2img; the output has its size)")
@@ -83,7 +83,7 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args) -> None:
     """Everything that can be checked before minutes of loading."""
-    from fluxjax.text import check_prompt
+    from fluxjax.pipeline.text import check_prompt
 
     check_prompt("PROMPT", args.prompt)
     if args.steps is not None and args.steps < 1:
@@ -104,7 +104,7 @@ def check_conditioning(args) -> None:
     With --image and no --height/--width, those become the image's size (checked against the
     devices' limit); --sigmas becomes args.sigma_values.
     """
-    from fluxjax.conditioning import check_request
+    from fluxjax.pipeline.conditioning import check_request
 
     flags = {"references": "--reference", "true_cfg": "--true-cfg"}
     sigmas = None
@@ -127,7 +127,7 @@ def conditioning_kwargs(args) -> dict:
               negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, prompt_2=args.prompt_2,
               sigmas=getattr(args, "sigma_values", None))
     if args.image is not None and args.strength is None:  # recorded in the PNG as the value used
-        from fluxjax.conditioning import DEFAULT_STRENGTH
+        from fluxjax.pipeline.conditioning import DEFAULT_STRENGTH
 
         kw["strength"] = DEFAULT_STRENGTH
     return {k: v for k, v in kw.items() if v is not None}
@@ -135,8 +135,8 @@ def conditioning_kwargs(args) -> dict:
 
 def check_output_and_model(args) -> None:
     """--out, --model, --sharding, --transformer, --vae (shared with `fluxjax edit`), before loading."""
-    from fluxjax.pipeline import check_source
-    from fluxjax.sharding import Strategy
+    from fluxjax.pipeline.pipeline import check_source
+    from fluxjax.parallel.strategies import Strategy
 
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out {args.out}: the output is a PNG, give a name ending in .png")
@@ -159,7 +159,7 @@ def check_output_and_model(args) -> None:
 
 
 def _loras(args) -> list[tuple[str, float]]:
-    from fluxjax.lora import parse_lora_arg
+    from fluxjax.lora.adapters import parse_lora_arg
 
     return [parse_lora_arg(x) for x in getattr(args, "lora", None) or ()]  # `fluxjax edit` takes no --lora
 
@@ -167,7 +167,7 @@ def _loras(args) -> list[tuple[str, float]]:
 def choose_model(model: str | None) -> tuple[str, str | None]:
     """(model, notice): --model as given, or pipeline.default_source() without it; notice is the
     one line to print first (the tiny preset's, or why the shapes model was taken), or None."""
-    from fluxjax.pipeline import default_source
+    from fluxjax.pipeline.pipeline import default_source
 
     model, notice = (model, None) if model is not None else default_source()
     return model, TINY_NOTICE if model == "tiny" else notice
@@ -177,8 +177,8 @@ def model_settings(model: str, transformer_file: str | None = None):
     """(FluxConfig, pipeline.Defaults) a pipeline from `model` will run, from its small files only
     (before loading): the tiny preset's; else the folder's (a packaged model's by name) transformer
     config and defaults.json (folder_defaults); else FLUX.1-dev's."""
-    from fluxjax.limits import transformer_config
-    from fluxjax.pipeline import DEFAULTS, folder_defaults, packaged_folder
+    from fluxjax.plan.limits import transformer_config
+    from fluxjax.pipeline.pipeline import DEFAULTS, folder_defaults, packaged_folder
 
     folder = packaged_folder(model) or model
     cfg = transformer_config(folder, transformer_file)
@@ -187,7 +187,7 @@ def model_settings(model: str, transformer_file: str | None = None):
 
 def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height") -> None:
     """Refuse, before loading, a size whose denoising step (`batch` rows) cannot fit the devices
-    (fluxjax/limits.py); `fluxjax edit` passes its image's size as args.height, args.width.
+    (fluxjax/plan/limits.py); `fluxjax edit` passes its image's size as args.height, args.width.
 
     With --reference (Kontext), the size made is the one asked, or diffusers' default
     (conditioning.kontext_call_size: args.height, args.width and args.max_area are set to it),
@@ -195,9 +195,9 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
     """
     import jax
 
-    from fluxjax.conditioning import kontext_call_size, kontext_reference_sizes
-    from fluxjax.limits import SizeLimit
-    from fluxjax.sharding import Strategy
+    from fluxjax.pipeline.conditioning import kontext_call_size, kontext_reference_sizes
+    from fluxjax.plan.limits import SizeLimit
+    from fluxjax.parallel.strategies import Strategy
 
     cfg, defaults = model_settings(model, args.transformer)
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
@@ -215,8 +215,8 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
     """The start `fluxjax generate` and `fluxjax edit` share, after their checks: join the
     processes, remove host 0's leftover temporaries of --out, choose the model, refuse a size
     whose step (`rows` transformer rows) cannot fit, load. Returns (host, pipe, timings)."""
-    from fluxjax import distributed
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.parallel import distributed
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     host, _ = distributed.initialize()  # several processes: each joins; all compute, host 0 writes
     if host == 0:

@@ -1,7 +1,7 @@
 """`fluxjax plan`: per-device memory of a sharding strategy, before a pod is booked.
 
 `fluxjax plan --topology v5e:2x4` compiles the denoising step for that TPU topology on this host
-(libtpu, the `tpu` extra) and reports the TPU compiler's own per-device figures (fluxjax/plan_tpu.py).
+(libtpu, the `tpu` extra) and reports the TPU compiler's own per-device figures (fluxjax/plan/tpu.py).
 
 `fluxjax plan --train` tabulates a training step instead (full fine-tuning and LoRA, with and
 without remat) for each strategy of --sharding (a comma-separated list; default dp,fsdp,tp,fsdp_tp).
@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from fluxjax.errors import UsageError
-    from fluxjax.plan import format_plan, make_plan, parse_bytes, parse_size
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan.planner import format_plan, make_plan, parse_bytes, parse_size
+    from fluxjax.parallel.strategies import Strategy
 
     if args.quantize and args.train:
         raise UsageError("--quantize plans sampling: training keeps float32 master weights (leave out --train)")
@@ -73,8 +73,8 @@ def run(args) -> int:
 
 def _train(args, height: int, width: int) -> int:
     from fluxjax.errors import UsageError
-    from fluxjax.plan import T5_LENGTHS, format_train_plans, parse_bytes, train_plan
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan.planner import T5_LENGTHS, format_train_plans, parse_bytes, train_plan
+    from fluxjax.parallel.strategies import Strategy
 
     if args.model not in T5_LENGTHS:
         raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
@@ -90,13 +90,13 @@ def _train(args, height: int, width: int) -> int:
 
 
 def _topology(args) -> int:
-    """The TPU compiler's figures for the pipeline's programs on `args.topology` (fluxjax/plan_tpu.py)."""
+    """The TPU compiler's figures for the pipeline's programs on `args.topology` (fluxjax/plan/tpu.py)."""
     import json
 
-    from fluxjax import plan_tpu
+    from fluxjax.plan import tpu as plan_tpu
     from fluxjax.errors import UsageError
-    from fluxjax.plan import GIB, T5_LENGTHS, make_plan, parse_size
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan.planner import GIB, T5_LENGTHS, make_plan, parse_size
+    from fluxjax.parallel.strategies import Strategy
 
     if args.model not in T5_LENGTHS:
         raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
@@ -162,9 +162,9 @@ def _train_topology(args, strategy, devices, height: int, width: int) -> int:
     import json
     from types import SimpleNamespace
 
-    from fluxjax import plan_tpu
+    from fluxjax.plan import tpu as plan_tpu
     from fluxjax.errors import UsageError
-    from fluxjax.plan import GIB, T5_LENGTHS, train_plan
+    from fluxjax.plan.planner import GIB, T5_LENGTHS, train_plan
 
     if args.lora_rank < 1:
         raise UsageError(f"--lora-rank {args.lora_rank}: must be at least 1")

@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the data (an empty folder, an image without a caption, an
 unreadable image, a side below 16 px) is reported in one line before the model is loaded.
-See fluxjax.train.fit for what DIR receives; `--resume` continues a stopped run exactly.
+See fluxjax.training.trainer.fit for what DIR receives; `--resume` continues a stopped run exactly.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import math
 
-    from fluxjax import distributed
-    from fluxjax.data import scan_folder
+    from fluxjax.parallel import distributed
+    from fluxjax.training.data import scan_folder
     from fluxjax.errors import UsageError
-    from fluxjax.sampling import check_dimension
-    from fluxjax.train import (
+    from fluxjax.sampling.sampler import check_dimension
+    from fluxjax.training.trainer import (
         LORA_FILE, MODEL, TrainConfig, check_out_dir, check_processes, fit, locked_on_primary, run_settings,
     )
 
@@ -73,14 +73,14 @@ def run(args) -> int:
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
     settings = run_settings(cfg, args.batch_size, args.seed, args.resolution, args.max_sequence_length)
-    # Several processes (fluxjax.distributed): each joins before any JAX work; process 0 checks and
+    # Several processes (fluxjax.parallel.distributed): each joins before any JAX work; process 0 checks and
     # locks --out for all of them, and each raises its refusal.
     distributed.initialize()
     check_processes(args.sharding)
     # before the lock: a refused --out gets no lock file beside it
     distributed.on_primary(check_out_dir, args.out, args.resume, settings)
 
-    from fluxjax.pipeline import FluxPipeline
+    from fluxjax.pipeline.pipeline import FluxPipeline
 
     with locked_on_primary(args.out):  # before the model loads: a second run on --out is refused at once
         pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype, sharding=args.sharding)

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import jaxlib
 
-from fluxjax.cache import cache_root
+from fluxjax.runtime import cache_root
 
 FOLDER = Path(__file__).parent
 CACHE_ENV = "FLUXJAX_KERNEL_CACHE"

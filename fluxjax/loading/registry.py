@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fluxjax.checkpoint import (MARKER, PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker,
+from fluxjax.loading.checkpoint import (MARKER, PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker,
                                 restore_params)
 from fluxjax.config import FLUX2_CLASS, AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading import clip, flux, t5, vae
@@ -32,8 +32,8 @@ from fluxjax.models import autoencoder as autoencoder_model
 from fluxjax.models import clip as clip_model
 from fluxjax.models import flux as flux_model
 from fluxjax.models import t5 as t5_model
-from fluxjax.quantize import check_mode, quantize_leaves, quantized_kernels
-from fluxjax.random_weights import host_random_params
+from fluxjax.models.quantize import check_mode, quantize_leaves, quantized_kernels
+from fluxjax.loading.random_weights import host_random_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,12 +186,12 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
               the component's hub subfolder.
     dtype:    parameter and compute dtype ("float32", "bfloat16", or a jnp dtype).
     sharding: a callable from the boxed abstract params to a matching tree of Shardings
-              (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+              (fluxjax.loading.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
     config:   the component's config instead of the one the checkpoint gives.
     options:  the component's settings (attention_impl; the transformer's layer_loop "scan",
               "unrolled" or "auto", see `default_layer_loop`; the transformer's and T5's quantize
               None, "int8" or "fp8": their Linears quantized on the host as they are read, see
-              fluxjax/quantize.py).
+              fluxjax/models/quantize.py).
     Params are read one tensor at a time into the shapes `jax.eval_shape` gives (never
     initialised), in the layout the model runs. Raises CheckpointError naming the file and key
     on a missing or extra key or a wrong shape.
@@ -244,7 +244,7 @@ def random_component(component: str, config, dtype="float32", sharding: Sharding
                      **options):
     """`(model, params)` of `component` with random parameters, as `load` places read ones.
 
-    Drawn on the host by fluxjax.random_weights from the stacked abstract tree, with norm scales 1
+    Drawn on the host by fluxjax.loading.random_weights from the stacked abstract tree, with norm scales 1
     and other vectors 0 as the model's own init sets them: the same values on every machine for
     a seed, whatever layout and sharding they are placed in. For small models (the tiny preset).
     """
@@ -265,7 +265,7 @@ def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxCon
               folder holding one in transformer/.
     dtype:    parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
     sharding: a callable from the boxed abstract params to a matching tree of Shardings
-              (fluxjax.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
+              (fluxjax.loading.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
     layer_loop: "scan" (params stacked: `double_blocks/...` with a leading layers axis),
               "unrolled" (per-block `double_blocks_{i}/...`, faster on a CPU) or "auto" (see
               `default_layer_loop`).

@@ -8,7 +8,7 @@
     T5EncoderModel): DST is one component folder;
   * a BFL single file (flux1-*.safetensors, an fp8 one, or a GGUF: docs/quantized_files.md) or a
     VAE file (ae.safetensors): DST is one transformer or vae component folder.
-The layout of a component folder is in fluxjax/checkpoint.py.
+The layout of a component folder is in fluxjax/loading/checkpoint.py.
 
 Tensors are read one at a time through the key tables of fluxjax/loading (every check runs before the
 first read); each leaf is written to Orbax and released, so memory is bounded by the largest
@@ -19,7 +19,7 @@ and leaves DST as it was.
 Replacing (`overwrite=True`) takes only a folder fluxjax convert itself wrote, every file of it
 at every depth (its manifest, `owned_by_fluxjax`), never SRC, a folder holding SRC or one inside
 it. The staging, the swap, the lock against a second conversion to the same DST and the removal
-of what a killed conversion left follow fluxjax.folders, the rule every folder fluxjax replaces
+of what a killed conversion left follow fluxjax.files, the rule every folder fluxjax replaces
 follows: at every instant DST is either the old folder or the new one, complete, and nothing
 that appears at DST during the conversion is removed.
 """
@@ -33,13 +33,13 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from fluxjax.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
+from fluxjax.loading.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.flux import BFL_PREFIXES, single_file
 from fluxjax.loading import gguf, registry
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
-from fluxjax.folders import MANIFEST, check_creatable, locked, owned_why, staged
+from fluxjax.files import MANIFEST, check_creatable, locked, owned_why, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
@@ -59,7 +59,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
     dtype:     the stored dtype of every parameter ("bfloat16" or "float32").
     overwrite: replace an existing `dst` (only once the new one is complete).
     progress:  show a byte progress bar (None: only on a terminal).
-    loras:     [(LoRA file, strength)] fused into the transformer as it is written (fluxjax.lora).
+    loras:     [(LoRA file, strength)] fused into the transformer as it is written (fluxjax.lora.adapters).
     Returns {subfolder of dst written ("." for a single component): the model kind it holds}.
     Raises CheckpointError / ConfigError (ValueError) naming the file and key, FileExistsError
     if `dst` exists without `overwrite` or is not fluxjax's to replace (`check_destination`);
@@ -115,7 +115,7 @@ def owned_by_fluxjax(folder: str) -> str:
     """Why `folder` (an existing folder) is not one fluxjax convert wrote, or "" when it is.
 
     Its own: an empty folder (nothing to lose), or one whose every entry, at every depth, is in
-    the manifest fluxjax wrote into it (fluxjax.folders.owned_why). A folder without a manifest
+    the manifest fluxjax wrote into it (fluxjax.files.owned_why). A folder without a manifest
     is told apart by its top level (`_unlisted_why`): a project folder or a converted folder with
     the user's file beside its components is named as such; one that looks like an older
     fluxjax's conversion is still refused, since files of the user's below its top level (a note
@@ -256,7 +256,7 @@ def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], ob
     writer = ParamsWriter(os.path.join(folder, PARAMS))
     leaves = plan.leaves(dtype, progress)
     if loras:
-        from fluxjax import lora
+        from fluxjax.lora import adapters as lora
 
         adapters = lora.load_loras([f for f, _ in loras], plan.config, plan.shapes)
         leaves = lora.fuse_leaves(leaves, adapters, [w for _, w in loras])

@@ -3,7 +3,7 @@
 Every parameter carries one of these names per dimension (`nn.with_logical_partitioning`; None
 for a dimension no strategy should split), and the hot activations carry them through
 `nn.with_logical_constraint`. A strategy file (fluxjax/configs/sharding/*.toml) maps these names
-to mesh axes; fluxjax.sharding refuses any other name, so a misspelling is an error, not a
+to mesh axes; fluxjax.parallel.strategies refuses any other name, so a misspelling is an error, not a
 silently replicated axis. tests/test_sharding.py checks that the transformer, T5, CLIP and the
 VAE use no name outside this list.
 """

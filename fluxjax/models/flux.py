@@ -203,7 +203,7 @@ class Flux(nn.Module):
     memory for one more forward; parameters and outputs are unchanged), precision (of every
     matmul; None: "highest" for float32, JAX's default otherwise; see layers.matmul_precision),
     quantize (None, or "int8" / "fp8": the blocks' Linears stored weight-only quantized, see
-    fluxjax/quantize.py; their params are then `kernel` int8/fp8 + `kernel_scale`).
+    fluxjax/models/quantize.py; their params are then `kernel` int8/fp8 + `kernel_scale`).
     """
 
     config: FluxConfig
@@ -213,7 +213,7 @@ class Flux(nn.Module):
     layer_loop: str = "scan"
     remat: bool = False
     precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
-    quantize: str | None = None  # the blocks' Linears weight-only "int8" or "fp8" (fluxjax/quantize.py)
+    quantize: str | None = None  # the blocks' Linears weight-only "int8" or "fp8" (fluxjax/models/quantize.py)
 
     @with_precision
     @nn.compact

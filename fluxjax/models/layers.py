@@ -22,7 +22,7 @@ import numpy as np
 from fluxjax.errors import UsageError
 from fluxjax.kernels import cpu_attention
 from fluxjax.models import sequence_parallel
-from fluxjax.quantize import MODES as QUANTIZE_MODES
+from fluxjax.models.quantize import MODES as QUANTIZE_MODES
 
 Dtype = Any
 
@@ -84,13 +84,13 @@ def dense(features: int, *, axes: tuple[str, str], dtype: Dtype, param_dtype: Dt
 
 
 class QuantizedDense(nn.Dense):
-    """A Linear whose kernel is stored weight-only quantized (fluxjax/quantize.py): `kernel`
+    """A Linear whose kernel is stored weight-only quantized (fluxjax/models/quantize.py): `kernel`
     (in, out) int8 or float8_e4m3fn and `kernel_scale` (out,) float32, the scale's logical axis the
     kernel's output axis. y = (x @ kernel) * kernel_scale + bias.
 
     The matmul takes the stored values converted to the compute dtype (exact: int8 and e4m3 values
     are bf16 numbers), accumulates in float32, and scales the float32 product per column before the
-    one rounding to `dtype`. A subclass of nn.Dense, so live LoRA (fluxjax.lora.live) adds its
+    one rounding to `dtype`. A subclass of nn.Dense, so live LoRA (fluxjax.lora.adapters.live) adds its
     low-rank branch to it as to any Linear. Weights are never initialised: the loader fills them.
     """
 
@@ -118,7 +118,7 @@ def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
     """
     return nn.scan(
         block,
-        # "lora": live LoRA adapters (fluxjax.lora), stacked over the blocks like their kernels.
+        # "lora": live LoRA adapters (fluxjax.lora.adapters), stacked over the blocks like their kernels.
         variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,

@@ -172,7 +172,7 @@ class T5Encoder(nn.Module):
 
     dtype: activations and matmuls; param_dtype: stored parameters. Norm statistics, attention
     logits, the position bias and the softmax are float32 whatever `dtype` is. quantize: None, or
-    "int8" / "fp8": the layers' Linears stored weight-only quantized (fluxjax/quantize.py).
+    "int8" / "fp8": the layers' Linears stored weight-only quantized (fluxjax/models/quantize.py).
     """
 
     config: T5Config

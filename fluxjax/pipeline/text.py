@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fluxjax.errors import UsageError
-from fluxjax.sharding import jit_with_rules
+from fluxjax.parallel.strategies import jit_with_rules
 
 CLIP_MAX_LENGTH = 77
 

@@ -1,7 +1,7 @@
 """AOT-compile one denoise step for a strategy's mesh on simulated CPU devices; print its memory.
 
-Run by fluxjax/plan.py as a child process with XLA_FLAGS=--xla_force_host_platform_device_count=N
-already set: `python -m fluxjax.plan_xla '{"model": "dev", "strategy": "fsdp", ...}'`.
+Run by fluxjax/plan/planner.py as a child process with XLA_FLAGS=--xla_force_host_platform_device_count=N
+already set: `python -m fluxjax.plan.xla '{"model": "dev", "strategy": "fsdp", ...}'`.
 Nothing is allocated: parameters and inputs are ShapeDtypeStructs carrying their shardings.
 
 The step is compiled in float32 (the CPU backend upcasts bf16 matmuls to float32, so a bf16
@@ -22,13 +22,13 @@ import jax.numpy as jnp
 
 from fluxjax.config import FluxConfig
 from fluxjax.loading import registry
-from fluxjax.sharding import Strategy
+from fluxjax.parallel.strategies import Strategy
 
 
 def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l_txt: int):
     """One denoise step, x <- x - 0.1 v(x), for the whole batch on `mesh`: (jitted step, its
     abstract arguments). float32 parameters laid out as the strategy lays them; inputs float32,
-    batch-sharded. (The TPU compile, fluxjax/plan_tpu.py, compiles the pipeline's own programs.)
+    batch-sharded. (The TPU compile, fluxjax/plan/tpu.py, compiles the pipeline's own programs.)
     """
     cfg = FluxConfig.preset(model)
     flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan", attention_impl="xla")

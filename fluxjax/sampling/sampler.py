@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax import lora
+from fluxjax.lora import adapters as lora
 from fluxjax.errors import UsageError
-from fluxjax.sharding import jit_with_rules
+from fluxjax.parallel.strategies import jit_with_rules
 
 LATENT_CHANNELS = 16
 PATCH = 2  # latents are packed in 2x2 patches
@@ -215,7 +215,7 @@ class Schedule:
         """The schedule's shift applied to timesteps t in (0, 1] (NumPy or jax arrays, any shape).
 
         The one shift rule of fluxjax: the sampler's `sigmas` and the training loss's timestep
-        draw (fluxjax.train) both call it, so a model is trained on the times it is sampled at.
+        draw (fluxjax.training.trainer) both call it, so a model is trained on the times it is sampled at.
         """
         if self.use_dynamic_shifting:
             mu = self.mu(image_seq_len)
@@ -310,7 +310,7 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
     report_steps: call the host step callback after each step (see `step_callback`).
     Under `Strategy.activate(mesh)` the activations are constrained as the strategy says.
-    adapters: None, or a LoRA adapter tree (fluxjax.lora.Adapters.tree) run live, with
+    adapters: None, or a LoRA adapter tree (fluxjax.lora.adapters.Adapters.tree) run live, with
     lora_scales (B, n) float32: the strength of each of its n LoRAs on each image.
     cond:     None, or a `Conditioning` (image-conditioned sampling, true CFG).
     Returns (B, L_img, 64) float32 final latents.

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.errors import UsageError
-from fluxjax.sharding import jit_with_rules
+from fluxjax.parallel.strategies import jit_with_rules
 
 
 def check_variant(variant: str, name: str) -> None:

@@ -2,7 +2,7 @@
 
 For the `tiny` preset, the benchmarks and the sharding tests: nothing is initialised by the
 model's `init` (compiling that takes longer than a tiny image). The rule is the one
-`fluxjax.reference.randomize_` applies to PyTorch modules, so trees are nonzero everywhere and a
+`fluxjax.testing.reference.randomize_` applies to PyTorch modules, so trees are nonzero everywhere and a
 misplaced shard or swapped half shows:
   matrices and kernels  N(0, 1/fan_in), fan_in = the input dims (not the stacked "layers" axis);
   norm scales           1 + N(0, 0.3^2);

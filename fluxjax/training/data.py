@@ -36,8 +36,8 @@ import numpy as np
 
 from fluxjax.errors import UsageError, check_regular_file
 from fluxjax.images import read_image
-from fluxjax.sampling import PIXELS_PER_TOKEN
-from fluxjax.text import decode_line
+from fluxjax.sampling.sampler import PIXELS_PER_TOKEN
+from fluxjax.pipeline.text import decode_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -158,7 +158,7 @@ def fingerprint(*trees: Any) -> str:
     leaf and of its squares): what the cache keys on to notice a different model."""
     import jax
 
-    from fluxjax import distributed
+    from fluxjax.parallel import distributed
 
     h = hashlib.sha256()
     for tree in trees:
@@ -201,7 +201,7 @@ class EncodedDataset:
         self.computed = 0  # how many entries this object encoded (the rest came from the cache)
         from tqdm import tqdm
 
-        from fluxjax import distributed
+        from fluxjax.parallel import distributed
 
         self.files = [self._entry_path(i) for i in range(len(self.examples))]
         empty = os.path.join(self.cache_dir, f"text-{self._key('text', '')}.npz")
@@ -220,7 +220,7 @@ class EncodedDataset:
         return hashlib.sha256(repr((self._model_key, self.max_sequence_length) + parts).encode()).hexdigest()[:32]
 
     def _encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
-        from fluxjax import distributed
+        from fluxjax.parallel import distributed
 
         t5_ids, clip_ids = self._pipe.tokenizer([caption], self.max_sequence_length)
         txt, vec = self._pipe.encode(t5_ids, clip_ids)
@@ -228,7 +228,7 @@ class EncodedDataset:
                 distributed.host_array(vec)[0].astype(np.float32))
 
     def _save(self, path: str, **arrays: np.ndarray) -> None:
-        from fluxjax import distributed
+        from fluxjax.parallel import distributed
 
         if distributed.is_primary():
             _save_npz(path, **arrays)
@@ -239,8 +239,8 @@ class EncodedDataset:
         return os.path.join(self.cache_dir, f"{self._key(_file_hash(e.path), PIXELS, e.caption, w, h)}.npz")
 
     def _encode_entry(self, i: int) -> None:
-        from fluxjax import distributed
-        from fluxjax.conditioning import encode_packed
+        from fluxjax.parallel import distributed
+        from fluxjax.pipeline.conditioning import encode_packed
 
         e, (w, h) = self.examples[i], self.buckets[i]
         pixels = load_pixels(e.path, w, h)[None]
@@ -252,7 +252,7 @@ class EncodedDataset:
 
     def batch(self, indices: Sequence[int]) -> dict:
         """The host batch of `Trainer.step` for these example indices (one bucket)."""
-        from fluxjax.sampling import image_ids, text_ids
+        from fluxjax.sampling.sampler import image_ids, text_ids
 
         rows = []
         for i in indices:

@@ -1,13 +1,13 @@
 """Train the built-in `shapes` model: a small FLUX.1 (the same Flux, T5, CLIP and VAE classes and
-the same FluxPipeline) that draws the captions of `fluxjax.shapes`.
+the same FluxPipeline) that draws the captions of `fluxjax.shapes.dataset`.
 
-    python -m fluxjax.train_shapes --seed 0 --out fluxjax/weights/shapes
+    python -m fluxjax.shapes.recipe --seed 0 --out fluxjax/shapes/weights
 
 A research script over the library code, in four steps. The VAE and the transformer learn from
 images of the SEEN combinations only (no image of `shapes.HELD_OUT` is drawn here); the text
 encoders, which see text and no image, learn every caption of the grammar, as FLUX's T5 and CLIP
 were pretrained on text apart from the images FLUX learnt:
-1. tokenizers learnt on the grammar's captions (fluxjax.tiny_tokenizers); small T5 and CLIP text
+1. tokenizers learnt on the grammar's captions (fluxjax.pipeline.tiny_tokenizers); small T5 and CLIP text
    encoders, trained for --text-steps to state each caption's colour, shape, background and
    position (`train_text_encoders`), then frozen; `readout_accuracy` measures how linearly they
    state them, `text_separation` that swapping the two colours moves their outputs;
@@ -16,7 +16,7 @@ were pretrained on text apart from the images FLUX learnt:
    little noise (see `train_vae`); then its latent normalisation (shift_factor, scale_factor)
    is set from the posterior means of the pool, so the flow model sees latents of mean 0 and
    variance 1, as FLUX's VAE gives;
-3. the transformer, trained with fluxjax.train's Trainer (rectified flow, logit-normal t, AdamW,
+3. the transformer, trained with fluxjax.training.trainer's Trainer (rectified flow, logit-normal t, AdamW,
    EMA) on the VAE's posterior-mean latents of a fixed pool of drawn images and the frozen
    encoders' embeddings of their captions;
 4. a hub-layout folder (model_index.json, scheduler/, transformer/, vae/, text_encoder/,
@@ -42,14 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import sampling, shapes
-from fluxjax.checkpoint import PARAMS, save_params, write_marker
+from fluxjax.shapes import dataset as shapes
+from fluxjax.sampling import sampler as sampling
+from fluxjax.loading.checkpoint import PARAMS, save_params, write_marker
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading.registry import random_component
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.text import PromptTokenizer, encode_prompts_jit
-from fluxjax.tiny_tokenizers import make_tokenizers
-from fluxjax.train import Trainer, TrainConfig
+from fluxjax.pipeline.text import PromptTokenizer, encode_prompts_jit
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
+from fluxjax.training.trainer import Trainer, TrainConfig
 
 SIZE = 128  # image side: 8 x 8 image tokens; a shape (46-51 px) spans about 6 x 6 latent pixels, 3 x 3 tokens
 MAX_SEQUENCE_LENGTH = 16  # the longest caption is 14 T5 tokens plus </s>
@@ -125,7 +126,7 @@ def train_text_encoders(tokenizer: PromptTokenizer, t5, clip, captions: list[str
     """
     from tqdm import tqdm
 
-    from fluxjax.text import encode_prompts
+    from fluxjax.pipeline.text import encode_prompts
 
     labels = attribute_labels(captions)
     t5_ids, clip_ids = tokenizer(captions, MAX_SEQUENCE_LENGTH)
@@ -343,7 +344,7 @@ def packed_latents(vae_config: AutoEncoderConfig, vae_params, images: np.ndarray
 
 def train_transformer(latents: np.ndarray, caption_index: np.ndarray, txt: np.ndarray, vec: np.ndarray,
                       cfg: TrainConfig, batch: int, seed: int, progress: bool = True):
-    """Train a FLUX_CONFIG transformer with fluxjax.train's Trainer.
+    """Train a FLUX_CONFIG transformer with fluxjax.training.trainer's Trainer.
 
     latents: (N, L_img, 64) packed clean latents; caption_index: (N,) the row of txt (C, L, 64) and
     vec (C, 64) each latent's caption was encoded into. Batches are drawn uniformly from the pool
@@ -429,10 +430,10 @@ def folder_bytes(path: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fluxjax.train_shapes", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fluxjax.shapes.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="every random draw comes from it (default 0)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights", "shapes"),
-                   help="the hub-layout folder to write (default fluxjax/weights/shapes)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"),
+                   help="the hub-layout folder to write (default fluxjax/shapes/weights)")
     p.add_argument("--images", type=int, default=4096, help="drawn images in the training pool (default 4096)")
     p.add_argument("--text-steps", type=int, default=800, help="text-encoder updates (default 800)")
     p.add_argument("--vae-steps", type=int, default=1200, help="VAE updates (default 1200)")
@@ -494,7 +495,7 @@ def main(argv=None) -> int:
         print(f"transformer: {time.perf_counter() - flux_start:.0f} s", flush=True)
 
         wall = time.perf_counter() - start
-        info = {"command": "python -m fluxjax.train_shapes " + " ".join(argv if argv is not None else
+        info = {"command": "python -m fluxjax.shapes.recipe " + " ".join(argv if argv is not None else
                                                                           __import__("sys").argv[1:]),
                 "seed": args.seed, "wall_seconds": round(wall), "text_separation": sep,
                 "text_readout_held_out": readout}

@@ -1,6 +1,6 @@
 """The largest image a model can make on the devices at hand, known before anything is loaded.
 
-One denoising step holds the activations `fluxjax.plan.step_activations` gives (the planner's
+One denoising step holds the activations `fluxjax.plan.planner.step_activations` gives (the planner's
 analytic figure: the peak of a single-stream block, with XLA attention's (B, H, L, L) logits),
 which grow with the square of the image's token count. An image whose step alone needs more than
 a device's memory cannot be made there, whatever else fits: `check_image_size` refuses it in one
@@ -33,7 +33,7 @@ def transformer_config(model: str, transformer_file: str | None = None):
     """The FluxConfig a pipeline from `model` will run, read from its small JSON files only:
     "tiny"'s preset; a converted folder's transformer/fluxjax.json; a hub folder's
     transformer/config.json; else (a BFL file given, or a hub repo id) FLUX.1's own size."""
-    from fluxjax.checkpoint import is_component
+    from fluxjax.loading.checkpoint import is_component
     from fluxjax.config import FluxConfig
     from fluxjax.loading.registry import marker_config
 
@@ -52,14 +52,14 @@ class SizeLimit:
     """Per-device step memory of one model on one set of devices, and the sizes that fit.
 
     cfg: the transformer's FluxConfig; t5_length: its text tokens; batch: images per call;
-    dtype: activations' dtype; strategy: a fluxjax.sharding.Strategy or None (one device);
+    dtype: activations' dtype; strategy: a fluxjax.parallel.strategies.Strategy or None (one device);
     devices: the devices the pipeline will span (their count sets the mesh).
     """
 
     def __init__(self, cfg, t5_length: int, batch: int, dtype, strategy, devices):
         import jax.numpy as jnp
 
-        from fluxjax.sharding import BATCH_AXIS
+        from fluxjax.parallel.strategies import BATCH_AXIS
 
         self.cfg, self.t5_length, self.act_bytes = cfg, t5_length, jnp.dtype(dtype).itemsize
         self.batch, self.heads_split = batch, 1
@@ -72,7 +72,7 @@ class SizeLimit:
 
     def step_bytes(self, tokens: int) -> int:
         """The planner's analytic activation bytes of one step on `tokens` image tokens, per device."""
-        from fluxjax.plan import step_activations
+        from fluxjax.plan.planner import step_activations
 
         return step_activations(self.cfg, self.batch, tokens, self.t5_length, self.heads_split, self.act_bytes)
 
@@ -126,8 +126,8 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     from fluxjax.config import FluxConfig
     from fluxjax.loading import registry
     from fluxjax.models import layers
-    from fluxjax.plan import PATCH, make_plan
-    from fluxjax.sharding import Strategy
+    from fluxjax.plan.planner import PATCH, make_plan
+    from fluxjax.parallel.strategies import Strategy
 
     device = jax.devices()[0] if device is None else device
     dt = jnp.dtype(dtype)
@@ -139,5 +139,5 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     fits = plan.total_bytes <= memory
     line = (f"{model} in {dt.name} at {width}x{height} needs {plan.total_bytes / GIB:.1f} GiB on one device "
             f"(every component's weights {plan.param_bytes / GIB:.1f} GiB + one step {plan.activation_bytes / GIB:.1f} "
-            f"GiB, fluxjax.plan.make_plan); {where} has {memory / GIB:.1f} GiB: {'it fits' if fits else 'it does not fit'}")
+            f"GiB, fluxjax.plan.planner.make_plan); {where} has {memory / GIB:.1f} GiB: {'it fits' if fits else 'it does not fit'}")
     return fits, line

@@ -1,4 +1,6 @@
-"""XLA flags fluxjax sets for itself on NVIDIA GPUs when the user has set no XLA_FLAGS.
+"""The process runtime: the XLA flags fluxjax sets for itself, and JAX's compilation cache.
+
+XLA flags: fluxjax sets its own on NVIDIA GPUs when the user has set no XLA_FLAGS.
 
 Only flags with a measured gain go here (docs/performance.md has the figures and commands):
   --xla_gpu_enable_triton_gemm=false   cuBLAS instead of Triton for the GEMMs: FLUX.1-dev's
@@ -7,6 +9,14 @@ Only flags with a measured gain go here (docs/performance.md has the figures and
 A user's XLA_FLAGS, whatever it holds, is left exactly as it is (set it, even to "", to opt out).
 XLA reads XLA_FLAGS when JAX starts its first backend, so this runs when fluxjax is imported:
 a program that has already used a JAX device before importing fluxjax keeps the flags it had.
+
+Compilation cache: JAX's persistent compilation cache, on by default for fluxjax pipelines.
+
+A FLUX executable takes from seconds (CPU, tiny) to a minute (full size on a TPU) to compile;
+with the cache a new process of the same shape starts at once. Where it lives:
+* `FLUXJAX_COMPILATION_CACHE=/some/folder` moves it, `FLUXJAX_COMPILATION_CACHE=off` disables it;
+* a cache folder the user already gave JAX (`jax_compilation_cache_dir`) is kept as it is;
+* otherwise `$XDG_CACHE_HOME/fluxjax/xla` (default `~/.cache/fluxjax/xla`).
 """
 
 from __future__ import annotations
@@ -46,3 +56,37 @@ def apply_gpu_defaults(environ=os.environ) -> str | None:
     if flags is not None:
         environ["XLA_FLAGS"] = APPLIED = flags
     return flags
+
+CACHE_ENV = "FLUXJAX_COMPILATION_CACHE"
+OFF = ("off", "0", "false", "no", "none")
+
+
+def cache_root() -> str:
+    """`$XDG_CACHE_HOME/fluxjax` (default `~/.cache/fluxjax`): fluxjax's caches live under it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fluxjax")
+
+
+def default_cache_dir() -> str:
+    return os.path.join(cache_root(), "xla")
+
+
+def enable_compilation_cache() -> str | None:
+    """Point JAX's persistent compilation cache at fluxjax's folder (see the module docstring).
+
+    Returns the folder in use, or None when the cache is off.
+    """
+    import jax  # here, not at the top: importing fluxjax sets XLA_FLAGS before anything imports jax
+
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in OFF and setting:
+        return None
+    if setting:
+        folder = os.path.expanduser(setting)
+    elif jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    else:
+        folder = default_cache_dir()
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder

@@ -6,7 +6,7 @@ Three figures, each labelled with how it was obtained:
   activations  of one denoise step, two sources:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
                plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
-    xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan_xla.py,
+    xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan/xla.py,
                a child process). The CPU backend computes bf16 matmuls in float32 and so holds
                float32 copies the accelerator never makes; the step is therefore compiled in
                float32 (where nothing is upcast) and scaled by the analytic bf16/float32 ratio.
@@ -32,7 +32,7 @@ from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading import registry
 from fluxjax.models import sequence_parallel
-from fluxjax.sharding import BATCH_AXIS, Strategy
+from fluxjax.parallel.strategies import BATCH_AXIS, Strategy
 
 # The T5 length of each --model (its components are fluxjax.loading.registry.PRESETS[model]).
 T5_LENGTHS = {"dev": 512, "schnell": 256, "tiny": 16}
@@ -303,16 +303,16 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
-    """Run fluxjax/plan_xla.py in a child process with `devices` simulated CPU devices.
+    """Run fluxjax/plan/xla.py in a child process with `devices` simulated CPU devices.
 
     Returns its JSON: temp_bytes, argument_bytes (float32 compile), compile_s.
     """
     spec = dict(model=registry.PRESETS[model]["transformer"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above fluxjax/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "fluxjax.plan_xla", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "fluxjax.plan.xla", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"AOT compile of the step failed:\n{proc.stderr[-3000:]}")
@@ -405,7 +405,7 @@ def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads
 
 
 def lora_param_count(abstract_flux: Any, rank: int, targets: tuple[str, ...]) -> int:
-    """Parameters of a LoRA of `rank` on `targets` (fluxjax.lora.new_adapters' a and b): for each
+    """Parameters of a LoRA of `rank` on `targets` (fluxjax.lora.adapters.new_adapters' a and b): for each
     adapted Linear (layers, in, out), layers * (in + out) * rank."""
     shapes = {"/".join(str(getattr(k, "key", k)) for k in path): getattr(box, "value", box).shape
               for path, box in jax.tree_util.tree_flatten_with_path(abstract_flux, is_leaf=lambda x: hasattr(x, "names"))[0]}
@@ -425,7 +425,7 @@ def _abstract_transformer(model: str, dtype: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    """Per-device bytes of one training step (fluxjax.train's Trainer, AdamW, no EMA)."""
+    """Per-device bytes of one training step (fluxjax.training.trainer's Trainer, AdamW, no EMA)."""
 
     strategy: str
     mesh_shape: dict[str, int]
@@ -449,7 +449,7 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
     """The training step's memory of `model`'s transformer under `strategy` on `devices` devices.
 
     The T5, CLIP and VAE are not resident: training reads cached latents and text embeddings
-    (fluxjax.data). batch: images per step (default one per data shard). Parameters, gradients
+    (fluxjax.training.data). batch: images per step (default one per data shard). Parameters, gradients
     and optimizer state are exact (shapes over the strategy's table, param_memory); activations
     are analytic (saved_activations, plus step_activations for the peak inside the block being
     differentiated).
@@ -473,7 +473,7 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
         # the backward also gathers a block's weights, and holds its whole gradient before the reduce-scatter
         return TrainPlan(strategy.name, mesh_shape, None, trained, 0, trained, 2 * trained,
                          2 * gathered + gathered_block_bytes(master, strategy, mesh_shape), act[False], act[True])
-    from fluxjax.lora import DEFAULT_TRAIN_TARGETS
+    from fluxjax.lora.adapters import DEFAULT_TRAIN_TARGETS
 
     adapters = 4 * lora_param_count(master, lora_rank, DEFAULT_TRAIN_TARGETS)
     return TrainPlan(strategy.name, mesh_shape, lora_rank, param_memory(low, strategy, mesh_shape).device_bytes,

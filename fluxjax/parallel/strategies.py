@@ -32,7 +32,7 @@ pads batches with `pad_batch`.
 
 Use (the pipeline and the loaders need nothing else):
 
-    fluxjax.distributed.initialize()                       # first thing in a multi-host run
+    fluxjax.parallel.distributed.initialize()                       # first thing in a multi-host run
     strategy = Strategy.load("fsdp")                       # or a path to a .toml
     mesh = strategy.make_mesh()                            # all devices of all processes
     shardings = strategy.param_shardings(mesh)(abstract)   # abstract: boxed eval_shape params

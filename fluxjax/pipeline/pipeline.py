@@ -3,7 +3,7 @@
 Three compiled functions, each compiled once per shape and reused: text encoding (per batch
 size and T5 length), denoising (per batch, size and number of steps; latents, text, schedule
 and guidance are arguments), decoding (per batch and size). A new seed, prompt or guidance of
-a known shape runs without compiling; JAX's persistent cache (fluxjax.cache) keeps the
+a known shape runs without compiling; JAX's persistent cache (fluxjax.runtime) keeps the
 executables across processes.
 """
 
@@ -26,28 +26,29 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fluxjax import conditioning, sampling
-from fluxjax.cache import enable_compilation_cache
+from fluxjax.pipeline import conditioning
+from fluxjax.sampling import sampler as sampling
+from fluxjax.runtime import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
 from fluxjax.models import layers
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.quantize import check_mode
-from fluxjax.sharding import Strategy, jit_with_rules
-from fluxjax.text import PromptTokenizer, check_prompt, encode_prompts_jit
-from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.models.quantize import check_mode
+from fluxjax.parallel.strategies import Strategy, jit_with_rules
+from fluxjax.pipeline.text import PromptTokenizer, check_prompt, encode_prompts_jit
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
 HUB_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 DEV_REPO = "black-forest-labs/FLUX.1-dev"
-# Hub-layout folders shipped inside the package as fluxjax/weights/NAME, loaded by NAME (package
+# Hub-layout folders shipped inside the package as fluxjax/NAME/weights, loaded by NAME (package
 # data, found through importlib.resources, so a wheel install has them too). A name here wins over
 # a local folder of the same name, as "tiny" does: "./shapes" reaches such a folder.
 PACKAGED_MODELS = ("shapes",)
 DEFAULTS_FILE = "defaults.json"  # a pipeline folder's own defaults (see folder_defaults)
 SHAPES_NOTICE = (
-    "no FLUX.1 weights in the local hub cache, so this uses the built-in `shapes` model (fluxjax/weights/shapes), "
+    "no FLUX.1 weights in the local hub cache, so this uses the built-in `shapes` model (fluxjax/shapes/weights), "
     "which draws only 'a {color} {shape} on a {color} background[ in the {position}]'; for FLUX.1, run "
     "huggingface_hub.snapshot_download('black-forest-labs/FLUX.1-schnell') on a machine with network "
     "(it is then found in the hub cache) or pass its folder (--model PATH)"
@@ -59,12 +60,12 @@ class DefaultModelWarning(UserWarning):
 
 
 class OutOfGrammarWarning(UserWarning):
-    """A prompt the shapes model was not trained on (outside fluxjax.shapes.GRAMMAR): it still
+    """A prompt the shapes model was not trained on (outside fluxjax.shapes.dataset.GRAMMAR): it still
     generates, but the image need not show the prompt."""
 
 
 class PromptNormalizedWarning(UserWarning):
-    """The shapes model read a prompt lower-cased, without final punctuation (fluxjax.shapes.normalize)."""
+    """The shapes model read a prompt lower-cased, without final punctuation (fluxjax.shapes.dataset.normalize)."""
 
 
 class NormalizingTokenizer(PromptTokenizer):
@@ -147,10 +148,10 @@ class FluxPipeline:
 
     Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
     (sampling.Schedule), kind ("dev", "schnell" or "tiny"), variant ("base", "fill", "control" or
-    "kontext": read from the checkpoint, fluxjax.conditioning.variant_of), defaults (Defaults: the
+    "kontext": read from the checkpoint, fluxjax.pipeline.conditioning.variant_of), defaults (Defaults: the
     kind's and variant's, or a folder's defaults.json), name (str), timings (seconds of each stage of
     the last call: encode, denoise, decode), grammar (None, or a function that raises ValueError for
-    a prompt outside the language the model was trained on: `fluxjax.shapes.parse` for the packaged
+    a prompt outside the language the model was trained on: `fluxjax.shapes.dataset.parse` for the packaged
     shapes model; such a prompt still generates, with an OutOfGrammarWarning).
 
     On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
@@ -170,7 +171,7 @@ class FluxPipeline:
         self.grammar = None
         self.timings: dict[str, float] = {}
         self.loras: list[tuple[str, float]] = []  # live LoRAs (file, default strength), see load_lora
-        self.adapters = None  # their fluxjax.lora.Adapters, on the device
+        self.adapters = None  # their fluxjax.lora.adapters.Adapters, on the device
         self._params_before_loras = None  # transformer params before live LoRAs replaced tensors
         self._before_widening = None  # the base transformer before a control LoRA widened its img_in
 
@@ -201,13 +202,13 @@ class FluxPipeline:
             `huggingface_hub.snapshot_download` leaves it, whose optional defaults.json sets the
             defaults of `pipe(...)` (folder_defaults); a hub repo id (downloaded with
             huggingface_hub when the network allows); "shapes" (the small model shipped in the
-            package, trained on fluxjax.shapes' captions); "tiny" (random weights, no files); or
+            package, trained on fluxjax.shapes.dataset' captions); "tiny" (random weights, no files); or
             None (default): what `fluxjax generate` takes without --model (default_source:
             FLUX.1-schnell, else -dev, from the local hub cache, else "shapes" with a
             DefaultModelWarning saying so).
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         sharding: None (one device), or a strategy of fluxjax/configs/sharding ("dp", "fsdp", "tp",
-            "fsdp_tp"), a path to a strategy file, or a `fluxjax.sharding.Strategy`: the mesh spans every device of every
+            "fsdp_tp"), a path to a strategy file, or a `fluxjax.parallel.strategies.Strategy`: the mesh spans every device of every
             process, each weight is read straight into its shard, and batches are split along
             the strategy's data axes (padded when they do not divide, the padding dropped).
         transformer / vae: BFL single files (flux1-dev.safetensors, ae.safetensors) replacing
@@ -251,7 +252,7 @@ class FluxPipeline:
             root = _resolve_source(os.fspath(source))
             pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **settings)
             if _is_packaged(root, "shapes"):
-                from fluxjax.shapes import parse
+                from fluxjax.shapes.dataset import parse
 
                 pipe.grammar = parse
         if loras:
@@ -259,7 +260,7 @@ class FluxPipeline:
         return pipe
 
     def load_lora(self, loras, fuse: bool = False) -> None:
-        """Apply LoRAs to the transformer (any format of fluxjax.lora_formats).
+        """Apply LoRAs to the transformer (any format of fluxjax.lora.formats).
 
         loras: a file, a (file, strength) pair, or a list of either (strength 1.0 when omitted).
         fuse: True folds W + strength * alpha/r * B A into the weights (on the device, in each
@@ -268,7 +269,7 @@ class FluxPipeline:
             call and per image with `pipe(..., lora_scales=...)` without recompiling.
         Full replacement tensors (control LoRAs' QK-norm scales) replace the weights either way.
         """
-        from fluxjax import lora
+        from fluxjax.lora import adapters as lora
 
         items = [loras] if isinstance(loras, (str, os.PathLike)) or (
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
@@ -318,10 +319,12 @@ class FluxPipeline:
         schedule = sampling.Schedule.from_config(scheduler) if os.path.isfile(scheduler) else _default_schedule(kind)
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, _pipeline_class(root),
                                           declared, where=transformer_file or os.path.join(root, "transformer"))
-        name = os.path.basename(os.path.normpath(transformer_file or root))
+        # a packaged model is named by its package (fluxjax/shapes/weights is "shapes"), any other by its folder
+        name = (None if transformer_file else next((n for n in PACKAGED_MODELS if _is_packaged(root, n)), None)) \
+            or os.path.basename(os.path.normpath(transformer_file or root))
         tokenizer = PromptTokenizer.from_folder(root)
         if _is_packaged(root, "shapes"):  # its tokenizers read a prompt as its grammar check (shapes.parse) does
-            from fluxjax.shapes import normalize
+            from fluxjax.shapes.dataset import normalize
 
             tokenizer = NormalizingTokenizer(tokenizer, normalize, name)
         return cls(**components, tokenizer=tokenizer, schedule=schedule, kind=kind, name=name, strategy=strategy,
@@ -347,7 +350,7 @@ class FluxPipeline:
     def _widened(self, t: Component, adapters) -> Component:
         """`t` with img_in as wide as a structural-control LoRA among `adapters` needs (the new
         inputs at zero); the pipeline becomes a "control" one. `t` itself when none needs it."""
-        from fluxjax import lora
+        from fluxjax.lora import adapters as lora
 
         if adapters.input_width is None:
             return t
@@ -398,7 +401,7 @@ class FluxPipeline:
             (B, n) table, one row per image (a batch may mix LoRAs and strengths); default:
             the strengths they were loaded with.
         image: img2img's start (diffusers' FluxImg2ImgPipeline): a path, PIL image or array
-            (H, W, 3) (fluxjax/conditioning.py), or a list of 1 or B of them of one size; the
+            (H, W, 3) (fluxjax/pipeline/conditioning.py), or a list of 1 or B of them of one size; the
             output has its size. Encoded to the VAE posterior's mean; the run takes the last
             int(num_steps x strength) steps from sigma_s noise + (1 - sigma_s) image latents.
         strength: in (0, 1] (default 0.6, as diffusers); 1 starts from pure noise.
@@ -406,7 +409,7 @@ class FluxPipeline:
             path, PIL image or (H, W) array of the image's size, one or B of them. The kept
             region is re-noised to each step's time and blended in after every step.
         resize: None, "crop" or "scale": how an image (and its mask) whose sides are not
-            multiples of 16 is brought to them (fluxjax/conditioning.py).
+            multiples of 16 is brought to them (fluxjax/pipeline/conditioning.py).
         negative_prompt, true_cfg_scale: true classifier-free guidance (diffusers' FluxPipeline):
             v = v_neg + s (v - v_neg) with a second transformer call per step; s > 1, one number
             or B. negative_prompt_2 is the negative prompt's T5 text (default: negative_prompt).
@@ -415,7 +418,7 @@ class FluxPipeline:
             negative_pooled_prompt_embeds likewise instead of `negative_prompt`.
         sigmas: N custom timesteps in (0, 1], decreasing, instead of the schedule's linspace; shifted
             by the schedule as diffusers' scheduler shifts given sigmas (N steps, 0 appended).
-        The model variants (`pipe.variant`, fluxjax/conditioning.py; a wrong combination is refused):
+        The model variants (`pipe.variant`, fluxjax/pipeline/conditioning.py; a wrong combination is refused):
         image, mask_image on a Fill model: the image and the region to repaint (white), as
             FluxFillPipeline: the masked image's latents and the packed mask are extra input
             channels at every step; strength defaults to 1 (from pure noise) as there.
@@ -486,7 +489,7 @@ class FluxPipeline:
         if reference_images is not None:
             inputs["variant"] = conditioning.kontext_inputs(reference_images, batch, auto_resize is not False, resize)
         if self.adapters is not None:
-            from fluxjax.lora import image_scales
+            from fluxjax.lora.adapters import image_scales
 
             strengths = [s for _, s in self.loras] if lora_scales is None else lora_scales
             inputs["lora_scales"] = image_scales(strengths, batch, self.adapters.count)
@@ -601,12 +604,12 @@ class FluxPipeline:
              n_avg: int | None = None, source_guidance: float | None = None, target_guidance: float | None = None,
              seed: int | Sequence[int] = 0, resize: str | None = None, max_sequence_length: int | None = None,
              output: str = "pil"):
-        """Edit real images with FlowEdit (fluxjax/flowedit.py): the source prompt describes the
+        """Edit real images with FlowEdit (fluxjax/sampling/flowedit.py): the source prompt describes the
         image, the target prompt what it should become; no inversion.
 
         image: a path, PIL image or array (H, W, 3) (uint8, or floats in [0, 1]), or a list of B of
             them of one size; sides multiples of 16 unless `resize` is "crop" or "scale"
-            (fluxjax/conditioning.py).
+            (fluxjax/pipeline/conditioning.py).
         source_prompt, target_prompt: a string (used for every image) or a list of B strings.
         num_steps (T), n_max, n_min, n_avg, source_guidance, target_guidance: default to the
             model's (flowedit.DEFAULTS; dev: 28, 24, 0, 1, 1.5, 5.5); guidance is refused by
@@ -615,7 +618,8 @@ class FluxPipeline:
         output: "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]) or "latents"
             (the edited latents, float32 (B, 16, H/8, W/8), NCHW as `pipe(latents=)` takes them).
         """
-        from fluxjax import conditioning, flowedit
+        from fluxjax.pipeline import conditioning
+        from fluxjax.sampling import flowedit
 
         if output not in ("np", "pil", "latents"):
             raise UsageError(f"output must be 'np', 'pil' or 'latents', got {output!r}")
@@ -950,7 +954,8 @@ def default_source() -> tuple[str, str | None]:
     return "shapes", SHAPES_NOTICE
 
 
-WEIGHTS = importlib.resources.files("fluxjax") / "weights"  # the packaged models' folders
+# the packaged models' folders: model NAME's is fluxjax/NAME/weights, beside the code that made it
+WEIGHTS = importlib.resources.files("fluxjax")
 
 
 def packaged_folder(name: str) -> str | None:
@@ -958,7 +963,7 @@ def packaged_folder(name: str) -> str | None:
     UsageError when this installation lacks it."""
     if name not in PACKAGED_MODELS:
         return None
-    folder = WEIGHTS / name
+    folder = WEIGHTS / name / "weights"
     if not folder.is_dir():
         raise UsageError(f"the built-in model {name!r} is missing from this installation ({folder}): reinstall fluxjax")
     return os.fspath(folder)  # a wheel installs unpacked: a real folder on disk
@@ -966,7 +971,7 @@ def packaged_folder(name: str) -> str | None:
 
 def _is_packaged(root: str, name: str) -> bool:
     """Whether folder `root` is the packaged model `name` (by name or by any path to it)."""
-    folder = WEIGHTS / name
+    folder = WEIGHTS / name / "weights"
     return folder.is_dir() and os.path.samefile(root, os.fspath(folder))
 
 

@@ -1,6 +1,6 @@
 """Images as conditioning: read an image, bring it to a size FLUX accepts, encode it to packed latents.
 
-Used by FlowEdit (fluxjax/flowedit.py) for its source image and by the pipeline's conditioned
+Used by FlowEdit (fluxjax/sampling/flowedit.py) for its source image and by the pipeline's conditioned
 generation: img2img and inpainting (the strength cut, masks), and the model variants read from a
 checkpoint (`variant_of`) with the inputs each takes, built as diffusers' pipelines build them
 (FLUX_REFERENCE.md section 5):
@@ -27,11 +27,11 @@ from functools import partial
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax import sampling
+from fluxjax.sampling import sampler as sampling
 from fluxjax.errors import UsageError
 from fluxjax.images import read_image, rgb8
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.sharding import jit_with_rules
+from fluxjax.parallel.strategies import jit_with_rules
 
 RESIZE_POLICIES = ("crop", "scale")
 
@@ -220,7 +220,7 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
     if height/width say another), else those given. What depends on the checkpoint (a reference
     on a base model) is the pipeline's to refuse once loaded.
     """
-    from fluxjax.text import check_prompt
+    from fluxjax.pipeline.text import check_prompt
 
     def fail(message: str):
         raise UsageError(prefix + message)

@@ -5,7 +5,7 @@ Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object 
 conditioning keys "image", "strength", "mask", "resize", "references", "control",
 "negative_prompt", "true_cfg", "prompt_2", "sigmas" of `fluxjax generate`'s flags (paths relative
 to the JSONL file's folder; the PNG records the inputs' SHA-256)); blank lines are skipped. A
-JSONL line with "image" and no "prompt" is an edit job (FlowEdit, fluxjax/flowedit.py): "image" (a
+JSONL line with "image" and no "prompt" is an edit job (FlowEdit, fluxjax/sampling/flowedit.py): "image" (a
 path, relative to the JSONL file's folder), "source_prompt", "target_prompt" and optional "seed",
 "steps", "n_max", "n_min", "n_avg", "source_guidance", "target_guidance", "resize", "name"; its
 size is the image's, and its recipe includes the image's SHA-256 (edits take no LoRAs). Job k
@@ -57,8 +57,8 @@ from itertools import groupby
 
 from fluxjax.errors import UsageError
 from fluxjax.images import LONGEST_NAME, fsync_dir, png_text, remove_temporaries, save_png
-from fluxjax.sampling import check_dimension, check_seed
-from fluxjax.text import check_prompt, decode_line
+from fluxjax.sampling.sampler import check_dimension, check_seed
+from fluxjax.pipeline.text import check_prompt, decode_line
 
 # Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
 # reference_images, control_image, negative_prompt, true_cfg_scale, prompt_2, sigmas.
@@ -108,7 +108,7 @@ class Job:
     prompt_2: str | None = None
     sigmas: tuple[float, ...] | None = None
     RECIPE: ClassVar[tuple[str, ...]] = RECIPE_KEYS
-    rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/limits.py)
+    rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/plan/limits.py)
 
     @property
     def shape(self) -> tuple:
@@ -287,7 +287,7 @@ def _is_edit(fields: dict) -> bool:
 def _conditioned(job: Job, fields: dict, path: str) -> Job:
     """`job` with the conditioning of its line: types checked, paths made absolute (relative to the
     prompts file's folder), the rest checked by conditioning.check_request; the size is the image's."""
-    from fluxjax.conditioning import check_request
+    from fluxjax.pipeline.conditioning import check_request
 
     where = job.where
     folder = os.path.dirname(os.path.abspath(path))
@@ -303,7 +303,7 @@ def _conditioned(job: Job, fields: dict, path: str) -> Job:
     if not all(isinstance(r, str) for r in fields.get("references", [])):
         raise UsageError(f"{where}: references must be a list of image paths, got {fields['references']!r}")
     if fields.get("resize") is not None and "image" in fields:
-        from fluxjax.conditioning import RESIZE_POLICIES
+        from fluxjax.pipeline.conditioning import RESIZE_POLICIES
 
         if fields["resize"] not in RESIZE_POLICIES:
             raise UsageError(f"{where}: resize must be one of {', '.join(RESIZE_POLICIES)}, got {fields['resize']!r}")
@@ -319,7 +319,7 @@ def _conditioned(job: Job, fields: dict, path: str) -> Job:
 
 
 def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:
-    from fluxjax.lora import check_strengths, parse_lora_arg
+    from fluxjax.lora.adapters import check_strengths, parse_lora_arg
 
     if not isinstance(value, list):
         raise UsageError(f"{where}: loras must be a list of \"FILE[:SCALE]\" or [FILE, SCALE], got {value!r}")
@@ -377,8 +377,8 @@ def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int
     """An EditJob from an edit line: the image found (relative to the JSONL file's folder), its size
     read from its header and its content hashed, the settings checked as far as they go without
     the model (`resolve` fills in its defaults)."""
-    from fluxjax.conditioning import image_size
-    from fluxjax.flowedit import EditSettings
+    from fluxjax.pipeline.conditioning import image_size
+    from fluxjax.sampling.flowedit import EditSettings
 
     image = os.path.join(os.path.dirname(os.path.abspath(path)), fields["image"])
     height, width = image_size(image, fields.get("resize"), f"{where}: image")
@@ -440,7 +440,7 @@ def job_size(job: Job, defaults) -> tuple[int, int]:
     """(height, width) a prompt line makes: its own, else the model's `defaults`; with references
     (Kontext), as `fluxjax generate` makes it (conditioning.kontext_call_size)."""
     if job.references:
-        from fluxjax.conditioning import kontext_call_size
+        from fluxjax.pipeline.conditioning import kontext_call_size
 
         return kontext_call_size(job.height, job.width, defaults.height, defaults.width)[:2]
     return job.height or defaults.height, job.width or defaults.width

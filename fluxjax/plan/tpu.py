@@ -137,11 +137,13 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     import jax
     import jax.numpy as jnp
 
-    from fluxjax import conditioning, flowedit, sampling
+    from fluxjax.pipeline import conditioning
+    from fluxjax.sampling import flowedit
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading import registry
-    from fluxjax.pipeline import component_options, decode_packed
-    from fluxjax.text import CLIP_MAX_LENGTH, encode_prompts_jit
+    from fluxjax.pipeline.pipeline import component_options, decode_packed
+    from fluxjax.pipeline.text import CLIP_MAX_LENGTH, encode_prompts_jit
 
     dt = jnp.dtype(dtype)
     configs = dict(transformer=FluxConfig, t5=T5Config, clip=CLIPConfig, vae=AutoEncoderConfig)
@@ -264,17 +266,17 @@ def transformer_attention(strategy, devices: list, dtype: str = "bfloat16") -> s
 def compile_train_step(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,
                        lora_rank: int | None = None, remat: bool = False, compute_dtype: str = "bfloat16") -> dict:
     """`compile_program`'s figures for one training step of `model`'s transformer as `fluxjax train`
-    runs it (fluxjax.train.Trainer: AdamW, float32 master weights, `compute_dtype` matmuls,
+    runs it (fluxjax.training.trainer.Trainer: AdamW, float32 master weights, `compute_dtype` matmuls,
     `remat`; with `lora_rank` a new LoRA of that rank on the frozen base), on `devices` under
     `strategy`. The batch is cached latents and text embeddings (training keeps no encoder)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from fluxjax import sampling
+    from fluxjax.sampling import sampler as sampling
     from fluxjax.config import FluxConfig
     from fluxjax.loading import registry
-    from fluxjax.train import TrainConfig, Trainer
+    from fluxjax.training.trainer import TrainConfig, Trainer
 
     mesh = strategy.make_mesh(devices)
     cfg = TrainConfig(remat=remat, lora_rank=lora_rank, compute_dtype=compute_dtype)

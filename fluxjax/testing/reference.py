@@ -17,7 +17,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from fluxjax.tiny_tokenizers import make_tokenizers
+from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
 TEXT_WIDTH = 32  # T5 d_model = transformer joint_attention_dim; CLIP width = pooled_projection_dim
 VOCAB = 1000  # above both tokenizers' vocabularies

@@ -1,7 +1,7 @@
 """Rectified-flow fine-tuning of the FLUX transformer with optax: the loss, the train state, one
 jitted step, optional EMA, sharding by the strategy files, and Orbax train checkpoints.
 
-The loss (FLUX_REFERENCE.md section 4's flow convention, as in sampling.py):
+The loss (FLUX_REFERENCE.md section 4's flow convention, as in sampling/sampler.py):
     x_t = (1 - t) x0 + t eps,   target v = eps - x0,   loss = mean((model(x_t, t) - v)^2)
 over the packed latent tokens (B, L_img, 64), in float32. t is drawn logit-normal
 (t = sigmoid(mean + std * n), n ~ N(0, 1)), then shifted by the model's schedule with
@@ -10,7 +10,7 @@ embedding (dev) get a constant guidance input (default 1.0, as common FLUX fine-
 use). Caption dropout replaces a sample's text with the empty prompt's.
 
 Only the transformer is trained: the T5, CLIP and VAE outputs enter as cached arrays
-(fluxjax.data), so the frozen encoders are never part of the gradient computation.
+(fluxjax.training.data), so the frozen encoders are never part of the gradient computation.
 
 Parameters (`TrainConfig.param_dtype`): "float32" master weights (default) with bfloat16
 compute, or "bfloat16" parameters and optimizer state. float32 is the default because a
@@ -43,9 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax import distributed, folders, lora
+from fluxjax.lora import adapters as lora
+from fluxjax.parallel import distributed
+from fluxjax import files
 from fluxjax.errors import CheckpointError, NonFiniteError, UsageError
-from fluxjax.sampling import Schedule
+from fluxjax.sampling.sampler import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,7 @@ class TrainState:
     """Everything a resumed run needs, as one pytree (what a train checkpoint holds).
 
     step: int32 scalar, the number of updates done; it is also the data position (batch `step`
-    of fluxjax.data's deterministic order comes next). params: the trained parameters (with
+    of fluxjax.training.data's deterministic order comes next). params: the trained parameters (with
     TrainConfig.lora_rank, the LoRA's a/b factors only: lora.split_factors of its adapter tree).
     opt_state: the optax state. ema: the EMA of params, or None. key: uint32 PRNG key data (the
     step's noise, timesteps and caption dropout are drawn from it).
@@ -146,7 +148,7 @@ def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_i
 
     x0, eps: (B, L_img, 64) packed clean latents and noise; t: (B,) in [0, 1]; the rest are
     `Flux.apply`'s arguments (guidance (B,) or None). adapters: a LoRA adapter tree (n = 1,
-    fluxjax.lora's layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
+    fluxjax.lora.adapters's layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
     """
     x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
     tb = t.astype(jnp.float32)[:, None, None]
@@ -193,7 +195,7 @@ class Trainer:
     model: a fluxjax Flux module (its dtype/attention are replaced, see `training_model`).
     cfg: TrainConfig. schedule: the model's sampling.Schedule (its shift is used for t).
     tx: any optax GradientTransformation (default `make_optimizer(cfg)`).
-    strategy, mesh: a fluxjax.sharding.Strategy and its mesh to shard parameters, gradients,
+    strategy, mesh: a fluxjax.parallel.strategies.Strategy and its mesh to shard parameters, gradients,
     optimizer state and batch as the strategy's table says; None for one device.
 
     With cfg.lora_rank the state trains a new LoRA's factors (lora.new_adapters, the adapter
@@ -341,7 +343,7 @@ class Trainer:
     def lower_step(self, state: TrainState, batch: Mapping[str, Any], frozen=None):
         """The step lowered for abstract `state` (see `abstract_state`), `batch` and, with LoRA,
         `frozen` (ShapeDtypeStructs with shardings), ahead of time: `.compile()` it for the mesh's
-        devices, which may be a TPU topology's (fluxjax/plan_tpu.py). Nothing is placed."""
+        devices, which may be a TPU topology's (fluxjax/plan/tpu.py). Nothing is placed."""
         shardings = self.state_shardings(state.params)
         step = jax.jit(self._update, donate_argnums=0, out_shardings=None if shardings is None else (shardings, None))
         if self.strategy is None:
@@ -522,7 +524,7 @@ LORA_FILE, LORA_EMA_FILE = "lora.safetensors", "lora_ema.safetensors"
 LOSS_CSV, LOSS_PNG = "loss.csv", "loss.png"
 FROZEN = {"vae": "vae", "text_encoder": "clip", "text_encoder_2": "t5"}  # hub folder -> pipeline component
 RUN_MARKER = "fluxjax-train.json"  # in --out: written by fluxjax train, with the settings --resume must keep
-# Everything a run writes directly in --out (model/'s staging folder aside: fluxjax.folders).
+# Everything a run writes directly in --out (model/'s staging folder aside: fluxjax.files).
 RUN_ENTRIES = {CHECKPOINTS, CACHE, MODEL, MODEL_EMA, LORA_FILE, LORA_EMA_FILE, f"{LORA_FILE}.partial",
                f"{LORA_EMA_FILE}.partial", LOSS_CSV, LOSS_PNG, RUN_MARKER}
 # The settings --resume must keep, as each changes the result, and their `fluxjax train` flags
@@ -563,27 +565,27 @@ def check_out_dir(out_dir: str | os.PathLike, resume: bool, settings: dict | Non
 
     out_dir must be new, empty or a run fluxjax train wrote (RUN_MARKER, or an older fluxjax's
     checkpoints/; nothing but RUN_ENTRIES in it), and its model/ and model_ema/, which the run
-    replaces at the end, each entirely fluxjax train's (fluxjax.folders.owned_why). A run's
+    replaces at the end, each entirely fluxjax train's (fluxjax.files.owned_why). A run's
     checkpoints are continued only with `resume` (a new run must not overwrite another's) and with
     the `settings` (run_settings) the run was started with, where it recorded them.
     """
     out = os.fspath(out_dir)
     if not os.path.lexists(out):
-        folders.check_creatable(out, "--out")
+        files.check_creatable(out, "--out")
         return None
     if not os.path.isdir(out):
         raise UsageError(f"{out}: is a file; --out names the run's folder")
     entries = set(os.listdir(out))
-    staging = tuple(f"{name}{folders.STAGING}" for name in (MODEL, MODEL_EMA))
+    staging = tuple(f"{name}{files.STAGING}" for name in (MODEL, MODEL_EMA))
     extra = sorted(e for e in entries if e not in RUN_ENTRIES and not e.startswith(staging))
-    why = (f"it holds {folders.shown(extra)}, which fluxjax train does not write" if extra else
+    why = (f"it holds {files.shown(extra)}, which fluxjax train does not write" if extra else
            f"no {RUN_MARKER} or {CHECKPOINTS}/ in it" if entries and not entries & {RUN_MARKER, CHECKPOINTS} else "")
     if why:
         raise UsageError(f"{out}: already exists and was not written by fluxjax train ({why}); fluxjax train writes "
                          "into a new or empty folder or continues its own run: choose another --out")
     for name in (MODEL, MODEL_EMA):
         path = os.path.join(out, name)
-        why = os.path.lexists(path) and folders.owned_why(path, "train")
+        why = os.path.lexists(path) and files.owned_why(path, "train")
         if why:
             raise UsageError(f"{path}: not written by fluxjax train ({why}), and the run replaces it at the end: "
                              "move it elsewhere or choose another --out")
@@ -624,7 +626,7 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
         save_every: int = 100, resume: bool = False, resolution: int = 512, max_sequence_length: int | None = None,
         source: str | os.PathLike | None = None, tx: optax.GradientTransformation | None = None,
         progress: bool = False) -> TrainState:
-    """Fine-tune `pipe`'s transformer on `examples` (fluxjax.data.scan_folder) for cfg.total_steps.
+    """Fine-tune `pipe`'s transformer on `examples` (fluxjax.training.data.scan_folder) for cfg.total_steps.
 
     out_dir receives: cache/ (latents and embeddings), checkpoints/step_N (the whole TrainState
     every `save_every` steps and at the end, the two newest kept), loss.csv (step, loss,
@@ -637,7 +639,7 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     resume: continue from the newest checkpoint, bit for bit as if never stopped.
     The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
     out_dir must be new, empty or this run's (`check_out_dir`); a second run on it at the same
-    time is refused (fluxjax.folders.locked).
+    time is refused (fluxjax.files.locked).
 
     Several processes (jax.distributed; the strategy's mesh spans all their devices) run `fit`
     together with the same arguments on a shared filesystem: each takes part in every collective
@@ -655,7 +657,7 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
          max_sequence_length, source, tx, progress) -> TrainState:
     from tqdm import tqdm
 
-    from fluxjax.data import Batches, EncodedDataset, bucket
+    from fluxjax.training.data import Batches, EncodedDataset, bucket
     from fluxjax.models.flux import BLOCK_STACKS
 
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
@@ -741,21 +743,21 @@ def _start_run(out_dir: str, latest: str | None, settings: dict) -> None:
 
 @contextlib.contextmanager
 def locked_on_primary(out_dir: str):
-    """folders.locked(out_dir) taken by process 0 only (one lock per run, not one per process);
+    """files.locked(out_dir) taken by process 0 only (one lock per run, not one per process);
     a refusal is raised on every process."""
     with contextlib.ExitStack() as stack:
-        distributed.on_primary(lambda: stack.enter_context(folders.locked(out_dir, "--out")))
+        distributed.on_primary(lambda: stack.enter_context(files.locked(out_dir, "--out")))
         yield
 
 
 @contextlib.contextmanager
 def _staged_everywhere(folder: str):
-    """fluxjax.folders.staged(folder) for every process: process 0 checks `folder`, makes the
+    """fluxjax.files.staged(folder) for every process: process 0 checks `folder`, makes the
     staging folder (named by its PID, so one for the whole job) and, once every process has
     written its part into it, writes the manifest and swaps it in. The others write into that
-    same folder. A single process: just folders.staged."""
+    same folder. A single process: just files.staged."""
     with contextlib.ExitStack() as stack:
-        tmp = distributed.on_primary(lambda: stack.enter_context(folders.staged(folder, "train", overwrite=True)))
+        tmp = distributed.on_primary(lambda: stack.enter_context(files.staged(folder, "train", overwrite=True)))
         yield tmp
         distributed.barrier("fluxjax-train-staged")  # every process's part is written
         distributed.on_primary(stack.close)
@@ -804,14 +806,14 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
     """A hub-layout folder `FluxPipeline.from_pretrained(folder)` loads: transformer/ holds
     `transformer_params` as a fluxjax component; the frozen components are symlinks into
     `source` (a hub folder), or, when source is None (the tiny preset), written as components
-    beside locally made tokenizers. Staged and swapped in by fluxjax.folders.staged, which
+    beside locally made tokenizers. Staged and swapped in by fluxjax.files.staged, which
     replaces an existing `folder` only when it is entirely one fluxjax train wrote (its manifest
     says so: `fluxjax convert --overwrite` refuses such a folder in turn).
 
     With several processes every one calls it: each writes its shards of the weights (one
     collective Orbax save per component); process 0 writes the rest (see _staged_everywhere).
     """
-    from fluxjax.checkpoint import PARAMS, flat, write_marker
+    from fluxjax.loading.checkpoint import PARAMS, flat, write_marker
 
     primary = distributed.is_primary()
     with _staged_everywhere(folder) as tmp:
@@ -833,6 +835,6 @@ def write_model(folder: str, pipe, transformer_params, source: str | os.PathLike
                 if name != "transformer":
                     os.symlink(os.path.join(source, name), os.path.join(tmp, name))
         elif primary:
-            from fluxjax.tiny_tokenizers import make_tokenizers
+            from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
 
             make_tokenizers(tmp)

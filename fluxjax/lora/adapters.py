@@ -1,6 +1,6 @@
 """LoRA adapters on the FLUX transformer: read, fuse into the weights, or run live in the loop.
 
-`load_loras(files, config, params)` reads LoRA files (any format of fluxjax.lora_formats) into
+`load_loras(files, config, params)` reads LoRA files (any format of fluxjax.lora.formats) into
 one `Adapters`: a parameter-shaped tree on fluxjax's own layout, for n LoRAs at once. For each
 adapted Linear (path as in params, e.g. `double_blocks/img_attn/qkv`, block axis first when the
 blocks are stacked: block 7's adapter is at index 7, as its kernel is):
@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax import quantize
+from fluxjax.models import quantize
 from fluxjax.config import FluxConfig
 from fluxjax.errors import NonFiniteError, UsageError
-from fluxjax.lora_formats import STACKS, Piece, Replacement, read_lora_file
+from fluxjax.lora.formats import STACKS, Piece, Replacement, read_lora_file
 from fluxjax.models.layers import unstack_layers
 
 COLLECTION = "lora"  # the variable collection the live branch reads; scanned with the blocks
@@ -132,7 +132,7 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
                widen: bool = False) -> Adapters:
     """Read LoRA files for the transformer (`cfg`, its `params` or their shapes) into one Adapters.
 
-    files: paths of LoRA .safetensors files, any format of fluxjax.lora_formats.
+    files: paths of LoRA .safetensors files, any format of fluxjax.lora.formats.
     widen: accept LoRAs whose img_in pair has more inputs than the model (structural control);
         their adapters are then built for that width, recorded as `input_width`, and the params
         must be widened with `widen_input` before they are fused or run live. Otherwise refused.
@@ -291,7 +291,7 @@ def _fused(kernel, bias, a, b, scale, lbias, strengths):
 
 
 def _fused_quantized(values, kernel_scale, bias, a, b, scale, lbias, strengths):
-    """(values, kernel_scale, new bias or None) of a quantized Linear (fluxjax/quantize.py) with the
+    """(values, kernel_scale, new bias or None) of a quantized Linear (fluxjax/models/quantize.py) with the
     update added: dequantized in float32, updated as _fused does, quantized again per output channel
     (an update moves each channel's largest weight, so its scale is recomputed)."""
     kernel, new_bias = _fused(quantize.dequantize(values, kernel_scale, jnp.float32, jnp), bias, a, b, scale, lbias,
@@ -531,7 +531,7 @@ def save_diffusers(path: str | os.PathLike, tree: dict, cfg: FluxConfig) -> None
     """
     from safetensors.numpy import save_file
 
-    from fluxjax.lora_formats import diffusers_linears
+    from fluxjax.lora.formats import diffusers_linears
 
     nodes = {p: {k: np.asarray(v, np.float32) for k, v in leaves.items()} for p, leaves in _adapter_nodes(tree)}
     ranks = {leaves["a"].shape[-1] for leaves in nodes.values()}

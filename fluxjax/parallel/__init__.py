@@ -1,0 +1,1 @@
+"""Placing work on devices: the sharding strategies (meshes, logical axis rules) and multi-host runs."""

@@ -1,0 +1,1 @@
+"""From a prompt to an image: FluxPipeline (sources, defaults, components), text encoding and conditioning inputs."""

@@ -1,0 +1,1 @@
+"""Rectified-flow sampling: noise, packing, the schedule, the jitted denoising loop, and FlowEdit."""

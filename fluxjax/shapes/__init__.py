@@ -1,0 +1,1 @@
+"""The built-in shapes model: its captioned toy dataset and grader, its training recipe, and its packaged weights."""

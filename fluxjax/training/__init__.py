@@ -1,0 +1,1 @@
+"""Training: the trainer (config, loss, state, step, run folder) and the captioned-image data it reads."""
