@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 
 from fluxjax.config import FLUX2_SETTINGS, FluxConfig  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
-from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sharding import Strategy  # noqa: E402
+from fluxjax.loading.random_weights import host_random_params  # noqa: E402
+from fluxjax.parallel.strategies import Strategy  # noqa: E402
 
 # 8 heads of 16 (Ulysses runs at degree 8), guidance embedding, 4 unequal RoPE axes.
 CONFIG = FluxConfig(**{**FLUX2_SETTINGS, "context_in_dim": 24, "hidden_size": 128, "num_heads": 8, "depth": 2,

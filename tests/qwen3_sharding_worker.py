@@ -21,8 +21,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fluxjax.models.qwen3 import Qwen3Config, Qwen3Encoder, encode_prompts, param_shapes  # noqa: E402
-from fluxjax.random_weights import host_random_params  # noqa: E402
-from fluxjax.sharding import Strategy, available, jit_with_rules  # noqa: E402
+from fluxjax.loading.random_weights import host_random_params  # noqa: E402
+from fluxjax.parallel.strategies import Strategy, available, jit_with_rules  # noqa: E402
 
 encode_prompts_jit = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
 

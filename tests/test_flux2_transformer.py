@@ -25,8 +25,8 @@ from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.models import layers
 from fluxjax.models.axes import PARAMETER_AXES
 from fluxjax.models.flux import BLOCK_STACKS, Flux, param_shapes
-from fluxjax.reference import randomize_
-from fluxjax.sharding import Strategy
+from fluxjax.testing.reference import randomize_
+from fluxjax.parallel.strategies import Strategy
 
 # x max|reference| (conftest.rel_err), as tests/test_transformer.py's FLUX.1 bound. Measured: 2.7e-6
 # (dev_like) and 1.4e-6 (klein_like), nearly all from the timestep embedding: fluxjax's sinusoid
@@ -201,7 +201,7 @@ def test_bfl_flux2_config_is_inferred_from_shapes(tmp_path):
 
 @pytest.mark.parametrize("ref", ["klein_like"], indirect=True)
 def test_orbax_conversion_restores_the_same_model(ref, tmp_path):
-    from fluxjax.cli import main
+    from fluxjax.commands.cli import main
 
     dst = tmp_path / "klein-orbax"
     assert main(["convert", str(ref.folder), str(dst), "--dtype", "float32"]) == 0

@@ -2,7 +2,7 @@
 Flux2KleinPipeline prompt encoding, strict loading, bf16, logical axes.
 
 Reference models are tiny random Qwen3s saved with save_pretrained, the tokenizer a tiny
-Qwen2-style BPE made locally (fluxjax.models.qwen3_tokenizer.make_tokenizer); nothing is downloaded.
+Qwen2-style BPE made locally (fluxjax.pipeline.qwen3_tokenizer.make_tokenizer); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from diffusers import Flux2KleinPipeline
 from safetensors.numpy import load_file, save_file
 
 from conftest import rel_err
-from fluxjax.checkpoint import flat
+from fluxjax.loading.checkpoint import flat
 from fluxjax.config import ConfigError
 from fluxjax.errors import CheckpointError, UsageError
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.models.axes import ACTIVATION_AXES, PARAMETER_AXES
 from fluxjax.models.qwen3 import (Qwen3Config, Qwen3Encoder, encode_prompts, param_shapes, stack_hidden_states,
                                   text_ids)
-from fluxjax.models.qwen3_tokenizer import CHAT_TEMPLATE, make_tokenizer, tokenize
-from fluxjax.reference import randomize_
-from fluxjax.sharding import Strategy, available, jit_with_rules
+from fluxjax.pipeline.qwen3_tokenizer import CHAT_TEMPLATE, make_tokenizer, tokenize
+from fluxjax.testing.reference import randomize_
+from fluxjax.parallel.strategies import Strategy, available, jit_with_rules
 
 encode_prompts_jit = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
 
@@ -172,7 +172,7 @@ def test_a_tokenizer_without_chat_template_is_refused(tokenizer):
 
 
 def test_chat_template_has_qwen3s_structure(tokenizer):
-    from fluxjax.models.qwen3_tokenizer import chat_text
+    from fluxjax.pipeline.qwen3_tokenizer import chat_text
 
     expected = "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert chat_text(tokenizer, "a cat") == expected

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file as np_save_file
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 
 from conftest import rel_err
-from fluxjax import sampling
+from fluxjax.sampling import sampler as sampling
 from fluxjax.config import AutoEncoderConfig, ConfigError
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.registry import load_vae
@@ -35,7 +35,7 @@ from fluxjax.loading.table import table_keys
 from fluxjax.loading.vae import diffusers_vae_rules
 from fluxjax.models import latents2
 from fluxjax.models.autoencoder import AutoEncoder, param_shapes
-from fluxjax.reference import randomize_
+from fluxjax.testing.reference import randomize_
 
 # FLUX.2 structure at 1/16 of the width: widths 8, 16, 32, 32 (conv_shortcut where FLUX.2 has them).
 SMALL = dict(

@@ -15,7 +15,7 @@ import os
 import jax.numpy as jnp
 from flax import traverse_util
 
-from fluxjax.checkpoint import ShardingFn, leaf_shardings, place
+from fluxjax.loading.checkpoint import ShardingFn, leaf_shardings, place
 from fluxjax.errors import CheckpointError
 from fluxjax.loading.safetensors_io import TensorSource
 from fluxjax.loading.table import LAYER, CheckpointTable, Rule, iter_leaves, linear
@@ -76,7 +76,7 @@ def load_qwen3(source: str | os.PathLike, dtype="float32", sharding: ShardingFn 
     text_encoder/: config.json + safetensors, single or sharded with its index json).
 
     dtype: parameters and activations ("float32", "bfloat16", ...). sharding: a callable from the
-    boxed abstract params to a tree of Shardings (fluxjax.checkpoint.ShardingFn), None: one device.
+    boxed abstract params to a tree of Shardings (fluxjax.loading.checkpoint.ShardingFn), None: one device.
     Every key, shape and dtype is checked before the first tensor is read; tensors are read one at
     a time, each placed on its devices as it comes.
     Returns (model, params) for `model.apply({"params": params}, ids, mask, layers)`.

@@ -317,7 +317,7 @@ def encode_prompts(model: Qwen3Encoder, params, input_ids, attention_mask, layer
     (B, L, K * hidden), in the encoder's compute dtype or `dtype` when given.
 
     Pure and jit-friendly with `model`, `layers` (a tuple) and `dtype` static; under a sharding
-    strategy jit it with fluxjax.sharding.jit_with_rules (as text.encode_prompts_jit), so that
+    strategy jit it with fluxjax.parallel.strategies.jit_with_rules (as pipeline.text.encode_prompts_jit), so that
     each strategy's constraints get their own executable.
     """
     out = stack_hidden_states(model.apply({"params": params}, input_ids, attention_mask, tuple(layers)))

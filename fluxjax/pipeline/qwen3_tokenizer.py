@@ -57,7 +57,7 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str],
     A chat longer than max_sequence_length tokens is cut at its end (as diffusers does: the cut
     takes the template's closing tokens with it) and a PromptTruncatedWarning says which prompt.
     """
-    from fluxjax.text import PromptTruncatedWarning, _as_prompt_list, _short
+    from fluxjax.pipeline.text import PromptTruncatedWarning, _as_prompt_list, _short
 
     if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, (int, np.integer)) \
             or max_sequence_length < 1:
@@ -82,7 +82,7 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str],
 
 def make_tokenizer(folder: str | os.PathLike, corpus: Sequence[str] | None = None, num_merges: int = 200):
     """Write a tiny Qwen2-style tokenizer to `folder` (transformers' save_pretrained layout) and
-    return it: byte-level BPE learnt on `corpus` (default fluxjax.tiny_tokenizers.CORPUS) with
+    return it: byte-level BPE learnt on `corpus` (default fluxjax.pipeline.tiny_tokenizers.CORPUS) with
     Qwen2's pre-tokenizer, then <|endoftext|> (pad, eos), <|im_start|>, <|im_end|> (special) and
     <think>, </think> (added, not special, as in Qwen3), and CHAT_TEMPLATE. About 500 ids."""
     import json
@@ -91,7 +91,7 @@ def make_tokenizer(folder: str | os.PathLike, corpus: Sequence[str] | None = Non
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from fluxjax.tiny_tokenizers import CORPUS
+    from fluxjax.pipeline.tiny_tokenizers import CORPUS
 
     corpus = list(CORPUS if corpus is None else corpus)
     bpe = Tokenizer(models.BPE())
