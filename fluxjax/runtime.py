@@ -17,6 +17,10 @@ with the cache a new process of the same shape starts at once. Where it lives:
 * `FLUXJAX_COMPILATION_CACHE=/some/folder` moves it, `FLUXJAX_COMPILATION_CACHE=off` disables it;
 * a cache folder the user already gave JAX (`jax_compilation_cache_dir`) is kept as it is;
 * otherwise `$XDG_CACHE_HOME/fluxjax/xla` (default `~/.cache/fluxjax/xla`).
+
+In a folder fluxjax chooses, every compilation is kept: JAX by default skips those that took under
+1 s (`jax_persistent_cache_min_compile_time_secs`), which on a CPU or with a small model is all of
+them, so the folder stayed empty. A threshold the user set for JAX (its environment variable) is kept.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def apply_gpu_defaults(environ=os.environ) -> str | None:
 
 CACHE_ENV = "FLUXJAX_COMPILATION_CACHE"
 OFF = ("off", "0", "false", "no", "none")
+MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def cache_root() -> str:
@@ -89,4 +94,6 @@ def enable_compilation_cache() -> str | None:
         folder = default_cache_dir()
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
+    if MIN_COMPILE_TIME_ENV not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return folder

@@ -55,6 +55,7 @@ def test_generate_refuses_missing_output_folder(tmp_path, capsys):
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):
     before = jax.config.jax_compilation_cache_dir
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
         monkeypatch.setenv(CACHE_ENV, "off")
         assert enable_compilation_cache() is None
@@ -65,6 +66,28 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         assert enable_compilation_cache() == str(tmp_path / "xla")  # a folder already given to JAX is kept
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+
+
+# JAX's cache state is per process: a fresh interpreter compiles one small function with the cache on.
+COMPILE_ONE = """
+import jax, jax.numpy as jnp
+from fluxjax.runtime import enable_compilation_cache
+enable_compilation_cache()
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(8)).block_until_ready()
+"""
+
+
+@pytest.mark.parametrize("user_min_time, entries", [(None, True), ("1000", False)])
+def test_compilation_cache_keeps_fast_compilations(tmp_path, user_min_time, entries):
+    """A compilation under JAX's default 1 s threshold still lands in fluxjax's cache (the probe's
+    N176: the folder stayed empty on a CPU); a threshold the user gave JAX is kept."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", CACHE_ENV: str(tmp_path / "xla")}
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    if user_min_time is not None:
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = user_min_time
+    subprocess.run([sys.executable, "-c", COMPILE_ONE], env=env, check=True, timeout=120)
+    assert bool(os.listdir(tmp_path / "xla")) == entries
 
 
 TINY = ["--model", "tiny", "--height", "32", "--width", "32", "--steps", "1"]
