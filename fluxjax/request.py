@@ -152,8 +152,8 @@ OPTIONS = (
            check=_finite, recipe="always"),
     Option("sigmas", "numbers", "a custom schedule: decreasing timesteps in (0, 1], comma-separated (sets the step "
            "count)", check=_check_sigmas),
-    Option("max_sequence_length", "int", "T5 tokens per prompt (default: dev 512, schnell 256)", commands=(EDIT,),
-           lines=(), check=_at_least(1), recipe=""),
+    Option("max_sequence_length", "int", "T5 tokens per prompt (default: dev 512, schnell 256)",
+           commands=(GENERATE, BATCH, EDIT), check=_at_least(1)),
     Option("image", "file", "start from this image (img2img; the output has its size)", lines=(GENERATE, EDIT),
            required=(EDIT,), per_image=True),
     Option("strength", "number", "with --image: how much of the schedule runs, in (0, 1] (default 0.6; 1 = from "

@@ -152,3 +152,18 @@ def test_recipe_round_trips_through_the_png(tmp_path):
     assert request.recipe_text({"prompt": "a", "seed": 0, "steps": 1}, 16, 16, "tiny") == {
         "prompt": "a", "seed": "0", "steps": "1", "guidance": "none", "size": "16x16", "model": "tiny",
         "software": "fluxjax"}
+
+
+def test_an_added_option_reaches_the_pipeline_and_the_recipe(tmp_path, monkeypatch):
+    """docs/request-schema.md's example: max_sequence_length, one row, is a flag of generate that
+    the pipeline receives and the PNG records."""
+    from fluxjax import cli
+    from fluxjax.pipeline import FluxPipeline
+
+    seen = []
+    call = FluxPipeline.__call__
+    monkeypatch.setattr(FluxPipeline, "__call__", lambda self, *a, **kw: seen.append(kw) or call(self, *a, **kw))
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a cat", "--model", "tiny", "--height", "32", "--width", "32", "--steps", "1",
+                     "--max-sequence-length", "32", "--out", str(out)]) == 0
+    assert seen[0]["max_sequence_length"] == 32 and Image.open(out).text["max_sequence_length"] == "32"

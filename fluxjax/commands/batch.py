@@ -102,8 +102,9 @@ def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
         size = job_size(job, defaults) if isinstance(job, Job) else (job.height, job.width)
         # Kontext references join every step's sequence (conditioning.kontext_reference_sizes)
         references = tuple(kontext_reference_sizes(getattr(job, "references", ()), f"{job.where}: references"))
-        if (size, job.rows, references) not in seen:
-            seen.add((size, job.rows, references))
-            limit = SizeLimit(cfg, defaults.max_sequence_length, args.batch_size * job.rows,
+        length = getattr(job, "max_sequence_length", None) or defaults.max_sequence_length  # T5 tokens join it too
+        if (size, job.rows, references, length) not in seen:
+            seen.add((size, job.rows, references, length))
+            limit = SizeLimit(cfg, length, args.batch_size * job.rows,
                               args.dtype, strategy, devices)
             limit.check(f"{job.where}: size", *size, references)

@@ -127,7 +127,7 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
 
     cfg, defaults = model_settings(model, args.transformer)
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
-    limit = SizeLimit(cfg, defaults.max_sequence_length, batch, args.dtype,
+    limit = SizeLimit(cfg, args.request.get("max_sequence_length", defaults.max_sequence_length), batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
     references = args.request.get("references", ())  # `fluxjax edit` takes none
     if references:
