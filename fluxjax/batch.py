@@ -84,7 +84,7 @@ class Job:
 
     def __getattr__(self, key: str):
         option = request.BY_NAME.get(key)
-        if option is None or key == "name":
+        if option is None:
             raise AttributeError(key)
         return self.__dict__.get("values", {}).get(key, option.default if option.type in ("files", "loras") else None)
 
