@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import warnings
-from typing import Sequence
 
 from fluxjax.errors import UsageError, check_regular_file
 
@@ -72,46 +71,6 @@ def rgb8(image):
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
-
-
-def png_text(prompt: str, seed: int, steps: int, guidance: float | None, width: int, height: int,
-             model: str, loras: Sequence[tuple[str, float]] = ()) -> dict[str, str]:
-    """The text chunks of a PNG: what made the image (guidance "none" for models without it;
-    "loras" as "FILE:SCALE ..." by file name, only when LoRAs were applied)."""
-    text = {"prompt": prompt, "seed": str(seed), "steps": str(steps),
-            "guidance": "none" if guidance is None else f"{guidance:g}",
-            "size": f"{width}x{height}", "model": model, "software": "fluxjax"}
-    if loras:
-        text["loras"] = " ".join(f"{os.path.basename(f)}:{w:g}" for f, w in loras)
-    return text
-
-
-def conditioning_text(image=None, strength=None, mask_image=None, resize=None, reference_images=None,
-                      control_image=None, negative_prompt=None, true_cfg_scale=None, prompt_2=None,
-                      sigmas=None) -> dict[str, str]:
-    """The text chunks of an image-conditioned or guided generation (FluxPipeline's keywords of
-    the same names; only those given): input files by name and sha256 of their content (the name
-    alone does not say which image it was; several references space-separated in order)."""
-    text = {}
-    files = {"image": image, "mask": mask_image, "control": control_image}
-    for key, path in files.items():
-        if path is not None:
-            text[key], text[f"{key}_sha256"] = os.path.basename(path), file_sha256(path)
-    if reference_images:
-        text["references"] = " ".join(os.path.basename(p) for p in reference_images)
-        text["references_sha256"] = " ".join(file_sha256(p) for p in reference_images)
-    if image is not None:
-        text["resize"] = resize or "none"
-    if strength is not None:
-        text["strength"] = f"{strength:g}"
-    for key, value in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2)):
-        if value is not None:
-            text[key] = value
-    if true_cfg_scale is not None:
-        text["true_cfg"] = f"{true_cfg_scale:g}"
-    if sigmas is not None:
-        text["sigmas"] = ",".join(f"{s:g}" for s in sigmas)
-    return text
 
 
 def file_sha256(path: str) -> str:

@@ -1,14 +1,12 @@
 """Batch generation: many prompts to PNGs in a folder, split over hosts, resumable.
 
 Jobs. A prompts file is text (one prompt a line) or JSONL (`.jsonl`: one object a line with
-"prompt" and optional "seed", "height", "width", "steps", "guidance", "name", "loras", and the
-conditioning keys "image", "strength", "mask", "resize", "references", "control",
-"negative_prompt", "true_cfg", "prompt_2", "sigmas" of `fluxjax generate`'s flags (paths relative
-to the JSONL file's folder; the PNG records the inputs' SHA-256)); blank lines are skipped. A
-JSONL line with "image" and no "prompt" is an edit job (FlowEdit, fluxjax/sampling/flowedit.py): "image" (a
-path, relative to the JSONL file's folder), "source_prompt", "target_prompt" and optional "seed",
-"steps", "n_max", "n_min", "n_avg", "source_guidance", "target_guidance", "resize", "name"; its
-size is the image's, and its recipe includes the image's SHA-256 (edits take no LoRAs). Job k
+"prompt" and the optional keys of fluxjax/pipeline/request.py's table, those of `fluxjax generate`'s
+flags and "name" (paths relative to the JSONL file's folder; the PNG records the inputs'
+SHA-256)); blank lines are skipped. A JSONL line with "image" and no "prompt" is an edit job
+(FlowEdit, fluxjax/sampling/flowedit.py): "image" (a path, relative to the JSONL file's folder),
+"source_prompt", "target_prompt" and the table's other optional edit keys; its size is the
+image's, and its recipe includes the image's SHA-256 (edits take no LoRAs). Job k
 (the k-th prompt, from 0) is written as `name` or else `{k:06d}.png`, with seed
 `seed + k` unless it gives its own: an image's noise depends on its job only (sampling.noise
 draws each image's noise from its own seed). Its pixels also depend on the run's settings
@@ -47,30 +45,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, fields as dataclass_fields, replace
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 from itertools import groupby
 
+from fluxjax.pipeline import request
 from fluxjax.errors import UsageError
-from fluxjax.images import LONGEST_NAME, fsync_dir, png_text, remove_temporaries, save_png
-from fluxjax.sampling.sampler import check_dimension, check_seed
-from fluxjax.pipeline.text import check_prompt, decode_line
+from fluxjax.images import LONGEST_NAME, fsync_dir, remove_temporaries, save_png
+from fluxjax.pipeline.text import decode_line
 
-# Image conditioning and guidance: FluxPipeline's keywords image, strength, mask_image, resize,
-# reference_images, control_image, negative_prompt, true_cfg_scale, prompt_2, sigmas.
-CONDITIONING_KEYS = {"image", "strength", "mask", "resize", "references", "control", "negative_prompt", "true_cfg",
-                     "prompt_2", "sigmas"}
-JSONL_KEYS = {"prompt", "seed", "height", "width", "steps", "guidance", "name", "loras"} | CONDITIONING_KEYS
-EDIT_KEYS = {"image", "source_prompt", "target_prompt", "seed", "steps", "n_max", "n_min", "n_avg", "source_guidance",
-             "target_guidance", "resize", "name"}
-# PNG text chunks that define an image (images.png_text, images.conditioning_text)
-RECIPE_KEYS = ("prompt", "seed", "steps", "guidance", "size", "model", "loras", "image_sha256", "mask_sha256",
-               "references_sha256", "control_sha256", "strength", "resize", "negative_prompt", "true_cfg", "prompt_2",
-               "sigmas")
 # What else an image's pixels depend on (measured: docs/usage.md, "Many prompts"), recorded with every
 # image in the manifest; a resume that would change one of them is refused.
 RUN_KEYS = ("batch_size", "dtype", "sharding", "devices", "jax", "quantize")
@@ -82,75 +68,44 @@ RUN_KEY_BEFORE = {"quantize": "none"}
 class Job:
     """One image to make. `where` is "FILE:LINE" of its prompt, for error messages.
 
-    height, width, steps, guidance are None until `resolve` fills in the model's defaults;
-    guidance stays None for models without a guidance embedding.
+    values: the line's options (fluxjax/pipeline/request.py: {name: value}, those given or defaulted,
+    checked; paths absolute), read as attributes: job.prompt, job.height, job.references (()
+    when not given, None for the others). height, width, steps, guidance are None until
+    `resolve` fills in the model's defaults; guidance stays None for models without a guidance
+    embedding.
     """
 
     index: int
     where: str
     name: str
-    prompt: str
-    seed: int
-    height: int | None = None
-    width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    loras: tuple[tuple[str, float], ...] = ()  # (absolute path, strength)
-    # Conditioning (CONDITIONING_KEYS; paths absolute): None / () when not asked for.
-    image: str | None = None
-    strength: float | None = None
-    mask: str | None = None
-    resize: str | None = None
-    references: tuple[str, ...] = ()
-    control: str | None = None
-    negative_prompt: str | None = None
-    true_cfg: float | None = None
-    prompt_2: str | None = None
-    sigmas: tuple[float, ...] | None = None
-    RECIPE: ClassVar[tuple[str, ...]] = RECIPE_KEYS
+    values: Mapping[str, Any]
+    RECIPE: ClassVar[tuple[str, ...]] = request.RECIPE_KEYS
     rows: ClassVar[int] = 1  # transformer rows per image in a step (fluxjax/plan/limits.py)
+
+    def __getattr__(self, key: str):
+        option = request.BY_NAME.get(key)
+        if option is None:
+            raise AttributeError(key)
+        return self.__dict__.get("values", {}).get(key, option.default if option.type in ("files", "loras") else None)
 
     @property
     def shape(self) -> tuple:
         """What a compiled batch depends on: jobs of one shape can share a batch (one pipeline
         call: its strength, resize policy, schedule and kinds of conditioning are per call)."""
-        return (self.height, self.width, self.steps, self.guidance, self.image is not None, self.strength,
-                self.mask is not None, self.resize, len(self.references), self.control is not None,
-                self.true_cfg is not None, self.sigmas)
-
-    def conditioning(self) -> dict:
-        """This job's FluxPipeline conditioning keywords (only those it gives), for one image."""
-        kw = dict(image=self.image, strength=self.strength, mask_image=self.mask, resize=self.resize,
-                  reference_images=list(self.references) or None, control_image=self.control,
-                  negative_prompt=self.negative_prompt, true_cfg_scale=self.true_cfg, prompt_2=self.prompt_2,
-                  sigmas=None if self.sigmas is None else list(self.sigmas))
-        return {k: v for k, v in kw.items() if v is not None}
+        return request.batch_shape(self.values)
 
     def text(self, model: str) -> dict[str, str]:
         """The PNG text chunks, as `fluxjax generate` writes them."""
-        from fluxjax.images import conditioning_text
-
-        text = png_text(self.prompt, self.seed, self.steps, self.guidance, self.width, self.height, model, self.loras)
-        text.update(conditioning_text(**self.conditioning()))
-        return text
+        return request.recipe_text(self.values, self.width, self.height, model)
 
     def make(self, pipe, padded: list["Job"]):
         """PIL images of `padded` (jobs of this job's shape) from `pipe`; with live LoRAs loaded,
         each image runs with its own strengths (`lora_table`); each its own image, mask and texts."""
-        lora = {"lora_scales": lora_table(padded, [f for f, _ in pipe.loras])} if pipe.loras else {}
-        cond = self.conditioning()
-        per_image = {"image": "image", "mask_image": "mask", "control_image": "control",
-                     "negative_prompt": "negative_prompt", "true_cfg_scale": "true_cfg"}
-        for key, attr in per_image.items():
-            if key in cond:
-                cond[key] = [getattr(j, attr) for j in padded]
-        if any(j.prompt_2 is not None for j in padded):  # prompt_2 defaults to the prompt, per image
-            cond["prompt_2"] = [j.prompt if j.prompt_2 is None else j.prompt_2 for j in padded]
+        extra = {"lora_scales": lora_table(padded, [f for f, _ in pipe.loras])} if pipe.loras else {}
         if self.references:  # each image's list (Kontext), made at the line's size (resolve)
-            cond["reference_images"] = [list(j.references) for j in padded]
-            cond["max_area"] = self.height * self.width
-        return pipe([j.prompt for j in padded], height=self.height, width=self.width, num_steps=self.steps,
-                    guidance=self.guidance, seed=[j.seed for j in padded], output="pil", **lora, **cond)
+            extra["max_area"] = self.height * self.width
+        kw = request.batch_keywords([j.values for j in padded])
+        return pipe(kw.pop("prompt"), output="pil", **kw, **extra)
 
 
 EDIT_RECIPE_KEYS = ("method", "prompt", "source_prompt", "source_sha256", "resize", "seed", "steps", "n_max", "n_min",
@@ -199,16 +154,17 @@ class EditJob:
                          seed=[j.seed for j in padded], resize=self.resize, output="pil")
 
 
-def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | None = None,
-              steps: int | None = None, guidance: float | None = None) -> list[Job]:
+def read_jobs(path: str, seed: int = 0, **defaults) -> list[Job]:
     """Parse and check a prompts file (text, or JSONL when it ends in .jsonl) into jobs.
 
-    The keyword arguments are the defaults for what a line does not give (None: the model's).
+    seed: line k's is seed + k. defaults: request options (fluxjax/pipeline/request.py: height, width,
+    steps, guidance, ...) for what a line does not give (None: the model's).
     Raises UsageError "FILE:LINE: what is wrong" at the first bad line, before anything is written.
     """
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such prompts file")
     jsonl = path.lower().endswith(".jsonl")
+    folder = os.path.dirname(os.path.abspath(path))
     jobs: list[Job] = []
     names: dict[str, str] = {}
     with open(path, "rb") as f:
@@ -220,22 +176,15 @@ def read_jobs(path: str, seed: int = 0, height: int | None = None, width: int | 
             fields = _jsonl_fields(line, where) if jsonl else {"prompt": line.strip()}
             k = len(jobs)
             if _is_edit(fields):
-                job = _edit_job(fields, k, where, path, seed, steps)
-                if job.name in names:
-                    raise UsageError(f"{where}: name {job.name} is already used by {names[job.name]}")
-                names[job.name] = where
-                jobs.append(job)
-                continue
-            job = Job(index=k, where=where, name=_png_name(fields.get("name", f"{k:06d}"), where),
-                      prompt=fields["prompt"], seed=fields.get("seed", seed + k), height=fields.get("height", height),
-                      width=fields.get("width", width), steps=fields.get("steps", steps),
-                      guidance=fields.get("guidance", guidance), loras=_loras(fields.get("loras", []), path, where))
-            if CONDITIONING_KEYS & set(fields):
-                job = _conditioned(job, fields, path)
-            check_prompt(f"{where}: prompt", job.prompt)
-            check_seed(f"{where}: seed", job.seed)
-            if job.guidance is not None and not math.isfinite(job.guidance):
-                raise UsageError(f"{where}: guidance must be a finite number, got {job.guidance}")
+                job = _edit_job(fields, k, where, path, seed, defaults.get("steps"))
+            else:
+                name = _png_name(fields.pop("name", f"{k:06d}"), where)
+                loras = _loras(fields.pop("loras", []), path, where)
+                values = {**defaults, "seed": seed + k, **request.absolute_paths(fields, folder), "loras": loras}
+                values = request.check(values, "generate", f"{where}: ")
+                if "sigmas" in values:  # the schedule sets the step count
+                    values["steps"] = len(values["sigmas"])
+                job = Job(index=k, where=where, name=name, values=values)
             if job.name in names:
                 raise UsageError(f"{where}: name {job.name} is already used by {names[job.name]}")
             names[job.name] = where
@@ -256,66 +205,13 @@ def _jsonl_fields(line: str, where: str) -> dict:
         raise UsageError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(fields, dict):
         raise UsageError(f"{where}: expected a JSON object with a \"prompt\", got {type(fields).__name__}")
-    if _is_edit(fields):
-        return _edit_fields(fields, where)
-    unknown = sorted(set(fields) - JSONL_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(sorted(JSONL_KEYS))})")
-    if not isinstance(fields.get("prompt"), str) or not fields["prompt"].strip():
-        raise UsageError(f"{where}: missing \"prompt\" (a non-empty string)")
-    for key in ("seed", "steps"):
-        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], int)):
-            raise UsageError(f"{where}: {key} must be an integer, got {fields[key]!r}")
-    if fields.get("steps", 1) < 1:
-        raise UsageError(f"{where}: steps must be at least 1, got {fields['steps']}")
-    for key in ("height", "width"):
-        if key in fields:
-            check_dimension(f"{where}: {key}", fields[key])
-    if "guidance" in fields and (isinstance(fields["guidance"], bool) or not isinstance(fields["guidance"], (int, float))):
-        raise UsageError(f"{where}: guidance must be a number, got {fields['guidance']!r}")
-    if "guidance" in fields:
-        fields["guidance"] = float(fields["guidance"])
-    return fields
+    return request.parse_line(fields, "edit" if _is_edit(fields) else "generate", where)
 
 
 def _is_edit(fields: dict) -> bool:
     """An edit line (FlowEdit) names an image and no "prompt"; a line with a "prompt" and an
     "image" generates from that image (img2img, inpainting)."""
     return "image" in fields and "prompt" not in fields
-
-
-def _conditioned(job: Job, fields: dict, path: str) -> Job:
-    """`job` with the conditioning of its line: types checked, paths made absolute (relative to the
-    prompts file's folder), the rest checked by conditioning.check_request; the size is the image's."""
-    from fluxjax.pipeline.conditioning import check_request
-
-    where = job.where
-    folder = os.path.dirname(os.path.abspath(path))
-    for key in ("image", "mask", "control", "resize", "negative_prompt", "prompt_2"):
-        if key in fields and not isinstance(fields[key], str):
-            raise UsageError(f"{where}: {key} must be a string, got {fields[key]!r}")
-    for key in ("strength", "true_cfg"):
-        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], (int, float))):
-            raise UsageError(f"{where}: {key} must be a number, got {fields[key]!r}")
-    for key in ("references", "sigmas"):
-        if key in fields and not isinstance(fields[key], list):
-            raise UsageError(f"{where}: {key} must be a list, got {fields[key]!r}")
-    if not all(isinstance(r, str) for r in fields.get("references", [])):
-        raise UsageError(f"{where}: references must be a list of image paths, got {fields['references']!r}")
-    if fields.get("resize") is not None and "image" in fields:
-        from fluxjax.pipeline.conditioning import RESIZE_POLICIES
-
-        if fields["resize"] not in RESIZE_POLICIES:
-            raise UsageError(f"{where}: resize must be one of {', '.join(RESIZE_POLICIES)}, got {fields['resize']!r}")
-    absolute = lambda p: None if p is None else os.path.join(folder, p)  # noqa: E731
-    cond = dict(image=absolute(fields.get("image")), strength=fields.get("strength"), mask=absolute(fields.get("mask")),
-                resize=fields.get("resize"), references=tuple(absolute(r) for r in fields.get("references", [])),
-                control=absolute(fields.get("control")), negative_prompt=fields.get("negative_prompt"),
-                true_cfg=fields.get("true_cfg"), prompt_2=fields.get("prompt_2"))
-    height, width, sigmas = check_request(f"{where}: ", lambda key: key, **cond, sigmas=fields.get("sigmas"),
-                                          steps=job.steps, height=job.height, width=job.width)
-    return replace(job, **cond, height=height, width=width, sigmas=None if sigmas is None else tuple(sigmas),
-                   steps=len(sigmas) if sigmas is not None else job.steps)
 
 
 def _loras(value, path: str, where: str) -> tuple[tuple[str, float], ...]:
@@ -356,23 +252,6 @@ def lora_table(jobs: list[Job], files: list[str]):
     return table
 
 
-def _edit_fields(fields: dict, where: str) -> dict:
-    """The checked fields of an edit line (its types; the settings' relations are checked by `_edit_job`)."""
-    unknown = sorted(set(fields) - EDIT_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: unknown key {unknown[0]!r} for an edit (expected {', '.join(sorted(EDIT_KEYS))})")
-    for key in ("image", "source_prompt", "target_prompt"):
-        if not isinstance(fields.get(key), str) or not fields[key].strip():
-            raise UsageError(f"{where}: missing \"{key}\" (a non-empty string)")
-    for key in ("seed", "steps", "n_max", "n_min", "n_avg"):
-        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], int)):
-            raise UsageError(f"{where}: {key} must be an integer, got {fields[key]!r}")
-    for key in ("source_guidance", "target_guidance"):
-        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], (int, float))):
-            raise UsageError(f"{where}: {key} must be a number, got {fields[key]!r}")
-    return fields
-
-
 def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int | None) -> EditJob:
     """An EditJob from an edit line: the image found (relative to the JSONL file's folder), its size
     read from its header and its content hashed, the settings checked as far as they go without
@@ -380,6 +259,8 @@ def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int
     from fluxjax.pipeline.conditioning import image_size
     from fluxjax.sampling.flowedit import EditSettings
 
+    request.check({k: fields.get(k) for k in request.keys("edit")} | {"seed": fields.get("seed", seed + k)}, "edit",
+                  f"{where}: ")
     image = os.path.join(os.path.dirname(os.path.abspath(path)), fields["image"])
     height, width = image_size(image, fields.get("resize"), f"{where}: image")
     with open(image, "rb") as f:
@@ -394,9 +275,6 @@ def _edit_job(fields: dict, k: int, where: str, path: str, seed: int, steps: int
                   source_prompt=fields["source_prompt"], target_prompt=fields["target_prompt"],
                   seed=fields.get("seed", seed + k), height=height, width=width, settings=settings,
                   resize=fields.get("resize"))
-    check_prompt(f"{where}: source_prompt", job.source_prompt)
-    check_prompt(f"{where}: target_prompt", job.target_prompt)
-    check_seed(f"{where}: seed", job.seed)
     return job
 
 
@@ -431,8 +309,9 @@ def resolve(jobs: list[Job], pipe) -> list[Job]:
             steps, guidance, _ = pipe.settings(job.steps, job.guidance)
         except UsageError as e:
             raise UsageError(f"{job.where}: {e}") from None
-        out.append(replace(job, **dict(zip(("height", "width"), job_size(job, pipe.defaults))), steps=steps,
-                           guidance=guidance))
+        height, width = job_size(job, pipe.defaults)
+        out.append(replace(job, values={**job.values, "height": height, "width": width, "steps": steps,
+                                        "guidance": guidance}))
     return out
 
 

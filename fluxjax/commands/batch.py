@@ -9,26 +9,25 @@ the manifest are described in fluxjax/batch/runner.py.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
 import jax
 
+from fluxjax.pipeline import request
 from fluxjax.errors import UsageError
-from fluxjax.sampling.sampler import SEEDS, check_dimension, check_seed
+from fluxjax.sampling.sampler import SEEDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fluxjax.commands.generate import add_quantize_argument
 
-    parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line: "
-                                        "prompt, and optional seed, height, width, steps, guidance, name, loras, and "
-                                        "image, strength, mask, resize, references, control, negative_prompt, "
-                                        "true_cfg, prompt_2, sigmas as generate's flags; or an "
-                                        "edit (image and no prompt): image, source_prompt, target_prompt, and optional seed, steps, n_max, "
-                                        "n_min, n_avg, source_guidance, target_guidance, resize, name)")
+    parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line, keys "
+                                        "as generate's flags (fluxjax/pipeline/request.py): "
+                                        + ", ".join(sorted(request.keys("generate")))
+                                        + "; or an edit (image and no prompt): "
+                                        + ", ".join(sorted(request.keys("edit"))) + ")")
     parser.add_argument("--out-dir", required=True, help="the folder of the PNGs and the manifests (created if missing)")
     parser.add_argument("--model", default=None,
                         help="a hub-layout folder, an Orbax folder from fluxjax convert, a hub repo id, or 'tiny' "
@@ -36,12 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharding", default=None, help="a sharding strategy name or file (default: one device)")
     add_quantize_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per compiled batch (default 1)")
-    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: schnell 4, dev 28)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help=f"the k-th prompt (from 0) uses seed + k unless it gives one (seeds 0 to {SEEDS - 1})")
+    # The request's options as defaults for every line that does not give its own.
+    request.add_arguments(parser, "batch", help={
+        "seed": f"the k-th prompt (from 0) uses seed + k unless it gives one (seeds 0 to {SEEDS - 1})"})
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
 
 
@@ -54,20 +50,12 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    for name in ("height", "width"):
-        if getattr(args, name) is not None:
-            check_dimension(f"--{name}", getattr(args, name))
-    check_seed("--seed", args.seed)
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    defaults = request.check(request.from_args(args, "batch"), "generate", name=request.flag)
     if args.model is not None:
         check_source(args.model)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UsageError(f"--out-dir {args.out_dir}: exists and is not a folder")
-    jobs = batch.read_jobs(args.prompts, seed=args.seed, height=args.height, width=args.width, steps=args.steps,
-                           guidance=args.guidance)
+    jobs = batch.read_jobs(args.prompts, **defaults)
 
     host, hosts = distributed.initialize()
     model, notice = choose_model(args.model)
@@ -115,8 +103,9 @@ def _check_sizes(args, model: str, jobs, strategy, devices) -> None:
         size = job_size(job, defaults) if isinstance(job, Job) else (job.height, job.width)
         # Kontext references join every step's sequence (conditioning.kontext_reference_sizes)
         references = tuple(kontext_reference_sizes(getattr(job, "references", ()), f"{job.where}: references"))
-        if (size, job.rows, references) not in seen:
-            seen.add((size, job.rows, references))
-            limit = SizeLimit(cfg, defaults.max_sequence_length, args.batch_size * job.rows,
+        length = getattr(job, "max_sequence_length", None) or defaults.max_sequence_length  # T5 tokens join it too
+        if (size, job.rows, references, length) not in seen:
+            seen.add((size, job.rows, references, length))
+            limit = SizeLimit(cfg, length, args.batch_size * job.rows,
                               args.dtype, strategy, devices)
             limit.check(f"{job.where}: size", *size, references)

@@ -11,37 +11,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
 
+from fluxjax.pipeline import request
 from fluxjax.errors import UsageError
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling.sampler import SEEDS, check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fluxjax.commands.generate import add_quantize_argument
-    from fluxjax.pipeline.conditioning import RESIZE_POLICIES
 
     parser.add_argument("image", help="the image to edit (PNG, JPEG, ...), sides multiples of 16 unless --resize")
-    parser.add_argument("--source-prompt", required=True, help="what the image shows")
-    parser.add_argument("--target-prompt", required=True, help="what it should show after the edit")
     parser.add_argument("--out", default="edited.png", help="the PNG to write (default: edited.png)")
-    parser.add_argument("--steps", type=int, default=None, help="T, the schedule's steps (default: dev 28, schnell 4)")
-    parser.add_argument("--n-max", type=int, default=None,
-                        help="steps edited, from noise level t_(T - n_max) on (default: dev 24, schnell 3)")
-    parser.add_argument("--n-min", type=int, default=None,
-                        help="last steps run as plain sampling of the target (default 0)")
-    parser.add_argument("--n-avg", type=int, default=None, help="noise draws averaged per step (default 1)")
-    parser.add_argument("--source-guidance", type=float, default=None, help="dev only (default 1.5)")
-    parser.add_argument("--target-guidance", type=float, default=None, help="dev only (default 5.5)")
-    parser.add_argument("--seed", type=int, default=0, help=f"0 to {SEEDS - 1} (default 0)")
-    parser.add_argument("--resize", default=None, choices=RESIZE_POLICIES,
-                        help="for a size that is not a multiple of 16: crop (drop the right/bottom remainder) or "
-                             "scale (resample to the nearest multiple); default: refuse it")
-    parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="T5 tokens per prompt (default: dev 512, schnell 256)")
+    request.add_arguments(parser, "edit")
     parser.add_argument("--model", default=None,
                         help="a hub-layout folder, a hub repo id, or 'tiny' (default: FLUX.1-schnell from the local "
                              "hub cache when present, else tiny)")
@@ -59,24 +42,13 @@ def _check(args) -> tuple[int, int]:
     """Everything that can be checked before loading; returns the (height, width) the edit runs at."""
     from fluxjax.commands.generate import check_output_and_model
     from fluxjax.pipeline.conditioning import image_size
-    from fluxjax.pipeline.text import check_prompt
 
-    check_prompt("--source-prompt", args.source_prompt)
-    check_prompt("--target-prompt", args.target_prompt)
-    for name in ("steps", "n_max", "n_avg", "n_min", "max_sequence_length"):
-        value, low = getattr(args, name), 0 if name == "n_min" else 1
-        if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    args.request = request.check(request.from_args(args, "edit"), "edit", name=request.flag)
     # The model's defaults fill in the rest after loading (flowedit.EditSettings.resolve checks again).
     if args.n_max is not None and args.steps is not None and args.n_max > args.steps:
         raise UsageError(f"n_max {args.n_max} is more than the {args.steps} steps of the schedule (n_max <= steps)")
     if args.n_min is not None and args.n_max is not None and args.n_min > args.n_max:
         raise UsageError(f"n_min {args.n_min} is more than n_max {args.n_max} (n_min <= n_max)")
-    check_seed("--seed", args.seed)
-    for name in ("source_guidance", "target_guidance"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     check_output_and_model(args)
     return image_size(args.image, args.resize, "image")
 

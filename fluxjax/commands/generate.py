@@ -8,15 +8,14 @@ a temporary file a killed run left for FILE is removed, and reported, by the nex
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 
+from fluxjax.pipeline import request
 from fluxjax.errors import UsageError
-from fluxjax.images import conditioning_text, png_text, remove_temporaries, save_png
+from fluxjax.images import remove_temporaries, save_png
 from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
-from fluxjax.sampling.sampler import SEEDS, check_dimension, check_seed
 
 TINY_NOTICE = (
     "using the tiny preset: a small model with RANDOM weights, so the image is noise. For real images, "
@@ -26,7 +25,6 @@ TINY_NOTICE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--model", default=None,
                         help="a hub-layout folder, a hub repo id, 'shapes' (the built-in model) or 'tiny' (random "
                              "weights, for tests) (default: FLUX.1-schnell, else -dev, from the local hub cache when "
@@ -34,21 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", default=None, help="a BFL transformer file (flux1-*.safetensors, fp8 or .gguf) replacing the model's")
     parser.add_argument("--vae", default=None, help="a BFL autoencoder file (ae.safetensors) replacing the model's")
     parser.add_argument("--out", default="flux.png", help="the PNG to write (default: flux.png)")
-    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's: schnell 4, dev 28, or its folder's defaults.json)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance strength, dev only (default 3.5)")
-    parser.add_argument("--seed", type=int, default=0, help=f"0 to {SEEDS - 1} (default 0)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
                         help="a strategy of fluxjax/configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                        help="a LoRA .safetensors (diffusers/PEFT, kohya, ComfyUI, XLabs or BFL control) fused into the "
-                             "transformer at strength SCALE (default 1); repeatable")
     add_quantize_argument(parser)
-    add_conditioning_arguments(parser)
+    request.add_arguments(parser.add_argument_group("the request (fluxjax/pipeline/request.py; img2img, inpainting, "
+                                                    "references, control, true CFG)"), "generate")
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
@@ -60,77 +51,13 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
                              "output channel (about half the memory of bf16; error in docs/quantization.md)")
 
 
-def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
-    """The image-conditioning and guidance flags; each forwards to the FluxPipeline keyword of its name."""
-    from fluxjax.pipeline.conditioning import RESIZE_POLICIES
-
-    group = parser.add_argument_group("conditioning (img2img, inpainting, references, control, true CFG)")
-    group.add_argument("--image", default=None, help="start from this image (img2img; the output has its size)")
-    group.add_argument("--strength", type=float, default=None,
-                       help="with --image: how much of the schedule runs, in (0, 1] (default 0.6; 1 = from noise)")
-    group.add_argument("--mask", default=None, help="with --image: inpaint where this mask is white (the image's size)")
-    group.add_argument("--resize", default=None, choices=RESIZE_POLICIES,
-                       help="bring an --image (and --mask) whose sides are not multiples of 16 to them")
-    group.add_argument("--reference", action="append", default=[], metavar="IMAGE",
-                       help="a reference image (Kontext checkpoints); repeatable")
-    group.add_argument("--control", default=None, help="a control image (Canny/Depth control checkpoints)")
-    group.add_argument("--negative-prompt", default=None, help="true classifier-free guidance away from this prompt")
-    group.add_argument("--true-cfg", type=float, default=None, help="with --negative-prompt: the true CFG scale (> 1)")
-    group.add_argument("--prompt-2", default=None, help="the T5 prompt, when it should differ from PROMPT (CLIP's)")
-    group.add_argument("--sigmas", default=None, metavar="S1,S2,...",
-                       help="a custom schedule: decreasing timesteps in (0, 1], comma-separated (sets the step count)")
-
-
 def _check(args) -> None:
-    """Everything that can be checked before minutes of loading."""
-    from fluxjax.pipeline.text import check_prompt
-
-    check_prompt("PROMPT", args.prompt)
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    for name in ("height", "width"):
-        if getattr(args, name) is not None:
-            check_dimension(f"--{name}", getattr(args, name))
-    check_seed("--seed", args.seed)
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
-    check_conditioning(args)
+    """Everything that can be checked before minutes of loading. args.request becomes the
+    request as it will run (request.check: with --image and no --height/--width, the image's
+    size); args.height and args.width its size, for the size limit (_check_size)."""
+    args.request = request.check(request.from_args(args, "generate"), "generate", name=request.flag)
+    args.height, args.width = args.request.get("height"), args.request.get("width")
     check_output_and_model(args)
-
-
-def check_conditioning(args) -> None:
-    """The conditioning flags that can be checked before loading (conditioning.check_request).
-
-    With --image and no --height/--width, those become the image's size (checked against the
-    devices' limit); --sigmas becomes args.sigma_values.
-    """
-    from fluxjax.pipeline.conditioning import check_request
-
-    flags = {"references": "--reference", "true_cfg": "--true-cfg"}
-    sigmas = None
-    if args.sigmas is not None:
-        try:
-            sigmas = [float(v) for v in args.sigmas.split(",")]
-        except ValueError:
-            raise UsageError(f"--sigmas {args.sigmas!r}: expected comma-separated numbers, e.g. 1,0.75,0.5,0.25") from None
-    args.height, args.width, args.sigma_values = check_request(
-        "", lambda key: flags.get(key, "--" + key.replace("_", "-")), image=args.image, strength=args.strength,
-        mask=args.mask, resize=args.resize, references=args.reference, control=args.control,
-        negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, prompt_2=args.prompt_2, sigmas=sigmas,
-        steps=args.steps, height=args.height, width=args.width)
-
-
-def conditioning_kwargs(args) -> dict:
-    """The pipeline keywords of the conditioning flags that were given."""
-    kw = dict(image=args.image, strength=args.strength, mask_image=args.mask, resize=args.resize,
-              reference_images=args.reference or None, control_image=args.control,
-              negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg, prompt_2=args.prompt_2,
-              sigmas=getattr(args, "sigma_values", None))
-    if args.image is not None and args.strength is None:  # recorded in the PNG as the value used
-        from fluxjax.pipeline.conditioning import DEFAULT_STRENGTH
-
-        kw["strength"] = DEFAULT_STRENGTH
-    return {k: v for k, v in kw.items() if v is not None}
 
 
 def check_output_and_model(args) -> None:
@@ -159,9 +86,8 @@ def check_output_and_model(args) -> None:
 
 
 def _loras(args) -> list[tuple[str, float]]:
-    from fluxjax.lora.adapters import parse_lora_arg
-
-    return [parse_lora_arg(x) for x in getattr(args, "lora", None) or ()]  # `fluxjax edit` takes no --lora
+    """--lora's (file, scale) pairs, as request.from_args parsed them (`fluxjax edit` takes none)."""
+    return list(args.request.get("loras", ()))
 
 
 def choose_model(model: str | None) -> tuple[str, str | None]:
@@ -201,14 +127,14 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
 
     cfg, defaults = model_settings(model, args.transformer)
     strategy = Strategy.load(args.sharding) if args.sharding is not None else None
-    limit = SizeLimit(cfg, defaults.max_sequence_length, batch, args.dtype,
+    limit = SizeLimit(cfg, args.request.get("max_sequence_length", defaults.max_sequence_length), batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
-    references = getattr(args, "reference", None) or []  # `fluxjax edit` takes none
+    references = args.request.get("references", ())  # `fluxjax edit` takes none
     if references:
         args.height, args.width, args.max_area = kontext_call_size(args.height, args.width, defaults.height,
                                                                    defaults.width)
     limit.check(name, args.height or defaults.height, args.width or defaults.width,
-                kontext_reference_sizes(references, "--reference"))
+                kontext_reference_sizes(references, request.flag("references")))
 
 
 def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/--height"):
@@ -249,18 +175,22 @@ def save(image, path: str, text: dict[str, str], timings: dict[str, float]) -> s
 def run(args) -> int:
     _check(args)
     host, pipe, timings = load_pipeline(args, "generate")
-    cond = conditioning_kwargs(args)
-    kontext = {"max_area": args.max_area} if args.reference else {}  # the size _check_size chose
-    (image,) = pipe(args.prompt, height=args.height, width=args.width, num_steps=args.steps, guidance=args.guidance,
-                    seed=args.seed, output="pil", progress=True, **cond, **kontext)
+    # The size _check_size chose (Kontext), and the strength used, recorded in the PNG.
+    values = {**args.request, "height": args.height, "width": args.width}
+    if "image" in values and "strength" not in values:
+        from fluxjax.pipeline.conditioning import DEFAULT_STRENGTH
+
+        values["strength"] = DEFAULT_STRENGTH
+    kontext = {"max_area": args.max_area} if "references" in values else {}
+    kw = request.keywords(values)
+    (image,) = pipe(kw.pop("prompt"), output="pil", progress=True, **kw, **kontext)
     timings.update(pipe.timings)
 
     if host != 0:
         return 0
-    steps = len(cond["sigmas"]) if "sigmas" in cond else args.steps
-    steps, guidance, _ = pipe.settings(steps, args.guidance)
-    text = png_text(args.prompt, args.seed, steps, guidance, image.width, image.height, pipe.name, _loras(args))
-    text.update(conditioning_text(**cond))
+    steps = len(values["sigmas"]) if "sigmas" in values else values.get("steps")
+    steps, guidance, _ = pipe.settings(steps, values.get("guidance"))
+    text = request.recipe_text({**values, "steps": steps, "guidance": guidance}, image.width, image.height, pipe.name)
     done = save(image, args.out, text, timings)
     print(f"wrote {args.out} ({image.width}x{image.height}, {pipe.name}, {steps} steps) {done}", file=sys.stderr)
     return 0

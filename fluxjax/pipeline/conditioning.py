@@ -147,15 +147,15 @@ encode_packed = jit_with_rules(packed_latents, static_argnames=("model",))
 DEFAULT_STRENGTH = 0.6  # diffusers' default for both pipelines
 
 
-def strength_start(num_steps: int, strength: float) -> int:
+def strength_start(num_steps: int, strength: float, name: str = "strength") -> int:
     """The first step an image-conditioned run takes: the schedule of `num_steps` cut at `strength`.
 
     As diffusers' get_timesteps: int(max(N - min(N * strength, N), 0)); the run takes the steps
     start .. N-1 from the latents at sigmas[start] (at least one step for any strength > 0).
-    UsageError for strength outside (0, 1].
+    UsageError (naming `name`) for strength outside (0, 1].
     """
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
-        raise UsageError(f"strength must be a number in (0, 1], got {strength!r}")
+        raise UsageError(f"{name} must be a number in (0, 1], got {strength!r}")
     return int(max(num_steps - min(num_steps * float(strength), num_steps), 0))
 
 
@@ -210,18 +210,17 @@ def mask_latents(masks: np.ndarray) -> np.ndarray:
 
 
 def check_request(prefix: str = "", name=lambda key: key, image=None, strength=None, mask=None, resize=None,
-                  references=(), control=None, negative_prompt=None, true_cfg=None, prompt_2=None, sigmas=None,
-                  steps=None, height=None, width=None) -> tuple[int | None, int | None, list[float] | None]:
-    """Check a conditioned request before any model is loaded: files, sizes, pairs, ranges.
+                  references=(), control=None, negative_prompt=None, true_cfg=None, sigmas=None,
+                  steps=None, height=None, width=None) -> tuple[int | None, int | None]:
+    """Check the relations of a conditioned request before any model is loaded: files, sizes, pairs.
 
-    Shared by `fluxjax generate` (name: the flag of a key, prefix "") and `fluxjax batch` (prefix
-    "FILE:LINE: ", name: the JSONL key). image, mask, references, control: paths; sigmas: a list.
-    Returns (height, width, sigmas as floats): the image's size when an image is given (UsageError
-    if height/width say another), else those given. What depends on the checkpoint (a reference
-    on a base model) is the pipeline's to refuse once loaded.
+    Called by request.check (fluxjax/pipeline/request.py), after each option's own check: for
+    `fluxjax generate` (name: the flag of a key, prefix "") and `fluxjax batch` (prefix
+    "FILE:LINE: ", name: the JSONL key). image, mask, references, control: paths; sigmas: floats.
+    Returns (height, width): the image's size when an image is given (UsageError if
+    height/width say another), else those given. What depends on the checkpoint (a reference on
+    a base model) is the pipeline's to refuse once loaded.
     """
-    from fluxjax.pipeline.text import check_prompt
-
     def fail(message: str):
         raise UsageError(prefix + message)
 
@@ -231,22 +230,6 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
             fail(f"{name(key)} needs {name('image')}")
     if (negative_prompt is None) != (true_cfg is None):
         fail(f"{name('negative_prompt')} and {name('true_cfg')} go together (true CFG needs both)")
-    try:
-        if strength is not None:
-            strength_start(1, strength)  # the range
-        if true_cfg is not None and (isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float))
-                                     or not (np.isfinite(true_cfg) and true_cfg > 1)):
-            raise UsageError(f"must be a number > 1, got {true_cfg!r}")
-        for key, text in (("negative_prompt", negative_prompt), ("prompt_2", prompt_2)):
-            if text is not None:
-                check_prompt(name(key), text)
-        if sigmas is not None:
-            sigmas = sampling.check_sigmas(sigmas)
-    except UsageError as e:
-        message = str(e)
-        for key in ("strength", "sigmas"):  # name the key as this caller does
-            message = name(key) + message[len(key):] if message.startswith(key + " ") else message
-        fail(message if not message.startswith("must") else f"{name('true_cfg')} {message}")
     if sigmas is not None and steps is not None and steps != len(sigmas):
         fail(f"{name('steps')} {steps} but {len(sigmas)} {name('sigmas')}: give one of them")
     try:
@@ -258,7 +241,7 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
     except UsageError as e:
         fail(str(e))
     if image is None:
-        return height, width, sigmas
+        return height, width
     try:
         given = sizes[0][::-1]  # the image's (height, width): it comes first
         size = _target_size(*given, resize, f"{name('image')} {image}")
@@ -269,7 +252,7 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
             load_mask(mask, given, resize, name("mask"))
     except UsageError as e:
         fail(str(e))
-    return size[0], size[1], sigmas
+    return size[0], size[1]
 
 
 # --- model variants -----------------------------------------------------------------------------

@@ -110,15 +110,16 @@ def text_ids(batch: int, length: int) -> np.ndarray:
     return np.zeros((batch, length, 3), np.float32)
 
 
-def check_sigmas(sigmas) -> list[float]:
+def check_sigmas(sigmas, name: str = "sigmas") -> list[float]:
     """A custom schedule (the `sigmas` of diffusers' pipelines: N timesteps, the final 0 left out)
-    as Python floats; UsageError unless there is at least one, each in (0, 1], strictly decreasing."""
+    as Python floats; UsageError naming `name` unless there is at least one, each in (0, 1],
+    strictly decreasing."""
     values = np.asarray(sigmas, dtype=object).reshape(-1) if not isinstance(sigmas, (int, float)) else np.array([sigmas], object)
     if len(values) == 0 or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
-        raise UsageError(f"sigmas must be a list of numbers, got {sigmas!r}")
+        raise UsageError(f"{name} must be a list of numbers, got {sigmas!r}")
     floats = np.asarray(values, np.float64)
     if not (np.isfinite(floats).all() and (floats > 0).all() and (floats <= 1).all() and (np.diff(floats) < 0).all()):
-        raise UsageError(f"sigmas must decrease strictly within (0, 1] (the final 0 is appended), got {floats.tolist()}")
+        raise UsageError(f"{name} must decrease strictly within (0, 1] (the final 0 is appended), got {floats.tolist()}")
     return floats.tolist()
 
 
