@@ -232,3 +232,21 @@ def test_wrong_lm_head_and_extra_key_are_named(saved, tmp_path):
                                                        t.__setitem__(extra, np.zeros((48, 32), np.float32))))
     with pytest.raises(CheckpointError, match=r"language_model\.model\.layers\.9\.mlp\.up_proj\.weight"):
         load_mistral(path)
+
+
+def test_every_strategy_splits_flux2_dev_evenly():
+    """The Mistral tree is Qwen3's less q/k_norm, with the same axis names: every shipped strategy
+    that splits weights splits each kernel of Mistral-Small-3.1 evenly on 8 devices."""
+    from fluxjax.loading.checkpoint import flat
+    from fluxjax.parallel.strategies import Strategy, available
+
+    big = param_shapes(Qwen3Encoder(Qwen3Config.preset("flux2-dev")))
+    for name in available():
+        strategy = Strategy.load(name)
+        shape = strategy.mesh_shape(8)
+        specs, notes = strategy.param_specs(big, jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape)))
+        kernels = {p: tuple(s) for p, s in flat(specs).items() if p.endswith(("kernel", "embedding"))}
+        assert len(kernels) == 8, kernels  # embedding, q/k/v/o, gate/up/down
+        split = {p for p, s in kernels.items() if any(s)}
+        assert split == (set(kernels) if strategy.mesh_axes("embed") + strategy.mesh_axes("mlp") else set()), name
+        assert not notes, (name, notes)
