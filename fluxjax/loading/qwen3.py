@@ -26,8 +26,8 @@ LM_HEAD = "lm_head.weight"
 
 
 def qwen3_rules(cfg: Qwen3Config, prefix: str = "") -> list[Rule]:
-    """The key table of transformers' Qwen3Model for `cfg`, every key under `prefix`
-    ("" for Qwen3Model, CAUSAL_LM_PREFIX for Qwen3ForCausalLM)."""
+    """The key table of transformers' Qwen3Model (MistralModel when not cfg.qk_norm) for `cfg`,
+    every key under `prefix` ("" for Qwen3Model, CAUSAL_LM_PREFIX for Qwen3ForCausalLM)."""
     n = cfg.num_hidden_layers
     layer = f"{prefix}layers.{LAYER}"
     rules = [
@@ -36,7 +36,7 @@ def qwen3_rules(cfg: Qwen3Config, prefix: str = "") -> list[Rule]:
     ]
     for norm in ("input_layernorm", "post_attention_layernorm"):
         rules.append(Rule(f"layers/{norm}/scale", (f"{layer}.{norm}.weight",), layers=n))
-    for norm in ("q_norm", "k_norm"):
+    for norm in ("q_norm", "k_norm") if cfg.qk_norm else ():  # Mistral has none
         rules.append(Rule(f"layers/self_attn/{norm}/scale", (f"{layer}.self_attn.{norm}.weight",), layers=n))
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         rules += linear(f"layers/self_attn/{proj}", f"{layer}.self_attn.{proj}", layers=n, bias=cfg.attention_bias)
@@ -45,15 +45,15 @@ def qwen3_rules(cfg: Qwen3Config, prefix: str = "") -> list[Rule]:
     return rules
 
 
-def _lm_head(source: TensorSource, cfg: Qwen3Config) -> set[str]:
-    """{LM_HEAD} when the file holds the head (checked to be (vocab, hidden)), else {}."""
-    if LM_HEAD not in source:
+def lm_head(source: TensorSource, cfg: Qwen3Config, key: str = LM_HEAD) -> set[str]:
+    """{key} when the file holds the head there (checked to be (vocab, hidden)), else {}."""
+    if key not in source:
         return set()
     want = (cfg.vocab_size, cfg.hidden_size)
-    if source.shape(LM_HEAD) != want:
-        raise CheckpointError(f"{source.where(LM_HEAD)}: tensor {LM_HEAD!r} has shape {list(source.shape(LM_HEAD))}, "
+    if source.shape(key) != want:
+        raise CheckpointError(f"{source.where(key)}: tensor {key!r} has shape {list(source.shape(key))}, "
                               f"expected {list(want)} (vocab_size, hidden_size)")
-    return {LM_HEAD}
+    return {key}
 
 
 def read_table(path: str, config: Qwen3Config | None = None) -> CheckpointTable:
@@ -63,11 +63,14 @@ def read_table(path: str, config: Qwen3Config | None = None) -> CheckpointTable:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: expected a transformers Qwen3 folder (config.json + safetensors)")
     cfg = config or Qwen3Config.from_hf_config(path)
+    if not cfg.qk_norm:  # its keys sit elsewhere (Mistral3's language_model.model.): named as missing otherwise
+        raise CheckpointError(f"{path}: config.json describes a Mistral, not a Qwen3; load it with "
+                              "fluxjax.loading.mistral.load_mistral")
     tensors = TensorSource(path)
     # Qwen3ForCausalLM's keys sit under `model.` beside the head, so the prefix cannot be one the
     # table strips from every key: the rules are written with it.
     prefix = CAUSAL_LM_PREFIX if any(k.startswith(CAUSAL_LM_PREFIX) for k in tensors.keys()) else ""
-    return CheckpointTable(cfg, tensors, qwen3_rules(cfg, prefix), ignore=frozenset(_lm_head(tensors, cfg)))
+    return CheckpointTable(cfg, tensors, qwen3_rules(cfg, prefix), ignore=frozenset(lm_head(tensors, cfg)))
 
 
 def load_qwen3(source: str | os.PathLike, dtype="float32", sharding: ShardingFn | None = None,
@@ -81,8 +84,12 @@ def load_qwen3(source: str | os.PathLike, dtype="float32", sharding: ShardingFn 
     a time, each placed on its devices as it comes.
     Returns (model, params) for `model.apply({"params": params}, ids, mask, layers)`.
     """
+    return load_table(read_table(source, config), dtype, sharding)
+
+
+def load_table(table: CheckpointTable, dtype="float32", sharding: ShardingFn | None = None):
+    """(Qwen3Encoder, params) from a checked table (read_table here, or loading.mistral's): as load_qwen3."""
     dtype = jnp.dtype(dtype)
-    table = read_table(source, config)
     model = Qwen3Encoder(table.config, dtype=dtype, param_dtype=dtype)
     shapes = param_shapes(model)
     shardings = leaf_shardings(shapes, sharding)

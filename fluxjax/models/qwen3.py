@@ -1,8 +1,13 @@
-"""The Qwen3 text encoder of FLUX.2 [klein], as transformers' `Qwen3Model` computes it.
+"""The Qwen3 text encoder of FLUX.2 [klein], as transformers' `Qwen3Model` computes it, and with
+`qk_norm=False` the Mistral decoder of FLUX.2 [dev]'s text encoder (transformers' `MistralModel`,
+the language model of Mistral-Small-3.1's `Mistral3ForConditionalGeneration`): the two differ only
+in Qwen3's per-head RMSNorm of q and k before RoPE.
 
 klein conditions on the hidden states of three layers of Qwen3 (4B for klein-4B, 8B for klein-9B)
 run over the chat-templated prompt (fluxjax/models/qwen3_tokenizer.py), stacked side by side:
 `prompt_embeds` (B, L, 3 * hidden), as diffusers' Flux2KleinPipeline._get_qwen3_prompt_embeds.
+FLUX.2 [dev] does the same with Mistral's layers (10, 20, 30) (3 x 5120 = 15360) over its
+system + user chat (fluxjax/pipeline/mistral_tokenizer.py), as Flux2Pipeline._get_mistral_3_small_prompt_embeds.
 
 Each decoder layer (pre-norm residual):
   x = x + o_proj(attn(rope(q_norm(q_proj(n1))), rope(k_norm(k_proj(n1))), v_proj(n1)))  n1 = input_layernorm(x)
@@ -18,7 +23,7 @@ the decoder layers stacked by nn.scan under `layers`, leading axis (layers,)):
   layers/self_attn/q_proj/kernel               (layers, hidden, H*head_dim)   ("layers", "embed", "heads")
   layers/self_attn/{k,v}_proj/kernel           (layers, hidden, Hkv*head_dim) ("layers", "embed", "heads")
   layers/self_attn/o_proj/kernel               (layers, H*head_dim, hidden)   ("layers", "heads", "embed")
-  layers/self_attn/{q,k}_norm/scale            (layers, head_dim)             ("layers", "head_dim")
+  layers/self_attn/{q,k}_norm/scale            (layers, head_dim)             ("layers", "head_dim")  (qk_norm only)
   layers/post_attention_layernorm/scale        (layers, hidden)               ("layers", "norm")
   layers/mlp/{gate,up}_proj/kernel             (layers, hidden, intermediate) ("layers", "embed", "mlp")
   layers/mlp/down_proj/kernel                  (layers, intermediate, hidden) ("layers", "mlp", "embed")
@@ -45,11 +50,13 @@ from fluxjax.models.layers import RMSNorm, constrain, dense, embedding, scan_lay
 Dtype = Any
 
 KLEIN_LAYERS = (9, 18, 27)  # the hidden states klein stacks (diffusers' text_encoder_out_layers)
+FLUX2_DEV_LAYERS = (10, 20, 30)  # the Mistral hidden states FLUX.2 [dev] stacks (Flux2Pipeline's default)
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config(_Preset):
     """Qwen3 (transformers' `Qwen3Config`, the fields the encoder uses). Defaults: Qwen3-4B, klein-4B's.
+    With qk_norm=False, Mistral (transformers' `MistralConfig`, or the text_config of a `Mistral3Config`).
 
     The presets give the sizes (for planning and random weights); a checkpoint's own config.json
     (`from_hf_config`) is what loading uses, rope_theta included (Qwen3 releases differ in it).
@@ -65,6 +72,12 @@ class Qwen3Config(_Preset):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     attention_bias: bool = False
+    qk_norm: bool = True  # Qwen3's per-head q_norm/k_norm; Mistral has none
+
+    @property
+    def family(self) -> str:
+        """"Qwen3" or "Mistral", for messages."""
+        return "Qwen3" if self.qk_norm else "Mistral"
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -80,20 +93,45 @@ class Qwen3Config(_Preset):
             "klein-9b": Qwen3Config(hidden_size=4096, intermediate_size=12288),  # Qwen3-8B
             "tiny": Qwen3Config(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+            # Mistral-Small-3.1-24B's language model (FLUX.2 [dev]'s text_encoder text_config):
+            # head_dim 128 set explicitly (32 heads x 128 = 4096, not hidden 5120)
+            "flux2-dev": Qwen3Config(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                                     rope_theta=1_000_000_000.0, qk_norm=False),
+            "mistral-tiny": Qwen3Config(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                                        qk_norm=False),
         }
 
     @classmethod
     def from_hf_config(cls, source: str | os.PathLike | Mapping[str, Any]) -> "Qwen3Config":
-        """From a transformers Qwen3 config.json (path, folder or dict): `Qwen3ForCausalLM` (the
-        hub's klein text_encoder/) or `Qwen3Model`. RoPE theta from `rope_parameters` (transformers
-        5) or `rope_theta` (older files)."""
+        """From a transformers config.json (path, folder or dict) by its model_type: "qwen3" (or none:
+        `Qwen3ForCausalLM`, the hub's klein text_encoder/, or `Qwen3Model`), "mistral"
+        (`MistralModel`, `MistralForCausalLM`: qk_norm=False) or "mistral3"
+        (`Mistral3ForConditionalGeneration`, FLUX.2 [dev]'s text_encoder/: its text_config, a
+        Mistral; the vision settings are not read, the encoder takes text only). RoPE theta from
+        `rope_parameters` (transformers 5) or `rope_theta` (older files)."""
         cfg = _read_json(source)
         where = "Qwen3 config" if isinstance(source, Mapping) else os.fspath(source)
+        kind = cfg.get("model_type", "qwen3")
+        if kind == "mistral3":
+            cfg = _require(cfg, "text_config", where)
+            where = f"{where} text_config"
+            kind = cfg.get("model_type", "mistral")
+            if kind != "mistral":
+                raise ConfigError(f"{where}: model_type {kind!r} is not 'mistral' (FLUX.2 [dev]'s language model)")
+        if kind not in ("qwen3", "mistral"):
+            raise ConfigError(f"{where}: model_type {kind!r} is not 'qwen3', 'mistral' or 'mistral3'")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{where}: hidden_act {cfg['hidden_act']!r} is not Qwen3's 'silu'")
-        if cfg.get("use_sliding_window", False):
+            raise ConfigError(f"{where}: hidden_act {cfg['hidden_act']!r} is not {kind}'s 'silu'")
+        if kind == "qwen3" and cfg.get("use_sliding_window", False):
             raise ConfigError(f"{where}: use_sliding_window=true is not supported "
                               "(klein's Qwen3 attends to every earlier token)")
+        # Qwen3 configs carry a sliding_window size that use_sliding_window switches off; in
+        # Mistral's any size switches it on (Mistral-Small-3.1's is null: every earlier token).
+        if kind == "mistral" and cfg.get("sliding_window") is not None:
+            raise ConfigError(f"{where}: sliding_window={cfg['sliding_window']} is not supported "
+                              "(only null: FLUX.2 [dev]'s Mistral attends to every earlier token)")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ConfigError(f"{where}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
@@ -114,6 +152,7 @@ class Qwen3Config(_Preset):
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             attention_bias=bool(cfg.get("attention_bias", False)),
+            qk_norm=kind == "qwen3",
         )
 
 
@@ -152,7 +191,7 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 class Qwen3Attention(nn.Module):
-    """Grouped-query self-attention with per-head q/k RMSNorm and RoPE.
+    """Grouped-query self-attention with RoPE, and per-head q/k RMSNorm before it when cfg.qk_norm.
 
     x: (B, L, hidden) in `dtype`; cos, sin: (L, head_dim) float32; mask: (B, 1, L, L) bool.
     Returns (B, L, hidden) in `dtype`. Logits and softmax in float32.
@@ -168,15 +207,16 @@ class Qwen3Attention(nn.Module):
         b, l, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=cfg.attention_bias)
 
-        def heads(name, n, norm=None):
+        def heads(name, n, norm=None, rope=False):
             y = dense(n * cfg.head_dim, axes=("embed", "heads"), name=name, **kw)(x).reshape(b, l, n, cfg.head_dim)
-            if norm is not None:
+            if norm is not None and cfg.qk_norm:
                 y = RMSNorm(cfg.rms_norm_eps, self.param_dtype, "head_dim", name=norm)(y)
+            if rope:
                 y = apply_rope(y, cos, sin)
             return nn.with_logical_constraint(y, ("activation_batch", "activation_length", "activation_heads", None))
 
-        q = heads("q_proj", cfg.num_attention_heads, "q_norm")
-        k = heads("k_proj", cfg.num_key_value_heads, "k_norm")
+        q = heads("q_proj", cfg.num_attention_heads, "q_norm", rope=True)
+        k = heads("k_proj", cfg.num_key_value_heads, "k_norm", rope=True)
         v = heads("v_proj", cfg.num_key_value_heads)
         # fluxjax's dot_product_attention takes one bias for the whole batch; the padding mask is
         # per prompt, so this is JAX's attention with a (B, 1, L, L) mask. Its XLA form takes the
@@ -262,7 +302,7 @@ class Qwen3Encoder(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  layers: Sequence[int] = KLEIN_LAYERS) -> jax.Array:
         cfg = self.config
-        layers = check_layers(layers, cfg.num_hidden_layers)
+        layers = check_layers(layers, cfg.num_hidden_layers, cfg.family)
         b, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), jnp.int32)
@@ -283,14 +323,14 @@ class Qwen3Encoder(nn.Module):
         return jnp.stack([by_index[n] for n in layers])
 
 
-def check_layers(layers: Sequence[int], num_hidden_layers: int) -> tuple[int, ...]:
+def check_layers(layers: Sequence[int], num_hidden_layers: int, family: str = "Qwen3") -> tuple[int, ...]:
     """`layers` as a tuple of ints in 0..num_hidden_layers; UsageError naming the bad one."""
     if isinstance(layers, (int, np.integer)) or not len(layers):
         raise UsageError(f"layers must be a non-empty sequence of hidden-state indices, got {layers!r}")
     out = []
     for n in layers:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= num_hidden_layers:
-            raise UsageError(f"layers: {n!r} is not a hidden-state index of this Qwen3 "
+            raise UsageError(f"layers: {n!r} is not a hidden-state index of this {family} "
                              f"(0..{num_hidden_layers}: 0 the embeddings, i the output of layer i)")
         out.append(int(n))
     return tuple(out)
