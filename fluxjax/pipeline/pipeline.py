@@ -32,7 +32,7 @@ from fluxjax.runtime import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
-from fluxjax.models import layers
+from fluxjax.models import attention
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.quantize import check_mode
 from fluxjax.parallel.strategies import Strategy, jit_with_rules
@@ -178,15 +178,15 @@ class FluxPipeline:
     @property
     def attention_implementation(self) -> str:
         """The attention the transformer runs at the default size: its `attention_impl`, or what
-        "auto" resolves to here (layers.resolve_attention with this process's device, the
+        "auto" resolves to here (attention.resolve_attention with this process's device, the
         transformer's dtype and head dim, and this pipeline's mesh)."""
         model = self.transformer.model
         if model.attention_impl != "auto":
             return model.attention_impl
         c, d = model.config, self.defaults
         seq_len = (d.height // 16) * (d.width // 16) + d.max_sequence_length
-        return layers.auto_implementation(model.dtype, c.hidden_size // c.num_heads, seq_len, masked=False,
-                                          mesh_size=1 if self.mesh is None else self.mesh.size)
+        return attention.auto_implementation(model.dtype, c.hidden_size // c.num_heads, seq_len, masked=False,
+                                             mesh_size=1 if self.mesh is None else self.mesh.size)
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class FluxPipeline:
         attention_impl: "auto" (default: cuDNN flash attention on NVIDIA GPUs where it applies,
                         splash on a TPU, the CPU kernel on a CPU; `pipe.attention_implementation`
                         says which), "xla", "xla_blocked", "cudnn", "splash" or "cpu"; see
-                        layers.dot_product_attention and layers.resolve_attention.
+                        attention.dot_product_attention and attention.resolve_attention.
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         loras, fuse: LoRA files to apply, as `load_lora(loras, fuse=fuse)` does.
@@ -238,7 +238,7 @@ class FluxPipeline:
         if sharding is not None:
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
             mesh = strategy.make_mesh(devices)
-        layers.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
+        attention.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
         settings = dict(strategy=strategy, mesh=mesh, quantize=quantize)
         if source is None:
             source, notice = default_source()
