@@ -84,7 +84,7 @@ class QuantizedDense(nn.Dense):
 
     The matmul takes the stored values converted to the compute dtype (exact: int8 and e4m3 values
     are bf16 numbers), accumulates in float32, and scales the float32 product per column before the
-    one rounding to `dtype`. A subclass of nn.Dense, so live LoRA (fluxjax.lora.adapters.live) adds its
+    one rounding to `dtype`. A subclass of nn.Dense, so live LoRA (fluxjax.lora.live) adds its
     low-rank branch to it as to any Linear. Weights are never initialised: the loader fills them.
     """
 
@@ -112,7 +112,7 @@ def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
     """
     return nn.scan(
         block,
-        # "lora": live LoRA adapters (fluxjax.lora.adapters), stacked over the blocks like their kernels.
+        # "lora": live LoRA adapters (fluxjax.lora.live), stacked over the blocks like their kernels.
         variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,

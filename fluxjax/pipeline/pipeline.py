@@ -269,7 +269,7 @@ class FluxPipeline:
             call and per image with `pipe(..., lora_scales=...)` without recompiling.
         Full replacement tensors (control LoRAs' QK-norm scales) replace the weights either way.
         """
-        from fluxjax.lora import adapters as lora
+        from fluxjax.lora import adapters as lora, fused
 
         items = [loras] if isinstance(loras, (str, os.PathLike)) or (
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
@@ -283,7 +283,7 @@ class FluxPipeline:
                 raise UsageError("fuse LoRAs before loading live ones (or call pipe.unload_lora() first)")
             adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype, widen)
             t = self._widened(t, adapters)
-            self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
+            self.transformer = Component(t.model, fused.fuse(t.params, adapters, [s for _, s in pairs]))
             return
         base = t if self._params_before_loras is None else Component(t.model, self._params_before_loras)
         adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base.params,

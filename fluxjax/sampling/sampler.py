@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.lora import adapters as lora
+from fluxjax.lora import live as lora
 from fluxjax.errors import UsageError
 from fluxjax.parallel.strategies import jit_with_rules
 
