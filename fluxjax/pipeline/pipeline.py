@@ -521,10 +521,10 @@ class FluxPipeline:
 
             bar.set_description(f"denoising ({steps} steps)")
             start_time = time.perf_counter()
-            with sampling.step_callback(lambda i: bar.update(1)):
+            with sampling.step_callback(lambda i: bar.update(1)) as on_step:
                 latents_out = sampling.denoise(
                     self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
-                    inputs["txt_ids"], vec, schedule, inputs["guidance"], report_steps=bool(progress),
+                    inputs["txt_ids"], vec, schedule, inputs["guidance"], on_step=on_step if progress else None,
                     adapters=None if self.adapters is None else self.adapters.tree, lora_scales=inputs.get("lora_scales"),
                     cond=sampling.Conditioning(**cond) if cond else None,
                 )
