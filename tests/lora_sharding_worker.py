@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from fluxjax.lora import adapters as lora  # noqa: E402
+from fluxjax.lora import adapters as lora, fused as lora_fused, live as lora_live  # noqa: E402
 from fluxjax.bench.lora import write_random_lora  # noqa: E402
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import param_shapes  # noqa: E402
@@ -47,11 +47,11 @@ def main() -> None:
     scales = np.full((BATCH, 1), 0.8, np.float32)
 
     def run_live(p, tree, s, *x):
-        with lora.live(s):
-            return model.apply(lora.variables(p, tree), *x)
+        with lora_live.live(s):
+            return model.apply(lora_live.variables(p, tree), *x)
 
     plain = jax.jit(lambda p, *x: model.apply({"params": p}, *x))
-    fused_one = lora.fuse(params, adapters, [0.8])
+    fused_one = lora_fused.fuse(params, adapters, [0.8])
     ref = np.asarray(plain(fused_one, *inputs))
     live_one = np.asarray(jax.jit(run_live)(params, adapters.tree, scales, *inputs))
     base = np.asarray(plain(params, *inputs))
@@ -59,7 +59,7 @@ def main() -> None:
     strategy = Strategy.load("fsdp")
     mesh = strategy.make_mesh()
     sharded = jax.device_put(params, strategy.param_shardings(mesh)(boxed))
-    fused = lora.fuse(sharded, adapters, [0.8])
+    fused = lora_fused.fuse(sharded, adapters, [0.8])
     batch, _ = strategy.put_batch(inputs, mesh)
     with strategy.activate(mesh):
         fused_out = np.asarray(plain(fused, *batch))
@@ -76,17 +76,17 @@ def main() -> None:
                          "same_sharding": after.sharding == before.sharding,
                          "param_error": float(np.abs(np.asarray(after) - np.asarray(dict(
                              jax.tree_util.tree_flatten_with_path(fused_one)[0])[p])).max())}
-        # The compiled fuse of this kernel, as `lora.fuse` runs it.
+        # The compiled fuse of this kernel, as `lora_fused.fuse` runs it.
         node = adapters.tree
         for k in p[:-1]:
             node = node[k.key]
         bias_path = p[:-1] + (jax.tree_util.DictKey("bias"),)
         bias = dict(jax.tree_util.tree_flatten_with_path(sharded)[0]).get(bias_path)
-        fn = jax.jit(lora._fused, out_shardings=(before.sharding, None if bias is None else bias.sharding))
+        fn = jax.jit(lora_fused._fused, out_shardings=(before.sharding, None if bias is None else bias.sharding))
         text = fn.lower(before, bias, node["a"], node["b"], node["scale"], node["bias"], np.ones(1, np.float32)).compile().as_text()
         full_shape_in_hlo[name] = f"f32[{','.join(map(str, before.shape))}]" in text
         if name == "double_blocks/img_attn/qkv/kernel":  # the check's control: a fuse that gathers
-            gathered = jax.jit(lora._fused, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            gathered = jax.jit(lora_fused._fused, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
             text = gathered.lower(before, bias, node["a"], node["b"], node["scale"], node["bias"], np.ones(1, np.float32))
             control = f"f32[{','.join(map(str, before.shape))}]" in text.compile().as_text()
     print(json.dumps({

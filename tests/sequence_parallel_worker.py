@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from fluxjax.config import FluxConfig  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
-from fluxjax.models.layers import attention  # noqa: E402
+from fluxjax.models.attention import attention  # noqa: E402
 from fluxjax.pipeline.pipeline import FluxPipeline  # noqa: E402
 from fluxjax.loading.random_weights import host_random_params  # noqa: E402
 from fluxjax.parallel.strategies import Strategy  # noqa: E402

@@ -25,7 +25,7 @@ from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config  
 from fluxjax.models.autoencoder import AutoEncoder  # noqa: E402
 from fluxjax.models.clip import CLIPTextEncoder  # noqa: E402
 from fluxjax.models.flux import Flux  # noqa: E402
-from fluxjax.models.layers import dot_product_attention  # noqa: E402
+from fluxjax.models.attention import dot_product_attention  # noqa: E402
 from fluxjax.models.t5 import T5Encoder  # noqa: E402
 from fluxjax.loading.random_weights import host_random_params  # noqa: E402
 from fluxjax.parallel.strategies import Strategy  # noqa: E402

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
-from fluxjax.models import autoencoder, clip, flux, layers, t5
+from fluxjax.models import attention, autoencoder, clip, flux, layers, splash, t5, target
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 
 
 def resolve(backend, device_kind, dtype=BF16, head_dim=128, seq_len=4608, masked=False, mesh_size=1, **kw):
-    return layers.resolve_attention(backend=backend, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
+    return attention.resolve_attention(backend=backend, device_kind=device_kind, dtype=dtype, head_dim=head_dim,
                                     seq_len=seq_len, masked=masked, mesh_size=mesh_size, **kw)
 
 
@@ -40,7 +40,7 @@ def test_auto_on_a_tpu_is_splash_for_unmasked_attention_with_or_without_a_mesh()
     assert resolve(**v5e) == "splash"
     assert resolve(**v5e, dtype=F32, seq_len=4352) == "splash"
     assert resolve(**v5e, masked=True, seq_len=512) == "xla"
-    assert resolve(**v5e, mesh_size=4) == "splash"  # per shard, in a shard_map (layers.splash_attention)
+    assert resolve(**v5e, mesh_size=4) == "splash"  # per shard, in a shard_map (splash.splash_attention)
 
 
 def test_auto_on_a_cpu_is_the_kernel_unmasked_on_one_device_else_blocked_xla():
@@ -52,10 +52,10 @@ def test_auto_on_a_cpu_is_the_kernel_unmasked_on_one_device_else_blocked_xla():
 
 
 def test_auto_resolution_here_uses_this_processes_facts():
-    facts = layers.device_facts()
+    facts = target.device_facts()
     assert facts["backend"] == jax.default_backend()
-    want = layers.resolve_attention(**facts, dtype=F32, head_dim=128, seq_len=256, masked=True)
-    assert layers.auto_implementation(F32, 128, 256, masked=True) == want
+    want = attention.resolve_attention(**facts, dtype=F32, head_dim=128, seq_len=256, masked=True)
+    assert attention.auto_implementation(F32, 128, 256, masked=True) == want
 
 
 @pytest.mark.parametrize("seq_len, padded, block", [(4608, 4608, 768), (4352, 4480, 896), (1536, 1536, 768),
@@ -65,33 +65,33 @@ def test_splash_tiles_flux_sequence_lengths_in_large_blocks(seq_len, padded, blo
     # schnell at 1024 (4096 + 256 tokens) is padded 3% to blocks of 896 rather than cut in 17 of
     # 256; the 2176-token blocks that divide it overflow a v5e's scoped VMEM (the TPU compiler's
     # CompileTimeScopedVmemOom, 30.3 of 16 MiB), and so do 1536-token blocks with segment ids.
-    assert layers.splash_tiling(seq_len) == (padded, block)
-    assert padded % block == 0 and block % layers.SPLASH_UNIT == 0 and block <= layers.SPLASH_MAX_BLOCK
+    assert splash.splash_tiling(seq_len) == (padded, block)
+    assert padded % block == 0 and block % splash.SPLASH_UNIT == 0 and block <= splash.SPLASH_MAX_BLOCK
 
 
 def test_splash_tiling_takes_the_largest_block_within_the_padding_allowance():
     for seq_len in range(1, 40_000, 37):
-        padded, block = layers.splash_tiling(seq_len)
-        assert padded >= seq_len and padded % block == 0 and block % 128 == 0 and block <= layers.SPLASH_MAX_BLOCK
-        larger = [b for b in range(block + 128, layers.SPLASH_MAX_BLOCK + 1, 128)
-                  if -(-seq_len // b) * b - seq_len <= seq_len * layers.SPLASH_PAD]
+        padded, block = splash.splash_tiling(seq_len)
+        assert padded >= seq_len and padded % block == 0 and block % 128 == 0 and block <= splash.SPLASH_MAX_BLOCK
+        larger = [b for b in range(block + 128, splash.SPLASH_MAX_BLOCK + 1, 128)
+                  if -(-seq_len // b) * b - seq_len <= seq_len * splash.SPLASH_PAD]
         assert not larger, (seq_len, block, larger)
-        if padded - seq_len > seq_len * layers.SPLASH_PAD:  # none within the allowance: the least padding
-            assert padded == min(-(-seq_len // b) * b for b in range(128, layers.SPLASH_MAX_BLOCK + 1, 128))
+        if padded - seq_len > seq_len * splash.SPLASH_PAD:  # none within the allowance: the least padding
+            assert padded == min(-(-seq_len // b) * b for b in range(128, splash.SPLASH_MAX_BLOCK + 1, 128))
     with pytest.raises(ValueError, match="positive"):
-        layers.splash_tiling(0)
+        splash.splash_tiling(0)
 
 
-@pytest.mark.parametrize("seq_len, max_block", [(512, 256), (200, layers.SPLASH_MAX_BLOCK)])
+@pytest.mark.parametrize("seq_len, max_block", [(512, 256), (200, splash.SPLASH_MAX_BLOCK)])
 def test_splash_attention_in_interpret_mode_equals_xla_attention(seq_len, max_block, monkeypatch):
     # Head size 128 as FLUX's; 512 tokens in two blocks of 256, and 200 tokens padded to 256 (the
     # padded keys masked out by segment ids). Interpret mode runs the kernel's own block loop.
-    monkeypatch.setattr(layers, "SPLASH_MAX_BLOCK", max_block)
+    monkeypatch.setattr(splash, "SPLASH_MAX_BLOCK", max_block)
     rng = np.random.default_rng(seq_len)
     q, k, v = (jnp.asarray(rng.standard_normal((1, seq_len, 2, 128)), F32) for _ in range(3))
     with jax.default_matmul_precision("highest"):
-        want = layers.dot_product_attention(q, k, v, implementation="xla")
-        got = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, implementation="splash"))(q, k, v)
+        want = attention.dot_product_attention(q, k, v, implementation="xla")
+        got = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="splash"))(q, k, v)
     assert got.shape == want.shape == (1, seq_len, 256) and got.dtype == F32
     err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
     assert err < 1e-5, err
@@ -100,7 +100,7 @@ def test_splash_attention_in_interpret_mode_equals_xla_attention(seq_len, max_bl
 def test_splash_refuses_a_mask():
     q = jnp.zeros((1, 128, 1, 128))
     with pytest.raises(ValueError, match="splash"):
-        layers.dot_product_attention(q, q, q, causal=True, implementation="splash")
+        attention.dot_product_attention(q, q, q, causal=True, implementation="splash")
 
 
 def test_precision_follows_dtype_unless_set():
@@ -159,7 +159,7 @@ def test_the_pipeline_says_which_attention_its_transformer_runs():
 
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
     c = pipe.transformer.model.config
-    want = layers.auto_implementation(F32, c.hidden_size // c.num_heads, 256 // 16 * (256 // 16) + 64, masked=False,
+    want = attention.auto_implementation(F32, c.hidden_size // c.num_heads, 256 // 16 * (256 // 16) + 64, masked=False,
                                       mesh_size=1)
     assert pipe.attention_implementation == want
     if jax.default_backend() == "cpu":
@@ -229,14 +229,14 @@ def test_an_attention_the_platform_cannot_run_is_refused_in_one_line():
     cpu = SimpleNamespace(platform="cpu", device_kind="cpu")
     h100 = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
     with pytest.raises(UsageError, match='^attention "cudnn" runs on NVIDIA GPUs only, and this runs on cpu \\(cpu\\): use "auto"$'):
-        layers.check_implementation("cudnn", cpu)
+        attention.check_implementation("cudnn", cpu)
     with pytest.raises(UsageError, match="^attention \"cpu\" is fluxjax's CPU kernel, and this runs on NVIDIA H100"):
-        layers.check_implementation("cpu", h100)
+        attention.check_implementation("cpu", h100)
     with pytest.raises(UsageError, match="^attention 'flash': choose from auto, xla"):
-        layers.check_implementation("flash", cpu)
+        attention.check_implementation("flash", cpu)
     for impl in ("auto", "xla", "xla_blocked", "splash", "cpu"):
-        layers.check_implementation(impl, cpu)  # splash runs anywhere (interpret mode off a TPU)
-    layers.check_implementation("cudnn", h100)
+        attention.check_implementation(impl, cpu)  # splash runs anywhere (interpret mode off a TPU)
+    attention.check_implementation("cudnn", h100)
 
 
 def test_cudnn_on_a_cpu_is_one_line_from_the_cli(tmp_path):
@@ -269,7 +269,7 @@ def test_splash_gradients_in_interpret_mode_equal_xla_attentions():
     w = jnp.asarray(rng.standard_normal((1, 200, 256)), F32)
 
     def loss(impl):
-        return jax.jit(jax.grad(lambda q, k, v: (layers.dot_product_attention(q, k, v, implementation=impl) * w).sum(),
+        return jax.jit(jax.grad(lambda q, k, v: (attention.dot_product_attention(q, k, v, implementation=impl) * w).sum(),
                                 argnums=(0, 1, 2)))
 
     with jax.default_matmul_precision("highest"):

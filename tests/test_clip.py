@@ -281,7 +281,7 @@ def _flatten(tree, prefix=()):
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_attention_matches_xla():
-    from fluxjax.models.layers import dot_product_attention
+    from fluxjax.models.attention import dot_product_attention
 
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 77, 12, 64), jnp.bfloat16) for i in range(3))
     want = dot_product_attention(q, k, v, causal=True, implementation="xla").astype(jnp.float32)

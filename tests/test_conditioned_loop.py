@@ -158,3 +158,21 @@ def test_start_and_no_recompile(base):
 def test_incomplete_conditioning(fields, match):
     with pytest.raises(UsageError, match=match):
         sampling.Conditioning(**fields).check()
+
+
+def test_a_new_step_callback_reuses_the_executable(base):
+    # The host function a loop reports its steps to is a jit argument (a sampling.StepCallback naming
+    # it): a second progress bar compiles nothing, and each loop reports to its own callback only.
+    model, params, inputs, _ = base
+    seen = {"first": [], "second": []}
+    with sampling.step_callback(seen["first"].append) as first:
+        want = run(model, params, inputs, on_step=first)
+        jax.effects_barrier()
+    compiled = sampling.denoise._cache_size()
+    with sampling.step_callback(seen["second"].append) as second:
+        got = run(model, params, inputs, on_step=second)
+        jax.effects_barrier()
+    assert sampling.denoise._cache_size() == compiled
+    assert seen == {"first": [0, 1], "second": [0, 1]}
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, run(model, params, inputs))  # reporting changes no number

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fluxjax.kernels import build, cpu_attention
-from fluxjax.models import layers
+from fluxjax.models import attention
 
 
 def _float64_attention(q, k, v):
@@ -49,10 +49,10 @@ def test_kernel_is_as_accurate_as_pytorch_sdpa(shape):
 def test_kernel_matches_xla_attention_in_bf16_and_under_vmap():
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((3, 2, 40, 2, 32)), jnp.float32) for _ in range(3))
-    xla = jax.vmap(lambda q, k, v: layers.dot_product_attention(q, k, v, implementation="xla"))(q, k, v)
-    cpu = jax.vmap(lambda q, k, v: layers.dot_product_attention(q, k, v, implementation="cpu"))(q, k, v)
+    xla = jax.vmap(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="xla"))(q, k, v)
+    cpu = jax.vmap(lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cpu"))(q, k, v)
     assert float(jnp.abs(cpu - xla).max()) < 1e-5
-    bf16 = layers.dot_product_attention(*(x[0].astype(jnp.bfloat16) for x in (q, k, v)), implementation="cpu")
+    bf16 = attention.dot_product_attention(*(x[0].astype(jnp.bfloat16) for x in (q, k, v)), implementation="cpu")
     assert bf16.dtype == jnp.bfloat16  # computed in float32, returned in v's dtype
     assert float(jnp.abs(bf16.astype(jnp.float32) - xla[0]).max()) < 2e-2
 
@@ -63,7 +63,7 @@ def _lowered(fn, *args) -> str:
 
 def test_auto_takes_the_kernel_only_where_it_applies():
     q = jnp.ones((1, 8, 2, 16))
-    auto = lambda **kw: lambda q: layers.dot_product_attention(q, q, q, **kw)  # noqa: E731
+    auto = lambda **kw: lambda q: attention.dot_product_attention(q, q, q, **kw)  # noqa: E731
     assert cpu_attention.TARGET in _lowered(auto(), q)
     assert cpu_attention.TARGET not in _lowered(auto(implementation="xla"), q)
     assert cpu_attention.TARGET not in _lowered(auto(causal=True), q)  # CLIP
@@ -71,7 +71,7 @@ def test_auto_takes_the_kernel_only_where_it_applies():
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
         assert cpu_attention.TARGET not in _lowered(auto(), q)  # the partitioner could not split it
     with pytest.raises(ValueError, match="no bias or causal mask"):
-        layers.dot_product_attention(q, q, q, causal=True, implementation="cpu")
+        attention.dot_product_attention(q, q, q, causal=True, implementation="cpu")
 
 
 def test_masked_attention_on_a_cpu_is_xla_in_query_blocks():
@@ -80,7 +80,7 @@ def test_masked_attention_on_a_cpu_is_xla_in_query_blocks():
     rng = np.random.default_rng(2)
     q, k, v = (jnp.asarray(rng.standard_normal((1, 300, 2, 16)), jnp.float32) for _ in range(3))
     bias = jnp.asarray(rng.standard_normal((2, 300, 300)), jnp.float32)
-    attend = lambda implementation: lambda q: layers.dot_product_attention(  # noqa: E731
+    attend = lambda implementation: lambda q: attention.dot_product_attention(  # noqa: E731
         q, k, v, bias=bias, implementation=implementation)
     assert _lowered(attend("auto"), q) == _lowered(attend("xla_blocked"), q)
     assert "stablehlo.while" in _lowered(attend("xla_blocked"), q)
@@ -95,17 +95,17 @@ def test_a_failed_build_warns_and_falls_back_to_xla(tmp_path):
         import warnings
         import jax.numpy as jnp
         from fluxjax.kernels import build, cpu_attention
-        from fluxjax.models import layers
+        from fluxjax.models import attention
         q = jnp.ones((1, 8, 2, 16))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = layers.dot_product_attention(q, q, q)
-            layers.dot_product_attention(q, q, q)
+            out = attention.dot_product_attention(q, q, q)
+            attention.dot_product_attention(q, q, q)
         messages = [str(w.message) for w in caught]
         assert len(messages) == 1 and "failed on" in messages[0], messages
-        assert jnp.allclose(out, layers.dot_product_attention(q, q, q, implementation="xla"))
+        assert jnp.allclose(out, attention.dot_product_attention(q, q, q, implementation="xla"))
         try:
-            layers.dot_product_attention(q, q, q, implementation="cpu")
+            attention.dot_product_attention(q, q, q, implementation="cpu")
         except build.KernelUnavailable as error:
             print("raised:", str(error).splitlines()[0])
     """)

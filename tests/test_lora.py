@@ -24,7 +24,7 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from fluxjax.lora import adapters as lora  # noqa: E402
+from fluxjax.lora import adapters as lora, fused as lora_fused  # noqa: E402
 from fluxjax.sampling import sampler as sampling  # noqa: E402
 from fluxjax.errors import NonFiniteError, UsageError  # noqa: E402
 from fluxjax.loading.safetensors_io import CheckpointError  # noqa: E402
@@ -221,7 +221,7 @@ def test_kohya_format(hub):
     tensors = kohya_tensors(hub, seed=2, top=True)
     top = save(hub, "kohya_top.safetensors", tensors)
     base = hub.pipe.transformer.params
-    fused = lora.fuse(base, lora.load_loras([top], hub.pipe.transformer.model.config, base), [0.8])
+    fused = lora_fused.fuse(base, lora.load_loras([top], hub.pipe.transformer.model.config, base), [0.8])
     for name, path in (("final_layer_linear", ("final_layer", "linear")), ("img_in", ("img_in",)),
                        ("final_layer_adaLN_modulation_1", ("final_layer", "adaLN_modulation", "1"))):
         key = f"lora_unet_{name}"
@@ -369,7 +369,7 @@ def test_cli_generate_batch_and_convert(hub, tmp_path):
     dst = tmp_path / "fused"
     assert cli.main(["convert", str(hub.root), str(dst), "--dtype", "float32", "--lora", f"{kohya}:0.5"]) == 0
     model, base = load_transformer(os.path.join(hub.root, "transformer"))
-    want = lora.fuse(base, lora.load_loras([kohya], model.config, base), [0.5])
+    want = lora_fused.fuse(base, lora.load_loras([kohya], model.config, base), [0.5])
     _, got = load_transformer(dst / "transformer")
     for x, y in zip(lora.jax.tree.leaves(got), lora.jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
@@ -412,7 +412,7 @@ def test_bfl_control_format(hub):
     path = save(hub, "control.safetensors", tensors)
     t = hub.pipe.transformer
     assert lora.read_lora_file(path, t.model.config)[0] == "bfl_control"
-    fused = lora.fuse(t.params, lora.load_loras([path], t.model.config, t.params), [0.9])
+    fused = lora_fused.fuse(t.params, lora.load_loras([path], t.model.config, t.params), [0.9])
     for name in ("double_blocks.1.txt_attn.qkv", "single_blocks.0.linear1", "final_layer.adaLN_modulation.1"):
         path_ = name.replace("double_blocks.", "double_blocks_").replace("single_blocks.", "single_blocks_").split(".")
         down, up, bias = (tensors[f"{name}.lora_{x}"].numpy() for x in ("A.weight", "B.weight", "B.bias"))
@@ -546,7 +546,7 @@ def test_non_finite_fused_leaf_never_written(hub, tmp_path, capsys):
     big = overflowing(hub, "huge.safetensors")
     t = hub.pipe.transformer
     with pytest.raises(NonFiniteError) as e:
-        lora.fuse(t.params, lora.load_loras([big], t.model.config, t.params), [1.0])
+        lora_fused.fuse(t.params, lora.load_loras([big], t.model.config, t.params), [1.0])
     assert str(e.value) == ("fusing huge.safetensors:1 into double_blocks_0/img_attn/proj/kernel gave NaN or infinite "
                             "values (the update overflows this weight); lower the strength")
 

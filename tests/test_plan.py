@@ -82,7 +82,7 @@ def test_train_plan_parts_are_exact_for_dev_and_tiny():
     makes; remat keeps less than no remat; the LoRA trains far less state than full fine-tuning."""
     import numpy as np
 
-    from fluxjax.lora import adapters as lora
+    from fluxjax.lora import trainable as lora
     from fluxjax.config import FluxConfig
     from fluxjax.models.flux import Flux, param_shapes
     from fluxjax.plan.planner import lora_param_count, saved_activations, train_plan

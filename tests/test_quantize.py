@@ -140,7 +140,7 @@ def test_cli_quantize_flag(tmp_path, capsys):
 def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
     """Live: the LoRA's branch is added to the quantized Linear's output. Fused: each kernel is
     quantized again with the update in, within one quantization step of base + update."""
-    from fluxjax.lora import adapters as lora
+    from fluxjax.lora import adapters as lora, fused as lora_fused
     from fluxjax.bench.lora import write_random_lora
     from fluxjax.pipeline.pipeline import FluxPipeline
 
@@ -162,7 +162,7 @@ def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
             continue
         factors = [flat(adapters.tree)[f"{layer}/{k}"] for k in ("a", "b", "scale")]
         base_kernel = dequantize(b[layer + "/kernel"], b[layer + "/" + SCALE])
-        want = np.asarray(lora._fused_kernel(base_kernel, *factors, np.float32([0.8])))
+        want = np.asarray(lora_fused._fused_kernel(base_kernel, *factors, np.float32([0.8])))
         assert f[layer + "/kernel"].dtype == jnp.int8
         got = dequantize(f[layer + "/kernel"], f[layer + "/" + SCALE])
         step = np.asarray(f[layer + "/" + SCALE])[..., None, :]

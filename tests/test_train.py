@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from conftest import rel_err
 from test_transformer import CONFIGS, flux_args, make_inputs
 
-from fluxjax.lora import adapters as lora
+from fluxjax.lora import adapters as lora, fused as lora_fused, trainable
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading.registry import load_transformer
@@ -470,7 +470,7 @@ def test_lora_trains_only_the_adapters_and_the_loss_goes_down(tiny):
     trainer = lora_trainer(model, ema_decay=0.9)
     state = trainer.init(params, seed=0)
     factors = {jax.tree_util.keystr(k) for k, _ in jax.tree.flatten_with_path(state.params)[0]}
-    assert len(factors) == 2 * len(lora.DEFAULT_TRAIN_TARGETS) and all(k.endswith(("['a']", "['b']")) for k in factors)
+    assert len(factors) == 2 * len(trainable.DEFAULT_TRAIN_TARGETS) and all(k.endswith(("['a']", "['b']")) for k in factors)
     adapter_size = sum(x.size for x in jax.tree.leaves(state.params))
     assert adapter_size < 0.1 * sum(x.size for x in jax.tree.leaves(params))
     # Adam's two moments and a step count: nothing the size of a base weight.
@@ -521,8 +521,8 @@ def test_trained_lora_gives_diffusers_the_same_image(hub):
     fused = FluxPipeline.from_pretrained(hub.root, dtype="float32", loras=[(path, 1.0)], fuse=True)
     check(run_ours(fused, hub.noise), theirs, hub.base)
 
-    trained = lora.Adapters(lora.join_factors(jax.tree.map(np.asarray, state.params), trainer.fixed), names=("t",))
-    want = lora.fuse(params, trained, [1.0])
+    trained = lora.Adapters(trainable.join_factors(jax.tree.map(np.asarray, state.params), trainer.fixed), names=("t",))
+    want = lora_fused.fuse(params, trained, [1.0])
     got = stack_layers(fused.transformer.params, BLOCK_STACKS)
     assert max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))) <= 1e-6
 

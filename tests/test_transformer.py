@@ -21,7 +21,7 @@ from fluxjax.loading.registry import load_transformer
 from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.loading.table import key_shapes, table_keys
 from fluxjax.config import ConfigError, FluxConfig
-from fluxjax.models import layers
+from fluxjax.models import attention, layers
 from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SelfAttention, SingleStreamBlock
 from fluxjax.models.flux import param_shapes
 from fluxjax.testing.reference import randomize_
@@ -493,5 +493,5 @@ def test_attention_kernel_in_query_blocks(causal):
     if causal:
         logits = logits.masked_fill(~torch.ones(300, 300, dtype=torch.bool).tril(), float("-inf"))
     ref = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v).reshape(2, 300, 48).numpy()
-    out = layers.dot_product_attention(j(q), j(k), j(v), bias=j(bias), causal=causal, scale=0.3)
+    out = attention.dot_product_attention(j(q), j(k), j(v), bias=j(bias), causal=causal, scale=0.3)
     assert rel_err(out, ref) <= 1e-6

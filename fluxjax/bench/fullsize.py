@@ -103,7 +103,7 @@ def attention_label(attention: str, cfg: FluxConfig, seq_len: int, dtype=jnp.bfl
     """The implementation's name; for "auto", with what it resolves to here ("auto (= cudnn)")."""
     if attention != "auto":
         return attention
-    from fluxjax.models.layers import auto_implementation
+    from fluxjax.models.attention import auto_implementation
 
     return f"auto (= {auto_implementation(dtype, cfg.hidden_size // cfg.num_heads, seq_len, masked=False, mesh_size=1)})"
 

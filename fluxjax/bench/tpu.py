@@ -137,7 +137,7 @@ def format_table(rows: list[dict], commit: str, host: str) -> str:
         "",
         f"Table written {datetime.date.today().isoformat()} at commit {commit} on {host}; each row names the commit",
         "it was compiled at (rows before 1b14650 ran splash with blocks up to 2176 tokens: the compiler refused",
-        "those for schnell, and since then blocks are at most 1024, `layers.splash_tiling`).",
+        "those for schnell, and since then blocks are at most 1024, `splash.splash_tiling`).",
         "",
         "| model | slice | strategy | size | images | compiled GiB/chip (args + temps) | analytic GiB/chip | fits | "
         "compile s | roofline ms/step (estimate) | commit |",

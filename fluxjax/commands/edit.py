@@ -16,7 +16,7 @@ import sys
 
 from fluxjax.pipeline import request
 from fluxjax.errors import UsageError
-from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
+from fluxjax.models.attention import ATTENTION_IMPLEMENTATIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

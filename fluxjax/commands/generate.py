@@ -15,7 +15,7 @@ import time
 from fluxjax.pipeline import request
 from fluxjax.errors import UsageError
 from fluxjax.images import remove_temporaries, save_png
-from fluxjax.models.layers import ATTENTION_IMPLEMENTATIONS
+from fluxjax.models.attention import ATTENTION_IMPLEMENTATIONS
 
 TINY_NOTICE = (
     "using the tiny preset: a small model with RANDOM weights, so the image is noise. For real images, "

@@ -59,7 +59,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", ov
     dtype:     the stored dtype of every parameter ("bfloat16" or "float32").
     overwrite: replace an existing `dst` (only once the new one is complete).
     progress:  show a byte progress bar (None: only on a terminal).
-    loras:     [(LoRA file, strength)] fused into the transformer as it is written (fluxjax.lora.adapters).
+    loras:     [(LoRA file, strength)] fused into the transformer as it is written (fluxjax.lora.fused).
     Returns {subfolder of dst written ("." for a single component): the model kind it holds}.
     Raises CheckpointError / ConfigError (ValueError) naming the file and key, FileExistsError
     if `dst` exists without `overwrite` or is not fluxjax's to replace (`check_destination`);
@@ -256,10 +256,11 @@ def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], ob
     writer = ParamsWriter(os.path.join(folder, PARAMS))
     leaves = plan.leaves(dtype, progress)
     if loras:
-        from fluxjax.lora import adapters as lora
+        from fluxjax.lora.adapters import load_loras
+        from fluxjax.lora.fused import fuse_leaves
 
-        adapters = lora.load_loras([f for f, _ in loras], plan.config, plan.shapes)
-        leaves = lora.fuse_leaves(leaves, adapters, [w for _, w in loras])
+        adapters = load_loras([f for f, _ in loras], plan.config, plan.shapes)
+        leaves = fuse_leaves(leaves, adapters, [w for _, w in loras])
     for target, value in leaves:
         writer.add(target, value)
         del value  # the writer holds it until its group is saved

@@ -1,4 +1,6 @@
-"""LoRA adapters on the FLUX transformer: read, fuse into the weights, or run live in the loop.
+"""LoRA adapters on the FLUX transformer: read LoRA files into one stacked `Adapters`, and the
+strengths they run at. Fusing them into the weights is fluxjax/lora/fused.py, running them live in
+the loop fluxjax/lora/live.py, new ones to train fluxjax/lora/trainable.py.
 
 `load_loras(files, config, params)` reads LoRA files (any format of fluxjax.lora.formats) into
 one `Adapters`: a parameter-shaped tree on fluxjax's own layout, for n LoRAs at once. For each
@@ -16,20 +18,11 @@ Full replacement tensors (control LoRAs' QK-norm scales) are in `Adapters.replac
 A structural-control LoRA (FLUX.1-Canny/Depth-dev-lora) also widens img_in to 128 inputs (x and
 the control image's latents); `load_loras(..., widen=True)` accepts it (`Adapters.input_width`)
 and `widen_input` gives the base weights the new inputs at zero, as diffusers' loader does.
-
-Fused: `fuse(params, adapters, strengths)` computes the update on the device in the kernel's
-own sharding (an fsdp-sharded kernel is updated shard by shard, never gathered).
-Live: `variables(params, adapters)` + `live(scales)` around `model.apply` add the low-rank
-branch x @ a * (scales @ scale) @ b inside the jitted loop; the adapters and `scales` (B, n),
-a strength per image and LoRA, are jit arguments, so new LoRAs of the same ranks, or new
-strengths, do not recompile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -39,13 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.models import quantize
 from fluxjax.config import FluxConfig
-from fluxjax.errors import NonFiniteError, UsageError
+from fluxjax.errors import UsageError
 from fluxjax.lora.formats import STACKS, Piece, Replacement, read_lora_file
 from fluxjax.models.layers import unstack_layers
-
-COLLECTION = "lora"  # the variable collection the live branch reads; scanned with the blocks
 
 
 @dataclass
@@ -97,14 +87,14 @@ def parse_lora_arg(text: str, what: str = "--lora") -> tuple[str, float]:
     return path, value
 
 
-def _shape_tree(params) -> dict:
+def shape_tree(params) -> dict:
     """params -> {path tuple: shape} (works on arrays and ShapeDtypeStructs)."""
     return {tuple(k.key for k in p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _stacked_shapes(params, cfg: FluxConfig) -> dict:
     """Shapes in the stacked layout, also when `params` holds per-block entries (double_blocks_0, ...)."""
-    shapes = _shape_tree(params)
+    shapes = shape_tree(params)
     out = {}
     for path, shape in shapes.items():
         head = path[0]
@@ -269,178 +259,6 @@ def with_replacements(params, adapters: Adapters):
     return out
 
 
-# --- fused --------------------------------------------------------------------------------------
-
-
-def _fused_kernel(kernel, a, b, scale, strengths):
-    """kernel (..., in, out) + a (..., in, R) diag(strengths @ scale) b (..., R, out), in float32."""
-    cols = jnp.einsum("n,...nr->...r", strengths, scale)
-    delta = jnp.einsum("...ir,...r,...ro->...io", a.astype(jnp.float32), cols, b.astype(jnp.float32))
-    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-
-
-def _fused_bias(bias, lbias, strengths):
-    """bias (..., out) + strengths @ lbias (..., n, out), in float32."""
-    return (bias.astype(jnp.float32) + jnp.einsum("n,...no->...o", strengths, lbias)).astype(bias.dtype)
-
-
-def _fused(kernel, bias, a, b, scale, lbias, strengths):
-    """(new kernel, new bias or None) of one Linear."""
-    new_bias = None if bias is None else _fused_bias(bias, lbias, strengths)
-    return _fused_kernel(kernel, a, b, scale, strengths), new_bias
-
-
-def _fused_quantized(values, kernel_scale, bias, a, b, scale, lbias, strengths):
-    """(values, kernel_scale, new bias or None) of a quantized Linear (fluxjax/models/quantize.py) with the
-    update added: dequantized in float32, updated as _fused does, quantized again per output channel
-    (an update moves each channel's largest weight, so its scale is recomputed)."""
-    kernel, new_bias = _fused(quantize.dequantize(values, kernel_scale, jnp.float32, jnp), bias, a, b, scale, lbias,
-                              strengths)
-    return (*quantize.quantize_kernel(kernel, quantize.mode_of(values.dtype), jnp), new_bias)
-
-
-def fuse(params, adapters: Adapters, strengths: Sequence[float]):
-    """params with W + s_k * alpha_k/r_k * B_k A_k of every LoRA k folded into its Linears.
-
-    params: the transformer's parameters (stacked or per-block, on one device or sharded).
-    strengths: one number per LoRA (n,). Each updated kernel is computed on the devices that hold
-    it, in its own sharding (jit out_shardings = the kernel's): the low-rank factors are small and
-    replicated, so no device ever holds a whole sharded kernel. A quantized kernel (int8 or fp8
-    with its kernel_scale) is quantized again with the update in (_fused_quantized). Returns a new tree.
-    """
-    strengths = _fuse_strengths(adapters, strengths)
-    out = with_replacements(params, adapters)
-
-    def walk(node, adapter, prefix):
-        for name, sub in adapter.items():
-            if "a" in sub and not isinstance(sub["a"], dict):
-                kernel, bias = node[name]["kernel"], node[name].get("bias")
-                node[name] = dict(node[name])
-                args = (bias, sub["a"], sub["b"], sub["scale"], sub["bias"], strengths)
-                bias_sharding = None if bias is None else bias.sharding
-                if quantize.SCALE in node[name]:
-                    old_scale = node[name][quantize.SCALE]
-                    fn = jax.jit(_fused_quantized, out_shardings=(kernel.sharding, old_scale.sharding, bias_sharding))
-                    node[name]["kernel"], node[name][quantize.SCALE], new_bias = fn(kernel, old_scale, *args)
-                    # int8/fp8 values are finite by construction: an overflowing update shows in the scale
-                    check_fused_leaf(f"{prefix}{name}/{quantize.SCALE}", node[name][quantize.SCALE], old_scale,
-                                     adapters, strengths)
-                else:
-                    fn = jax.jit(_fused, out_shardings=(kernel.sharding, bias_sharding))
-                    node[name]["kernel"], new_bias = fn(kernel, *args)
-                    check_fused_leaf(f"{prefix}{name}/kernel", node[name]["kernel"], kernel, adapters, strengths)
-                if bias is not None:
-                    node[name]["bias"] = new_bias
-                    check_fused_leaf(f"{prefix}{name}/bias", new_bias, bias, adapters, strengths)
-            else:
-                node[name] = dict(node[name])
-                walk(node[name], sub, f"{prefix}{name}/")
-
-    out = dict(out)
-    walk(out, adapters.tree, "")
-    return out
-
-
-def _fuse_strengths(adapters: Adapters, strengths) -> np.ndarray:
-    """One checked strength per LoRA, float32 (n,)."""
-    check_strengths(strengths, "fuse strengths")
-    strengths = np.asarray(strengths, np.float32).reshape(-1)
-    if strengths.shape[0] != adapters.count:
-        raise UsageError(f"{adapters.count} LoRAs but {strengths.shape[0]} strengths")
-    return strengths
-
-
-def _all_finite(x) -> bool:
-    return bool(np.isfinite(x).all() if isinstance(x, np.ndarray) else jnp.isfinite(x).all())
-
-
-def check_fused_leaf(path: str, value, before, adapters: Adapters, strengths) -> None:
-    """Refuse a fused leaf (`path`, e.g. "double_blocks/img_attn/qkv/kernel") holding NaN or
-    infinite values, in one line naming it: the last guard before such weights are used or written
-    (`fluxjax convert --lora` writes each leaf only after this; its staging folder, and never DST,
-    holds the earlier ones). `before`: the leaf before fusing, read only on failure to say which
-    side is at fault."""
-    if _all_finite(value):
-        return
-    if not _all_finite(before):
-        raise NonFiniteError(f"{path} holds NaN or infinite values in the model itself, before any LoRA is fused")
-    pairs = zip(adapters.names, np.asarray(strengths).reshape(-1))
-    loras = ", ".join(f"{os.path.basename(n)}:{float(s):g}" for n, s in pairs)
-    raise NonFiniteError(f"fusing {loras} into {path} gave NaN or infinite values (the update overflows this weight); "
-                         "lower the strength")
-
-
-def fuse_leaves(leaves, adapters: Adapters, strengths: Sequence[float]):
-    """Fuse while streaming: (Flax path "a/b/kernel", host array) pairs in the stacked layout, as
-    fluxjax.loading's Plan.leaves yields them, each kernel and bias updated as `fuse` does."""
-    strengths = _fuse_strengths(adapters, strengths)
-    replace = {"/".join(leaf): (layer, value) for (leaf, layer), value in adapters.replace.items()}
-    for path, value in leaves:
-        node = adapters.tree
-        for part in path.split("/")[:-1]:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        leaf = path.rsplit("/", 1)[-1]
-        before = value
-        if "a" in node and leaf == "kernel":
-            value = np.asarray(jax.jit(_fused_kernel)(value, node["a"], node["b"], node["scale"], strengths))
-        elif "a" in node and leaf == "bias":
-            value = np.asarray(jax.jit(_fused_bias)(value, node["bias"], strengths))
-        if value is not before:
-            check_fused_leaf(path, value, before, adapters, strengths)
-        if path in replace:
-            layer, new = replace[path]
-            value = np.array(value)
-            value[layer if layer is not None else slice(None)] = new
-        yield path, value
-
-
-# --- live ---------------------------------------------------------------------------------------
-
-_SCALES: list = [None]  # the per-image strengths of the `live` context being traced
-
-
-def variables(params, adapters: Adapters | dict | None) -> dict:
-    """The `model.apply` variables: params plus, when given, the adapters' tree as the lora collection."""
-    if adapters is None:
-        return {"params": params}
-    tree = adapters.tree if isinstance(adapters, Adapters) else adapters
-    return {"params": params, COLLECTION: tree}
-
-
-def _low_rank_branch(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, nn.Dense) or not module.has_variable(COLLECTION, "a"):
-        return out
-    scales = _SCALES[0]
-    if scales is None:
-        raise RuntimeError("LoRA adapters passed to the model outside a lora.live(scales) context")
-    x = args[0]
-    a, b, scale, bias = (module.get_variable(COLLECTION, k) for k in ("a", "b", "scale", "bias"))
-    # x (B, ..., in): every Linear of FLUX sees the batch first, so per-image strengths broadcast.
-    cols = (scales @ scale.astype(jnp.float32)).astype(x.dtype)       # (B, R)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2)
-    h = (x @ a.astype(x.dtype)) * cols.reshape(shape + cols.shape[-1:])
-    shift = (scales @ bias.astype(jnp.float32)).astype(out.dtype)     # (B, out)
-    return out + (h @ b.astype(x.dtype)).astype(out.dtype) + shift.reshape(shape + shift.shape[-1:])
-
-
-@contextlib.contextmanager
-def live(scales):
-    """Within this context (while tracing `model.apply(lora.variables(params, adapters), ...)`),
-    every Linear with an adapter adds x @ a * (scales @ scale) @ b + scales @ bias.
-
-    scales: (B, n) float32, the strength of LoRA k on image b (a jit argument: no recompile when
-    it changes). A no-op for Linears without adapters.
-    """
-    previous, _SCALES[0] = _SCALES[0], jnp.asarray(scales, jnp.float32)
-    try:
-        with nn.intercept_methods(_low_rank_branch):
-            yield
-    finally:
-        _SCALES[0] = previous
-
-
 def image_scales(strengths, batch: int, count: int) -> np.ndarray:
     """Per-image strengths (B, n) from one number per LoRA (n,) or per image and LoRA (B, n)."""
     check_strengths(strengths, "lora_scales")
@@ -451,107 +269,3 @@ def image_scales(strengths, batch: int, count: int) -> np.ndarray:
         raise UsageError(f"lora_scales must be {count} numbers or a {batch}x{count} table (one row per image), "
                          f"got shape {s.shape}")
     return np.ascontiguousarray(s)
-
-
-# --- training -----------------------------------------------------------------------------------
-
-# The Linears a new LoRA adapts unless told otherwise: attention qkv/proj and the MLP of every block
-# (the single block's linear1 is its qkv and MLP input together, linear2 its proj and MLP output).
-DEFAULT_TRAIN_TARGETS = tuple(f"double_blocks/{s}_{m}" for s in ("img", "txt") for m in ("attn/qkv", "attn/proj", "mlp/0", "mlp/2")) + (
-    "single_blocks/linear1", "single_blocks/linear2")
-FACTORS = ("a", "b")  # the leaves of an adapter that train; scale and bias stay fixed
-
-
-def new_adapters(params, cfg: FluxConfig, rank: int, alpha: float | None = None,
-                 targets: Sequence[str] = DEFAULT_TRAIN_TARGETS, seed: int = 0) -> Adapters:
-    """One fresh LoRA of `rank` on the Linears `targets` (Flax paths in the stacked layout), to train.
-
-    params: the transformer's parameters or their shapes, stacked blocks (layer_loop="scan").
-    alpha: the LoRA's alpha (default: rank, a scale of 1). Initialised as PEFT does: a uniform in
-    +-1/sqrt(in) (kaiming-uniform with a=sqrt(5)), b zeros, so the model starts unchanged.
-    Returns Adapters with n = 1: a (layers, in, rank), b (layers, rank, out) float32, scale
-    (layers, 1, rank) = alpha / rank, bias (layers, 1, out) zeros; host NumPy arrays.
-    """
-    if rank < 1:
-        raise UsageError(f"LoRA rank must be at least 1, got {rank}")
-    alpha = float(rank if alpha is None else alpha)
-    shapes = _shape_tree(nn.meta.unbox(params))
-    rng = np.random.default_rng(seed)
-    tree: dict = {}
-    for target in targets:
-        kernel = shapes.get(tuple(target.split("/")) + ("kernel",))
-        if kernel is None or not (len(kernel) == 2 or target.split("/")[0] in STACKS):
-            raise UsageError(f"LoRA target {target!r} is no Linear of this model (stacked layout), e.g. {DEFAULT_TRAIN_TARGETS[0]!r}")
-        *lead, in_dim, out_dim = kernel
-        bound = 1.0 / np.sqrt(in_dim)
-        node = tree
-        for part in target.split("/"):
-            node = node.setdefault(part, {})
-        node.update(a=rng.uniform(-bound, bound, (*lead, in_dim, rank)).astype(np.float32),
-                    b=np.zeros((*lead, rank, out_dim), np.float32),
-                    scale=np.full((*lead, 1, rank), alpha / rank, np.float32),
-                    bias=np.zeros((*lead, 1, out_dim), np.float32))
-    return Adapters(tree, names=("trained",), formats=("fluxjax",))
-
-
-def split_factors(tree: dict) -> tuple[dict, dict]:
-    """An adapter tree -> (its a/b factors, the rest: scale and bias), two trees of the same paths."""
-    if "a" in tree and not isinstance(tree["a"], dict):
-        return {k: tree[k] for k in FACTORS}, {k: v for k, v in tree.items() if k not in FACTORS}
-    pairs = {name: split_factors(sub) for name, sub in tree.items()}
-    return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
-
-
-def join_factors(factors: dict, fixed: dict) -> dict:
-    """The inverse of `split_factors`."""
-    if "a" in factors and not isinstance(factors["a"], dict):
-        return {**factors, **fixed}
-    return {name: join_factors(sub, fixed[name]) for name, sub in factors.items()}
-
-
-def _adapter_nodes(tree: dict, prefix: str = ""):
-    """(Flax path, adapter leaves) of every adapted Linear in an adapter tree."""
-    for name, sub in tree.items():
-        path = f"{prefix}{name}"
-        if "a" in sub and not isinstance(sub["a"], dict):
-            yield path, sub
-        else:
-            yield from _adapter_nodes(sub, path + "/")
-
-
-def save_diffusers(path: str | os.PathLike, tree: dict, cfg: FluxConfig) -> None:
-    """Write one LoRA (an adapter tree with n = 1, stacked layout, e.g. a trained `new_adapters`)
-    as diffusers writes a FLUX transformer LoRA: `transformer.<diffusers module>.lora_A.weight`
-    (rank, in) and `.lora_B.weight` (out, rank) in float32, and PEFT's LoraConfig (r, lora_alpha,
-    target_modules) as the `lora_adapter_metadata` JSON with the "transformer." prefix.
-
-    A fused Linear diffusers splits (qkv -> to_q/to_k/to_v; a single block's linear1 -> those and
-    proj_mlp) gets the same lora_A on each part and the rows of lora_B that land on it: the same
-    update W + alpha/r B A. Every Linear must share one rank and alpha (PEFT's r and lora_alpha).
-    """
-    from safetensors.numpy import save_file
-
-    from fluxjax.lora.formats import diffusers_linears
-
-    nodes = {p: {k: np.asarray(v, np.float32) for k, v in leaves.items()} for p, leaves in _adapter_nodes(tree)}
-    ranks = {leaves["a"].shape[-1] for leaves in nodes.values()}
-    scales = {float(s) for leaves in nodes.values() for s in np.unique(leaves["scale"])}
-    if len(ranks) != 1 or len(scales) != 1 or any(np.any(leaves["bias"]) for leaves in nodes.values()):
-        raise UsageError(f"{os.fspath(path)}: a diffusers LoRA file needs one rank and one alpha on every Linear and no "
-                         f"bias; these adapters have ranks {sorted(ranks)} and scales {sorted(scales)}")
-    rank, = ranks
-    alpha = scales.pop() * rank
-    tensors, modules = {}, []
-    for module, (target, layer, rows) in diffusers_linears(cfg).items():
-        if target not in nodes:
-            continue
-        leaves = nodes[target]
-        a, b = (leaves[k] if layer is None else leaves[k][layer] for k in FACTORS)
-        tensors[f"transformer.{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"transformer.{module}.lora_B.weight"] = np.ascontiguousarray((b if rows is None else b[:, rows]).T)
-        modules.append(module)
-    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(modules), "lora_dropout": 0.0, "bias": "none",
-              "use_dora": False, "init_lora_weights": True}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()},
-                                                                    indent=2, sort_keys=True)}
-    save_file(tensors, os.fspath(path), metadata=metadata)

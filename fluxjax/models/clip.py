@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from fluxjax.config import CLIPConfig
-from fluxjax.models.layers import (affine_params, constrain, dense, dot_product_attention, embedding, scan_layers,
-                                   standardize, with_precision)
+from fluxjax.models.attention import dot_product_attention
+from fluxjax.models.layers import (affine_params, constrain, dense, embedding, scan_layers, standardize,
+                                   with_precision)
 
 Dtype = Any
 
@@ -157,8 +158,8 @@ class CLIPTextEncoder(nn.Module):
     """CLIP text transformer: token ids -> (last_hidden_state, pooler_output).
 
     config: CLIPConfig (fluxjax.config). dtype: compute dtype (activations, matmul inputs);
-    param_dtype: dtype of the parameters. attention_impl: one of layers.ATTENTION_IMPLEMENTATIONS
-    (see layers.dot_product_attention). precision: of every matmul (None: from dtype, see
+    param_dtype: dtype of the parameters. attention_impl: one of attention.ATTENTION_IMPLEMENTATIONS
+    (see attention.dot_product_attention). precision: of every matmul (None: from dtype, see
     layers.matmul_precision).
 
     __call__(input_ids):

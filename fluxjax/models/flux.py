@@ -22,7 +22,6 @@ from fluxjax.models.layers import (
     Modulation,
     ModulationOut,
     QKNorm,
-    attention,
     constrain,
     dense,
     modulate,
@@ -33,6 +32,7 @@ from fluxjax.models.layers import (
     timestep_embedding,
     with_precision,
 )
+from fluxjax.models.attention import attention
 
 
 class SelfAttention(nn.Module):
@@ -196,7 +196,7 @@ class Flux(nn.Module):
     """FLUX.1 transformer, or FLUX.2 by its config; `apply` takes BFL `Flux.forward`'s arguments.
 
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
-    (one of layers.ATTENTION_IMPLEMENTATIONS: see layers.dot_product_attention), layer_loop ("scan":
+    (one of attention.ATTENTION_IMPLEMENTATIONS: see attention.dot_product_attention), layer_loop ("scan":
     block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
     CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts), remat
     (recompute each block's activations in the backward pass instead of keeping them: training

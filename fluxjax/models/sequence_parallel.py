@@ -77,10 +77,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callabl
     sequence axis (see the module docstring). Returns (B, L, H*d) in v's dtype.
 
     local_attention(q, k, v) -> (B, Lq, H*d): unmasked attention of a device's whole problem,
-    used by Ulysses (layers.dot_product_attention with the model's implementation). It is
+    used by Ulysses (attention.dot_product_attention with the model's implementation). It is
     called with no logical rules in force: inside `shard_map` arrays are per device.
     block_attention(q, k, v, kv_valid) -> (out, logsumexp): one ring block by a kernel (splash on
-    a TPU, layers.splash_block_attention), or None for the ring's own XLA fold (see `_ring`).
+    a TPU, splash.splash_block_attention), or None for the ring's own XLA fold (see `_ring`).
     """
     method, seq = active_method()
     mesh = jax.sharding.get_abstract_mesh()
@@ -94,7 +94,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, local_attention: Callabl
     padded = -(-l // n) * n
     if padded != l:
         q, k, v = (jnp.pad(t, ((0, 0), (0, padded - l), (0, 0), (0, 0))) for t in (q, k, v))
-    # The layout layers.attention pins q, k, v to: batch as outside attention (fsdp/dp), tokens
+    # The layout attention.attention pins q, k, v to: batch as outside attention (fsdp/dp), tokens
     # over the sequence axis, heads over a tensor axis if one (Ulysses' heads name the sequence
     # axis, which the tokens hold already, so they stay whole here).
     spec = nn.logical_to_mesh_axes(QKV_AXES)

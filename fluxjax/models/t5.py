@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.config import T5Config
-from fluxjax.models.layers import (RMSNorm, constrain, dense, dot_product_attention, embedding, scan_layers,
-                                   with_precision)
+from fluxjax.models.attention import dot_product_attention
+from fluxjax.models.layers import RMSNorm, constrain, dense, embedding, scan_layers, with_precision
 
 Dtype = Any
 
@@ -74,7 +74,7 @@ class T5Attention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see attention.dot_product_attention
     quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
@@ -119,7 +119,7 @@ class T5LayerSelfAttention(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see attention.dot_product_attention
     quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
@@ -156,7 +156,7 @@ class T5Block(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see attention.dot_product_attention
     quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
 
     @nn.compact
@@ -178,7 +178,7 @@ class T5Encoder(nn.Module):
     config: T5Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str = "auto"  # see layers.dot_product_attention
+    attention_impl: str = "auto"  # see attention.dot_product_attention
     quantize: str | None = None  # None, "int8" or "fp8": see layers.dense
     precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
 

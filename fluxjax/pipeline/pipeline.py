@@ -32,7 +32,7 @@ from fluxjax.runtime import enable_compilation_cache
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.registry import COMPONENTS, PRESETS, load, random_component
-from fluxjax.models import layers
+from fluxjax.models import attention
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.quantize import check_mode
 from fluxjax.parallel.strategies import Strategy, jit_with_rules
@@ -178,15 +178,15 @@ class FluxPipeline:
     @property
     def attention_implementation(self) -> str:
         """The attention the transformer runs at the default size: its `attention_impl`, or what
-        "auto" resolves to here (layers.resolve_attention with this process's device, the
+        "auto" resolves to here (attention.resolve_attention with this process's device, the
         transformer's dtype and head dim, and this pipeline's mesh)."""
         model = self.transformer.model
         if model.attention_impl != "auto":
             return model.attention_impl
         c, d = model.config, self.defaults
         seq_len = (d.height // 16) * (d.width // 16) + d.max_sequence_length
-        return layers.auto_implementation(model.dtype, c.hidden_size // c.num_heads, seq_len, masked=False,
-                                          mesh_size=1 if self.mesh is None else self.mesh.size)
+        return attention.auto_implementation(model.dtype, c.hidden_size // c.num_heads, seq_len, masked=False,
+                                             mesh_size=1 if self.mesh is None else self.mesh.size)
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ class FluxPipeline:
         attention_impl: "auto" (default: cuDNN flash attention on NVIDIA GPUs where it applies,
                         splash on a TPU, the CPU kernel on a CPU; `pipe.attention_implementation`
                         says which), "xla", "xla_blocked", "cudnn", "splash" or "cpu"; see
-                        layers.dot_product_attention and layers.resolve_attention.
+                        attention.dot_product_attention and attention.resolve_attention.
         devices: the devices the strategy's mesh spans (default: every device of every process;
             `jax.local_devices()` gives each host a pipeline of its own, as `fluxjax batch` does).
         loras, fuse: LoRA files to apply, as `load_lora(loras, fuse=fuse)` does.
@@ -238,7 +238,7 @@ class FluxPipeline:
         if sharding is not None:
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
             mesh = strategy.make_mesh(devices)
-        layers.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
+        attention.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
         settings = dict(strategy=strategy, mesh=mesh, quantize=quantize)
         if source is None:
             source, notice = default_source()
@@ -269,7 +269,7 @@ class FluxPipeline:
             call and per image with `pipe(..., lora_scales=...)` without recompiling.
         Full replacement tensors (control LoRAs' QK-norm scales) replace the weights either way.
         """
-        from fluxjax.lora import adapters as lora
+        from fluxjax.lora import adapters as lora, fused
 
         items = [loras] if isinstance(loras, (str, os.PathLike)) or (
             isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
@@ -283,7 +283,7 @@ class FluxPipeline:
                 raise UsageError("fuse LoRAs before loading live ones (or call pipe.unload_lora() first)")
             adapters = lora.load_loras([f for f, _ in pairs], t.model.config, t.params, t.model.param_dtype, widen)
             t = self._widened(t, adapters)
-            self.transformer = Component(t.model, lora.fuse(t.params, adapters, [s for _, s in pairs]))
+            self.transformer = Component(t.model, fused.fuse(t.params, adapters, [s for _, s in pairs]))
             return
         base = t if self._params_before_loras is None else Component(t.model, self._params_before_loras)
         adapters = lora.load_loras([f for f, _ in self.loras + pairs], t.model.config, base.params,
@@ -521,10 +521,10 @@ class FluxPipeline:
 
             bar.set_description(f"denoising ({steps} steps)")
             start_time = time.perf_counter()
-            with sampling.step_callback(lambda i: bar.update(1)):
+            with sampling.step_callback(lambda i: bar.update(1)) as on_step:
                 latents_out = sampling.denoise(
                     self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
-                    inputs["txt_ids"], vec, schedule, inputs["guidance"], report_steps=bool(progress),
+                    inputs["txt_ids"], vec, schedule, inputs["guidance"], on_step=on_step if progress else None,
                     adapters=None if self.adapters is None else self.adapters.tree, lora_scales=inputs.get("lora_scales"),
                     cond=sampling.Conditioning(**cond) if cond else None,
                 )

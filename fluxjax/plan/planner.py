@@ -405,7 +405,7 @@ def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads
 
 
 def lora_param_count(abstract_flux: Any, rank: int, targets: tuple[str, ...]) -> int:
-    """Parameters of a LoRA of `rank` on `targets` (fluxjax.lora.adapters.new_adapters' a and b): for each
+    """Parameters of a LoRA of `rank` on `targets` (fluxjax.lora.trainable.new_adapters' a and b): for each
     adapted Linear (layers, in, out), layers * (in + out) * rank."""
     shapes = {"/".join(str(getattr(k, "key", k)) for k in path): getattr(box, "value", box).shape
               for path, box in jax.tree_util.tree_flatten_with_path(abstract_flux, is_leaf=lambda x: hasattr(x, "names"))[0]}
@@ -473,7 +473,7 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
         # the backward also gathers a block's weights, and holds its whole gradient before the reduce-scatter
         return TrainPlan(strategy.name, mesh_shape, None, trained, 0, trained, 2 * trained,
                          2 * gathered + gathered_block_bytes(master, strategy, mesh_shape), act[False], act[True])
-    from fluxjax.lora.adapters import DEFAULT_TRAIN_TARGETS
+    from fluxjax.lora.trainable import DEFAULT_TRAIN_TARGETS
 
     adapters = 4 * lora_param_count(master, lora_rank, DEFAULT_TRAIN_TARGETS)
     return TrainPlan(strategy.name, mesh_shape, lora_rank, param_memory(low, strategy, mesh_shape).device_bytes,

@@ -256,11 +256,11 @@ def transformer_attention(strategy, devices: list, dtype: str = "bfloat16") -> s
     mesh of `devices`: the implementation the compiled denoising loop holds."""
     import jax.numpy as jnp
 
-    from fluxjax.models import layers
+    from fluxjax.models.attention import auto_implementation
 
     mesh = strategy.make_mesh(devices)
     with strategy.activate(mesh):
-        return layers.auto_implementation(jnp.dtype(dtype), 128, 4096, masked=False)
+        return auto_implementation(jnp.dtype(dtype), 128, 4096, masked=False)
 
 
 def compile_train_step(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,

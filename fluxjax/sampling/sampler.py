@@ -12,6 +12,7 @@ latents are (B, (H/16)(W/16), 64), token index row-major, feature index c*4 + ph
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.lora import adapters as lora
+from fluxjax.lora import live as lora
 from fluxjax.errors import UsageError
 from fluxjax.parallel.strategies import jit_with_rules
 
@@ -227,26 +228,39 @@ class Schedule:
 
 # --- the denoising loop -----------------------------------------------------------------------
 
-# Host function called after each step of a `report_steps=True` loop. A module global, not a
-# context variable: XLA runs host callbacks on its own threads.
-_STEP_CALLBACK: list[Callable[[int], None] | None] = [None]
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepCallback:
+    """The host function a loop calls after each step, as a jit argument: `token` (int32 scalar)
+    names it, the function itself stays on the host. Every StepCallback is a pytree of the same
+    structure, so a new callback (a new progress bar) reuses the compiled loop. Made by
+    `step_callback`, valid within its context."""
+
+    token: Any
 
 
-def _report_step(i) -> None:
-    callback = _STEP_CALLBACK[0]
+# Callbacks of the `step_callback` contexts now open, by token. Read on the host only, when a step
+# reports (XLA runs host callbacks on threads of its own); the traced loop carries the token.
+_CALLBACKS: dict[int, Callable[[int], None]] = {}
+_TOKENS = itertools.count()
+
+
+def _report_step(token, i) -> None:
+    callback = _CALLBACKS.get(int(token))
     if callback is not None:
         callback(int(i))
 
 
 @contextlib.contextmanager
 def step_callback(callback: Callable[[int], None]):
-    """Within this context, `callback(step_index)` runs on the host after each step of a
-    `denoise(..., report_steps=True)` call (e.g. to advance a progress bar)."""
-    previous, _STEP_CALLBACK[0] = _STEP_CALLBACK[0], callback
+    """A `StepCallback` for `denoise(..., on_step=...)`: within this context `callback(step_index)`
+    runs on the host after each step of a loop given it (e.g. to advance a progress bar)."""
+    token = next(_TOKENS) % (1 << 31)  # an int32
+    _CALLBACKS[token] = callback
     try:
-        yield
+        yield StepCallback(np.int32(token))
     finally:
-        _STEP_CALLBACK[0] = previous
+        del _CALLBACKS[token]
 
 
 @jax.tree_util.register_dataclass
@@ -298,7 +312,7 @@ class Conditioning:
             raise UsageError("Conditioning: channels and ref_img do not combine (no FLUX variant takes both)")
 
 
-def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, report_steps: bool = False,
+def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, on_step: StepCallback | None = None,
                adapters=None, lora_scales=None, cond: Conditioning | None = None):
     """Integrate the flow from sigmas[0] (or sigmas[cond.start]) to sigmas[-1] with Euler steps, as one loop.
 
@@ -309,7 +323,7 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     img_ids (B, L_img, 3), txt (B, L_txt, context_dim), txt_ids (B, L_txt, 3), vec (B, vec_dim).
     sigmas:   (N + 1,) float32 schedule; N = number of steps (a shape, so static under jit).
     guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
-    report_steps: call the host step callback after each step (see `step_callback`).
+    on_step:  None, or a `StepCallback` (see `step_callback`) the loop calls on the host after each step.
     Under `Strategy.activate(mesh)` the activations are constrained as the strategy says.
     adapters: None, or a LoRA adapter tree (fluxjax.lora.adapters.Adapters.tree) run live, with
     lora_scales (B, n) float32: the strength of each of its n LoRAs on each image.
@@ -344,8 +358,8 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
             known = scale_noise(cond.image_latents, cond.noise, t_prev)
             mask = cond.mask.astype(jnp.float32)
             x = (1.0 - mask) * known + mask * x
-        if report_steps:
-            jax.debug.callback(_report_step, i)
+        if on_step is not None:
+            jax.debug.callback(_report_step, on_step.token, i)
         return x
 
     start = 0 if cond.start is None else jnp.asarray(cond.start, jnp.int32)
@@ -362,7 +376,7 @@ def scale_noise(image_latents, noise, sigma):
     return sigma * noise.astype(jnp.float32) + (1.0 - sigma) * image_latents.astype(jnp.float32)
 
 
-denoise = jit_with_rules(euler_loop, static_argnames=("model", "report_steps"))
+denoise = jit_with_rules(euler_loop, static_argnames=("model",))
 """`euler_loop` compiled once per model, shape, strategy and set of Conditioning fields: latents, text,
 vectors, sigmas, guidance and the conditioning arrays are arguments, so a new seed, prompt, guidance,
-schedule of the same length, image, mask or strength reuses the executable."""
+schedule of the same length, image, mask, strength or step callback reuses the executable."""

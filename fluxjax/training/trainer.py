@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fluxjax.lora import adapters as lora
+from fluxjax.lora import live as lora_live, trainable as lora
 from fluxjax.parallel import distributed
 from fluxjax import files
 from fluxjax.errors import CheckpointError, NonFiniteError, UsageError
@@ -148,7 +148,7 @@ def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_i
 
     x0, eps: (B, L_img, 64) packed clean latents and noise; t: (B,) in [0, 1]; the rest are
     `Flux.apply`'s arguments (guidance (B,) or None). adapters: a LoRA adapter tree (n = 1,
-    fluxjax.lora.adapters's layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
+    fluxjax.lora.adapters' layout) run live at strength 1 on top of `params`, or None. Returns a float32 scalar.
     """
     x0, eps = x0.astype(jnp.float32), eps.astype(jnp.float32)
     tb = t.astype(jnp.float32)[:, None, None]
@@ -157,8 +157,8 @@ def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_i
     if adapters is None:
         pred = model.apply({"params": params}, *args)
     else:
-        with lora.live(jnp.ones((x0.shape[0], 1), jnp.float32)):
-            pred = model.apply(lora.variables(params, adapters), *args)
+        with lora_live.live(jnp.ones((x0.shape[0], 1), jnp.float32)):
+            pred = model.apply(lora_live.variables(params, adapters), *args)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - (eps - x0)))
 
 
