@@ -76,19 +76,22 @@ def _latents(batch, height, width, seed=0):
     return torch.randn(batch, 128, height // 16, width // 16, generator=g)
 
 
-def _compare(k, prompt, height, width, steps, ours: dict, theirs: dict, seed=0):
+def _compare(k, prompt, height, width, steps, ours: dict, theirs: dict, seed=0, length=LENGTH):
+    """max |pixel error| of fluxjax against diffusers on the same latents; length None: the
+    pipelines' default (512 text tokens)."""
     batch = len(prompt) if isinstance(prompt, list) else 1
     latents = _latents(batch, height, width, seed)
+    text = {} if length is None else {"max_sequence_length": length}
     with torch.no_grad():
         want = k.ref(prompt=prompt, height=height, width=width, num_inference_steps=steps, latents=latents,
-                     output_type="np", max_sequence_length=LENGTH, **theirs).images
-    got = k.pipe(prompt, height, width, num_steps=steps, latents=latents.numpy(), max_sequence_length=LENGTH,
-                 output="np", **ours)
+                     output_type="np", **text, **theirs).images
+    got = k.pipe(prompt, height, width, num_steps=steps, latents=latents.numpy(), output="np", **text, **ours)
     assert got.shape == want.shape
     err = float(np.abs(got - want).max())
-    print(f"{'distilled' if k.distilled else 'base'} {width}x{height} {steps} steps {sorted(ours)}: "
-          f"max |pixel error| {err:.2e} (pixels std {want.std():.3f})")
+    print(f"{'distilled' if k.distilled else 'base'} {width}x{height} batch {batch} {steps} steps "
+          f"{length or 512} tokens {sorted(ours)}: max |pixel error| {err:.2e} (pixels std {want.std():.3f})")
     assert want.std() > 0.02  # a real image, not a flat one
+    k.last = got
     return err
 
 
@@ -103,10 +106,15 @@ def test_dispatch(klein):
 @pytest.mark.parametrize("size", SIZES)
 def test_text_to_image_matches_diffusers(klein, size):
     height, width = size
+    length = LENGTH if size == SIZES[0] else None  # the second size at klein's 512 tokens
     if klein.distilled:  # diffusers ignores guidance_scale for a distilled model
-        err = _compare(klein, PROMPTS, height, width, 4, {}, {})
+        err = _compare(klein, PROMPTS, height, width, 4, {}, {}, length=length)
     else:  # base: CFG at diffusers' default guidance_scale 4 against ""
-        err = _compare(klein, PROMPTS, height, width, 3, {}, {"guidance_scale": 4.0})
+        err = _compare(klein, PROMPTS, height, width, 3, {}, {"guidance_scale": 4.0}, length=length)
+        text = {} if length is None else {"max_sequence_length": length}
+        plain = klein.pipe(PROMPTS, height, width, num_steps=3, latents=_latents(2, height, width).numpy(),
+                           output="np", true_cfg_scale=1.0, **text)
+        assert np.abs(plain - klein.last).max() > 10 * PIXEL_TOL  # CFG does change the image
     assert err < PIXEL_TOL
 
 
@@ -132,8 +140,14 @@ def test_reference_images_match_diffusers(klein, count):
     images = _reference_images()[:count]
     image = images[0] if count == 1 else images
     extra = {} if klein.distilled else {"guidance_scale": 4.0}
-    err = _compare(klein, PROMPTS[0], 32, 48, 2, {"image": image}, {"image": image, **extra})
+    prompt = PROMPTS[0] if count == 1 else PROMPTS  # two references shared by a batch of two
+    err = _compare(klein, prompt, 32, 48, 2, {"image": image}, {"image": image, **extra})
     assert err < PIXEL_TOL
+    with_references = klein.last
+    batch = 1 if count == 1 else 2
+    plain = klein.pipe(prompt, 32, 48, num_steps=2, latents=_latents(batch, 32, 48).numpy(), output="np",
+                       max_sequence_length=LENGTH)
+    assert np.abs(plain - with_references).max() > 10 * PIXEL_TOL  # the references do change the image (measured: 0.08)
 
 
 def test_schedule_matches_diffusers():

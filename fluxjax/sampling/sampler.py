@@ -336,13 +336,13 @@ class Conditioning:
     def check(self) -> None:
         """Raise UsageError when the given fields do not make a whole (checked at trace time)."""
         groups = {"mask": ("image_latents", "noise", "mask"), "reference": ("ref_img", "ref_ids"),
-                  "true CFG": ("neg_txt", "true_cfg")}
+                  "true CFG": ("neg_txt", "neg_vec", "true_cfg")}
+        optional = ("neg_vec",)  # None for a model without a pooled vector (FLUX.2)
         for what, names in groups.items():
             given = [n for n in names if getattr(self, n) is not None]
-            if given and len(given) != len(names) and not (what == "mask" and self.mask is None):
+            missing = [n for n in names if getattr(self, n) is None and n not in optional]
+            if given and missing and not (what == "mask" and self.mask is None):
                 raise UsageError(f"Conditioning: {what} needs {', '.join(names)}; got only {', '.join(given)}")
-        if self.neg_vec is not None and self.neg_txt is None:
-            raise UsageError("Conditioning: neg_vec needs neg_txt and true_cfg")
         if self.channels is not None and self.ref_img is not None:
             raise UsageError("Conditioning: channels and ref_img do not combine (no FLUX variant takes both)")
 
