@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.errors import UsageError
+from fluxjax.errors import NonFiniteError, UsageError
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.loading.registry import load_transformer, load_vae
 from fluxjax.models import latents2
@@ -65,7 +65,8 @@ BASE = KleinDefaults(num_steps=50, true_cfg_scale=4.0)  # diffusers' num_inferen
 
 @dataclass
 class Component:
-    """A linen module with its parameters."""
+    """A linen module with its parameters (pipeline.Component's shape: this module may not import
+    pipeline.py, which dispatches FLUX.2 folders here)."""
 
     model: Any
     params: Any
@@ -312,9 +313,11 @@ class Flux2Pipeline:
         out.block_until_ready()
         self.timings["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
+        # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
+        if not np.isfinite(np.asarray(out)).all():
+            raise NonFiniteError("the denoised latents came out with NaN or infinite values (non-finite weights "
+                                 "or inputs); nothing is decoded")
         images = np.asarray(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))
-        if not np.isfinite(images).all():
-            raise UsageError("the images came out with NaN or infinite values (non-finite weights or inputs)")
         self.timings["decode"] = time.perf_counter() - start
         if output == "np":
             return images
