@@ -231,6 +231,12 @@ class FluxPipeline:
             embedders, final layer, norms, CLIP and the VAE in `dtype`. Error and memory
             measured in docs/quantization.md.
         """
+        from fluxjax.pipeline import flux2  # FLUX.2 folders (model_index.json) have a pipeline of their own
+
+        if source is not None and _pipeline_class(os.fspath(source)) in flux2.PIPELINE_CLASSES:
+            return flux2.Flux2Pipeline.from_pretrained(
+                source, dtype, attention_impl=attention_impl, sharding=sharding, transformer=transformer, vae=vae,
+                devices=devices, loras=loras, fuse=fuse, variant=variant, quantize=quantize)
         check_mode(quantize)
         enable_compilation_cache()
         dtype = jnp.dtype(dtype)

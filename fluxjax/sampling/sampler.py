@@ -76,9 +76,14 @@ def noise(seeds, height: int, width: int) -> jax.Array:
     seeds: a sequence of B ints. Image i depends only on seeds[i], so an image comes out the same
     whether it is generated alone or in any batch.
     """
-    _, c, h, w = latent_shape(1, height, width)
+    return seeded_normal(seeds, latent_shape(1, height, width)[1:])
+
+
+def seeded_normal(seeds, shape: tuple[int, ...]) -> jax.Array:
+    """(B, *shape) float32: one standard normal draw of `shape` per seed (FLUX.1's noise; FLUX.2's
+    (128, H/16, W/16), fluxjax.pipeline.flux2)."""
     keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
-    return jax.vmap(lambda k: jax.random.normal(jax.random.wrap_key_data(k), (c, h, w), jnp.float32))(keys)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.wrap_key_data(k), tuple(shape), jnp.float32))(keys)
 
 
 def pack(latents: jax.Array) -> jax.Array:
@@ -219,11 +224,51 @@ class Schedule:
         The one shift rule of fluxjax: the sampler's `sigmas` and the training loss's timestep
         draw (fluxjax.training.trainer) both call it, so a model is trained on the times it is sampled at.
         """
-        if self.use_dynamic_shifting:
-            mu = self.mu(image_seq_len)
+        return self._shift(t, self.mu(image_seq_len) if self.use_dynamic_shifting else None)
+
+    def _shift(self, t, mu: float | None):
+        """t shifted by the dynamic shift `mu`, or by the static `shift` when mu is None."""
+        if mu is not None:
             a = math.exp(mu) if self.time_shift_type == "exponential" else mu
             return a / (a + (1.0 / t - 1.0))
         return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's dynamic shift (diffusers' `compute_empirical_mu`, BFL flux2's sampling): linear in
+    the number of steps between two fits of image_seq_len, at 10 and at 200 steps; past 4300
+    image tokens the 200-step fit alone."""
+    a1, b1 = 8.73809524e-05, 1.89833333  # the 10-step fit
+    a2, b2 = 0.00016927, 0.45666666  # the 200-step fit
+    m_200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(m_200)
+    m_10 = a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    return float(slope * num_steps + m_200 - 200.0 * slope)
+
+
+@dataclass(frozen=True)
+class Flux2Schedule(Schedule):
+    """FLUX.2's schedule (diffusers' Flux2KleinPipeline): the scheduler config's fields as
+    `Schedule`, but the dynamic shift's mu is `empirical_mu(image_seq_len, num_steps)` (what the
+    pipeline passes to set_timesteps), not the line through base/max_shift. Without dynamic
+    shifting, the static `shift` as in `Schedule`."""
+
+    def sigmas(self, num_steps: int, image_seq_len: int) -> np.ndarray:
+        """(num_steps + 1,) float32: linspace(1, 1/N, N) shifted, then the final 0 (as diffusers)."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise UsageError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        return self.shift_sigmas(np.linspace(1.0, 1.0 / num_steps, num_steps), image_seq_len)
+
+    def shift_sigmas(self, sigmas, image_seq_len: int) -> np.ndarray:
+        """(N + 1,) float32: N given timesteps shifted with mu for N steps, then the final 0."""
+        t = np.asarray(sigmas, np.float32).astype(np.float64)  # diffusers takes them as float32
+        mu = empirical_mu(image_seq_len, len(t)) if self.use_dynamic_shifting else None
+        return np.append(self._shift(t, mu), 0.0).astype(np.float32)
+
+    def shift_timesteps(self, t, image_seq_len: int):
+        raise UsageError("FLUX.2's timestep shift depends on the number of sampling steps: use sigmas(num_steps, ...)")
 
 
 # --- the denoising loop -----------------------------------------------------------------------
@@ -281,12 +326,14 @@ class Conditioning:
     channels:      (B, L_img, C): features concatenated after x along the feature axis at every
                    transformer call (Fill: masked-image latents and packed mask; Control: the
                    control image's latents); the transformer's in_channels is 64 + C.
-    ref_img, ref_ids: (B, L_ref, 64), (B, L_ref, 3): reference tokens (Kontext) appended after
+    ref_img, ref_ids: (B, L_ref, 64), (B, L_ref, n): reference tokens (Kontext; FLUX.2's 128 features
+                   and 4 id columns) appended after
                    the image tokens in the sequence at every call, with their position ids; the
                    velocity of the first L_img tokens is kept.
     neg_txt, neg_vec, true_cfg: (B, L_txt, D), (B, vec_dim), (B,): true classifier-free
                    guidance as diffusers' FluxPipeline: v = v_neg + true_cfg (v - v_neg), v_neg
-                   the velocity under the negative prompt (the same txt_ids and guidance).
+                   the velocity under the negative prompt (the same txt_ids and guidance);
+                   neg_vec None for models without a pooled vector (FLUX.2).
     """
 
     start: Any = None
@@ -304,9 +351,11 @@ class Conditioning:
         """Raise UsageError when the given fields do not make a whole (checked at trace time)."""
         groups = {"mask": ("image_latents", "noise", "mask"), "reference": ("ref_img", "ref_ids"),
                   "true CFG": ("neg_txt", "neg_vec", "true_cfg")}
+        optional = ("neg_vec",)  # None for a model without a pooled vector (FLUX.2)
         for what, names in groups.items():
             given = [n for n in names if getattr(self, n) is not None]
-            if given and len(given) != len(names) and not (what == "mask" and self.mask is None):
+            missing = [n for n in names if getattr(self, n) is None and n not in optional]
+            if given and missing and not (what == "mask" and self.mask is None):
                 raise UsageError(f"Conditioning: {what} needs {', '.join(names)}; got only {', '.join(given)}")
         if self.channels is not None and self.ref_img is not None:
             raise UsageError("Conditioning: channels and ref_img do not combine (no FLUX variant takes both)")
@@ -320,7 +369,8 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     img:      (B, L_img, 64) packed latents at the first step's time; kept in float32 across
               steps (both references round them to bf16 after each step in bf16 runs; float32
               is more exact).
-    img_ids (B, L_img, 3), txt (B, L_txt, context_dim), txt_ids (B, L_txt, 3), vec (B, vec_dim).
+    img_ids (B, L_img, n), txt (B, L_txt, context_dim), txt_ids (B, L_txt, n) (n = config.id_columns:
+              3 in FLUX.1, 4 in FLUX.2), vec (B, vec_dim), or None for a model without one (FLUX.2).
     sigmas:   (N + 1,) float32 schedule; N = number of steps (a shape, so static under jit).
     guidance: (B,) float32 guidance strength for models with a guidance embedding, else None.
     on_step:  None, or a `StepCallback` (see `step_callback`) the loop calls on the host after each step.

@@ -1,0 +1,386 @@
+"""Flux2Pipeline: FLUX.2 [klein] text to image (and reference images), as diffusers' Flux2KleinPipeline.
+
+prompt -> Qwen3 chat template and tokens (host, qwen3_tokenizer.tokenize) -> the hidden states of
+layers (9, 18, 27) side by side (jitted, models.qwen3.encode_prompts) -> the sampler's Euler loop
+(sampling.denoise, with no pooled vector, 4 id columns) -> denormalised, unpatchified latents
+(models.latents2) -> the FLUX.2 VAE's decoder.
+
+Positions (4 id columns, diffusers' `_prepare_*_ids`): text token j is (0, 0, 0, j); image token
+(row, col) is (0, row, col, 0); the tokens of reference image i are (10 + 10 i, row, col, 0) on its
+own grid, appended after the image tokens at every step (their velocity is dropped).
+
+Defaults as diffusers uses the klein checkpoints: a distilled model (model_index.json
+`is_distilled`) 4 steps without guidance; a base model 50 steps with true classifier-free
+guidance at scale 4 against the empty prompt (diffusers' `guidance_scale`, here `true_cfg_scale`
+and `negative_prompt`); 512 text tokens; 1024 x 1024 (or the first reference image's size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxjax.errors import NonFiniteError, UsageError
+from fluxjax.loading.qwen3 import load_qwen3
+from fluxjax.loading.registry import load_transformer, load_vae
+from fluxjax.models import latents2
+from fluxjax.models.autoencoder import AutoEncoder
+from fluxjax.models.qwen3 import KLEIN_LAYERS, check_layers, encode_prompts
+from fluxjax.parallel.strategies import jit_with_rules
+from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH, tokenize
+from fluxjax.pipeline.text import check_prompt
+from fluxjax.sampling import sampler as sampling
+
+KLEIN_PIPELINE = "Flux2KleinPipeline"  # model_index.json's _class_name of the klein checkpoints
+DEV_PIPELINE = "Flux2Pipeline"  # FLUX.2 [dev]'s (Mistral text encoder): not yet supported
+PIPELINE_CLASSES = (KLEIN_PIPELINE, DEV_PIPELINE)
+FOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diffusers' `scale`)
+REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
+REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # diffusers' Flux2ImageProcessor.check_image_input
+
+
+@dataclass(frozen=True)
+class KleinDefaults:
+    """What `pipe(...)` uses for an argument left at None."""
+
+    num_steps: int
+    true_cfg_scale: float | None  # None: no CFG (distilled)
+    max_sequence_length: int = KLEIN_MAX_SEQUENCE_LENGTH
+    height: int = 1024
+    width: int = 1024
+
+
+DISTILLED = KleinDefaults(num_steps=4, true_cfg_scale=None)
+BASE = KleinDefaults(num_steps=50, true_cfg_scale=4.0)  # diffusers' num_inference_steps and guidance_scale
+
+
+@dataclass
+class Component:
+    """A linen module with its parameters (pipeline.Component's shape: this module may not import
+    pipeline.py, which dispatches FLUX.2 folders here)."""
+
+    model: Any
+    params: Any
+
+
+def position_ids(batch: int, rows: int, cols: int, time_coord: int = 0) -> np.ndarray:
+    """(B, rows*cols, 4) float32 ids (time_coord, row, col, 0) of a row-major token grid."""
+    ids = np.zeros((rows, cols, 4), np.float32)
+    ids[..., 0] = time_coord
+    ids[..., 1] = np.arange(rows)[:, None]
+    ids[..., 2] = np.arange(cols)[None, :]
+    return np.broadcast_to(ids.reshape(1, rows * cols, 4), (batch, rows * cols, 4))
+
+
+def text_ids(batch: int, length: int) -> np.ndarray:
+    """(B, L, 4) float32 ids (0, 0, 0, j) of the text tokens."""
+    ids = np.zeros((batch, length, 4), np.float32)
+    ids[..., 3] = np.arange(length)
+    return ids
+
+
+def reference_pixels(image, name: str = "image") -> np.ndarray:
+    """A reference image as diffusers' Flux2KleinPipeline prepares it: uint8 (h, w, 3), scaled
+    (Lanczos) to about 1024**2 pixels when larger, then centre-cropped to multiples of 16.
+
+    image: a path, a PIL image or a uint8 array (H, W, 3). UsageError naming `name` for a side
+    under 64 pixels or an aspect ratio over 8 (diffusers' checks).
+    """
+    from PIL import Image
+
+    from fluxjax.images import read_image, rgb8
+
+    if isinstance(image, (str, os.PathLike)):
+        image, name = read_image(image, name), f"{name} {os.fspath(image)}"
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise UsageError(f"{name}: expected a uint8 RGB array (H, W, 3), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise UsageError(f"{name}: expected a path, a PIL image or a uint8 array, got {type(image).__name__}")
+    width, height = image.size
+    if min(width, height) < REFERENCE_MIN_SIDE:
+        raise UsageError(f"{name} is {width}x{height}: both sides must be at least {REFERENCE_MIN_SIDE} pixels")
+    if max(width / height, height / width) > REFERENCE_MAX_ASPECT:
+        raise UsageError(f"{name} is {width}x{height}: the aspect ratio may be at most {REFERENCE_MAX_ASPECT}:1")
+    if width * height > REFERENCE_MAX_AREA:
+        scale = (REFERENCE_MAX_AREA / (width * height)) ** 0.5
+        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
+        width, height = image.size
+    step = sampling.PIXELS_PER_TOKEN
+    w, h = width // step * step, height // step * step
+    left, top = (width - w) // 2, (height - h) // 2
+    return np.asarray(rgb8(image.crop((left, top, left + w, top + h))))
+
+
+def reference_ids(sizes: Sequence[tuple[int, int]], batch: int) -> np.ndarray:
+    """(B, L_ref, 4) float32 ids of references of `sizes` [(h, w) pixels]: reference i's tokens
+    (10 + 10 i, row, col, 0), references in order."""
+    step = sampling.PIXELS_PER_TOKEN
+    return np.concatenate([position_ids(batch, h // step, w // step, REFERENCE_TIME * (i + 1))
+                           for i, (h, w) in enumerate(sizes)], axis=1)
+
+
+@partial(jit_with_rules, static_argnames=("model",))
+def encode_tokens(model: AutoEncoder, params, pixels):
+    """Images (B, H, W, 3) float32 in [-1, 1] -> FLUX.2 tokens (B, (H/16)(W/16), 128) float32: the
+    posterior mean, patchified, batch-normed and packed (latents2.to_tokens)."""
+    z = model.apply({"params": params}, pixels, method="encode")
+    return latents2.to_tokens(z, params["bn"], model.config.batch_norm_eps)
+
+
+@partial(jit_with_rules, static_argnames=("model", "rows", "cols"))
+def decode_tokens(model: AutoEncoder, params, tokens, rows: int, cols: int):
+    """Tokens (B, rows*cols, 128) -> images (B, 16 rows, 16 cols, 3) float32 in [0, 1]."""
+    z = latents2.from_tokens(tokens, params["bn"], model.config.batch_norm_eps, rows, cols)
+    pixels = model.apply({"params": params}, z, method="decode")
+    return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
+
+
+encode_text = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
+"""models.qwen3.encode_prompts compiled once per encoder, token length, layers and strategy."""
+
+
+def pipeline_index(root: str) -> dict:
+    """model_index.json of a pipeline folder ({} without one); UsageError when it is not JSON."""
+    path = os.path.join(root, "model_index.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UsageError(f"{path}: not a JSON file ({e})") from None
+
+
+class Flux2Pipeline:
+    """FLUX.2 [klein] text to image. Build with `Flux2Pipeline.from_pretrained(folder)` (or
+    `FluxPipeline.from_pretrained`, which comes here for a Flux2KleinPipeline folder), call with a prompt.
+
+    Attributes: transformer, text_encoder, vae (Components), tokenizer (transformers' Qwen2
+    tokenizer), schedule (sampling.Flux2Schedule), is_distilled, defaults (KleinDefaults), name,
+    timings (seconds of each stage of the last call: encode, denoise, decode).
+    """
+
+    def __init__(self, transformer: Component, text_encoder: Component, tokenizer, vae: Component,
+                 schedule: sampling.Schedule, is_distilled: bool, name: str):
+        t, q, v = transformer.model.config, text_encoder.model.config, vae.model.config
+        problems = []
+        if t.vec_in_dim or t.id_columns != 4:
+            problems.append("the transformer is not a FLUX.2 one")
+        if t.guidance_embed:
+            problems.append("the transformer has a guidance embedding (FLUX.2 [dev]); klein has none")
+        if t.context_in_dim != len(KLEIN_LAYERS) * q.hidden_size:
+            problems.append(f"transformer context_in_dim {t.context_in_dim} != {len(KLEIN_LAYERS)} x Qwen3 hidden_size "
+                            f"{q.hidden_size}")
+        if v.batch_norm_eps is None or t.in_channels != 4 * v.z_channels or t.out_channels != 4 * v.z_channels:
+            problems.append(f"transformer in/out channels {t.in_channels}/{t.out_channels} do not fit the FLUX.2 VAE's "
+                            f"4 x {v.z_channels}")
+        if problems:
+            raise UsageError(f"{name}: components do not fit together: " + "; ".join(problems))
+        self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
+        self.schedule, self.is_distilled, self.name = schedule, is_distilled, name
+        self.defaults = DISTILLED if is_distilled else BASE
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, dtype="bfloat16", attention_impl: str = "auto",
+                        **unsupported) -> "Flux2Pipeline":
+        """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
+        text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/).
+
+        dtype: parameters and compute of every model ("bfloat16" or "float32").
+        attention_impl: the transformer's (see FluxPipeline.from_pretrained).
+        unsupported: FluxPipeline.from_pretrained's other options; each left at its default or
+            refused (sharding, LoRAs, single files, quantization are FLUX.1's for now).
+        """
+        defaults = dict(sharding=None, transformer=None, vae=None, devices=None, loras=(), fuse=True, variant=None,
+                        quantize=None)
+        for key, value in unsupported.items():
+            if key not in defaults:
+                raise TypeError(f"Flux2Pipeline.from_pretrained() got an unexpected keyword argument {key!r}")
+            if value != defaults[key]:
+                raise UsageError(f"{key}= is not supported for FLUX.2 pipelines yet")
+        root = os.fspath(source)
+        if not os.path.isdir(root):
+            raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline folder)")
+        index = pipeline_index(root)
+        kind = index.get("_class_name")
+        if kind == DEV_PIPELINE:
+            raise UsageError(f"{root}: FLUX.2 [dev] (Flux2Pipeline) is not supported yet; klein (Flux2KleinPipeline) is")
+        if kind != KLEIN_PIPELINE:
+            raise UsageError(f"{root}/model_index.json: _class_name {kind!r}, expected {KLEIN_PIPELINE!r}")
+        missing = [f for f in FOLDERS if not os.path.isdir(os.path.join(root, f))]
+        if missing:
+            raise UsageError(f"{root}: not a {KLEIN_PIPELINE} folder, missing {', '.join(m + '/' for m in missing)}")
+        from transformers import AutoTokenizer
+
+        dtype = jnp.dtype(dtype)
+        transformer = Component(*load_transformer(os.path.join(root, "transformer"), dtype,
+                                                  attention_impl=attention_impl, layer_loop="auto"))
+        text_encoder = Component(*load_qwen3(os.path.join(root, "text_encoder"), dtype))
+        vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
+        schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
+        return cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
+                   os.path.basename(os.path.normpath(root)))
+
+    def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
+                 num_steps: int | None = None, seed: int | Sequence[int] = 0, latents=None,
+                 max_sequence_length: int | None = None, output: str = "pil", *, image=None,
+                 negative_prompt: str | Sequence[str] | None = None, true_cfg_scale=None, sigmas=None,
+                 text_encoder_out_layers: Sequence[int] = KLEIN_LAYERS):
+        """Generate one image per prompt.
+
+        prompt: a string or a list of B strings (with `latents`, one string is used B times).
+        height, width: pixels, multiples of 16 (default: from `latents`, else the first reference
+            image's size, else 1024).
+        num_steps, max_sequence_length: default to the model's (distilled: 4; base: 50; 512 tokens).
+        seed: an int s (image i uses s + i) or B ints. latents: the initial noise instead, float32
+            (B, 128, H/16, W/16) as diffusers' Flux2KleinPipeline takes `latents`.
+        output: "np" -> float32 (B, H, W, 3) in [0, 1]; "pil" -> list of PIL images.
+        image: reference images (a path, PIL image or uint8 array, or a list of them), shared by
+            every image of the call; each is prepared as `reference_pixels` says.
+        negative_prompt, true_cfg_scale: base models only: v = v_neg + s (v - v_neg), s >= 1
+            (default 4; 1 turns the negative pass off), negative_prompt default "" (diffusers'
+            guidance_scale, always against ""). Distilled models refuse both.
+        sigmas: N custom timesteps in (0, 1], decreasing, shifted as diffusers shifts them.
+        text_encoder_out_layers: the Qwen3 hidden states stacked (default 9, 18, 27).
+        """
+        if output not in ("np", "pil"):
+            raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
+        layers = check_layers(text_encoder_out_layers, self.text_encoder.model.config.num_hidden_layers)
+        if len(layers) * self.text_encoder.model.config.hidden_size != self.transformer.model.config.context_in_dim:
+            raise UsageError(f"text_encoder_out_layers: {len(layers)} layers, the transformer takes "
+                             f"{self.transformer.model.config.context_in_dim // self.text_encoder.model.config.hidden_size}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise UsageError("no prompt given")
+        for i, p in enumerate(prompts):
+            check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
+        references = None
+        if image is not None:
+            given = list(image) if isinstance(image, (list, tuple)) else [image]
+            if not given:
+                raise UsageError("image: an empty list")
+            references = [reference_pixels(im, "image" if len(given) == 1 else f"image {i}") for i, im in enumerate(given)]
+            height = height or references[0].shape[0]
+            width = width or references[0].shape[1]
+        noise, height, width = self._noise(prompts, isinstance(prompt, str), height, width, seed, latents)
+        prompts = prompts * noise.shape[0] if len(prompts) == 1 else prompts
+        batch = noise.shape[0]
+        if sigmas is not None:
+            sigmas = sampling.check_sigmas(sigmas)
+            if num_steps is not None and num_steps != len(sigmas):
+                raise UsageError(f"num_steps {num_steps} but {len(sigmas)} sigmas: leave num_steps unset with sigmas")
+            num_steps = len(sigmas)
+        d = self.defaults
+        num_steps = d.num_steps if num_steps is None else num_steps
+        length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        cfg = self._cfg(true_cfg_scale, negative_prompt, batch)
+        rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
+        schedule = self.schedule.sigmas(num_steps, rows * cols) if sigmas is None else \
+            self.schedule.shift_sigmas(sigmas, rows * cols)
+
+        start = time.perf_counter()
+        txt = self.encode(prompts, length, layers)
+        cond = {}
+        if cfg is not None:
+            negatives, scales = cfg
+            cond.update(neg_txt=self.encode(negatives, length, layers), true_cfg=scales)
+        if references is not None:
+            tokens = [encode_tokens(self.vae.model, self.vae.params,
+                                    jnp.asarray(r[None].astype(np.float32) / 127.5 - 1.0)) for r in references]
+            ref = jnp.concatenate(tokens, axis=1)
+            cond.update(ref_img=jnp.broadcast_to(ref, (batch,) + ref.shape[1:]),
+                        ref_ids=reference_ids([r.shape[:2] for r in references], batch))
+        txt.block_until_ready()
+        self.timings = {"encode": time.perf_counter() - start}
+
+        start = time.perf_counter()
+        out = sampling.denoise(self.transformer.model, self.transformer.params, latents2.pack(noise),
+                               position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
+                               None, cond=sampling.Conditioning(**cond) if cond else None)
+        out.block_until_ready()
+        self.timings["denoise"] = time.perf_counter() - start
+        start = time.perf_counter()
+        # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
+        if not np.isfinite(np.asarray(out)).all():
+            raise NonFiniteError("the denoised latents came out with NaN or infinite values (non-finite weights "
+                                 "or inputs); nothing is decoded")
+        images = np.asarray(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))
+        self.timings["decode"] = time.perf_counter() - start
+        if output == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray(u8) for u8 in np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)]
+
+    def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] = KLEIN_LAYERS):
+        """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype."""
+        ids, mask = tokenize(self.tokenizer, list(prompts), max_sequence_length)
+        return encode_text(self.text_encoder.model, self.text_encoder.params, ids, mask, tuple(layers),
+                           self.transformer.model.dtype)
+
+    def _noise(self, prompts, stretch, height, width, seed, latents):
+        """(noise (B, 128, H/16, W/16) float32, height, width), checked against the prompts."""
+        channels = self.transformer.model.config.in_channels
+        step = sampling.PIXELS_PER_TOKEN
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.ndim != 4 or latents.shape[1] != channels:
+                raise UsageError(f"latents must have shape (B, {channels}, H/16, W/16), got {latents.shape}")
+            if not np.isfinite(latents).all():
+                raise UsageError("latents hold NaN or infinite values")
+            size = (latents.shape[2] * step, latents.shape[3] * step)
+            if (height or size[0], width or size[1]) != size:
+                raise UsageError(f"latents of shape {latents.shape} are for {size[1]}x{size[0]} images, "
+                                 f"not height={height}, width={width}")
+            if latents.shape[0] != len(prompts) and not stretch:
+                raise UsageError(f"{len(prompts)} prompts but latents for {latents.shape[0]} images")
+            return jnp.asarray(latents), size[0], size[1]
+        height = self.defaults.height if height is None else height
+        width = self.defaults.width if width is None else width
+        sampling.check_size(height, width)
+        batch = len(prompts)
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            seeds = [int(seed) + i for i in range(batch)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != batch:
+                raise UsageError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
+        for s in seeds:
+            sampling.check_seed("seed", s)
+        return sampling.seeded_normal(seeds, (channels, height // step, width // step)), height, width
+
+    def _cfg(self, scale, negative_prompt, batch: int):
+        """None (no negative pass), or (B negative prompts, (B,) float32 scales)."""
+        if self.is_distilled:
+            if scale is not None or negative_prompt is not None:
+                raise UsageError(f"{self.name} is a distilled klein model (no CFG): leave true_cfg_scale and "
+                                 "negative_prompt unset")
+            return None
+        scale = self.defaults.true_cfg_scale if scale is None else scale
+        values = np.atleast_1d(np.asarray(scale, dtype=object))
+        if values.ndim != 1 or len(values) not in (1, batch) or not all(
+                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v) and v >= 1
+                for v in values):
+            raise UsageError(f"true_cfg_scale must be a number >= 1 or a list of {batch} of them, got {scale!r}")
+        if (values == 1).all():  # as diffusers' guidance_scale <= 1: one transformer call per step
+            return None
+        negatives = "" if negative_prompt is None else negative_prompt
+        negatives = [negatives] * batch if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != batch:
+            raise UsageError(f"negative_prompt: {len(negatives)} prompts for {batch} images")
+        for i, p in enumerate(negatives):
+            check_prompt(f"negative_prompt {i}", p)
+        return negatives, np.broadcast_to(values.astype(np.float32), (batch,)).copy()
