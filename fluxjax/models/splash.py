@@ -70,13 +70,13 @@ def _splash_kernel(heads: int, seq_len: int, block: int, interpret: bool, residu
         return pool.submit(build).result()
 
 
-def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_block: int = SPLASH_MAX_BLOCK) -> jax.Array:
+def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_block: int | None = None) -> jax.Array:
     """Unmasked attention by Pallas splash attention: (B, L, H, d) -> (B, L, H, d) in v's dtype.
 
     q is scaled before the kernel (splash takes no scale), in float32 and then cast to q's dtype.
     L is padded to splash's tiling (`splash_tiling`) when it is not one; padded keys carry
     another segment id, so no real query attends to them, and padded query rows are dropped.
-    interpret: run the kernel in Pallas's interpret
+    max_block: the largest block (None: SPLASH_MAX_BLOCK). interpret: run the kernel in Pallas's interpret
     mode (any backend; for tests on a CPU); else it lowers to a Mosaic TPU kernel.
 
     Under a mesh whose automatic axes split the work (fsdp's batch, tp's heads) the kernel runs
@@ -85,6 +85,8 @@ def splash_attention(q, k, v, scale: float, *, interpret: bool = False, max_bloc
     logical rules give q, k, v (batch and heads; never the tokens: sequence-parallel strategies
     split them before this, models/sequence_parallel.py).
     """
+    # SPLASH_MAX_BLOCK read at the call, not bound at import: a test lowers it to run several blocks.
+    max_block = SPLASH_MAX_BLOCK if max_block is None else max_block
     if partitioned_size() > 1:
         spec = _per_shard_spec(q.shape)
         local = functools.partial(_splash_local, scale=scale, interpret=interpret, max_block=max_block)
