@@ -47,8 +47,8 @@ class CheckedRequest:
     steps: int
     sigmas: np.ndarray
     inputs: dict
-    output: str = "np"
-    progress: bool = False
+    output: str
+    progress: bool
 
 
 @dataclass(frozen=True)

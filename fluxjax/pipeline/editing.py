@@ -43,7 +43,7 @@ class EditMixin:
         pixels = conditioning.load_images(image, resize, "image")
         batch, (height, width) = len(pixels), pixels[0].shape[:2]
         sources, targets = (checks.prompt_list(name, p, batch) for name, p in
-                             (("source_prompt", source_prompt), ("target_prompt", target_prompt)))
+                            (("source_prompt", source_prompt), ("target_prompt", target_prompt)))
         checks.check_grammar(self.grammar, self.name, sources + targets, stacklevel=2)  # the line calling edit
         settings = flowedit.EditSettings(num_steps, n_max, n_min, n_avg, source_guidance, target_guidance).resolve(
             self.kind, self.transformer.model.config.guidance_embed)

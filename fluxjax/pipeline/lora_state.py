@@ -20,17 +20,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
+from fluxjax.lora import adapters as lora
 from fluxjax.pipeline import conditioning
 from fluxjax.pipeline.components import check_compatible
-
-# fluxjax.lora is imported where it is used: a pipeline without LoRAs never reads it.
 
 
 def lora_pairs(loras) -> list[tuple[str, float]]:
     """[(file, strength)] of `loras`: a file, a (file, strength) pair, or a list of either (strength
     1.0 when omitted); each strength checked before any file is read."""
-    from fluxjax.lora import adapters as lora
-
     items = [loras] if isinstance(loras, (str, os.PathLike)) or (
         isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float))) else list(loras)
     pairs = [(os.fspath(x), 1.0) if isinstance(x, (str, os.PathLike)) else (os.fspath(x[0]), float(x[1])) for x in items]
@@ -66,8 +63,6 @@ class LoraState:
             `on_widen(config)`, given the widened FluxConfig, raises unless such a transformer
             fits the pipeline's other components, and records the new variant.
         """
-        from fluxjax.lora import adapters as lora
-
         t = transformer
         if fuse:
             if self.loras:
@@ -102,17 +97,13 @@ class LoraState:
             if lora_scales is not None:
                 raise UsageError("lora_scales given, but no LoRA is loaded live (pipe.load_lora(..., fuse=False))")
             return None
-        from fluxjax.lora.adapters import image_scales
-
         strengths = [s for _, s in self.loras] if lora_scales is None else lora_scales
-        return image_scales(strengths, batch, self.adapters.count)
+        return lora.image_scales(strengths, batch, self.adapters.count)
 
 
 def _widened(t, adapters, on_widen: Callable[[Any], None]):
     """`t` with img_in as wide as a structural-control LoRA among `adapters` needs (the new inputs
     at zero); `t` itself when none needs it."""
-    from fluxjax.lora import adapters as lora
-
     if adapters.input_width is None:
         return t
     config = dataclasses.replace(t.model.config, in_channels=adapters.input_width)
