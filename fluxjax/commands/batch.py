@@ -45,7 +45,8 @@ def run(args) -> int:
     from fluxjax.batch import runner as batch
     from fluxjax.parallel import distributed
     from fluxjax.commands.generate import choose_model
-    from fluxjax.pipeline.pipeline import FluxPipeline, check_source
+    from fluxjax.pipeline.pipeline import FluxPipeline
+    from fluxjax.pipeline.sources import check_source
     from fluxjax.parallel.strategies import Strategy
 
     if args.batch_size < 1:

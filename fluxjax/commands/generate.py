@@ -62,7 +62,7 @@ def _check(args) -> None:
 
 def check_output_and_model(args) -> None:
     """--out, --model, --sharding, --transformer, --vae (shared with `fluxjax edit`), before loading."""
-    from fluxjax.pipeline.pipeline import check_source
+    from fluxjax.pipeline.sources import check_source
     from fluxjax.parallel.strategies import Strategy
 
     if not args.out.lower().endswith(".png"):
@@ -91,9 +91,9 @@ def _loras(args) -> list[tuple[str, float]]:
 
 
 def choose_model(model: str | None) -> tuple[str, str | None]:
-    """(model, notice): --model as given, or pipeline.default_source() without it; notice is the
+    """(model, notice): --model as given, or sources.default_source() without it; notice is the
     one line to print first (the tiny preset's, or why the shapes model was taken), or None."""
-    from fluxjax.pipeline.pipeline import default_source
+    from fluxjax.pipeline.sources import default_source
 
     model, notice = (model, None) if model is not None else default_source()
     return model, TINY_NOTICE if model == "tiny" else notice
@@ -104,7 +104,8 @@ def model_settings(model: str, transformer_file: str | None = None):
     (before loading): the tiny preset's; else the folder's (a packaged model's by name) transformer
     config and defaults.json (folder_defaults); else FLUX.1-dev's."""
     from fluxjax.plan.limits import transformer_config
-    from fluxjax.pipeline.pipeline import DEFAULTS, folder_defaults, packaged_folder
+    from fluxjax.pipeline.defaults import DEFAULTS, folder_defaults
+    from fluxjax.pipeline.sources import packaged_folder
 
     folder = packaged_folder(model) or model
     cfg = transformer_config(folder, transformer_file)
