@@ -1,6 +1,6 @@
 """Model configurations: frozen dataclasses with named presets, also read from hub config.json.
 
-Field names follow the BFL reference (docs/architecture.md, "Sizes"); `from_hf_config` maps the
+Field names follow the BFL reference (docs/model-reference.md, "Sizes"); `from_hf_config` maps the
 diffusers / transformers names onto them. Every config checks its own consistency on creation,
 so a bad value fails where it is written, not deep inside a forward pass.
 """
@@ -340,7 +340,7 @@ class CLIPConfig(_Preset):
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
-    # The legacy id 2 makes transformers pool at argmax(input_ids) (docs/architecture.md, "Text encoders").
+    # The legacy id 2 makes transformers pool at argmax(input_ids) (docs/model-reference.md, "Text encoders").
     eos_token_id: int = 2
 
     def __post_init__(self):

@@ -10,7 +10,7 @@ from fluxjax.config import FluxConfig
 
 
 def test_flops_of_a_dev_step_match_the_reference_count():
-    # docs/architecture.md, "Forward pass": 74.4 TFLOP per dev step at 1024x1024 (4096 + 512 tokens).
+    # docs/model-reference.md, "Forward pass": 74.4 TFLOP per dev step at 1024x1024 (4096 + 512 tokens).
     flops = fullsize.step_flops(FluxConfig.preset("dev"), 1, 4096, 512)
     assert flops == pytest.approx(74.4e12, rel=1e-3)
     assert fullsize.step_flops(FluxConfig.preset("dev"), 4, 4096, 512) == pytest.approx(4 * flops)

@@ -29,7 +29,7 @@ PROMPTS = ["a photo of a cat sitting on a red sofa", "the quick brown fox jumps 
 T5_LENGTH = 32
 STEPS = {"dev": 5, "schnell": 4}
 
-# docs/architecture.md, "Schedule": dev, 1024x1024 (4096 tokens, mu = 1.15), 28 steps.
+# docs/model-reference.md, "Schedule": dev, 1024x1024 (4096 tokens, mu = 1.15), 28 steps.
 BFL_DEV_1024_28 = [
     1.0, 0.988409, 0.976222, 0.963394, 0.949873, 0.935599, 0.920509, 0.904531, 0.887583,
     0.869576, 0.850406, 0.829956, 0.808095, 0.784672, 0.759511, 0.732413, 0.703145, 0.671435,

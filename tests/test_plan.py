@@ -10,7 +10,7 @@ from fluxjax.commands.cli import main
 from fluxjax.plan.planner import abstract_params, param_memory, parse_bytes, parse_size
 from fluxjax.parallel.strategies import Strategy
 
-DEV_PARAMS = 11_901_408_320  # docs/architecture.md, "Sizes"
+DEV_PARAMS = 11_901_408_320  # docs/model-reference.md, "Sizes"
 # Leaves fsdp leaves whole, having no axis it splits: the QK-norm scales (128,) (head_dim; 2 norms
 # in each of 2 streams of 19 double blocks, 2 in each of 38 single blocks) and the final
 # layer's bias (64,) (out_features).

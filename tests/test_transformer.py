@@ -46,7 +46,7 @@ BATCH, L_TXT = 2, 7
 
 
 def to_bfl(sd: dict, num_layers: int, num_single: int, inner: int) -> dict:
-    """diffusers state dict -> BFL single-file keys (docs/architecture.md, "The transformer, diffusers folder", reversed)."""
+    """diffusers state dict -> BFL single-file keys (docs/model-reference.md, "The transformer, diffusers folder", reversed)."""
     out = {}
     cp = lambda dst, src: [out.__setitem__(f"{dst}.{p}", sd[f"{src}.{p}"]) for p in ("weight", "bias")]  # noqa: E731
     cat = lambda dst, srcs: [  # noqa: E731

@@ -85,7 +85,7 @@ def randomise(vae: AutoencoderKL, seed: int = 0) -> None:
 def bfl_state_dict(sd: dict, levels: int) -> dict:
     """A diffusers AutoencoderKL state dict re-keyed to BFL's ae.safetensors layout.
 
-    Written from docs/architecture.md ("Checkpoint keys") with regular expressions, independently of
+    Written from docs/model-reference.md ("Checkpoint keys") with regular expressions, independently of
     fluxjax/loading/vae.py.
     """
     out = {}
@@ -349,7 +349,7 @@ def test_full_size_parameter_count_and_diffusers_keys():
 
 
 def test_bfl_table_is_the_reference_key_set():
-    """docs/architecture.md ("Checkpoint keys", "The autoencoder"), written out by hand:
+    """docs/model-reference.md ("Checkpoint keys", "The autoencoder"), written out by hand:
     106 encoder + 138 decoder = 244 tensors."""
     cfg = AutoEncoderConfig.preset("flux")
     mods = ["encoder.conv_in", "encoder.norm_out", "encoder.conv_out",

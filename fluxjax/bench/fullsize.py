@@ -2,7 +2,7 @@
 
 For each size and batch: compile time, seconds per step (the jitted Euler loop over a few steps),
 images per second of denoising at the model's step count, model FLOPs utilisation against the
-chip's bf16 peak (FLOPs counted from the shapes of docs/architecture.md: 74.4 TFLOP per dev step at
+chip's bf16 peak (FLOPs counted from the shapes of docs/model-reference.md: 74.4 TFLOP per dev step at
 1024x1024), and peak device memory; each attention implementation asked for ("auto" printed with
 what it resolves to here); with `--compare-diffusers`, diffusers' bf16 transformer on the same GPU
 in the same run, eager and under torch.compile (its compile time reported). The XLA_FLAGS in force
@@ -35,7 +35,7 @@ T5_LENGTH = {"dev": 512, "schnell": 256, "tiny": 64}
 
 def step_flops(cfg: FluxConfig, batch: int, l_img: int, l_txt: int) -> float:
     """FLOPs of one transformer forward (2 per multiply-add), from the shapes of
-    docs/architecture.md, "The transformer".
+    docs/model-reference.md, "The transformer".
 
     Linear layers: 2 * tokens * in * out; attention: 4 * L^2 * hidden (QK^T and PV) per block.
     Embedders and the modulation (one token per image) are included; norms and RoPE are not.

@@ -2,7 +2,7 @@
 FLUX.2 (BFL flux2's `Flux2`, diffusers' `Flux2Transformer2DModel`; the same Flax tree by
 FluxConfig's FLUX.2 settings, so BFL flux2 files use the FLUX.1 BFL table less what FLUX.2 lacks).
 
-Flax paths are BFL's module names with '/' (docs/architecture.md, "The transformer, BFL single
+Flax paths are BFL's module names with '/' (docs/model-reference.md, "The transformer, BFL single
 file"), so the BFL table is the identity on names; the diffusers table is the correspondence of
 "The transformer, diffusers folder" there. A single file in BFL's keys may be safetensors (fp8
 weights dequantized by fluxjax.loading.fp8) or GGUF (city96's, by fluxjax.loading.gguf):

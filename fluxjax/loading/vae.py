@@ -1,6 +1,6 @@
 """Key tables for the FLUX VAE and the FLUX.2 VAE.
 
-Two checkpoint layouts (docs/architecture.md, "Checkpoint keys", "The autoencoder"):
+Two checkpoint layouts (docs/model-reference.md, "Checkpoint keys", "The autoencoder"):
   BFL       `ae.safetensors`: `encoder.down.{i}.block.{j}.conv1`, `encoder.mid.attn_1.q` (1x1 conv
             [C, C, 1, 1]), `decoder.up.{i}...` with `up.i` = level i, `nin_shortcut`, `norm_out`.
   diffusers `vae/` folder of `AutoencoderKL`: `encoder.down_blocks.{i}.resnets.{j}`,

@@ -1,4 +1,4 @@
-"""Readers of the FLUX LoRA file formats people publish (FLUX_REFERENCE.md section 7), without torch.
+"""Readers of the FLUX LoRA file formats people publish (docs/model-reference.md, "LoRA formats"), without torch.
 
 Each format is one entry of `FORMATS`: a test on the file's keys and a reader that turns every
 key into `Piece`s (a low-rank pair on one of fluxjax's Linear layers, in BFL names) or

@@ -1,6 +1,6 @@
 """Attention for every fluxjax model: the implementations ("xla", "xla_blocked", "cudnn", "cpu",
 "splash"), the choice "auto" makes from where the program runs, and FLUX's joint attention with
-RoPE (docs/architecture.md, "The transformer").
+RoPE (docs/model-reference.md, "The transformer").
 
 Numerics follow the reference: float32 logits and softmax; probabilities in v's dtype.
 """

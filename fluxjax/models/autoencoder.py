@@ -1,4 +1,4 @@
-"""The FLUX VAE (docs/architecture.md, "The autoencoder"): a KL autoencoder with 16 latent channels,
+"""The FLUX VAE (docs/model-reference.md, "The autoencoder"): a KL autoencoder with 16 latent channels,
 and the FLUX.2 VAE (diffusers `AutoencoderKLFlux2`) as a configuration of the same blocks.
 
 FLUX.2 (AutoEncoderConfig preset "flux2": 32 latent channels, `quant_conv`, `batch_norm_eps`) adds

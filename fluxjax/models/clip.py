@@ -1,6 +1,6 @@
 """The CLIP text transformer (CLIP-L/14 text tower), as FLUX uses it for the pooled vector `y`.
 
-Same math as transformers' `CLIPTextModel` (docs/architecture.md, "Text encoders"):
+Same math as transformers' `CLIPTextModel` (docs/model-reference.md, "Text encoders"):
 
     h = token_embedding[ids] + position_embedding[:L]
     for each layer:  h = h + out_proj(causal_attention(layer_norm1(h)))

@@ -1,4 +1,4 @@
-"""The FLUX.1 flow transformer (BFL `Flux`; docs/architecture.md, "The transformer"), and FLUX.2
+"""The FLUX.1 flow transformer (BFL `Flux`; docs/model-reference.md, "The transformer"), and FLUX.2
 (BFL flux2 `Flux2`, diffusers `Flux2Transformer2DModel`) through FluxConfig's settings: no
 biases (`bias`, `qkv_bias`), SwiGLU MLPs (`mlp`), modulation shared by all blocks of a kind
 (`shared_modulation`), no pooled text vector (`vec_in_dim` 0) and RoPE over 4 id columns (`axes_dim`).

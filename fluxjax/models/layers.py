@@ -1,4 +1,4 @@
-"""Building blocks of the FLUX transformer (docs/architecture.md, "The transformer"), and the
+"""Building blocks of the FLUX transformer (docs/model-reference.md, "The transformer"), and the
 shared parameter helpers every fluxjax model uses (attention: fluxjax/models/attention.py).
 
 Every parameter and hot activation carries logical axis names; the vocabulary, with what each

@@ -1,4 +1,4 @@
-"""The T5 v1.1 encoder (docs/architecture.md, "Text encoders"), as transformers' `T5EncoderModel`.
+"""The T5 v1.1 encoder (docs/model-reference.md, "Text encoders"), as transformers' `T5EncoderModel`.
 
 FLUX reads `last_hidden_state` of the XXL encoder and passes no attention mask, so neither
 does this module: every position (pad tokens included) attends to every other.

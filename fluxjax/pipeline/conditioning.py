@@ -3,7 +3,7 @@
 Used by FlowEdit (fluxjax/sampling/flowedit.py) for its source image and by the pipeline's conditioned
 generation: img2img and inpainting (the strength cut, masks), and the model variants read from a
 checkpoint (`variant_of`) with the inputs each takes, built as diffusers' pipelines build them
-(FLUX_REFERENCE.md section 5):
+(docs/model-reference.md, "Variants"):
   kontext  reference images (FluxKontextPipeline): resized to a preferred Kontext resolution,
            VAE-encoded, packed, ids (i + 1, row, col) for reference i; appended after the image
            tokens in the sequence (`kontext_inputs`, then `encode_variant` -> ref_img, ref_ids).
@@ -260,7 +260,7 @@ def check_request(prefix: str = "", name=lambda key: key, image=None, strength=N
 VARIANTS = ("base", "fill", "control", "kontext")
 KONTEXT_PIPELINE = "FluxKontextPipeline"  # model_index.json's _class_name of FLUX.1-Kontext checkpoints
 MASK_FEATURES = sampling.PIXELS_PER_TOKEN ** 2  # a token's 16 x 16 mask pixels: 8 x 8 per latent pixel, 2 x 2 packed
-# in_channels beyond the 64 of x, per variant that widens the transformer's input (FLUX_REFERENCE.md 5.3, 5.4).
+# in_channels beyond the 64 of x, per variant that widens the transformer's input (docs/model-reference.md, "Fill" and "Control").
 EXTRA_CHANNELS = {"fill": 64 + MASK_FEATURES, "control": 64}
 
 

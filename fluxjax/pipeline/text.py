@@ -1,6 +1,6 @@
 """Prompt tokenization and encoding, as FLUX uses its two text encoders.
 
-FLUX conditions on (docs/architecture.md, "Text encoders"):
+FLUX conditions on (docs/model-reference.md, "Text encoders"):
 * `txt` (B, L, 4096): T5 v1.1 XXL `last_hidden_state`; the prompt is tokenized with T5's
   sentencepiece tokenizer (appends </s> = 1), truncated and padded with <pad> = 0 to exactly
   `max_sequence_length` tokens (512 for dev, 256 for schnell). No attention mask: the pad

@@ -1,7 +1,7 @@
 """FlowEdit: inversion-free text-based editing of real images with FLUX, as one jitted loop.
 
 Kulikov, Kleiner, Huberman-Spiegelglas, Michaeli, "FlowEdit: Inversion-Free Text-Based Editing
-Using Pre-Trained Flow Models" (arXiv 2412.08629), Algorithm 1; docs in FLUX_REFERENCE.md §8.
+Using Pre-Trained Flow Models" (arXiv 2412.08629), Algorithm 1; docs/model-reference.md, "FlowEdit".
 The edit moves along a direct path from the source image's latents X0 towards the target
 prompt's distribution, integrating the difference of the model's velocities under the two
 prompts at coupled noisy points (no inversion to noise):

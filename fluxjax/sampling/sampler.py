@@ -1,4 +1,4 @@
-"""Rectified-flow sampling for FLUX (docs/architecture.md, "Sampling"): noise, 2x2 packing,
+"""Rectified-flow sampling for FLUX (docs/model-reference.md, "Sampling"): noise, 2x2 packing,
 position ids, the timestep schedule and the jitted Euler loop.
 
 Flow convention: x_t = (1 - t) x_0 + t eps; the transformer predicts v = eps - x_0, and the loop

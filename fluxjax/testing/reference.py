@@ -35,7 +35,7 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
-# The hub's scheduler_config.json of each model (docs/architecture.md, "diffusers' FluxPipeline").
+# The hub's scheduler_config.json of each model (docs/model-reference.md, "diffusers' FluxPipeline").
 SCHEDULERS = {
     "dev": dict(use_dynamic_shifting=True, shift=3.0, base_shift=0.5, max_shift=1.15,
                 base_image_seq_len=256, max_image_seq_len=4096),

@@ -1,7 +1,7 @@
 """Rectified-flow fine-tuning of the FLUX transformer with optax: the loss, the train state, one
 jitted step, optional EMA, sharding by the strategy files, and Orbax train checkpoints.
 
-The loss (FLUX_REFERENCE.md section 4's flow convention, as in sampling/sampler.py):
+The loss (docs/model-reference.md, "Training loss"; the sampler's flow convention):
     x_t = (1 - t) x0 + t eps,   target v = eps - x0,   loss = mean((model(x_t, t) - v)^2)
 over the packed latent tokens (B, L_img, 64), in float32. t is drawn logit-normal
 (t = sigmoid(mean + std * n), n ~ N(0, 1)), then shifted by the model's schedule with
