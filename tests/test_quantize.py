@@ -264,3 +264,60 @@ def test_batch_records_quantize_and_keeps_one_setting_per_folder(tmp_path, capsy
     manifest.write_text(json.dumps(old) + "\n")
     assert main(args) == 0
     assert json.loads(manifest.read_text().splitlines()[-1])["quantize"] == "none"
+
+
+def test_convert_quantize_int8_stores_and_restores_what_load_time_quantization_holds(tmp_path, capsys):
+    """`fluxjax convert --quantize int8`: the transformer's and T5's folders record int8 and hold the
+    int8 values and scales that quantizing at load time gives (leaf for leaf, scanned and unrolled),
+    so the pipeline restored from it makes the same pixels; fewer bytes than the bf16 conversion;
+    loading it otherwise, or quantizing a folder without a transformer or T5, is a one-line error."""
+    from fluxjax.commands.cli import main
+    from fluxjax.loading.checkpoint import MARKER
+    from fluxjax.loading.registry import load
+    from fluxjax.pipeline.pipeline import FluxPipeline
+    from fluxjax.testing.reference import make_hub_pipeline
+
+    hub, plain, quant = tmp_path / "hub", tmp_path / "bf16", tmp_path / "int8"
+    make_hub_pipeline(hub, "schnell")
+    assert main(["convert", str(hub), str(plain)]) == 0
+    assert main(["convert", str(hub), str(quant), "--quantize", "int8"]) == 0
+    for folder, held in (("transformer", "int8"), ("text_encoder_2", "int8"), ("vae", None), ("text_encoder", None)):
+        assert json.loads((quant / folder / MARKER).read_text()).get("quantize") == held, folder
+    for component, folder, options in (("transformer", "transformer", {"layer_loop": "scan"}),
+                                       ("transformer", "transformer", {"layer_loop": "unrolled"}),
+                                       ("t5", "text_encoder_2", {})):
+        _, at_load = load(component, hub / folder, "bfloat16", quantize="int8", **options)
+        _, stored = load(component, quant / folder, "bfloat16", quantize="int8", **options)
+        a, s = flat(at_load), flat(stored)
+        assert set(a) == set(s) and any(k.endswith("/" + SCALE) for k in s), component
+        for key in a:
+            assert s[key].dtype == a[key].dtype, key
+            np.testing.assert_array_equal(np.asarray(s[key]), np.asarray(a[key]), err_msg=key)
+    kw = dict(KW, height=32, width=32, num_steps=2)
+    images = [FluxPipeline.from_pretrained(str(path), dtype="bfloat16", quantize="int8")("a red square", **kw)
+              for path in (hub, quant)]
+    np.testing.assert_array_equal(images[1], images[0])
+
+    def du(path):
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    # Measured (2026-12-05, this tiny fixture): transformer params/ 186,657 to 196,560 bytes (Orbax's metadata
+    # varies) -> 151,394; T5 about 105,000 -> 103,000. The leaves are small, so Orbax's per-leaf metadata
+    # (one more leaf per scale) is much of a folder; at full size the Linears are nearly all of it
+    # (docs/quantization.md: 23.80 -> 11.98 GB, 9.53 -> 4.90 GB).
+    sizes = {name: (du(plain / name / "params"), du(quant / name / "params")) for name in ("transformer", "text_encoder_2")}
+    print("params bytes (bf16, int8):", sizes)
+    assert all(q < b for b, q in sizes.values()), sizes
+
+    for mode in (None, "fp8"):
+        with pytest.raises(ValueError) as e:
+            load("transformer", quant / "transformer", "bfloat16", quantize=mode)
+        assert "\n" not in str(e.value) and str(e.value).startswith(
+            f"{quant / 'transformer'}: holds int8-quantized weights (fluxjax convert --quantize int8); "
+            f"load it with quantize='int8' (--quantize int8), not {mode!r}"), str(e.value)
+    capsys.readouterr()
+    assert main(["convert", str(hub / "vae"), str(tmp_path / "vae"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--quantize int8: {hub / 'vae'} holds no transformer or T5 (the models fluxjax " \
+        f"quantizes) ({tmp_path / 'vae'} not created)" in err, err
+    assert not (tmp_path / "vae").exists()

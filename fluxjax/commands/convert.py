@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="stored parameter dtype")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing DST that fluxjax convert wrote (swapped in once the new one is complete)")
+    parser.add_argument("--quantize", choices=("int8", "fp8"), default=None,
+                        help="store the transformer's and T5's Linears weight-only quantized (values + a float32 scale "
+                             "per output channel; about half the bf16 bytes to read); load with the same --quantize")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA fused into the transformer at strength SCALE (default 1); repeatable")
 
@@ -24,7 +27,7 @@ def run(args) -> int:
     before = _identity(args.dst)
     try:
         written = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
-                          loras=[parse_lora_arg(x) for x in args.lora])
+                          loras=[parse_lora_arg(x) for x in args.lora], quantize=args.quantize)
     except KeyboardInterrupt:
         print(f"fluxjax convert: interrupted; {_outcome(args.dst, before)}", file=sys.stderr)
         return 130

@@ -4,6 +4,8 @@ A component folder (what `fluxjax convert` writes for the transformer, the VAE, 
 
     COMPONENT/
       fluxjax.json   {"format": FORMAT, "model": "flux"|"vae"|"t5"|"clip", "config": {...}, "dtype": "bfloat16"}
+                     and "quantize": "int8"|"fp8" when its Linears are stored quantized (`fluxjax convert
+                     --quantize`: values + kernel_scale leaves, fluxjax/models/quantize.py)
       params/        an Orbax checkpoint of the parameter tree (stacked blocks, Flax paths)
       config.json    the source's config, when it had one (for people and other tools)
 
@@ -78,11 +80,14 @@ def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def write_marker(folder: str, model: str, config: Any, dtype) -> None:
-    """Write the component's fluxjax.json: which model, its config dataclass, its dtype."""
+def write_marker(folder: str, model: str, config: Any, dtype, quantize: str | None = None) -> None:
+    """Write the component's fluxjax.json: which model, its config dataclass, its dtype, and the
+    quantization its Linears are stored in (None: not quantized; the key is then left out)."""
     import dataclasses
 
     record = {"format": FORMAT, "model": model, "config": dataclasses.asdict(config), "dtype": np.dtype(dtype).name}
+    if quantize is not None:
+        record["quantize"] = quantize
     with open(os.path.join(folder, MARKER), "w") as f:
         json.dump(record, f, indent=1)
 
@@ -95,7 +100,8 @@ def is_component(path: str | os.PathLike) -> bool:
 def read_marker(path: str | os.PathLike, model: str) -> dict:
     """The fluxjax.json of a component folder, checked to be a `model` component.
 
-    Returns {"format", "model", "config" (a dict of the config dataclass's fields), "dtype"}.
+    Returns {"format", "model", "config" (a dict of the config dataclass's fields), "dtype"} and
+    "quantize" when the folder holds quantized Linears.
     """
     file = os.path.join(os.fspath(path), MARKER)
     try:

@@ -142,13 +142,16 @@ def _split(component: str, model, path: str, value) -> Iterable[tuple[str, Any]]
     return [(f"{entry}_{i}/{rest}", value[i]) for i in range(value.shape[0])]
 
 
-def _place(component: str, model, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None) -> dict:
+def _place(component: str, model, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None,
+           quantized: bool = False) -> dict:
     """Host leaves of the stacked, unquantized layout -> the parameter tree `model` runs, each leaf
     on its devices: per block for layer_loop="unrolled"; the Linears `model` quantizes quantized
     here on the host, one leaf at a time, so their unquantized weights never reach a device.
+    quantized: the leaves are already in `model`'s quantized layout (a folder converted with
+    --quantize), placed as they are.
     """
     shapes = abstract_params(component, model)
-    if getattr(model, "quantize", None) is not None:
+    if getattr(model, "quantize", None) is not None and not quantized:
         leaves = quantize_leaves(leaves, model.quantize, quantized_kernels(flat(shapes)))
     if _per_block(component, model):
         shapes = spec(component).shapes(model)
@@ -203,17 +206,45 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
         model = build(component, p.config, dtype, sharding, **options)
         return model, _place(component, model, p.leaves(dtype), sharding)
     marked = marker_config(component, path)
+    held = stored_quantize(component, path, options.get("quantize"))
     model = build(component, config or marked, dtype, sharding, **options)
-    plain = _unquantized(model)
-    shapes = abstract_params(component, plain)
+    stored = model if held else _unquantized(model)
+    shapes = abstract_params(component, stored)
     folder = os.path.join(path, PARAMS)
-    if plain is model and not _per_block(component, model):
-        return model, restore_params(folder, shapes, dtype, sharding)
-    # Orbax holds the stacks, unquantized: restored whole into host memory (the CPU device, also
-    # beside an accelerator), then split and quantized one leaf at a time (each stacked leaf
-    # released once placed).
-    leaves = flat(restore_params(folder, shapes, dtype, _on_host))
-    return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+    if stored is model and not _per_block(component, model):
+        # Quantized values and their float32 scales keep their dtypes; every other leaf is cast to `dtype`.
+        return model, restore_params(folder, shapes, None if held else dtype, sharding)
+    # Orbax holds the stacks (unquantized, or quantized as `model` holds them): restored whole into
+    # host memory (the CPU device, also beside an accelerator), then split (and quantized) one leaf
+    # at a time (each stacked leaf released once placed).
+    leaves = flat(restore_params(folder, shapes, None if held else dtype, _on_host))
+    return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding,
+                         quantized=bool(held))
+
+
+def stored_quantize(component: str, path: str | os.PathLike, quantize: str | None) -> str | None:
+    """The quantization a converted `component` folder stores its Linears in (None: unquantized),
+    checked against the `quantize` asked for: a quantized folder loads only as it was quantized
+    (its unquantized weights are gone). ValueError naming the folder otherwise."""
+    held = read_marker(path, spec(component).kind).get("quantize")
+    if held is not None and held != quantize:
+        raise ValueError(f"{os.fspath(path)}: holds {held}-quantized weights (fluxjax convert --quantize {held}); "
+                         f"load it with quantize={held!r} (--quantize {held}), not {quantize!r}, or convert the "
+                         "source again without --quantize")
+    return held
+
+
+def quantized_leaves(component: str, model, leaves: Iterable[tuple[str, np.ndarray]], mode: str):
+    """Stream the stacked, unquantized leaves of `model` (a Plan's) with the Linears that `model`
+    built with quantize=`mode` quantizes replaced by their values and scales: what an Orbax folder
+    converted with --quantize holds, and `load` restores as it is."""
+    kernels = quantized_kernels(flat(abstract_params(component, model.clone(quantize=mode))))
+    return quantize_leaves(leaves, mode, kernels)
+
+
+def component_of(kind: str) -> str:
+    """The component name whose Orbax folders record `kind` ("flux" -> "transformer")."""
+    return next(name for name, s in COMPONENTS.items() if s.kind == kind)
 
 
 def _unquantized(model):

@@ -34,11 +34,12 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from fluxjax.loading.checkpoint import FORMAT, MARKER, PARAMS, ParamsWriter, write_marker
-from fluxjax.errors import CheckpointError
+from fluxjax.errors import CheckpointError, UsageError
 from fluxjax.loading.flux import BFL_PREFIXES, single_file
 from fluxjax.loading import gguf, registry
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
+from fluxjax.models.quantize import check_mode
 from fluxjax.files import MANIFEST, check_creatable, locked, owned_why, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
@@ -53,27 +54,34 @@ COMPONENT_ENTRIES = {MARKER, PARAMS, "config.json"}  # all a component folder wr
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="bfloat16", overwrite: bool = False,
-            progress: bool | None = None, loras=()) -> dict[str, str]:
+            progress: bool | None = None, loras=(), quantize: str | None = None) -> dict[str, str]:
     """Convert `src` (see the module docstring) into Orbax component folders at `dst`.
 
     dtype:     the stored dtype of every parameter ("bfloat16" or "float32").
     overwrite: replace an existing `dst` (only once the new one is complete).
     progress:  show a byte progress bar (None: only on a terminal).
     loras:     [(LoRA file, strength)] fused into the transformer as it is written (fluxjax.lora.fused).
+    quantize:  None, "int8" or "fp8": the transformer's and T5's Linears stored as the pipeline's
+               `quantize` holds them (values + float32 scale per output channel, quantized after
+               any LoRA is fused), restored as they are by `from_pretrained(..., quantize=...)`.
     Returns {subfolder of dst written ("." for a single component): the model kind it holds}.
     Raises CheckpointError / ConfigError (ValueError) naming the file and key, FileExistsError
     if `dst` exists without `overwrite` or is not fluxjax's to replace (`check_destination`);
     on any failure `dst` is untouched.
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
+    check_mode(quantize, "--quantize")
     check_destination(src, dst, overwrite)
     jobs, copies = inventory(src, dtype)
+    if quantize and not any(_quantizable(plan) for _, plan in jobs):
+        raise UsageError(f"--quantize {quantize}: {src} holds no transformer or T5 (the models fluxjax quantizes)")
     total = sum(plan.nbytes() for _, plan in jobs)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"converting {os.path.basename(src)}",
                disable=None if progress is None else not progress)
     with locked(dst, "DST"), staged(dst, "convert", overwrite) as tmp, bar:
         for rel, plan in jobs:
-            write_component(plan, os.path.join(tmp, rel), dtype, bar.update, loras if plan.kind == "flux" else ())
+            write_component(plan, os.path.join(tmp, rel), dtype, bar.update, loras if plan.kind == "flux" else (),
+                            quantize if _quantizable(plan) else None)
         for rel in copies:
             source, target = os.path.join(src, rel), os.path.join(tmp, rel)
             (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, target)
@@ -249,9 +257,15 @@ def _file_plan(path: str, dtype) -> Plan:
     raise CheckpointError(f"{path}: neither a BFL FLUX transformer nor a FLUX VAE file (keys e.g. {sorted(keys)[:3]})")
 
 
-def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], object] | None = None, loras=()) -> None:
+def _quantizable(plan: Plan) -> bool:
+    return "quantize" in registry.spec(registry.component_of(plan.kind)).options
+
+
+def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], object] | None = None, loras=(),
+                    quantize: str | None = None) -> None:
     """Write one component folder: its parameters leaf by leaf (with `loras` [(file, strength)]
-    fused in: a transformer's), fluxjax.json and the source's config.json."""
+    fused in: a transformer's; its Linears quantized when `quantize` is "int8" or "fp8"),
+    fluxjax.json and the source's config.json."""
     os.makedirs(folder, exist_ok=True)
     writer = ParamsWriter(os.path.join(folder, PARAMS))
     leaves = plan.leaves(dtype, progress)
@@ -261,11 +275,13 @@ def write_component(plan: Plan, folder: str, dtype, progress: Callable[[int], ob
 
         adapters = load_loras([f for f, _ in loras], plan.config, plan.shapes)
         leaves = fuse_leaves(leaves, adapters, [w for _, w in loras])
+    if quantize:
+        leaves = registry.quantized_leaves(registry.component_of(plan.kind), plan.model, leaves, quantize)
     for target, value in leaves:
         writer.add(target, value)
         del value  # the writer holds it until its group is saved
     writer.close()
-    write_marker(folder, plan.kind, plan.config, dtype)
+    write_marker(folder, plan.kind, plan.config, dtype, quantize)
     source_dir = plan.source.path if os.path.isdir(plan.source.path) else None
     if source_dir and os.path.isfile(os.path.join(source_dir, "config.json")):
         shutil.copy2(os.path.join(source_dir, "config.json"), os.path.join(folder, "config.json"))

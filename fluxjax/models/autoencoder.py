@@ -74,6 +74,8 @@ class GroupNorm(nn.Module):
     x: (B, H, W, C) any float dtype. Mean and (two-pass) variance over (H, W, C/groups) in
     float32, normalised and scaled by `scale` (C,), shifted by `bias` (C,), all in float32,
     then cast to `dtype`. Parameters carry the logical axis ("norm",).
+    stats: None, or (mean, var) float32 (B, groups) to normalise with instead of x's own: the
+           whole image's statistics when x is one tile of it (fluxjax/models/tiled_decode.py).
     """
 
     num_groups: int
@@ -82,12 +84,17 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, stats: tuple[jax.Array, jax.Array] | None = None):
         c = x.shape[-1]
         scale, bias = affine_params(self, c, self.param_dtype)
         grouped = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # spatial axes and the within-group axis
-        y = standardize(grouped, axes, self.eps).reshape(x.shape)
+        if stats is None:
+            axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # spatial axes and the within-group axis
+            y = standardize(grouped, axes, self.eps)
+        else:
+            mean, var = (s.reshape(s.shape[0], *(1,) * (x.ndim - 2), self.num_groups, 1) for s in stats)
+            y = (grouped.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y.reshape(x.shape)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
