@@ -40,6 +40,8 @@ from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
 from fluxjax.parallel.strategies import jit_with_rules
 from fluxjax.pipeline import mistral_tokenizer, qwen3_tokenizer
+from fluxjax.pipeline.conditioning import strength_start
+from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
@@ -273,7 +275,8 @@ class Flux2Pipeline:
                  num_steps: int | None = None, seed: int | Sequence[int] = 0, latents=None,
                  max_sequence_length: int | None = None, output: str = "pil", *, image=None,
                  negative_prompt: str | Sequence[str] | None = None, true_cfg_scale=None, sigmas=None,
-                 text_encoder_out_layers: Sequence[int] | None = None, guidance: float | None = None):
+                 text_encoder_out_layers: Sequence[int] | None = None, guidance: float | None = None,
+                 mask_image=None, strength: float | None = None, image_reference=None):
         """Generate one image per prompt.
 
         prompt: a string or a list of B strings (with `latents`, one string is used B times).
@@ -292,6 +295,11 @@ class Flux2Pipeline:
         text_encoder_out_layers: the hidden states stacked (default klein's Qwen3 9, 18, 27; dev's
             Mistral 10, 20, 30).
         guidance: FLUX.2 [dev] only: the embedded guidance value (diffusers' guidance_scale, default 4).
+        mask_image, strength, image_reference: klein inpainting as diffusers' Flux2KleinInpaintPipeline
+            (flux2_inpaint): `image` (one image, shared by the batch; it sets the output size) is
+            repainted where the mask is white, from the step `strength` (default 0.8) cuts the schedule
+            at; `latents` (or the seed) is then the noise the image is blended with. image_reference:
+            one more reference image after the image itself.
         """
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
@@ -306,8 +314,24 @@ class Flux2Pipeline:
             raise UsageError("no prompt given")
         for i, p in enumerate(prompts):
             check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
-        references = None
-        if image is not None:
+        references = inpaint = None
+        if mask_image is not None:
+            if self.family.guidance_embed:
+                raise UsageError(f"{self.name}: inpainting (mask_image=) is FLUX.2 [klein]'s (Flux2KleinInpaintPipeline)")
+            if image is None or isinstance(image, (list, tuple)):
+                raise UsageError("mask_image= needs one image= to inpaint")
+            pixels, mask = inpaint_inputs(image, mask_image)
+            if (height or pixels.shape[0], width or pixels.shape[1]) != pixels.shape[:2]:
+                raise UsageError(f"height={height}, width={width}: an inpainted image keeps the image's size "
+                                 f"{pixels.shape[1]}x{pixels.shape[0]} (leave them unset)")
+            height, width = pixels.shape[:2]
+            references = [pixels] + ([] if image_reference is None else [reference_pixels(image_reference,
+                                                                                           "image_reference")])
+            strength_start(1, INPAINT_STRENGTH if strength is None else strength)  # the range check, early
+            inpaint = mask
+        elif strength is not None or image_reference is not None:
+            raise UsageError("strength= and image_reference= are for inpainting: give mask_image= (and image=)")
+        elif image is not None:
             given = list(image) if isinstance(image, (list, tuple)) else [image]
             if not given:
                 raise UsageError("image: an empty list")
@@ -329,6 +353,7 @@ class Flux2Pipeline:
         rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         schedule = self.schedule.sigmas(num_steps, rows * cols) if sigmas is None else \
             self.schedule.shift_sigmas(sigmas, rows * cols)
+        first = 0 if inpaint is None else strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
 
         start = time.perf_counter()
         txt = self.encode(prompts, length, layers)
@@ -342,11 +367,17 @@ class Flux2Pipeline:
             ref = jnp.concatenate(tokens, axis=1)
             cond.update(ref_img=jnp.broadcast_to(ref, (batch,) + ref.shape[1:]),
                         ref_ids=reference_ids([r.shape[:2] for r in references], batch))
+        img = latents2.pack(noise)
+        if inpaint is not None:  # the image's tokens are the first reference's
+            known = jnp.broadcast_to(tokens[0], (batch,) + tokens[0].shape[1:])
+            cond.update(start=np.int32(first), image_latents=known, noise=img,
+                        mask=mask_tokens(inpaint, batch, img.shape[-1]))
+            img = sampling.scale_noise(known, img, schedule[first])
         txt.block_until_ready()
         self.timings = {"encode": time.perf_counter() - start}
 
         start = time.perf_counter()
-        out = sampling.denoise(self.transformer.model, self.transformer.params, latents2.pack(noise),
+        out = sampling.denoise(self.transformer.model, self.transformer.params, img,
                                position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
                                None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
                                cond=sampling.Conditioning(**cond) if cond else None)
