@@ -16,6 +16,12 @@ steps without guidance; a base klein 50 steps with true classifier-free guidance
 the empty prompt (diffusers' `guidance_scale`, here `true_cfg_scale` and `negative_prompt`); FLUX.2
 [dev] 50 steps with the embedded guidance 4 (diffusers' `guidance_scale`, here `guidance`, as
 FLUX.1 [dev]) and no CFG; 512 text tokens; 1024 x 1024 (or the first reference image's size).
+
+Inpainting (klein, `mask_image=`, as Flux2KleinInpaintPipeline; inputs from flux2_inpaint.py): the
+image's tokens are the first reference and the known region is blended in after every step
+(sampling.Conditioning image_latents/noise/mask), from the step `strength` cuts the schedule at.
+The model's defaults stay (a distilled klein 4 steps, a base klein CFG 4), not that pipeline's
+call defaults (50 steps, guidance_scale 8); strength defaults to its 0.8.
 """
 
 from __future__ import annotations
