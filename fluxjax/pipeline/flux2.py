@@ -1,7 +1,9 @@
-"""Flux2Pipeline: FLUX.2 [klein] text to image (and reference images), as diffusers' Flux2KleinPipeline.
+"""Flux2Pipeline: FLUX.2 text to image (and reference images), as diffusers' Flux2KleinPipeline
+([klein]) and Flux2Pipeline (FLUX.2 [dev]) do; the two differ only in the settings of `Family`.
 
-prompt -> Qwen3 chat template and tokens (host, qwen3_tokenizer.tokenize) -> the hidden states of
-layers (9, 18, 27) side by side (jitted, models.qwen3.encode_prompts) -> the sampler's Euler loop
+prompt -> chat template and tokens (host; klein: Qwen3's, qwen3_tokenizer.tokenize; dev: Mistral's with
+BFL's system message, mistral_tokenizer.tokenize) -> the hidden states of layers (9, 18, 27) of Qwen3 or
+(10, 20, 30) of Mistral side by side (jitted, models.qwen3.encode_prompts) -> the sampler's Euler loop
 (sampling.denoise, with no pooled vector, 4 id columns) -> denormalised, unpatchified latents
 (models.latents2) -> the FLUX.2 VAE's decoder.
 
@@ -9,10 +11,17 @@ Positions (4 id columns, diffusers' `_prepare_*_ids`): text token j is (0, 0, 0,
 (row, col) is (0, row, col, 0); the tokens of reference image i are (10 + 10 i, row, col, 0) on its
 own grid, appended after the image tokens at every step (their velocity is dropped).
 
-Defaults as diffusers uses the klein checkpoints: a distilled model (model_index.json
-`is_distilled`) 4 steps without guidance; a base model 50 steps with true classifier-free
-guidance at scale 4 against the empty prompt (diffusers' `guidance_scale`, here `true_cfg_scale`
-and `negative_prompt`); 512 text tokens; 1024 x 1024 (or the first reference image's size).
+Defaults as diffusers uses the checkpoints: a distilled klein (model_index.json `is_distilled`) 4
+steps without guidance; a base klein 50 steps with true classifier-free guidance at scale 4 against
+the empty prompt (diffusers' `guidance_scale`, here `true_cfg_scale` and `negative_prompt`); FLUX.2
+[dev] 50 steps with the embedded guidance 4 (diffusers' `guidance_scale`, here `guidance`, as
+FLUX.1 [dev]) and no CFG; 512 text tokens; 1024 x 1024 (or the first reference image's size).
+
+Inpainting (klein, `mask_image=`, as Flux2KleinInpaintPipeline; inputs from flux2_inpaint.py): the
+image's tokens are the first reference and the known region is blended in after every step
+(sampling.Conditioning image_latents/noise/mask), from the step `strength` cuts the schedule at.
+The model's defaults stay (a distilled klein 4 steps, a base klein CFG 4), not that pipeline's
+call defaults (50 steps, guidance_scale 8); strength defaults to its 0.8.
 """
 
 from __future__ import annotations
@@ -29,18 +38,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxjax.errors import NonFiniteError, UsageError
+from fluxjax.loading.mistral import load_mistral
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.loading.registry import load_transformer, load_vae
 from fluxjax.models import latents2
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.models.qwen3 import KLEIN_LAYERS, check_layers, encode_prompts
+from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
 from fluxjax.parallel.strategies import jit_with_rules
-from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH, tokenize
+from fluxjax.pipeline import mistral_tokenizer, qwen3_tokenizer
+from fluxjax.pipeline.conditioning import strength_start
+from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
+from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
 
 KLEIN_PIPELINE = "Flux2KleinPipeline"  # model_index.json's _class_name of the klein checkpoints
-DEV_PIPELINE = "Flux2Pipeline"  # FLUX.2 [dev]'s (Mistral text encoder): not yet supported
+DEV_PIPELINE = "Flux2Pipeline"  # FLUX.2 [dev]'s (Mistral text encoder, guidance embedding)
 PIPELINE_CLASSES = (KLEIN_PIPELINE, DEV_PIPELINE)
 FOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diffusers' `scale`)
@@ -53,14 +66,36 @@ class KleinDefaults:
     """What `pipe(...)` uses for an argument left at None."""
 
     num_steps: int
-    true_cfg_scale: float | None  # None: no CFG (distilled)
+    true_cfg_scale: float | None  # None: no CFG (distilled klein, FLUX.2 [dev])
     max_sequence_length: int = KLEIN_MAX_SEQUENCE_LENGTH
     height: int = 1024
     width: int = 1024
+    guidance: float | None = None  # the embedded guidance (FLUX.2 [dev]); None: no guidance embedding
 
 
 DISTILLED = KleinDefaults(num_steps=4, true_cfg_scale=None)
 BASE = KleinDefaults(num_steps=50, true_cfg_scale=4.0)  # diffusers' num_inference_steps and guidance_scale
+# Flux2Pipeline's num_inference_steps, guidance_scale (embedded) and max_sequence_length
+DEV = KleinDefaults(num_steps=50, true_cfg_scale=None, guidance=4.0,
+                    max_sequence_length=mistral_tokenizer.FLUX2_DEV_MAX_SEQUENCE_LENGTH)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a FLUX.2 pipeline class changes: its text encoder (loader, tokenizer, stacked layers)
+    and whether the transformer embeds a guidance value."""
+
+    pipeline_class: str  # model_index.json's _class_name
+    encoder: str  # the text encoder's name in messages
+    load_text_encoder: Any  # folder, dtype -> (model, params)
+    tokenize: Any  # (tokenizer, prompts, max_sequence_length) -> (ids, mask) int32 (B, L)
+    layers: tuple[int, ...]  # the hidden states stacked (diffusers' text_encoder_out_layers default)
+    guidance_embed: bool
+
+
+KLEIN = Family(KLEIN_PIPELINE, "Qwen3", load_qwen3, qwen3_tokenizer.tokenize, KLEIN_LAYERS, False)
+FLUX2_DEV = Family(DEV_PIPELINE, "Mistral", load_mistral, mistral_tokenizer.tokenize, FLUX2_DEV_LAYERS, True)
+FAMILIES = {f.pipeline_class: f for f in (KLEIN, FLUX2_DEV)}
 
 
 @dataclass
@@ -163,40 +198,48 @@ def pipeline_index(root: str) -> dict:
 
 
 class Flux2Pipeline:
-    """FLUX.2 [klein] text to image. Build with `Flux2Pipeline.from_pretrained(folder)` (or
-    `FluxPipeline.from_pretrained`, which comes here for a Flux2KleinPipeline folder), call with a prompt.
+    """FLUX.2 text to image: [klein] or [dev] (`family`). Build with `Flux2Pipeline.from_pretrained(folder)`
+    (or `FluxPipeline.from_pretrained`, which comes here for a Flux2KleinPipeline or Flux2Pipeline
+    folder), call with a prompt.
 
     Attributes: transformer, text_encoder, vae (Components), tokenizer (transformers' Qwen2
-    tokenizer), schedule (sampling.Flux2Schedule), is_distilled, defaults (KleinDefaults), name,
-    timings (seconds of each stage of the last call: encode, denoise, decode).
+    tokenizer; for [dev] Mistral's tokenizer or processor), schedule (sampling.Flux2Schedule),
+    is_distilled (klein), family (Family), defaults (KleinDefaults), name, timings (seconds of each
+    stage of the last call: encode, denoise, decode).
     """
 
     def __init__(self, transformer: Component, text_encoder: Component, tokenizer, vae: Component,
-                 schedule: sampling.Schedule, is_distilled: bool, name: str):
+                 schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN):
         t, q, v = transformer.model.config, text_encoder.model.config, vae.model.config
         problems = []
         if t.vec_in_dim or t.id_columns != 4:
             problems.append("the transformer is not a FLUX.2 one")
-        if t.guidance_embed:
+        if t.guidance_embed and not family.guidance_embed:
             problems.append("the transformer has a guidance embedding (FLUX.2 [dev]); klein has none")
-        if t.context_in_dim != len(KLEIN_LAYERS) * q.hidden_size:
-            problems.append(f"transformer context_in_dim {t.context_in_dim} != {len(KLEIN_LAYERS)} x Qwen3 hidden_size "
-                            f"{q.hidden_size}")
+        if family.guidance_embed and not t.guidance_embed:
+            problems.append("the transformer has no guidance embedding; FLUX.2 [dev]'s has one")
+        if q.family != family.encoder:
+            problems.append(f"the text encoder is a {q.family}, {family.pipeline_class} takes a {family.encoder}")
+        if t.context_in_dim != len(family.layers) * q.hidden_size:
+            problems.append(f"transformer context_in_dim {t.context_in_dim} != {len(family.layers)} x {family.encoder} "
+                            f"hidden_size {q.hidden_size}")
         if v.batch_norm_eps is None or t.in_channels != 4 * v.z_channels or t.out_channels != 4 * v.z_channels:
             problems.append(f"transformer in/out channels {t.in_channels}/{t.out_channels} do not fit the FLUX.2 VAE's "
                             f"4 x {v.z_channels}")
         if problems:
             raise UsageError(f"{name}: components do not fit together: " + "; ".join(problems))
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
-        self.schedule, self.is_distilled, self.name = schedule, is_distilled, name
-        self.defaults = DISTILLED if is_distilled else BASE
+        self.schedule, self.is_distilled, self.name, self.family = schedule, is_distilled, name, family
+        self.defaults = DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
         self.timings: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype="bfloat16", attention_impl: str = "auto",
                         **unsupported) -> "Flux2Pipeline":
         """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
-        text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/).
+        text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/) or a
+        Flux2Pipeline one (FLUX.2 [dev]: text_encoder/ Mistral3ForConditionalGeneration, tokenizer/
+        Mistral's processor or tokenizer, a transformer with a guidance embedding).
 
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         attention_impl: the transformer's (see FluxPipeline.from_pretrained).
@@ -212,39 +255,40 @@ class Flux2Pipeline:
                 raise UsageError(f"{key}= is not supported for FLUX.2 pipelines yet")
         root = os.fspath(source)
         if not os.path.isdir(root):
-            raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline folder)")
+            raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline or Flux2Pipeline folder)")
         index = pipeline_index(root)
         kind = index.get("_class_name")
-        if kind == DEV_PIPELINE:
-            raise UsageError(f"{root}: FLUX.2 [dev] (Flux2Pipeline) is not supported yet; klein (Flux2KleinPipeline) is")
-        if kind != KLEIN_PIPELINE:
-            raise UsageError(f"{root}/model_index.json: _class_name {kind!r}, expected {KLEIN_PIPELINE!r}")
+        if kind not in FAMILIES:
+            raise UsageError(f"{root}/model_index.json: _class_name {kind!r}, expected one of "
+                             f"{', '.join(repr(k) for k in FAMILIES)}")
+        family = FAMILIES[kind]
         missing = [f for f in FOLDERS if not os.path.isdir(os.path.join(root, f))]
         if missing:
-            raise UsageError(f"{root}: not a {KLEIN_PIPELINE} folder, missing {', '.join(m + '/' for m in missing)}")
+            raise UsageError(f"{root}: not a {kind} folder, missing {', '.join(m + '/' for m in missing)}")
         from transformers import AutoTokenizer
 
         dtype = jnp.dtype(dtype)
         transformer = Component(*load_transformer(os.path.join(root, "transformer"), dtype,
                                                   attention_impl=attention_impl, layer_loop="auto"))
-        text_encoder = Component(*load_qwen3(os.path.join(root, "text_encoder"), dtype))
+        text_encoder = Component(*family.load_text_encoder(os.path.join(root, "text_encoder"), dtype))
         vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
         schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
         return cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
-                   os.path.basename(os.path.normpath(root)))
+                   os.path.basename(os.path.normpath(root)), family)
 
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, seed: int | Sequence[int] = 0, latents=None,
                  max_sequence_length: int | None = None, output: str = "pil", *, image=None,
                  negative_prompt: str | Sequence[str] | None = None, true_cfg_scale=None, sigmas=None,
-                 text_encoder_out_layers: Sequence[int] = KLEIN_LAYERS):
+                 text_encoder_out_layers: Sequence[int] | None = None, guidance: float | None = None,
+                 mask_image=None, strength: float | None = None, image_reference=None):
         """Generate one image per prompt.
 
         prompt: a string or a list of B strings (with `latents`, one string is used B times).
         height, width: pixels, multiples of 16 (default: from `latents`, else the first reference
             image's size, else 1024).
-        num_steps, max_sequence_length: default to the model's (distilled: 4; base: 50; 512 tokens).
+        num_steps, max_sequence_length: default to the model's (distilled: 4; base, dev: 50; 512 tokens).
         seed: an int s (image i uses s + i) or B ints. latents: the initial noise instead, float32
             (B, 128, H/16, W/16) as diffusers' Flux2KleinPipeline takes `latents`.
         output: "np" -> float32 (B, H, W, 3) in [0, 1]; "pil" -> list of PIL images.
@@ -252,13 +296,22 @@ class Flux2Pipeline:
             every image of the call; each is prepared as `reference_pixels` says.
         negative_prompt, true_cfg_scale: base models only: v = v_neg + s (v - v_neg), s >= 1
             (default 4; 1 turns the negative pass off), negative_prompt default "" (diffusers'
-            guidance_scale, always against ""). Distilled models refuse both.
+            guidance_scale, always against ""). Distilled klein and FLUX.2 [dev] refuse both.
         sigmas: N custom timesteps in (0, 1], decreasing, shifted as diffusers shifts them.
-        text_encoder_out_layers: the Qwen3 hidden states stacked (default 9, 18, 27).
+        text_encoder_out_layers: the hidden states stacked (default klein's Qwen3 9, 18, 27; dev's
+            Mistral 10, 20, 30).
+        guidance: FLUX.2 [dev] only: the embedded guidance value (diffusers' guidance_scale, default 4).
+        mask_image, strength, image_reference: klein inpainting as diffusers' Flux2KleinInpaintPipeline
+            (flux2_inpaint): `image` (one image, shared by the batch; it sets the output size) is
+            repainted where the mask is white, from the step `strength` (default 0.8) cuts the schedule
+            at; `latents` (or the seed) is then the noise the image is blended with. image_reference:
+            one more reference image after the image itself.
         """
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
-        layers = check_layers(text_encoder_out_layers, self.text_encoder.model.config.num_hidden_layers)
+        guidance = self._guidance(guidance)
+        layers = check_layers(self.family.layers if text_encoder_out_layers is None else text_encoder_out_layers,
+                              self.text_encoder.model.config.num_hidden_layers, self.family.encoder)
         if len(layers) * self.text_encoder.model.config.hidden_size != self.transformer.model.config.context_in_dim:
             raise UsageError(f"text_encoder_out_layers: {len(layers)} layers, the transformer takes "
                              f"{self.transformer.model.config.context_in_dim // self.text_encoder.model.config.hidden_size}")
@@ -267,8 +320,24 @@ class Flux2Pipeline:
             raise UsageError("no prompt given")
         for i, p in enumerate(prompts):
             check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
-        references = None
-        if image is not None:
+        references = inpaint = None
+        if mask_image is not None:
+            if self.family.guidance_embed:
+                raise UsageError(f"{self.name}: inpainting (mask_image=) is FLUX.2 [klein]'s (Flux2KleinInpaintPipeline)")
+            if image is None or isinstance(image, (list, tuple)):
+                raise UsageError("mask_image= needs one image= to inpaint")
+            pixels, mask = inpaint_inputs(image, mask_image)
+            if (height or pixels.shape[0], width or pixels.shape[1]) != pixels.shape[:2]:
+                raise UsageError(f"height={height}, width={width}: an inpainted image keeps the image's size "
+                                 f"{pixels.shape[1]}x{pixels.shape[0]} (leave them unset)")
+            height, width = pixels.shape[:2]
+            references = [pixels] + ([] if image_reference is None else [reference_pixels(image_reference,
+                                                                                           "image_reference")])
+            strength_start(1, INPAINT_STRENGTH if strength is None else strength)  # the range check, early
+            inpaint = mask
+        elif strength is not None or image_reference is not None:
+            raise UsageError("strength= and image_reference= are for inpainting: give mask_image= (and image=)")
+        elif image is not None:
             given = list(image) if isinstance(image, (list, tuple)) else [image]
             if not given:
                 raise UsageError("image: an empty list")
@@ -290,6 +359,7 @@ class Flux2Pipeline:
         rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         schedule = self.schedule.sigmas(num_steps, rows * cols) if sigmas is None else \
             self.schedule.shift_sigmas(sigmas, rows * cols)
+        first = 0 if inpaint is None else strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
 
         start = time.perf_counter()
         txt = self.encode(prompts, length, layers)
@@ -303,13 +373,20 @@ class Flux2Pipeline:
             ref = jnp.concatenate(tokens, axis=1)
             cond.update(ref_img=jnp.broadcast_to(ref, (batch,) + ref.shape[1:]),
                         ref_ids=reference_ids([r.shape[:2] for r in references], batch))
+        img = latents2.pack(noise)
+        if inpaint is not None:  # the image's tokens are the first reference's
+            known = jnp.broadcast_to(tokens[0], (batch,) + tokens[0].shape[1:])
+            cond.update(start=np.int32(first), image_latents=known, noise=img,
+                        mask=mask_tokens(inpaint, batch, img.shape[-1]))
+            img = sampling.scale_noise(known, img, schedule[first])
         txt.block_until_ready()
         self.timings = {"encode": time.perf_counter() - start}
 
         start = time.perf_counter()
-        out = sampling.denoise(self.transformer.model, self.transformer.params, latents2.pack(noise),
+        out = sampling.denoise(self.transformer.model, self.transformer.params, img,
                                position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
-                               None, cond=sampling.Conditioning(**cond) if cond else None)
+                               None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
+                               cond=sampling.Conditioning(**cond) if cond else None)
         out.block_until_ready()
         self.timings["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -325,9 +402,10 @@ class Flux2Pipeline:
 
         return [Image.fromarray(u8) for u8 in np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)]
 
-    def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] = KLEIN_LAYERS):
+    def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] | None = None):
         """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype."""
-        ids, mask = tokenize(self.tokenizer, list(prompts), max_sequence_length)
+        layers = self.family.layers if layers is None else layers
+        ids, mask = self.family.tokenize(self.tokenizer, list(prompts), max_sequence_length)
         return encode_text(self.text_encoder.model, self.text_encoder.params, ids, mask, tuple(layers),
                            self.transformer.model.dtype)
 
@@ -362,8 +440,25 @@ class Flux2Pipeline:
             sampling.check_seed("seed", s)
         return sampling.seeded_normal(seeds, (channels, height // step, width // step)), height, width
 
+    def _guidance(self, guidance):
+        """The embedded guidance value of the call (FLUX.2 [dev]), None for klein (which refuses one)."""
+        if not self.family.guidance_embed:
+            if guidance is not None:
+                raise UsageError(f"{self.name} is a klein model (no guidance embedding): leave guidance unset"
+                                 + ("" if self.is_distilled else "; its CFG scale is true_cfg_scale"))
+            return None
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if not isinstance(guidance, (int, float, np.number)) or isinstance(guidance, bool) or not np.isfinite(guidance):
+            raise UsageError(f"guidance must be a finite number, got {guidance!r}")
+        return float(guidance)
+
     def _cfg(self, scale, negative_prompt, batch: int):
         """None (no negative pass), or (B negative prompts, (B,) float32 scales)."""
+        if self.family.guidance_embed:  # diffusers' Flux2Pipeline has no negative pass
+            if scale is not None or negative_prompt is not None:
+                raise UsageError(f"{self.name} is FLUX.2 [dev] (embedded guidance, no CFG): leave true_cfg_scale and "
+                                 "negative_prompt unset; its guidance value is guidance=")
+            return None
         if self.is_distilled:
             if scale is not None or negative_prompt is not None:
                 raise UsageError(f"{self.name} is a distilled klein model (no CFG): leave true_cfg_scale and "
