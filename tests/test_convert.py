@@ -514,6 +514,7 @@ def pipeline_hub(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_readme_workflow_with_relative_paths(pipeline_hub, tmp_path, monkeypatch, capsys):
     """Issue 14 item 2: `fluxjax convert M conv/m && fluxjax generate ... --model conv/m`, batch and
     the loaders, all with paths relative to the working folder."""

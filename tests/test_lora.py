@@ -308,6 +308,7 @@ def test_bad_files(hub):
         run_ours(hub.pipe, hub.noise, lora_scales=[1.0])
 
 
+@pytest.mark.slow
 def test_cli_generate_batch_and_convert(hub, tmp_path):
     """--lora on generate (fused) and convert (fused into the Orbax transformer), and the batch
     JSONL "loras" field (live, strengths per image, one batch) against the Python API."""

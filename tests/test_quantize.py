@@ -76,6 +76,7 @@ def tiny_images():
     return out, pipes
 
 
+@pytest.mark.slow
 def test_pipeline_holds_quantized_weights_and_changes_the_image_within_bounds(tiny_images):
     """Measured (2026-12-05): bf16 vs float32 max pixel error 0.073; float32 compute with int8 weights
     0.011 (0.15x), with fp8 weights 0.046 (0.64x); bf16 compute with int8 weights 0.068 vs float32."""
@@ -134,6 +135,7 @@ def test_cli_quantize_flag(tmp_path, capsys):
     assert "11.981 GB" in out and "4.898 GB" in out, out
 
 
+@pytest.mark.slow
 def test_lora_live_and_fused_on_quantized_weights(tmp_path, tiny_images):
     """Live: the LoRA's branch is added to the quantized Linear's output. Fused: each kernel is
     quantized again with the update in, within one quantization step of base + update."""

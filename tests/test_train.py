@@ -164,6 +164,7 @@ def test_ema_warms_up_from_the_first_step(tiny, ema_trainer):
     assert float(ema_decay(0.999, 10**6)) == np.float32(0.999) and float(ema_decay(0.999, 0)) == np.float32(0.1)
 
 
+@pytest.mark.slow
 def test_remat_and_dtypes_and_pluggable_optimizer(tiny):
     model, params, batch = tiny
     batch = jax.tree.map(jnp.asarray, batch)
@@ -347,6 +348,7 @@ def _final_state(out) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(ocp.load(latest(out / "checkpoints")))]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
     """A run killed (SIGKILL) between checkpoints and resumed ends with the state of an
     uninterrupted run, bit for bit; the loss goes down; model/ is what FluxPipeline loads."""
@@ -448,6 +450,7 @@ def hub(tmp_path_factory):
     return lora_hub.__wrapped__(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_trained_lora_gives_diffusers_the_same_image(hub):
     """A LoRA trained 3 steps by fluxjax, saved in the diffusers/PEFT layout: diffusers'
     load_lora_weights and fluxjax's own loader read it back and give the same
@@ -482,6 +485,7 @@ def test_trained_lora_gives_diffusers_the_same_image(hub):
     assert max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))) <= 1e-6
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_exactly_and_writes_a_file_fluxjax_loads(tmp_path, capsys, tiny_pipe):
     """`fluxjax train --lora-rank`: checkpoints hold the adapters' state; a run resumed from its
     step-2 checkpoint ends bit-identical to the uninterrupted run (state and lora.safetensors);
@@ -634,6 +638,7 @@ def test_a_second_run_on_one_out_is_refused_naming_the_first(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
     """N113, N114: the newest checkpoint with its largest data file deleted, or its metadata: the
     run resumes from the one before, saying so in one line, and ends bit-identical to the
