@@ -289,6 +289,7 @@ def write_jsonl(path, lines):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hub", ["dev"], indirect=True)  # one model suffices for the command line
 def test_batch_runs_edit_jobs_beside_prompts(hub, tmp_path, capsys):
     from PIL import Image

@@ -3,6 +3,7 @@ single-device output."""
 
 import jax
 import numpy as np
+import pytest
 
 from fluxjax.config import FLUX2_SETTINGS, FluxConfig
 from fluxjax.loading.random_weights import host_random_params
@@ -31,6 +32,7 @@ def inputs(rng) -> tuple:
 
 
 
+@pytest.mark.slow
 def test_every_strategy_gives_the_single_device_result():
     """dp, fsdp, tp, fsdp_tp and the sequence-parallel strategies on 8 simulated devices, against
     one device, relative to its largest output: within 1e-5, the issue's bound (measured at most
