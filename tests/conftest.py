@@ -6,8 +6,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile small shapes; keep them out of the user's persistent cache (tested on its own).
 os.environ.setdefault("FLUXJAX_COMPILATION_CACHE", "off")
 
-import numpy as np
-import pytest
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# Every test process has 8 simulated CPU devices, so tests/multidevice/ runs in it as ordinary tests.
+# The flag is read when JAX's backend starts (here, before any test); it is then taken back out of
+# the environment, so the subprocesses tests start get JAX's default of one device (or the count
+# tests/processes.py gives them). Single-device code is unchanged: jax.devices()[0] is the default.
+_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS or ''} --xla_force_host_platform_device_count=8".strip()
+DEVICES = jax.device_count()
+if _XLA_FLAGS is None:
+    del os.environ["XLA_FLAGS"]
+else:
+    os.environ["XLA_FLAGS"] = _XLA_FLAGS
 
 
 def rel_err(out, ref) -> float:

@@ -196,6 +196,7 @@ def test_the_installed_xla_knows_the_gpu_flags():
     assert run.returncode == 0 and "2.0" in run.stdout, run.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_splash_runs_in_the_scanned_transformer_after_an_abstract_init_and_equals_xla():
     # The TPU default crashed here (issue 30): the splash kernel, cached by shape, was first
     # built inside the eval_shape of the parameter shapes under nn.scan and kept that trace's

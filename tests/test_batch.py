@@ -206,6 +206,7 @@ def test_bad_prompts_file_exits_2_naming_file_and_line(tmp_path, capsys, name, l
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_work_and_finish_an_interrupted_run(tmp_path, calls, monkeypatch, reference):
     prompts = write(tmp_path / "p.txt", PROMPTS)
     out = tmp_path / "out"
@@ -347,6 +348,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_uninterrupted_images(tmp_path, calls, capsys, reference):
     """A real SIGKILL (not an exception) while a PNG is being written: no partial PNG, and the
     next run removes the temporary file, says so, and finishes with the uninterrupted images."""

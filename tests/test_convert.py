@@ -373,6 +373,7 @@ def _run_killed(src, dst, sig):
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_no_dst(hub, tmp_path):
     root, _ = hub
     dst = tmp_path / "out"
@@ -477,6 +478,7 @@ sys.exit(main(["convert", SRC, DST, "--overwrite"]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["before_swap", "after_swap", "mid_removal"])
 def test_sigkill_during_replacement_leaves_old_or_new_dst(hub, tmp_path, capsys, step):
     """Issue 14 items 1 and 4: SIGKILL at each step of --overwrite's replacement leaves DST whole
@@ -514,6 +516,7 @@ def pipeline_hub(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_readme_workflow_with_relative_paths(pipeline_hub, tmp_path, monkeypatch, capsys):
     """Issue 14 item 2: `fluxjax convert M conv/m && fluxjax generate ... --model conv/m`, batch and
     the loaders, all with paths relative to the working folder."""

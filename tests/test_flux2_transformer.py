@@ -2,10 +2,6 @@
 tiny random folders with and without the guidance embedding, BFL flux2 single files, strict key
 and shape errors, the named configs and the logical axes of every parameter."""
 
-import json
-import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -320,19 +316,3 @@ def test_full_size_flux2_dev_fsdp_shards_every_kernel_eight_ways():
     for (path, box), spec in zip(leaves, flat_specs):
         if box.value.ndim >= 2 and "kernel" in str(path[-1]):
             assert "fsdp" in tuple(spec), f"{jax.tree_util.keystr(path)} {box.names} not sharded"
-
-
-def test_every_strategy_gives_the_single_device_result():
-    """tests/flux2_sharding_worker.py: dp, fsdp, tp, fsdp_tp and the sequence-parallel strategies
-    on 8 simulated devices, against one device, relative to its largest output: within 1e-5, the
-    issue's bound (measured at most 6.2e-7, tp 1x8)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(here, "flux2_sharding_worker.py")], capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["reference_max_abs"] > 0.1
-    assert len(result["errors"]) == 8
-    for case, err in result["errors"].items():
-        assert err <= 1e-5, (case, err)

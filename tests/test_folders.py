@@ -157,6 +157,7 @@ def _wait_for_staging(dst, proc):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_folder_appearing_at_dst_during_a_conversion_survives(hub, converted_hub, tmp_path, overwrite):
     """N143, a real race: once the conversion's staging folder exists, another process makes
@@ -181,6 +182,7 @@ def test_folder_appearing_at_dst_during_a_conversion_survives(hub, converted_hub
     assert tree_bytes(dst) == before and not glob.glob(f"{dst}.*")
 
 
+@pytest.mark.slow
 def test_two_conversions_to_one_dst_are_refused_by_a_lock(hub, tmp_path, capsys):
     """N142: a second conversion to a DST another is writing is refused in one line naming the
     first process; the first completes; a killed holder's lock file is no obstacle."""

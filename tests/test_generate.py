@@ -223,6 +223,7 @@ sys.exit(main(["generate", "a cat", "--model", "tiny", "--height", "32", "--widt
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_no_png_and_the_next_run_cleans_up(tmp_path, capsys):
     """Issue 14 item 14: a real SIGKILL during the PNG write; the next run removes its temporary file."""
     out = tmp_path / "cat.png"

@@ -238,6 +238,7 @@ def test_reference_refused_on_a_base_model_before_writing(inputs, tmp_path, caps
 
 # --- fluxjax batch -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_batch_conditioned_lines(inputs, tmp_path):
     import json
 

@@ -22,6 +22,7 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear the outputs before committing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_cpu_with_the_tiny_model(path, monkeypatch, tmp_path):
     # The kernel inherits this environment: tiny sizes, CPU, no hub access, no persistent cache.

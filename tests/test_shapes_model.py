@@ -89,6 +89,7 @@ def test_capitals_and_punctuation_draw_the_same_image_with_a_notice(shipped, tmp
     np.testing.assert_array_equal(np.asarray(Image.open(out)), to_uint8(want)[0])
 
 
+@pytest.mark.slow
 def test_training_command_writes_a_loadable_folder(tmp_path):
     from fluxjax.shapes import recipe as train_shapes
 

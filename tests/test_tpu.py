@@ -75,6 +75,7 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, topology", [c[:2] for c in CASES if "ring" not in c[0] and c[5] == "base"])
 def test_each_strategy_compiles_the_denoising_loop_for_a_tpu_with_a_splash_kernel_per_attention(compiled, strategy,
                                                                                                 topology):
@@ -87,6 +88,7 @@ def test_each_strategy_compiles_the_denoising_loop_for_a_tpu_with_a_splash_kerne
     assert c["argument_bytes"] > 0 and c["temp_bytes"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["encode:fsdp@v5e:1x1", "encode:fsdp@v5e:2x2", "encode:tp@v6e:2x4",
                                  "decode:fsdp@v5e:1x1", "vae_encode:fsdp@v5e:1x1"])
 def test_the_encoders_and_the_vae_compile_for_a_tpu_on_xla_attention(compiled, key):
@@ -97,6 +99,7 @@ def test_the_encoders_and_the_vae_compile_for_a_tpu_on_xla_attention(compiled, k
     assert got["compiled"]["fits"] is True and got["compiled"]["argument_bytes"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["kontext", "fill", "control"])
 def test_the_variants_denoising_loops_compile_for_a_tpu_on_splash(compiled, variant):
     got = compiled[f"denoise:fsdp@v5e:2x2/{variant}"]
@@ -108,12 +111,14 @@ def test_the_variants_denoising_loops_compile_for_a_tpu_on_splash(compiled, vari
         assert got["compiled"]["argument_bytes"] > base["compiled"]["argument_bytes"]
 
 
+@pytest.mark.slow
 def test_flowedit_compiles_for_a_tpu_with_its_two_loops_on_splash(compiled):
     got = compiled["flowedit:fsdp@v5e:2x2"]
     assert got["mosaic_kernels"] == 4  # the edit loop and the sampling loop, two block kinds each
     assert got["compiled"]["fits"] is True
 
 
+@pytest.mark.slow
 def test_sharded_strategies_communicate_and_one_chip_does_not(compiled):
     assert compiled["denoise:fsdp@v5e:1x1"]["collectives"] == {}
     assert compiled["denoise:fsdp@v5e:2x2"]["collectives"]["all-gather"]["count"] > 0  # each block's weights
@@ -121,6 +126,7 @@ def test_sharded_strategies_communicate_and_one_chip_does_not(compiled):
     assert compiled["denoise:sp_ring@v5e:2x2"]["collectives"]["collective-permute"]["count"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["sp_ring", "sp_ring_fsdp"])
 def test_ring_attention_runs_each_block_through_splash(compiled, strategy):
     # The ring folds key blocks by their logsumexp; each block's attention is a splash kernel,
@@ -185,6 +191,7 @@ TRAIN = """
 """
 
 
+@pytest.mark.slow
 def test_the_training_step_compiles_for_a_tpu_through_splash_and_its_backward_kernels():
     # fluxjax train's step (AdamW, float32 master weights, bf16 compute, remat), full and LoRA, under
     # fsdp: with remat each attention runs forward twice and its dq and dkv kernels once: 8 Mosaic

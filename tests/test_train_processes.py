@@ -84,6 +84,7 @@ def runs(tmp_path_factory):
     return root, data
 
 
+@pytest.mark.slow
 def test_two_processes_train_full_weights_as_one_and_resume(runs):
     root, data = runs
     one, two = root / "one" / "full", root / "two" / "full"
@@ -123,6 +124,7 @@ def test_two_processes_train_full_weights_as_one_and_resume(runs):
     assert files.owned_why(str(two / "model"), "train") == ""
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_lora_as_one(runs):
     from safetensors.numpy import load_file
 

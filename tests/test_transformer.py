@@ -453,6 +453,7 @@ def test_full_size_parameter_count_and_tables(name, params, tensors):
     assert {k: tuple(v.shape) for k, v in converted.items()} == theirs
 
 
+@pytest.mark.slow
 def test_bfl_file_confirmed_by_diffusers_single_file(tmp_path):
     """The BFL file the tests write is right: diffusers' own loader reads it back to the same model.
 

@@ -1,28 +1,14 @@
-"""A tiny FLUX.2 transformer under the shipped strategies on 8 simulated CPU devices; prints JSON.
+"""A tiny FLUX.2 transformer under the shipped strategies on 8 simulated CPU devices gives the
+single-device output."""
 
-Run by tests/test_flux2_transformer.py in a subprocess (the device count is fixed when jax is
-imported): `python tests/flux2_sharding_worker.py`. Prints the single-device output's max |value|
-and, per (strategy, ici), the max abs error against it relative to that max. The test decides.
-"""
+import jax
+import numpy as np
+import pytest
 
-from __future__ import annotations
-
-import json
-import os
-import sys
-
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["FLUXJAX_COMPILATION_CACHE"] = "off"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fluxjax.config import FLUX2_SETTINGS, FluxConfig  # noqa: E402
-from fluxjax.models.flux import Flux  # noqa: E402
-from fluxjax.loading.random_weights import host_random_params  # noqa: E402
-from fluxjax.parallel.strategies import Strategy  # noqa: E402
+from fluxjax.config import FLUX2_SETTINGS, FluxConfig
+from fluxjax.loading.random_weights import host_random_params
+from fluxjax.models.flux import Flux
+from fluxjax.parallel.strategies import Strategy
 
 # 8 heads of 16 (Ulysses runs at degree 8), guidance embedding, 4 unequal RoPE axes.
 CONFIG = FluxConfig(**{**FLUX2_SETTINGS, "context_in_dim": 24, "hidden_size": 128, "num_heads": 8, "depth": 2,
@@ -45,8 +31,12 @@ def inputs(rng) -> tuple:
             rng.uniform(size=BATCH).astype(np.float32), None, np.full(BATCH, 3.5, np.float32))
 
 
-def main() -> None:
-    assert jax.device_count() == 8, jax.devices()
+
+@pytest.mark.slow
+def test_every_strategy_gives_the_single_device_result():
+    """dp, fsdp, tp, fsdp_tp and the sequence-parallel strategies on 8 simulated devices, against
+    one device, relative to its largest output: within 1e-5, the issue's bound (measured at most
+    6.2e-7, tp 1x8)."""
     model = Flux(CONFIG)
     x = inputs(np.random.default_rng(0))
     boxed = jax.eval_shape(model.init, jax.random.key(0), *x)["params"]
@@ -54,7 +44,8 @@ def main() -> None:
     apply = lambda p, *a: model.apply({"params": p}, *a)  # noqa: E731
     reference = np.asarray(jax.jit(apply)(params, *x))
     scale = float(np.abs(reference).max())
-    errors = {}
+    assert scale > 0.1
+    assert len(CASES) == 8
     for name, ici in CASES:
         strategy = Strategy.load(name).with_ici(*ici)
         mesh = strategy.make_mesh()
@@ -62,9 +53,5 @@ def main() -> None:
         padded, n = strategy.put_batch(x, mesh)
         with strategy.activate(mesh):  # a fresh jit per case: jax.jit's cache does not see the rules
             y = np.asarray(jax.jit(lambda p, *a: apply(p, *a))(sharded, *padded))
-        errors[f"{name} {'x'.join(map(str, ici))}"] = float(np.abs(y[:n] - reference).max()) / scale
-    print(json.dumps({"reference_max_abs": scale, "errors": errors}))
-
-
-if __name__ == "__main__":
-    main()
+        err = float(np.abs(y[:n] - reference).max()) / scale
+        assert err <= 1e-5, (f"{name} {'x'.join(map(str, ici))}", err)
