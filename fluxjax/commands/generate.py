@@ -58,6 +58,19 @@ def _check(args) -> None:
     args.request = request.check(request.from_args(args, "generate"), "generate", name=request.flag)
     args.height, args.width = args.request.get("height"), args.request.get("width")
     check_output_and_model(args)
+    if args.model is not None:  # a FLUX.2 folder refuses FLUX.1's options here, not after loading
+        given = {**args.request, **{k: v for k in ("sharding", "transformer", "vae", "quantize")
+                                    if (v := getattr(args, k)) is not None}}
+        _pipeline_class(args.model).check_options(args.model, given,
+                                                  lambda key: request.flag(key) if key in request.BY_NAME else
+                                                  "--" + key)
+
+
+def _pipeline_class(model: str) -> type:
+    """The pipeline class `model` loads as (pipeline.pipeline_for)."""
+    from fluxjax.pipeline.pipeline import pipeline_for
+
+    return pipeline_for(model)
 
 
 def check_output_and_model(args) -> None:
@@ -131,7 +144,7 @@ def _check_size(args, model: str, batch: int = 1, name: str = "--width/--height"
     limit = SizeLimit(cfg, args.request.get("max_sequence_length", defaults.max_sequence_length), batch, args.dtype,
                       strategy, jax.devices() if strategy is not None else jax.devices()[:1])
     references = args.request.get("references", ())  # `fluxjax edit` takes none
-    if references:
+    if references and _pipeline_class(model).kontext_references:
         args.height, args.width, args.max_area = kontext_call_size(args.height, args.width, defaults.height,
                                                                    defaults.width)
     limit.check(name, args.height or defaults.height, args.width or defaults.width,
@@ -179,10 +192,8 @@ def run(args) -> int:
     # The size _check_size chose (Kontext), and the strength used, recorded in the PNG.
     values = {**args.request, "height": args.height, "width": args.width}
     if "image" in values and "strength" not in values:
-        from fluxjax.pipeline.conditioning import DEFAULT_STRENGTH
-
-        values["strength"] = DEFAULT_STRENGTH
-    kontext = {"max_area": args.max_area} if "references" in values else {}
+        values["strength"] = pipe.default_strength
+    kontext = {"max_area": args.max_area} if "references" in values and pipe.kontext_references else {}
     kw = request.keywords(values)
     (image,) = pipe(kw.pop("prompt"), output="pil", progress=True, **kw, **kontext)
     timings.update(pipe.timings)

@@ -59,6 +59,13 @@ FOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diffusers' `scale`)
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
 REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # diffusers' Flux2ImageProcessor.check_image_input
+# FluxPipeline.from_pretrained's options a FLUX.2 folder leaves at these values (FLUX.1's for now).
+LOAD_DEFAULTS = dict(sharding=None, transformer=None, vae=None, devices=None, loras=(), fuse=True, variant=None,
+                     quantize=None)
+# The request options (fluxjax/pipeline/request.py's names) and loading options a FLUX.2 pipeline
+# does not take: `check_options` refuses them before loading. (resize: an inpainted image is
+# resized as diffusers' Flux2KleinInpaintPipeline does, flux2_inpaint.inpaint_inputs.)
+NOT_TAKEN = ("prompt_2", "control", "resize", "loras", "sharding", "transformer", "vae", "quantize")
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,11 @@ class Family:
 KLEIN = Family(KLEIN_PIPELINE, "Qwen3", load_qwen3, qwen3_tokenizer.tokenize, KLEIN_LAYERS, False)
 FLUX2_DEV = Family(DEV_PIPELINE, "Mistral", load_mistral, mistral_tokenizer.tokenize, FLUX2_DEV_LAYERS, True)
 FAMILIES = {f.pipeline_class: f for f in (KLEIN, FLUX2_DEV)}
+
+
+def family_defaults(family: Family, is_distilled: bool) -> KleinDefaults:
+    """What a pipeline of `family` (a distilled klein or not) defaults to."""
+    return DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
 
 
 @dataclass
@@ -230,8 +242,55 @@ class Flux2Pipeline:
             raise UsageError(f"{name}: components do not fit together: " + "; ".join(problems))
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
         self.schedule, self.is_distilled, self.name, self.family = schedule, is_distilled, name, family
-        self.defaults = DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
+        self.defaults = family_defaults(family, is_distilled)
         self.timings: dict[str, float] = {}
+
+    # References set the size themselves (the first one's when none is asked), not Kontext's way.
+    kontext_references = False
+    default_strength = INPAINT_STRENGTH  # with mask_image
+
+    @classmethod
+    def check_options(cls, root: str, given, name) -> None:
+        """Refuse, from `root`'s model_index.json alone (before loading), what its pipeline would
+        refuse: the options of NOT_TAKEN, img2img (an image without a mask), more than one
+        reference with a mask, guidance on klein, CFG on distilled klein and [dev].
+
+        given: {option name: value} of the options given (request.py's names, and loading
+        options'); name(option) is how a message names one (a CLI flag). UsageError naming the
+        first option refused.
+        """
+        index = pipeline_index(root)
+        family = FAMILIES.get(index.get("_class_name"))
+        if family is None:
+            return  # from_pretrained names the folder's fault
+        what = f"{root} is a {family.pipeline_class} folder (FLUX.2)"
+        for key in NOT_TAKEN:
+            if key in given:
+                raise UsageError(f"{name(key)}: {what}, which does not take it yet")
+        if "image" in given and "mask" not in given:
+            raise UsageError(f"{name('image')}: {what}, which has no img2img; give {name('mask')} to inpaint, "
+                             f"or the image as {name('references')}")
+        if "mask" in given and family.guidance_embed:
+            raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s")
+        if "mask" in given and len(given.get("references", ())) > 1:
+            raise UsageError(f"{name('references')}: inpainting takes at most one reference image")
+        defaults = family_defaults(family, bool(index.get("is_distilled", False)))
+        if "guidance" in given and defaults.guidance is None:
+            raise UsageError(f"{name('guidance')}: {what} of a klein model (no guidance embedding)"
+                             + ("" if defaults.true_cfg_scale is None else f"; its CFG scale is {name('true_cfg')}"))
+        for key in ("negative_prompt", "true_cfg"):
+            if key in given and defaults.true_cfg_scale is None:
+                raise UsageError(f"{name(key)}: {what} without classifier-free guidance (a distilled klein or "
+                                 "[dev]); only a base klein takes it")
+
+    def settings(self, num_steps: int | None = None, guidance: float | None = None,
+                 max_sequence_length: int | None = None) -> tuple[int, float | None, int]:
+        """(num_steps, guidance, max_sequence_length) as a call with these arguments uses them
+        (FluxPipeline.settings' interface): None filled in from `defaults`; guidance None for
+        klein, which refuses one given (UsageError)."""
+        d = self.defaults
+        return (d.num_steps if num_steps is None else num_steps, self._guidance(guidance),
+                d.max_sequence_length if max_sequence_length is None else max_sequence_length)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype="bfloat16", attention_impl: str = "auto",
@@ -246,12 +305,10 @@ class Flux2Pipeline:
         unsupported: FluxPipeline.from_pretrained's other options; each left at its default or
             refused (sharding, LoRAs, single files, quantization are FLUX.1's for now).
         """
-        defaults = dict(sharding=None, transformer=None, vae=None, devices=None, loras=(), fuse=True, variant=None,
-                        quantize=None)
         for key, value in unsupported.items():
-            if key not in defaults:
+            if key not in LOAD_DEFAULTS:
                 raise TypeError(f"Flux2Pipeline.from_pretrained() got an unexpected keyword argument {key!r}")
-            if value != defaults[key]:
+            if (tuple(value) if isinstance(value, list) else value) != LOAD_DEFAULTS[key]:
                 raise UsageError(f"{key}= is not supported for FLUX.2 pipelines yet")
         root = os.fspath(source)
         if not os.path.isdir(root):
@@ -282,7 +339,8 @@ class Flux2Pipeline:
                  max_sequence_length: int | None = None, output: str = "pil", *, image=None,
                  negative_prompt: str | Sequence[str] | None = None, true_cfg_scale=None, sigmas=None,
                  text_encoder_out_layers: Sequence[int] | None = None, guidance: float | None = None,
-                 mask_image=None, strength: float | None = None, image_reference=None):
+                 mask_image=None, strength: float | None = None, image_reference=None, reference_images=None,
+                 progress: bool = False):
         """Generate one image per prompt.
 
         prompt: a string or a list of B strings (with `latents`, one string is used B times).
@@ -306,7 +364,19 @@ class Flux2Pipeline:
             repainted where the mask is white, from the step `strength` (default 0.8) cuts the schedule
             at; `latents` (or the seed) is then the noise the image is blended with. image_reference:
             one more reference image after the image itself.
+        reference_images: FluxPipeline's spelling (a list): the reference images (`image`), or with
+            mask_image the one image_reference.
+        progress: FluxPipeline's keyword, taken so that callers can pass it; no per-step bar is shown.
         """
+        if reference_images is not None and len(reference_images):
+            if mask_image is None and image is not None:
+                raise UsageError("give reference images as image= or reference_images=, not both")
+            if mask_image is not None and (image_reference is not None or len(reference_images) > 1):
+                raise UsageError("inpainting takes one reference image (image_reference=)")
+            if mask_image is None:
+                image = list(reference_images)
+            else:
+                image_reference = reference_images[0]
         if output not in ("np", "pil"):
             raise UsageError(f"output must be 'np' or 'pil', got {output!r}")
         guidance = self._guidance(guidance)

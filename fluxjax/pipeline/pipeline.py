@@ -62,6 +62,14 @@ def packaged_folder(name: str) -> str | None:
     return sources.packaged_folder(name, WEIGHTS)
 
 
+def pipeline_for(source: str | os.PathLike) -> type:
+    """The class FluxPipeline.from_pretrained(source) builds, from the folder's model_index.json
+    alone: Flux2Pipeline for a FLUX.2 folder (Flux2KleinPipeline, Flux2Pipeline), else FluxPipeline."""
+    from fluxjax.pipeline import flux2  # FLUX.2 folders have a pipeline of their own
+
+    return flux2.Flux2Pipeline if sources.pipeline_class(os.fspath(source)) in flux2.PIPELINE_CLASSES else FluxPipeline
+
+
 @dataclass(frozen=True)
 class Text:
     """The encoded prompts of a call (stage `encode_prompts`): txt (B, L, context_dim) and vec
@@ -122,6 +130,15 @@ class FluxPipeline(LoraMixin, EditMixin):
         self.timings: dict[str, float] = {}
         self.lora_state = LoraState()
 
+    # Reference images are Kontext's: a call with them takes max_area (conditioning.kontext_call_size).
+    kontext_references = True
+    default_strength = conditioning.DEFAULT_STRENGTH  # img2img's and inpainting's, with an image
+
+    @classmethod
+    def check_options(cls, root: str, given, name) -> None:
+        """Refuse, before loading, options a pipeline of this class cannot take (Flux2Pipeline's
+        interface; FluxPipeline takes every request option: its checks run at the call)."""
+
     @property
     def attention_implementation(self) -> str:
         """The attention the transformer runs at the default size: its `attention_impl`, or what
@@ -178,9 +195,9 @@ class FluxPipeline(LoraMixin, EditMixin):
             embedders, final layer, norms, CLIP and the VAE in `dtype`. Error and memory
             measured in docs/quantization.md.
         """
-        from fluxjax.pipeline import flux2  # FLUX.2 folders (model_index.json) have a pipeline of their own
+        if source is not None and pipeline_for(source) is not FluxPipeline:
+            from fluxjax.pipeline import flux2
 
-        if source is not None and sources.pipeline_class(os.fspath(source)) in flux2.PIPELINE_CLASSES:
             return flux2.Flux2Pipeline.from_pretrained(
                 source, dtype, attention_impl=attention_impl, sharding=sharding, transformer=transformer, vae=vae,
                 devices=devices, loras=loras, fuse=fuse, variant=variant, quantize=quantize)

@@ -1,0 +1,116 @@
+"""`fluxjax generate --model FOLDER` on FLUX.2 hub folders (the tiny klein, distilled and base,
+and [dev] folders of test_flux2_pipeline and test_flux2_dev_pipeline): the PNG holds the pixels
+the library call with the same settings makes, and its recipe; the options FLUX.2 does not take
+are refused in one line before loading, naming the flag.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxjax.commands import cli
+from test_flux2_dev_pipeline import dev  # noqa: F401
+from test_flux2_pipeline import klein  # noqa: F401
+
+# The library pipelines of the fixtures are float32 with XLA attention.
+RUN = ["--steps", "2", "--height", "32", "--width", "48", "--seed", "3", "--dtype", "float32", "--attention", "xla"]
+PROMPT = "a red cube on a blue floor"
+
+
+@pytest.fixture(autouse=True)
+def _no_cache(monkeypatch):
+    monkeypatch.setenv("FLUXJAX_COMPILATION_CACHE", "off")
+
+
+def _generate(root, out, *extra):
+    """Run the command in this process; return the PNG's pixels (uint8 (H, W, 3)) and recipe."""
+    assert cli.main(["generate", PROMPT, "--model", str(root), "--out", str(out), *RUN, *extra]) == 0
+    image = Image.open(out)
+    return np.asarray(image), dict(image.text)
+
+
+def _image(path, height, width, seed):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)).save(path)
+    return str(path)
+
+
+def test_klein_matches_library(klein, tmp_path):  # noqa: F811
+    """Distilled: text to image; base: with --negative-prompt and --true-cfg (true CFG)."""
+    extra, theirs = [], {}
+    if not klein.distilled:
+        extra, theirs = ["--negative-prompt", "blurry", "--true-cfg", "3"], dict(negative_prompt="blurry",
+                                                                                 true_cfg_scale=3.0)
+    got, text = _generate(klein.root, tmp_path / "x.png", *extra)
+    (want,) = klein.pipe(PROMPT, 32, 48, num_steps=2, seed=3, output="pil", **theirs)
+    assert got.shape == (32, 48, 3) and np.asarray(want).std() > 0
+    np.testing.assert_array_equal(got, np.asarray(want))
+    recipe = {"prompt": PROMPT, "seed": "3", "steps": "2", "guidance": "none", "size": "48x32", "model": "hub",
+              "software": "fluxjax"}
+    if not klein.distilled:
+        recipe.update(negative_prompt="blurry", true_cfg="3")
+    assert text == recipe
+
+
+def test_dev_guidance_matches_library(dev, tmp_path):  # noqa: F811
+    got, text = _generate(dev.root, tmp_path / "x.png", "--guidance", "2.5", "--max-sequence-length", "128")
+    (want,) = dev.pipe(PROMPT, 32, 48, num_steps=2, seed=3, guidance=2.5, max_sequence_length=128, output="pil")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert text["guidance"] == "2.5" and text["steps"] == "2" and text["max_sequence_length"] == "128"
+
+
+def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa: F811
+    if not klein.distilled:
+        pytest.skip("one klein is enough: the options map the same way")
+    reference = _image(tmp_path / "ref.png", 64, 80, 1)
+    got, text = _generate(klein.root, tmp_path / "r.png", "--reference", reference)
+    (want,) = klein.pipe(PROMPT, 32, 48, num_steps=2, seed=3, image=[reference], output="pil")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert text["references"] == "ref.png" and "references_sha256" in text
+
+    image = _image(tmp_path / "im.png", 32, 48, 2)
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 16:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    got, text = _generate(klein.root, tmp_path / "i.png", "--image", image, "--mask", str(tmp_path / "mask.png"))
+    (want,) = klein.pipe(PROMPT, num_steps=2, seed=3, image=image, mask_image=str(tmp_path / "mask.png"),
+                         output="pil")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert text["strength"] == "0.8"  # Flux2KleinInpaintPipeline's default, as the call used it
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--lora", "LORA"], "--lora"),
+    (["--quantize", "int8"], "--quantize"),
+    (["--sharding", "dp"], "--sharding"),
+    (["--control", "IMAGE"], "--control"),
+    (["--prompt-2", "another"], "--prompt-2"),
+    (["--resize", "crop", "--image", "IMAGE", "--mask", "IMAGE"], "--resize"),
+    (["--image", "IMAGE"], "--image"),  # no img2img
+    (["--guidance", "3"], "--guidance"),  # klein has no guidance embedding
+])
+def test_refused_before_loading(klein, tmp_path, capsys, args, flag):  # noqa: F811
+    if not klein.distilled:
+        pytest.skip("the refusals do not depend on the klein")
+    (tmp_path / "in").mkdir()
+    lora = tmp_path / "in" / "lora.safetensors"
+    lora.write_bytes(b"")
+    image = _image(tmp_path / "in" / "im.png", 32, 48, 0)
+    args = [str(lora) if a == "LORA" else image if a == "IMAGE" else a for a in args]
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", PROMPT, "--model", str(klein.root), "--out", str(out), *RUN, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fluxjax generate: error: {flag}: ") and "FLUX.2" in err[0], err
+    assert not out.exists()
+
+
+def test_cfg_refused_on_distilled_and_dev(klein, dev, tmp_path, capsys):  # noqa: F811
+    if not klein.distilled:
+        pytest.skip("a base klein takes CFG (test_klein_matches_library)")
+    for root in (dev.root, klein.root):  # the request schema takes the two flags together
+        args = ["--negative-prompt", "blurry", "--true-cfg", "3"]
+        assert cli.main(["generate", PROMPT, "--model", str(root), "--out", str(tmp_path / "x.png"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fluxjax generate: error: --negative-prompt: ") \
+            and "only a base klein" in err[0], err
