@@ -18,9 +18,8 @@ from conftest import rel_err
 from fluxjax.config import FLUX2_SETTINGS, ConfigError, FluxConfig
 from fluxjax.loading.registry import load_transformer
 from fluxjax.loading.safetensors_io import CheckpointError
-from fluxjax.models import layers
 from fluxjax.models.axes import PARAMETER_AXES
-from fluxjax.models.flux import BLOCK_STACKS, Flux, param_shapes
+from fluxjax.models.flux import Flux, param_shapes
 from fluxjax.testing.reference import randomize_
 from fluxjax.parallel.strategies import Strategy
 
@@ -163,14 +162,6 @@ def test_at_time_zero_within_the_references_own_float32_noise(ref):
     err = rel_err(jax.jit(model.apply)({"params": params}, *flux_args(inputs)), theirs)
     print(f"{ref.name}, t = 0: {err:.2e}")
     assert err <= FP32_TOL_T0
-
-
-def test_unrolled_layers_compute_what_the_scan_computes(ref):
-    model, params = load_transformer(ref.folder)
-    scanned = jax.jit(model.apply)({"params": params}, *flux_args(ref.inputs))
-    unrolled = layers.unstack_layers(params, BLOCK_STACKS)
-    out = jax.jit(model.clone(layer_loop="unrolled").apply)({"params": unrolled}, *flux_args(ref.inputs))
-    np.testing.assert_array_equal(out, scanned)
 
 
 def test_bfl_flux2_file_gives_the_same_model(ref):

@@ -95,13 +95,12 @@ def test_convert_refuses_a_trained_model_and_train_refuses_user_files(hub, tmp_p
     """N140: `convert --overwrite` onto a `fluxjax train` model/ is refused (its manifest says
     train wrote it: the trained transformer would be lost). N118 at the swap: write_model replaces
     its own model/ but not one the user put a file into meanwhile."""
-    from fluxjax.models.flux import BLOCK_STACKS
     from fluxjax.pipeline.pipeline import FluxPipeline
-    from fluxjax.training.trainer import stack_layers, write_model
+    from fluxjax.training.trainer import write_model
 
     root, _ = hub
     pipe = FluxPipeline.from_pretrained("tiny", dtype="float32")
-    params = stack_layers(pipe.transformer.params, BLOCK_STACKS)
+    params = pipe.transformer.params
     model = tmp_path / "run" / "model"
     write_model(str(model), pipe, params, None)
     write_model(str(model), pipe, jax.tree.map(lambda x: x + 1, params), None)  # its own: replaced

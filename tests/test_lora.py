@@ -392,14 +392,16 @@ def test_bfl_control_format(hub):
     assert lora.read_lora_file(path, t.model.config)[0] == "bfl_control"
     fused = lora_fused.fuse(t.params, lora.load_loras([path], t.model.config, t.params), [0.9])
     for name in ("double_blocks.1.txt_attn.qkv", "single_blocks.0.linear1", "final_layer.adaLN_modulation.1"):
-        path_ = name.replace("double_blocks.", "double_blocks_").replace("single_blocks.", "single_blocks_").split(".")
+        parts = name.split(".")
+        stacked = parts[0] in ("double_blocks", "single_blocks")  # block i is slice i of the stack
+        path_, pick = (parts[:1] + parts[2:], lambda a, i=int(parts[1]): a[i]) if stacked else (parts, lambda a: a)
         down, up, bias = (tensors[f"{name}.lora_{x}"].numpy() for x in ("A.weight", "B.weight", "B.bias"))
         node_base, node_fused = t.params, fused
         for p in path_:
             node_base, node_fused = node_base[p], node_fused[p]
-        np.testing.assert_allclose(node_fused["kernel"], node_base["kernel"] + 0.9 * (up @ down).T, atol=1e-6)
-        np.testing.assert_allclose(node_fused["bias"], node_base["bias"] + 0.9 * bias, atol=1e-6)
-    np.testing.assert_array_equal(fused["single_blocks_1"]["norm"]["key_norm"]["scale"],
+        np.testing.assert_allclose(pick(node_fused["kernel"]), pick(node_base["kernel"]) + 0.9 * (up @ down).T, atol=1e-6)
+        np.testing.assert_allclose(pick(node_fused["bias"]), pick(node_base["bias"]) + 0.9 * bias, atol=1e-6)
+    np.testing.assert_array_equal(fused["single_blocks"]["norm"]["key_norm"]["scale"][1],
                                   tensors["single_blocks.1.norm.key_norm.scale"].numpy())
     live = FluxPipeline.from_pretrained(hub.root, dtype="float32")
     live.load_lora([(path, 0.9)])
@@ -525,7 +527,7 @@ def test_non_finite_fused_leaf_never_written(hub, tmp_path, capsys):
     t = hub.pipe.transformer
     with pytest.raises(NonFiniteError) as e:
         lora_fused.fuse(t.params, lora.load_loras([big], t.model.config, t.params), [1.0])
-    assert str(e.value) == ("fusing huge.safetensors:1 into double_blocks_0/img_attn/proj/kernel gave NaN or infinite "
+    assert str(e.value) == ("fusing huge.safetensors:1 into double_blocks/img_attn/proj/kernel gave NaN or infinite "
                             "values (the update overflows this weight); lower the strength")
 
     good = save(hub, "good2.safetensors", kohya_tensors(hub, seed=7))

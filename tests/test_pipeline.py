@@ -63,8 +63,7 @@ def test_pipeline_matches_diffusers(hub):
     assert inside > 0.9, "the fixture's pixels should not be mostly clamped, or the comparison proves little"
     assert np.abs(ours - hub.images).max() <= 1e-3
     assert hub.pipe.kind == hub.kind  # read from the checkpoint: guidance embedding or not
-    # On a CPU without a mesh the blocks run unrolled, from per-block weights.
-    assert hub.pipe.transformer.model.layer_loop == "unrolled" and "double_blocks_0" in hub.pipe.transformer.params
+    assert "double_blocks" in hub.pipe.transformer.params  # one layout: the blocks stacked, also on a CPU
 
 
 def test_kind_defaults_and_guidance(hub):

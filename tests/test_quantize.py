@@ -244,7 +244,7 @@ def test_batch_records_quantize_and_keeps_one_setting_per_folder(tmp_path, capsy
 
 def test_convert_quantize_int8_stores_and_restores_what_load_time_quantization_holds(tmp_path, capsys):
     """`fluxjax convert --quantize int8`: the transformer's and T5's folders record int8 and hold the
-    int8 values and scales that quantizing at load time gives (leaf for leaf, scanned and unrolled),
+    int8 values and scales that quantizing at load time gives (leaf for leaf),
     so the pipeline restored from it makes the same pixels; fewer bytes than the bf16 conversion;
     loading it otherwise, or quantizing a folder without a transformer or T5, is a one-line error."""
     from fluxjax.commands.cli import main
@@ -259,11 +259,9 @@ def test_convert_quantize_int8_stores_and_restores_what_load_time_quantization_h
     assert main(["convert", str(hub), str(quant), "--quantize", "int8"]) == 0
     for folder, held in (("transformer", "int8"), ("text_encoder_2", "int8"), ("vae", None), ("text_encoder", None)):
         assert json.loads((quant / folder / MARKER).read_text()).get("quantize") == held, folder
-    for component, folder, options in (("transformer", "transformer", {"layer_loop": "scan"}),
-                                       ("transformer", "transformer", {"layer_loop": "unrolled"}),
-                                       ("t5", "text_encoder_2", {})):
-        _, at_load = load(component, hub / folder, "bfloat16", quantize="int8", **options)
-        _, stored = load(component, quant / folder, "bfloat16", quantize="int8", **options)
+    for component, folder in (("transformer", "transformer"), ("t5", "text_encoder_2")):
+        _, at_load = load(component, hub / folder, "bfloat16", quantize="int8")
+        _, stored = load(component, quant / folder, "bfloat16", quantize="int8")
         a, s = flat(at_load), flat(stored)
         assert set(a) == set(s) and any(k.endswith("/" + SCALE) for k in s), component
         for key in a:

@@ -390,18 +390,11 @@ def test_sigkill_then_resume_is_bit_identical_and_model_loads(tmp_path):
     from fluxjax.pipeline.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(whole / "model", dtype="float32")
-    trained = stack_params(pipe)
+    trained = pipe.transformer.params
     restored = _final_state(whole)
     assert any(np.array_equal(np.asarray(trained["img_in"]["kernel"]), r) for r in restored)
     image = pipe("a picture number 1", height=32, width=48, num_steps=2, output="np")
     assert image.shape == (1, 32, 48, 3) and np.isfinite(image).all()
-
-
-def stack_params(pipe):
-    from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.training.trainer import stack_layers
-
-    return stack_layers(pipe.transformer.params, BLOCK_STACKS)
 
 
 def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, capsys, tiny):
@@ -459,11 +452,10 @@ def test_trained_lora_gives_diffusers_the_same_image(hub):
     is the trained adapter (its fused weights equal fusing the trained tree directly)."""
     from test_lora import check, run_ours, run_reference
 
-    from fluxjax.models.flux import BLOCK_STACKS
-    from fluxjax.training.trainer import stack_layers, write_lora
+    from fluxjax.training.trainer import write_lora
 
     t = hub.pipe.transformer
-    params = stack_layers(t.params, BLOCK_STACKS)
+    params = t.params
     trainer = Trainer(t.model, TrainConfig(learning_rate=3e-2, total_steps=3, compute_dtype="float32", lora_rank=4,
                                            lora_alpha=2.0, guidance=3.5), Schedule.dev())
     state = trainer.init(params, seed=1)
@@ -481,7 +473,7 @@ def test_trained_lora_gives_diffusers_the_same_image(hub):
 
     trained = lora.Adapters(trainable.join_factors(jax.tree.map(np.asarray, state.params), trainer.fixed), names=("t",))
     want = lora_fused.fuse(params, trained, [1.0])
-    got = stack_layers(fused.transformer.params, BLOCK_STACKS)
+    got = fused.transformer.params
     assert max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))) <= 1e-6
 
 

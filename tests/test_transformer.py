@@ -22,7 +22,7 @@ from fluxjax.loading.safetensors_io import CheckpointError
 from fluxjax.loading.table import key_shapes, table_keys
 from fluxjax.config import ConfigError, FluxConfig
 from fluxjax.models import attention, layers
-from fluxjax.models.flux import BLOCK_STACKS, DoubleStreamBlock, Flux, LastLayer, SelfAttention, SingleStreamBlock
+from fluxjax.models.flux import DoubleStreamBlock, Flux, LastLayer, SelfAttention, SingleStreamBlock
 from fluxjax.models.flux import param_shapes
 from fluxjax.testing.reference import randomize_
 
@@ -153,22 +153,6 @@ def test_diffusers_folder_matches_reference(ref):
     out = jax.jit(model.apply)({"params": params}, *flux_args(ref.inputs))
     assert out.shape == ref.out.shape
     assert rel_err(out, ref.out) <= FP32_TOL
-
-
-def test_unrolled_layers_compute_what_the_scan_computes(ref):
-    model, params = load_transformer(ref.folder)
-    unrolled = layers.unstack_layers(params, BLOCK_STACKS)
-    depth = {"double_blocks": ref.cfg["num_layers"], "single_blocks": ref.cfg["num_single_layers"]}
-    assert sorted(k for k in unrolled if k.startswith(BLOCK_STACKS)) == sorted(
-        f"{name}_{i}" for name, n in depth.items() for i in range(n))
-    for i in range(depth["double_blocks"]):
-        np.testing.assert_array_equal(unrolled[f"double_blocks_{i}"]["img_attn"]["qkv"]["kernel"],
-                                      params["double_blocks"]["img_attn"]["qkv"]["kernel"][i])
-    scanned = jax.jit(model.apply)({"params": params}, *flux_args(ref.inputs))
-    out = jax.jit(model.clone(layer_loop="unrolled").apply)({"params": unrolled}, *flux_args(ref.inputs))
-    np.testing.assert_array_equal(out, scanned)  # the same operations, only the weights' layout differs
-    with pytest.raises(ValueError, match="layer_loop must be one of"):
-        model.clone(layer_loop="python").apply({"params": unrolled}, *flux_args(ref.inputs))
 
 
 def test_bfl_file_gives_the_same_model(ref, tmp_path):

@@ -44,8 +44,8 @@ def random_pipeline(preset: str, dtype=jnp.bfloat16, attention_impl: str = "auto
     components = {}
     for seed, (name, config_preset) in enumerate(PRESETS[preset].items()):
         spec = COMPONENTS[name]
-        options = spec.select(dict(attention_impl=attention_impl, layer_loop="scan"))
-        model = build(name, spec.config.preset(config_preset), dtype, None, **options)
+        options = spec.select(dict(attention_impl=attention_impl))
+        model = build(name, spec.config.preset(config_preset), dtype, **options)
         components[name] = Component(model, device_random_params(abstract_params(name, model), seed, neutral_vectors=True))
     schedule = sampling.Schedule.dev() if preset != "schnell" else sampling.Schedule.schnell()
     return FluxPipeline(**components, tokenizer=tokenizer, schedule=schedule, kind=preset, name=f"random {preset}")

@@ -65,8 +65,8 @@ def model_errors(cfg: FluxConfig, seed: int = 0, grid: tuple[int, int] = (8, 8),
             np.array([0.7], np.float32), rng.standard_normal((1, cfg.vec_in_dim)).astype(np.float32), guidance)
 
     def run(dtype, quantize=None):
-        model, params = random_component("transformer", cfg, dtype, seed=seed, layer_loop="scan",
-                                         attention_impl="xla", quantize=quantize)
+        model, params = random_component("transformer", cfg, dtype, seed=seed, attention_impl="xla",
+                                         quantize=quantize)
         return model, params, np.asarray(jax.jit(model.apply)({"params": params}, *args), np.float64)
 
     model, params_f32, want = run("float32")
@@ -76,7 +76,7 @@ def model_errors(cfg: FluxConfig, seed: int = 0, grid: tuple[int, int] = (8, 8),
         bf16 = got if bf16 is None else bf16
         whole[p] = dict(relative=relative_error(got, want), max_abs=float(np.abs(got - want).max()),
                         relative_to_bf16=relative_error(got, bf16))
-    shapes = abstract_params("transformer", build("transformer", cfg, "bfloat16", layer_loop="scan", quantize="int8"))
+    shapes = abstract_params("transformer", build("transformer", cfg, "bfloat16", quantize="int8"))
     return whole, layer_errors(params_f32, quantized_kernels(flat(shapes)))
 
 
@@ -115,7 +115,7 @@ def step_memory(cfg: FluxConfig, tokens: int = 1024, txt_len: int = 64) -> dict[
 
     out = {}
     for p in PRECISIONS:
-        flux = build("transformer", cfg, "bfloat16", layer_loop="scan", attention_impl="xla",
+        flux = build("transformer", cfg, "bfloat16", attention_impl="xla",
                      quantize=None if p == "bfloat16" else p)
         params = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype),
                               abstract_params("transformer", flux), is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -10,7 +10,6 @@ import argparse
 import os
 import tempfile
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +48,7 @@ def _small(argv_args) -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder)
-        # Both layer loops: "scan" (stacked weights, what accelerators run) and "unrolled"
-        # (per-block weights, what FluxPipeline runs on a CPU).
-        variants = {loop: load_transformer(folder, layer_loop=loop) for loop in ("scan", "unrolled")}
+        m, p = load_transformer(folder)
 
     j = lambda t: jnp.asarray(t.numpy())  # noqa: E731
     args = (
@@ -67,18 +64,15 @@ def _small(argv_args) -> None:
             return reference(**inputs).sample
 
     theirs = run_reference().numpy()
-    runs = [run_reference]
-    for loop, (m, p) in variants.items():
-        start = time.perf_counter()
-        compiled = jax.jit(m.apply).lower({"params": p}, *args).compile()
-        compile_s = time.perf_counter() - start
-        ours = np.asarray(compiled({"params": p}, *args))
-        print(f"  layer_loop={loop}: compile {compile_s:.2f} s, "
-              f"max |fluxjax - diffusers| / max |diffusers| = {max_rel_error(ours, theirs):.2e}")
-        runs.append(partial(lambda c, p: c({"params": p}, *args).block_until_ready(), compiled, p))
-    t_ref, *t_ours = median_times(runs, argv_args.repeat)
-    for loop, t in zip(variants, t_ours):
-        report(f"  forward, layer_loop={loop}", t, t_ref, "diffusers eager")
+    start = time.perf_counter()
+    compiled = jax.jit(m.apply).lower({"params": p}, *args).compile()
+    compile_s = time.perf_counter() - start
+    ours = np.asarray(compiled({"params": p}, *args))
+    print(f"  compile {compile_s:.2f} s, "
+          f"max |fluxjax - diffusers| / max |diffusers| = {max_rel_error(ours, theirs):.2e}")
+    t_ref, t_ours = median_times([run_reference, lambda: compiled({"params": p}, *args).block_until_ready()],
+                                 argv_args.repeat)
+    report("  forward", t_ours, t_ref, "diffusers eager")
 
 
 def _full_size_compile(resolution: int, name: str) -> None:

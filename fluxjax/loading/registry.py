@@ -6,10 +6,8 @@ model). `load(component, source, ...)` reads any of them from a PyTorch checkpoi
 folder; `load_transformer`, `load_t5`, `load_clip` and `load_vae` are its public names. The
 pipeline, the planner and the tiny preset (`random_component`) build their models here too.
 
-Parameters come out in the layout the model runs. Checkpoints, key tables and Orbax folders hold
-blocks stacked over a leading `layers` axis (nn.scan); a transformer built with
-layer_loop="unrolled" gets per-block entries (`double_blocks_0/...`), split from the stacked
-leaves as they are read, so nothing re-lays weights after loading.
+Parameters come out in the layout the model runs, the one checkpoints, key tables and Orbax
+folders hold: blocks stacked over a leading `layers` axis (nn.scan).
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ class ComponentSpec:
     read_table: (path, config or None) -> CheckpointTable, the key tables of its layouts.
     shapes:  model -> its boxed abstract parameter tree (the `param_shapes` beside the model).
     options: the model attributes `load` sets besides config and dtypes.
-    stacks:  parameter entries stacked over layers that layer_loop="unrolled" splits per block.
     """
 
     kind: str
@@ -59,7 +56,6 @@ class ComponentSpec:
     read_table: Callable[[str, Any], CheckpointTable]
     shapes: Callable[[Any], Any]
     options: tuple[str, ...] = ()
-    stacks: tuple[str, ...] = ()
     hf_aliases: tuple[str, ...] = ()
 
     def select(self, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,8 +65,7 @@ class ComponentSpec:
 
 COMPONENTS: dict[str, ComponentSpec] = {
     "transformer": ComponentSpec("flux", "transformer", "FluxTransformer2DModel", flux_model.Flux, FluxConfig,
-                                 flux.read_table, flux_model.param_shapes, ("attention_impl", "layer_loop", "quantize"),
-                                 flux_model.BLOCK_STACKS, (FLUX2_CLASS,)),
+                                 flux.read_table, flux_model.param_shapes, ("attention_impl", "quantize"), (FLUX2_CLASS,)),
     "t5": ComponentSpec("t5", "text_encoder_2", "T5EncoderModel", t5_model.T5Encoder, T5Config,
                         t5.read_table, t5_model.param_shapes, ("attention_impl", "quantize")),
     "clip": ComponentSpec("clip", "text_encoder", "CLIPTextModel", clip_model.CLIPTextEncoder, CLIPConfig,
@@ -93,73 +88,35 @@ def spec(component: str) -> ComponentSpec:
     return COMPONENTS[component]
 
 
-def default_layer_loop(sharding: ShardingFn | None) -> str:
-    """The transformer's layer loop where it will run (layer_loop="auto").
-
-    "unrolled" (per-block weights) on a CPU without a mesh: XLA:CPU copies each scanned block's
-    weights out of their stack at every call, and per-block arrays are read in place. "scan"
-    (stacked weights, one compiled body) everywhere else.
-    """
-    return "unrolled" if sharding is None and jax.default_backend() == "cpu" else "scan"
-
-
-def build(component: str, config, dtype="float32", sharding: ShardingFn | None = None, **options):
+def build(component: str, config, dtype="float32", **options):
     """The linen module of `component` for `config`, parameters and compute in `dtype`.
 
-    options: the component's settings (ComponentSpec.options); layer_loop="auto" becomes
-    `default_layer_loop(sharding)`.
+    options: the component's settings (ComponentSpec.options).
     """
     s = spec(component)
     unknown = sorted(set(options) - set(s.options))
     if unknown:
         raise TypeError(f"{component}: no setting {', '.join(unknown)} (it takes {', '.join(s.options) or 'none'})")
-    if options.get("layer_loop") == "auto":
-        options["layer_loop"] = default_layer_loop(sharding)
     check_mode(options.get("quantize"))
     dt = jnp.dtype(dtype)
     return s.model(config, dtype=dt, param_dtype=dt, **options)
 
 
-def stacked(component: str, model):
-    """`model` in the layout checkpoints hold: its block stacks scanned."""
-    return model.clone(layer_loop="scan") if spec(component).stacks else model
-
-
 def abstract_params(component: str, model) -> Any:
-    """The boxed abstract parameter tree of `model` in the stacked layout of checkpoints."""
-    return spec(component).shapes(stacked(component, model))
+    """The boxed abstract parameter tree of `model` (blocks stacked, as checkpoints hold them)."""
+    return spec(component).shapes(model)
 
 
-def _per_block(component: str, model) -> bool:
-    return bool(spec(component).stacks) and model.layer_loop == "unrolled"
-
-
-def _split(component: str, model, path: str, value) -> Iterable[tuple[str, Any]]:
-    """A stacked leaf as the leaves of the layout `model` runs: itself, or one per block."""
-    entry, _, rest = path.partition("/")
-    if not _per_block(component, model) or entry not in spec(component).stacks:
-        return [(path, value)]
-    return [(f"{entry}_{i}/{rest}", value[i]) for i in range(value.shape[0])]
-
-
-def _place(component: str, model, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None,
-           quantized: bool = False) -> dict:
+def _place(component: str, model, leaves: Iterable[tuple[str, np.ndarray]], sharding: ShardingFn | None) -> dict:
     """Host leaves of the stacked, unquantized layout -> the parameter tree `model` runs, each leaf
-    on its devices: per block for layer_loop="unrolled"; the Linears `model` quantizes quantized
-    here on the host, one leaf at a time, so their unquantized weights never reach a device.
-    quantized: the leaves are already in `model`'s quantized layout (a folder converted with
-    --quantize), placed as they are.
+    on its devices; the Linears `model` quantizes quantized here on the host, one leaf at a
+    time, so their unquantized weights never reach a device.
     """
     shapes = abstract_params(component, model)
-    if getattr(model, "quantize", None) is not None and not quantized:
+    if getattr(model, "quantize", None) is not None:
         leaves = quantize_leaves(leaves, model.quantize, quantized_kernels(flat(shapes)))
-    if _per_block(component, model):
-        shapes = spec(component).shapes(model)
     shardings = leaf_shardings(shapes, sharding)
-    out = {}
-    for path, value in leaves:
-        for target, part in _split(component, model, path, value):
-            out[target] = place(part, shardings[target])
+    out = {path: place(value, shardings[path]) for path, value in leaves}
     return traverse_util.unflatten_dict(out, sep="/")
 
 
@@ -176,7 +133,7 @@ def plan(component: str, source: str | os.PathLike, dtype="float32", config=None
     """The conversion plan of a PyTorch checkpoint of `component` (every check run, nothing read):
     its leaves are the checkpoint's, unquantized (`load` quantizes them as it places them)."""
     table = spec(component).read_table(os.fspath(source), config)
-    model = stacked(component, build(component, table.config, dtype, **options))
+    model = build(component, table.config, dtype, **options)
     return Plan(spec(component).kind, model, abstract_params(component, model), table)
 
 
@@ -191,8 +148,7 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
     sharding: a callable from the boxed abstract params to a matching tree of Shardings
               (fluxjax.loading.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
     config:   the component's config instead of the one the checkpoint gives.
-    options:  the component's settings (attention_impl; the transformer's layer_loop "scan",
-              "unrolled" or "auto", see `default_layer_loop`; the transformer's and T5's quantize
+    options:  the component's settings (attention_impl; the transformer's and T5's quantize
               None, "int8" or "fp8": their Linears quantized on the host as they are read, see
               fluxjax/models/quantize.py).
     Params are read one tensor at a time into the shapes `jax.eval_shape` gives (never
@@ -203,23 +159,21 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
     dtype = jnp.dtype(dtype)
     if not is_component(path):
         p = plan(component, path, dtype, config, **{k: v for k, v in options.items() if k != "quantize"})
-        model = build(component, p.config, dtype, sharding, **options)
+        model = build(component, p.config, dtype, **options)
         return model, _place(component, model, p.leaves(dtype), sharding)
     marked = marker_config(component, path)
     held = stored_quantize(component, path, options.get("quantize"))
-    model = build(component, config or marked, dtype, sharding, **options)
+    model = build(component, config or marked, dtype, **options)
     stored = model if held else _unquantized(model)
     shapes = abstract_params(component, stored)
     folder = os.path.join(path, PARAMS)
-    if stored is model and not _per_block(component, model):
+    if stored is model:
         # Quantized values and their float32 scales keep their dtypes; every other leaf is cast to `dtype`.
         return model, restore_params(folder, shapes, None if held else dtype, sharding)
-    # Orbax holds the stacks (unquantized, or quantized as `model` holds them): restored whole into
-    # host memory (the CPU device, also beside an accelerator), then split (and quantized) one leaf
-    # at a time (each stacked leaf released once placed).
-    leaves = flat(restore_params(folder, shapes, None if held else dtype, _on_host))
-    return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding,
-                         quantized=bool(held))
+    # Orbax holds the unquantized stacks: restored whole into host memory (the CPU device, also
+    # beside an accelerator), then quantized one leaf at a time (each leaf released once placed).
+    leaves = flat(restore_params(folder, shapes, dtype, _on_host))
+    return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
 
 
 def stored_quantize(component: str, path: str | os.PathLike, quantize: str | None) -> str | None:
@@ -277,15 +231,15 @@ def random_component(component: str, config, dtype="float32", sharding: Sharding
 
     Drawn on the host by fluxjax.loading.random_weights from the stacked abstract tree, with norm scales 1
     and other vectors 0 as the model's own init sets them: the same values on every machine for
-    a seed, whatever layout and sharding they are placed in. For small models (the tiny preset).
+    a seed, whatever sharding they are placed in. For small models (the tiny preset).
     """
-    model = build(component, config, dtype, sharding, **options)
+    model = build(component, config, dtype, **options)
     host = host_random_params(abstract_params(component, _unquantized(model)), seed, neutral_vectors=True)
     return model, _place(component, model, flat(host).items(), sharding)
 
 
 def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxConfig | None = None,
-                     attention_impl: str = "auto", sharding: ShardingFn | None = None, layer_loop: str = "scan"):
+                     attention_impl: str = "auto", sharding: ShardingFn | None = None):
     """Load a FLUX transformer checkpoint into `(model, params)`.
 
     source:   a diffusers transformer folder (config.json + safetensors, sharded or not), a BFL
@@ -297,12 +251,9 @@ def load_transformer(source: str | os.PathLike, dtype="float32", config: FluxCon
     dtype:    parameter and activation dtype ("float32", "bfloat16", or a jnp dtype).
     sharding: a callable from the boxed abstract params to a matching tree of Shardings
               (fluxjax.loading.checkpoint.ShardingFn); every leaf lands straight in its sharding. None: one device.
-    layer_loop: "scan" (params stacked: `double_blocks/...` with a leading layers axis),
-              "unrolled" (per-block `double_blocks_{i}/...`, faster on a CPU) or "auto" (see
-              `default_layer_loop`).
     Returns the linen `Flux` module and its params (nested dict of jax arrays).
     """
-    return load("transformer", source, dtype, sharding, config, attention_impl=attention_impl, layer_loop=layer_loop)
+    return load("transformer", source, dtype, sharding, config, attention_impl=attention_impl)
 
 
 def load_t5(source: str | os.PathLike, dtype="float32", attention_impl: str = "auto",

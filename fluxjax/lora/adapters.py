@@ -22,7 +22,6 @@ and `widen_input` gives the base weights the new inputs at zero, as diffusers' l
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -35,13 +34,12 @@ import numpy as np
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.lora.formats import STACKS, Piece, Replacement, read_lora_file
-from fluxjax.models.layers import unstack_layers
 
 
 @dataclass
 class Adapters:
     """n LoRAs on one transformer. tree: {Linear path: {"a", "b", "scale", "bias"}} as nested dicts
-    (the layout of params: stacked or per-block); replace: {leaf path tuple: array} full
+    (the layout of params, blocks stacked); replace: {leaf path tuple: array} full
     replacement tensors; names: the files; formats: each file's format."""
 
     tree: dict
@@ -92,20 +90,6 @@ def shape_tree(params) -> dict:
     return {tuple(k.key for k in p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def _stacked_shapes(params, cfg: FluxConfig) -> dict:
-    """Shapes in the stacked layout, also when `params` holds per-block entries (double_blocks_0, ...)."""
-    shapes = shape_tree(params)
-    out = {}
-    for path, shape in shapes.items():
-        head = path[0]
-        stack = head.rsplit("_", 1)[0] if head.rsplit("_", 1)[-1].isdigit() else None
-        if stack in STACKS:
-            out[(stack,) + path[1:]] = (getattr(cfg, STACKS[stack]),) + shape
-        else:
-            out[path] = shape
-    return out
-
-
 def _check_piece(path: str, piece: Piece, kernel: tuple) -> None:
     in_dim, out_dim = kernel[-2:]
     rows = out_dim if piece.rows is None else len(piece.rows)
@@ -126,11 +110,11 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
     widen: accept LoRAs whose img_in pair has more inputs than the model (structural control);
         their adapters are then built for that width, recorded as `input_width`, and the params
         must be widened with `widen_input` before they are fused or run live. Otherwise refused.
-    Returns Adapters whose tree follows the layout of `params` (stacked blocks, or the per-block
-    entries of layer_loop="unrolled"), leaves in `dtype` as host NumPy arrays.
+    Returns Adapters whose tree follows the layout of `params` (stacked blocks), leaves in `dtype`
+    as host NumPy arrays.
     Raises CheckpointError / UsageError naming the file and key of anything that does not fit.
     """
-    shapes = _stacked_shapes(nn.meta.unbox(params), cfg)
+    shapes = shape_tree(nn.meta.unbox(params))
     read = []
     for f in files:
         path = os.fspath(f)
@@ -161,9 +145,8 @@ def load_loras(files: Sequence[str | os.PathLike], cfg: FluxConfig, params, dtyp
         for r in replacements:
             _add_replacement(replace, r, shapes, path)
     width = shapes[("img_in", "kernel")][0]
-    stacked = Adapters(tree, replace, tuple(p for p, *_ in read), tuple(fmt for _, fmt, *_ in read),
-                       width if width != cfg.in_channels else None)
-    return _like(stacked, params)
+    return Adapters(tree, replace, tuple(p for p, *_ in read), tuple(fmt for _, fmt, *_ in read),
+                    width if width != cfg.in_channels else None)
 
 
 def widen_input(params, width: int):
@@ -225,37 +208,20 @@ def _add_replacement(replace: dict, r: Replacement, shapes: dict, path: str) -> 
     replace[(leaf, r.layer)] = r.value
 
 
-def _like(adapters: Adapters, params) -> Adapters:
-    """Adapters in the layout of `params`: per-block entries when params has them."""
-    heads = set(params)
-    unrolled = [s for s in STACKS if s in adapters.tree and s not in heads]
-    if not unrolled:
-        return adapters
-    tree = unstack_layers(jax.tree.map(jnp.asarray, adapters.tree), unrolled)
-    return dataclasses.replace(adapters, tree=jax.tree.map(np.asarray, tree))
-
-
 def with_replacements(params, adapters: Adapters):
     """params with the adapters' full replacement tensors put in (each in its leaf's sharding)."""
     if not adapters.replace:
         return params
     out = jax.tree.map(lambda x: x, params)  # a new tree of the same arrays
     for (leaf, layer), value in adapters.replace.items():
-        if leaf[0] in out:
-            node = out
-            for part in leaf[:-1]:
-                node = node[part]
-            old = node[leaf[-1]]
-            new = np.asarray(old).copy() if layer is not None else value
-            if layer is not None:
-                new[layer] = value
-            node[leaf[-1]] = jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
-        else:  # per-block layout
-            node = out[f"{leaf[0]}_{layer}"]
-            for part in leaf[1:-1]:
-                node = node[part]
-            old = node[leaf[-1]]
-            node[leaf[-1]] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+        node = out
+        for part in leaf[:-1]:
+            node = node[part]
+        old = node[leaf[-1]]
+        new = np.asarray(old).copy() if layer is not None else value
+        if layer is not None:
+            new[layer] = value
+        node[leaf[-1]] = jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
     return out
 
 

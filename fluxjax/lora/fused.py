@@ -47,7 +47,7 @@ def _fused_quantized(values, kernel_scale, bias, a, b, scale, lbias, strengths):
 def fuse(params, adapters: Adapters, strengths: Sequence[float]):
     """params with W + s_k * alpha_k/r_k * B_k A_k of every LoRA k folded into its Linears.
 
-    params: the transformer's parameters (stacked or per-block, on one device or sharded).
+    params: the transformer's parameters (blocks stacked, on one device or sharded).
     strengths: one number per LoRA (n,). Each updated kernel is computed on the devices that hold
     it, in its own sharding (jit out_shardings = the kernel's): the low-rank factors are small and
     replicated, so no device ever holds a whole sharded kernel. A quantized kernel (int8 or fp8

@@ -27,7 +27,7 @@ def new_adapters(params, cfg: FluxConfig, rank: int, alpha: float | None = None,
                  targets: Sequence[str] = DEFAULT_TRAIN_TARGETS, seed: int = 0) -> Adapters:
     """One fresh LoRA of `rank` on the Linears `targets` (Flax paths in the stacked layout), to train.
 
-    params: the transformer's parameters or their shapes, stacked blocks (layer_loop="scan").
+    params: the transformer's parameters or their shapes, blocks stacked.
     alpha: the LoRA's alpha (default: rank, a scale of 1). Initialised as PEFT does: a uniform in
     +-1/sqrt(in) (kaiming-uniform with a=sqrt(5)), b zeros, so the model starts unchanged.
     Returns Adapters with n = 1: a (layers, in, rank), b (layers, rank, out) float32, scale

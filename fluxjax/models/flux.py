@@ -4,9 +4,7 @@ biases (`bias`, `qkv_bias`), SwiGLU MLPs (`mlp`), modulation shared by all block
 (`shared_modulation`), no pooled text vector (`vec_in_dim` 0) and RoPE over 4 id columns (`axes_dim`).
 
 Module names are the BFL checkpoint keys (FLUX.1's and flux2's alike): `double_blocks/img_attn/qkv/kernel` is
-`double_blocks.{i}.img_attn.qkv.weight` transposed, stacked over blocks by nn.scan (with
-layer_loop="unrolled", block i's parameters are `double_blocks_{i}/...` instead; see
-layers.unstack_layers).
+`double_blocks.{i}.img_attn.qkv.weight` transposed, stacked over blocks by nn.scan.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from fluxjax.models.layers import (
     dense,
     modulate,
     rope,
-    layer_stack,
+    scan_layers,
     mlp_activation,
     split_heads,
     timestep_embedding,
@@ -88,7 +86,7 @@ class MLP(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights, joined only in attention (text first).
 
-    Called as a layer_stack body: ((img (B, L_img, D), txt (B, L_txt, D)), cond, cos, sin
+    Called as a scan_layers body: ((img (B, L_img, D), txt (B, L_txt, D)), cond, cos, sin
     (B, L_txt + L_img, d/2)) -> ((img, txt), None). cond: vec (B, D), from which the block computes
     its own modulation; with config.shared_modulation, the ((img_mod1, img_mod2), (txt_mod1,
     txt_mod2)) ModulationOut pairs Flux computed once for every double block.
@@ -129,7 +127,7 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One fused projection for q, k, v and the MLP on the joint [text ; image] sequence.
 
-    Called as a layer_stack body: (x (B, L, D), cond, cos, sin (B, L, d/2)) -> (x, None). cond:
+    Called as a scan_layers body: (x (B, L, D), cond, cos, sin (B, L, d/2)) -> (x, None). cond:
     vec (B, D), or with config.shared_modulation the ModulationOut Flux computed once for every
     single block.
     """
@@ -196,9 +194,7 @@ class Flux(nn.Module):
     """FLUX.1 transformer, or FLUX.2 by its config; `apply` takes BFL `Flux.forward`'s arguments.
 
     Attributes: config, dtype (activations and matmuls), param_dtype, attention_impl
-    (one of attention.ATTENTION_IMPLEMENTATIONS: see attention.dot_product_attention), layer_loop ("scan":
-    block parameters stacked, one compiled body; "unrolled": per-block parameters, faster on a
-    CPU; see layers.layer_stack; `unstack_layers(params, BLOCK_STACKS)` converts), remat
+    (one of attention.ATTENTION_IMPLEMENTATIONS: see attention.dot_product_attention), remat
     (recompute each block's activations in the backward pass instead of keeping them: training
     memory for one more forward; parameters and outputs are unchanged), precision (of every
     matmul; None: "highest" for float32, JAX's default otherwise; see layers.matmul_precision),
@@ -210,7 +206,6 @@ class Flux(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    layer_loop: str = "scan"
     remat: bool = False
     precision: str | None = None  # matmul precision; None: from dtype (layers.matmul_precision)
     quantize: str | None = None  # the blocks' Linears weight-only "int8" or "fp8" (fluxjax/models/quantize.py)
@@ -256,10 +251,10 @@ class Flux(nn.Module):
         double_block, single_block = DoubleStreamBlock, SingleStreamBlock
         if self.remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away
             double_block, single_block = (nn.remat(b, prevent_cse=False) for b in (double_block, single_block))
-        double = layer_stack(double_block, c.depth, 3, self.layer_loop, double_name, **block_kw)
-        single = layer_stack(single_block, c.depth_single_blocks, 3, self.layer_loop, single_name, **block_kw)
-        img, txt = double((constrain(img), constrain(txt)), double_cond, cos, sin)
-        x = single(jnp.concatenate([txt, img], axis=1), single_cond, cos, sin)
+        double = scan_layers(double_block, c.depth, 3)(name=double_name, **block_kw)
+        single = scan_layers(single_block, c.depth_single_blocks, 3)(name=single_name, **block_kw)
+        (img, txt), _ = double((constrain(img), constrain(txt)), double_cond, cos, sin)
+        x, _ = single(jnp.concatenate([txt, img], axis=1), single_cond, cos, sin)
         return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
 
 
@@ -281,8 +276,8 @@ def _block_conditioning(c: FluxConfig, vec: jax.Array, kw: dict) -> tuple:
 
 def param_shapes(model: Flux) -> dict:
     """The parameter tree of `model` as jax.ShapeDtypeStruct, boxed with logical axis names (no
-    weights made): stacked `double_blocks/...` for layer_loop="scan", `double_blocks_{i}/...`
-    for "unrolled". `jax.eval_shape` of `init` on one image token and one text token."""
+    weights made), the blocks stacked (`double_blocks/...`). `jax.eval_shape` of `init` on one
+    image token and one text token."""
     c = model.config
     arg = lambda *shape: jax.ShapeDtypeStruct((1, *shape), jnp.float32)  # noqa: E731
     ids = arg(1, c.id_columns)

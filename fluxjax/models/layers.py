@@ -121,51 +121,6 @@ def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
     )
 
 
-LAYER_LOOPS = ("scan", "unrolled")
-
-
-def layer_stack(block: type[nn.Module], length: int, num_broadcast: int, layer_loop: str, name: str, **kwargs):
-    """`length` copies of `block(**kwargs)` applied in sequence: stack(carry, *broadcast) -> carry.
-
-    layer_loop "scan": one nn.scan (see scan_layers), parameters stacked under `name`.
-    layer_loop "unrolled": one module per layer, parameters under f"{name}_{i}" (the layout
-        `unstack_layers` makes). Compiles a body per layer, but reads each weight in place: a
-        scanned layer's weights are sliced out of the stack, which XLA:CPU does by copying every
-        weight at every call (about 9% of a denoising step on a 2-core CPU).
-    Must be called from a compact method, where the modules it makes become children.
-    """
-    if layer_loop == "scan":
-        scanned = scan_layers(block, length, num_broadcast)(name=name, **kwargs)
-        return lambda carry, *broadcast: scanned(carry, *broadcast)[0]
-    if layer_loop != "unrolled":
-        raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
-    layers = [block(name=f"{name}_{i}", **kwargs) for i in range(length)]
-
-    def unrolled(carry, *broadcast):
-        for layer in layers:
-            carry, _ = layer(carry, *broadcast)
-        return carry
-
-    return unrolled
-
-
-def unstack_layers(params: dict, names: Sequence[str]) -> dict:
-    """Parameters of "scan" stacks -> the "unrolled" layout of `layer_stack`.
-
-    params: a parameter dict of single-device jax arrays; for each of `names`, a subtree whose
-    leaves have a leading (layers,) axis becomes entries f"{name}_{i}" holding layer i's slices
-    (new arrays on the same device). Other entries are passed through unchanged.
-    """
-    out = {k: v for k, v in params.items() if k not in names}
-    for name in names:
-        # Sliced on the host: indexing a jax array would compile a slice per leaf shape.
-        host = jax.tree.map(np.asarray, params[name])
-        devices = jax.tree.map(lambda a: a.sharding, params[name])
-        for i in range(jax.tree.leaves(host)[0].shape[0]):
-            out[f"{name}_{i}"] = jax.tree.map(lambda a, where: jax.device_put(a[i], where), host, devices)
-    return out
-
-
 def constrain(x: jax.Array) -> jax.Array:
     """Pin a (batch, length, embed) activation to the strategy's layout (a no-op without a mesh)."""
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))

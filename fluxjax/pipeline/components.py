@@ -30,7 +30,7 @@ def component_options(component: str, attention_impl: str, quantize: str | None 
     quantize reaches the components that take it (the transformer and T5; CLIP and the VAE, 0.2
     and 0.1 of the 12B+4.8B weights, stay in the pipeline's dtype)."""
     masked = component in ("t5", "clip") and attention_impl in ("splash", "cpu")
-    return COMPONENTS[component].select(dict(attention_impl="auto" if masked else attention_impl, layer_loop="auto",
+    return COMPONENTS[component].select(dict(attention_impl="auto" if masked else attention_impl,
                                              quantize=quantize))
 
 

@@ -326,7 +326,7 @@ class Flux2Pipeline:
 
         dtype = jnp.dtype(dtype)
         transformer = Component(*load_transformer(os.path.join(root, "transformer"), dtype,
-                                                  attention_impl=attention_impl, layer_loop="auto"))
+                                                  attention_impl=attention_impl))
         text_encoder = Component(*family.load_text_encoder(os.path.join(root, "text_encoder"), dtype))
         vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)

@@ -111,10 +111,6 @@ class FluxPipeline(LoraMixin, EditMixin):
     a prompt outside the language the model was trained on: `fluxjax.shapes.dataset.parse` for the packaged
     shapes model; such a prompt still generates, with an OutOfGrammarWarning), lora_state
     (LoraState: the live LoRAs; `loras` and `adapters` read it).
-
-    On a CPU without a mesh the transformer runs with layer_loop="unrolled": the loader gives
-    its block parameters as per-block arrays (fluxjax.loading.registry.default_layer_loop), so
-    `transformer.params` has `double_blocks_0`, ... instead of the stacked `double_blocks`.
     """
 
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,

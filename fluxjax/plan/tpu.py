@@ -150,9 +150,7 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     shard = strategy.param_shardings(mesh)
     models, params = {}, {}
     for name, preset in registry.PRESETS[model].items():
-        # stacked blocks, as on any accelerator (the unrolled layout is a CPU's)
-        options = {k: ("scan" if k == "layer_loop" else v)
-                   for k, v in component_options(name, attention, quantize).items()}
+        options = component_options(name, attention, quantize)
         config = configs[name].preset(preset)
         if name == "transformer" and VARIANT_INPUTS[variant][0]:
             config = dataclasses.replace(config, in_channels=config.in_channels + VARIANT_INPUTS[variant][0])
@@ -281,7 +279,7 @@ def compile_train_step(model: str, strategy, devices: list, batch: int, height: 
     mesh = strategy.make_mesh(devices)
     cfg = TrainConfig(remat=remat, lora_rank=lora_rank, compute_dtype=compute_dtype)
     flux = registry.build("transformer", FluxConfig.preset(registry.PRESETS[model]["transformer"]), jnp.float32,
-                          layer_loop="scan", attention_impl="auto")
+                          attention_impl="auto")
     trainer = Trainer(flux, cfg, sampling.Schedule.dev(), strategy=strategy, mesh=mesh)
     boxed = registry.abstract_params("transformer", trainer.model)
     shapes = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.value.shape, jnp.dtype(cfg.param_dtype)), boxed,

@@ -31,7 +31,7 @@ def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l
     batch-sharded. (The TPU compile, fluxjax/plan/tpu.py, compiles the pipeline's own programs.)
     """
     cfg = FluxConfig.preset(model)
-    flux = registry.build("transformer", cfg, jnp.float32, layer_loop="scan", attention_impl="xla")
+    flux = registry.build("transformer", cfg, jnp.float32, attention_impl="xla")
     boxed = registry.abstract_params("transformer", flux)
     shardings = strategy.param_shardings(mesh)(boxed)
     params = jax.tree.map(lambda b, s: jax.ShapeDtypeStruct(b.value.shape, jnp.float32, sharding=s), boxed, shardings,

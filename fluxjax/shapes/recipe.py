@@ -355,8 +355,7 @@ def train_transformer(latents: np.ndarray, caption_index: np.ndarray, txt: np.nd
 
     config = FluxConfig(in_channels=latents.shape[-1], out_channels=latents.shape[-1], vec_in_dim=vec.shape[-1],
                         context_in_dim=txt.shape[-1], **FLUX_CONFIG)
-    model, params = random_component("transformer", config, "float32", seed=seed, attention_impl="xla",
-                                     layer_loop="scan")
+    model, params = random_component("transformer", config, "float32", seed=seed, attention_impl="xla")
     trainer = Trainer(model, cfg, SCHEDULE)
     state = trainer.init(params, seed)
     img_ids = sampling.image_ids(batch, SIZE, SIZE)

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -186,7 +186,7 @@ def training_model(model: nn.Module, cfg: TrainConfig, platform: str | None = No
     keep_auto = model.attention_impl == "auto" and platform == "tpu"
     impl = "xla" if model.attention_impl in ("auto", "cpu") and not keep_auto else model.attention_impl
     return model.clone(dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                       attention_impl=impl, remat=cfg.remat, layer_loop="scan")
+                       attention_impl=impl, remat=cfg.remat)
 
 
 class Trainer:
@@ -540,18 +540,6 @@ RESUME_FLAGS = {
 }
 
 
-def stack_layers(params: dict, names: Sequence[str]) -> dict:
-    """The inverse of `layers.unstack_layers`: entries f"{name}_{i}" -> one stacked `name` entry
-    (leading layers axis). Parameters already stacked are returned unchanged."""
-    out = {k: v for k, v in params.items() if not any(k.startswith(f"{n}_") and k[len(n) + 1:].isdigit() for n in names)}
-    for name in names:
-        layers = sorted((int(k[len(name) + 1:]), v) for k, v in params.items()
-                        if k.startswith(f"{name}_") and k[len(name) + 1:].isdigit())
-        if layers:
-            out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[v for _, v in layers])
-    return out
-
-
 def run_settings(cfg: TrainConfig, batch_size: int, seed: int, resolution: int,
                  max_sequence_length: int | None) -> dict:
     """The settings of a run that --resume must keep (RESUME_FLAGS), as JSON values."""
@@ -658,7 +646,6 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
     from tqdm import tqdm
 
     from fluxjax.training.data import Batches, EncodedDataset, bucket
-    from fluxjax.models.flux import BLOCK_STACKS
 
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
     check_processes(pipe.strategy)
@@ -672,7 +659,7 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
     length = max_sequence_length or pipe.defaults.max_sequence_length
     data = EncodedDataset(examples, pipe, resolution, length, os.path.join(out_dir, CACHE), progress)
 
-    params = stack_layers(pipe.transformer.params, BLOCK_STACKS)
+    params = pipe.transformer.params
     trainer = Trainer(pipe.transformer.model, cfg, pipe.schedule, tx, pipe.strategy, pipe.mesh)
     if latest is not None:
         state = restore_newest_intact(trainer, ckpt_root, params)
