@@ -155,6 +155,13 @@ def splash_interpret() -> bool:
 QUERY_BLOCK = 128  # queries per block of "xla_blocked"
 
 
+def blocked_attention(q, k, v, scale: float) -> jax.Array:
+    """Unmasked attention in blocks of QUERY_BLOCK queries, never holding all (L, L) logits:
+    (B, L, H, d) -> (B, L, H, d) in v's dtype, float32 logits and softmax (the VAE's mid-block
+    attention over every latent position, where the whole logits outgrow a chip at 2048 pixels)."""
+    return _xla_attention(q, k, v, None, scale, QUERY_BLOCK)
+
+
 def _xla_attention(q, k, v, bias, scale: float, query_block: int | None) -> jax.Array:
     """Plain-XLA attention: float32 logits and softmax; (B, L, H, d) -> (B, L, H, d) in v's dtype.
 

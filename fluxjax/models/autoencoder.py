@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from fluxjax.config import AutoEncoderConfig
 from fluxjax.models import latents2
+from fluxjax.models.attention import blocked_attention
 from fluxjax.models.layers import affine_params, dense, standardize, with_precision
 
 Dtype = Any
@@ -74,8 +75,6 @@ class GroupNorm(nn.Module):
     x: (B, H, W, C) any float dtype. Mean and (two-pass) variance over (H, W, C/groups) in
     float32, normalised and scaled by `scale` (C,), shifted by `bias` (C,), all in float32,
     then cast to `dtype`. Parameters carry the logical axis ("norm",).
-    stats: None, or (mean, var) float32 (B, groups) to normalise with instead of x's own: the
-           whole image's statistics when x is one tile of it (fluxjax/models/tiled_decode.py).
     """
 
     num_groups: int
@@ -84,17 +83,12 @@ class GroupNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, stats: tuple[jax.Array, jax.Array] | None = None):
+    def __call__(self, x):
         c = x.shape[-1]
         scale, bias = affine_params(self, c, self.param_dtype)
         grouped = x.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        if stats is None:
-            axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # spatial axes and the within-group axis
-            y = standardize(grouped, axes, self.eps)
-        else:
-            mean, var = (s.reshape(s.shape[0], *(1,) * (x.ndim - 2), self.num_groups, 1) for s in stats)
-            y = (grouped.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y.reshape(x.shape)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # spatial axes and the within-group axis
+        y = standardize(grouped, axes, self.eps).reshape(x.shape)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
@@ -139,9 +133,11 @@ class AttnBlock(nn.Module):
         h = GroupNorm(self.num_groups, name="norm", **kw)(x)
         h = h.reshape(b, hh * ww, c)
         q, k, v = (dense(c, axes=ATTN_AXES, name=name, **kw)(h) for name in ("q", "k", "v"))
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bqk,bkc->bqc", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
+        # In blocks of queries: all H*W x H*W logits at once are 16 GiB at 2048x2048 pixels (65536
+        # positions), more than a v5e chip's HBM (the TPU compiler refused the whole decode at 16.4
+        # GiB of temporaries); in blocks the decode compiles to 7.0 GiB (docs/quantization.md, "The VAE decode
+        # at 2048 pixels").
+        out = blocked_attention(q[:, :, None], k[:, :, None], v[:, :, None], 1 / math.sqrt(c))[:, :, 0]
         out = dense(c, axes=ATTN_AXES, name="proj_out", **kw)(out)
         return x + out.reshape(b, hh, ww, c)
 

@@ -11,21 +11,15 @@ import numpy as np
 
 from fluxjax.errors import NonFiniteError
 from fluxjax.models.autoencoder import AutoEncoder
-from fluxjax.models.tiled_decode import decode_tiled
 from fluxjax.parallel.strategies import jit_with_rules
 from fluxjax.sampling import sampler as sampling
 
 
-@partial(jit_with_rules, static_argnames=("model", "height", "width", "tiled"))
-def decode_packed(model: AutoEncoder, params, packed, height: int, width: int, tiled: bool = False):
-    """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1].
-
-    tiled: decode in tiles (fluxjax/models/tiled_decode.py: the same pixels, exact statistics)."""
+@partial(jit_with_rules, static_argnames=("model", "height", "width"))
+def decode_packed(model: AutoEncoder, params, packed, height: int, width: int):
+    """Packed latents (B, (H/16)(W/16), 64) -> images (B, H, W, 3) float32 in [0, 1]."""
     latents = sampling.unpack(packed, height, width).transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    if tiled:
-        pixels = decode_tiled(model, params, latents)
-    else:
-        pixels = model.apply({"params": params}, latents, method="decode")
+    pixels = model.apply({"params": params}, latents, method="decode")
     return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
 
 
