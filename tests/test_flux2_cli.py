@@ -60,9 +60,8 @@ def test_dev_guidance_matches_library(dev, tmp_path):  # noqa: F811
     assert text["guidance"] == "2.5" and text["steps"] == "2" and text["max_sequence_length"] == "128"
 
 
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # one klein: the options map the same way
 def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa: F811
-    if not klein.distilled:
-        pytest.skip("one klein is enough: the options map the same way")
     reference = _image(tmp_path / "ref.png", 64, 80, 1)
     got, text = _generate(klein.root, tmp_path / "r.png", "--reference", reference)
     (want,) = klein.pipe(PROMPT, 32, 48, num_steps=2, seed=3, image=[reference], output="pil")
@@ -90,9 +89,8 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
     (["--image", "IMAGE"], "--image"),  # no img2img
     (["--guidance", "3"], "--guidance"),  # klein has no guidance embedding
 ])
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # the refusals do not depend on the klein
 def test_refused_before_loading(klein, tmp_path, capsys, args, flag):  # noqa: F811
-    if not klein.distilled:
-        pytest.skip("the refusals do not depend on the klein")
     (tmp_path / "in").mkdir()
     lora = tmp_path / "in" / "lora.safetensors"
     lora.write_bytes(b"")
@@ -105,9 +103,8 @@ def test_refused_before_loading(klein, tmp_path, capsys, args, flag):  # noqa: F
     assert not out.exists()
 
 
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # a base klein takes CFG (test_klein_matches_library)
 def test_cfg_refused_on_distilled_and_dev(klein, dev, tmp_path, capsys):  # noqa: F811
-    if not klein.distilled:
-        pytest.skip("a base klein takes CFG (test_klein_matches_library)")
     for root in (dev.root, klein.root):  # the request schema takes the two flags together
         args = ["--negative-prompt", "blurry", "--true-cfg", "3"]
         assert cli.main(["generate", PROMPT, "--model", str(root), "--out", str(tmp_path / "x.png"), *args]) == 2
