@@ -186,6 +186,7 @@ class SizeSpy:
     the real pipeline makes from them (`_kontext_size`: conditioning.kontext_output_size)."""
 
     name, timings, loras = "spy", {}, []
+    kontext_references, default_strength = True, conditioning.DEFAULT_STRENGTH  # as FluxPipeline's
 
     def __init__(self, defaults):
         self.defaults, self.calls = defaults, []

@@ -100,10 +100,9 @@ def test_two_processes_train_full_weights_as_one_and_resume(runs):
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=WEIGHT_ATOL, err_msg=k)
     # What 2 processes wrote loads in one, as fluxjax generate --model would load it.
     from fluxjax.pipeline.pipeline import FluxPipeline
-    from test_train import stack_params
 
-    pipe = FluxPipeline.from_pretrained(two / "model", dtype="float32")
-    leaves = jax.tree_util.tree_flatten_with_path(stack_params(pipe))[0]
+    pipe = FluxPipeline.from_pretrained(two / "model", dtype="float32")  # blocks stacked, as the trainer's
+    leaves = jax.tree_util.tree_flatten_with_path(pipe.transformer.params)[0]
     loaded = {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
     assert loaded.keys() == got.keys() and all(np.array_equal(loaded[k], got[k]) for k in got)
     halfway = _load(one / "checkpoints" / "step_00000002")
