@@ -45,8 +45,10 @@ from fluxjax.models import latents2
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
 from fluxjax.parallel.strategies import jit_with_rules
-from fluxjax.pipeline import mistral_tokenizer, qwen3_tokenizer
+from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
+from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
+from fluxjax.pipeline.outputs import to_uint8
 from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
@@ -108,15 +110,6 @@ FAMILIES = {f.pipeline_class: f for f in (KLEIN, FLUX2_DEV)}
 def family_defaults(family: Family, is_distilled: bool) -> KleinDefaults:
     """What a pipeline of `family` (a distilled klein or not) defaults to."""
     return DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
-
-
-@dataclass
-class Component:
-    """A linen module with its parameters (pipeline.Component's shape: this module may not import
-    pipeline.py, which dispatches FLUX.2 folders here)."""
-
-    model: Any
-    params: Any
 
 
 def position_ids(batch: int, rows: int, cols: int, time_coord: int = 0) -> np.ndarray:
@@ -470,7 +463,7 @@ class Flux2Pipeline:
             return images
         from PIL import Image
 
-        return [Image.fromarray(u8) for u8 in np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)]
+        return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
     def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] | None = None):
         """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype."""
@@ -500,15 +493,7 @@ class Flux2Pipeline:
         width = self.defaults.width if width is None else width
         sampling.check_size(height, width)
         batch = len(prompts)
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-            seeds = [int(seed) + i for i in range(batch)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != batch:
-                raise UsageError(f"seed must be an int or a list of {batch} ints, got {seed!r}")
-        for s in seeds:
-            sampling.check_seed("seed", s)
-        return sampling.seeded_normal(seeds, (channels, height // step, width // step)), height, width
+        return sampling.seeded_normal(checks.seeds(seed, batch), (channels, height // step, width // step)), height, width
 
     def _guidance(self, guidance):
         """The embedded guidance value of the call (FLUX.2 [dev]), None for klein (which refuses one)."""
