@@ -40,7 +40,7 @@ from fluxjax.loading import gguf, registry
 from fluxjax.loading.table import Plan, strip_prefix
 from fluxjax.loading.vae import STRIP_PREFIXES as VAE_PREFIXES
 from fluxjax.models.quantize import check_mode
-from fluxjax.files import MANIFEST, check_creatable, locked, owned_why, staged
+from fluxjax.files import MANIFEST, check_creatable, locked, owned_why, shown, staged
 
 # The class names hub configs give each model (model_index.json, config.json) -> its component.
 PLANS: dict[str, str] = {spec.hf_class: name for name, spec in registry.COMPONENTS.items()}
@@ -176,8 +176,7 @@ def _component_why(folder: str) -> str:
 def _extra_why(extra: set[str]) -> str:
     if not extra:
         return ""
-    shown = ", ".join(sorted(extra)[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-    return f"it holds {shown}, which fluxjax does not write"
+    return f"it holds {shown(sorted(extra))}, which fluxjax does not write"
 
 
 def _read_json(path: str) -> dict:
