@@ -215,6 +215,7 @@ class Flux2Pipeline(LoraMixin):
     """
 
     mesh = None  # one device: the live LoRAs' adapters are placed there (LoraMixin)
+    strategy = None  # no sharding strategy yet (fluxjax.training.trainer.fit reads it)
 
     def __init__(self, transformer: Component, text_encoder: Component, tokenizer, vae: Component,
                  schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN):
