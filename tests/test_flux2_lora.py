@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,7 @@ PROMPT = PROMPTS[1]
 # Which BFL Linears each non-diffusers file adapts. diffusers' kohya converter reads these (and
 # drops the modulations); its ai-toolkit converter maps final_layer.adaLN_modulation.1 to norm_out
 # without swapping BFL's (shift, scale) into diffusers' (scale, shift), so that one is checked
-# against W + B A instead (test_final_layer_modulation_in_bfl_order).
+# against W + B A instead (test_linears_diffusers_misreads_are_fused_in_bfl_order).
 KOHYA_LINEARS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear",
                  "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
                  "double_blocks.0.txt_attn.proj", "double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2",
@@ -49,12 +50,17 @@ def files(tmp_path_factory):
     return tmp_path_factory.mktemp("flux2_loras")
 
 
-def _kernel_shape(params, bfl_name):
-    """(out, in) of the BFL Linear `bfl_name` from fluxjax's params (kernels (in, out), blocks stacked)."""
+def _node(params, bfl_name):
+    """The parameters of the BFL Linear `bfl_name` in fluxjax's tree (blocks stacked)."""
     node = params
     for part in bfl_name.split("."):
         node = node.get(part, node)  # a block index is no level of the stacked tree
-    return tuple(node["kernel"].shape[-2:][::-1])
+    return node
+
+
+def _kernel_shape(params, bfl_name):
+    """(out, in) of the BFL Linear `bfl_name` (fluxjax's kernels are (in, out))."""
+    return tuple(_node(params, bfl_name)["kernel"].shape[-2:][::-1])
 
 
 def _pairs(klein, names, seed):
@@ -180,22 +186,46 @@ def test_formats_fused_and_live_match_diffusers(klein, made):  # noqa: F811
     assert sampling.denoise._cache_size() == compiled
 
 
-def test_final_layer_modulation_in_bfl_order(klein, files):  # noqa: F811
-    """BFL's final_layer.adaLN_modulation.1 is fused as W + s alpha/r (up @ down) in BFL's (shift,
-    scale) order, the layout fluxjax keeps (diffusers' FLUX.2 converter does not swap it)."""
-    name = "final_layer.adaLN_modulation.1"
-    (down, up, alpha), = _pairs(klein, (name,), 5).values()
-    path = _down_up(files, "adaln.safetensors", {name: (down, up, alpha)}, "diffusion_model.", False)
+@pytest.mark.parametrize("prefix, underscores", [("diffusion_model.", False), ("lora_unet_", True)])
+def test_linears_diffusers_misreads_are_fused_in_bfl_order(klein, files, prefix, underscores):  # noqa: F811
+    """final_layer.adaLN_modulation.1 (diffusers' ai-toolkit converter does not swap BFL's (shift,
+    scale) into norm_out's (scale, shift)) and a shared modulation (its kohya converter drops
+    those) are fused as W + s alpha/r (up @ down), in BFL's layout, which fluxjax keeps."""
+    names = ("final_layer.adaLN_modulation.1", "single_stream_modulation.lin")
+    pairs = _pairs(klein, names, 5)
+    path = _down_up(files, f"{prefix}bfl_order.safetensors", pairs, prefix, underscores)
     t = klein.pipe.transformer
     fused = lora_fused.fuse(t.params, lora.load_loras([path], t.model.config, t.params), [0.8])
-    kernel = lambda p: np.asarray(p["final_layer"]["adaLN_modulation"]["1"]["kernel"])  # noqa: E731
-    np.testing.assert_allclose(kernel(fused), kernel(t.params) + 0.8 * alpha / RANK * (up @ down).numpy().T, atol=1e-6)
+    for name, (down, up, alpha) in pairs.items():
+        kernel = lambda p: np.asarray(_node(p, name)["kernel"])  # noqa: E731
+        want = kernel(t.params) + 0.8 * alpha / RANK * (up @ down).numpy().T
+        np.testing.assert_allclose(kernel(fused), want, atol=1e-6)
+
+
+def test_ai_toolkit_diffusers_block_names_read_as_diffusers(klein, files):  # noqa: F811
+    """diffusion_model.<diffusers block module> (ai-toolkit, SimpleTuner): the adapters of the same
+    tensors under diffusers' transformer. prefix, which test_formats_fused_and_live_match_diffusers checks."""
+    modules = dict(klein.ref.transformer.named_modules())
+    gen = torch.Generator().manual_seed(6)
+    tensors = {}
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj",
+                 "transformer_blocks.0.ff.linear_in", "single_transformer_blocks.0.attn.to_qkv_mlp_proj"):
+        o, i = modules[name].weight.shape
+        tensors[f"{name}.lora_A.weight"] = torch.randn(RANK, i, generator=gen)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(o, RANK, generator=gen)
+    t = klein.pipe.transformer
+    read = [lora.load_loras([_save(files, f"{p}names.safetensors", {p + k: v for k, v in tensors.items()})],
+                            t.model.config, t.params) for p in ("diffusion_model.", "transformer.")]
+    assert read[0].formats == ("comfyui",) and read[1].formats == ("diffusers",)
+    for x, y in zip(*(jax.tree.leaves(r.tree) for r in read)):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("key, match", [
     ("diffusion_model.double_blocks.0.img_attn.qkv_x.lora_A.weight", "block this model lacks or a module"),
     ("diffusion_model.input_blocks.1.proj_in.lora_A.weight", "names no FLUX transformer module"),  # an SD UNet's
-    ("transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight", "block this model lacks or a module"),  # FLUX.1's
+    # FLUX.1's diffusers name: FLUX.2's single block has no separate proj_mlp
+    ("transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight", "block this model lacks or a module"),
     ("diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1", "LoKr"),
     ("lora_unet_double_blocks_0_img_mod_lin.lora_down.weight", "block this model lacks or a module"),  # FLUX.1's
 ])

@@ -93,7 +93,7 @@ def test_lora_training_on_klein_base(klein, data, tmp_path):  # noqa: F811
     with_lora.load_lora(path, fuse=True)
     ours, base = run(with_lora), run(pipe)
     err = float(np.abs(ours - theirs).max())
-    print(f"trained LoRA: max |pixel error| vs diffusers {err:.2e}; it moves the pixels by {np.abs(ours - base).max():.3f}")
+    print(f"trained LoRA: max |pixel error| vs diffusers {err:.2e}; moves the pixels by {np.abs(ours - base).max():.3f}")
     assert np.abs(ours - base).max() > 1e-2  # the LoRA learnt something visible
     assert err < PIXEL_TOL
 

@@ -1,10 +1,10 @@
 """The LoRAs a pipeline holds: fused into its transformer's weights, or live in the denoising loop
 (fluxjax.lora.adapters) with what unloading them restores and each image's strengths.
 
-`LoraMixin` gives FluxPipeline (and the FLUX.2 pipeline, flux2.Flux2Pipeline) its LoRA verbs (load_lora, unload_lora) and views (loras,
-adapters), as diffusers' FluxLoraLoaderMixin does; the state sits in a `LoraState`, immutable:
-`load` and `unload` return a new one with the new transformer, which the pipeline keeps, so a
-copy of a pipeline (copy.copy) keeps the LoRAs it had.
+`LoraMixin` gives FluxPipeline (and the FLUX.2 pipeline, flux2.Flux2Pipeline) its LoRA verbs
+(load_lora, unload_lora) and views (loras, adapters), as diffusers' FluxLoraLoaderMixin does;
+the state sits in a `LoraState`, immutable: `load` and `unload` return a new one with the new
+transformer, which the pipeline keeps, so a copy of a pipeline (copy.copy) keeps the LoRAs it had.
 """
 
 from __future__ import annotations
