@@ -6,12 +6,15 @@ are refused in one line before loading, naming the flag.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from fluxjax.commands import cli
 from test_flux2_dev_pipeline import dev  # noqa: F401
+from test_flux2_lora import BFL_LINEARS, _ai_toolkit, _pairs
 from test_flux2_pipeline import klein  # noqa: F401
 
 # The library pipelines of the fixtures are float32 with XLA attention.
@@ -79,8 +82,20 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
     assert text["strength"] == "0.8"  # Flux2KleinInpaintPipeline's default, as the call used it
 
 
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # one klein: LoRAs apply alike
+def test_klein_lora_matches_library(klein, tmp_path):  # noqa: F811
+    """--lora FILE:SCALE fuses the LoRA as load_lora(fuse=True) does (FLUX.2 layouts: test_flux2_lora)."""
+    path = _ai_toolkit(tmp_path, "lora.safetensors", _pairs(klein, BFL_LINEARS, 7))
+    got, _ = _generate(klein.root, tmp_path / "x.png", "--lora", f"{path}:0.8")
+    pipe = copy.copy(klein.pipe)
+    pipe.load_lora([(path, 0.8)], fuse=True)
+    (want,) = pipe(PROMPT, 32, 48, num_steps=2, seed=3, output="pil")
+    (plain,) = klein.pipe(PROMPT, 32, 48, num_steps=2, seed=3, output="pil")
+    assert np.abs(np.asarray(want, np.int16) - np.asarray(plain, np.int16)).max() > 10  # the LoRA shows
+    np.testing.assert_array_equal(got, np.asarray(want))
+
+
 @pytest.mark.parametrize("args, flag", [
-    (["--lora", "LORA"], "--lora"),
     (["--quantize", "int8"], "--quantize"),
     (["--sharding", "dp"], "--sharding"),
     (["--control", "IMAGE"], "--control"),
@@ -92,10 +107,8 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
 @pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # the refusals do not depend on the klein
 def test_refused_before_loading(klein, tmp_path, capsys, args, flag):  # noqa: F811
     (tmp_path / "in").mkdir()
-    lora = tmp_path / "in" / "lora.safetensors"
-    lora.write_bytes(b"")
     image = _image(tmp_path / "in" / "im.png", 32, 48, 0)
-    args = [str(lora) if a == "LORA" else image if a == "IMAGE" else a for a in args]
+    args = [image if a == "IMAGE" else a for a in args]
     out = tmp_path / "x.png"
     assert cli.main(["generate", PROMPT, "--model", str(klein.root), "--out", str(out), *RUN, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -72,6 +72,11 @@ def run(args) -> int:
     examples = scan_folder(args.data)  # before the model: bad data fails in a second, not after loading
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a hub-layout folder (or 'tiny')")
+    from fluxjax.pipeline.pipeline import FluxPipeline, pipeline_for
+
+    if args.lora_rank is None and args.model != "tiny" and pipeline_for(args.model) is not FluxPipeline:
+        raise UsageError(f"--model {args.model}: a FLUX.2 model, of which fluxjax trains LoRAs only for now: "
+                         "give --lora-rank")
     settings = run_settings(cfg, args.batch_size, args.seed, args.resolution, args.max_sequence_length)
     # Several processes (fluxjax.parallel.distributed): each joins before any JAX work; process 0 checks and
     # locks --out for all of them, and each raises its refusal.
@@ -79,8 +84,6 @@ def run(args) -> int:
     check_processes(args.sharding)
     # before the lock: a refused --out gets no lock file beside it
     distributed.on_primary(check_out_dir, args.out, args.resume, settings)
-
-    from fluxjax.pipeline.pipeline import FluxPipeline
 
     with locked_on_primary(args.out):  # before the model loads: a second run on --out is refused at once
         pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype, sharding=args.sharding)

@@ -51,7 +51,7 @@ def _bias(cfg: FluxConfig, name: str) -> bool:
     return cfg.qkv_bias if name.endswith(("qkv", "linear1")) else cfg.bias
 
 
-def _keeps(cfg: FluxConfig, name: str) -> bool:
+def keeps_linear(cfg: FluxConfig, name: str) -> bool:
     """Whether the model of `cfg` has the Linear `name` (BFL module name or Flax path), of those
     FLUX.1 and FLUX.2 do not share: vector_in, the per-block and the shared modulations."""
     if name.startswith("vector_in"):
@@ -68,13 +68,13 @@ def bfl_rules(cfg: FluxConfig) -> list[Rule]:
     FLUX.2 config)."""
     rules: list[Rule] = []
     top = TOP_LINEARS + (GUIDANCE_LINEARS if cfg.guidance_embed else ()) + SHARED_MODULATION_LINEARS
-    for name in filter(lambda n: _keeps(cfg, n), top):
+    for name in filter(lambda n: keeps_linear(cfg, n), top):
         rules += linear(_path(name), name, bias=_bias(cfg, name))
     for block, layers, linears, norms in (
         ("double_blocks", cfg.depth, DOUBLE_LINEARS, _DOUBLE_NORMS),
         ("single_blocks", cfg.depth_single_blocks, SINGLE_LINEARS, _SINGLE_NORMS),
     ):
-        for name in filter(lambda n: _keeps(cfg, n), linears):
+        for name in filter(lambda n: keeps_linear(cfg, n), linears):
             rules += linear(f"{block}/{_path(name)}", f"{block}.{LAYER}.{name}", layers, _bias(cfg, name))
         for name in norms:
             rules.append(Rule(f"{block}/{_path(name)}/scale", (f"{block}.{LAYER}.{name}.scale",), layers=layers))
@@ -148,7 +148,7 @@ def diffusers_rules(cfg: FluxConfig) -> list[Rule]:
     top, guidance = (DIFFUSERS2_TOP, DIFFUSERS2_GUIDANCE) if flux2 else (DIFFUSERS_TOP, DIFFUSERS_GUIDANCE)
     rules: list[Rule] = []
     for target, module in top + (guidance if cfg.guidance_embed else ()):
-        if _keeps(cfg, target):
+        if keeps_linear(cfg, target):
             rules += linear(target, module, bias=_bias(cfg, target))
     # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
     for leaf, transform in (("kernel", "linear"), ("bias", "copy"))[: 2 if cfg.bias else 1]:

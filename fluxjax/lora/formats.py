@@ -1,4 +1,6 @@
-"""Readers of the FLUX LoRA file formats people publish (docs/model-reference.md, "LoRA formats"), without torch.
+"""Readers of the FLUX LoRA file formats people publish (docs/model-reference.md, "LoRA formats"), without torch,
+for FLUX.1 and FLUX.2 alike: the module names come from the transformer's config (FLUX.2: diffusers'
+Flux2Transformer2DModel names, BFL flux2's shared modulations, no vector_in; docs/lora.md, "FLUX.2").
 
 Each format is one entry of `FORMATS`: a test on the file's keys and a reader that turns every
 key into `Piece`s (a low-rank pair on one of fluxjax's Linear layers, in BFL names) or
@@ -10,11 +12,13 @@ Layouts (learnt from diffusers/loaders/lora_conversion_utils.py, the formats' pu
                   PEFT's lora_bias); alpha from the `lora_adapter_metadata` JSON (PEFT's lora_alpha,
                   alpha_pattern, use_rslora: scale alpha/sqrt(r)) or `.alpha` keys.
   kohya           lora_unet_<BFL module, '.' -> '_'>.lora_down.weight / .lora_up.weight / .alpha
-  comfyui         diffusion_model.<BFL module>.lora_A.weight / .lora_B.weight (or lora_down/up, .alpha)
+  comfyui         diffusion_model.<BFL module>.lora_A.weight / .lora_B.weight (or lora_down/up, .alpha);
+                  ai-toolkit's FLUX.2 files, which may also name the blocks' Linears by diffusers' names
   bfl_control     <BFL module>.lora_A.weight / .lora_B.weight / .lora_B.bias plus full tensors
                   (QK-norm scales) under their BFL names (FLUX.1-Canny/Depth-dev-lora)
   xlabs           double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight,
                   single_blocks.{j}.processor.{qkv,proj}_lora.{down,up}.weight; no alpha (scale 1)
+LoKr files (`.lokr_` keys, LyCORIS' Kronecker adapters, published for FLUX.2 too) are refused in one line.
 """
 
 from __future__ import annotations
@@ -28,14 +32,20 @@ import numpy as np
 
 from fluxjax.config import FluxConfig
 from fluxjax.loading.flux import (
+    DIFFUSERS2_DOUBLE,
+    DIFFUSERS2_GUIDANCE,
+    DIFFUSERS2_SINGLE,
+    DIFFUSERS2_TOP,
     DIFFUSERS_DOUBLE,
     DIFFUSERS_GUIDANCE,
     DIFFUSERS_SINGLE,
     DIFFUSERS_TOP,
     DOUBLE_LINEARS,
     GUIDANCE_LINEARS,
+    SHARED_MODULATION_LINEARS,
     SINGLE_LINEARS,
     TOP_LINEARS,
+    keeps_linear,
 )
 from fluxjax.loading.safetensors_io import CheckpointError, TensorSource
 
@@ -78,32 +88,41 @@ class Replacement:
 
 
 def _bfl_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None]]:
-    """BFL Linear module name ("double_blocks.3.img_attn.qkv") -> (Flax path, layer)."""
-    out = {n: (n.replace(".", "/"), None) for n in TOP_LINEARS + (GUIDANCE_LINEARS if cfg.guidance_embed else ())}
+    """BFL Linear module name ("double_blocks.3.img_attn.qkv") -> (Flax path, layer), of the
+    Linears the model of `cfg` has (FLUX.2: no vector_in, the modulations shared outside the blocks)."""
+    top = TOP_LINEARS + (GUIDANCE_LINEARS if cfg.guidance_embed else ()) + SHARED_MODULATION_LINEARS
+    out = {n: (n.replace(".", "/"), None) for n in top if keeps_linear(cfg, n)}
     for stack, names in (("double_blocks", DOUBLE_LINEARS), ("single_blocks", SINGLE_LINEARS)):
         for i in range(getattr(cfg, STACKS[stack])):
-            out.update({f"{stack}.{i}.{n}": (f"{stack}/{n.replace('.', '/')}", i) for n in names})
+            out.update({f"{stack}.{i}.{n}": (f"{stack}/{n.replace('.', '/')}", i) for n in names if keeps_linear(cfg, n)})
     return out
 
 
 def diffusers_linears(cfg: FluxConfig) -> dict[str, tuple[str, int | None, np.ndarray | None]]:
-    """diffusers module name -> (Flax path, layer, output rows of the BFL Linear it is a part of)."""
+    """diffusers module name -> (Flax path, layer, output rows of the BFL Linear it is a part of):
+    FluxTransformer2DModel's names, or Flux2Transformer2DModel's for a FLUX.2 config (the tables of
+    fluxjax.loading.flux; FLUX.2's single-block Linears are whole, only the double blocks' q/k/v split)."""
     d, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    flux2 = cfg.shared_modulation  # only FLUX.2 shares its modulation (fluxjax.loading.flux.diffusers_rules)
+    top, guidance = (DIFFUSERS2_TOP, DIFFUSERS2_GUIDANCE) if flux2 else (DIFFUSERS_TOP, DIFFUSERS_GUIDANCE)
+    double, single = (DIFFUSERS2_DOUBLE, DIFFUSERS2_SINGLE) if flux2 else (DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE)
     part = lambda k, n: np.arange(k * d, k * d + n)  # noqa: E731
-    out = {theirs: (ours, None, None) for ours, theirs in DIFFUSERS_TOP + (DIFFUSERS_GUIDANCE if cfg.guidance_embed else ())}
+    out = {theirs: (ours, None, None) for ours, theirs in top + (guidance if cfg.guidance_embed else ())
+           if keeps_linear(cfg, ours)}
     # diffusers chunks norm_out as (scale, shift), BFL as (shift, scale).
     out["norm_out.linear"] = ("final_layer/adaLN_modulation/1", None, np.concatenate([part(1, d), part(0, d)]))
     for i in range(cfg.depth):
         block = f"transformer_blocks.{i}"
-        out.update({f"{block}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in DIFFUSERS_DOUBLE})
+        out.update({f"{block}.{theirs}": (f"double_blocks/{ours}", i, None) for ours, theirs in double})
         for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             out.update({f"{block}.attn.{n}": (f"double_blocks/{stream}_attn/qkv", i, part(k, d)) for k, n in enumerate(names)})
     for i in range(cfg.depth_single_blocks):
         block = f"single_transformer_blocks.{i}"
-        out.update({f"{block}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in DIFFUSERS_SINGLE})
-        out.update({f"single_transformer_blocks.{i}.attn.{n}": ("single_blocks/linear1", i, part(k, d))
-                    for k, n in enumerate(("to_q", "to_k", "to_v"))})
-        out[f"single_transformer_blocks.{i}.proj_mlp"] = ("single_blocks/linear1", i, part(3, m))
+        out.update({f"{block}.{theirs}": (f"single_blocks/{ours}", i, None) for ours, theirs in single})
+        if not flux2:  # FLUX.1's diffusers model splits linear1 into q, k, v and the MLP input
+            out.update({f"{block}.attn.{n}": ("single_blocks/linear1", i, part(k, d))
+                        for k, n in enumerate(("to_q", "to_k", "to_v"))})
+            out[f"{block}.proj_mlp"] = ("single_blocks/linear1", i, part(3, m))
     return out
 
 
@@ -253,8 +272,9 @@ def read_kohya(keys: _Keys, cfg: FluxConfig):
     return _read_low_rank(keys, cfg, table, "lora_unet_")
 
 
-def _read_bfl(keys: _Keys, cfg: FluxConfig, prefix: str):
-    table = {name: target + (None,) for name, target in _bfl_linears(cfg).items()}
+def _read_bfl(keys: _Keys, cfg: FluxConfig, prefix: str, more: dict | None = None):
+    """more: further module names the file may use (-> (Flax path, layer, rows))."""
+    table = {name: target + (None,) for name, target in _bfl_linears(cfg).items()} | (more or {})
     pieces, _ = _read_low_rank(keys, cfg, table, prefix)
     norms = _bfl_norm_leaves(cfg)
     replacements = []
@@ -266,8 +286,15 @@ def _read_bfl(keys: _Keys, cfg: FluxConfig, prefix: str):
     return pieces, replacements
 
 
+_DIFFUSERS_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
 def read_comfyui(keys: _Keys, cfg: FluxConfig):
-    return _read_bfl(keys, cfg, "diffusion_model.")
+    # FLUX.2 files (ai-toolkit's, SimpleTuner's) may name the blocks' Linears by diffusers' names
+    # under the same prefix; diffusers' FLUX.2 reader takes those too.
+    more = {n: t for n, t in diffusers_linears(cfg).items() if n.startswith(_DIFFUSERS_BLOCKS)} \
+        if cfg.shared_modulation else None
+    return _read_bfl(keys, cfg, "diffusion_model.", more)
 
 
 def read_bfl_control(keys: _Keys, cfg: FluxConfig):
@@ -335,6 +362,9 @@ def read_lora_file(path: str, cfg: FluxConfig) -> tuple[str, list[Piece], list[R
     names = sorted(source.keys())
     if not names:
         raise CheckpointError(f"{path}: holds no tensors")
+    lokr = next((k for k in names if ".lokr_" in k), None)
+    if lokr is not None:  # published for FLUX.2 too; a Kronecker product, not a low-rank pair
+        raise CheckpointError(f"{path}: key {lokr!r} is a LoKr (LyCORIS Kronecker) adapter; fluxjax reads LoRAs only")
     for fmt in FORMATS:
         if fmt.detect(names):
             keys = _Keys(source)

@@ -50,6 +50,7 @@ from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
 from fluxjax.pipeline.outputs import to_uint8
 from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
+from fluxjax.pipeline.lora_state import LoraMixin, LoraState
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
@@ -62,12 +63,11 @@ REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diff
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
 REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # diffusers' Flux2ImageProcessor.check_image_input
 # FluxPipeline.from_pretrained's options a FLUX.2 folder leaves at these values (FLUX.1's for now).
-LOAD_DEFAULTS = dict(sharding=None, transformer=None, vae=None, devices=None, loras=(), fuse=True, variant=None,
-                     quantize=None)
+LOAD_DEFAULTS = dict(sharding=None, transformer=None, vae=None, devices=None, variant=None, quantize=None)
 # The request options (fluxjax/pipeline/request.py's names) and loading options a FLUX.2 pipeline
 # does not take: `check_options` refuses them before loading. (resize: an inpainted image is
 # resized as diffusers' Flux2KleinInpaintPipeline does, flux2_inpaint.inpaint_inputs.)
-NOT_TAKEN = ("prompt_2", "control", "resize", "loras", "sharding", "transformer", "vae", "quantize")
+NOT_TAKEN = ("prompt_2", "control", "resize", "sharding", "transformer", "vae", "quantize")
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def pipeline_index(root: str) -> dict:
         raise UsageError(f"{path}: not a JSON file ({e})") from None
 
 
-class Flux2Pipeline:
+class Flux2Pipeline(LoraMixin):
     """FLUX.2 text to image: [klein] or [dev] (`family`). Build with `Flux2Pipeline.from_pretrained(folder)`
     (or `FluxPipeline.from_pretrained`, which comes here for a Flux2KleinPipeline or Flux2Pipeline
     folder), call with a prompt.
@@ -210,8 +210,12 @@ class Flux2Pipeline:
     Attributes: transformer, text_encoder, vae (Components), tokenizer (transformers' Qwen2
     tokenizer; for [dev] Mistral's tokenizer or processor), schedule (sampling.Flux2Schedule),
     is_distilled (klein), family (Family), defaults (KleinDefaults), name, timings (seconds of each
-    stage of the last call: encode, denoise, decode).
+    stage of the last call: encode, denoise, decode), lora_state (the LoRAs: load_lora, unload_lora,
+    loras and adapters as FluxPipeline's, fluxjax/pipeline/lora_state.py).
     """
+
+    mesh = None  # one device: the live LoRAs' adapters are placed there (LoraMixin)
+    strategy = None  # no sharding strategy yet (fluxjax.training.trainer.fit reads it)
 
     def __init__(self, transformer: Component, text_encoder: Component, tokenizer, vae: Component,
                  schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN):
@@ -237,6 +241,7 @@ class Flux2Pipeline:
         self.schedule, self.is_distilled, self.name, self.family = schedule, is_distilled, name, family
         self.defaults = family_defaults(family, is_distilled)
         self.timings: dict[str, float] = {}
+        self.lora_state = LoraState()
 
     # References set the size themselves (the first one's when none is asked), not Kontext's way.
     kontext_references = False
@@ -285,9 +290,12 @@ class Flux2Pipeline:
         return (d.num_steps if num_steps is None else num_steps, self._guidance(guidance),
                 d.max_sequence_length if max_sequence_length is None else max_sequence_length)
 
+    def _takes_control_lora(self) -> bool:
+        return False  # structural-control LoRAs are FLUX.1's: FLUX.2 conditions on reference tokens
+
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype="bfloat16", attention_impl: str = "auto",
-                        **unsupported) -> "Flux2Pipeline":
+                        loras=(), fuse: bool = True, **unsupported) -> "Flux2Pipeline":
         """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
         text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/) or a
         Flux2Pipeline one (FLUX.2 [dev]: text_encoder/ Mistral3ForConditionalGeneration, tokenizer/
@@ -295,8 +303,10 @@ class Flux2Pipeline:
 
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         attention_impl: the transformer's (see FluxPipeline.from_pretrained).
+        loras, fuse: LoRA files for the transformer (FLUX.2's diffusers, ComfyUI/ai-toolkit and kohya
+            layouts, fluxjax/lora/formats.py), applied as `load_lora(loras, fuse=fuse)` does.
         unsupported: FluxPipeline.from_pretrained's other options; each left at its default or
-            refused (sharding, LoRAs, single files, quantization are FLUX.1's for now).
+            refused (sharding, single files, quantization are FLUX.1's for now).
         """
         for key, value in unsupported.items():
             if key not in LOAD_DEFAULTS:
@@ -324,8 +334,11 @@ class Flux2Pipeline:
         vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
         schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
-        return cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
+        pipe = cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
                    os.path.basename(os.path.normpath(root)), family)
+        if loras:
+            pipe.load_lora(loras, fuse=fuse)
+        return pipe
 
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, seed: int | Sequence[int] = 0, latents=None,
@@ -333,7 +346,7 @@ class Flux2Pipeline:
                  negative_prompt: str | Sequence[str] | None = None, true_cfg_scale=None, sigmas=None,
                  text_encoder_out_layers: Sequence[int] | None = None, guidance: float | None = None,
                  mask_image=None, strength: float | None = None, image_reference=None, reference_images=None,
-                 progress: bool = False):
+                 progress: bool = False, lora_scales=None):
         """Generate one image per prompt.
 
         prompt: a string or a list of B strings (with `latents`, one string is used B times).
@@ -360,6 +373,8 @@ class Flux2Pipeline:
         reference_images: FluxPipeline's spelling (a list): the reference images (`image`), or with
             mask_image the one image_reference.
         progress: FluxPipeline's keyword, taken so that callers can pass it; no per-step bar is shown.
+        lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
+            (B, n) table, one row per image; default: the strengths they were loaded with.
         """
         if reference_images is not None and len(reference_images):
             if mask_image is None and image is not None:
@@ -419,6 +434,7 @@ class Flux2Pipeline:
         num_steps = d.num_steps if num_steps is None else num_steps
         length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
         cfg = self._cfg(true_cfg_scale, negative_prompt, batch)
+        lora_table = self.lora_state.scales(lora_scales, batch)
         rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         schedule = self.schedule.sigmas(num_steps, rows * cols) if sigmas is None else \
             self.schedule.shift_sigmas(sigmas, rows * cols)
@@ -449,6 +465,7 @@ class Flux2Pipeline:
         out = sampling.denoise(self.transformer.model, self.transformer.params, img,
                                position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
                                None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
+                               adapters=None if self.adapters is None else self.adapters.tree, lora_scales=lora_table,
                                cond=sampling.Conditioning(**cond) if cond else None)
         out.block_until_ready()
         self.timings["denoise"] = time.perf_counter() - start

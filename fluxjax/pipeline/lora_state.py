@@ -1,10 +1,10 @@
 """The LoRAs a pipeline holds: fused into its transformer's weights, or live in the denoising loop
 (fluxjax.lora.adapters) with what unloading them restores and each image's strengths.
 
-`LoraMixin` gives FluxPipeline its LoRA verbs (load_lora, unload_lora) and views (loras,
-adapters), as diffusers' FluxLoraLoaderMixin does; the state sits in a `LoraState`, immutable:
-`load` and `unload` return a new one with the new transformer, which the pipeline keeps, so a
-copy of a pipeline (copy.copy) keeps the LoRAs it had.
+`LoraMixin` gives FluxPipeline (and the FLUX.2 pipeline, flux2.Flux2Pipeline) its LoRA verbs
+(load_lora, unload_lora) and views (loras, adapters), as diffusers' FluxLoraLoaderMixin does;
+the state sits in a `LoraState`, immutable: `load` and `unload` return a new one with the new
+transformer, which the pipeline keeps, so a copy of a pipeline (copy.copy) keeps the LoRAs it had.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def _widened(t, adapters, on_widen: Callable[[Any], None]):
 
 
 class LoraMixin:
-    """FluxPipeline's LoRA methods. Reads and sets the pipeline's transformer, variant and
-    lora_state; reads its mesh, name and other components."""
+    """FluxPipeline's and Flux2Pipeline's LoRA methods. Reads and sets the pipeline's transformer,
+    variant and lora_state; reads its mesh, name and other components."""
 
     @property
     def loras(self) -> list[tuple[str, float]]:
@@ -136,9 +136,8 @@ class LoraMixin:
         Full replacement tensors (control LoRAs' QK-norm scales) replace the weights either way.
         """
         pairs = lora_pairs(loras)  # every strength checked before any file is read
-        widen = self.variant == "base"  # a structural-control LoRA turns a base model into a control one
-        self.lora_state, self.transformer = self.lora_state.load(self.transformer, pairs, fuse, widen, self.mesh,
-                                                                 self._widen_to)
+        self.lora_state, self.transformer = self.lora_state.load(self.transformer, pairs, fuse,
+                                                                 self._takes_control_lora(), self.mesh, self._widen_to)
 
     def unload_lora(self) -> None:
         """Remove the live LoRAs (fused ones are part of the weights: reload the pipeline); a base
@@ -146,6 +145,10 @@ class LoraMixin:
         if self.lora_state.unwidened is not None:
             self.variant = "base"
         self.lora_state, self.transformer = self.lora_state.unload(self.transformer)
+
+    def _takes_control_lora(self) -> bool:
+        """Whether a structural-control LoRA may widen img_in: a base model becomes a control one."""
+        return self.variant == "base"
 
     def _widen_to(self, config: FluxConfig) -> None:
         """A control LoRA widens the transformer's img_in to `config`: UsageError unless that fits

@@ -226,6 +226,11 @@ class Schedule:
         """
         return self._shift(t, self.mu(image_seq_len) if self.use_dynamic_shifting else None)
 
+    def training_timesteps(self, t, image_seq_len: int):
+        """The training loss's timesteps from draws t in (0, 1) (fluxjax.training.trainer): for
+        FLUX.1 shifted as the sampler shifts (`shift_timesteps`)."""
+        return self.shift_timesteps(t, image_seq_len)
+
     def _shift(self, t, mu: float | None):
         """t shifted by the dynamic shift `mu`, or by the static `shift` when mu is None."""
         if mu is not None:
@@ -269,6 +274,13 @@ class Flux2Schedule(Schedule):
 
     def shift_timesteps(self, t, image_seq_len: int):
         raise UsageError("FLUX.2's timestep shift depends on the number of sampling steps: use sigmas(num_steps, ...)")
+
+    def training_timesteps(self, t, image_seq_len: int):
+        """t itself with dynamic shifting (klein's config), else the static shift: diffusers'
+        FLUX.2 LoRA trainers (train_dreambooth_lora_flux2*.py) draw from the scheduler's training
+        timesteps, which its constructor shifts only without dynamic shifting; the empirical mu
+        depends on a sampling step count a training step does not have."""
+        return t if self.use_dynamic_shifting else self._shift(t, None)
 
 
 # --- the denoising loop -----------------------------------------------------------------------

@@ -15,7 +15,11 @@ sides multiples of 16 with about `resolution`^2 pixels. A batch holds one bucket
 Cache: the VAE latents (posterior mean, packed (L_img, 64)) and the text embeddings (T5 txt
 (L_txt, 4096), CLIP vec (768,)) of every example are computed once and kept as .npz files named
 by a hash of everything they depend on: the frozen models' weights and configs, the image's
-bytes, the caption, the bucket and the T5 length. Changing any of them computes anew.
+bytes, the caption, the bucket and the T5 length. Changing any of them computes anew. For a
+FLUX.2 pipeline (flux2.Flux2Pipeline, klein base): the FLUX.2 VAE's tokens (posterior mean, 2x2
+patched, batch-norm normalised, packed: (L_img, 128), as the pipeline encodes reference images)
+and the text encoder's stacked hidden states (klein: Qwen3 layers 9, 18, 27 after the chat
+template, (L_txt, 3 hidden)); no pooled vector.
 
 Order: batch i is a pure function of (seed, i): each epoch permutes each bucket's examples and
 the order of the batches with numpy's generator seeded by (seed, epoch), dropping a bucket's
@@ -26,6 +30,7 @@ run reads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -196,8 +201,11 @@ class EncodedDataset:
         self.max_sequence_length = max_sequence_length
         self.cache_dir = os.fspath(cache_dir)
         self._pipe = pipe
-        self._model_key = fingerprint(pipe.vae.params, pipe.t5.params, pipe.clip.params) + repr(
-            (pipe.vae.model.config, pipe.t5.model.config, pipe.clip.model.config, str(pipe.transformer.model.dtype)))
+        self.flux2 = is_flux2_pipeline(pipe)
+        encoders = (pipe.text_encoder,) if self.flux2 else (pipe.t5, pipe.clip)
+        self._model_key = fingerprint(pipe.vae.params, *(e.params for e in encoders)) + repr(
+            (pipe.vae.model.config, *(e.model.config for e in encoders), str(pipe.transformer.model.dtype))
+            + ((pipe.family.pipeline_class, pipe.family.layers) if self.flux2 else ()))
         self.computed = 0  # how many entries this object encoded (the rest came from the cache)
         from tqdm import tqdm
 
@@ -220,8 +228,12 @@ class EncodedDataset:
         return hashlib.sha256(repr((self._model_key, self.max_sequence_length) + parts).encode()).hexdigest()[:32]
 
     def _encode_text(self, caption: str) -> tuple[np.ndarray, np.ndarray]:
+        """(txt (L_txt, context_dim), vec (vec_dim,)) float32; FLUX.2: vec (0,), there is none."""
         from fluxjax.parallel import distributed
 
+        if self.flux2:
+            txt = self._pipe.encode([caption], self.max_sequence_length)
+            return distributed.host_array(txt)[0].astype(np.float32), np.zeros((0,), np.float32)
         t5_ids, clip_ids = self._pipe.tokenizer([caption], self.max_sequence_length)
         txt, vec = self._pipe.encode(t5_ids, clip_ids)
         return (distributed.host_array(txt)[0].astype(np.float32),
@@ -246,7 +258,8 @@ class EncodedDataset:
         pixels = load_pixels(e.path, w, h)[None]
         vae = self._pipe.vae
         # The pipeline's own encode, compiled once per bucket shape (not a new jit per image).
-        latents = distributed.host_array(encode_packed(vae.model, vae.params, pixels)).astype(np.float32)[0]  # (L, 64)
+        encode = _flux2_tokens if self.flux2 else encode_packed
+        latents = distributed.host_array(encode(vae.model, vae.params, pixels)).astype(np.float32)[0]  # (L, 64 or 128)
         txt, vec = self._encode_text(e.caption)
         self._save(self.files[i], latents=np.asarray(latents, np.float32), txt=txt, vec=vec)
 
@@ -259,6 +272,15 @@ class EncodedDataset:
             with np.load(self.files[i]) as z:
                 rows.append({k: z[k] for k in ("latents", "txt", "vec")})
         (w, h), n = self.buckets[indices[0]], len(indices)
+        if self.flux2:  # 4 id columns (flux2.position_ids, text_ids) and no pooled vector
+            from fluxjax.pipeline import flux2
+
+            step = PIXELS_PER_TOKEN
+            return {"latents": np.stack([r["latents"] for r in rows]),
+                    "img_ids": flux2.position_ids(n, h // step, w // step),
+                    "txt": np.stack([r["txt"] for r in rows]),
+                    "txt_ids": flux2.text_ids(n, rows[0]["txt"].shape[0]),
+                    "empty_txt": self.empty["txt"][None]}
         return {
             "latents": np.stack([r["latents"] for r in rows]),
             "img_ids": np.ascontiguousarray(image_ids(n, h, w)),
@@ -268,6 +290,26 @@ class EncodedDataset:
             "empty_txt": self.empty["txt"][None],
             "empty_vec": self.empty["vec"][None],
         }
+
+
+def is_flux2_pipeline(pipe) -> bool:
+    from fluxjax.pipeline.flux2 import Flux2Pipeline
+
+    return isinstance(pipe, Flux2Pipeline)
+
+
+@functools.lru_cache(maxsize=None)
+def _flux2_encode():
+    import jax
+
+    from fluxjax.pipeline.flux2 import encode_tokens
+
+    return jax.jit(encode_tokens, static_argnums=0)
+
+
+def _flux2_tokens(model, params, pixels):
+    """flux2.encode_tokens, jitted (compiled once per bucket shape): (1, H, W, 3) [-1, 1] -> (1, L, 128)."""
+    return _flux2_encode()(model, params, pixels)
 
 
 def _cached(cache_dir: str, paths: list[str]) -> list[bool]:

@@ -137,9 +137,10 @@ class TrainState:
 
 def sample_timesteps(key: jax.Array, batch: int, image_seq_len: int, schedule: Schedule,
                      mean: float = 0.0, std: float = 1.0) -> jax.Array:
-    """(batch,) float32 training timesteps: logit-normal(mean, std), shifted as the sampler shifts."""
+    """(batch,) float32 training timesteps: logit-normal(mean, std), then the schedule's
+    `training_timesteps` (FLUX.1: shifted as the sampler shifts; FLUX.2: unshifted, as diffusers trains it)."""
     t = jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch,), jnp.float32))
-    return schedule.shift_timesteps(t, image_seq_len).astype(jnp.float32)
+    return schedule.training_timesteps(t, image_seq_len).astype(jnp.float32)
 
 
 def flow_matching_loss(model: nn.Module, params, x0, eps, t, img_ids, txt, txt_ids, vec, guidance=None,
@@ -314,11 +315,12 @@ class Trainer:
         k_t, k_eps, k_drop = jax.random.split(key, 3)
         t = sample_timesteps(k_t, b, seq, self.schedule, self.cfg.logit_mean, self.cfg.logit_std)
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-        txt, vec = batch["txt"], batch["vec"]
+        txt, vec = batch["txt"], batch.get("vec")  # FLUX.2 has no pooled vector
         if self.cfg.caption_dropout > 0:
             drop = jax.random.bernoulli(k_drop, self.cfg.caption_dropout, (b,))
             txt = jnp.where(drop[:, None, None], batch["empty_txt"].astype(txt.dtype), txt)
-            vec = jnp.where(drop[:, None], batch["empty_vec"].astype(vec.dtype), vec)
+            if vec is not None:
+                vec = jnp.where(drop[:, None], batch["empty_vec"].astype(vec.dtype), vec)
         guidance = jnp.full((b,), self.cfg.guidance, jnp.float32) if self.model.config.guidance_embed else None
         adapters = None
         if self.lora:
@@ -357,7 +359,8 @@ class Trainer:
         batch: latents (B, L_img, 64) packed clean latents (float32), img_ids (B, L_img, 3),
         txt (B, L_txt, context_dim), txt_ids (B, L_txt, 3), vec (B, vec_dim); with
         caption_dropout > 0 also empty_txt (1, L_txt, context_dim) and empty_vec (1, vec_dim),
-        the empty prompt's embeddings. Host arrays are placed by the strategy (B must divide
+        the empty prompt's embeddings. FLUX.2: latents (B, L_img, 128), ids of 4 columns, no vec
+        or empty_vec (fluxjax.training.data). Host arrays are placed by the strategy (B must divide
         its data axes: a padded row would be trained on). Returns (new state, {"loss",
         "grad_norm"} float32 scalars).
         """
@@ -624,6 +627,10 @@ def fit(pipe, examples, out_dir: str | os.PathLike, cfg: TrainConfig, *, batch_s
     also model_ema/. With cfg.lora_rank, instead of model/: lora.safetensors (diffusers/PEFT
     layout, lora.save_diffusers), which diffusers' `load_lora_weights` and fluxjax's `--lora` /
     `loras=` read (with EMA also lora_ema.safetensors).
+    A FLUX.2 pipeline (a klein base folder, flux2.Flux2Pipeline) trains LoRAs only, on the
+    FLUX.2 VAE's tokens and the stacked text-encoder states (fluxjax.training.data), without
+    a timestep shift (sampling.Flux2Schedule.training_timesteps); its file has
+    Flux2Transformer2DModel's names, for Flux2KleinPipeline.load_lora_weights.
     resume: continue from the newest checkpoint, bit for bit as if never stopped.
     The pipeline's strategy (if any) shards the train state. Returns the final TrainState.
     out_dir must be new, empty or this run's (`check_out_dir`); a second run on it at the same
@@ -645,10 +652,13 @@ def _fit(pipe, examples, out_dir: str, cfg: TrainConfig, batch_size, seed, save_
          max_sequence_length, source, tx, progress) -> TrainState:
     from tqdm import tqdm
 
-    from fluxjax.training.data import Batches, EncodedDataset, bucket
+    from fluxjax.training.data import Batches, EncodedDataset, bucket, is_flux2_pipeline
 
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
     check_processes(pipe.strategy)
+    if is_flux2_pipeline(pipe) and cfg.lora_rank is None:
+        raise UsageError(f"{pipe.name} is a FLUX.2 model: fluxjax trains LoRAs of it only for now (give a LoRA rank, "
+                         "--lora-rank)")
     progress = progress and distributed.is_primary()  # one progress bar per job
     settings = run_settings(cfg, batch_size, seed, resolution, max_sequence_length)
     latest = distributed.on_primary(check_out_dir, out_dir, resume, settings)
