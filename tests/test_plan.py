@@ -212,3 +212,21 @@ def test_a_flash_attention_training_step_saves_logsumexps_not_probabilities():
     assert xla - flash == blocks * cfg.num_heads * (length * length * (4 + s) - length * 4)
     lora = train_plan("dev", Strategy.load("fsdp"), 64, 1024, 1024, 64, 16, "bfloat16", attention="splash")
     assert abs(lora.total(True) / 2**30 - 5.02) < 0.05 * 5.02
+
+
+def test_flux2_programs_for_plan_topology_trace_with_four_id_columns_and_no_pooled_vector():
+    """plan --topology's FLUX.2 programs (plan/tpu.py, pipeline/flux2.py's functions) lower for
+    klein-4B on this host's CPU (the TPU compile of them is docs/tpu.md's): the denoising loop
+    takes 128-feature latents, 4 id columns, 512 Qwen3 tokens of 3 x 2560 and no pooled vector."""
+    from fluxjax.plan import tpu as plan_tpu
+
+    strategy = Strategy.load("fsdp")
+    mesh = strategy.make_mesh(jax.devices()[:1])
+    built = plan_tpu.program_inputs("klein-4b", strategy, mesh, 1, 256, 256, TEXT_LENGTHS["klein-4b"])
+    assert set(built) == {"denoise", "encode", "decode", "vae_encode"}  # FlowEdit is FLUX.1's
+    _, (model, _, img, img_ids, txt, txt_ids, vec, sigmas, guidance), _ = built["denoise"]
+    assert (img.shape, img_ids.shape, txt.shape, txt_ids.shape) == ((1, 256, 128), (1, 256, 4), (1, 512, 7680), (1, 512, 4))
+    assert vec is None and guidance is None and sigmas.shape == (5,)  # distilled klein: 4 steps
+    fn, args, kwargs = built["denoise"]
+    with strategy.activate(mesh):
+        fn.lower(*args, **kwargs)

@@ -189,8 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [done[key(c)] for c in cases if key(c) in done]
     commit = _commit()
     host = f"{os.cpu_count()} CPU cores ({sys.platform})"
+    kept = ""  # the sections after the table ("## ..."), written by hand from other runs, stay
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            text = f.read()
+        kept = text[text.index("\n## "):] if "\n## " in text else ""
     with open(args.out, "w") as f:
-        f.write(format_table(rows, commit, host))
+        f.write(format_table(rows, commit, host) + kept)
     print(f"wrote {args.out}: {len(rows)} of {len(cases)} cases")
 
 
