@@ -16,6 +16,15 @@ def test_flops_of_a_dev_step_match_the_reference_count():
     assert fullsize.step_flops(FluxConfig.preset("dev"), 4, 4096, 512) == pytest.approx(4 * flops)
 
 
+def test_flops_of_a_klein_step_count_the_swiglu_gate():
+    """FLUX.2's MLP-in Linear gives gate and value (cfg.mlp_up_dim = 2 x mlp_hidden_dim): the gate's
+    extra FLOPs are 2 L D M per block (in a double block each of the L tokens goes through its own
+    stream's MLP)."""
+    klein, tokens = FluxConfig.preset("flux2-klein-4b"), 4096 + 512
+    extra = fullsize.step_flops(klein, 1, 4096, 512) - fullsize.step_flops(klein.replace(mlp="gelu"), 1, 4096, 512)
+    assert extra == 2 * tokens * klein.hidden_size * klein.mlp_hidden_dim * (klein.depth + klein.depth_single_blocks)
+
+
 def test_fullsize_harness_runs_on_cpu_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--quick", "--json", str(out), "fullsize"]) == 0

@@ -22,6 +22,7 @@ from fluxjax.models.axes import PARAMETER_AXES
 from fluxjax.models.flux import Flux, param_shapes
 from fluxjax.testing.reference import randomize_
 from fluxjax.parallel.strategies import Strategy
+from fluxjax.plan.counts import transformer_count
 
 # x max|reference| (conftest.rel_err), as tests/test_transformer.py's FLUX.1 bound. Measured: 2.7e-6
 # (dev_like) and 1.4e-6 (klein_like), nearly all from the timestep embedding: fluxjax's sinusoid
@@ -278,6 +279,7 @@ def test_named_flux2_configs(name):
     shapes = nn.unbox(param_shapes(Flux(c)))
     count = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
     assert round(count / 1e9, 1) == billions, count
+    assert transformer_count(c) == count  # the planner's formula from the config fields (fluxjax/plan/counts.py)
 
 
 # --- logical axes --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from fluxjax.loading.mistral import load_mistral
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, Qwen3Config, Qwen3Encoder, encode_prompts, param_shapes, text_ids
 from fluxjax.pipeline.mistral_tokenizer import CHAT_TEMPLATE, SYSTEM_MESSAGE, chats, make_tokenizer, tokenize
+from fluxjax.plan.counts import text_encoder_count
 from fluxjax.testing.reference import randomize_
 
 encode_prompts_jit = jax.jit(encode_prompts, static_argnames=("model", "layers", "dtype"))
@@ -174,7 +175,7 @@ def test_config_is_the_text_config(saved):
         Qwen3Config.from_hf_config({**full, "text_config": {**full["text_config"], "model_type": "llama"}})
     # Mistral-Small-3.1-24B's language model: 23.57e9 parameters with its LM head, 22.90e9 without
     sizes = jax.tree.map(lambda x: x.size, jax.tree.leaves(param_shapes(Qwen3Encoder(Qwen3Config.preset("flux2-dev")))))
-    assert sum(sizes) == 22_901_314_560
+    assert sum(sizes) == 22_901_314_560 == text_encoder_count(Qwen3Config.preset("flux2-dev"))  # fluxjax/plan/counts.py
 
 
 def test_qk_norm_keys_are_qwen3s_only(saved):

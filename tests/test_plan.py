@@ -7,7 +7,12 @@ import jax
 import pytest
 
 from fluxjax.commands.cli import main
-from fluxjax.plan.planner import abstract_params, param_memory, parse_bytes, parse_size
+from fluxjax.config import FluxConfig
+from fluxjax.models.qwen3 import Qwen3Config, Qwen3Encoder
+from fluxjax.models.qwen3 import param_shapes as qwen3_param_shapes
+from fluxjax.plan.counts import text_encoder_count, transformer_count
+from fluxjax.plan.planner import (FLUX2_PRESETS, TEXT_LENGTHS, abstract_params, param_memory, parse_bytes, parse_size,
+                                  step_activations)
 from fluxjax.parallel.strategies import Strategy
 
 DEV_PARAMS = 11_901_408_320  # docs/model-reference.md, "Sizes"
@@ -55,6 +60,43 @@ def test_plan_command_prints_and_fits(capsys):
     out = capsys.readouterr().out
     assert "params transformer    2.975 GB" in out and "[analytic" in out
     assert "fits in 16.0 GiB" in out
+
+
+def test_text_encoder_counts_from_the_config_equal_the_abstract_shapes():
+    """The encoders of the FLUX.2 --models (klein-4B's Qwen3-4B and FLUX.2 [dev]'s Mistral are also
+    checked beside their own shape tests, test_qwen3.py and test_mistral.py; the transformers in
+    test_flux2_transformer.test_named_flux2_configs): Qwen3-8B, 7.57e9 without its lm_head."""
+    cfg = Qwen3Config.preset(FLUX2_PRESETS["klein-9b"]["text_encoder"])
+    shapes = jax.tree.leaves(qwen3_param_shapes(Qwen3Encoder(cfg)), is_leaf=lambda x: hasattr(x, "names"))
+    assert text_encoder_count(cfg) == sum(b.value.size for b in shapes) == 7_568_405_504
+
+
+def test_flux1_parameter_counts_from_the_config_equal_the_abstract_shapes(dev):
+    assert transformer_count(FluxConfig.preset("dev")) == DEV_PARAMS == param_memory(
+        dev["transformer"], Strategy.load("dp"), {"data": 1}).count
+
+
+def test_plan_command_prints_klein_with_its_swiglu_step(capsys):
+    assert main(["plan", "--model", "klein-4b", "--sharding", "tp", "--devices", "8", "--hbm", "16GiB", "--no-xla"]) == 0
+    out = capsys.readouterr().out
+    # Qwen3-4B's 8.045 GB split 8 ways; every count the shapes give equals the config formula's
+    assert "params text_encoder   1.006 GB" in out and "of 8.045 GB" in out
+    assert "3,875,544,576 parameters  [exact: shapes / table; config formula 3,875,544,576]" in out
+    assert "4,022,468,096 parameters  [exact: shapes / table; config formula 4,022,468,096]" in out
+    assert "params vae" in out and "fits in 16.0 GiB" in out
+    # the step holds linear1's SwiGLU output, gate and value: 2 x mlp_hidden_dim features, split 8 ways under tp
+    cfg, tokens, heads_split = FluxConfig.preset("flux2-klein-4b"), (1024 // 16) ** 2 + TEXT_LENGTHS["klein-4b"], 8
+    gelu = cfg.replace(mlp="gelu")
+    more = step_activations(cfg, 1, 4096, 512, heads_split, 2) - step_activations(gelu, 1, 4096, 512, heads_split, 2)
+    assert TEXT_LENGTHS["klein-4b"] == 512 and more == tokens * cfg.mlp_hidden_dim * 2 // heads_split
+
+
+def test_plan_refuses_quantize_and_training_compiles_for_flux2(capsys):
+    assert main(["plan", "--model", "klein-4b", "--devices", "8", "--quantize", "int8", "--no-xla"]) == 2
+    assert "FLUX.2 pipelines load unquantized" in capsys.readouterr().err
+    assert main(["plan", "--model", "klein-4b", "--topology", "v5e:2x4", "--train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--train is FLUX.1's" in err
 
 
 def test_plan_command_with_xla_compile():
@@ -171,3 +213,21 @@ def test_a_flash_attention_training_step_saves_logsumexps_not_probabilities():
     assert xla - flash == blocks * cfg.num_heads * (length * length * (4 + s) - length * 4)
     lora = train_plan("dev", Strategy.load("fsdp"), 64, 1024, 1024, 64, 16, "bfloat16", attention="splash")
     assert abs(lora.total(True) / 2**30 - 5.02) < 0.05 * 5.02
+
+
+def test_flux2_programs_for_plan_topology_trace_with_four_id_columns_and_no_pooled_vector():
+    """plan --topology's FLUX.2 programs (plan/tpu.py, pipeline/flux2.py's functions) lower for
+    klein-4B on this host's CPU (the TPU compile of them is docs/tpu.md's): the denoising loop
+    takes 128-feature latents, 4 id columns, 512 Qwen3 tokens of 3 x 2560 and no pooled vector."""
+    from fluxjax.plan import tpu as plan_tpu
+
+    strategy = Strategy.load("fsdp")
+    mesh = strategy.make_mesh(jax.devices()[:1])
+    built = plan_tpu.program_inputs("klein-4b", strategy, mesh, 1, 256, 256, TEXT_LENGTHS["klein-4b"])
+    assert set(built) == {"denoise", "encode", "decode", "vae_encode"}  # FlowEdit is FLUX.1's
+    _, (model, _, img, img_ids, txt, txt_ids, vec, sigmas, guidance), _ = built["denoise"]
+    assert (img.shape, img_ids.shape, txt.shape, txt_ids.shape) == ((1, 256, 128), (1, 256, 4), (1, 512, 7680), (1, 512, 4))
+    assert vec is None and guidance is None and sigmas.shape == (5,)  # distilled klein: 4 steps
+    fn, args, kwargs = built["denoise"]
+    with strategy.activate(mesh):
+        fn.lower(*args, **kwargs)

@@ -38,15 +38,21 @@ def step_flops(cfg: FluxConfig, batch: int, l_img: int, l_txt: int) -> float:
     docs/model-reference.md, "The transformer".
 
     Linear layers: 2 * tokens * in * out; attention: 4 * L^2 * hidden (QK^T and PV) per block.
-    Embedders and the modulation (one token per image) are included; norms and RoPE are not.
+    The MLP's first Linear has cfg.mlp_up_dim outputs (FLUX.2's SwiGLU: gate and value).
+    Embedders and the modulation (one token per image; FLUX.2's once per block kind) are
+    included; norms and RoPE are not.
     """
-    h, mlp, l = cfg.hidden_size, cfg.mlp_hidden_dim, l_img + l_txt
-    per_stream = 3 * h * h + h * h + 2 * h * mlp  # qkv, proj, mlp in and out
-    double = 2 * (l_img + l_txt) * per_stream + 4 * l * l * h + 2 * 2 * h * 6 * h
-    single = 2 * l * (h * (3 * h + mlp) + (h + mlp) * h) + 4 * l * l * h + 2 * h * 3 * h
+    h, mlp, up, l = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.mlp_up_dim, l_img + l_txt
+    per_stream = 3 * h * h + h * h + h * up + mlp * h  # qkv, proj, mlp in and out
+    double_mod, single_mod = 2 * 2 * h * 6 * h, 2 * h * 3 * h
+    double = 2 * (l_img + l_txt) * per_stream + 4 * l * l * h
+    single = 2 * l * (h * (3 * h + up) + (h + mlp) * h) + 4 * l * l * h
+    modulation = (double_mod + single_mod) if cfg.shared_modulation else (cfg.depth * double_mod
+                                                                          + cfg.depth_single_blocks * single_mod)
     embed = 2 * (l_img * cfg.in_channels * h + l_txt * cfg.context_in_dim * h) + 2 * l_img * h * cfg.out_channels
-    vectors = 2 * (256 * h + h * h) * (3 if cfg.guidance_embed else 2) + 2 * h * 2 * h
-    return float(batch * (cfg.depth * double + cfg.depth_single_blocks * single + embed + vectors))
+    embedders = (1 + cfg.guidance_embed + bool(cfg.vec_in_dim))
+    vectors = 2 * (256 * h + h * h) * embedders + 2 * h * 2 * h
+    return float(batch * (cfg.depth * double + cfg.depth_single_blocks * single + modulation + embed + vectors))
 
 
 def chip_peak(kind: str | None = None) -> float | None:

@@ -105,8 +105,7 @@ def _commit() -> str:
 def roofline_ms(row: dict) -> float | None:
     """max(FLOPs per chip / bf16 peak, weight bytes read per chip / HBM bandwidth), ms per step: a
     lower bound of the step time on that chip (labelled an estimate wherever it is shown)."""
-    from fluxjax.config import FluxConfig
-    from fluxjax.plan.planner import T5_LENGTHS, abstract_params, param_memory
+    from fluxjax.plan.planner import TEXT_LENGTHS, abstract_params, param_memory, transformer_config
     from fluxjax.parallel.strategies import Strategy
 
     report = row["report"]
@@ -114,7 +113,7 @@ def roofline_ms(row: dict) -> float | None:
     if peak is None or bandwidth is None:
         return None
     tokens = (row["size"] // 16) ** 2
-    flops = step_flops(FluxConfig.preset(row["model"]), report["batch"], tokens, T5_LENGTHS[row["model"]])
+    flops = step_flops(transformer_config(row["model"]), report["batch"], tokens, TEXT_LENGTHS[row["model"]])
     # Every chip reads the weights it multiplies with: all of them under dp/fsdp/sp (gathered or
     # whole), its tensor share under tp.
     total = param_memory(abstract_params(row["model"], report["dtype"])["transformer"], Strategy.load(report["strategy"]),
@@ -190,8 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [done[key(c)] for c in cases if key(c) in done]
     commit = _commit()
     host = f"{os.cpu_count()} CPU cores ({sys.platform})"
+    kept = ""  # the sections after the table ("## ..."), written by hand from other runs, stay
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            text = f.read()
+        kept = text[text.index("\n## "):] if "\n## " in text else ""
     with open(args.out, "w") as f:
-        f.write(format_table(rows, commit, host))
+        f.write(format_table(rows, commit, host) + kept)
     print(f"wrote {args.out}: {len(rows)} of {len(cases)} cases")
 
 

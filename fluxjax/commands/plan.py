@@ -13,7 +13,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dev", help="dev, schnell or tiny (default dev)")
+    parser.add_argument("--model", default="dev", help="FLUX.1 dev, schnell or tiny; FLUX.2 klein-4b, klein-9b or "
+                                                         "flux2-dev (default dev)")
     parser.add_argument("--sharding", default=None,
                         help="strategy name from fluxjax/configs/sharding or a .toml path (default fsdp; "
                              "with --train a comma-separated list, default dp,fsdp,tp,fsdp_tp)")
@@ -73,11 +74,10 @@ def run(args) -> int:
 
 def _train(args, height: int, width: int) -> int:
     from fluxjax.errors import UsageError
-    from fluxjax.plan.planner import T5_LENGTHS, format_train_plans, parse_bytes, train_plan
+    from fluxjax.plan.planner import check_model, format_train_plans, parse_bytes, train_plan
     from fluxjax.parallel.strategies import Strategy
 
-    if args.model not in T5_LENGTHS:
-        raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
+    check_model(args.model)
     if args.lora_rank < 1:
         raise UsageError(f"--lora-rank {args.lora_rank}: must be at least 1")
     hbms = [parse_bytes(h) for h in (args.hbm or "16GiB,80GiB").split(",")]
@@ -95,11 +95,13 @@ def _topology(args) -> int:
 
     from fluxjax.plan import tpu as plan_tpu
     from fluxjax.errors import UsageError
-    from fluxjax.plan.planner import GIB, T5_LENGTHS, make_plan, parse_size
+    from fluxjax.plan.planner import FLUX2_PRESETS, GIB, TEXT_LENGTHS, check_model, make_plan, parse_size
     from fluxjax.parallel.strategies import Strategy
 
-    if args.model not in T5_LENGTHS:
-        raise UsageError(f"--model {args.model!r}: choose from {', '.join(T5_LENGTHS)}")
+    check_model(args.model)
+    if args.model in FLUX2_PRESETS and (args.train or args.variant != "base"):
+        raise UsageError(f"--model {args.model}: --topology compiles FLUX.2's sampling programs only "
+                         f"({'--train' if args.train else '--variant ' + args.variant} is FLUX.1's)")
     programs = [p.strip() for p in args.programs.split(",") if p.strip()]
     if not programs or any(p not in plan_tpu.PROGRAMS for p in programs):
         raise UsageError(f"--programs {args.programs!r}: choose from {', '.join(plan_tpu.PROGRAMS)}")
@@ -114,7 +116,7 @@ def _topology(args) -> int:
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
                          attention=attention, quantize=args.quantize)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
-                                    T5_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant,
+                                    TEXT_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant,
                                     quantize=args.quantize)
     first = next(iter(got.values()))
     temps = [g["compiled"]["temp_bytes"] for g in got.values()]

@@ -155,7 +155,11 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return standardize(x, (-1,), eps).astype(x.dtype)
 
 
-def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> jax.Array:
+TIMESTEP_EMBEDDING_DIM = 256  # features of the sinusoidal time (and guidance) embedding the MLPEmbedders take
+
+
+def timestep_embedding(t: jax.Array, dim: int = TIMESTEP_EMBEDDING_DIM, max_period: float = 10_000.0,
+                       time_factor: float = 1000.0) -> jax.Array:
     """Sinusoidal embedding [cos | sin] of `time_factor * t`.
 
     t: (B,) in any float dtype. The product with 1000 is taken in t's own dtype (bf16 in the

@@ -123,16 +123,14 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     import jax
     import jax.numpy as jnp
 
-    from fluxjax.config import FluxConfig
-    from fluxjax.loading import registry
     from fluxjax.models.attention import resolve_attention
     from fluxjax.models.target import device_facts
-    from fluxjax.plan.planner import PATCH, make_plan
+    from fluxjax.plan.planner import PATCH, make_plan, transformer_config
     from fluxjax.parallel.strategies import Strategy
 
     device = jax.devices()[0] if device is None else device
     dt = jnp.dtype(dtype)
-    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
+    cfg = transformer_config(model)
     attention = resolve_attention(**device_facts(device), dtype=dt, head_dim=cfg.hidden_size // cfg.num_heads,
                                   seq_len=(height // PATCH) * (width // PATCH), masked=False, cpu_kernel=False)
     plan = make_plan(model, Strategy.load("fsdp"), 1, height, width, 1, dt.name, xla=False, attention=attention)

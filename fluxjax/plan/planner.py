@@ -2,7 +2,9 @@
 
 Three figures, each labelled with how it was obtained:
   parameters   exact: every leaf of `jax.eval_shape(model.init)` divided as the strategy's
-               table divides it on the mesh (transformer, T5-XXL, CLIP-L, VAE; all resident).
+               table divides it on the mesh (FLUX.1: transformer, T5-XXL, CLIP-L, VAE; FLUX.2:
+               transformer, Qwen3 or Mistral text encoder, VAE; all resident), with the count
+               the config's formula gives beside it (fluxjax/plan/counts.py).
   activations  of one denoise step, two sources:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
                plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
@@ -31,11 +33,25 @@ import jax.numpy as jnp
 from fluxjax.config import FluxConfig
 from fluxjax.errors import UsageError
 from fluxjax.loading import registry
-from fluxjax.models import sequence_parallel
+from fluxjax.models import qwen3, sequence_parallel
 from fluxjax.parallel.strategies import BATCH_AXIS, Strategy
+from fluxjax.pipeline.mistral_tokenizer import FLUX2_DEV_MAX_SEQUENCE_LENGTH
+from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
+from fluxjax.plan import counts
 
-# The T5 length of each --model (its components are fluxjax.loading.registry.PRESETS[model]).
+# The T5 length of each FLUX.1 --model (its components are fluxjax.loading.registry.PRESETS[model]).
 T5_LENGTHS = {"dev": 512, "schnell": 256, "tiny": 16}
+# FLUX.2 --model names (diffusers' convert_flux2_to_diffusers.py's, as the Qwen3Config presets):
+# each component's config preset. The text encoder is a models.qwen3.Qwen3Encoder (Qwen3-4B,
+# Qwen3-8B; Mistral-Small-3.1's language model for [dev]), the VAE the FLUX.2 one.
+FLUX2_PRESETS = {
+    "klein-4b": dict(transformer="flux2-klein-4b", text_encoder="klein-4b", vae="flux2"),
+    "klein-9b": dict(transformer="flux2-klein-9b", text_encoder="klein-9b", vae="flux2"),
+    "flux2-dev": dict(transformer="flux2-dev", text_encoder="flux2-dev", vae="flux2"),
+}
+# The text tokens of each --model: T5's, or the FLUX.2 pipelines' max_sequence_length.
+TEXT_LENGTHS = {**T5_LENGTHS, "klein-4b": KLEIN_MAX_SEQUENCE_LENGTH, "klein-9b": KLEIN_MAX_SEQUENCE_LENGTH,
+                "flux2-dev": FLUX2_DEV_MAX_SEQUENCE_LENGTH}
 GIB = 1 << 30
 PATCH = 16  # pixels per side of one packed image token (VAE factor 8 x 2x2 packing)
 
@@ -63,12 +79,51 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def check_model(model: str) -> None:
+    """UsageError naming --model unless the planner knows it (TEXT_LENGTHS)."""
+    if model not in TEXT_LENGTHS:
+        raise UsageError(f"--model {model!r}: choose from {', '.join(TEXT_LENGTHS)}")
+
+
+def component_presets(model: str) -> dict[str, str]:
+    """{component: config preset} of `model` (FLUX.1: registry.PRESETS; FLUX.2: FLUX2_PRESETS)."""
+    check_model(model)
+    return FLUX2_PRESETS[model] if model in FLUX2_PRESETS else registry.PRESETS[model]
+
+
+def transformer_config(model: str) -> FluxConfig:
+    return FluxConfig.preset(component_presets(model)["transformer"])
+
+
+def build_component(name: str, preset: str, dtype: Any, **options):
+    """The linen module of component `name` at config `preset`, parameters and compute in `dtype`:
+    the registry's components with the `options` each takes (ComponentSpec.select), and FLUX.2's
+    text encoder, a Qwen3Encoder (it takes none)."""
+    dt = jnp.dtype(dtype)
+    if name == "text_encoder":
+        return qwen3.Qwen3Encoder(qwen3.Qwen3Config.preset(preset), dtype=dt, param_dtype=dt)
+    spec = registry.COMPONENTS[name]
+    return registry.build(name, spec.config.preset(preset), dt, **spec.select(options))
+
+
+def component_shapes(name: str, model) -> Any:
+    """The boxed abstract parameter tree of a `build_component` module."""
+    return qwen3.param_shapes(model) if name == "text_encoder" else registry.abstract_params(name, model)
+
+
+def formula_count(name: str, model) -> int | None:
+    """The parameter count fluxjax/plan/counts.py gives for a `build_component` module (None where
+    it has no formula: T5, CLIP, the VAEs)."""
+    if name == "transformer":
+        return counts.transformer_count(model.config)
+    return counts.text_encoder_count(model.config) if name == "text_encoder" else None
+
+
 def abstract_params(model: str, dtype: Any, quantize: str | None = None) -> dict[str, Any]:
-    """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`
+    """Boxed abstract parameter trees (stacked layout) of `model`'s components, parameters in `dtype`
     (the Linears of the components that take `quantize` in its dtype and float32 scales)."""
-    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype,
-                                                                 **registry.COMPONENTS[name].select(dict(quantize=quantize))))
-            for name, preset in registry.PRESETS[model].items()}
+    return {name: component_shapes(name, build_component(name, preset, dtype, quantize=quantize))
+            for name, preset in component_presets(model).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +134,7 @@ class ParamMemory:
     total_bytes: int
     device_bytes: int
     notes: tuple[str, ...]
+    formula_count: int | None = None  # fluxjax/plan/counts.py's count from the config (None: no formula)
 
 
 def param_memory(abstract: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> ParamMemory:
@@ -108,15 +164,17 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     seq_split, seq_method: ways the tokens are split and how attention sees them ("ulysses",
     "ring" or None; models/sequence_parallel.py). With n = seq_split, L = l_txt + l_img padded
     to a multiple of n and c = L/n the tokens a device holds outside attention.
-    The peak is inside a single-stream block, one of two moments:
-      attention:  x (B,c,D) + linear1 output (B,c,3D+M)/t + q,k,v (3 B,c,D/t) + the logits
+    The peak is inside a single-stream block, one of two moments (M = mlp_hidden_dim, U =
+    mlp_up_dim: M under GELU, 2M under FLUX.2's SwiGLU, whose linear1 gives gate and value):
+      attention:  x (B,c,D) + linear1 output (B,c,3D+U)/t + q,k,v (3 B,c,D/t) + the logits
                   and probabilities of XLA attention (not flash), float32 + act_bytes each:
                     no split  (B,H/t,L,L)
                     ulysses   (B,H/n,L,L), plus q,k,v again after the all-to-all (3 B,c,D)
                     ring      (B,H/t,c,c) of one hop, plus the k,v block in flight (2 B,c,D/t)
                               and the float32 accumulator (B,c,D/t)
-      projection: x + linear1 output + attention out (B,c,D/t) + GELU (B,c,M/t) + their concat
-    plus the step's inputs that stay live (latents, T5 features: whole on every device of the
+      projection: x + linear1 output + attention out (B,c,D/t) + GELU or silu(gate) * value
+                  (B,c,M/t) + their concat
+    plus the step's inputs that stay live (latents, text features: whole on every device of the
     sequence axis; RoPE tables in float32, split) and one float32 LayerNorm temporary (B,c,D).
     A double-stream block holds less (its MLP is narrower than linear1). Activations in
     `act_bytes` per element; t = heads_split.
@@ -130,7 +188,7 @@ def step_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads_
     seq = -(-(l_img + l_txt) // n) * n
     c = seq // n
     x = b * c * d * s
-    linear1 = b * c * (3 * d + m) * s // t
+    linear1 = b * c * (3 * d + cfg.mlp_up_dim) * s // t
     qkv = 3 * b * c * d * s // t
     if seq_method == "ulysses" and attention in ("splash", "cudnn"):  # the kernel runs per device on H/n heads
         attn = 2 * qkv + b * seq * d * s // n
@@ -257,7 +315,8 @@ class Plan:
 def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
               batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True,
               attention: str = "xla", quantize: str | None = None) -> Plan:
-    """The memory plan of `model` ("dev", "schnell", "tiny") under `strategy` on `devices` devices.
+    """The memory plan of `model` (TEXT_LENGTHS: "dev", "schnell", "tiny"; FLUX.2 "klein-4b", "klein-9b",
+    "flux2-dev") under `strategy` on `devices` devices.
 
     batch: images per step (default: the data size, one image per data shard). xla: also
     AOT-compile the step on `devices` simulated CPU devices in a child process (seconds for dev).
@@ -265,8 +324,9 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     "cudnn"), which decides whether the analytic figure holds the (B, H, L, L) logits.
     quantize: None, "int8" or "fp8": parameter bytes of the quantized pipeline (FluxPipeline's quantize).
     """
-    if model not in T5_LENGTHS:
-        raise UsageError(f"--model {model!r}: choose from {', '.join(T5_LENGTHS)}")
+    check_model(model)
+    if quantize and model in FLUX2_PRESETS:
+        raise UsageError(f"--quantize {quantize}: FLUX.2 pipelines load unquantized for now (Flux2Pipeline.from_pretrained)")
     dt = jnp.dtype(dtype)
     if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
         raise UsageError(f"--dtype {dtype!r}: choose bfloat16, float16 or float32")
@@ -278,9 +338,11 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be at least 1")
     padded = -(-batch // data) * data
-    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
-    abstract = abstract_params(model, dt, quantize)
-    params = {name: param_memory(tree, strategy, mesh_shape) for name, tree in abstract.items()}
+    cfg = transformer_config(model)
+    built = {name: build_component(name, preset, dt, quantize=quantize) for name, preset in component_presets(model).items()}
+    abstract = {name: component_shapes(name, module) for name, module in built.items()}
+    params = {name: dataclasses.replace(param_memory(tree, strategy, mesh_shape), formula_count=formula_count(name, built[name]))
+              for name, tree in abstract.items()}
     gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
     seq_axes = strategy.mesh_axes("activation_seq")
     method = sequence_parallel.method_of(seq_axes, strategy.mesh_axes("activation_heads"))
@@ -288,7 +350,7 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     # Ulysses' head split lives only inside attention (counted there), not on the MLP features.
     heads_split = 1 if method == "ulysses" else math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
     split = dict(seq_split=seq_split, seq_method=method)
-    l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
+    l_img, l_txt = (height // PATCH) * (width // PATCH), TEXT_LENGTHS[model]
     analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize, **split,
                                 attention=attention) + gathered
     table = sequence_table(cfg, method, seq_split * heads_split if method == "ring" else seq_split, l_txt, dt.itemsize) if method else ()
@@ -307,7 +369,7 @@ def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_
 
     Returns its JSON: temp_bytes, argument_bytes (float32 compile), compile_s.
     """
-    spec = dict(model=registry.PRESETS[model]["transformer"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
+    spec = dict(model=component_presets(model)["transformer"], strategy=dataclasses.asdict(strategy), batch=batch, l_img=l_img, l_txt=l_txt)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above fluxjax/
@@ -334,8 +396,9 @@ def format_plan(plan: Plan) -> str:
         "per device:",
     ]
     for name, p in plan.params.items():
+        formula = "" if p.formula_count is None else f"; config formula {p.formula_count:,}"
         lines.append(f"  params {name:<12}{_gb(p.device_bytes)}  of {p.total_bytes / 1e9:.3f} GB, "
-                     f"{p.count:,} parameters  [exact: shapes / table]")
+                     f"{p.count:,} parameters  [exact: shapes / table{formula}]")
         lines += [f"      {n}" for n in p.notes]  # path: what did not divide, what the dim got instead
     lines.append(f"  params total      {_gb(plan.param_bytes)}  [exact]")
     lines.append(f"  step activations  {_gb(plan.analytic_bytes)}  [analytic: peak of a single-stream block, XLA attention, "
@@ -376,15 +439,15 @@ def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads
                       remat: bool, attention: str = "xla") -> int:
     """Analytic bytes a training step keeps from the forward for the backward, on one device.
 
-    With L = l_img + l_txt tokens, D = hidden_size, M = mlp_hidden_dim, H heads, t = heads_split,
-    s = act_bytes, per image:
-      single block  s L (2D + (3D+M)/t + 3D/t + M/t + (D+M)/t)  the modulated norm output and
+    With L = l_img + l_txt tokens, D = hidden_size, M = mlp_hidden_dim, U = mlp_up_dim (M, or 2M
+    for SwiGLU), H heads, t = heads_split, s = act_bytes, per image:
+      single block  s L (2D + (3D+U)/t + 3D/t + M/t + (D+M)/t)  the modulated norm output and
                     the gated output (D each), linear1's output, q/k/v after norm and RoPE, the
-                    GELU output, linear2's input
-      double block  s L (4D + 3D/t + 3D/t + D/t + 2M/t)  per token of either stream: norm
+                    GELU (SwiGLU) output, linear2's input
+      double block  s L (4D + 3D/t + 3D/t + D/t + (U+M)/t)  per token of either stream: norm
                     outputs before attention and MLP, the proj and MLP outputs (D each), the
                     qkv output, q/k/v after norm and RoPE, attention's output, the MLP's hidden
-                    before and after GELU
+                    before and after GELU (SwiGLU)
       attention     (H/t) L^2 (4 + s) per block: XLA attention's float32 softmax probabilities
                     (for the softmax's backward) and their cast to s (for the matmul's)
     Without remat every block's residuals are kept. With remat (nn.remat per block) only each
@@ -392,12 +455,12 @@ def saved_activations(cfg: FluxConfig, batch: int, l_img: int, l_txt: int, heads
     recomputed at a time in the backward. Under a flash kernel (attention "splash" or "cudnn")
     the L^2 term is not kept: the kernel saves each query's float32 logsumexp, (H/t) L 4 bytes.
     """
-    d, m, h, t, s = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads, heads_split, act_bytes
+    d, m, u, h, t, s = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.mlp_up_dim, cfg.num_heads, heads_split, act_bytes
     seq = l_img + l_txt
     flash = attention in ("splash", "cudnn")
     attention = -(-h // t) * seq * (4 if flash else seq * (4 + s))
-    single = s * seq * (2 * d + ((3 * d + m) + 3 * d + m + (d + m)) // t) + attention
-    double = s * seq * (4 * d + (3 * d + 3 * d + d + 2 * m) // t) + attention
+    single = s * seq * (2 * d + ((3 * d + u) + 3 * d + m + (d + m)) // t) + attention
+    double = s * seq * (4 * d + (3 * d + 3 * d + d + u + m) // t) + attention
     blocks = cfg.depth + cfg.depth_single_blocks
     if remat:
         return batch * (blocks * s * seq * d + max(single, double))
@@ -419,8 +482,7 @@ def lora_param_count(abstract_flux: Any, rank: int, targets: tuple[str, ...]) ->
 @functools.lru_cache(maxsize=4)
 def _abstract_transformer(model: str, dtype: str) -> Any:
     """The boxed abstract transformer parameters of `model` in `dtype` (cached: every strategy's plan uses them)."""
-    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
-    return registry.abstract_params("transformer", registry.build("transformer", cfg, jnp.dtype(dtype)))
+    return registry.abstract_params("transformer", registry.build("transformer", transformer_config(model), jnp.dtype(dtype)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,7 +510,7 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
                attention: str = "xla") -> TrainPlan:
     """The training step's memory of `model`'s transformer under `strategy` on `devices` devices.
 
-    The T5, CLIP and VAE are not resident: training reads cached latents and text embeddings
+    The text encoders and the VAE are not resident: training reads cached latents and text embeddings
     (fluxjax.training.data). batch: images per step (default one per data shard). Parameters, gradients
     and optimizer state are exact (shapes over the strategy's table, param_memory); activations
     are analytic (saved_activations, plus step_activations for the peak inside the block being
@@ -459,11 +521,11 @@ def train_plan(model: str, strategy: Strategy, devices: int, height: int = 1024,
     mesh_shape = strategy.mesh_shape(devices)
     data = math.prod(mesh_shape[a] for a in strategy.mesh_axes(BATCH_AXIS))
     per_device = -(-(data if batch is None else batch) // data)
-    cfg = FluxConfig.preset(registry.PRESETS[model]["transformer"])
+    cfg = transformer_config(model)
     compute = jnp.dtype(compute_dtype)
     master, low = _abstract_transformer(model, "float32"), _abstract_transformer(model, compute.name)
     heads_split = math.prod(mesh_shape[a] for a in strategy.mesh_axes("activation_heads"))
-    l_img, l_txt = (height // PATCH) * (width // PATCH), T5_LENGTHS[model]
+    l_img, l_txt = (height // PATCH) * (width // PATCH), TEXT_LENGTHS[model]
     peak = step_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize, attention=attention)
     act = {remat: saved_activations(cfg, per_device, l_img, l_txt, heads_split, compute.itemsize, remat, attention)
            + peak for remat in (False, True)}

@@ -113,7 +113,9 @@ PROGRAMS = ("denoise", "encode", "decode", "vae_encode", "flowedit")
 """The pipeline's jitted programs `compile_programs` compiles: the denoising loop (sampling.denoise,
 with the variant's conditioning), the prompt encoders (text.encode_prompts_jit: T5 and CLIP), the VAE
 decode (pipeline.decode_packed), the VAE encode of img2img, inpainting, Kontext, Fill and Control
-(conditioning.encode_packed) and FlowEdit's loop (flowedit.edit, one draw per step)."""
+(conditioning.encode_packed) and FlowEdit's loop (flowedit.edit, one draw per step). For a FLUX.2
+--model the same names are pipeline/flux2.py's programs (`_flux2_programs`: its Qwen3 or Mistral
+encoder, the FLUX.2 VAE's token decode and encode; no FlowEdit)."""
 VARIANTS = ("base", "kontext", "fill", "control")
 # What each variant adds to the denoising loop's transformer input: (extra input channels, reference
 # images). Fill concatenates masked-image latents (64) and the packed 8x8 mask (256) to the 64 latent
@@ -140,22 +142,22 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
     from fluxjax.pipeline import conditioning
     from fluxjax.sampling import flowedit
     from fluxjax.sampling import sampler as sampling
-    from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
     from fluxjax.loading import registry
     from fluxjax.pipeline.pipeline import component_options, decode_packed
     from fluxjax.pipeline.text import CLIP_MAX_LENGTH, encode_prompts_jit
+    from fluxjax.plan.planner import FLUX2_PRESETS, build_component, component_presets, component_shapes
 
     dt = jnp.dtype(dtype)
-    configs = dict(transformer=FluxConfig, t5=T5Config, clip=CLIPConfig, vae=AutoEncoderConfig)
     shard = strategy.param_shardings(mesh)
     models, params = {}, {}
-    for name, preset in registry.PRESETS[model].items():
-        options = component_options(name, attention, quantize)
-        config = configs[name].preset(preset)
+    for name, preset in component_presets(model).items():
+        # FLUX.2's text encoder (not a registry component) takes no options
+        options = component_options(name, attention, quantize) if name in registry.COMPONENTS else {}
+        built = build_component(name, preset, dt, **options)
         if name == "transformer" and VARIANT_INPUTS[variant][0]:
-            config = dataclasses.replace(config, in_channels=config.in_channels + VARIANT_INPUTS[variant][0])
-        built = registry.build(name, config, dt, **options)
-        boxed = registry.abstract_params(name, built)
+            built = built.clone(config=dataclasses.replace(built.config,
+                                                           in_channels=built.config.in_channels + VARIANT_INPUTS[variant][0]))
+        boxed = component_shapes(name, built)
         models[name] = built
         params[name] = jax.tree.map(lambda b, sh: jax.ShapeDtypeStruct(b.value.shape, b.value.dtype, sharding=sh), boxed,
                                     shard(boxed), is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -165,10 +167,12 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
 
     cfg = models["transformer"].config
     l_img = (height // 16) * (width // 16)
-    steps = 28 if cfg.guidance_embed else 4
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=replicated)
     guidance = arg() if cfg.guidance_embed else None
+    if model in FLUX2_PRESETS:
+        return _flux2_programs(models, params, arg, replicated, height, width, t5_length, dt)
+    steps = 28 if cfg.guidance_embed else 4
+    sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=replicated)
     extra, references = VARIANT_INPUTS[variant]
     cond = sampling.Conditioning(
         channels=arg(l_img, extra) if extra else None,
@@ -189,6 +193,36 @@ def program_inputs(model: str, strategy, mesh, batch: int, height: int, width: i
                                                 arg(l_img, 3), txt, vec, txt, vec, txt_ids, sigmas,
                                                 arg(2, dtype=jnp.uint32), guidance, guidance, scalar, scalar, 1), {})
     return programs
+
+
+def _flux2_programs(models: dict, params: dict, arg, replicated, height: int, width: int, text_length: int,
+                    dtype) -> dict[str, tuple]:
+    """program_inputs' programs of a FLUX.2 pipeline (pipeline/flux2.py): the denoising loop (no
+    pooled vector, 4 id columns, the family's default steps: 4 for distilled klein, 50 for [dev]
+    with its guidance), the stacked hidden states of the Qwen3 (Mistral) encoder, the VAE's token
+    decode and encode (batch-norm normalisation, 2x2 patches). FlowEdit is FLUX.1's."""
+    import jax
+    import jax.numpy as jnp
+
+    from fluxjax.pipeline import flux2
+    from fluxjax.sampling import sampler as sampling
+
+    cfg = models["transformer"].config
+    family = flux2.FLUX2_DEV if cfg.guidance_embed else flux2.KLEIN
+    steps = flux2.family_defaults(family, is_distilled=True).num_steps
+    sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=replicated)
+    rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
+    ids = cfg.id_columns
+    tokens = arg(rows * cols, cfg.in_channels)
+    txt = arg(text_length, cfg.context_in_dim, dtype=dtype)
+    return {
+        "denoise": (sampling.denoise, (models["transformer"], params["transformer"], tokens, arg(rows * cols, ids),
+                                       txt, arg(text_length, ids), None, sigmas, arg() if cfg.guidance_embed else None), {}),
+        "encode": (flux2.encode_text, (models["text_encoder"], params["text_encoder"], arg(text_length, dtype=jnp.int32),
+                                       arg(text_length, dtype=jnp.int32), family.layers, dtype), {}),
+        "decode": (flux2.decode_tokens, (models["vae"], params["vae"], tokens, rows, cols), {}),
+        "vae_encode": (flux2.encode_tokens, (models["vae"], params["vae"], arg(height, width, 3)), {}),
+    }
 
 
 def compile_programs(model: str, strategy, devices: list, batch: int, height: int, width: int, t5_length: int,

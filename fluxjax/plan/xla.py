@@ -40,7 +40,9 @@ def step_program(model: str, strategy: Strategy, mesh, batch: int, l_img: int, l
     def arg(*shape):
         return jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=strategy.batch_sharding(mesh, 1 + len(shape)))
 
-    inputs = (arg(l_img, cfg.in_channels), arg(l_img, 3), arg(l_txt, cfg.context_in_dim), arg(l_txt, 3), arg(), arg(cfg.vec_in_dim), arg())
+    ids = cfg.id_columns  # RoPE's position columns: 3 in FLUX.1, 4 in FLUX.2
+    inputs = (arg(l_img, cfg.in_channels), arg(l_img, ids), arg(l_txt, cfg.context_in_dim), arg(l_txt, ids), arg(),
+              arg(cfg.vec_in_dim) if cfg.vec_in_dim else None, arg())  # FLUX.2 has no pooled vector
 
     def step(p, img, img_ids, txt, txt_ids, t, y, guidance):
         v = flux.apply({"params": p}, img, img_ids, txt, txt_ids, t, y, guidance if cfg.guidance_embed else None)
