@@ -229,8 +229,10 @@ def main(argv=None) -> None:
     from fluxjax.bench.common import record, rope_axes
 
     parser = argparse.ArgumentParser(prog="fluxjax bench quantization", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default 512; dev: 3072)")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4: head dim 128 as dev's)")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help="hidden size (default 512; with --pipeline 3072, dev's)")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads (default 4: head dim 128 as dev's; with --pipeline 24, dev's)")
     parser.add_argument("--depth", type=int, default=4, help="double blocks (default 4)")
     parser.add_argument("--single", type=int, default=8, help="single blocks (default 8)")
     parser.add_argument("--seed", type=int, default=0)
@@ -248,6 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--topology", help="instead: the same for dev's denoising loop with int8 weights compiled "
                                            "for this TPU topology (e.g. v5e:1x1; needs libtpu)")
     args = parser.parse_args(argv)
+    full = (3072, 24) if args.pipeline else (512, 4)  # FLUX.1's widths for the pixels; mid-size for the rest
+    args.hidden, args.heads = args.hidden or full[0], args.heads or full[1]
     if args.topology:
         print(topology_copies(args.topology, "int8"))
         return
