@@ -45,6 +45,13 @@ def test_auto_moves_the_encoders_to_the_host_where_they_do_not_fit(monkeypatch):
         assert devices_of(getattr(pipe, name).params) == set(mesh_devices), name
 
 
-def test_residency_is_checked_in_one_line():
+def test_residency_is_checked_in_one_line(capsys):
+    from fluxjax.commands.cli import main
+
     with pytest.raises(UsageError, match=r"^residency='gpu': choose auto"):
         FluxPipeline.from_pretrained("tiny", residency="gpu")
+    for command in (["generate", "x"], ["edit", "x.png", "--source-prompt", "a", "--target-prompt", "b"],
+                    ["batch", "p.txt", "--out-dir", "o"]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--residency", "gpu"])
+        assert e.value.code == 2 and "--residency: invalid choice: 'gpu'" in capsys.readouterr().err
