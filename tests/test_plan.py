@@ -231,3 +231,29 @@ def test_flux2_programs_for_plan_topology_trace_with_four_id_columns_and_no_pool
     fn, args, kwargs = built["denoise"]
     with strategy.activate(mesh):
         fn.lower(*args, **kwargs)
+
+
+def test_text_encoders_leave_a_device_where_all_do_not_fit():
+    """dev on one v5e chip (15.75 GiB): int8 fits with T5 and CLIP on the host CPU, bf16 does not
+    fit at all; `resident` (plan --topology's report) with the TPU compiler's temporaries measured
+    for v5e:1x1 (docs/quantization.md) says the same, and keeps all where all fit (tiny)."""
+    from fluxjax.plan.planner import GIB, make_plan, resident
+
+    hbm, fsdp = parse_bytes("15.75GiB"), Strategy.load("fsdp")
+    int8 = make_plan("dev", fsdp, 1, hbm=hbm, xla=False, attention="splash", quantize="int8")
+    bf16 = make_plan("dev", fsdp, 1, hbm=hbm, xla=False, attention="splash")
+    assert int8.residency == bf16.residency == "host"
+    assert int8.param_bytes == int8.params["transformer"].device_bytes + int8.params["vae"].device_bytes
+    assert int8.total_bytes <= hbm < bf16.total_bytes
+    assert int8.residency_note.startswith("text encoders run on the host CPU: transformer 11.16 GiB + VAE 0.16 GiB "
+                                          "+ T5/CLIP 4.79 GiB of parameters")
+    compiled = {"denoise": int(1.41 * GIB), "encode": int(0.19 * GIB), "decode": int(1.77 * GIB)}
+    got = resident(int8, compiled, hbm)
+    assert got["residency"] == "host" and got["fits"] is True and got["largest_temp_bytes"] == compiled["decode"]
+    assert got["total_bytes"] == int8.param_bytes + compiled["decode"]
+    refused = dict(compiled, denoise=int(24.50 * GIB))  # bf16's step: "HLO temporaries (24.50G) exceeds ..."
+    assert resident(bf16, refused, hbm)["fits"] is False
+    tiny = make_plan("tiny", fsdp, 1, xla=False, hbm=hbm)
+    got = resident(tiny, {"denoise": 10, "encode": 20}, hbm)
+    assert tiny.residency == got["residency"] == "device" and got["note"] is None
+    assert got["total_bytes"] == sum(p.device_bytes for p in tiny.params.values()) + 20

@@ -6,7 +6,7 @@ seen ones, spread evenly, each at every position, centred included), generate wi
 image with `shapes.classify`, and print the accuracy per attribute for seen and held-out
 prompts, and images/s (after one warm-up batch that compiles).
 
-    fluxjax bench shapes [--model fluxjax/shapes/weights] [--combos N] [--grid grid.png]
+    fluxjax bench shapes [--model fluxjax/shapes/weights] [--combos N] [--grid grid.png] [--quantize int8]
 """
 
 from __future__ import annotations
@@ -67,13 +67,15 @@ def grade(images: np.ndarray, prompts: list[str]) -> dict[str, dict[str, float]]
     return {name: shapes.accuracy(rs) for name, rs in groups.items() if rs}
 
 
-def evaluate(model: str = DEFAULT_MODEL, combos: int | None = None, seed: int = 0, batch: int = 40):
-    """Load `model`, generate `prompt_list(combos)`, grade. Returns (accuracy as `grade` gives it,
-    images (N, H, W, 3) uint8, prompts, images/s of the timed generation)."""
+def evaluate(model: str = DEFAULT_MODEL, combos: int | None = None, seed: int = 0, batch: int = 40,
+             quantize: str | None = None):
+    """Load `model` (its transformer's and T5's Linears `quantize`d: None, "int8" or "fp8"),
+    generate `prompt_list(combos)`, grade. Returns (accuracy as `grade` gives it, images (N, H, W, 3)
+    uint8, prompts, images/s of the timed generation)."""
     from fluxjax.pipeline.pipeline import FluxPipeline
 
     defaults = load_defaults(model)
-    pipe = FluxPipeline.from_pretrained(model)
+    pipe = FluxPipeline.from_pretrained(model, quantize=quantize)
     prompts = prompt_list(combos)
     batch = min(batch, len(prompts))
     generate(pipe, prompts[:batch], defaults, seed, batch)  # compiles
@@ -112,12 +114,15 @@ def main(argv=None) -> None:
                         help="held-out and seen combinations each (default all 24 held-out, 24 seen), 5 positions each")
     parser.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed SEED + i")
     parser.add_argument("--batch", type=int, default=40, help="images per pipeline call")
+    parser.add_argument("--quantize", default=None, choices=("int8", "fp8"),
+                        help="the model's transformer and T5 Linears weight-only int8 or fp8 (docs/quantization.md)")
     parser.add_argument("--grid", default=None, metavar="PNG", help="also save every generated image as one grid")
     args = parser.parse_args(argv)
 
-    accuracy, images, prompts, rate = evaluate(args.model, args.combos, args.seed, args.batch)
+    accuracy, images, prompts, rate = evaluate(args.model, args.combos, args.seed, args.batch, args.quantize)
     d = load_defaults(args.model)
-    print(f"{args.model}: {len(prompts)} prompts at {d['width']}x{d['height']}, {d['num_steps']} steps")
+    print(f"{args.model}: {len(prompts)} prompts at {d['width']}x{d['height']}, {d['num_steps']} steps, "
+          f"{args.quantize or 'bf16'} weights")
     print(table(accuracy))
     print(f"{rate:.1f} images/s")
     for group, acc in accuracy.items():

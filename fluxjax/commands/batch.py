@@ -21,7 +21,7 @@ from fluxjax.sampling.sampler import SEEDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fluxjax.commands.generate import add_quantize_argument
+    from fluxjax.commands.generate import add_memory_arguments
 
     parser.add_argument("prompts", help="a text file (one prompt a line) or a .jsonl file (one object a line, keys "
                                         "as generate's flags (fluxjax/pipeline/request.py): "
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a hub-layout folder, an Orbax folder from fluxjax convert, a hub repo id, or 'tiny' "
                              "(default: FLUX.1-schnell from the local hub cache when present, else tiny)")
     parser.add_argument("--sharding", default=None, help="a sharding strategy name or file (default: one device)")
-    add_quantize_argument(parser)
+    add_memory_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per compiled batch (default 1)")
     # The request's options as defaults for every line that does not give its own.
     request.add_arguments(parser, "batch", help={
@@ -73,7 +73,7 @@ def run(args) -> int:
         print(f"fluxjax batch: {notice}", file=sys.stderr)
     start = time.perf_counter()
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, devices=jax.local_devices(),
-                                        quantize=args.quantize)
+                                        quantize=args.quantize, residency=args.residency)
     if args.guidance is not None:
         try:
             pipe.settings(guidance=args.guidance)

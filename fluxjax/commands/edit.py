@@ -20,7 +20,7 @@ from fluxjax.models.attention import ATTENTION_IMPLEMENTATIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fluxjax.commands.generate import add_quantize_argument
+    from fluxjax.commands.generate import add_memory_arguments
 
     parser.add_argument("image", help="the image to edit (PNG, JPEG, ...), sides multiples of 16 unless --resize")
     parser.add_argument("--out", default="edited.png", help="the PNG to write (default: edited.png)")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
                         help="a strategy of fluxjax/configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
-    add_quantize_argument(parser)
+    add_memory_arguments(parser)
 
 
 def _check(args) -> tuple[int, int]:

@@ -37,18 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention kernel (auto: fluxjax's CPU kernel on a CPU, XLA elsewhere)")
     parser.add_argument("--sharding", default=None,
                         help="a strategy of fluxjax/configs/sharding (dp, fsdp, tp, fsdp_tp) or a strategy file (default: one device)")
-    add_quantize_argument(parser)
+    add_memory_arguments(parser)
     request.add_arguments(parser.add_argument_group("the request (fluxjax/pipeline/request.py; img2img, inpainting, "
                                                     "references, control, true CFG)"), "generate")
 
 
-def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
-    """--quantize of generate, edit and batch (FluxPipeline.from_pretrained's quantize)."""
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quantize and --residency of generate, edit and batch (FluxPipeline.from_pretrained's quantize
+    and residency)."""
     from fluxjax.models.quantize import MODES
+    from fluxjax.pipeline.residency import MODES as RESIDENCY
 
     parser.add_argument("--quantize", default=None, choices=tuple(MODES),
                         help="hold the transformer's and T5's Linears as int8 or fp8 weights with a scale per "
                              "output channel (about half the memory of bf16; error in docs/quantization.md)")
+    parser.add_argument("--residency", default="auto", choices=RESIDENCY,
+                        help="where T5 and CLIP live: auto (default: on the devices, or on the host CPU when they do "
+                             "not fit beside the transformer, said in one line), device, or host")
 
 
 def _check(args) -> None:
@@ -170,7 +175,7 @@ def load_pipeline(args, command: str, rows: int = 1, size_name: str = "--width/-
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     pipe = FluxPipeline.from_pretrained(model, dtype=args.dtype, sharding=args.sharding, transformer=args.transformer,
                                         vae=args.vae, attention_impl=args.attention, loras=_loras(args), fuse=True,
-                                        quantize=args.quantize)
+                                        quantize=args.quantize, residency=args.residency)
     return host, pipe, {"load": time.perf_counter() - start}
 
 

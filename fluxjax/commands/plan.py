@@ -95,7 +95,7 @@ def _topology(args) -> int:
 
     from fluxjax.plan import tpu as plan_tpu
     from fluxjax.errors import UsageError
-    from fluxjax.plan.planner import FLUX2_PRESETS, GIB, TEXT_LENGTHS, check_model, make_plan, parse_size
+    from fluxjax.plan.planner import FLUX2_PRESETS, GIB, TEXT_LENGTHS, check_model, make_plan, parse_size, resident
     from fluxjax.parallel.strategies import Strategy
 
     check_model(args.model)
@@ -119,11 +119,11 @@ def _topology(args) -> int:
                                     TEXT_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant,
                                     quantize=args.quantize)
     first = next(iter(got.values()))
-    temps = [g["compiled"]["temp_bytes"] for g in got.values()]
     hbm = first["compiled"]["hbm_bytes"]
-    # Every component stays on the device (exact per-device bytes from shapes and the table), and
-    # the programs run one at a time: the largest one's temporaries on top.
-    resident = analytic.param_bytes + max(temps)
+    # Exact per-device parameter bytes (shapes and the table) of the components the device holds
+    # (T5 and CLIP leave for the host CPU where all do not fit, as the pipeline's residency="auto"
+    # places them), and the largest temporaries of the programs it runs, one at a time.
+    held = resident(analytic, {name: g["compiled"]["temp_bytes"] for name, g in got.items()}, hbm)
     report = dict(topology=args.topology, slices=args.slices, device_kind=first["device_kind"], devices=len(devices),
                   model=args.model, variant=args.variant, strategy=strategy.name, mesh=analytic.mesh_shape,
                   size=f"{width}x{height}", batch=analytic.padded_batch, dtype=args.dtype, quantize=args.quantize,
@@ -134,8 +134,7 @@ def _topology(args) -> int:
                   programs={name: dict(compiled=g["compiled"], mosaic_kernels=g["mosaic_kernels"],
                                        collectives={k: v["count"] for k, v in g["collectives"].items()})
                             for name, g in got.items()},
-                  resident=dict(param_bytes=analytic.param_bytes, largest_temp_bytes=max(temps), total_bytes=resident,
-                                fits=None if hbm is None else resident <= hbm))
+                  resident=held)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -151,8 +150,11 @@ def _topology(args) -> int:
         state = f"refused: {c['refused']}" if c.get("refused") else (
             f"arguments {gib(c['argument_bytes'])}, temporaries {gib(c['temp_bytes'])}, outputs {gib(c['output_bytes'])}")
         print(f"  {name:<10} {state}; {c['compile_s']:.1f} s{kernels}; collectives {coll}")
-    print(f"  resident   parameters of every component {gib(analytic.param_bytes)} [exact] + the largest temporaries "
-          f"{gib(max(temps))} = {gib(resident)}")
+    which = "every component" if held["residency"] == "device" else "the transformer and the VAE"
+    print(f"  resident   parameters of {which} {gib(held['param_bytes'])} [exact] + the largest temporaries "
+          f"{gib(held['largest_temp_bytes'])} = {gib(held['total_bytes'])}")
+    if held["note"]:
+        print(f"  residency  {held['note']}")
     print(f"  analytic   transformer step {gib(report['analytic']['total_bytes'])} [fluxjax plan without --topology]")
     if hbm is not None:
         print(f"{'fits' if report['resident']['fits'] else 'does NOT fit'} in {gib(hbm)} of HBM per chip")

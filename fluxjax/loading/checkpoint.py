@@ -75,6 +75,17 @@ def leaf_shardings(shapes: Mapping, sharding: ShardingFn | None) -> dict[str, ja
     return given
 
 
+def device_bytes(shapes: Mapping, sharding: ShardingFn | None) -> int:
+    """Bytes of the parameters `shapes` (the boxed abstract tree) that one device holds when they are
+    placed by `sharding` (as `leaf_shardings` reads it): each leaf's shard on the most loaded device."""
+    shardings = leaf_shardings(shapes, sharding)
+    total = 0
+    for path, leaf in flat(shapes).items():
+        shard = shardings[path].shard_shape(leaf.shape)
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
 def place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A host array as a jax.Array laid out by `sharding`: each device is sent only its slice."""
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

@@ -172,8 +172,18 @@ def load(component: str, source: str | os.PathLike, dtype="float32", sharding: S
         return model, restore_params(folder, shapes, None if held else dtype, sharding)
     # Orbax holds the unquantized stacks: restored whole into host memory (the CPU device, also
     # beside an accelerator), then quantized one leaf at a time (each leaf released once placed).
-    leaves = flat(restore_params(folder, shapes, dtype, _on_host))
+    leaves = flat(restore_params(folder, shapes, dtype, on_host))
     return model, _place(component, model, ((p, np.asarray(leaves.pop(p))) for p in list(leaves)), sharding)
+
+
+def model_of(component: str, source: str | os.PathLike, dtype="float32", config=None, **options):
+    """The linen module `load(component, source, dtype, config=config, **options)` builds, from the
+    checkpoint's header or the converted folder's marker alone (no weight is read): what its
+    parameters will weigh is `abstract_params(component, model_of(...))`."""
+    path = _in_pipeline_folder(component, os.fspath(source))
+    if is_component(path):
+        return build(component, config or marker_config(component, path), dtype, **options)
+    return build(component, spec(component).read_table(path, config).config, dtype, **options)
 
 
 def stored_quantize(component: str, path: str | os.PathLike, quantize: str | None) -> str | None:
@@ -206,8 +216,9 @@ def _unquantized(model):
     return model.clone(quantize=None) if getattr(model, "quantize", None) else model
 
 
-def _on_host(shapes):
-    """A ShardingFn placing every leaf on this process's CPU device (host memory)."""
+def on_host(shapes):
+    """A ShardingFn placing every leaf on this process's CPU device (host memory; it exists beside
+    an accelerator's backend unless JAX_PLATFORMS leaves "cpu" out)."""
     host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     return jax.tree.map(lambda _: host, shapes)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fluxjax.config import AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.errors import UsageError
-from fluxjax.loading.registry import COMPONENTS, PRESETS, random_component
+from fluxjax.loading.registry import COMPONENTS, PRESETS, build, random_component
 from fluxjax.pipeline import conditioning
 from fluxjax.pipeline.text import PromptTokenizer
 from fluxjax.pipeline.tiny_tokenizers import make_tokenizers
@@ -34,16 +34,23 @@ def component_options(component: str, attention_impl: str, quantize: str | None 
                                              quantize=quantize))
 
 
-def tiny_components(dtype, attention_impl: str, sharding, quantize: str | None) -> tuple[dict, PromptTokenizer]:
+def tiny_models(dtype, attention_impl: str, quantize: str | None) -> dict:
+    """{name: linen module} of the tiny preset, as tiny_components builds them (no weights)."""
+    return {name: build(name, COMPONENTS[name].config.preset(preset), dtype, **component_options(name, attention_impl, quantize))
+            for name, preset in PRESETS["tiny"].items()}
+
+
+def tiny_components(dtype, attention_impl: str, shardings: dict, quantize: str | None) -> tuple[dict, PromptTokenizer]:
     """({name: Component}, tokenizer) of the tiny preset: small random models (fixed seeds, so the
-    same weights everywhere, placed by `sharding`) and locally trained tokenizers."""
+    same weights everywhere, component `name` placed by `shardings[name]`, a ShardingFn or None)
+    and locally trained tokenizers."""
     with tempfile.TemporaryDirectory() as folder:
         make_tokenizers(folder)
         tokenizer = PromptTokenizer.from_folder(folder)
     components = {}
     for seed, (name, preset) in enumerate(PRESETS["tiny"].items()):
         spec = COMPONENTS[name]
-        components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, sharding, seed,
+        components[name] = Component(*random_component(name, spec.config.preset(preset), dtype, shardings[name], seed,
                                                        **component_options(name, attention_impl, quantize)))
     return components, tokenizer
 

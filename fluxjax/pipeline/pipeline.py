@@ -29,16 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fluxjax.pipeline import checks, conditioning, sources
+from fluxjax.pipeline import checks, conditioning, residency as residency_rules, sources
 from fluxjax.sampling import sampler as sampling
 from fluxjax.runtime import enable_compilation_cache
 from fluxjax.errors import UsageError
+from fluxjax.loading import registry
+from fluxjax.loading.checkpoint import device_bytes
 from fluxjax.loading.registry import COMPONENTS, load
 from fluxjax.models import attention
 from fluxjax.models.quantize import check_mode
 from fluxjax.parallel.strategies import Strategy
 from fluxjax.pipeline.checks import CheckedRequest
-from fluxjax.pipeline.components import Component, check_compatible, component_options, tiny_components
+from fluxjax.pipeline.components import Component, check_compatible, component_options, tiny_components, tiny_models
 from fluxjax.pipeline.defaults import Defaults, kind_defaults, kind_schedule, read_defaults, resolve_settings, with_overrides
 from fluxjax.pipeline.editing import EditMixin
 from fluxjax.pipeline.lora_state import LoraMixin, LoraState
@@ -104,7 +106,8 @@ class FluxPipeline(LoraMixin, EditMixin):
     """Text to image with FLUX.1. Build with `FluxPipeline.from_pretrained(...)`, call with a prompt.
 
     Attributes: transformer, t5, clip, vae (Components), tokenizer (PromptTokenizer), schedule
-    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), variant ("base", "fill", "control" or
+    (sampling.Schedule), kind ("dev", "schnell" or "tiny"), residency ("device", or "host": T5 and CLIP
+    in host memory, run on the CPU; fluxjax/pipeline/residency.py), variant ("base", "fill", "control" or
     "kontext": read from the checkpoint, fluxjax.pipeline.conditioning.variant_of), defaults (Defaults: the
     kind's and variant's, or a folder's defaults.json), name (str), timings (seconds of each stage of
     the last call: encode, denoise, decode), grammar (None, or a function that raises ValueError for
@@ -116,11 +119,11 @@ class FluxPipeline(LoraMixin, EditMixin):
     def __init__(self, transformer: Component, t5: Component, clip: Component, vae: Component,
                  tokenizer: PromptTokenizer, schedule: sampling.Schedule, kind: str, name: str,
                  strategy: Strategy | None = None, mesh: Mesh | None = None, variant: str = "base",
-                 defaults: Defaults | None = None):
+                 defaults: Defaults | None = None, residency: str = "device"):
         check_compatible(transformer.model.config, t5.model.config, clip.model.config, vae.model.config, variant)
         self.transformer, self.t5, self.clip, self.vae = transformer, t5, clip, vae
         self.tokenizer, self.schedule, self.kind, self.name = tokenizer, schedule, kind, name
-        self.strategy, self.mesh, self.variant = strategy, mesh, variant
+        self.strategy, self.mesh, self.variant, self.residency = strategy, mesh, variant, residency
         self.defaults = kind_defaults(kind, variant) if defaults is None else defaults
         self.grammar = None
         self.timings: dict[str, float] = {}
@@ -154,7 +157,8 @@ class FluxPipeline(LoraMixin, EditMixin):
     def from_pretrained(cls, source: str | os.PathLike | None = None, dtype="bfloat16", sharding=None,
                         transformer: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
                         attention_impl: str = "auto", devices=None, loras=(), fuse: bool = True,
-                        variant: str | None = None, quantize: str | None = None) -> "FluxPipeline":
+                        variant: str | None = None, quantize: str | None = None,
+                        residency: str = "auto") -> "FluxPipeline":
         """Load a pipeline.
 
         source: a folder in the hub's diffusers layout (model_index.json, transformer/, vae/,
@@ -190,10 +194,23 @@ class FluxPipeline(LoraMixin, EditMixin):
             channel, quantized on the host as they are read; about half the bf16 bytes), the
             embedders, final layer, norms, CLIP and the VAE in `dtype`. Error and memory
             measured in docs/quantization.md.
+        residency: where T5 and CLIP live (fluxjax/pipeline/residency.py). "auto" (default): on
+            the devices, unless every component's parameters (per device, from their abstract
+            shapes and the strategy) and an eighth of a device's memory for temporaries exceed
+            that memory (`memory_stats()["bytes_limit"]`; a backend that tells none, the CPU,
+            keeps them there): then on the host, said in one line (a ResidencyWarning). "host":
+            their parameters in host memory, run on this process's CPU, the outputs sent to the
+            devices (the same numbers, seconds slower per call). "device": beside the transformer.
+            "auto" rather than a fixed choice: on an accelerator with room for everything the
+            encoders run faster there; where they do not fit, "device" would fail to load.
         """
+        residency_rules.check_residency(residency)
         if source is not None and pipeline_for(source) is not FluxPipeline:
             from fluxjax.pipeline import flux2
 
+            if residency != "auto":
+                raise UsageError(f"residency={residency!r} places FLUX.1's T5 and CLIP; {os.fspath(source)} is a "
+                                 "FLUX.2 pipeline: leave residency out")
             return flux2.Flux2Pipeline.from_pretrained(
                 source, dtype, attention_impl=attention_impl, sharding=sharding, transformer=transformer, vae=vae,
                 devices=devices, loras=loras, fuse=fuse, variant=variant, quantize=quantize)
@@ -205,7 +222,8 @@ class FluxPipeline(LoraMixin, EditMixin):
             strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
             mesh = strategy.make_mesh(devices)
         attention.check_implementation(attention_impl, (list(devices) if devices else jax.devices())[0])
-        settings = dict(strategy=strategy, mesh=mesh, quantize=quantize)
+        device = mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0]
+        settings = dict(strategy=strategy, mesh=mesh, quantize=quantize, residency=residency, device=device)
         if source is None:
             source, notice = default_source()
             if notice is not None:
@@ -227,13 +245,16 @@ class FluxPipeline(LoraMixin, EditMixin):
 
     @classmethod
     def _from_folder(cls, root, dtype, transformer_file, vae_file, attention_impl, declared, strategy,
-                     mesh, quantize) -> "FluxPipeline":
+                     mesh, quantize, residency, device) -> "FluxPipeline":
         sources.check_folder(root, transformer_file, vae_file)
         overrides = read_defaults(root)  # before minutes of loading: a bad file fails at once
         files = {name: os.path.join(root, spec.folder) for name, spec in COMPONENTS.items()}
         files.update({k: v for k, v in (("transformer", transformer_file), ("vae", vae_file)) if v is not None})
         sharding = strategy.param_shardings(mesh) if strategy else None
-        components = {name: Component(*load(name, src, dtype, sharding, **component_options(name, attention_impl, quantize)))
+        options = {name: component_options(name, attention_impl, quantize) for name in files}
+        where, shardings = _placement(residency, lambda: {name: registry.model_of(name, src, dtype, **options[name])
+                                                          for name, src in files.items()}, sharding, device)
+        components = {name: Component(*load(name, src, dtype, shardings[name], **options[name]))
                       for name, src in files.items()}
         guidance_embed = components["transformer"].model.config.guidance_embed
         kind = "dev" if guidance_embed else "schnell"
@@ -252,16 +273,18 @@ class FluxPipeline(LoraMixin, EditMixin):
             tokenizer = sources.NormalizingTokenizer(tokenizer, normalize, name)
         return cls(**components, tokenizer=tokenizer, schedule=schedule, kind=kind, name=name, strategy=strategy,
                    mesh=mesh,
-                   variant=variant, defaults=with_overrides(root, overrides, guidance_embed, kind_defaults(kind, variant)))
+                   variant=variant, defaults=with_overrides(root, overrides, guidance_embed, kind_defaults(kind, variant)),
+                   residency=where)
 
     @classmethod
-    def _tiny(cls, dtype, attention_impl, declared, strategy, mesh, quantize) -> "FluxPipeline":
+    def _tiny(cls, dtype, attention_impl, declared, strategy, mesh, quantize, residency, device) -> "FluxPipeline":
         """Small random models and locally trained tokenizers: for demos and tests, not images."""
         sharding = strategy.param_shardings(mesh) if strategy else None
-        components, tokenizer = tiny_components(dtype, attention_impl, sharding, quantize)
+        where, shardings = _placement(residency, lambda: tiny_models(dtype, attention_impl, quantize), sharding, device)
+        components, tokenizer = tiny_components(dtype, attention_impl, shardings, quantize)
         variant = conditioning.variant_of(components["transformer"].model.config.in_channels, None, declared, "tiny")
         return cls(**components, tokenizer=tokenizer, schedule=sampling.Schedule.dev(), kind="tiny", name="tiny",
-                   strategy=strategy, mesh=mesh, variant=variant)
+                   strategy=strategy, mesh=mesh, variant=variant, residency=where)
 
     # --- generation ------------------------------------------------------------------------
 
@@ -506,9 +529,20 @@ class FluxPipeline(LoraMixin, EditMixin):
         """Token ids (B, L) and (B, 77) -> txt (B, L, context_dim), vec (B, vec_dim) in the transformer's dtype.
 
         Sharded as the pipeline's strategy says when called inside `self.strategy.activate(self.mesh)`.
+        With the encoders on the host (`residency`), they run on the CPU and their outputs are
+        placed as the strategy places a batch (ids given placed are gathered to the host first).
         """
-        return encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params,
-                                  t5_ids, clip_ids, self.transformer.model.dtype)
+        if self.residency != "host":
+            return encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params,
+                                      t5_ids, clip_ids, self.transformer.model.dtype)
+        ids = [gather(x) if isinstance(x, jax.Array) else np.asarray(x) for x in (t5_ids, clip_ids)]
+        with residency_rules.on_host():
+            out = encode_prompts_jit(self.t5.model, self.t5.params, self.clip.model, self.clip.params, *ids,
+                                     self.transformer.model.dtype)
+        out = tuple(np.asarray(x) for x in out)
+        if self.strategy is None:
+            return tuple(jax.device_put(x, jax.local_devices()[0]) for x in out)
+        return self.strategy.put_batch(out, self.mesh)[0]
 
     def settings(self, num_steps: int | None = None, guidance: float | None = None,
                  max_sequence_length: int | None = None) -> tuple[int, float | None, int]:
@@ -517,3 +551,23 @@ class FluxPipeline(LoraMixin, EditMixin):
         embedding, which refuse one given (UsageError)."""
         return resolve_settings(self.defaults, self.transformer.model.config.guidance_embed,
                                 f"{self.name} ({self.kind})", num_steps, guidance, max_sequence_length)
+
+
+def _placement(residency: str, models: Callable[[], dict], sharding, device) -> tuple[str, dict]:
+    """(where the text encoders go, {component: the ShardingFn its parameters are placed by}).
+
+    residency: from_pretrained's; models(): {component: linen module} as it will be loaded (built
+    only when "auto" has a device memory to weigh them against); sharding: the strategy's
+    ShardingFn or None; device: one of the devices it places on. "host" places T5 and CLIP on
+    the CPU device (registry.on_host); "auto" says so in one line (residency.ResidencyWarning).
+    """
+    limit = residency_rules.memory_limit(device) if residency == "auto" else None
+    weights = {} if limit is None else {name: device_bytes(registry.abstract_params(name, model), sharding)
+                                        for name, model in models().items()}
+    where, line = residency_rules.decide(residency, weights, limit)
+    if line is not None:
+        warnings.warn(line, residency_rules.ResidencyWarning, stacklevel=4)  # the line calling from_pretrained
+    if where == "host":
+        residency_rules.host_device()  # a one-line error now, not deep in the first placement
+    return where, {name: registry.on_host if where == "host" and name in residency_rules.ENCODERS else sharding
+                   for name in COMPONENTS}

@@ -3,8 +3,10 @@
 Three figures, each labelled with how it was obtained:
   parameters   exact: every leaf of `jax.eval_shape(model.init)` divided as the strategy's
                table divides it on the mesh (FLUX.1: transformer, T5-XXL, CLIP-L, VAE; FLUX.2:
-               transformer, Qwen3 or Mistral text encoder, VAE; all resident), with the count
-               the config's formula gives beside it (fluxjax/plan/counts.py).
+               transformer, Qwen3 or Mistral text encoder, VAE; all resident, but where they do not
+               fit in the given memory T5 and CLIP run on the host CPU, as the pipeline's
+               residency="auto" places them: fluxjax/pipeline/residency.py), with the count the
+               config's formula gives beside it (fluxjax/plan/counts.py).
   activations  of one denoise step, two sources:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
                plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
@@ -38,6 +40,7 @@ from fluxjax.parallel.strategies import BATCH_AXIS, Strategy
 from fluxjax.pipeline.mistral_tokenizer import FLUX2_DEV_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.plan import counts
+from fluxjax.pipeline import residency as residency_rules
 
 # The T5 length of each FLUX.1 --model (its components are fluxjax.loading.registry.PRESETS[model]).
 T5_LENGTHS = {"dev": 512, "schnell": 256, "tiny": 16}
@@ -122,6 +125,13 @@ def formula_count(name: str, model) -> int | None:
 def abstract_params(model: str, dtype: Any, quantize: str | None = None) -> dict[str, Any]:
     """Boxed abstract parameter trees (stacked layout) of `model`'s components, parameters in `dtype`
     (the Linears of the components that take `quantize` in its dtype and float32 scales)."""
+    return dict(_abstract_params(model, jnp.dtype(dtype).name, quantize))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(model: str, dtype: str, quantize: str | None) -> dict[str, Any]:
+    """abstract_params, cached: tracing dev's four components takes seconds, and a plan is often
+    made for several strategies or memories (the trees are immutable shapes)."""
     return {name: component_shapes(name, build_component(name, preset, dtype, quantize=quantize))
             for name, preset in component_presets(model).items()}
 
@@ -298,10 +308,18 @@ class Plan:
     seq_traffic_bytes: int = 0  # sequence_traffic: attention's bytes sent per device per step
     sequence: tuple[SequenceRow, ...] = ()  # sequence_table for the strategy's method
     quantize: str | None = None  # the Linears' weight quantization ("int8", "fp8"), as in params
+    residency: str = "device"  # where T5 and CLIP run: "host" where they do not fit in `hbm` (residency.decide)
+    residency_note: str | None = None  # the one line the pipeline says then
+
+    @property
+    def on_device(self) -> dict[str, ParamMemory]:
+        """The components a device holds: all, or all but the text encoders when they run on the host."""
+        return {name: p for name, p in self.params.items()
+                if self.residency == "device" or name not in residency_rules.ENCODERS}
 
     @property
     def param_bytes(self) -> int:
-        return sum(p.device_bytes for p in self.params.values())
+        return sum(p.device_bytes for p in self.on_device.values())
 
     @property
     def activation_bytes(self) -> int:
@@ -360,8 +378,44 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
         measured = xla_step_memory(model, strategy, devices, padded, l_img, l_txt)
         ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4, **split) + gathered * 4 // dt.itemsize)
         measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
-    return Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
+    plan = Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
                 analytic, gathered, measured, hbm, method, seq_split, traffic, table, quantize)
+    # The step's activations are the temporaries beside the parameters (the pipeline, without a
+    # plan, keeps residency.RESERVE of the memory for them).
+    where, note = _residency(model, params, hbm, plan.activation_bytes)
+    return dataclasses.replace(plan, residency=where, residency_note=note)
+
+
+def _residency(model: str, params: dict[str, "ParamMemory"], hbm: int | None, temporaries: int) -> tuple[str, str | None]:
+    """residency.decide for `model`'s components; FLUX.2's text encoder stays on the device (its
+    pipeline has no host residency yet: residency.ENCODERS are FLUX.1's T5 and CLIP)."""
+    if model in FLUX2_PRESETS:
+        return "device", None
+    return residency_rules.decide("auto", device_param_bytes(params), hbm, temporaries)
+
+
+def device_param_bytes(params: dict[str, ParamMemory]) -> dict[str, int]:
+    """{component: its parameter bytes on one device}, as residency.decide weighs them."""
+    return {name: p.device_bytes for name, p in params.items()}
+
+
+def resident(plan: Plan, temporaries: dict[str, int], hbm: int | None) -> dict[str, Any]:
+    """What one device holds while the pipeline runs, from compiled programs' temporaries
+    ({program: bytes}, "encode" the text encoders'; `fluxjax plan --topology`) and its memory.
+
+    The programs run one at a time, so a device holds the parameters of the components on it and
+    the largest temporaries of the programs that run on it. residency.decide places T5 and CLIP
+    as the pipeline's "auto" does, weighing every parameter and the largest temporaries of all
+    programs against `hbm`; on the host, their parameters and the encode program leave the count.
+    Returns residency ("device", "host"), note (the pipeline's one line, or None), param_bytes,
+    largest_temp_bytes, total_bytes and fits (None without `hbm`).
+    """
+    where, note = _residency(plan.model, plan.params, hbm, max(temporaries.values()))
+    held = dataclasses.replace(plan, residency=where)
+    temps = max(v for k, v in temporaries.items() if where == "device" or k != "encode")
+    total = held.param_bytes + temps
+    return dict(residency=where, note=note, param_bytes=held.param_bytes, largest_temp_bytes=temps, total_bytes=total,
+                fits=None if hbm is None else total <= hbm)
 
 
 def xla_step_memory(model: str, strategy: Strategy, devices: int, batch: int, l_img: int, l_txt: int) -> dict[str, Any]:
@@ -400,7 +454,10 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  params {name:<12}{_gb(p.device_bytes)}  of {p.total_bytes / 1e9:.3f} GB, "
                      f"{p.count:,} parameters  [exact: shapes / table{formula}]")
         lines += [f"      {n}" for n in p.notes]  # path: what did not divide, what the dim got instead
-    lines.append(f"  params total      {_gb(plan.param_bytes)}  [exact]")
+    held = "" if plan.residency == "device" else "; T5 and CLIP on the host CPU, as the pipeline's residency='auto' places them"
+    lines.append(f"  params total      {_gb(plan.param_bytes)}  [exact{held}]")
+    if plan.residency_note:
+        lines.append(f"  residency         {plan.residency_note}")
     lines.append(f"  step activations  {_gb(plan.analytic_bytes)}  [analytic: peak of a single-stream block, XLA attention, "
                  f"+ {plan.gathered_bytes / 1e9:.3f} GB: one block's weights as the scan slices them, all-gathered under fsdp]")
     if plan.xla:
