@@ -82,7 +82,6 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
 @pytest.mark.parametrize("args, flag", [
     (["--lora", "LORA"], "--lora"),
     (["--quantize", "int8"], "--quantize"),
-    (["--sharding", "dp"], "--sharding"),
     (["--control", "IMAGE"], "--control"),
     (["--prompt-2", "another"], "--prompt-2"),
     (["--resize", "crop", "--image", "IMAGE", "--mask", "IMAGE"], "--resize"),

@@ -37,18 +37,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.errors import NonFiniteError, UsageError
+from fluxjax.errors import UsageError
 from fluxjax.loading.mistral import load_mistral
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.loading.registry import load_transformer, load_vae
 from fluxjax.models import latents2
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
-from fluxjax.parallel.strategies import jit_with_rules
+from fluxjax.parallel.strategies import Strategy, jit_with_rules, placed
 from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
 from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
-from fluxjax.pipeline.outputs import to_uint8
+from fluxjax.pipeline.outputs import check_output, gather, to_uint8
 from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
@@ -62,12 +62,11 @@ REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diff
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
 REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # diffusers' Flux2ImageProcessor.check_image_input
 # FluxPipeline.from_pretrained's options a FLUX.2 folder leaves at these values (FLUX.1's for now).
-LOAD_DEFAULTS = dict(sharding=None, transformer=None, vae=None, devices=None, loras=(), fuse=True, variant=None,
-                     quantize=None)
+LOAD_DEFAULTS = dict(transformer=None, vae=None, loras=(), fuse=True, variant=None, quantize=None)
 # The request options (fluxjax/pipeline/request.py's names) and loading options a FLUX.2 pipeline
 # does not take: `check_options` refuses them before loading. (resize: an inpainted image is
 # resized as diffusers' Flux2KleinInpaintPipeline does, flux2_inpaint.inpaint_inputs.)
-NOT_TAKEN = ("prompt_2", "control", "resize", "loras", "sharding", "transformer", "vae", "quantize")
+NOT_TAKEN = ("prompt_2", "control", "resize", "loras", "transformer", "vae", "quantize")
 
 
 @dataclass(frozen=True)
@@ -209,12 +208,14 @@ class Flux2Pipeline:
 
     Attributes: transformer, text_encoder, vae (Components), tokenizer (transformers' Qwen2
     tokenizer; for [dev] Mistral's tokenizer or processor), schedule (sampling.Flux2Schedule),
-    is_distilled (klein), family (Family), defaults (KleinDefaults), name, timings (seconds of each
-    stage of the last call: encode, denoise, decode).
+    is_distilled (klein), family (Family), defaults (KleinDefaults), name, strategy and mesh (the
+    sharding strategy and its mesh, None on one device, as FluxPipeline's), timings (seconds of
+    each stage of the last call: encode, denoise, decode).
     """
 
     def __init__(self, transformer: Component, text_encoder: Component, tokenizer, vae: Component,
-                 schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN):
+                 schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN,
+                 strategy: Strategy | None = None, mesh: jax.sharding.Mesh | None = None):
         t, q, v = transformer.model.config, text_encoder.model.config, vae.model.config
         problems = []
         if t.vec_in_dim or t.id_columns != 4:
@@ -235,6 +236,7 @@ class Flux2Pipeline:
             raise UsageError(f"{name}: components do not fit together: " + "; ".join(problems))
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
         self.schedule, self.is_distilled, self.name, self.family = schedule, is_distilled, name, family
+        self.strategy, self.mesh = strategy, mesh
         self.defaults = family_defaults(family, is_distilled)
         self.timings: dict[str, float] = {}
 
@@ -287,7 +289,7 @@ class Flux2Pipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype="bfloat16", attention_impl: str = "auto",
-                        **unsupported) -> "Flux2Pipeline":
+                        sharding=None, devices=None, **unsupported) -> "Flux2Pipeline":
         """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
         text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/) or a
         Flux2Pipeline one (FLUX.2 [dev]: text_encoder/ Mistral3ForConditionalGeneration, tokenizer/
@@ -295,8 +297,13 @@ class Flux2Pipeline:
 
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         attention_impl: the transformer's (see FluxPipeline.from_pretrained).
+        sharding, devices: as FluxPipeline.from_pretrained's: a strategy of fluxjax/configs/sharding
+            (any, the sp_* ones included), a strategy file or a Strategy, over `devices` (default all);
+            the transformer and the text encoder are read straight into their shards as its tables
+            say, the VAE too (no strategy splits its convolutions: replicated), and each call's
+            batch is split along its data axes (padded, the padding dropped).
         unsupported: FluxPipeline.from_pretrained's other options; each left at its default or
-            refused (sharding, LoRAs, single files, quantization are FLUX.1's for now).
+            refused (LoRAs, single files, quantization are FLUX.1's for now).
         """
         for key, value in unsupported.items():
             if key not in LOAD_DEFAULTS:
@@ -315,17 +322,23 @@ class Flux2Pipeline:
         missing = [f for f in FOLDERS if not os.path.isdir(os.path.join(root, f))]
         if missing:
             raise UsageError(f"{root}: not a {kind} folder, missing {', '.join(m + '/' for m in missing)}")
+        strategy = mesh = placement = None
+        if sharding is not None:
+            strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
+            mesh = strategy.make_mesh(devices)
+            placement = strategy.param_shardings(mesh)
         from transformers import AutoTokenizer
 
         dtype = jnp.dtype(dtype)
         transformer = Component(*load_transformer(os.path.join(root, "transformer"), dtype,
-                                                  attention_impl=attention_impl))
-        text_encoder = Component(*family.load_text_encoder(os.path.join(root, "text_encoder"), dtype))
-        vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
+                                                  attention_impl=attention_impl, sharding=placement))
+        text_encoder = Component(*family.load_text_encoder(os.path.join(root, "text_encoder"), dtype,
+                                                           sharding=placement))
+        vae = Component(*load_vae(os.path.join(root, "vae"), dtype, sharding=placement))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
         schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
         return cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
-                   os.path.basename(os.path.normpath(root)), family)
+                   os.path.basename(os.path.normpath(root)), family, strategy, mesh)
 
     def __call__(self, prompt: str | Sequence[str], height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, seed: int | Sequence[int] = 0, latents=None,
@@ -424,51 +437,71 @@ class Flux2Pipeline:
             self.schedule.shift_sigmas(sigmas, rows * cols)
         first = 0 if inpaint is None else strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
 
-        start = time.perf_counter()
-        txt = self.encode(prompts, length, layers)
-        cond = {}
+        # Host inputs, every one (B, ...): padded and placed on the mesh together under a strategy.
+        ids, mask = self.family.tokenize(self.tokenizer, prompts, length)
+        inputs = dict(ids=ids, mask=mask, img=np.asarray(latents2.pack(noise)), img_ids=position_ids(batch, rows, cols),
+                      txt_ids=text_ids(batch, ids.shape[1]))
+        if guidance is not None:
+            inputs["guidance"] = np.full((batch,), guidance, np.float32)
         if cfg is not None:
-            negatives, scales = cfg
-            cond.update(neg_txt=self.encode(negatives, length, layers), true_cfg=scales)
-        if references is not None:
-            tokens = [encode_tokens(self.vae.model, self.vae.params,
-                                    jnp.asarray(r[None].astype(np.float32) / 127.5 - 1.0)) for r in references]
-            ref = jnp.concatenate(tokens, axis=1)
-            cond.update(ref_img=jnp.broadcast_to(ref, (batch,) + ref.shape[1:]),
-                        ref_ids=reference_ids([r.shape[:2] for r in references], batch))
-        img = latents2.pack(noise)
-        if inpaint is not None:  # the image's tokens are the first reference's
-            known = jnp.broadcast_to(tokens[0], (batch,) + tokens[0].shape[1:])
-            cond.update(start=np.int32(first), image_latents=known, noise=img,
-                        mask=mask_tokens(inpaint, batch, img.shape[-1]))
-            img = sampling.scale_noise(known, img, schedule[first])
-        txt.block_until_ready()
-        self.timings = {"encode": time.perf_counter() - start}
-
-        start = time.perf_counter()
-        out = sampling.denoise(self.transformer.model, self.transformer.params, img,
-                               position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
-                               None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
-                               cond=sampling.Conditioning(**cond) if cond else None)
-        out.block_until_ready()
-        self.timings["denoise"] = time.perf_counter() - start
-        start = time.perf_counter()
-        # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
-        if not np.isfinite(np.asarray(out)).all():
-            raise NonFiniteError("the denoised latents came out with NaN or infinite values (non-finite weights "
-                                 "or inputs); nothing is decoded")
-        images = np.asarray(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))
-        self.timings["decode"] = time.perf_counter() - start
+            negatives, inputs["true_cfg"] = cfg
+            inputs["neg_ids"], inputs["neg_mask"] = self.family.tokenize(self.tokenizer, negatives, length)
+        if references is not None:  # shared by the batch, repeated per image as FLUX.1's Kontext references
+            inputs["ref_pixels"] = tuple(np.broadcast_to(r.astype(np.float32) / 127.5 - 1.0, (batch,) + r.shape)
+                                         for r in references)
+            inputs["ref_ids"] = reference_ids([r.shape[:2] for r in references], batch)
+        if inpaint is not None:
+            inputs["mask_tokens"] = mask_tokens(inpaint, batch, inputs["img"].shape[-1])
+        inputs, context = placed(self.strategy, self.mesh, inputs)
+        with context:
+            out = self._run(inputs, layers, schedule, first if inpaint is not None else None)
+            start = time.perf_counter()
+            # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
+            check_output(gather(out)[:batch], "the denoised latents of images")
+            images = gather(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))[:batch]
+            self.timings["decode"] = time.perf_counter() - start
         if output == "np":
             return images
         from PIL import Image
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
+    def _run(self, inputs: dict, layers: tuple[int, ...], schedule: np.ndarray, first: int | None) -> jax.Array:
+        """The device stages of a call (encode, denoise) on `inputs` as `__call__` builds them (placed
+        under a strategy): the denoised tokens (B', L_img, 128) float32. first: inpainting's first
+        step (the image's tokens are then the first reference's and the known region), else None."""
+        start = time.perf_counter()
+        txt = self._embed(inputs["ids"], inputs["mask"], layers)
+        cond = {}
+        if "true_cfg" in inputs:
+            cond.update(neg_txt=self._embed(inputs["neg_ids"], inputs["neg_mask"], layers), true_cfg=inputs["true_cfg"])
+        img = inputs["img"]
+        if "ref_pixels" in inputs:
+            tokens = [encode_tokens(self.vae.model, self.vae.params, r) for r in inputs["ref_pixels"]]
+            cond.update(ref_img=jnp.concatenate(tokens, axis=1), ref_ids=inputs["ref_ids"])
+            if first is not None:
+                cond.update(start=np.int32(first), image_latents=tokens[0], noise=img, mask=inputs["mask_tokens"])
+                img = sampling.scale_noise(tokens[0], img, schedule[first])
+        txt.block_until_ready()
+        self.timings = {"encode": time.perf_counter() - start}
+
+        start = time.perf_counter()
+        out = sampling.denoise(self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
+                               inputs["txt_ids"], None, schedule, inputs.get("guidance"),
+                               cond=sampling.Conditioning(**cond) if cond else None)
+        out.block_until_ready()
+        self.timings["denoise"] = time.perf_counter() - start
+        return out
+
     def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] | None = None):
-        """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype."""
+        """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype
+        (on one device; a call under a strategy encodes its placed tokens)."""
         layers = self.family.layers if layers is None else layers
         ids, mask = self.family.tokenize(self.tokenizer, list(prompts), max_sequence_length)
+        return self._embed(ids, mask, layers)
+
+    def _embed(self, ids, mask, layers: Sequence[int]):
+        """Token ids and mask (B, L) -> prompt_embeds (B, L, K * hidden) in the transformer's dtype."""
         return encode_text(self.text_encoder.model, self.text_encoder.params, ids, mask, tuple(layers),
                            self.transformer.model.dtype)
 
