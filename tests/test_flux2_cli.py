@@ -1,7 +1,8 @@
 """`fluxjax generate --model FOLDER` on FLUX.2 hub folders (the tiny klein, distilled and base,
 and [dev] folders of test_flux2_pipeline and test_flux2_dev_pipeline): the PNG holds the pixels
-the library call with the same settings makes, and its recipe; the options FLUX.2 does not take
-are refused in one line before loading, naming the flag.
+the library call with the same settings makes (text to image, references, inpainting, img2img),
+and its recipe; the options FLUX.2 does not take are refused in one line before loading, naming
+the flag.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
     np.testing.assert_array_equal(got, np.asarray(want))
     assert text["strength"] == "0.8"  # Flux2KleinInpaintPipeline's default, as the call used it
 
+    got, text = _generate(klein.root, tmp_path / "g.png", "--image", image, "--strength", "0.5")  # img2img
+    (want,) = klein.pipe(PROMPT, num_steps=2, seed=3, image=image, strength=0.5, output="pil")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert text["strength"] == "0.5"
+
 
 @pytest.mark.parametrize("args, flag", [
     (["--lora", "LORA"], "--lora"),
@@ -85,7 +91,6 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
     (["--control", "IMAGE"], "--control"),
     (["--prompt-2", "another"], "--prompt-2"),
     (["--resize", "crop", "--image", "IMAGE", "--mask", "IMAGE"], "--resize"),
-    (["--image", "IMAGE"], "--image"),  # no img2img
     (["--guidance", "3"], "--guidance"),  # klein has no guidance embedding
 ])
 @pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # the refusals do not depend on the klein

@@ -104,7 +104,9 @@ def test_inpaint_refusals(klein):  # noqa: F811
         klein.pipe("x", image=image, mask_image=mask.resize((32, 32)), output="np")
     with pytest.raises(UsageError, match="strength must be a number in"):
         klein.pipe("x", image=image, mask_image=mask, strength=1.5, output="np")
-    with pytest.raises(UsageError, match="are for inpainting"):
+    with pytest.raises(UsageError, match="image_reference= is for inpainting"):
+        klein.pipe("x", 32, 32, image_reference=image, output="np")
+    with pytest.raises(UsageError, match="strength= without mask_image= is img2img: give one image="):
         klein.pipe("x", 32, 32, strength=0.5, output="np")
     with pytest.raises(UsageError, match="keeps the image's size"):
         klein.pipe("x", 64, 64, image=image, mask_image=mask, output="np")

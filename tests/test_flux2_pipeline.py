@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import types
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -204,6 +205,43 @@ def test_sharded_reference_image_gives_the_single_device_image(klein, tmp_path):
                          "--reference", str(reference), "--steps", "2", "--height", "32", "--width", "48", "--seed",
                          "3", "--max-sequence-length", str(LENGTH), "--dtype", "float32", "--attention", "xla"]) == 0
         np.testing.assert_array_equal(np.asarray(Image.open(out)), to_uint8(pipe(**call, output="np"))[0])
+
+
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # the start is the same with CFG
+def test_img2img_is_the_cut_schedule(klein):
+    """img2img (image= with strength=): at strength 1 exactly the text-to-image pixels; at 0.5 those
+    of a loop written here: the image's tokens noised to the first sigma of the schedule cut at
+    step int(4 - 4 * 0.5) = 2, Euler steps of the transformer from there, decoded."""
+    from fluxjax.models import latents2
+    from fluxjax.pipeline.flux2 import decode_tokens, encode_tokens, position_ids, text_ids
+
+    pipe = klein.pipe
+    image = np.random.default_rng(7).integers(0, 256, (32, 48, 3), np.uint8)
+    noise = _latents(2, 32, 48).numpy()
+    # test_text_to_image_matches_diffusers' call (its executable reused): 4 steps, 2 prompts
+    kw = dict(num_steps=4, latents=noise, max_sequence_length=LENGTH, output="np")
+    t2i = pipe(PROMPTS, 32, 48, **kw)
+    np.testing.assert_array_equal(pipe(PROMPTS, image=image, strength=1.0, **kw), t2i)
+    got = pipe(PROMPTS, image=image, strength=0.5, **kw)
+
+    sigmas, first = pipe.schedule.sigmas(4, 2 * 3), 2
+    x0 = encode_tokens(pipe.vae.model, pipe.vae.params, np.broadcast_to(image / 127.5 - 1.0, (2, 32, 48, 3)))
+    x = sigmas[first] * latents2.pack(noise) + (1.0 - sigmas[first]) * x0
+    txt = pipe.encode(PROMPTS, LENGTH)
+    velocity = jax.jit(lambda x, t: pipe.transformer.model.apply(
+        {"params": pipe.transformer.params}, x, position_ids(2, 2, 3), txt, text_ids(2, LENGTH), t, None, None))
+    for i in range(first, 4):
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, np.full((2,), sigmas[i], np.float32))
+    want = np.asarray(decode_tokens(pipe.vae.model, pipe.vae.params, x, 2, 3))
+    err = float(np.abs(got - want).max())
+    print(f"img2img strength 0.5 against the loop written here: max |pixel error| {err:.1e}; "
+          f"against text to image {np.abs(got - t2i).max():.2f}")
+    assert err <= 1e-5  # the same float32 operations in other programs (measured 2.2e-6)
+    assert np.abs(got - t2i).max() > 10 * PIXEL_TOL  # the image does change the result
+    with pytest.raises(UsageError, match="img2img: give one image="):
+        pipe(PROMPTS[0], 32, 48, strength=0.5, **kw)
+    with pytest.raises(UsageError, match="img2img keeps the image's size"):
+        pipe(PROMPTS[0], 48, 48, image=image, strength=0.5, output="np")
 
 
 def test_schedule_matches_diffusers():

@@ -22,6 +22,11 @@ image's tokens are the first reference and the known region is blended in after 
 (sampling.Conditioning image_latents/noise/mask), from the step `strength` cuts the schedule at.
 The model's defaults stay (a distilled klein 4 steps, a base klein CFG 4), not that pipeline's
 call defaults (50 steps, guidance_scale 8); strength defaults to its 0.8.
+
+img2img (`image=` with `strength=` and no mask; diffusers has no FLUX.2 img2img pipeline): as
+FluxPipeline's, the loop starts from the image's tokens noised to the first sigma of the schedule
+`strength` cuts (sampling.Conditioning start); the image is prepared as inpainting's and is no
+reference. At strength 1 the start is the noise itself: the text-to-image result.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
 from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
 from fluxjax.pipeline.outputs import check_output, gather, to_uint8
-from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
+from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, image_pixels, inpaint_inputs, mask_tokens
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
@@ -242,13 +247,13 @@ class Flux2Pipeline:
 
     # References set the size themselves (the first one's when none is asked), not Kontext's way.
     kontext_references = False
-    default_strength = INPAINT_STRENGTH  # with mask_image
+    default_strength = INPAINT_STRENGTH  # inpainting's and img2img's (FLUX.2 has no img2img default of its own)
 
     @classmethod
     def check_options(cls, root: str, given, name) -> None:
         """Refuse, from `root`'s model_index.json alone (before loading), what its pipeline would
-        refuse: the options of NOT_TAKEN, img2img (an image without a mask), more than one
-        reference with a mask, guidance on klein, CFG on distilled klein and [dev].
+        refuse: the options of NOT_TAKEN, more than one reference with a mask, guidance on klein,
+        CFG on distilled klein and [dev].
 
         given: {option name: value} of the options given (request.py's names, and loading
         options'); name(option) is how a message names one (a CLI flag). UsageError naming the
@@ -262,9 +267,6 @@ class Flux2Pipeline:
         for key in NOT_TAKEN:
             if key in given:
                 raise UsageError(f"{name(key)}: {what}, which does not take it yet")
-        if "image" in given and "mask" not in given:
-            raise UsageError(f"{name('image')}: {what}, which has no img2img; give {name('mask')} to inpaint, "
-                             f"or the image as {name('references')}")
         if "mask" in given and family.guidance_embed:
             raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s")
         if "mask" in given and len(given.get("references", ())) > 1:
@@ -370,16 +372,23 @@ class Flux2Pipeline:
             repainted where the mask is white, from the step `strength` (default 0.8) cuts the schedule
             at; `latents` (or the seed) is then the noise the image is blended with. image_reference:
             one more reference image after the image itself.
-        reference_images: FluxPipeline's spelling (a list): the reference images (`image`), or with
-            mask_image the one image_reference.
+        image, strength without mask_image: img2img (module docstring): `image` (one image; it sets
+            the output size) noised to the step `strength` (in (0, 1]) cuts the schedule at; references
+            then come as reference_images.
+        reference_images: FluxPipeline's spelling (a list): the reference images (`image`), with
+            mask_image the one image_reference, with img2img the references.
         progress: FluxPipeline's keyword, taken so that callers can pass it; no per-step bar is shown.
         """
+        img2img = mask_image is None and strength is not None
+        references = None
         if reference_images is not None and len(reference_images):
-            if mask_image is None and image is not None:
+            if mask_image is None and not img2img and image is not None:
                 raise UsageError("give reference images as image= or reference_images=, not both")
             if mask_image is not None and (image_reference is not None or len(reference_images) > 1):
                 raise UsageError("inpainting takes one reference image (image_reference=)")
-            if mask_image is None:
+            if img2img:
+                references = [reference_pixels(im, f"reference_images {i}") for i, im in enumerate(reference_images)]
+            elif mask_image is None:
                 image = list(reference_images)
             else:
                 image_reference = reference_images[0]
@@ -396,7 +405,7 @@ class Flux2Pipeline:
             raise UsageError("no prompt given")
         for i, p in enumerate(prompts):
             check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
-        references = inpaint = None
+        inpaint = start_image = None
         if mask_image is not None:
             if self.family.guidance_embed:
                 raise UsageError(f"{self.name}: inpainting (mask_image=) is FLUX.2 [klein]'s (Flux2KleinInpaintPipeline)")
@@ -411,8 +420,17 @@ class Flux2Pipeline:
                                                                                            "image_reference")])
             strength_start(1, INPAINT_STRENGTH if strength is None else strength)  # the range check, early
             inpaint = mask
-        elif strength is not None or image_reference is not None:
-            raise UsageError("strength= and image_reference= are for inpainting: give mask_image= (and image=)")
+        elif image_reference is not None:
+            raise UsageError("image_reference= is for inpainting: give mask_image= (and image=)")
+        elif img2img:
+            if image is None or isinstance(image, (list, tuple)):
+                raise UsageError("strength= without mask_image= is img2img: give one image= to start from")
+            start_image = image_pixels(image)
+            if (height or start_image.shape[0], width or start_image.shape[1]) != start_image.shape[:2]:
+                raise UsageError(f"height={height}, width={width}: img2img keeps the image's size "
+                                 f"{start_image.shape[1]}x{start_image.shape[0]} (leave them unset)")
+            height, width = start_image.shape[:2]
+            strength_start(1, strength)  # the range check, early
         elif image is not None:
             given = list(image) if isinstance(image, (list, tuple)) else [image]
             if not given:
@@ -435,7 +453,8 @@ class Flux2Pipeline:
         rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         schedule = self.schedule.sigmas(num_steps, rows * cols) if sigmas is None else \
             self.schedule.shift_sigmas(sigmas, rows * cols)
-        first = 0 if inpaint is None else strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
+        first = 0 if inpaint is None and start_image is None else \
+            strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
 
         # Host inputs, every one (B, ...): padded and placed on the mesh together under a strategy.
         ids, mask = self.family.tokenize(self.tokenizer, prompts, length)
@@ -452,9 +471,12 @@ class Flux2Pipeline:
             inputs["ref_ids"] = reference_ids([r.shape[:2] for r in references], batch)
         if inpaint is not None:
             inputs["mask_tokens"] = mask_tokens(inpaint, batch, inputs["img"].shape[-1])
+        if start_image is not None:
+            inputs["start_pixels"] = np.broadcast_to(start_image.astype(np.float32) / 127.5 - 1.0,
+                                                     (batch,) + start_image.shape)
         inputs, context = placed(self.strategy, self.mesh, inputs)
         with context:
-            out = self._run(inputs, layers, schedule, first if inpaint is not None else None)
+            out = self._run(inputs, layers, schedule, first)
             start = time.perf_counter()
             # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
             check_output(gather(out)[:batch], "the denoised latents of images")
@@ -466,10 +488,11 @@ class Flux2Pipeline:
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
-    def _run(self, inputs: dict, layers: tuple[int, ...], schedule: np.ndarray, first: int | None) -> jax.Array:
+    def _run(self, inputs: dict, layers: tuple[int, ...], schedule: np.ndarray, first: int) -> jax.Array:
         """The device stages of a call (encode, denoise) on `inputs` as `__call__` builds them (placed
-        under a strategy): the denoised tokens (B', L_img, 128) float32. first: inpainting's first
-        step (the image's tokens are then the first reference's and the known region), else None."""
+        under a strategy): the denoised tokens (B', L_img, 128) float32. first: the first step of
+        inpainting (with mask_tokens: the image's tokens are the first reference's and the known
+        region) or img2img (with start_pixels); 0 otherwise."""
         start = time.perf_counter()
         txt = self._embed(inputs["ids"], inputs["mask"], layers)
         cond = {}
@@ -479,9 +502,13 @@ class Flux2Pipeline:
         if "ref_pixels" in inputs:
             tokens = [encode_tokens(self.vae.model, self.vae.params, r) for r in inputs["ref_pixels"]]
             cond.update(ref_img=jnp.concatenate(tokens, axis=1), ref_ids=inputs["ref_ids"])
-            if first is not None:
+            if "mask_tokens" in inputs:
                 cond.update(start=np.int32(first), image_latents=tokens[0], noise=img, mask=inputs["mask_tokens"])
                 img = sampling.scale_noise(tokens[0], img, schedule[first])
+        if "start_pixels" in inputs:
+            cond["start"] = np.int32(first)
+            img = sampling.scale_noise(encode_tokens(self.vae.model, self.vae.params, inputs["start_pixels"]), img,
+                                       schedule[first])
         txt.block_until_ready()
         self.timings = {"encode": time.perf_counter() - start}
 
