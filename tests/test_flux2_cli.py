@@ -115,3 +115,15 @@ def test_cfg_refused_on_distilled_and_dev(klein, dev, tmp_path, capsys):  # noqa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fluxjax generate: error: --negative-prompt: ") \
             and "only a base klein" in err[0], err
+
+
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)
+def test_edit_refused_before_loading(klein, tmp_path, capsys):  # noqa: F811
+    """FLUX.2's FlowEdit is the library's (Flux2Pipeline.edit); the command says so in one line."""
+    image = _image(tmp_path / "im.png", 32, 48, 0)
+    out = tmp_path / "x.png"
+    assert cli.main(["edit", image, "--source-prompt", "a cube", "--target-prompt", "a sphere", "--model",
+                     str(klein.root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a FLUX.2 folder" in err[0] and "Flux2Pipeline.edit" in err[0], err
+    assert not out.exists()

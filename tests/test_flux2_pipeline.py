@@ -236,12 +236,51 @@ def test_img2img_is_the_cut_schedule(klein):
     err = float(np.abs(got - want).max())
     print(f"img2img strength 0.5 against the loop written here: max |pixel error| {err:.1e}; "
           f"against text to image {np.abs(got - t2i).max():.2f}")
-    assert err <= 1e-5  # the same float32 operations in other programs (measured 2.2e-6)
+    assert err <= 1e-5  # the same float32 operations in other programs (measured 1.6e-6)
     assert np.abs(got - t2i).max() > 10 * PIXEL_TOL  # the image does change the result
     with pytest.raises(UsageError, match="img2img: give one image="):
         pipe(PROMPTS[0], 32, 48, strength=0.5, **kw)
     with pytest.raises(UsageError, match="img2img keeps the image's size"):
         pipe(PROMPTS[0], 48, 48, image=image, strength=0.5, output="np")
+
+
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # FlowEdit refuses a base klein (true CFG)
+def test_flowedit_is_the_papers_loop(klein):
+    """FlowEdit (flux2_edit, defaults T 4, n_max 3, n_min 0, n_avg 1): with the source prompt as
+    the target, exactly the decoded source tokens (every dV is 0); with another target, what
+    Algorithm 1 written here gives with the loop's own draws (flowedit.noise)."""
+    from fluxjax.pipeline.flux2 import decode_tokens, encode_tokens, position_ids, text_ids
+    from fluxjax.sampling import flowedit
+
+    pipe = klein.pipe
+    image = np.random.default_rng(8).integers(0, 256, (32, 48, 3), np.uint8)
+    kw = dict(seed=5, max_sequence_length=LENGTH, output="np")
+    x0 = encode_tokens(pipe.vae.model, pipe.vae.params, image[None].astype(np.float32) / 127.5 - 1.0)
+    same = pipe.edit(image, PROMPTS[0], PROMPTS[0], **kw)
+    np.testing.assert_array_equal(same, np.asarray(decode_tokens(pipe.vae.model, pipe.vae.params, x0, 2, 3)))
+    got = pipe.edit(image, PROMPTS[0], PROMPTS[1], **kw)
+
+    sigmas = pipe.schedule.sigmas(4, 2 * 3)
+    src, tar = pipe.encode([PROMPTS[0]], LENGTH), pipe.encode([PROMPTS[1]], LENGTH)
+    velocity = jax.jit(lambda x, txt, t: pipe.transformer.model.apply(
+        {"params": pipe.transformer.params}, x, position_ids(1, 2, 3), txt, text_ids(1, LENGTH), t, None, None))
+    z = x0
+    for i in range(4 - 3, 4):  # n_max 3: the first step skipped
+        t = np.full((1,), sigmas[i], np.float32)
+        z_src = (1.0 - sigmas[i]) * x0 + sigmas[i] * flowedit.noise([5], i, 1, 6, 128)[:, 0]
+        z_tar = z + z_src - x0
+        z = z + (sigmas[i + 1] - sigmas[i]) * (velocity(z_tar, tar, t) - velocity(z_src, src, t))
+    want = np.asarray(decode_tokens(pipe.vae.model, pipe.vae.params, z, 2, 3))
+    err = float(np.abs(got - want).max())
+    print(f"FlowEdit against Algorithm 1 written here: max |pixel error| {err:.1e}; the edit moved pixels by "
+          f"{np.abs(got - same).max():.2f}")
+    assert err <= 1e-5  # float32, the same operations in other programs (measured 1.8e-6)
+    assert np.abs(got - same).max() > 10 * PIXEL_TOL  # the target prompt does change the image
+    base = Flux2Pipeline(pipe.transformer, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.schedule, False, "base")
+    with pytest.raises(UsageError, match="base klein .* FlowEdit runs on a distilled klein or FLUX.2"):
+        base.edit(image, PROMPTS[0], PROMPTS[1], **kw)
+    with pytest.raises(UsageError, match="source_guidance: the model \\(klein\\) has no guidance embedding"):
+        pipe.edit(image, PROMPTS[0], PROMPTS[1], source_guidance=2.0, **kw)
 
 
 def test_schedule_matches_diffusers():

@@ -35,7 +35,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -47,7 +46,6 @@ from fluxjax.loading.mistral import load_mistral
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.loading.registry import load_transformer, load_vae
 from fluxjax.models import latents2
-from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
 from fluxjax.parallel.strategies import Strategy, jit_with_rules, placed
 from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
@@ -55,6 +53,8 @@ from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
 from fluxjax.pipeline.outputs import check_output, gather, to_uint8
 from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, image_pixels, inpaint_inputs, mask_tokens
+# FLUX.2's token layout (flux2_tokens.py, shared with FlowEdit's flux2_edit.py)
+from fluxjax.pipeline.flux2_tokens import decode_tokens, encode_tokens, position_ids, text_ids
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
@@ -116,22 +116,6 @@ def family_defaults(family: Family, is_distilled: bool) -> KleinDefaults:
     return DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
 
 
-def position_ids(batch: int, rows: int, cols: int, time_coord: int = 0) -> np.ndarray:
-    """(B, rows*cols, 4) float32 ids (time_coord, row, col, 0) of a row-major token grid."""
-    ids = np.zeros((rows, cols, 4), np.float32)
-    ids[..., 0] = time_coord
-    ids[..., 1] = np.arange(rows)[:, None]
-    ids[..., 2] = np.arange(cols)[None, :]
-    return np.broadcast_to(ids.reshape(1, rows * cols, 4), (batch, rows * cols, 4))
-
-
-def text_ids(batch: int, length: int) -> np.ndarray:
-    """(B, L, 4) float32 ids (0, 0, 0, j) of the text tokens."""
-    ids = np.zeros((batch, length, 4), np.float32)
-    ids[..., 3] = np.arange(length)
-    return ids
-
-
 def reference_pixels(image, name: str = "image") -> np.ndarray:
     """A reference image as diffusers' Flux2KleinPipeline prepares it: uint8 (h, w, 3), scaled
     (Lanczos) to about 1024**2 pixels when larger, then centre-cropped to multiples of 16.
@@ -172,22 +156,6 @@ def reference_ids(sizes: Sequence[tuple[int, int]], batch: int) -> np.ndarray:
     step = sampling.PIXELS_PER_TOKEN
     return np.concatenate([position_ids(batch, h // step, w // step, REFERENCE_TIME * (i + 1))
                            for i, (h, w) in enumerate(sizes)], axis=1)
-
-
-@partial(jit_with_rules, static_argnames=("model",))
-def encode_tokens(model: AutoEncoder, params, pixels):
-    """Images (B, H, W, 3) float32 in [-1, 1] -> FLUX.2 tokens (B, (H/16)(W/16), 128) float32: the
-    posterior mean, patchified, batch-normed and packed (latents2.to_tokens)."""
-    z = model.apply({"params": params}, pixels, method="encode")
-    return latents2.to_tokens(z, params["bn"], model.config.batch_norm_eps)
-
-
-@partial(jit_with_rules, static_argnames=("model", "rows", "cols"))
-def decode_tokens(model: AutoEncoder, params, tokens, rows: int, cols: int):
-    """Tokens (B, rows*cols, 128) -> images (B, 16 rows, 16 cols, 3) float32 in [0, 1]."""
-    z = latents2.from_tokens(tokens, params["bn"], model.config.batch_norm_eps, rows, cols)
-    pixels = model.apply({"params": params}, z, method="decode")
-    return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
 
 
 encode_text = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
@@ -519,6 +487,12 @@ class Flux2Pipeline:
         out.block_until_ready()
         self.timings["denoise"] = time.perf_counter() - start
         return out
+
+    def edit(self, image, source_prompt: str | Sequence[str], target_prompt: str | Sequence[str], **options):
+        """FlowEdit of real images on a distilled klein or FLUX.2 [dev]: flux2_edit.edit (its arguments)."""
+        from fluxjax.pipeline.flux2_edit import edit
+
+        return edit(self, image, source_prompt, target_prompt, **options)
 
     def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] | None = None):
         """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype
