@@ -1,7 +1,8 @@
 """`fluxjax generate --model FOLDER` on FLUX.2 hub folders (the tiny klein, distilled and base,
 and [dev] folders of test_flux2_pipeline and test_flux2_dev_pipeline): the PNG holds the pixels
-the library call with the same settings makes, and its recipe; the options FLUX.2 does not take
-are refused in one line before loading, naming the flag.
+the library call with the same settings makes (text to image, references, inpainting, img2img),
+and its recipe; the options FLUX.2 does not take are refused in one line before loading, naming
+the flag.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def test_klein_reference_and_inpainting_match_library(klein, tmp_path):  # noqa:
     np.testing.assert_array_equal(got, np.asarray(want))
     assert text["strength"] == "0.8"  # Flux2KleinInpaintPipeline's default, as the call used it
 
+    got, text = _generate(klein.root, tmp_path / "g.png", "--image", image, "--strength", "0.5")  # img2img
+    (want,) = klein.pipe(PROMPT, num_steps=2, seed=3, image=image, strength=0.5, output="pil")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert text["strength"] == "0.5"
+
 
 @pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # one klein: LoRAs apply alike
 def test_klein_lora_matches_library(klein, tmp_path):  # noqa: F811
@@ -97,11 +103,9 @@ def test_klein_lora_matches_library(klein, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("args, flag", [
     (["--quantize", "int8"], "--quantize"),
-    (["--sharding", "dp"], "--sharding"),
     (["--control", "IMAGE"], "--control"),
     (["--prompt-2", "another"], "--prompt-2"),
     (["--resize", "crop", "--image", "IMAGE", "--mask", "IMAGE"], "--resize"),
-    (["--image", "IMAGE"], "--image"),  # no img2img
     (["--guidance", "3"], "--guidance"),  # klein has no guidance embedding
 ])
 @pytest.mark.parametrize("klein", ["distilled"], indirect=True)  # the refusals do not depend on the klein
@@ -124,3 +128,15 @@ def test_cfg_refused_on_distilled_and_dev(klein, dev, tmp_path, capsys):  # noqa
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fluxjax generate: error: --negative-prompt: ") \
             and "only a base klein" in err[0], err
+
+
+@pytest.mark.parametrize("klein", ["distilled"], indirect=True)
+def test_edit_refused_before_loading(klein, tmp_path, capsys):  # noqa: F811
+    """FLUX.2's FlowEdit is the library's (Flux2Pipeline.edit); the command says so in one line."""
+    image = _image(tmp_path / "im.png", 32, 48, 0)
+    out = tmp_path / "x.png"
+    assert cli.main(["edit", image, "--source-prompt", "a cube", "--target-prompt", "a sphere", "--model",
+                     str(klein.root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a FLUX.2 folder" in err[0] and "Flux2Pipeline.edit" in err[0], err
+    assert not out.exists()

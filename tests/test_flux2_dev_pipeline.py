@@ -1,6 +1,7 @@
 """FLUX.2 [dev] generation against diffusers' Flux2Pipeline: pixels of a tiny random hub folder
 (Mistral3 text encoder, a transformer with a guidance embedding), two sizes, two prompts, the
-embedded guidance, one reference image; FluxPipeline.from_pretrained's dispatch; refused arguments.
+embedded guidance, one reference image; FluxPipeline.from_pretrained's dispatch; refused arguments;
+the reference call under fsdp on 8 simulated devices against one device.
 
 The folder is what Flux2Pipeline.save_pretrained writes for small random components built with
 diffusers' and transformers' own classes (Mistral3ForConditionalGeneration with 30 text layers so
@@ -27,7 +28,8 @@ from fluxjax.pipeline.flux2 import FLUX2_DEV, Flux2Pipeline
 from fluxjax.pipeline.mistral_tokenizer import make_tokenizer
 from fluxjax.pipeline.pipeline import FluxPipeline
 from fluxjax.testing.reference import randomize_
-from test_flux2_pipeline import PIXEL_TOL, PROMPTS, SCHEDULER, SIZES, VAE, _latents, _reference_images
+from test_flux2_pipeline import (PIXEL_TOL, PROMPTS, SCHEDULER, SHARDED_TOL, SIZES, VAE, _latents, _reference_images,
+                                 sharded, sharded_error)
 
 LENGTH = 128  # text tokens (the system message alone is about 75); the default 512 in one case
 TEXT = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1,
@@ -108,6 +110,17 @@ def test_guidance_matches_diffusers(dev):
 def test_reference_image_matches_diffusers(dev):
     image = _reference_images()[0]
     assert _compare(dev, PROMPTS[0], 32, 48, 2, {"image": image}, {"image": image}) < PIXEL_TOL
+
+
+@pytest.mark.slow
+def test_sharded_reference_image_gives_the_single_device_image(dev):
+    """The previous test's call under fsdp over 8 devices (Mistral and the transformer split 8 ways)."""
+    pipe = sharded(dev.root, "fsdp", (8,))
+    q = pipe.text_encoder.params["layers"]["self_attn"]["q_proj"]["kernel"]  # (layers, embed, heads * head_dim)
+    assert q.sharding.shard_shape(q.shape) == (q.shape[0], q.shape[1] // 8, q.shape[2])
+    call = dict(prompt=PROMPTS[0], height=32, width=48, num_steps=2, latents=_latents(1, 32, 48).numpy(),
+                image=_reference_images()[0], max_sequence_length=LENGTH)
+    assert sharded_error(dev.pipe, pipe, "dev reference", **call) <= SHARDED_TOL
 
 
 def test_refusals(dev):

@@ -2,7 +2,7 @@
 hub folders of test_flux2_pipeline (distilled, and base with CFG), two prompts, two sizes, strength 1 (from the
 given latents) and a cut schedule (diffusers drawing the same noise from its generator), a mask
 whose edge cuts through tokens, a non-multiple-of-16 image (resized), one image_reference; the
-refusals.
+refusals; the base klein's inpainting under sp_ring on 8 simulated devices against one device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from PIL import Image
 
 from fluxjax.errors import UsageError
 from fluxjax.pipeline.flux2_inpaint import inpaint_inputs, mask_tokens
-from test_flux2_pipeline import LENGTH, PIXEL_TOL, PROMPTS, _latents, _reference_images, klein  # noqa: F401
+from test_flux2_pipeline import (LENGTH, PIXEL_TOL, PROMPTS, SHARDED_TOL, _latents, _reference_images, klein,  # noqa: F401
+                                 sharded, sharded_error)
 
 
 def _inputs(height, width, seed=5):
@@ -73,6 +74,18 @@ def test_inpaint_resized_image_and_reference_match_diffusers(klein, inpaint):  #
     assert err < PIXEL_TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("klein", ["base"], indirect=True)  # with true CFG: both passes on the ring
+def test_sharded_inpainting_gives_the_single_device_image(klein):  # noqa: F811
+    """The previous test's call (two references: the image's tokens and image_reference's) under
+    sp_ring over 8 devices: 64 text + 6 image + 6 + 16 reference tokens, padded to the ring."""
+    image, mask = _inputs(40, 56, seed=6)
+    call = dict(prompt=PROMPTS[0], num_steps=2, latents=_latents(1, 32, 48).numpy(), max_sequence_length=LENGTH,
+                image=image, mask_image=mask, strength=0.8, image_reference=_reference_images()[0])
+    assert sharded_error(klein.pipe, sharded(klein.root, "sp_ring", (1, 8)), "klein base inpainting",
+                         **call) <= SHARDED_TOL
+
+
 def test_mask_tokens():
     mask = np.zeros((32, 32), np.float32)
     mask[:8, :] = 1  # rows 0-7: the first token row's centre pixels 7 and 8 split
@@ -91,7 +104,9 @@ def test_inpaint_refusals(klein):  # noqa: F811
         klein.pipe("x", image=image, mask_image=mask.resize((32, 32)), output="np")
     with pytest.raises(UsageError, match="strength must be a number in"):
         klein.pipe("x", image=image, mask_image=mask, strength=1.5, output="np")
-    with pytest.raises(UsageError, match="are for inpainting"):
+    with pytest.raises(UsageError, match="image_reference= is for inpainting"):
+        klein.pipe("x", 32, 32, image_reference=image, output="np")
+    with pytest.raises(UsageError, match="strength= without mask_image= is img2img: give one image="):
         klein.pipe("x", 32, 32, strength=0.5, output="np")
     with pytest.raises(UsageError, match="keeps the image's size"):
         klein.pipe("x", 64, 64, image=image, mask_image=mask, output="np")

@@ -60,7 +60,12 @@ def check_model(args) -> None:
     from fluxjax.pipeline.conditioning import variant_of
     from fluxjax.sampling.flowedit import check_variant
 
+    from fluxjax.pipeline.pipeline import FluxPipeline, pipeline_for
+
     model = choose_model(args.model)[0]
+    if pipeline_for(model) is not FluxPipeline:  # FLUX.2: its settings are the library's for now
+        raise UsageError(f"--model {model}: a FLUX.2 folder; `fluxjax edit` runs FLUX.1 models for now (FLUX.2's "
+                         "FlowEdit is Flux2Pipeline.edit in Python)")
     cfg, _ = model_settings(model, args.transformer)
     check_variant(variant_of(cfg.in_channels), model)
 

@@ -298,6 +298,17 @@ class Strategy:
         return jax.tree.map(put, tree), n
 
 
+def placed(strategy: Strategy | None, mesh: Mesh | None, inputs: Any) -> tuple[Any, contextlib.AbstractContextManager]:
+    """(inputs, context) for running a pipeline's jitted stages: host `inputs` (a pytree of (B, ...)
+    arrays) padded to the strategy's data size and placed on `mesh` (`put_batch`), and the context
+    that activates it; without a strategy, `inputs` as given and no context. Results are cut back
+    to the B rows given."""
+    if strategy is None:
+        return inputs, contextlib.nullcontext()
+    inputs, _ = strategy.put_batch(inputs, mesh)
+    return inputs, strategy.activate(mesh)
+
+
 def _active_rules() -> tuple:
     """The logical axis rules in force (`Strategy.activate`), hashable; () outside any strategy."""
     return tuple((logical, tuple(axes) if isinstance(axes, list) else axes) for logical, axes in nn.get_logical_axis_rules())

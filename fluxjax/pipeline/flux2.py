@@ -22,6 +22,11 @@ image's tokens are the first reference and the known region is blended in after 
 (sampling.Conditioning image_latents/noise/mask), from the step `strength` cuts the schedule at.
 The model's defaults stay (a distilled klein 4 steps, a base klein CFG 4), not that pipeline's
 call defaults (50 steps, guidance_scale 8); strength defaults to its 0.8.
+
+img2img (`image=` with `strength=` and no mask; diffusers has no FLUX.2 img2img pipeline): as
+FluxPipeline's, the loop starts from the image's tokens noised to the first sigma of the schedule
+`strength` cuts (sampling.Conditioning start); the image is prepared as inpainting's and is no
+reference. At strength 1 the start is the noise itself: the text-to-image result.
 """
 
 from __future__ import annotations
@@ -30,27 +35,27 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxjax.errors import NonFiniteError, UsageError
+from fluxjax.errors import UsageError
 from fluxjax.loading.mistral import load_mistral
 from fluxjax.loading.qwen3 import load_qwen3
 from fluxjax.loading.registry import load_transformer, load_vae
 from fluxjax.models import latents2
-from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
-from fluxjax.parallel.strategies import jit_with_rules
+from fluxjax.parallel.strategies import Strategy, jit_with_rules, placed
 from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
 from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
-from fluxjax.pipeline.outputs import to_uint8
-from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
+from fluxjax.pipeline.outputs import check_output, gather, to_uint8
+from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, image_pixels, inpaint_inputs, mask_tokens
 from fluxjax.pipeline.lora_state import LoraMixin, LoraState
+# FLUX.2's token layout (flux2_tokens.py, shared with FlowEdit's flux2_edit.py)
+from fluxjax.pipeline.flux2_tokens import decode_tokens, encode_tokens, position_ids, text_ids
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
@@ -63,11 +68,11 @@ REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diff
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
 REFERENCE_MIN_SIDE, REFERENCE_MAX_ASPECT = 64, 8  # diffusers' Flux2ImageProcessor.check_image_input
 # FluxPipeline.from_pretrained's options a FLUX.2 folder leaves at these values (FLUX.1's for now).
-LOAD_DEFAULTS = dict(sharding=None, transformer=None, vae=None, devices=None, variant=None, quantize=None)
+LOAD_DEFAULTS = dict(transformer=None, vae=None, variant=None, quantize=None)
 # The request options (fluxjax/pipeline/request.py's names) and loading options a FLUX.2 pipeline
 # does not take: `check_options` refuses them before loading. (resize: an inpainted image is
 # resized as diffusers' Flux2KleinInpaintPipeline does, flux2_inpaint.inpaint_inputs.)
-NOT_TAKEN = ("prompt_2", "control", "resize", "sharding", "transformer", "vae", "quantize")
+NOT_TAKEN = ("prompt_2", "control", "resize", "transformer", "vae", "quantize")
 
 
 @dataclass(frozen=True)
@@ -112,22 +117,6 @@ def family_defaults(family: Family, is_distilled: bool) -> KleinDefaults:
     return DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
 
 
-def position_ids(batch: int, rows: int, cols: int, time_coord: int = 0) -> np.ndarray:
-    """(B, rows*cols, 4) float32 ids (time_coord, row, col, 0) of a row-major token grid."""
-    ids = np.zeros((rows, cols, 4), np.float32)
-    ids[..., 0] = time_coord
-    ids[..., 1] = np.arange(rows)[:, None]
-    ids[..., 2] = np.arange(cols)[None, :]
-    return np.broadcast_to(ids.reshape(1, rows * cols, 4), (batch, rows * cols, 4))
-
-
-def text_ids(batch: int, length: int) -> np.ndarray:
-    """(B, L, 4) float32 ids (0, 0, 0, j) of the text tokens."""
-    ids = np.zeros((batch, length, 4), np.float32)
-    ids[..., 3] = np.arange(length)
-    return ids
-
-
 def reference_pixels(image, name: str = "image") -> np.ndarray:
     """A reference image as diffusers' Flux2KleinPipeline prepares it: uint8 (h, w, 3), scaled
     (Lanczos) to about 1024**2 pixels when larger, then centre-cropped to multiples of 16.
@@ -170,22 +159,6 @@ def reference_ids(sizes: Sequence[tuple[int, int]], batch: int) -> np.ndarray:
                            for i, (h, w) in enumerate(sizes)], axis=1)
 
 
-@partial(jit_with_rules, static_argnames=("model",))
-def encode_tokens(model: AutoEncoder, params, pixels):
-    """Images (B, H, W, 3) float32 in [-1, 1] -> FLUX.2 tokens (B, (H/16)(W/16), 128) float32: the
-    posterior mean, patchified, batch-normed and packed (latents2.to_tokens)."""
-    z = model.apply({"params": params}, pixels, method="encode")
-    return latents2.to_tokens(z, params["bn"], model.config.batch_norm_eps)
-
-
-@partial(jit_with_rules, static_argnames=("model", "rows", "cols"))
-def decode_tokens(model: AutoEncoder, params, tokens, rows: int, cols: int):
-    """Tokens (B, rows*cols, 128) -> images (B, 16 rows, 16 cols, 3) float32 in [0, 1]."""
-    z = latents2.from_tokens(tokens, params["bn"], model.config.batch_norm_eps, rows, cols)
-    pixels = model.apply({"params": params}, z, method="decode")
-    return (jnp.clip(pixels, -1.0, 1.0) + 1.0) / 2.0
-
-
 encode_text = jit_with_rules(encode_prompts, static_argnames=("model", "layers", "dtype"))
 """models.qwen3.encode_prompts compiled once per encoder, token length, layers and strategy."""
 
@@ -209,16 +182,15 @@ class Flux2Pipeline(LoraMixin):
 
     Attributes: transformer, text_encoder, vae (Components), tokenizer (transformers' Qwen2
     tokenizer; for [dev] Mistral's tokenizer or processor), schedule (sampling.Flux2Schedule),
-    is_distilled (klein), family (Family), defaults (KleinDefaults), name, timings (seconds of each
-    stage of the last call: encode, denoise, decode), lora_state (the LoRAs: load_lora, unload_lora,
-    loras and adapters as FluxPipeline's, fluxjax/pipeline/lora_state.py).
+    is_distilled (klein), family (Family), defaults (KleinDefaults), name, strategy and mesh (the
+    sharding strategy and its mesh, None on one device, as FluxPipeline's), timings (seconds of
+    each stage of the last call: encode, denoise, decode), lora_state (the LoRAs: load_lora,
+    unload_lora, loras and adapters as FluxPipeline's, fluxjax/pipeline/lora_state.py).
     """
 
-    mesh = None  # one device: the live LoRAs' adapters are placed there (LoraMixin)
-    strategy = None  # no sharding strategy yet (fluxjax.training.trainer.fit reads it)
-
     def __init__(self, transformer: Component, text_encoder: Component, tokenizer, vae: Component,
-                 schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN):
+                 schedule: sampling.Schedule, is_distilled: bool, name: str, family: Family = KLEIN,
+                 strategy: Strategy | None = None, mesh: jax.sharding.Mesh | None = None):
         t, q, v = transformer.model.config, text_encoder.model.config, vae.model.config
         problems = []
         if t.vec_in_dim or t.id_columns != 4:
@@ -239,19 +211,20 @@ class Flux2Pipeline(LoraMixin):
             raise UsageError(f"{name}: components do not fit together: " + "; ".join(problems))
         self.transformer, self.text_encoder, self.tokenizer, self.vae = transformer, text_encoder, tokenizer, vae
         self.schedule, self.is_distilled, self.name, self.family = schedule, is_distilled, name, family
+        self.strategy, self.mesh = strategy, mesh
         self.defaults = family_defaults(family, is_distilled)
         self.timings: dict[str, float] = {}
         self.lora_state = LoraState()
 
     # References set the size themselves (the first one's when none is asked), not Kontext's way.
     kontext_references = False
-    default_strength = INPAINT_STRENGTH  # with mask_image
+    default_strength = INPAINT_STRENGTH  # inpainting's and img2img's (FLUX.2 has no img2img default of its own)
 
     @classmethod
     def check_options(cls, root: str, given, name) -> None:
         """Refuse, from `root`'s model_index.json alone (before loading), what its pipeline would
-        refuse: the options of NOT_TAKEN, img2img (an image without a mask), more than one
-        reference with a mask, guidance on klein, CFG on distilled klein and [dev].
+        refuse: the options of NOT_TAKEN, more than one reference with a mask, guidance on klein,
+        CFG on distilled klein and [dev].
 
         given: {option name: value} of the options given (request.py's names, and loading
         options'); name(option) is how a message names one (a CLI flag). UsageError naming the
@@ -265,9 +238,6 @@ class Flux2Pipeline(LoraMixin):
         for key in NOT_TAKEN:
             if key in given:
                 raise UsageError(f"{name(key)}: {what}, which does not take it yet")
-        if "image" in given and "mask" not in given:
-            raise UsageError(f"{name('image')}: {what}, which has no img2img; give {name('mask')} to inpaint, "
-                             f"or the image as {name('references')}")
         if "mask" in given and family.guidance_embed:
             raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s")
         if "mask" in given and len(given.get("references", ())) > 1:
@@ -295,7 +265,7 @@ class Flux2Pipeline(LoraMixin):
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, dtype="bfloat16", attention_impl: str = "auto",
-                        loras=(), fuse: bool = True, **unsupported) -> "Flux2Pipeline":
+                        sharding=None, devices=None, loras=(), fuse: bool = True, **unsupported) -> "Flux2Pipeline":
         """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
         text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/) or a
         Flux2Pipeline one (FLUX.2 [dev]: text_encoder/ Mistral3ForConditionalGeneration, tokenizer/
@@ -303,10 +273,15 @@ class Flux2Pipeline(LoraMixin):
 
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         attention_impl: the transformer's (see FluxPipeline.from_pretrained).
+        sharding, devices: as FluxPipeline.from_pretrained's: a strategy of fluxjax/configs/sharding
+            (any, the sp_* ones included), a strategy file or a Strategy, over `devices` (default all);
+            the transformer and the text encoder are read straight into their shards as its tables
+            say, the VAE too (no strategy splits its convolutions: replicated), and each call's
+            batch is split along its data axes (padded, the padding dropped).
         loras, fuse: LoRA files for the transformer (FLUX.2's diffusers, ComfyUI/ai-toolkit and kohya
             layouts, fluxjax/lora/formats.py), applied as `load_lora(loras, fuse=fuse)` does.
         unsupported: FluxPipeline.from_pretrained's other options; each left at its default or
-            refused (sharding, single files, quantization are FLUX.1's for now).
+            refused (single files, quantization are FLUX.1's for now).
         """
         for key, value in unsupported.items():
             if key not in LOAD_DEFAULTS:
@@ -325,17 +300,23 @@ class Flux2Pipeline(LoraMixin):
         missing = [f for f in FOLDERS if not os.path.isdir(os.path.join(root, f))]
         if missing:
             raise UsageError(f"{root}: not a {kind} folder, missing {', '.join(m + '/' for m in missing)}")
+        strategy = mesh = placement = None
+        if sharding is not None:
+            strategy = sharding if isinstance(sharding, Strategy) else Strategy.load(sharding)
+            mesh = strategy.make_mesh(devices)
+            placement = strategy.param_shardings(mesh)
         from transformers import AutoTokenizer
 
         dtype = jnp.dtype(dtype)
         transformer = Component(*load_transformer(os.path.join(root, "transformer"), dtype,
-                                                  attention_impl=attention_impl))
-        text_encoder = Component(*family.load_text_encoder(os.path.join(root, "text_encoder"), dtype))
-        vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
+                                                  attention_impl=attention_impl, sharding=placement))
+        text_encoder = Component(*family.load_text_encoder(os.path.join(root, "text_encoder"), dtype,
+                                                           sharding=placement))
+        vae = Component(*load_vae(os.path.join(root, "vae"), dtype, sharding=placement))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
         schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
         pipe = cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
-                   os.path.basename(os.path.normpath(root)), family)
+                   os.path.basename(os.path.normpath(root)), family, strategy, mesh)
         if loras:
             pipe.load_lora(loras, fuse=fuse)
         return pipe
@@ -370,18 +351,25 @@ class Flux2Pipeline(LoraMixin):
             repainted where the mask is white, from the step `strength` (default 0.8) cuts the schedule
             at; `latents` (or the seed) is then the noise the image is blended with. image_reference:
             one more reference image after the image itself.
-        reference_images: FluxPipeline's spelling (a list): the reference images (`image`), or with
-            mask_image the one image_reference.
+        image, strength without mask_image: img2img (module docstring): `image` (one image; it sets
+            the output size) noised to the step `strength` (in (0, 1]) cuts the schedule at; references
+            then come as reference_images.
+        reference_images: FluxPipeline's spelling (a list): the reference images (`image`), with
+            mask_image the one image_reference, with img2img the references.
         progress: FluxPipeline's keyword, taken so that callers can pass it; no per-step bar is shown.
         lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
             (B, n) table, one row per image; default: the strengths they were loaded with.
         """
+        img2img = mask_image is None and strength is not None
+        references = None
         if reference_images is not None and len(reference_images):
-            if mask_image is None and image is not None:
+            if mask_image is None and not img2img and image is not None:
                 raise UsageError("give reference images as image= or reference_images=, not both")
             if mask_image is not None and (image_reference is not None or len(reference_images) > 1):
                 raise UsageError("inpainting takes one reference image (image_reference=)")
-            if mask_image is None:
+            if img2img:
+                references = [reference_pixels(im, f"reference_images {i}") for i, im in enumerate(reference_images)]
+            elif mask_image is None:
                 image = list(reference_images)
             else:
                 image_reference = reference_images[0]
@@ -398,7 +386,7 @@ class Flux2Pipeline(LoraMixin):
             raise UsageError("no prompt given")
         for i, p in enumerate(prompts):
             check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
-        references = inpaint = None
+        inpaint = start_image = None
         if mask_image is not None:
             if self.family.guidance_embed:
                 raise UsageError(f"{self.name}: inpainting (mask_image=) is FLUX.2 [klein]'s (Flux2KleinInpaintPipeline)")
@@ -413,8 +401,17 @@ class Flux2Pipeline(LoraMixin):
                                                                                            "image_reference")])
             strength_start(1, INPAINT_STRENGTH if strength is None else strength)  # the range check, early
             inpaint = mask
-        elif strength is not None or image_reference is not None:
-            raise UsageError("strength= and image_reference= are for inpainting: give mask_image= (and image=)")
+        elif image_reference is not None:
+            raise UsageError("image_reference= is for inpainting: give mask_image= (and image=)")
+        elif img2img:
+            if image is None or isinstance(image, (list, tuple)):
+                raise UsageError("strength= without mask_image= is img2img: give one image= to start from")
+            start_image = image_pixels(image)
+            if (height or start_image.shape[0], width or start_image.shape[1]) != start_image.shape[:2]:
+                raise UsageError(f"height={height}, width={width}: img2img keeps the image's size "
+                                 f"{start_image.shape[1]}x{start_image.shape[0]} (leave them unset)")
+            height, width = start_image.shape[:2]
+            strength_start(1, strength)  # the range check, early
         elif image is not None:
             given = list(image) if isinstance(image, (list, tuple)) else [image]
             if not given:
@@ -438,54 +435,92 @@ class Flux2Pipeline(LoraMixin):
         rows, cols = height // sampling.PIXELS_PER_TOKEN, width // sampling.PIXELS_PER_TOKEN
         schedule = self.schedule.sigmas(num_steps, rows * cols) if sigmas is None else \
             self.schedule.shift_sigmas(sigmas, rows * cols)
-        first = 0 if inpaint is None else strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
+        first = 0 if inpaint is None and start_image is None else \
+            strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
 
-        start = time.perf_counter()
-        txt = self.encode(prompts, length, layers)
-        cond = {}
+        # Host inputs, every one (B, ...): padded and placed on the mesh together under a strategy.
+        ids, mask = self.family.tokenize(self.tokenizer, prompts, length)
+        inputs = dict(ids=ids, mask=mask, img=np.asarray(latents2.pack(noise)), img_ids=position_ids(batch, rows, cols),
+                      txt_ids=text_ids(batch, ids.shape[1]))
+        if guidance is not None:
+            inputs["guidance"] = np.full((batch,), guidance, np.float32)
+        if lora_table is not None:
+            inputs["lora_scales"] = lora_table
         if cfg is not None:
-            negatives, scales = cfg
-            cond.update(neg_txt=self.encode(negatives, length, layers), true_cfg=scales)
-        if references is not None:
-            tokens = [encode_tokens(self.vae.model, self.vae.params,
-                                    jnp.asarray(r[None].astype(np.float32) / 127.5 - 1.0)) for r in references]
-            ref = jnp.concatenate(tokens, axis=1)
-            cond.update(ref_img=jnp.broadcast_to(ref, (batch,) + ref.shape[1:]),
-                        ref_ids=reference_ids([r.shape[:2] for r in references], batch))
-        img = latents2.pack(noise)
-        if inpaint is not None:  # the image's tokens are the first reference's
-            known = jnp.broadcast_to(tokens[0], (batch,) + tokens[0].shape[1:])
-            cond.update(start=np.int32(first), image_latents=known, noise=img,
-                        mask=mask_tokens(inpaint, batch, img.shape[-1]))
-            img = sampling.scale_noise(known, img, schedule[first])
-        txt.block_until_ready()
-        self.timings = {"encode": time.perf_counter() - start}
-
-        start = time.perf_counter()
-        out = sampling.denoise(self.transformer.model, self.transformer.params, img,
-                               position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
-                               None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
-                               adapters=None if self.adapters is None else self.adapters.tree, lora_scales=lora_table,
-                               cond=sampling.Conditioning(**cond) if cond else None)
-        out.block_until_ready()
-        self.timings["denoise"] = time.perf_counter() - start
-        start = time.perf_counter()
-        # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
-        if not np.isfinite(np.asarray(out)).all():
-            raise NonFiniteError("the denoised latents came out with NaN or infinite values (non-finite weights "
-                                 "or inputs); nothing is decoded")
-        images = np.asarray(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))
-        self.timings["decode"] = time.perf_counter() - start
+            negatives, inputs["true_cfg"] = cfg
+            inputs["neg_ids"], inputs["neg_mask"] = self.family.tokenize(self.tokenizer, negatives, length)
+        if references is not None:  # shared by the batch, repeated per image as FLUX.1's Kontext references
+            inputs["ref_pixels"] = tuple(np.broadcast_to(r.astype(np.float32) / 127.5 - 1.0, (batch,) + r.shape)
+                                         for r in references)
+            inputs["ref_ids"] = reference_ids([r.shape[:2] for r in references], batch)
+        if inpaint is not None:
+            inputs["mask_tokens"] = mask_tokens(inpaint, batch, inputs["img"].shape[-1])
+        if start_image is not None:
+            inputs["start_pixels"] = np.broadcast_to(start_image.astype(np.float32) / 127.5 - 1.0,
+                                                     (batch,) + start_image.shape)
+        inputs, context = placed(self.strategy, self.mesh, inputs)
+        with context:
+            out = self._run(inputs, layers, schedule, first)
+            start = time.perf_counter()
+            # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
+            check_output(gather(out)[:batch], "the denoised latents of images")
+            images = gather(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))[:batch]
+            self.timings["decode"] = time.perf_counter() - start
         if output == "np":
             return images
         from PIL import Image
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
+    def _run(self, inputs: dict, layers: tuple[int, ...], schedule: np.ndarray, first: int) -> jax.Array:
+        """The device stages of a call (encode, denoise) on `inputs` as `__call__` builds them (placed
+        under a strategy): the denoised tokens (B', L_img, 128) float32. first: the first step of
+        inpainting (with mask_tokens: the image's tokens are the first reference's and the known
+        region) or img2img (with start_pixels); 0 otherwise."""
+        start = time.perf_counter()
+        txt = self._embed(inputs["ids"], inputs["mask"], layers)
+        cond = {}
+        if "true_cfg" in inputs:
+            cond.update(neg_txt=self._embed(inputs["neg_ids"], inputs["neg_mask"], layers), true_cfg=inputs["true_cfg"])
+        img = inputs["img"]
+        if "ref_pixels" in inputs:
+            tokens = [encode_tokens(self.vae.model, self.vae.params, r) for r in inputs["ref_pixels"]]
+            cond.update(ref_img=jnp.concatenate(tokens, axis=1), ref_ids=inputs["ref_ids"])
+            if "mask_tokens" in inputs:
+                cond.update(start=np.int32(first), image_latents=tokens[0], noise=img, mask=inputs["mask_tokens"])
+                img = sampling.scale_noise(tokens[0], img, schedule[first])
+        if "start_pixels" in inputs:
+            cond["start"] = np.int32(first)
+            img = sampling.scale_noise(encode_tokens(self.vae.model, self.vae.params, inputs["start_pixels"]), img,
+                                       schedule[first])
+        txt.block_until_ready()
+        self.timings = {"encode": time.perf_counter() - start}
+
+        start = time.perf_counter()
+        out = sampling.denoise(self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
+                               inputs["txt_ids"], None, schedule, inputs.get("guidance"),
+                               adapters=None if self.adapters is None else self.adapters.tree,
+                               lora_scales=inputs.get("lora_scales"),
+                               cond=sampling.Conditioning(**cond) if cond else None)
+        out.block_until_ready()
+        self.timings["denoise"] = time.perf_counter() - start
+        return out
+
+    def edit(self, image, source_prompt: str | Sequence[str], target_prompt: str | Sequence[str], **options):
+        """FlowEdit of real images on a distilled klein or FLUX.2 [dev]: flux2_edit.edit (its arguments)."""
+        from fluxjax.pipeline.flux2_edit import edit
+
+        return edit(self, image, source_prompt, target_prompt, **options)
+
     def encode(self, prompts: Sequence[str], max_sequence_length: int, layers: Sequence[int] | None = None):
-        """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype."""
+        """Prompts -> prompt_embeds (B, max_sequence_length, K * hidden) in the transformer's dtype
+        (on one device; a call under a strategy encodes its placed tokens)."""
         layers = self.family.layers if layers is None else layers
         ids, mask = self.family.tokenize(self.tokenizer, list(prompts), max_sequence_length)
+        return self._embed(ids, mask, layers)
+
+    def _embed(self, ids, mask, layers: Sequence[int]):
+        """Token ids and mask (B, L) -> prompt_embeds (B, L, K * hidden) in the transformer's dtype."""
         return encode_text(self.text_encoder.model, self.text_encoder.params, ids, mask, tuple(layers),
                            self.transformer.model.dtype)
 

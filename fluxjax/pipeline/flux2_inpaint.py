@@ -1,4 +1,5 @@
-"""FLUX.2 [klein] inpainting inputs, as diffusers' Flux2KleinInpaintPipeline prepares them (host side).
+"""FLUX.2 [klein] inpainting inputs, as diffusers' Flux2KleinInpaintPipeline prepares them (host side);
+the image of img2img is prepared as inpainting's (`image_pixels`).
 
 The image: scaled (Lanczos) to about 1024**2 pixels when larger, then resized (Lanczos, not cropped)
 to its sides rounded down to multiples of 16; it sets the output size. The mask: grayscale, resized
@@ -57,16 +58,31 @@ def _resized(image, sizes):
     return image
 
 
+def _image(image):
+    """(PIL image, its name in messages, its sizes as `_target` gives them); UsageError under 16 pixels a side."""
+    pil, name = _pil(image, "image", "RGB")
+    sizes = _target(*pil.size)
+    if min(sizes[1]) < sampling.PIXELS_PER_TOKEN:
+        raise UsageError(f"{name} is {pil.size[0]}x{pil.size[1]}: too small (16 pixels a side at least)")
+    return pil, name, sizes
+
+
+def image_pixels(image) -> np.ndarray:
+    """The image of img2img prepared as inpainting's: uint8 (H, W, 3), H and W multiples of 16.
+
+    image: a path, a PIL image or a uint8 array. UsageError for an image under 16 pixels a side.
+    """
+    pil, _, sizes = _image(image)
+    return np.asarray(_resized(pil, sizes))
+
+
 def inpaint_inputs(image, mask_image) -> tuple[np.ndarray, np.ndarray]:
     """(pixels uint8 (H, W, 3), mask float32 (H, W) of 0 keep / 1 repaint), H and W multiples of 16.
 
     image, mask_image: paths, PIL images or uint8 arrays of one size. UsageError naming the argument
     for an image under 16 pixels a side or a mask of another size.
     """
-    pil, name = _pil(image, "image", "RGB")
-    sizes = _target(*pil.size)
-    if min(sizes[1]) < sampling.PIXELS_PER_TOKEN:
-        raise UsageError(f"{name} is {pil.size[0]}x{pil.size[1]}: too small to inpaint (16 pixels a side at least)")
+    pil, name, sizes = _image(image)
     mask, mask_name = _pil(mask_image, "mask_image", "L")
     if mask.size != pil.size:
         raise UsageError(f"{mask_name} is {mask.size[0]}x{mask.size[1]} but the image is {pil.size[0]}x{pil.size[1]}: "

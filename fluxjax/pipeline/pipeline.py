@@ -38,7 +38,7 @@ from fluxjax.loading.checkpoint import device_bytes
 from fluxjax.loading.registry import COMPONENTS, load
 from fluxjax.models import attention
 from fluxjax.models.quantize import check_mode
-from fluxjax.parallel.strategies import Strategy
+from fluxjax.parallel.strategies import Strategy, placed
 from fluxjax.pipeline.checks import CheckedRequest
 from fluxjax.pipeline.components import Component, check_compatible, component_options, tiny_components, tiny_models
 from fluxjax.pipeline.defaults import Defaults, kind_defaults, kind_schedule, read_defaults, resolve_settings, with_overrides
@@ -505,10 +505,7 @@ class FluxPipeline(LoraMixin, EditMixin):
     def _placed(self, inputs: dict):
         """(inputs, context): host `inputs` split along the strategy's data axes (padded to divide
         them) and the context that activates its mesh; as given, and no context, without one."""
-        if self.strategy is None:
-            return inputs, contextlib.nullcontext()
-        inputs, _ = self.strategy.put_batch(inputs, self.mesh)
-        return inputs, self.strategy.activate(self.mesh)
+        return placed(self.strategy, self.mesh, inputs)
 
     @contextlib.contextmanager
     def _timed(self, stage: str):

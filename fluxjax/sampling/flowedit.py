@@ -20,8 +20,8 @@ traced arguments, the n_avg draws batched with the source and target velocities 
 transformer call of batch 2 x n_avg per image. Image latents, prompts, guidance, seeds, n_max and
 n_min are arguments: a new edit of the same size, T and n_avg does not recompile.
 
-Noise: image b's draws at step i are `normal(fold_in(key(seed_b), i), (n_avg, L, 64))` in the
-packed layout (`step_noise`): an edit depends on its own seed only, whatever batch it runs in.
+Noise: image b's draws at step i are `normal(fold_in(key(seed_b), i), (n_avg, L, C))` in the
+packed layout (C = 64 features a token in FLUX.1, 128 in FLUX.2) (`step_noise`): an edit depends on its own seed only, whatever batch it runs in.
 Z_tar is computed as Z_src + (Z_edit - X0) (the same value as the paper's order up to rounding),
 so that with the target prompt and guidance equal to the source's, Z_tar is Z_src bit for bit,
 dV is exactly zero and the edit returns X0 exactly.
@@ -103,12 +103,15 @@ class EditSettings:
 
 # The authors' published FLUX.1-dev settings (their FLUX_exp.yaml). schnell has no guidance
 # input and a 4-step schedule; its n_max skips the first step as dev's 24 of 28 skip the first
-# seventh (a proportional choice, not tuned on real weights). tiny is a CPU smoke test.
+# seventh (a proportional choice, not tuned on real weights). tiny is a CPU smoke test. FLUX.2
+# (fluxjax/pipeline/flux2_edit.py): a distilled klein as schnell (4 steps, no guidance), FLUX.2 [dev]
+# as FLUX.1-dev (its guidance embedding, the same settings: neither tuned on their weights).
 DEFAULTS = {
     "dev": EditSettings(steps=28, n_max=24, n_min=0, n_avg=1, source_guidance=1.5, target_guidance=5.5),
     "schnell": EditSettings(steps=4, n_max=3, n_min=0, n_avg=1),
     "tiny": EditSettings(steps=4, n_max=3, n_min=0, n_avg=1, source_guidance=1.5, target_guidance=5.5),
 }
+DEFAULTS["klein"], DEFAULTS["flux2-dev"] = DEFAULTS["schnell"], DEFAULTS["dev"]
 
 
 def seed_keys(seeds) -> np.ndarray:
@@ -137,9 +140,11 @@ def flowedit_loop(model, params, x_src, img_ids, txt_src, vec_src, txt_tar, vec_
     """FlowEdit (module docstring) of a batch of B images, as two `lax.fori_loop`s.
 
     model:   a `fluxjax.models.flux.Flux` (static); params its parameters.
-    x_src:   (B, L, 64) packed source latents (conditioning.encode_packed), float32.
-    img_ids: (B, L, 3); txt_src, txt_tar (B, L_txt, context_dim); txt_ids (B, L_txt, 3);
-             vec_src, vec_tar (B, vec_dim): the prompts' conditioning (one T5 length for both).
+    x_src:   (B, L, C) packed source latents (conditioning.encode_packed; FLUX.2: flux2.encode_tokens,
+             C = 128), float32.
+    img_ids: (B, L, n); txt_src, txt_tar (B, L_txt, context_dim); txt_ids (B, L_txt, n) (n id columns: 3,
+             FLUX.2 4); vec_src, vec_tar (B, vec_dim), or both None for a model without a pooled
+             vector (FLUX.2): the prompts' conditioning (one text length for both).
     sigmas:  (T + 1,) float32 schedule from 1 to 0 (T a shape, so static).
     keys:    (B, 2) uint32 per-image key data (`seed_keys`).
     guidance_src, guidance_tar: (B,) float32, or None for models without a guidance embedding.
@@ -148,7 +153,7 @@ def flowedit_loop(model, params, x_src, img_ids, txt_src, vec_src, txt_tar, vec_
     Under `Strategy.activate(mesh)` the activations are constrained as the strategy says; rows
     of one image stay together (image-major order), so a batch split over the data axes needs
     no exchange between devices.
-    Returns (B, L, 64) float32 edited latents.
+    Returns (B, L, C) float32 edited latents.
     """
     batch, tokens, features = x_src.shape
     steps = sigmas.shape[0] - 1
@@ -160,12 +165,12 @@ def flowedit_loop(model, params, x_src, img_ids, txt_src, vec_src, txt_tar, vec_
         both = jnp.broadcast_to(both[:, :, None], (batch, 2, n_avg) + a.shape[1:])
         return both.reshape((batch * 2 * n_avg,) + a.shape[1:])
 
-    pair_txt, pair_vec = rows(txt_src, txt_tar), rows(vec_src, vec_tar)
+    pair_txt, pair_vec = rows(txt_src, txt_tar), None if vec_src is None else rows(vec_src, vec_tar)
     pair_img_ids, pair_txt_ids = rows(img_ids, img_ids), rows(txt_ids, txt_ids)
     pair_guidance = None if guidance_src is None else rows(guidance_src, guidance_tar)
 
     def draws(i):
-        return jax.vmap(lambda k: step_noise(k, i, n_avg, tokens, features))(keys)  # (B, n_avg, L, 64)
+        return jax.vmap(lambda k: step_noise(k, i, n_avg, tokens, features))(keys)  # (B, n_avg, L, C)
 
     def edit_step(i, z_edit):
         t, t_next = sigmas[i], sigmas[i + 1]
