@@ -22,10 +22,13 @@ image's tokens are the first reference and the known region is blended in after 
 (sampling.Conditioning image_latents/noise/mask), from the step `strength` cuts the schedule at.
 The model's defaults stay (a distilled klein 4 steps, a base klein CFG 4), not that pipeline's
 call defaults (50 steps, guidance_scale 8); strength defaults to its 0.8.
+
+A Flux2KleinKVPipeline folder (klein with cached references) runs here too: flux2_kv.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -50,14 +53,16 @@ from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
 from fluxjax.pipeline.outputs import to_uint8
 from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, inpaint_inputs, mask_tokens
+from fluxjax.pipeline.flux2_kv import KV_REFERENCE_TIME
 from fluxjax.pipeline.lora_state import LoraMixin, LoraState
 from fluxjax.pipeline.qwen3_tokenizer import KLEIN_MAX_SEQUENCE_LENGTH
 from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
 
 KLEIN_PIPELINE = "Flux2KleinPipeline"  # model_index.json's _class_name of the klein checkpoints
+KLEIN_KV_PIPELINE = "Flux2KleinKVPipeline"  # klein with cached references (flux2_kv.py)
 DEV_PIPELINE = "Flux2Pipeline"  # FLUX.2 [dev]'s (Mistral text encoder, guidance embedding)
-PIPELINE_CLASSES = (KLEIN_PIPELINE, DEV_PIPELINE)
+PIPELINE_CLASSES = (KLEIN_PIPELINE, KLEIN_KV_PIPELINE, DEV_PIPELINE)
 FOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diffusers' `scale`)
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
@@ -100,16 +105,26 @@ class Family:
     tokenize: Any  # (tokenizer, prompts, max_sequence_length) -> (ids, mask) int32 (B, L)
     layers: tuple[int, ...]  # the hidden states stacked (diffusers' text_encoder_out_layers default)
     guidance_embed: bool
+    # None: reference tokens are in the sequence at every step; a time: they are cached (flux2_kv.py)
+    reference_time: float | None = None
 
 
 KLEIN = Family(KLEIN_PIPELINE, "Qwen3", load_qwen3, qwen3_tokenizer.tokenize, KLEIN_LAYERS, False)
+KLEIN_KV = dataclasses.replace(KLEIN, pipeline_class=KLEIN_KV_PIPELINE, reference_time=KV_REFERENCE_TIME)
 FLUX2_DEV = Family(DEV_PIPELINE, "Mistral", load_mistral, mistral_tokenizer.tokenize, FLUX2_DEV_LAYERS, True)
-FAMILIES = {f.pipeline_class: f for f in (KLEIN, FLUX2_DEV)}
+FAMILIES = {f.pipeline_class: f for f in (KLEIN, KLEIN_KV, FLUX2_DEV)}
 
 
 def family_defaults(family: Family, is_distilled: bool) -> KleinDefaults:
     """What a pipeline of `family` (a distilled klein or not) defaults to."""
     return DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
+
+
+def folder_is_distilled(index: dict, family: Family) -> bool:
+    """Whether a folder of `family` with model_index.json `index` runs as a distilled klein. A
+    Flux2KleinKVPipeline always does: it has no negative pass, defaults to 4 steps and does not
+    write is_distilled."""
+    return family.reference_time is not None or bool(index.get("is_distilled", False))
 
 
 def position_ids(batch: int, rows: int, cols: int, time_coord: int = 0) -> np.ndarray:
@@ -268,11 +283,11 @@ class Flux2Pipeline(LoraMixin):
         if "image" in given and "mask" not in given:
             raise UsageError(f"{name('image')}: {what}, which has no img2img; give {name('mask')} to inpaint, "
                              f"or the image as {name('references')}")
-        if "mask" in given and family.guidance_embed:
-            raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s")
+        if "mask" in given and (family.guidance_embed or family.reference_time is not None):
+            raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s (Flux2KleinPipeline folders)")
         if "mask" in given and len(given.get("references", ())) > 1:
             raise UsageError(f"{name('references')}: inpainting takes at most one reference image")
-        defaults = family_defaults(family, bool(index.get("is_distilled", False)))
+        defaults = family_defaults(family, folder_is_distilled(index, family))
         if "guidance" in given and defaults.guidance is None:
             raise UsageError(f"{name('guidance')}: {what} of a klein model (no guidance embedding)"
                              + ("" if defaults.true_cfg_scale is None else f"; its CFG scale is {name('true_cfg')}"))
@@ -334,7 +349,7 @@ class Flux2Pipeline(LoraMixin):
         vae = Component(*load_vae(os.path.join(root, "vae"), dtype))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
         schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
-        pipe = cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
+        pipe = cls(transformer, text_encoder, tokenizer, vae, schedule, folder_is_distilled(index, family),
                    os.path.basename(os.path.normpath(root)), family)
         if loras:
             pipe.load_lora(loras, fuse=fuse)
@@ -400,7 +415,7 @@ class Flux2Pipeline(LoraMixin):
             check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
         references = inpaint = None
         if mask_image is not None:
-            if self.family.guidance_embed:
+            if self.family.guidance_embed or self.family.reference_time is not None:
                 raise UsageError(f"{self.name}: inpainting (mask_image=) is FLUX.2 [klein]'s (Flux2KleinInpaintPipeline)")
             if image is None or isinstance(image, (list, tuple)):
                 raise UsageError("mask_image= needs one image= to inpaint")
@@ -452,6 +467,8 @@ class Flux2Pipeline(LoraMixin):
             ref = jnp.concatenate(tokens, axis=1)
             cond.update(ref_img=jnp.broadcast_to(ref, (batch,) + ref.shape[1:]),
                         ref_ids=reference_ids([r.shape[:2] for r in references], batch))
+            if self.family.reference_time is not None:
+                cond.update(ref_time=np.full((batch,), self.family.reference_time, np.float32))
         img = latents2.pack(noise)
         if inpaint is not None:  # the image's tokens are the first reference's
             known = jnp.broadcast_to(tokens[0], (batch,) + tokens[0].shape[1:])
