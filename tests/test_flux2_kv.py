@@ -75,10 +75,49 @@ def _plain_klein(pipe):
                                pipe.name, flux2.KLEIN)
 
 
-def test_without_references_is_plain_klein(kv):
+class _Bar:
+    """Records what a pipeline does with its tqdm bar."""
+
+    made: list = []
+
+    def __init__(self, total, disable=None, **kw):
+        self.total, self.disable, self.count = total, disable, 0
+        _Bar.made.append(self)
+
+    def update(self, n=1):
+        self.count += n
+
+    def set_description(self, desc):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_without_references_is_plain_klein_with_a_progress_bar(kv, monkeypatch):
     ref, pipe, _ = kv
-    got, want = _run(ref, pipe, PROMPTS[0], None)
+    monkeypatch.setattr("tqdm.tqdm", _Bar)
+    with torch.no_grad():
+        want = ref(prompt=PROMPTS[0], height=32, width=48, num_inference_steps=2, latents=_latents(1, 32, 48),
+                   max_sequence_length=LENGTH, output_type="np").images
+    calls = dict(num_steps=2, latents=_latents(1, 32, 48).numpy(), max_sequence_length=LENGTH, output="np",
+                 progress=True)
+    got = pipe(PROMPTS[0], 32, 48, **calls)
     assert float(np.abs(got - want).max()) < PIXEL_TOL
-    same = _plain_klein(pipe)(PROMPTS[0], 32, 48, num_steps=2, latents=_latents(1, 32, 48).numpy(), max_sequence_length=LENGTH,
-                 output="np")
-    np.testing.assert_array_equal(got, same)
+    np.testing.assert_array_equal(got, _plain_klein(pipe)(PROMPTS[0], 32, 48, **calls))
+    bar = _Bar.made[-1]  # encoding, 2 steps reported by the loop, decoding
+    assert (bar.total, bar.count, bar.disable, bar.closed) == (4, 4, None, True)
+
+
+def test_a_hub_repo_id_is_resolved(kv, monkeypatch):
+    """A repo-id-shaped source goes through sources.resolve_source (snapshot_download, here
+    returning the tiny folder: nothing is downloaded), from both from_pretrained."""
+    _, _, root = kv
+    asked = []
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: asked.append(repo) or str(root))
+    for load in (FluxPipeline.from_pretrained, flux2.Flux2Pipeline.from_pretrained):
+        pipe = load("someone/klein-kv", dtype="float32", attention_impl="xla")
+        assert isinstance(pipe, flux2.Flux2Pipeline) and pipe.family is flux2.KLEIN_KV
+    assert asked == ["someone/klein-kv"] * 2
+    with pytest.raises(UsageError, match="no such folder"):
+        flux2.Flux2Pipeline.from_pretrained("no/such/folder")

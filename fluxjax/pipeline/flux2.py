@@ -48,7 +48,7 @@ from fluxjax.models import latents2
 from fluxjax.models.autoencoder import AutoEncoder
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
 from fluxjax.parallel.strategies import jit_with_rules
-from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
+from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer, sources
 from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
 from fluxjax.pipeline.outputs import to_uint8
@@ -314,7 +314,9 @@ class Flux2Pipeline(LoraMixin):
         """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
         text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/) or a
         Flux2Pipeline one (FLUX.2 [dev]: text_encoder/ Mistral3ForConditionalGeneration, tokenizer/
-        Mistral's processor or tokenizer, a transformer with a guidance embedding).
+        Mistral's processor or tokenizer, a transformer with a guidance embedding), or a
+        Flux2KleinKVPipeline one (flux2_kv.py); or a hub repo id of one ("org/name":
+        sources.resolve_source, the local hub cache's snapshot, else a download).
 
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         attention_impl: the transformer's (see FluxPipeline.from_pretrained).
@@ -330,7 +332,10 @@ class Flux2Pipeline(LoraMixin):
                 raise UsageError(f"{key}= is not supported for FLUX.2 pipelines yet")
         root = os.fspath(source)
         if not os.path.isdir(root):
-            raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline or Flux2Pipeline folder)")
+            if not sources.is_repo_id(root):
+                raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline or Flux2Pipeline "
+                                 "folder, or a hub repo id)")
+            root = sources.resolve_source(root)  # the local hub cache's snapshot, else a download
         index = pipeline_index(root)
         kind = index.get("_class_name")
         if kind not in FAMILIES:
@@ -387,7 +392,7 @@ class Flux2Pipeline(LoraMixin):
             one more reference image after the image itself.
         reference_images: FluxPipeline's spelling (a list): the reference images (`image`), or with
             mask_image the one image_reference.
-        progress: FluxPipeline's keyword, taken so that callers can pass it; no per-step bar is shown.
+        progress: show a progress bar over encoding, each step and decoding (on a terminal), as FluxPipeline's.
         lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
             (B, n) table, one row per image; default: the strengths they were loaded with.
         """
@@ -455,6 +460,11 @@ class Flux2Pipeline(LoraMixin):
             self.schedule.shift_sigmas(sigmas, rows * cols)
         first = 0 if inpaint is None else strength_start(num_steps, INPAINT_STRENGTH if strength is None else strength)
 
+        from tqdm import tqdm
+
+        # As FluxPipeline's: one unit for encoding, one per step (the loop's host callback), one for decoding.
+        bar = tqdm(total=num_steps - first + 2, desc="encoding prompt", unit="stage", disable=not progress or None,
+                   leave=False)
         start = time.perf_counter()
         txt = self.encode(prompts, length, layers)
         cond = {}
@@ -477,14 +487,21 @@ class Flux2Pipeline(LoraMixin):
             img = sampling.scale_noise(known, img, schedule[first])
         txt.block_until_ready()
         self.timings = {"encode": time.perf_counter() - start}
+        bar.update(1)
+        bar.set_description(f"denoising ({num_steps - first} steps)")
 
         start = time.perf_counter()
-        out = sampling.denoise(self.transformer.model, self.transformer.params, img,
-                               position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
-                               None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
-                               adapters=None if self.adapters is None else self.adapters.tree, lora_scales=lora_table,
-                               cond=sampling.Conditioning(**cond) if cond else None)
-        out.block_until_ready()
+        with sampling.step_callback(lambda i: bar.update(1)) as on_step:
+            out = sampling.denoise(self.transformer.model, self.transformer.params, img,
+                                   position_ids(batch, rows, cols), txt, text_ids(batch, txt.shape[1]), None, schedule,
+                                   None if guidance is None else jnp.full((batch,), guidance, jnp.float32),
+                                   on_step=on_step if progress else None,
+                                   adapters=None if self.adapters is None else self.adapters.tree,
+                                   lora_scales=lora_table, cond=sampling.Conditioning(**cond) if cond else None)
+            out.block_until_ready()  # inside: the step callbacks run while the loop does
+        if not progress:
+            bar.update(num_steps - first)
+        bar.set_description("decoding")
         self.timings["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
         # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
@@ -493,6 +510,8 @@ class Flux2Pipeline(LoraMixin):
                                  "or inputs); nothing is decoded")
         images = np.asarray(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))
         self.timings["decode"] = time.perf_counter() - start
+        bar.update(1)
+        bar.close()
         if output == "np":
             return images
         from PIL import Image
