@@ -210,7 +210,8 @@ def attention(q, k, v, cos, sin, *, implementation: str = "auto", extra_kv=None)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if extra_kv is not None:
         if sequence_parallel.active_method():
-            raise ValueError("cached reference keys/values (extra_kv) do not run under a sequence-parallel strategy yet")
+            raise ValueError("cached reference keys/values (extra_kv) do not run under a sequence-parallel "
+                             "strategy yet")
         k, v = (jnp.concatenate([t, x.astype(t.dtype)], axis=1) for t, x in zip((k, v), extra_kv))
     # Tokens over the sequence axis, if the strategy has one (else as dot_product_attention pins them).
     q, k, v = (nn.with_logical_constraint(t, sequence_parallel.QKV_AXES) for t in (q, k, v))
