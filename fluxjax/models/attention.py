@@ -28,7 +28,8 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
                           implementation: str = "auto") -> jax.Array:
     """softmax(scale * q k^T + bias [+ causal mask]) v: the one attention kernel of every model.
 
-    q, k, v: (B, L, H, d); bias: (H, L, L) float32 or None; scale: default 1/sqrt(d) (T5 uses 1).
+    q, k, v: (B, L, H, d), or k, v (B, L_k, H, d) with more keys than queries (no bias or causal mask
+    then); bias: (H, L, L) float32 or None; scale: default 1/sqrt(d) (T5 uses 1).
     Returns (B, L, H*d) in v's dtype.
     implementation:
       "xla"         any backend; float32 logits and softmax, probabilities cast to v's dtype for
@@ -50,11 +51,12 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
                     it warns once, saying why, and uses "xla_blocked".
     """
     b, l, h, d = q.shape
+    square = k.shape[1] == l  # else more keys than queries (cached reference tokens, `attention`'s extra_kv)
     scale = 1 / math.sqrt(d) if scale is None else scale
     # Pins the head split of tensor parallelism: each device attends with its own heads.
     q, k, v = (nn.with_logical_constraint(t, ("activation_batch", "activation_length", "activation_heads", None)) for t in (q, k, v))
     if implementation == "auto":
-        implementation = auto_implementation(q.dtype, d, l, masked=bias is not None or causal)
+        implementation = auto_implementation(q.dtype, d, l, masked=bias is not None or causal, square=square)
     if implementation in ("xla", "xla_blocked"):
         if causal:
             causal_mask = jnp.tril(jnp.ones((l, l), dtype=bool))
@@ -65,8 +67,9 @@ def dot_product_attention(q, k, v, *, bias=None, causal: bool = False, scale: fl
         bias = None if bias is None else bias[None].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal, implementation="cudnn")
     elif implementation == "cpu":
-        if bias is not None or causal:
-            raise ValueError('attention implementation "cpu" has no bias or causal mask; use "xla_blocked" or "auto"')
+        if bias is not None or causal or not square:
+            raise ValueError('attention implementation "cpu" has no bias or causal mask and takes as many keys as '
+                             'queries; use "xla_blocked" or "auto"')
         out = cpu_attention.attention(q, k, v, scale)
     elif implementation == "splash":
         if bias is not None or causal:
@@ -130,10 +133,12 @@ def resolve_attention(*, backend: str, device_kind: str, dtype: Dtype, head_dim:
     return "xla"
 
 
-def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool, mesh_size: int | None = None) -> str:
+def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool, mesh_size: int | None = None,
+                        square: bool = True) -> str:
     """`resolve_attention` with the facts of where this program runs (`target_facts`), whether
     the CPU kernel builds, and mesh_size (None: the devices the abstract mesh of the trace this is
-    called in still splits over, see `partitioned_size`).
+    called in still splits over, see `partitioned_size`); square: as many keys as queries (the
+    CPU kernel takes only that).
 
     Decided at trace time, not when a model is built: the same model is traced with and
     without a mesh (one device, or a strategy's), and for this host or for a TPU target, and
@@ -142,7 +147,7 @@ def auto_implementation(dtype: Dtype, head_dim: int, seq_len: int, masked: bool,
     facts = target_facts()
     mesh_size = max(1, partitioned_size() if mesh_size is None else mesh_size)
     # Asked only where it decides: building the kernel (or warning that it cannot) is not free.
-    cpu_kernel = facts["backend"] == "cpu" and not masked and mesh_size == 1 and cpu_attention.suits()
+    cpu_kernel = facts["backend"] == "cpu" and not masked and square and mesh_size == 1 and cpu_attention.suits()
     return resolve_attention(**facts, mesh_size=mesh_size, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
                              masked=masked, cpu_kernel=cpu_kernel)
 
@@ -193,14 +198,21 @@ def _xla_attention(q, k, v, bias, scale: float, query_block: int | None) -> jax.
         out = jax.lax.map(lambda xs: block(*xs), (q_blocks, bias_blocks))
     return out.transpose(1, 0, 3, 2, 4).reshape(b, n * c, h, d)[:, :l]
 
-def attention(q, k, v, cos, sin, *, implementation: str = "auto") -> jax.Array:
+def attention(q, k, v, cos, sin, *, implementation: str = "auto", extra_kv=None) -> jax.Array:
     """FLUX joint attention: RoPE on q and k, then full (non-causal, unmasked) attention.
 
     q, k, v: (B, L, H, d); cos, sin: (B, L, d/2). Returns (B, L, H*d) in v's dtype.
+    extra_kv: None, or (k, v) (B, L_x, H, d) of more tokens every query attends to as well, keys
+    already rotated (cached reference tokens, see models.flux.Flux's ref_kv).
     Under a sequence-parallel strategy (an `activation_seq` rule) the tokens stay split across
     devices: Ulysses or ring attention, models/sequence_parallel.py.
     """
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if extra_kv is not None:
+        if sequence_parallel.active_method():
+            raise ValueError("cached reference keys/values (extra_kv) do not run under a sequence-parallel "
+                             "strategy yet")
+        k, v = (jnp.concatenate([t, x.astype(t.dtype)], axis=1) for t, x in zip((k, v), extra_kv))
     # Tokens over the sequence axis, if the strategy has one (else as dot_product_attention pins them).
     q, k, v = (nn.with_logical_constraint(t, sequence_parallel.QKV_AXES) for t in (q, k, v))
     if sequence_parallel.active_method():

@@ -20,6 +20,7 @@ from fluxjax.models.layers import (
     Modulation,
     ModulationOut,
     QKNorm,
+    apply_rope,
     constrain,
     dense,
     modulate,
@@ -87,9 +88,12 @@ class DoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights, joined only in attention (text first).
 
     Called as a scan_layers body: ((img (B, L_img, D), txt (B, L_txt, D)), cond, cos, sin
-    (B, L_txt + L_img, d/2)) -> ((img, txt), None). cond: vec (B, D), from which the block computes
+    (B, L_txt + L_img, d/2), ref_kv) -> ((img, txt), kv). cond: vec (B, D), from which the block computes
     its own modulation; with config.shared_modulation, the ((img_mod1, img_mod2), (txt_mod1,
-    txt_mod2)) ModulationOut pairs Flux computed once for every double block.
+    txt_mod2)) ModulationOut pairs Flux computed once for every double block. ref_kv: None, or
+    this block's (k, v) (B, L_ref, H, d) of cached reference tokens both streams attend to as well
+    (attention's extra_kv). kv: None, or with emit_kv this block's (k after RoPE, v) of the joint
+    [txt ; img] sequence, each (B, L_txt + L_img, H, d).
     """
 
     config: FluxConfig
@@ -97,9 +101,10 @@ class DoubleStreamBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     quantize: str | None = None
+    emit_kv: bool = False
 
     @nn.compact
-    def __call__(self, carry, cond, cos, sin):
+    def __call__(self, carry, cond, cos, sin, ref_kv=None):
         img, txt = carry
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
@@ -114,22 +119,23 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = img_attn.qkv_heads(modulate(img, img_mod1.shift, img_mod1.scale))
         txt_q, txt_k, txt_v = txt_attn.qkv_heads(modulate(txt, txt_mod1.shift, txt_mod1.scale))
         q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention(q, k, v, cos, sin, implementation=self.attention_impl)
+        attn = attention(q, k, v, cos, sin, implementation=self.attention_impl, extra_kv=ref_kv)
         txt_out, img_out = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        kv = (apply_rope(k, cos, sin), v) if self.emit_kv else None
 
         img = img + img_mod1.gate * img_attn.proj(img_out)
         img = img + img_mod2.gate * MLP(c, name="img_mlp", **kw)(modulate(img, img_mod2.shift, img_mod2.scale))
         txt = txt + txt_mod1.gate * txt_attn.proj(txt_out)
         txt = txt + txt_mod2.gate * MLP(c, name="txt_mlp", **kw)(modulate(txt, txt_mod2.shift, txt_mod2.scale))
-        return (constrain(img), constrain(txt)), None
+        return (constrain(img), constrain(txt)), kv
 
 
 class SingleStreamBlock(nn.Module):
     """One fused projection for q, k, v and the MLP on the joint [text ; image] sequence.
 
-    Called as a scan_layers body: (x (B, L, D), cond, cos, sin (B, L, d/2)) -> (x, None). cond:
+    Called as a scan_layers body: (x (B, L, D), cond, cos, sin (B, L, d/2), ref_kv) -> (x, kv). cond:
     vec (B, D), or with config.shared_modulation the ModulationOut Flux computed once for every
-    single block.
+    single block. ref_kv, kv: as DoubleStreamBlock's (kv of the L tokens of x).
     """
 
     config: FluxConfig
@@ -137,9 +143,10 @@ class SingleStreamBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     quantize: str | None = None
+    emit_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, cond, cos, sin):
+    def __call__(self, x, cond, cos, sin, ref_kv=None):
         c = self.config
         d = c.hidden_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize)
@@ -151,10 +158,10 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = jnp.split(linear1(modulate(x, mod.shift, mod.scale)), [3 * d], axis=-1)
         q, k, v = split_heads(qkv, c.num_heads, 3)
         q, k = QKNorm(param_dtype=self.param_dtype, name="norm")(q, k, v.dtype)
-        attn = attention(q, k, v, cos, sin, implementation=self.attention_impl)
+        attn = attention(q, k, v, cos, sin, implementation=self.attention_impl, extra_kv=ref_kv)
         linear2 = dense(d, axes=("mlp", "embed"), use_bias=c.bias, name="linear2", **kw)
         out = linear2(jnp.concatenate([attn, mlp_activation(mlp, c.mlp)], axis=-1))
-        return constrain(x + mod.gate * out), None
+        return constrain(x + mod.gate * out), (apply_rope(k, cos, sin), v) if self.emit_kv else None
 
 
 class AdaLNModulation(nn.Module):
@@ -212,13 +219,22 @@ class Flux(nn.Module):
 
     @with_precision
     @nn.compact
-    def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+    def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, ref_kv=None, return_kv=False):
         """Predict the flow velocity of the packed image tokens.
 
         img (B, L_img, in_channels), img_ids (B, L_img, n), txt (B, L_txt, context_in_dim),
         txt_ids (B, L_txt, n) with n = config.id_columns (3 in FLUX.1, 4 in FLUX.2), timesteps
         (B,) in [0, 1], y (B, vec_in_dim), or None when vec_in_dim is 0 (FLUX.2), guidance (B,)
         or None (required when config.guidance_embed). Returns (B, L_img, out_channels) in dtype.
+
+        ref_kv: None, or the keys and values of reference tokens that every text and image token
+        attends to as well, in every block (diffusers' Flux2KleinKVPipeline's cached references):
+        ((k, v) of the double blocks, each (depth, B, L_ref, H, d), (k, v) of the single blocks,
+        each (depth_single_blocks, B, L_ref, H, d)), keys after RoPE: what return_kv gives for a
+        call on the reference tokens alone (as `img`, with no text tokens: then they attend only
+        to themselves).
+        return_kv: also return, as (out, kv), the image tokens' keys and values in every block in
+        ref_kv's layout.
         """
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -246,16 +262,21 @@ class Flux(nn.Module):
         cos, sin = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
         # Only the blocks' Linears are quantized (docs/quantization.md): the embedders and the
         # final layer, a small part of the weights, stay in `dtype`.
-        block_kw = dict(config=c, attention_impl=self.attention_impl, quantize=self.quantize, **kw)
+        block_kw = dict(config=c, attention_impl=self.attention_impl, quantize=self.quantize, emit_kv=return_kv, **kw)
         double_name, single_name = BLOCK_STACKS
         double_block, single_block = DoubleStreamBlock, SingleStreamBlock
         if self.remat:  # prevent_cse=False: inside a scan, XLA cannot merge the recomputation away
             double_block, single_block = (nn.remat(b, prevent_cse=False) for b in (double_block, single_block))
-        double = scan_layers(double_block, c.depth, 3)(name=double_name, **block_kw)
-        single = scan_layers(single_block, c.depth_single_blocks, 3)(name=single_name, **block_kw)
-        (img, txt), _ = double((constrain(img), constrain(txt)), double_cond, cos, sin)
-        x, _ = single(jnp.concatenate([txt, img], axis=1), single_cond, cos, sin)
-        return LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
+        double = scan_layers(double_block, c.depth, 3, 1)(name=double_name, **block_kw)
+        single = scan_layers(single_block, c.depth_single_blocks, 3, 1)(name=single_name, **block_kw)
+        double_ref, single_ref = (None, None) if ref_kv is None else ref_kv
+        (img, txt), double_kv = double((constrain(img), constrain(txt)), double_cond, cos, sin, double_ref)
+        x, single_kv = single(jnp.concatenate([txt, img], axis=1), single_cond, cos, sin, single_ref)
+        out = LastLayer(c, name="final_layer", **kw)(x[:, txt.shape[1] :], vec)
+        if not return_kv:
+            return out
+        # the stacked (layers, B, L_txt + L_img, H, d) keys and values, cut to the image tokens'
+        return out, tuple(tuple(t[:, :, txt.shape[1] :] for t in kv) for kv in (double_kv, single_kv))
 
 
 def _block_conditioning(c: FluxConfig, vec: jax.Array, kw: dict) -> tuple:

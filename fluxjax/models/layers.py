@@ -104,18 +104,20 @@ class QuantizedDense(nn.Dense):
         return y.astype(self.dtype)
 
 
-def scan_layers(block: type[nn.Module], length: int, num_broadcast: int):
+def scan_layers(block: type[nn.Module], length: int, num_broadcast: int, num_scanned: int = 0):
     """nn.scan over `length` copies of `block`: one compiled body, whatever the depth.
 
     Parameters get a leading (length,) axis named "layers". The block is called as
-    block(carry, *broadcast) -> (carry, None), the `num_broadcast` inputs shared by every layer.
+    block(carry, *broadcast, *scanned) -> (carry, out), the `num_broadcast` inputs shared by every
+    layer, then `num_scanned` inputs stacked over the layers (layer i gets item i; None: nothing);
+    the outputs `out` come back stacked the same way (None for none).
     """
     return nn.scan(
         block,
         # "lora": live LoRA adapters (fluxjax.lora.live), stacked over the blocks like their kernels.
         variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * num_broadcast,
+        in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

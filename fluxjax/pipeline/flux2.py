@@ -27,10 +27,13 @@ img2img (`image=` with `strength=` and no mask; diffusers has no FLUX.2 img2img 
 FluxPipeline's, the loop starts from the image's tokens noised to the first sigma of the schedule
 `strength` cuts (sampling.Conditioning start); the image is prepared as inpainting's and is no
 reference. At strength 1 the start is the noise itself: the text-to-image result.
+
+A Flux2KleinKVPipeline folder (klein with cached references) runs here too: flux2_kv.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -48,11 +51,12 @@ from fluxjax.loading.registry import load_transformer, load_vae
 from fluxjax.models import latents2
 from fluxjax.models.qwen3 import FLUX2_DEV_LAYERS, KLEIN_LAYERS, check_layers, encode_prompts
 from fluxjax.parallel.strategies import Strategy, jit_with_rules, placed
-from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer
+from fluxjax.pipeline import checks, mistral_tokenizer, qwen3_tokenizer, sources
 from fluxjax.pipeline.components import Component
 from fluxjax.pipeline.conditioning import strength_start
 from fluxjax.pipeline.outputs import check_output, gather, to_uint8
 from fluxjax.pipeline.flux2_inpaint import INPAINT_STRENGTH, image_pixels, inpaint_inputs, mask_tokens
+from fluxjax.pipeline.flux2_kv import KV_REFERENCE_TIME
 from fluxjax.pipeline.lora_state import LoraMixin, LoraState
 # FLUX.2's token layout (flux2_tokens.py, shared with FlowEdit's flux2_edit.py)
 from fluxjax.pipeline.flux2_tokens import decode_tokens, encode_tokens, position_ids, text_ids
@@ -61,8 +65,9 @@ from fluxjax.pipeline.text import check_prompt
 from fluxjax.sampling import sampler as sampling
 
 KLEIN_PIPELINE = "Flux2KleinPipeline"  # model_index.json's _class_name of the klein checkpoints
+KLEIN_KV_PIPELINE = "Flux2KleinKVPipeline"  # klein with cached references (flux2_kv.py)
 DEV_PIPELINE = "Flux2Pipeline"  # FLUX.2 [dev]'s (Mistral text encoder, guidance embedding)
-PIPELINE_CLASSES = (KLEIN_PIPELINE, DEV_PIPELINE)
+PIPELINE_CLASSES = (KLEIN_PIPELINE, KLEIN_KV_PIPELINE, DEV_PIPELINE)
 FOLDERS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 REFERENCE_TIME = 10  # reference image i sits at time coordinate 10 + 10 i (diffusers' `scale`)
 REFERENCE_MAX_AREA = 1024 * 1024  # larger references are scaled down to this many pixels
@@ -105,16 +110,26 @@ class Family:
     tokenize: Any  # (tokenizer, prompts, max_sequence_length) -> (ids, mask) int32 (B, L)
     layers: tuple[int, ...]  # the hidden states stacked (diffusers' text_encoder_out_layers default)
     guidance_embed: bool
+    # None: reference tokens are in the sequence at every step; a time: they are cached (flux2_kv.py)
+    reference_time: float | None = None
 
 
 KLEIN = Family(KLEIN_PIPELINE, "Qwen3", load_qwen3, qwen3_tokenizer.tokenize, KLEIN_LAYERS, False)
+KLEIN_KV = dataclasses.replace(KLEIN, pipeline_class=KLEIN_KV_PIPELINE, reference_time=KV_REFERENCE_TIME)
 FLUX2_DEV = Family(DEV_PIPELINE, "Mistral", load_mistral, mistral_tokenizer.tokenize, FLUX2_DEV_LAYERS, True)
-FAMILIES = {f.pipeline_class: f for f in (KLEIN, FLUX2_DEV)}
+FAMILIES = {f.pipeline_class: f for f in (KLEIN, KLEIN_KV, FLUX2_DEV)}
 
 
 def family_defaults(family: Family, is_distilled: bool) -> KleinDefaults:
     """What a pipeline of `family` (a distilled klein or not) defaults to."""
     return DEV if family.guidance_embed else DISTILLED if is_distilled else BASE
+
+
+def folder_is_distilled(index: dict, family: Family) -> bool:
+    """Whether a folder of `family` with model_index.json `index` runs as a distilled klein. A
+    Flux2KleinKVPipeline always does: it has no negative pass, defaults to 4 steps and does not
+    write is_distilled."""
+    return family.reference_time is not None or bool(index.get("is_distilled", False))
 
 
 def reference_pixels(image, name: str = "image") -> np.ndarray:
@@ -238,11 +253,11 @@ class Flux2Pipeline(LoraMixin):
         for key in NOT_TAKEN:
             if key in given:
                 raise UsageError(f"{name(key)}: {what}, which does not take it yet")
-        if "mask" in given and family.guidance_embed:
-            raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s")
+        if "mask" in given and (family.guidance_embed or family.reference_time is not None):
+            raise UsageError(f"{name('mask')}: {what}; inpainting is FLUX.2 [klein]'s (Flux2KleinPipeline folders)")
         if "mask" in given and len(given.get("references", ())) > 1:
             raise UsageError(f"{name('references')}: inpainting takes at most one reference image")
-        defaults = family_defaults(family, bool(index.get("is_distilled", False)))
+        defaults = family_defaults(family, folder_is_distilled(index, family))
         if "guidance" in given and defaults.guidance is None:
             raise UsageError(f"{name('guidance')}: {what} of a klein model (no guidance embedding)"
                              + ("" if defaults.true_cfg_scale is None else f"; its CFG scale is {name('true_cfg')}"))
@@ -269,7 +284,9 @@ class Flux2Pipeline(LoraMixin):
         """Load a diffusers Flux2KleinPipeline folder (model_index.json, transformer/,
         text_encoder/ (Qwen3ForCausalLM), tokenizer/, vae/ (AutoencoderKLFlux2), scheduler/) or a
         Flux2Pipeline one (FLUX.2 [dev]: text_encoder/ Mistral3ForConditionalGeneration, tokenizer/
-        Mistral's processor or tokenizer, a transformer with a guidance embedding).
+        Mistral's processor or tokenizer, a transformer with a guidance embedding), or a
+        Flux2KleinKVPipeline one (flux2_kv.py); or a hub repo id of one ("org/name":
+        sources.resolve_source, the local hub cache's snapshot, else a download).
 
         dtype: parameters and compute of every model ("bfloat16" or "float32").
         attention_impl: the transformer's (see FluxPipeline.from_pretrained).
@@ -290,7 +307,10 @@ class Flux2Pipeline(LoraMixin):
                 raise UsageError(f"{key}= is not supported for FLUX.2 pipelines yet")
         root = os.fspath(source)
         if not os.path.isdir(root):
-            raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline or Flux2Pipeline folder)")
+            if not sources.is_repo_id(root):
+                raise UsageError(f"{root}: no such folder (expected a diffusers Flux2KleinPipeline or Flux2Pipeline "
+                                 "folder, or a hub repo id)")
+            root = sources.resolve_source(root)  # the local hub cache's snapshot, else a download
         index = pipeline_index(root)
         kind = index.get("_class_name")
         if kind not in FAMILIES:
@@ -315,7 +335,7 @@ class Flux2Pipeline(LoraMixin):
         vae = Component(*load_vae(os.path.join(root, "vae"), dtype, sharding=placement))
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "tokenizer"), local_files_only=True)
         schedule = sampling.Flux2Schedule.from_config(os.path.join(root, "scheduler"))
-        pipe = cls(transformer, text_encoder, tokenizer, vae, schedule, bool(index.get("is_distilled", False)),
+        pipe = cls(transformer, text_encoder, tokenizer, vae, schedule, folder_is_distilled(index, family),
                    os.path.basename(os.path.normpath(root)), family, strategy, mesh)
         if loras:
             pipe.load_lora(loras, fuse=fuse)
@@ -356,7 +376,7 @@ class Flux2Pipeline(LoraMixin):
             then come as reference_images.
         reference_images: FluxPipeline's spelling (a list): the reference images (`image`), with
             mask_image the one image_reference, with img2img the references.
-        progress: FluxPipeline's keyword, taken so that callers can pass it; no per-step bar is shown.
+        progress: show a progress bar over encoding, each step and decoding (on a terminal), as FluxPipeline's.
         lora_scales: strengths of the live LoRAs (see load_lora): one number per LoRA, or a
             (B, n) table, one row per image; default: the strengths they were loaded with.
         """
@@ -388,7 +408,7 @@ class Flux2Pipeline(LoraMixin):
             check_prompt("prompt" if isinstance(prompt, str) else f"prompt {i}", p)
         inpaint = start_image = None
         if mask_image is not None:
-            if self.family.guidance_embed:
+            if self.family.guidance_embed or self.family.reference_time is not None:
                 raise UsageError(f"{self.name}: inpainting (mask_image=) is FLUX.2 [klein]'s (Flux2KleinInpaintPipeline)")
             if image is None or isinstance(image, (list, tuple)):
                 raise UsageError("mask_image= needs one image= to inpaint")
@@ -453,30 +473,41 @@ class Flux2Pipeline(LoraMixin):
             inputs["ref_pixels"] = tuple(np.broadcast_to(r.astype(np.float32) / 127.5 - 1.0, (batch,) + r.shape)
                                          for r in references)
             inputs["ref_ids"] = reference_ids([r.shape[:2] for r in references], batch)
+            if self.family.reference_time is not None:  # cached references (flux2_kv.py)
+                inputs["ref_time"] = np.full((batch,), self.family.reference_time, np.float32)
         if inpaint is not None:
             inputs["mask_tokens"] = mask_tokens(inpaint, batch, inputs["img"].shape[-1])
         if start_image is not None:
             inputs["start_pixels"] = np.broadcast_to(start_image.astype(np.float32) / 127.5 - 1.0,
                                                      (batch,) + start_image.shape)
         inputs, context = placed(self.strategy, self.mesh, inputs)
-        with context:
-            out = self._run(inputs, layers, schedule, first)
+        from tqdm import tqdm
+
+        # As FluxPipeline's: one unit for encoding, one per step (the loop's host callback), one for decoding.
+        with context, tqdm(total=num_steps - first + 2, desc="encoding prompt", unit="stage",
+                           disable=not progress or None, leave=False) as bar:
+            out = self._run(inputs, layers, schedule, first, bar if progress else None)
+            if not progress:
+                bar.update(num_steps - first + 1)
+            bar.set_description("decoding")
             start = time.perf_counter()
             # Checked before decoding: the decoder clips, so an infinite latent would decode finite.
             check_output(gather(out)[:batch], "the denoised latents of images")
             images = gather(decode_tokens(self.vae.model, self.vae.params, out, rows, cols))[:batch]
             self.timings["decode"] = time.perf_counter() - start
+            bar.update(1)
         if output == "np":
             return images
         from PIL import Image
 
         return [Image.fromarray(u8) for u8 in to_uint8(images)]
 
-    def _run(self, inputs: dict, layers: tuple[int, ...], schedule: np.ndarray, first: int) -> jax.Array:
+    def _run(self, inputs: dict, layers: tuple[int, ...], schedule: np.ndarray, first: int, bar=None) -> jax.Array:
         """The device stages of a call (encode, denoise) on `inputs` as `__call__` builds them (placed
         under a strategy): the denoised tokens (B', L_img, 128) float32. first: the first step of
         inpainting (with mask_tokens: the image's tokens are the first reference's and the known
-        region) or img2img (with start_pixels); 0 otherwise."""
+        region) or img2img (with start_pixels); 0 otherwise. bar: a tqdm bar advanced once after
+        encoding and once per step (the loop's host callback), or None."""
         start = time.perf_counter()
         txt = self._embed(inputs["ids"], inputs["mask"], layers)
         cond = {}
@@ -486,6 +517,8 @@ class Flux2Pipeline(LoraMixin):
         if "ref_pixels" in inputs:
             tokens = [encode_tokens(self.vae.model, self.vae.params, r) for r in inputs["ref_pixels"]]
             cond.update(ref_img=jnp.concatenate(tokens, axis=1), ref_ids=inputs["ref_ids"])
+            if "ref_time" in inputs:  # cached references: their keys and values once, before the first step
+                cond.update(ref_time=inputs["ref_time"])
             if "mask_tokens" in inputs:
                 cond.update(start=np.int32(first), image_latents=tokens[0], noise=img, mask=inputs["mask_tokens"])
                 img = sampling.scale_noise(tokens[0], img, schedule[first])
@@ -495,14 +528,19 @@ class Flux2Pipeline(LoraMixin):
                                        schedule[first])
         txt.block_until_ready()
         self.timings = {"encode": time.perf_counter() - start}
+        if bar is not None:
+            bar.update(1)
+            bar.set_description(f"denoising ({len(schedule) - 1 - first} steps)")
 
         start = time.perf_counter()
-        out = sampling.denoise(self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
-                               inputs["txt_ids"], None, schedule, inputs.get("guidance"),
-                               adapters=None if self.adapters is None else self.adapters.tree,
-                               lora_scales=inputs.get("lora_scales"),
-                               cond=sampling.Conditioning(**cond) if cond else None)
-        out.block_until_ready()
+        with sampling.step_callback(lambda i: bar.update(1)) as on_step:
+            out = sampling.denoise(self.transformer.model, self.transformer.params, img, inputs["img_ids"], txt,
+                                   inputs["txt_ids"], None, schedule, inputs.get("guidance"),
+                                   on_step=None if bar is None else on_step,
+                                   adapters=None if self.adapters is None else self.adapters.tree,
+                                   lora_scales=inputs.get("lora_scales"),
+                                   cond=sampling.Conditioning(**cond) if cond else None)
+            out.block_until_ready()  # inside: the step callbacks run while the loop does
         self.timings["denoise"] = time.perf_counter() - start
         return out
 

@@ -234,6 +234,9 @@ class FluxPipeline(LoraMixin, EditMixin):
             pipe = cls._tiny(dtype, attention_impl, variant, **settings)
         else:
             root = sources.resolve_source(os.fspath(source))
+            if pipeline_for(root) is not FluxPipeline:  # a FLUX.2 hub repo id, now in the hub cache
+                return cls.from_pretrained(root, dtype, sharding, transformer, vae, attention_impl, devices, loras,
+                                           fuse, variant, quantize)
             pipe = cls._from_folder(root, dtype, transformer, vae, attention_impl, variant, **settings)
             if sources.is_packaged(root, "shapes"):
                 from fluxjax.shapes.dataset import parse

@@ -78,8 +78,13 @@ def check_source(source: str) -> None:
     if os.path.exists(source):
         raise UsageError(f"{source}: expected a pipeline folder (the hub's diffusers layout), not a file; "
                          "pass a BFL transformer file as transformer=")
-    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+    if not is_repo_id(source):
         raise UsageError(f"{source}: no such folder")
+
+
+def is_repo_id(source: str) -> bool:
+    """Whether `source`, not a local file or folder, is shaped like a hub repo id ("org/name")."""
+    return not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
 def resolve_source(source: str) -> str:

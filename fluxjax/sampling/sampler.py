@@ -342,6 +342,18 @@ class Conditioning:
                    and 4 id columns) appended after
                    the image tokens in the sequence at every call, with their position ids; the
                    velocity of the first L_img tokens is kept.
+    ref_time:      (B,) float32, with ref_img: cached references, as diffusers' Flux2KleinKVPipeline
+                   (ref_fixed_timestep): the reference tokens attend only to themselves and are
+                   modulated at this fixed time, while the text and image tokens attend to all.
+                   Their keys and values in every block then do not change from step to step, so
+                   the loop computes them once, before its first step (one transformer pass over
+                   the L_ref tokens alone, `Flux(return_kv=True)`), and every call runs only the
+                   L_txt + L_img tokens, which attend to them as well (`Flux(ref_kv=...)`). That
+                   saves, at each step, the blocks' linears and MLPs on the L_ref tokens and the
+                   references' own queries (attention (L_txt + L_img)(L_txt + L_img + L_ref) in
+                   place of (L_txt + L_img + L_ref)^2); it holds 2 x (depth + depth_single_blocks)
+                   x B x L_ref x hidden_size keys and values for the whole loop. The negative pass
+                   of true CFG reuses them (without a pooled vector they do not depend on the prompt).
     neg_txt, neg_vec, true_cfg: (B, L_txt, D), (B, vec_dim), (B,): true classifier-free
                    guidance as diffusers' FluxPipeline: v = v_neg + true_cfg (v - v_neg), v_neg
                    the velocity under the negative prompt (the same txt_ids and guidance);
@@ -355,6 +367,7 @@ class Conditioning:
     channels: Any = None
     ref_img: Any = None
     ref_ids: Any = None
+    ref_time: Any = None
     neg_txt: Any = None
     neg_vec: Any = None
     true_cfg: Any = None
@@ -371,6 +384,11 @@ class Conditioning:
                 raise UsageError(f"Conditioning: {what} needs {', '.join(names)}; got only {', '.join(given)}")
         if self.channels is not None and self.ref_img is not None:
             raise UsageError("Conditioning: channels and ref_img do not combine (no FLUX variant takes both)")
+        if self.ref_time is not None and self.ref_img is None:
+            raise UsageError("Conditioning: ref_time is the cached references' time: it needs ref_img and ref_ids")
+        if self.ref_time is not None and self.neg_vec is not None:
+            # the references' modulation would take each prompt's pooled vector: one cache per prompt
+            raise UsageError("Conditioning: cached references (ref_time) do not combine with a negative pooled vector")
 
 
 def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=None, on_step: StepCallback | None = None,
@@ -396,16 +414,23 @@ def euler_loop(model, params, img, img_ids, txt, txt_ids, vec, sigmas, guidance=
     cond.check()
     batch, length = img.shape[:2]
     variables = lora.variables(params, adapters)
-    ids = img_ids if cond.ref_img is None else jnp.concatenate([img_ids, cond.ref_ids.astype(img_ids.dtype)], axis=1)
+    lora_context = lambda: lora.live(lora_scales) if adapters is not None else contextlib.nullcontext()  # noqa: E731
+    in_sequence = cond.ref_img is not None and cond.ref_time is None  # references appended to every call
+    ids = jnp.concatenate([img_ids, cond.ref_ids.astype(img_ids.dtype)], axis=1) if in_sequence else img_ids
+    ref_kv = None
+    if cond.ref_time is not None:  # once per loop: the references alone (no text tokens) at their fixed time
+        with lora_context():
+            _, ref_kv = model.apply(variables, cond.ref_img, cond.ref_ids.astype(img_ids.dtype), txt[:, :0],
+                                    txt_ids[:, :0], cond.ref_time.astype(jnp.float32), vec, guidance, return_kv=True)
 
     def velocity(x, t_vec, txt_, vec_):
         """The transformer's velocity for the L_img image tokens, float32."""
         if cond.channels is not None:
             x = jnp.concatenate([x, cond.channels.astype(x.dtype)], axis=-1)
-        if cond.ref_img is not None:
+        if in_sequence:
             x = jnp.concatenate([x, cond.ref_img.astype(x.dtype)], axis=1)
-        with lora.live(lora_scales) if adapters is not None else contextlib.nullcontext():
-            pred = model.apply(variables, x, ids, txt_, txt_ids, t_vec, vec_, guidance)
+        with lora_context():
+            pred = model.apply(variables, x, ids, txt_, txt_ids, t_vec, vec_, guidance, ref_kv=ref_kv)
         return pred[:, :length].astype(jnp.float32)
 
     def step(i, x):
