@@ -65,10 +65,20 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def abstract_params(model: str, dtype: Any, quantize: str | None = None) -> dict[str, Any]:
     """Boxed abstract parameter trees (stacked layout) of the four components, parameters in `dtype`
-    (the Linears of the components that take `quantize` in its dtype and float32 scales)."""
-    return {name: registry.abstract_params(name, registry.build(name, registry.COMPONENTS[name].config.preset(preset), dtype,
-                                                                 **registry.COMPONENTS[name].select(dict(quantize=quantize))))
-            for name, preset in registry.PRESETS[model].items()}
+    (the Linears of the components that take `quantize` in its dtype and float32 scales). Cached:
+    a table of plans (`fluxjax bench tpu`) asks for the same trees once per row."""
+    return dict(_abstract_params(model, jnp.dtype(dtype).name, quantize))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(model: str, dtype: str, quantize: str | None) -> dict[str, Any]:
+    trees = {}
+    for name, preset in registry.PRESETS[model].items():
+        component = registry.COMPONENTS[name]
+        built = registry.build(name, component.config.preset(preset), jnp.dtype(dtype),
+                               **component.select(dict(quantize=quantize)))
+        trees[name] = registry.abstract_params(name, built)
+    return trees
 
 
 @dataclasses.dataclass(frozen=True)
