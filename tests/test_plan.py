@@ -171,3 +171,24 @@ def test_a_flash_attention_training_step_saves_logsumexps_not_probabilities():
     assert xla - flash == blocks * cfg.num_heads * (length * length * (4 + s) - length * 4)
     lora = train_plan("dev", Strategy.load("fsdp"), 64, 1024, 1024, 64, 16, "bfloat16", attention="splash")
     assert abs(lora.total(True) / 2**30 - 5.02) < 0.05 * 5.02
+
+
+def test_on_a_tpu_fsdp_holds_two_gathered_kernels_and_a_v6e_copies_the_split_down_projections(dev):
+    # docs/tpu.md, "Planner and compiler": the TPU compiler never holds a whole gathered block, and
+    # on a v6e it keeps a re-laid-out copy of the stacks of linear2 and the MLPs' second layers
+    # when one mesh axis splits them.
+    from fluxjax.plan.planner import gathered_block_bytes, tpu_gathered_bytes, tpu_relayout_bytes
+
+    flux = dev["transformer"]
+    fsdp, tp, both = Strategy.load("fsdp"), Strategy.load("tp"), Strategy.load("fsdp_tp")
+    linear1 = 3072 * (3 * 3072 + 12288) * 2  # the largest kernel of a layer, gathered whole
+    assert tpu_gathered_bytes(flux, fsdp, {"fsdp": 8}) == 2 * linear1
+    assert gathered_block_bytes(flux, fsdp, {"fsdp": 8}) > 2 * tpu_gathered_bytes(flux, fsdp, {"fsdp": 8})
+    assert tpu_gathered_bytes(flux, tp, {"data": 1, "tensor": 8}) == 0 == tpu_gathered_bytes(flux, fsdp, {"fsdp": 1})
+    down = (38 * 15360 + 2 * 19 * 12288) * 3072 * 2  # linear2, img_mlp/2, txt_mlp/2 stacks
+    assert tpu_relayout_bytes(flux, fsdp, {"fsdp": 8}, "TPU v6 lite") == down // 8
+    assert tpu_relayout_bytes(flux, tp, {"data": 1, "tensor": 8}, "TPU v6 lite") == down // 8
+    assert tpu_relayout_bytes(flux, both, {"fsdp": 4, "tensor": 2}, "TPU v6 lite") == 0
+    assert tpu_relayout_bytes(flux, fsdp, {"fsdp": 8}, "TPU v5 lite") == 0
+    assert tpu_relayout_bytes(flux, fsdp, {"fsdp": 1}, "TPU v6 lite") == 0
+

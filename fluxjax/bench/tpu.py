@@ -134,7 +134,7 @@ def analytic_bytes(row: dict) -> int:
 
     r = row["report"]
     plan = make_plan(row["model"], Strategy.load(row["strategy"]), r["devices"], row["size"], row["size"], r["batch"],
-                     r["dtype"], xla=False, attention=r.get("attention", "splash"))
+                     r["dtype"], xla=False, attention=r.get("attention", "splash"), device_kind=r["device_kind"])
     return plan.params["transformer"].device_bytes + plan.analytic_bytes
 
 
