@@ -192,3 +192,22 @@ def test_on_a_tpu_fsdp_holds_two_gathered_kernels_and_a_v6e_copies_the_split_dow
     assert tpu_relayout_bytes(flux, fsdp, {"fsdp": 8}, "TPU v5 lite") == 0
     assert tpu_relayout_bytes(flux, fsdp, {"fsdp": 1}, "TPU v6 lite") == 0
 
+
+def test_the_planner_is_within_15_percent_of_every_compiled_tpu_row():
+    # Issue 30 item 3: every row docs/tpu.jsonl holds (the TPU compiler's per-chip figures, compiled
+    # by `fluxjax bench tpu`) against the planner as it stands; refused programs have no total.
+    import json
+    import os
+
+    from fluxjax.bench.tpu import analytic_bytes, key
+
+    rows = {}
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "tpu.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[key(row)] = row
+    checked = {k: (analytic_bytes(r), r["report"]["compiled"]["total_bytes"]) for k, r in rows.items()
+               if "error" not in r and r["report"]["compiled"]["total_bytes"] is not None}
+    assert len(checked) >= 15
+    off = {k: f"{a / c - 1:+.0%}" for k, (a, c) in checked.items() if abs(a / c - 1) > 0.15}
+    assert not off, off
