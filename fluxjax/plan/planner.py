@@ -5,7 +5,10 @@ Three figures, each labelled with how it was obtained:
                table divides it on the mesh (transformer, T5-XXL, CLIP-L, VAE; all resident).
   activations  of one denoise step, two sources:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
-               plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
+               plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`); for a
+               TPU chip (`device_kind`) what its compiler holds instead: two gathered kernels
+               (`tpu_gathered_bytes`) and on a v6e its re-laid-out weight stacks
+               (`tpu_relayout_bytes`), docs/tpu.md;
     xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan/xla.py,
                a child process). The CPU backend computes bf16 matmuls in float32 and so holds
                float32 copies the accelerator never makes; the step is therefore compiled in
