@@ -215,4 +215,5 @@ def test_the_planner_is_within_15_percent_of_every_compiled_tpu_row():
 
 # Rows the planner is still more than 15% off, as docs/tpu.md's "still off" list says (the test
 # fails when one of them comes within 15%, so the list stays true).
-OPEN_TPU_ROWS = {"dev v5e-256 fsdp 1024 4": "+31%", "dev v5p-128 fsdp 1024 4": "-15%", "dev v5p-128 fsdp 1024 1": "-23%"}
+OPEN_TPU_ROWS = {"dev v5e-256 fsdp 1024 4": "+31%", "dev v5p-128 fsdp 1024 4": "-15%", "dev v5p-128 fsdp 1024 1": "-23%",
+                 "dev v6e-8 sp_ring_fsdp 4096 1": "+21%"}
