@@ -46,3 +46,29 @@ def test_endtoend_harness_runs_on_cpu_beside_diffusers(tmp_path, capsys):
     theirs = [r for name, r in results.items() if name.startswith("diffusers eager tiny") and name.endswith("per image")]
     assert len(ours) == len(theirs) == 1 and ours[0]["fluxjax"] > 0 and theirs[0]["fluxjax"] > 0
     assert any(name.endswith("first call (compile)") for name in results)
+
+
+def test_bench_tpu_matrix_cases_and_table_markers(tmp_path, capsys):
+    # `fluxjax bench tpu --full`: issue 30's matrix (one-chip slices compile fsdp, the program every
+    # strategy is there; 4096 with sequence parallelism only); the table goes between the markers
+    # of docs/tpu.md and leaves the rest of the file as it was; a bad --case is one line.
+    from fluxjax.bench import tpu
+
+    cases = tpu.full_matrix()
+    assert len(cases) == len({tpu.key(c) for c in cases}) == 2 * (2 * 4 + 5 * (4 * 2 * 2 + 4 * 3 * 2))
+    assert {c["strategy"] for c in cases if c["slice"] in ("v5e-1", "v6e-1")} == {"fsdp"}
+    assert all(c["strategy"] in tpu.SP for c in cases if c["size"] == 4096)
+    assert tpu.parse_case("dev v5e-256 fsdp 1024 4") == dict(model="dev", slice="v5e-256", strategy="fsdp", size=1024,
+                                                             per_shard=4)
+    doc = tmp_path / "tpu.md"
+    doc.write_text(f"intro\n{tpu.BEGIN}\nold table\n{tpu.END}\nafter\n")
+    done = {tpu.key(cases[0]): {}}
+    tpu.write_table(str(doc), tpu.format_table([], "abc", "host", tpu.missing_lines(cases[:3], done), 3, "c.jsonl"))
+    text = doc.read_text()
+    assert text.startswith(f"intro\n{tpu.BEGIN}\n") and text.endswith(f"{tpu.END}\nafter\n") and "old table" not in text
+    assert f"- dev v5e-1 (2): {cases[1]['strategy']} {cases[1]['size']} x{cases[1]['per_shard']}" in text
+    assert cli.main(["bench", "tpu", "--case", "dev v5e-8 fsdp"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--case 'dev v5e-8 fsdp': expected 'MODEL SLICE STRATEGY SIZE "
+                                                    "PER_SHARD', e.g. 'dev v5e-8 fsdp 1024 1' (slices: v5e-1, v6e-1, "
+                                                    "v5e-8, v6e-8, v5p-8, v5e-256, v5p-128; strategies: dp, fsdp, tp, "
+                                                    "fsdp_tp, sp_ulysses, sp_ring, sp_ulysses_fsdp, sp_ring_fsdp)")

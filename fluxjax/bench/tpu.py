@@ -41,11 +41,13 @@ PUBLISHED = [
 
 def full_matrix() -> list[dict]:
     """Issue 30's table: dev and schnell at 1024 and 2048 (4096 with sp), 1 and 4 images per data
-    shard, every strategy, on v5e-1, v6e-1, v5e-8, v6e-8, v5p-8, v5e-256 and v5p-128."""
+    shard, every strategy, on v5e-1, v6e-1, v5e-8, v6e-8, v5p-8, v5e-256 and v5p-128. On one chip
+    every strategy is the same one-device program: fsdp stands for them there."""
     cases = []
     for model in ("dev", "schnell"):
-        for slice_name in TOPOLOGIES:
-            for strategy in STRATEGIES:
+        for slice_name, topology in TOPOLOGIES.items():
+            one_chip = topology.endswith(":1x1")
+            for strategy in ("fsdp",) if one_chip else STRATEGIES:
                 for size in (1024, 2048, 4096):
                     if size == 4096 and strategy not in SP:
                         continue
@@ -122,81 +124,130 @@ def roofline_ms(row: dict) -> float | None:
     return 1e3 * max(flops / report["devices"] / peak, weights / bandwidth)
 
 
-def format_table(rows: list[dict], commit: str, host: str) -> str:
+def analytic_bytes(row: dict) -> int:
+    """The planner's per-chip figure for a row's case as the planner stands now (parameters of the
+    transformer + `make_plan`'s analytic step, with the attention the compiled program held), so the
+    table compares the current planner with each compile, whenever that compile ran."""
+    from fluxjax.plan.planner import make_plan
+    from fluxjax.parallel.strategies import Strategy
+
+    r = row["report"]
+    plan = make_plan(row["model"], Strategy.load(row["strategy"]), r["devices"], row["size"], row["size"], r["batch"],
+                     r["dtype"], xla=False, attention=r.get("attention", "splash"), device_kind=r["device_kind"])
+    return plan.params["transformer"].device_bytes + plan.analytic_bytes
+
+
+def _row_line(row: dict) -> str:
     gib = lambda n: "?" if n is None else f"{n / 2**30:.2f}"  # noqa: E731
+    head = f"| {row['model']} | {row['slice']} | {row['strategy']} | {row['size']} |"
+    if "error" in row:
+        return f"{head} {row['per_shard']}/shard | error: {row['error']} | | | | | {row.get('commit', '?')} |"
+    r = row["report"]
+    c = r["compiled"]
+    used = c["total_bytes"] if c["total_bytes"] is not None else c["temp_bytes"]
+    split = "" if c["argument_bytes"] is None else f" ({gib(c['argument_bytes'])} + {gib(c['temp_bytes'])})"
+    state = "yes" if c["fits"] else f"no (HBM {gib(c['hbm_bytes'])})"
+    ms = roofline_ms(row)
+    analytic = analytic_bytes(row)
+    off = f" ({analytic / used - 1:+.0%})" if c["total_bytes"] is not None else ""
+    return (f"{head} {r['batch']} | {gib(used)}{split}{' temps alone' if c['total_bytes'] is None else ''} | "
+            f"{gib(analytic)}{off} | {state} | {c['compile_s']:.0f} | {'?' if ms is None else f'{ms:.0f}'} | "
+            f"{row.get('commit', '?')} |")
+
+
+def missing_lines(cases: list[dict], done: dict) -> list[str]:
+    """The matrix cases not compiled yet, one line per model and slice: `strategy size xPER_SHARD`."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for case in cases:
+        if key(case) not in done:
+            groups.setdefault((case["model"], case["slice"]), []).append(
+                f"{case['strategy']} {case['size']} x{case['per_shard']}")
+    return [f"- {model} {slice_name} ({len(items)}): {', '.join(items)}" for (model, slice_name), items in groups.items()]
+
+
+BEGIN, END = "<!-- fluxjax bench tpu: begin -->", "<!-- fluxjax bench tpu: end -->"
+
+
+def format_table(rows: list[dict], commit: str, host: str, missing: list[str], total: int, cache: str) -> str:
+    """The generated part of docs/tpu.md (between BEGIN and END): the table of every cached case
+    and the matrix cases not compiled yet."""
     lines = [
-        "# FLUX on TPUs: what the TPU compiler says",
-        "",
-        "Regenerate with `fluxjax bench tpu` (needs `pip install \"fluxjax[tpu]\"`; no TPU: libtpu compiles for a",
-        "topology description on any host). Each row is `fluxjax plan --topology T --sharding S --json --programs",
-        "denoise`: the pipeline's denoising loop compiled for that slice in bf16 with the attention `auto` chooses",
-        "there (splash). **No TPU ran these programs**: memory and fit are the compiler's own figures; the",
-        "roofline column is an estimate (max of analytic FLOPs / bf16 peak and weight bytes / HBM bandwidth, per",
-        "chip), a lower bound on the step time, not a measurement.",
-        "",
-        f"Table written {datetime.date.today().isoformat()} at commit {commit} on {host}; each row names the commit",
-        "it was compiled at (rows before 1b14650 ran splash with blocks up to 2176 tokens: the compiler refused",
-        "those for schnell, and since then blocks are at most 1024, `splash.splash_tiling`).",
+        BEGIN,
+        f"Table written {datetime.date.today().isoformat()} at commit {commit} on {host}, from `{cache}` (one JSON",
+        "line per compiled case); each row names the commit it was compiled at. The analytic column is the",
+        "planner at the table's commit (`make_plan` with the attention the compiled program held), and in",
+        "brackets how far it is from the compiled figure.",
         "",
         "| model | slice | strategy | size | images | compiled GiB/chip (args + temps) | analytic GiB/chip | fits | "
         "compile s | roofline ms/step (estimate) | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["model"], list(TOPOLOGIES).index(r["slice"]), r["size"],
-                                           STRATEGIES.index(r["strategy"]), r["per_shard"])):
-        head = f"| {row['model']} | {row['slice']} | {row['strategy']} | {row['size']} |"
-        if "error" in row:
-            lines.append(f"{head} {row['per_shard']}/shard | error: {row['error']} | | | | | {row.get('commit', '?')} |")
-            continue
-        r = row["report"]
-        c = r["compiled"]
-        used = c["total_bytes"] if c["total_bytes"] is not None else c["temp_bytes"]
-        split = "" if c["argument_bytes"] is None else f" ({gib(c['argument_bytes'])} + {gib(c['temp_bytes'])})"
-        state = "yes" if c["fits"] else f"no (HBM {gib(c['hbm_bytes'])})"
-        ms = roofline_ms(row)
-        lines.append(f"{head} {r['batch']} | {gib(used)}{split}{' temps alone' if c['total_bytes'] is None else ''} | "
-                     f"{gib(r['analytic']['total_bytes'])} | {state} | {c['compile_s']:.0f} | "
-                     f"{'?' if ms is None else f'{ms:.0f}'} | {row.get('commit', '?')} |")
+    order = lambda r: (r["model"], list(TOPOLOGIES).index(r["slice"]), r["size"],  # noqa: E731
+                       STRATEGIES.index(r["strategy"]), r["per_shard"])
+    lines += [_row_line(row) for row in sorted(rows, key=order)]
+    lines += ["", f"{len(rows)} of the {total} cases of `--full` are compiled; the rest, per model and slice "
+              "(strategy, size, images per data shard):", ""] + (missing or ["- none"])
     lines += ["", "Published figures of a peer, for comparison (not measured here):", ""]
     lines += [f"- {what}: {figure}" for what, figure in PUBLISHED]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [END]) + "\n"
+
+
+def write_table(path: str, generated: str) -> None:
+    """Put `generated` between the BEGIN and END markers of `path` (the text around them is the
+    docs' own); a file without them gets the generated part appended."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + generated + text[text.index(END) + len(END) + 1:]
+    else:
+        text += generated
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def parse_case(text: str) -> dict:
+    """'dev v5e-256 fsdp 1024 4' (model slice strategy size images-per-data-shard) -> a case."""
+    from fluxjax.errors import UsageError
+
+    parts = text.split()
+    if (len(parts) != 5 or parts[0] not in ("dev", "schnell") or parts[1] not in TOPOLOGIES
+            or parts[2] not in STRATEGIES or not parts[3].isdigit() or not parts[4].isdigit()):
+        raise UsageError(f"--case {text!r}: expected 'MODEL SLICE STRATEGY SIZE PER_SHARD', e.g. 'dev v5e-8 fsdp 1024 1' "
+                         f"(slices: {', '.join(TOPOLOGIES)}; strategies: {', '.join(STRATEGIES)})")
+    return dict(model=parts[0], slice=parts[1], strategy=parts[2], size=int(parts[3]), per_shard=int(parts[4]))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fluxjax bench tpu", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="issue 30's whole matrix (hours on a small host)")
-    parser.add_argument("--cache", default="tpu_bench.jsonl", help="JSON lines of finished cases (resumable)")
-    parser.add_argument("--out", default=os.path.join("docs", "tpu.md"), help="the markdown table to write")
+    parser.add_argument("--case", action="append", default=[], metavar="'MODEL SLICE STRATEGY SIZE PER_SHARD'",
+                        help="compile this case (again, if cached) and nothing else; repeatable")
+    parser.add_argument("--cache", default=os.path.join("docs", "tpu.jsonl"),
+                        help="JSON lines of compiled cases, appended to as each finishes (resumable; the last line of a case wins)")
+    parser.add_argument("--out", default=os.path.join("docs", "tpu.md"), help="the markdown file whose table to rewrite")
     parser.add_argument("--python", default=sys.executable, help="the Python with libtpu to compile in")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one case may take")
     args = parser.parse_args(argv)
-    cases = full_matrix() if args.full else quick_matrix()
+    asked = [parse_case(c) for c in args.case]
+    matrix = full_matrix()
     done = {}
     if os.path.exists(args.cache):
         with open(args.cache) as f:
             for line in f:
                 row = json.loads(line)
                 done[key(row)] = row
-    for i, case in enumerate(cases):
-        if key(case) in done:
-            continue
-        print(f"[{i + 1}/{len(cases)}] {key(case)} ...", flush=True)
+    todo = asked or [c for c in (matrix if args.full else quick_matrix()) if key(c) not in done]
+    for i, case in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {key(case)} ...", flush=True)
         row = run_case(case, args.python, args.timeout)
         done[key(case)] = row
         with open(args.cache, "a") as f:
             f.write(json.dumps(row) + "\n")
         print("   ", row.get("error") or f"{row['report']['compiled']['compile_s']:.0f} s", flush=True)
-    rows = [done[key(c)] for c in cases if key(c) in done]
-    commit = _commit()
+    listed = {key(c) for c in matrix}
+    rows = [row for k, row in done.items() if k in listed or "error" not in row]
     host = f"{os.cpu_count()} CPU cores ({sys.platform})"
-    kept = ""  # the sections after the table ("## ..."), written by hand from other runs, stay
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            text = f.read()
-        kept = text[text.index("\n## "):] if "\n## " in text else ""
-    with open(args.out, "w") as f:
-        f.write(format_table(rows, commit, host) + kept)
-    print(f"wrote {args.out}: {len(rows)} of {len(cases)} cases")
+    write_table(args.out, format_table(rows, _commit(), host, missing_lines(matrix, done), len(matrix), args.cache))
+    print(f"wrote {args.out}: {len(rows)} cases; {sum(key(c) not in done for c in matrix)} of the {len(matrix)} of --full to go")
 
 
 if __name__ == "__main__":

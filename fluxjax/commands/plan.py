@@ -114,7 +114,7 @@ def _topology(args) -> int:
         return _train_topology(args, strategy, devices, height, width)
     attention = plan_tpu.transformer_attention(strategy, devices, args.dtype)
     analytic = make_plan(args.model, strategy, len(devices), height, width, args.batch, args.dtype, xla=False,
-                         attention=attention, quantize=args.quantize)
+                         attention=attention, quantize=args.quantize, device_kind=devices[0].device_kind)
     got = plan_tpu.compile_programs(args.model, strategy, devices, analytic.padded_batch, height, width,
                                     TEXT_LENGTHS[args.model], args.dtype, programs=programs, variant=args.variant,
                                     quantize=args.quantize)

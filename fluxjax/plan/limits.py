@@ -133,7 +133,8 @@ def fits_here(model: str, height: int = 1024, width: int = 1024, dtype: str = "b
     cfg = transformer_config(model)
     attention = resolve_attention(**device_facts(device), dtype=dt, head_dim=cfg.hidden_size // cfg.num_heads,
                                   seq_len=(height // PATCH) * (width // PATCH), masked=False, cpu_kernel=False)
-    plan = make_plan(model, Strategy.load("fsdp"), 1, height, width, 1, dt.name, xla=False, attention=attention)
+    plan = make_plan(model, Strategy.load("fsdp"), 1, height, width, 1, dt.name, xla=False, attention=attention,
+                     device_kind=device.device_kind)
     memory, where = device_memory(device)
     fits = plan.total_bytes <= memory
     line = (f"{model} in {dt.name} at {width}x{height} needs {plan.total_bytes / GIB:.1f} GiB on one device "

@@ -9,7 +9,10 @@ Three figures, each labelled with how it was obtained:
                config's formula gives beside it (fluxjax/plan/counts.py).
   activations  of one denoise step, two sources:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
-               plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`);
+               plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`); for a
+               TPU chip (`device_kind`) what its compiler holds instead: two gathered kernels
+               (`tpu_gathered_bytes`) and on a v6e its re-laid-out weight stacks
+               (`tpu_relayout_bytes`), docs/tpu.md;
     xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan/xla.py,
                a child process). The CPU backend computes bf16 matmuls in float32 and so holds
                float32 copies the accelerator never makes; the step is therefore compiled in
@@ -124,7 +127,8 @@ def formula_count(name: str, model) -> int | None:
 
 def abstract_params(model: str, dtype: Any, quantize: str | None = None) -> dict[str, Any]:
     """Boxed abstract parameter trees (stacked layout) of `model`'s components, parameters in `dtype`
-    (the Linears of the components that take `quantize` in its dtype and float32 scales)."""
+    (the Linears of the components that take `quantize` in its dtype and float32 scales). Cached:
+    a table of plans (`fluxjax bench tpu`) asks for the same trees once per row."""
     return dict(_abstract_params(model, jnp.dtype(dtype).name, quantize))
 
 
@@ -285,6 +289,71 @@ def gathered_block_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dic
     return max(per_layer)
 
 
+def _kernels(tree: Any) -> dict[str, Any]:
+    """{path: boxed leaf} of the kernels (2D weights per layer) of one stacked block tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "names"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): box for path, box in leaves
+            if path and str(getattr(path[-1], "key", path[-1])) == "kernel"}
+
+
+def _layer_bytes(box: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> int:
+    """Bytes of one layer of a stacked kernel as a device holds it under `strategy`."""
+    return param_memory({"k": box}, strategy, mesh_shape).device_bytes // box.value.shape[0]
+
+
+def tpu_gathered_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> int:
+    """What the TPU compiler holds of the weights fsdp gathers: twice the largest kernel of a layer,
+    gathered (the one a matmul uses and the next, gathered while it runs); 0 when the batch axes
+    split no weight (nothing is gathered: each layer's slice of the stack is read in place).
+
+    The compiled programs (docs/tpu.md) never hold a whole block's weights, `gathered_block_bytes`:
+    most matmuls circulate the weight shards around the ring (collective-permutes, a shard or
+    two per direction in flight) and the rest all-gather one kernel just before its matmul.
+    """
+    batch_axes = set(strategy.mesh_axes(BATCH_AXIS))
+    if math.prod(mesh_shape[a] for a in batch_axes) == 1:
+        return 0
+    table = tuple((logical, axes) for logical, axes in strategy.table if not batch_axes & set(axes))
+    gathering = dataclasses.replace(strategy, table=table)
+    split = [_layer_bytes(box, strategy, mesh_shape) < _layer_bytes(box, gathering, mesh_shape)
+             for stack in ("double_blocks", "single_blocks") for box in _kernels(abstract_flux[stack]).values()]
+    if not any(split):
+        return 0
+    return 2 * max(_layer_bytes(box, gathering, mesh_shape)
+                   for stack in ("double_blocks", "single_blocks") for box in _kernels(abstract_flux[stack]).values())
+
+
+# The kernels that project back to the model width (input: MLP features, output: embed): linear2 of
+# the single blocks, the second MLP layer of each stream of the double blocks.
+DOWN_PROJECTIONS = ("single_blocks/linear2/kernel", "double_blocks/img_mlp/2/kernel", "double_blocks/txt_mlp/2/kernel")
+
+
+def tpu_relayout_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int], device_kind: str) -> int:
+    """Bytes the TPU compiler adds for a layout change of whole weight stacks, per device.
+
+    On a v6e ("TPU v6 lite"), when the down projections are split over one mesh axis (fsdp, or tp
+    alone), the compiled step holds a copy of each of their stacks (every layer, as the device
+    holds them) in another tiled layout, made once before the layer loop (measured at dev 1024 on
+    v6e:2x4, HLO buffer assignment: tp 770 MiB, these three stacks; fsdp 641 MiB, linear2, one
+    stream's MLP and one attention output projection). Split over two axes (fsdp_tp) the same
+    compile holds none, nor do v5e and v5p compiles of these programs, nor a v6e's when the weights
+    are whole (one chip, dp, sp).
+    """
+    if device_kind != "TPU v6 lite":
+        return 0
+    mesh = types.SimpleNamespace(shape=mesh_shape)
+    total = 0
+    for path in DOWN_PROJECTIONS:
+        stack, rest = path.split("/", 1)
+        box = _kernels(abstract_flux[stack])[rest]
+        spec = jax.tree.leaves(strategy.param_specs({"k": box}, mesh)[0],
+                               is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+        axes = [a for dim in spec if dim for a in ((dim,) if isinstance(dim, str) else dim) if mesh_shape[a] > 1]
+        if len(axes) == 1:
+            total += param_memory({"k": box}, strategy, mesh_shape).device_bytes
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything `fluxjax plan` prints; bytes are per device unless named total."""
@@ -299,8 +368,8 @@ class Plan:
     padded_batch: int
     dtype: str
     params: dict[str, ParamMemory]
-    analytic_bytes: int  # step_activations + gathered_block_bytes
-    gathered_bytes: int
+    analytic_bytes: int  # step_activations + gathered_bytes + relayout_bytes
+    gathered_bytes: int  # gathered_block_bytes, or on a TPU tpu_gathered_bytes
     xla: dict[str, Any] | None  # temp bytes and compile seconds from plan_xla, or None
     hbm: int | None
     seq_method: str | None = None  # "ulysses" / "ring" under a sequence-parallel strategy
@@ -310,6 +379,7 @@ class Plan:
     quantize: str | None = None  # the Linears' weight quantization ("int8", "fp8"), as in params
     residency: str = "device"  # where T5 and CLIP run: "host" where they do not fit in `hbm` (residency.decide)
     residency_note: str | None = None  # the one line the pipeline says then
+    relayout_bytes: int = 0  # tpu_relayout_bytes: stacks of weights the TPU compiler copies
 
     @property
     def on_device(self) -> dict[str, ParamMemory]:
@@ -332,7 +402,7 @@ class Plan:
 
 def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, width: int = 1024,
               batch: int | None = None, dtype: str = "bfloat16", hbm: int | None = None, xla: bool = True,
-              attention: str = "xla", quantize: str | None = None) -> Plan:
+              attention: str = "xla", quantize: str | None = None, device_kind: str | None = None) -> Plan:
     """The memory plan of `model` (TEXT_LENGTHS: "dev", "schnell", "tiny"; FLUX.2 "klein-4b", "klein-9b",
     "flux2-dev") under `strategy` on `devices` devices.
 
@@ -341,6 +411,10 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     attention: the implementation the step runs ("xla", or a flash kernel: "splash" on a TPU,
     "cudnn"), which decides whether the analytic figure holds the (B, H, L, L) logits.
     quantize: None, "int8" or "fp8": parameter bytes of the quantized pipeline (FluxPipeline's quantize).
+    device_kind: the chip ("TPU v5 lite", "TPU v6 lite", "TPU v5", ...): on a TPU the weights fsdp
+    gathers are counted as the TPU compiler holds them (tpu_gathered_bytes), and the stacks it
+    copies into another layout are added (tpu_relayout_bytes); None: one gathered block (XLA on a
+    GPU or CPU all-gathers a block's weights).
     """
     check_model(model)
     if quantize and model in FLUX2_PRESETS:
@@ -358,10 +432,12 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     padded = -(-batch // data) * data
     cfg = transformer_config(model)
     built = {name: build_component(name, preset, dt, quantize=quantize) for name, preset in component_presets(model).items()}
-    abstract = {name: component_shapes(name, module) for name, module in built.items()}
+    abstract = abstract_params(model, dt, quantize)
     params = {name: dataclasses.replace(param_memory(tree, strategy, mesh_shape), formula_count=formula_count(name, built[name]))
               for name, tree in abstract.items()}
-    gathered = gathered_block_bytes(abstract["transformer"], strategy, mesh_shape)
+    tpu = bool(device_kind) and device_kind.startswith("TPU")
+    gathered = (tpu_gathered_bytes if tpu else gathered_block_bytes)(abstract["transformer"], strategy, mesh_shape)
+    relayout = tpu_relayout_bytes(abstract["transformer"], strategy, mesh_shape, device_kind) if tpu else 0
     seq_axes = strategy.mesh_axes("activation_seq")
     method = sequence_parallel.method_of(seq_axes, strategy.mesh_axes("activation_heads"))
     seq_split = math.prod(mesh_shape[a] for a in seq_axes)
@@ -370,16 +446,17 @@ def make_plan(model: str, strategy: Strategy, devices: int, height: int = 1024, 
     split = dict(seq_split=seq_split, seq_method=method)
     l_img, l_txt = (height // PATCH) * (width // PATCH), TEXT_LENGTHS[model]
     analytic = step_activations(cfg, padded // data, l_img, l_txt, heads_split, dt.itemsize, **split,
-                                attention=attention) + gathered
+                                attention=attention) + gathered + relayout
     table = sequence_table(cfg, method, seq_split * heads_split if method == "ring" else seq_split, l_txt, dt.itemsize) if method else ()
     traffic = sequence_traffic(cfg, padded // data, l_img, l_txt, seq_split, method, dt.itemsize) if method else 0
     measured = None
     if xla:
         measured = xla_step_memory(model, strategy, devices, padded, l_img, l_txt)
-        ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4, **split) + gathered * 4 // dt.itemsize)
+        ratio = analytic / (step_activations(cfg, padded // data, l_img, l_txt, heads_split, 4, **split)
+                            + (gathered + relayout) * 4 // dt.itemsize)
         measured["corrected_temp_bytes"] = int(measured["temp_bytes"] * ratio)
     plan = Plan(model, strategy.name, mesh_shape, devices, height, width, batch, padded, dt.name, params,
-                analytic, gathered, measured, hbm, method, seq_split, traffic, table, quantize)
+                analytic, gathered, measured, hbm, method, seq_split, traffic, table, quantize, relayout_bytes=relayout)
     # The step's activations are the temporaries beside the parameters (the pipeline, without a
     # plan, keeps residency.RESERVE of the memory for them).
     where, note = _residency(model, params, hbm, plan.activation_bytes)
