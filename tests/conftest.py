@@ -35,3 +35,19 @@ def _torch_threads():
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with the most `slow` tests first, each file's tests in their own order.
+
+    pytest-xdist's loadfile hands out whole files, by default the files with the most tests first
+    (pyproject.toml turns that off with --no-loadscope-reorder): the slowest files, a few tests of
+    minutes each (the 8-device pipelines, the multi-process runs), came last, where one worker can
+    run them alone while the other has nothing left. Largest first, the last files are short ones.
+    """
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow = {f: sum(1 for i in tests if i.get_closest_marker("slow")) for f, tests in files.items()}
+    order = sorted(files, key=lambda f: (-slow[f], -len(files[f])))
+    items[:] = [item for f in order for item in files[f]]

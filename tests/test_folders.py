@@ -128,25 +128,30 @@ def test_dst_under_a_file_is_one_line(hub, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
 
 
-# A conversion slowed down (every leaf written waits), so another process can act while it runs.
-SLOW_SCRIPT = """
-import sys, time
+# A conversion paused at its first leaf until the file named first on its command line exists: its
+# staging folder and its lock are there meanwhile, so the test acts while it runs, then lets it go on.
+PAUSED_SCRIPT = """
+import os, sys, time
 import fluxjax.loading.checkpoint as checkpoint
 from fluxjax.commands.cli import main
 
+go = sys.argv[1]
 add = checkpoint.ParamsWriter.add
-def slow_add(self, path, value):
-    time.sleep(0.1)
+def paused_add(self, path, value):
+    deadline = time.time() + 300
+    while not os.path.exists(go):
+        assert time.time() < deadline, "the test never let the conversion go on"
+        time.sleep(0.01)
     add(self, path, value)
-checkpoint.ParamsWriter.add = slow_add
-sys.exit(main(["convert", *sys.argv[1:]]))
+checkpoint.ParamsWriter.add = paused_add
+sys.exit(main(["convert", *sys.argv[2:]]))
 """
 
 
-def _slow_convert(*argv):
+def _paused_convert(go, *argv):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-c", SLOW_SCRIPT, *map(str, argv)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", PAUSED_SCRIPT, str(go), *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_staging(dst, proc):
@@ -158,7 +163,7 @@ def _wait_for_staging(dst, proc):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_folder_appearing_at_dst_during_a_conversion_survives(hub, converted_hub, tmp_path, overwrite):
+def test_folder_appearing_at_dst_during_a_conversion_survives(hub, converted_hub, tmp_path, tmp_path_factory, overwrite):
     """N143, a real race: once the conversion's staging folder exists, another process makes
     DST/project/main.py (DST new, or, with --overwrite, fluxjax's own folder). The conversion
     refuses at the swap in one line and the user's file survives byte for byte."""
@@ -166,11 +171,13 @@ def test_folder_appearing_at_dst_during_a_conversion_survives(hub, converted_hub
     dst = tmp_path / "race"
     if overwrite:
         shutil.copytree(converted_hub, dst, symlinks=True)
-    proc = _slow_convert(root, dst, *(["--overwrite"] if overwrite else []))
+    go = tmp_path_factory.mktemp("go") / "go"
+    proc = _paused_convert(go, root, dst, *(["--overwrite"] if overwrite else []))
     _wait_for_staging(dst, proc)
     (dst / "project").mkdir(parents=True)
     (dst / "project" / "main.py").write_text("print('mine')")
     before = tree_bytes(dst)
+    go.touch()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     why = (f"{dst}: changed while fluxjax convert ran (it holds project, which fluxjax does not write); it is left as "
@@ -182,17 +189,19 @@ def test_folder_appearing_at_dst_during_a_conversion_survives(hub, converted_hub
 
 
 @pytest.mark.slow
-def test_two_conversions_to_one_dst_are_refused_by_a_lock(hub, tmp_path, capsys):
+def test_two_conversions_to_one_dst_are_refused_by_a_lock(hub, tmp_path, tmp_path_factory, capsys):
     """N142: a second conversion to a DST another is writing is refused in one line naming the
     first process; the first completes; a killed holder's lock file is no obstacle."""
     root, _ = hub
     dst = tmp_path / "cc"
-    proc = _slow_convert(root, dst)
+    go = tmp_path_factory.mktemp("go") / "go"
+    proc = _paused_convert(go, root, dst)
     _wait_for_staging(dst, proc)
     code, err = convert_cli(root / "vae", dst, capsys=capsys)
     assert code == 2
     assert re.fullmatch(rf"{re.escape(str(dst))}: another fluxjax run is writing it \(process {proc.pid} on \S+: .*"
                         rf"{re.escape(str(dst))}\); wait for it to end or choose another DST", one_line_error(err)), err
+    go.touch()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert sorted(os.listdir(tmp_path)) == ["cc"] and (dst / "model_index.json").exists()
