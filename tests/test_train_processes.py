@@ -31,11 +31,7 @@ WEIGHT_ATOL = 2e-6
 
 def _train(data, out, n: int, *extra: str) -> None:
     args = ["train", str(data), "--out", str(out), *ARGS, *extra]
-    # One persistent compilation cache for every run of this file (beside `data`, in the runs
-    # fixture's folder): a program one run compiled (the resumed 2 x 4 run's, the images' and
-    # captions' encoding) the next loads instead of compiling it again. Process 0 writes it.
-    env = processes.base_env(devices=8 // n, FLUXJAX_COMPILATION_CACHE=str(data.parent / "xla"))
-    processes.finish(processes.start_processes(args, n, env), timeout=900)
+    processes.finish(processes.start_processes(args, n, processes.base_env(devices=8 // n)), timeout=900)
 
 
 def _load(path) -> dict:
