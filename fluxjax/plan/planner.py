@@ -331,15 +331,17 @@ DOWN_PROJECTIONS = ("single_blocks/linear2/kernel", "double_blocks/img_mlp/2/ker
 def tpu_relayout_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int], device_kind: str) -> int:
     """Bytes the TPU compiler adds for a layout change of whole weight stacks, per device.
 
-    On a v6e ("TPU v6 lite"), when the down projections are split over one mesh axis (fsdp, or tp
-    alone), the compiled step holds a copy of each of their stacks (every layer, as the device
-    holds them) in another tiled layout, made once before the layer loop (measured at dev 1024 on
-    v6e:2x4, HLO buffer assignment: tp 770 MiB, these three stacks; fsdp 641 MiB, linear2, one
-    stream's MLP and one attention output projection). Split over two axes (fsdp_tp) the same
-    compile holds none, nor do v5e and v5p compiles of these programs, nor a v6e's when the weights
-    are whole (one chip, dp, sp).
+    On a v6e ("TPU v6 lite"), when the mesh has one axis of more than one device and it splits
+    the down projections (fsdp, or tp alone), the compiled step holds a copy of each of their
+    stacks (every layer, as the device holds them) in another tiled layout, made once before the
+    layer loop (measured at dev 1024 on v6e:2x4, HLO buffer assignment: tp 770 MiB, these three
+    stacks; fsdp 641 MiB, linear2, one stream's MLP and one attention output projection). On a
+    mesh of two such axes the same compiles hold none: split over both (fsdp_tp), or over fsdp
+    and replicated over seq (sp_ring_fsdp, sp_ulysses_fsdp 4 x 2: 0.25 GiB of temporaries in all,
+    no stack among them). Nor do v5e and v5p compiles of these programs, nor a v6e's when the
+    weights are whole (one chip, dp, sp).
     """
-    if device_kind != "TPU v6 lite":
+    if device_kind != "TPU v6 lite" or sum(n > 1 for n in mesh_shape.values()) != 1:
         return 0
     mesh = types.SimpleNamespace(shape=mesh_shape)
     total = 0
@@ -349,7 +351,7 @@ def tpu_relayout_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[
         spec = jax.tree.leaves(strategy.param_specs({"k": box}, mesh)[0],
                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
         axes = [a for dim in spec if dim for a in ((dim,) if isinstance(dim, str) else dim) if mesh_shape[a] > 1]
-        if len(axes) == 1:
+        if axes:
             total += param_memory({"k": box}, strategy, mesh_shape).device_bytes
     return total
 
