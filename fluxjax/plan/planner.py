@@ -11,8 +11,8 @@ Three figures, each labelled with how it was obtained:
     analytic   the tensors live at the peak of a transformer block (see `step_activations`),
                plus the one block of weights fsdp gathers at a time (`gathered_block_bytes`); for a
                TPU chip (`device_kind`) what its compiler holds instead: two gathered kernels
-               (`tpu_gathered_bytes`) and on a v6e its re-laid-out weight stacks
-               (`tpu_relayout_bytes`), docs/tpu.md;
+               (`tpu_gathered_bytes`) and on a v6e (a v5p: where a shard is no multiple of
+               128 lanes) its re-laid-out weight stacks (`tpu_relayout_bytes`), docs/tpu.md;
     xla        the step AOT-compiled for the mesh on simulated CPU devices (fluxjax/plan/xla.py,
                a child process). The CPU backend computes bf16 matmuls in float32 and so holds
                float32 copies the accelerator never makes; the step is therefore compiled in
@@ -331,14 +331,20 @@ DOWN_PROJECTIONS = ("single_blocks/linear2/kernel", "double_blocks/img_mlp/2/ker
 def tpu_relayout_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int], device_kind: str) -> int:
     """Bytes the TPU compiler adds for a layout change of whole weight stacks, per device.
 
-    On a v6e ("TPU v6 lite"), when the down projections are split over one mesh axis (fsdp, or tp
-    alone), the compiled step holds a copy of each of their stacks (every layer, as the device
-    holds them) in another tiled layout, made once before the layer loop (measured at dev 1024 on
-    v6e:2x4, HLO buffer assignment: tp 770 MiB, these three stacks; fsdp 641 MiB, linear2, one
-    stream's MLP and one attention output projection). Split over two axes (fsdp_tp) the same
-    compile holds none, nor do v5e and v5p compiles of these programs, nor a v6e's when the weights
-    are whole (one chip, dp, sp).
+    On a v6e ("TPU v6 lite"), when the mesh has one axis of more than one device and it splits
+    the down projections (fsdp, or tp alone), the compiled step holds a copy of each of their
+    stacks (every layer, as the device holds them) in another tiled layout, made once before the
+    layer loop (measured at dev 1024 on v6e:2x4, HLO buffer assignment: tp 770 MiB, these three
+    stacks; fsdp 641 MiB, linear2, one stream's MLP and one attention output projection). On a
+    mesh of two such axes the same compiles hold none: split over both (fsdp_tp), or over fsdp
+    and replicated over seq (sp_ring_fsdp, sp_ulysses_fsdp 4 x 2: 0.25 GiB of temporaries in all,
+    no stack among them). Nor do v5e and v5p compiles of these programs, nor a v6e's when the
+    weights are whole (one chip, dp, sp).
     """
+    if sum(n > 1 for n in mesh_shape.values()) != 1:
+        return 0
+    if device_kind == "TPU v5":
+        return _padded_minor_copies(abstract_flux, strategy, mesh_shape)
     if device_kind != "TPU v6 lite":
         return 0
     mesh = types.SimpleNamespace(shape=mesh_shape)
@@ -349,8 +355,39 @@ def tpu_relayout_bytes(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[
         spec = jax.tree.leaves(strategy.param_specs({"k": box}, mesh)[0],
                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
         axes = [a for dim in spec if dim for a in ((dim,) if isinstance(dim, str) else dim) if mesh_shape[a] > 1]
-        if len(axes) == 1:
+        if axes:
             total += param_memory({"k": box}, strategy, mesh_shape).device_bytes
+    return total
+
+
+LANES = 128  # the minor dimension of a TPU memory tile (the T(8,128) layouts of the HLO dumps)
+
+
+def _padded_minor_copies(abstract_flux: Any, strategy: Strategy, mesh_shape: dict[str, int]) -> int:
+    """Bytes of the kernel stacks a v5p ("TPU v5") compile copies into a layout with a lane-padded
+    minor dimension, per device.
+
+    A kernel whose last dimension (the output: embed for linear2, the MLPs' second layers and the
+    attention output projections) is split to a shard that is not a multiple of LANES is passed in
+    with its input dimension minor (no padding), and the layer loop reads a copy of the whole
+    stack with the shard minor, padded to LANES: dev fsdp on v5p:4x4x4 (64 chips, shard 48) holds
+    linear2 as bf16[38,15360,48] {1,2,0} in its arguments and a {2,1,0:T(8,128)} copy of 149 MB,
+    0.28 GiB for the five stacks. With shards of 768 (v5p:2x2x1) the layout needs no padding and
+    the compile holds no copy; v5e compiles at shard 12 (v5e:16x16) keep one layout and none.
+    """
+    mesh = types.SimpleNamespace(shape=mesh_shape)
+    total = 0
+    for stack in ("double_blocks", "single_blocks"):
+        for box in _kernels(abstract_flux[stack]).values():
+            value = box.value
+            spec = jax.tree.leaves(strategy.param_specs({"k": box}, mesh)[0],
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+            dims = tuple(spec) + (None,) * (value.ndim - len(spec))
+            splits = [math.prod(mesh_shape[a] for a in ((d,) if isinstance(d, str) else d)) if d else 1 for d in dims]
+            shard = value.shape[-1] // splits[-1]
+            if splits[-1] > 1 and shard % LANES:
+                rest = math.prod(n // k for n, k in zip(value.shape[:-1], splits[:-1]))
+                total += rest * -(-shard // LANES) * LANES * jnp.dtype(value.dtype).itemsize
     return total
 
 
