@@ -53,7 +53,11 @@ def check_residency(residency: str) -> str:
 
 def memory_limit(device) -> int | None:
     """The bytes `device` can allocate (`memory_stats()["bytes_limit"]`: the TPU's usable HBM, the
-    GPU's share XLA's allocator takes), None where the backend tells none (the CPU)."""
+    GPU's share XLA's allocator takes), None where the backend tells none (the CPU). Only a
+    process's own devices report memory: for another process's device (a multi-host mesh's first
+    device) this process's first device of the same platform answers (one job's chips are alike)."""
+    if device.process_index != jax.process_index():
+        device = next(d for d in jax.local_devices() if d.platform == device.platform)
     stats = device.memory_stats()
     return None if not stats or "bytes_limit" not in stats else int(stats["bytes_limit"])
 
