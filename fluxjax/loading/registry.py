@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from fluxjax.loading.checkpoint import (MARKER, PARAMS, ShardingFn, flat, is_component, leaf_shardings, place, read_marker,
                                 restore_params)
+from fluxjax.errors import UsageError
 from fluxjax.config import FLUX2_CLASS, AutoEncoderConfig, CLIPConfig, FluxConfig, T5Config
 from fluxjax.loading import clip, flux, t5, vae
 from fluxjax.loading.table import CheckpointTable, Plan
@@ -216,10 +217,19 @@ def _unquantized(model):
     return model.clone(quantize=None) if getattr(model, "quantize", None) else model
 
 
+def host_device():
+    """This process's CPU device (host memory; it exists beside an accelerator's backend unless
+    JAX_PLATFORMS leaves "cpu" out); UsageError without one."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        raise UsageError("the text encoders are to run on the host CPU, and JAX's CPU backend is off "
+                         "(JAX_PLATFORMS leaves out cpu): add it, e.g. JAX_PLATFORMS=tpu,cpu") from None
+
+
 def on_host(shapes):
-    """A ShardingFn placing every leaf on this process's CPU device (host memory; it exists beside
-    an accelerator's backend unless JAX_PLATFORMS leaves "cpu" out)."""
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    """A ShardingFn placing every leaf on this process's CPU device (`host_device`)."""
+    host = jax.sharding.SingleDeviceSharding(host_device())
     return jax.tree.map(lambda _: host, shapes)
 
 

@@ -568,6 +568,6 @@ def _placement(residency: str, models: Callable[[], dict], sharding, device) -> 
     if line is not None:
         warnings.warn(line, residency_rules.ResidencyWarning, stacklevel=4)  # the line calling from_pretrained
     if where == "host":
-        residency_rules.host_device()  # a one-line error now, not deep in the first placement
+        registry.host_device()  # a one-line error now, not deep in the first placement
     return where, {name: registry.on_host if where == "host" and name in residency_rules.ENCODERS else sharding
                    for name in COMPONENTS}

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fluxjax.errors import UsageError
+from fluxjax.loading.registry import host_device
 
 MODES = ("auto", "device", "host")
 ENCODERS = ("t5", "clip")  # the components `residency` moves
@@ -85,15 +86,6 @@ def decide(residency: str, device_bytes: Mapping[str, int], limit: int | None,
     return "host", (f"text encoders run on the host CPU: {others} + T5/CLIP {gib(encoders)} of parameters and "
                     f"{gib(temporaries)} for temporaries exceed the {gib(limit)} of device memory "
                     "(residency='device' keeps them there)")
-
-
-def host_device():
-    """This process's CPU device, where "host" places the encoders; UsageError without one."""
-    try:
-        return jax.local_devices(backend="cpu")[0]
-    except RuntimeError:
-        raise UsageError("the text encoders are to run on the host CPU, and JAX's CPU backend is off "
-                         "(JAX_PLATFORMS leaves out cpu): add it, e.g. JAX_PLATFORMS=tpu,cpu") from None
 
 
 @contextlib.contextmanager
